@@ -1,0 +1,1 @@
+"""vtprune: physical visual-token pruning for HuggingFace vision-language models."""
