@@ -1,0 +1,165 @@
+"""The engine's correctness oracles (issue: O1, O2, O3, batch independence, remove, from_pretrained)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from oracles import generate_logits, masked_reference_logits
+from transformers import LlavaForConditionalGeneration
+
+import vtprune
+from vtprune.methods.pool import pool_grid, pooled_shape
+
+# (method, budget, options): budgets feasible on the 6-layer test model (FastV k=2 needs n̄ >= 192).
+CASES = [
+    ("random", 64, {}),
+    ("random", 300, {"layer": 2}),
+    ("pool", 64, {}),
+    ("fastv", 200, {}),
+    ("fastv", 64, {"budget_mode": "retained", "criterion": "mean_received"}),
+    ("fastv", 320, {"k": 3, "positions": "reindex"}),
+    ("random", 64, {"positions": "reindex"}),
+    ("pool", 64, {"positions": "reindex"}),
+]
+STEPS = 3
+
+
+def _apply(model, method, budget, options):
+    options = dict(options)
+    kw = {k: options.pop(k) for k in ("budget_mode", "positions") if k in options}
+    return vtprune.apply(model, method, budget, **kw, **options)
+
+
+def _pool_replacements(model, inputs, record):
+    """Pooled features at representative rows, recomputed from stock features (merging reference)."""
+    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    out = {}
+    for b, sample in enumerate(record.samples):
+        rows = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
+        hp, wp = pooled_shape(24, 24, len(sample.events[0].keep_idx))
+        pooled, reps = pool_grid(feats[b], 24, 24, hp, wp)
+        assert torch.equal(reps, sample.events[0].keep_idx)
+        for f, r in zip(pooled, reps, strict=True):
+            out[(b, int(rows[r]))] = f
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("bsz", [1, 2])
+@pytest.mark.parametrize("method,budget,options", CASES)
+def test_pruned_equals_masking_reference_and_cached_decode(models, batches, attn, bsz, method, budget, options):
+    """O2 + O3: pruned prefill and cached generate == no-cache masking reference with the same kept sets."""
+    model, inputs = models[attn], batches[bsz]
+    _apply(model, method, budget, options)
+    try:
+        tokens, logits = generate_logits(model, inputs, STEPS)
+        record = vtprune.last_run(model)
+        with torch.no_grad():
+            prefill = model(**inputs).logits[:, -1]
+        assert vtprune.last_run(model).samples[0].events[0].keep_idx.tolist() == \
+            record.samples[0].events[0].keep_idx.tolist()
+    finally:
+        vtprune.remove(model)
+    replace = _pool_replacements(model, inputs, record) if method == "pool" else None
+    ref = masked_reference_logits(model, inputs, record, tokens[:, :-1], replace, options.get("positions", "keep"))
+    prompt = inputs["input_ids"].shape[1]
+    assert (prefill - ref[:, prompt - 1]).abs().max() <= 1e-4
+    assert (logits - ref[:, prompt - 1 :]).abs().max() <= 1e-4
+    for sample in record.samples:
+        for ev in sample.events:
+            assert ev.keep_idx.dtype == torch.long
+            assert torch.equal(ev.keep_idx, ev.keep_idx.unique())  # sorted, unique
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method,budget,options", CASES + [("none", 64, {})])
+def test_budget_at_least_n_is_bit_identical_to_stock(models, batches, attn, method, budget, options):
+    """O1: budget >= N bypasses the method: logits and generated ids identical to the stock model."""
+    model, inputs = models[attn], batches[2]
+    with torch.no_grad():
+        ref_logits = model(**inputs).logits
+    ref_tokens, ref_steps = generate_logits(model, inputs, STEPS)
+    options = {k: v for k, v in options.items() if k != "budget_mode"}
+    _apply(model, method, 576 if method != "none" else budget, options)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        tokens, steps = generate_logits(model, inputs, STEPS)
+        rec = vtprune.last_run(model)
+    finally:
+        vtprune.remove(model)
+    assert torch.equal(logits, ref_logits)
+    assert torch.equal(tokens, ref_tokens) and torch.equal(steps, ref_steps)
+    assert rec.samples[0].layer_avg_tokens == 576 and rec.samples[0].retained_tokens == 576
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("method,budget,options", CASES)
+def test_batch_of_two_equals_each_alone(models, batches, attn, method, budget, options):
+    model, inputs = models[attn], batches[2]
+    _apply(model, method, budget, options)
+    try:
+        tokens, logits = generate_logits(model, inputs, STEPS)
+        kept = [s.events[-1].keep_idx for s in vtprune.last_run(model).samples]
+        for b in range(2):
+            pad = int((inputs["attention_mask"][b] == 0).sum())
+            alone = {
+                "input_ids": inputs["input_ids"][b : b + 1, pad:],
+                "attention_mask": inputs["attention_mask"][b : b + 1, pad:],
+                "pixel_values": inputs["pixel_values"][b : b + 1],
+            }
+            t1, l1 = generate_logits(model, alone, STEPS)
+            assert torch.equal(vtprune.last_run(model).samples[0].events[-1].keep_idx, kept[b])
+            assert (l1[0] - logits[b]).abs().max() <= 1e-4
+            assert torch.equal(t1[0], tokens[b])
+    finally:
+        vtprune.remove(model)
+
+
+@pytest.mark.parametrize("method,budget,options", CASES)
+def test_remove_restores_stock_bit_exactly(models, batches, method, budget, options):
+    model, inputs = models["sdpa"], batches[2]
+    with torch.no_grad():
+        before = model(**inputs).logits
+    hooks_before = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    with vtprune.pruned(model, method, budget, **options):
+        with torch.no_grad():
+            pruned = model(**inputs).logits
+        assert "generate" in model.__dict__
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert pruned.shape[1] <= before.shape[1]
+    assert torch.equal(before, after)
+    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks_before
+    assert "generate" not in model.__dict__ and "_vtprune" not in model.__dict__
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
+
+
+def test_from_pretrained_round_trip(models, batches, tmp_path):
+    model, inputs = models["sdpa"], batches[2]
+    model.save_pretrained(tmp_path / "tiny")
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "tiny", attn_implementation="sdpa").eval()
+    loaded.generation_config.eos_token_id = None
+    for m in (model, loaded):
+        vtprune.apply(m, "fastv", 200)
+    try:
+        t0, l0 = generate_logits(model, inputs, STEPS)
+        t1, l1 = generate_logits(loaded, inputs, STEPS)
+    finally:
+        vtprune.remove(model)
+        vtprune.remove(loaded)
+    assert torch.equal(t0, t1) and torch.equal(l0, l1)
+
+
+def test_kv_cache_holds_only_kept_rows(models, batches):
+    model, inputs = models["sdpa"], batches[2]
+    with vtprune.pruned(model, "fastv", 200):
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+        rec = vtprune.last_run(model)
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    prompt = inputs["input_ids"].shape[1]
+    kept = max(s.n_text + s.visual_per_layer[-1] for s in rec.samples)
+    assert lengths[:2] == [prompt + 1] * 2
+    assert lengths[2:] == [kept + 1] * 4
+    assert rec.samples[0].visual_per_layer == [576, 576] + [12] * 4  # R = round((6·200 − 2·576)/4) = 12

@@ -1,0 +1,90 @@
+"""Budget semantics (spec README §4): a token count or a ratio, in `layer_avg` or `retained` mode."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import BudgetError
+
+BudgetMode = Literal["layer_avg", "retained"]
+BUDGET_MODES: tuple[str, ...] = ("layer_avg", "retained")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A requested visual-token budget.
+
+    `value` is an int (tokens per sample) or a float in (0, 1) (ratio of the sample's visual tokens).
+    `mode` says whether the count means tokens entering layer 0 (`retained`) or the layer average n̄.
+    """
+
+    value: int | float
+    mode: BudgetMode = "layer_avg"
+
+    @classmethod
+    def parse(cls, value: object, mode: object = "layer_avg") -> Budget:
+        """Validate user input; raise `BudgetError` naming the problem."""
+        if isinstance(value, Budget):
+            return value
+        if mode not in BUDGET_MODES:
+            raise BudgetError(f"budget_mode must be one of {BUDGET_MODES}, got {mode!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise BudgetError(
+                f"budget must be an int (tokens) or a float in (0, 1) (ratio), got {type(value).__name__} {value!r}"
+            )
+        if isinstance(value, float):
+            if math.isnan(value) or math.isinf(value):
+                raise BudgetError(f"budget must be a finite number, got {value!r}")
+            if value.is_integer() and value >= 1:
+                value = int(value)
+            elif not 0.0 < value < 1.0:
+                raise BudgetError(f"a ratio budget must lie in (0, 1), got {value!r}")
+        if isinstance(value, int) and value <= 0:
+            raise BudgetError(f"budget must be positive, got {value!r}")
+        return cls(value=value, mode=mode)  # type: ignore[arg-type]
+
+    @property
+    def is_ratio(self) -> bool:
+        return isinstance(self.value, float)
+
+    def tokens_for(self, n_visual: int) -> int:
+        """Budget in tokens for a sample with `n_visual` visual tokens: `K = max(1, floor(ρ·N + 0.5))`."""
+        if self.is_ratio:
+            return max(1, math.floor(self.value * n_visual + 0.5))
+        return int(self.value)
+
+    def __str__(self) -> str:
+        return f"{self.value} ({self.mode})"
+
+
+def largest_remainder_split(total: int, sizes: list[int], minimum: int = 1) -> list[int]:
+    """Split `total` over parts in proportion to `sizes` (largest remainder, ties to the earlier part).
+
+    Each part gets at least `min(minimum, size)` and at most its size (spec README §8, §10).
+    """
+    if not sizes:
+        return []
+    n = sum(sizes)
+    if total >= n:
+        return list(sizes)
+    raw = [total * s / n for s in sizes]
+    parts = [math.floor(r) for r in raw]
+    left = total - sum(parts)
+    order = sorted(range(len(sizes)), key=lambda i: (-(raw[i] - parts[i]), i))
+    for i in order[:left]:
+        parts[i] += 1
+    parts = [min(max(p, min(minimum, s)), s) for p, s in zip(parts, sizes, strict=True)]
+    # Clamping can break the total; move the excess/deficit over the parts in the same order.
+    diff = total - sum(parts)
+    for i in order * 2:
+        if diff == 0:
+            break
+        if diff > 0 and parts[i] < sizes[i]:
+            parts[i] += 1
+            diff -= 1
+        elif diff < 0 and parts[i] > min(minimum, sizes[i]):
+            parts[i] -= 1
+            diff += 1
+    return parts

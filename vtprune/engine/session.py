@@ -1,0 +1,559 @@
+"""`PruningSession`: the hook, cache, mask and position plumbing, written once for every method and model.
+
+One session is attached to one model instance (`model._vtprune`). It installs:
+
+- a forward pre-hook on the top-level model: at prefill it finds the images, solves budgets, runs the
+  `vision`/`pre_llm` stage (shortened ids + pruned `mm_encoder_outputs`, original position ids) and sets
+  up the state the decoder-layer hooks use; at decode it replaces the padding mask and position ids
+  with the pruned ones it keeps for the cache;
+- forward pre-hooks on decoder layers: at an `llm:k` stage the hidden states, (cos, sin), position ids
+  and the mask are gathered to the kept rows (re-left-padded) and every later layer of the group gets
+  those instead of the model's full-length objects; layer k−1 captures its input for the signals;
+- optionally a pre-hook on one vision attention module for [CLS] attention and keys;
+- a per-instance `generate` guard that refuses static caches and chunked prefill.
+
+`remove()` takes all of it away again; no class is patched and no weight or config is touched.
+
+Shapes: B batch, L rows of the current group, D hidden size.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..budget import Budget, largest_remainder_split
+from ..errors import UnsupportedInputError, VtpruneError
+from ..measurement.flops import LLMDims
+from ..methods.base import ImageTokens, KeepPlan, PruningMethod, Stage
+from ..models.base import ModelAdapter
+from ..record import PruningEvent, RunRecord, SampleRecord
+from . import signals as sig
+from .sequence import compact_rows, gather_positions, gather_rows, next_positions, step_positions
+
+POSITION_POLICIES = ("keep", "reindex")
+
+
+@dataclass
+class _Image:
+    """One image of the batch during a prefill."""
+
+    sample: int
+    offset: int  # first index of this image in the sample's visual-token list
+    n: int
+    counts: list[int]  # visual tokens kept after each stage (n everywhere when bypassed)
+    grids: list[tuple[int, int]]
+    coords: torch.Tensor  # (n, 2)
+    crop: torch.Tensor  # (n,)
+    seed: int
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> kept original indices (cpu)
+    merged: set[int] = field(default_factory=set)  # stages whose kept rows carry merged features
+
+
+@dataclass
+class _Group:
+    """Rows shared by a run of decoder layers [start, next group's start)."""
+
+    start: int
+    mask2d: torch.Tensor  # (B, L) int64 padding mask
+    positions: torch.Tensor  # (B, L) or (R, B, L) position ids of the rows
+    vis_image: torch.Tensor  # (B, L) int64 image id of each row, −1 for text/structure/padding
+    vis_index: torch.Tensor  # (B, L) int64 original index inside its image (representative), −1 otherwise
+    seq_index: torch.Tensor  # (B, L) int64 index into the input rows, −1 on padding
+    next_pos: torch.Tensor  # (B,) position of the next generated token
+    pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None
+    mask: object = None  # what the layers get as attention_mask for this forward
+    step_positions: torch.Tensor | None = None  # position ids of the current decode step
+
+
+@dataclass
+class _Forward:
+    """State of one forward call (prefill) that the decode steps on the same cache keep using."""
+
+    prefill: bool
+    images: list[_Image]
+    groups: list[_Group]
+    cache: object
+    n_visual: list[int]
+    captured: dict[int, tuple] = field(default_factory=dict)
+
+    def group_for(self, layer_idx: int) -> _Group:
+        for g in reversed(self.groups):
+            if g.start <= layer_idx:
+                return g
+        return self.groups[0]
+
+
+class PruningSession:
+    """Physical visual-token pruning on one model instance."""
+
+    def __init__(self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, budget: Budget,
+                 positions: str = "keep"):
+        if positions not in POSITION_POLICIES:
+            raise VtpruneError(f"positions must be one of {POSITION_POLICIES}, got {positions!r}")
+        self.model, self.adapter, self.method = model, adapter, method
+        self.budget, self.positions = budget, positions
+        self.stages: tuple[Stage, ...] = method.stages()
+        method.validate(adapter.num_layers)
+        _check_stage_order(method.name, self.stages)
+        self.pre_stage = 0 if self.stages and self.stages[0].before_llm else None
+        self.stage_at_layer = {s.layer: i for i, s in enumerate(self.stages) if s.kind == "llm"}
+        self.capture_layers = {s.layer - 1 for i, s in enumerate(self.stages)
+                               if s.kind == "llm" and method.signals(i) & sig.LLM_SIGNALS}
+        self.needs_vision = any(method.signals(i) & sig.VISION_SIGNALS for i in range(len(self.stages)))
+        self.dims = LLMDims.from_config(adapter.text_config)
+        self._handles: list = []
+        self._forward: _Forward | None = None
+        self._decode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._vision_capture: list[dict[str, torch.Tensor]] = []
+        self.last: RunRecord | None = None
+        self._check_nominal_budget()
+
+    # --- installation ----------------------------------------------------------------------------
+    def install(self) -> None:
+        m = self.model
+        self._handles.append(m.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(m.register_forward_hook(self._after_model_call))
+        if self.stage_at_layer:
+            first = min(min(self.stage_at_layer), min(self.capture_layers, default=10**9))
+            for idx in range(first, self.adapter.num_layers):
+                layer = self.adapter.layers[idx]
+                self._handles.append(layer.register_forward_pre_hook(partial(self._on_layer, idx), with_kwargs=True))
+        if self.needs_vision:
+            attn = self.adapter.vision_attention_module()
+            self._handles.append(attn.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True))
+        stock_generate = m.generate
+        m.__dict__["generate"] = partial(self._guarded_generate, stock_generate)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.model.__dict__.pop("generate", None)
+        self._forward = None
+        self._decode = weakref.WeakKeyDictionary()
+        self._vision_capture.clear()
+
+    def _guarded_generate(self, stock_generate, *args, **kwargs):
+        gc = kwargs.get("generation_config") or self.model.generation_config
+        if kwargs.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None):
+            raise UnsupportedInputError("chunked prefill (prefill_chunk_size) cannot be combined with vtprune")
+        impl = kwargs.get("cache_implementation") or getattr(gc, "cache_implementation", None)
+        if impl not in (None, "dynamic"):
+            raise UnsupportedInputError(
+                f"cache_implementation={impl!r} is not supported with vtprune; use the default DynamicCache"
+            )
+        self._vision_capture.clear()
+        return stock_generate(*args, **kwargs)
+
+    def _check_nominal_budget(self) -> None:
+        """Fail at apply time when the budget is infeasible for the model's fixed token count."""
+        n = self.adapter.nominal_visual_tokens()
+        if n and self.stages:
+            k = self.budget.tokens_for(n)
+            if k < n:
+                self.method.schedule(n, k, self.budget.mode, self.adapter.num_layers)
+
+    # --- hooks -----------------------------------------------------------------------------------
+    def _on_vision_attention(self, module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        with torch.no_grad():
+            self._vision_capture.append(self.adapter.vision_signals(module, x))
+
+    def _on_model_call(self, module, args, kwargs):
+        if args:  # HF forwards take input_ids first
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = ()
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            return self._on_decode(cache, kwargs)
+        self._forward = None
+        if kwargs.get("mm_encoder_outputs") is None:  # a capture made now belongs to this call
+            self._vision_capture.clear()
+        return self._on_prefill(kwargs)
+
+    def _after_model_call(self, module, args, output):
+        fw = self._forward
+        if fw is not None and fw.prefill:
+            self._finish_record(fw)
+            cache = getattr(output, "past_key_values", None)
+            cache = fw.cache if cache is None else cache
+            if cache is not None:
+                fw.prefill = False
+                fw.captured.clear()
+                self._decode[cache] = fw
+        self._forward = None
+
+    # --- prefill ---------------------------------------------------------------------------------
+    def _on_prefill(self, kwargs: dict):
+        ad = self.adapter
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None:
+            raise UnsupportedInputError(
+                "vtprune needs input_ids to locate the image tokens (inputs_embeds alone cannot be pruned)"
+            )
+        cache = kwargs.get("past_key_values")
+        if cache is not None and getattr(cache, "is_compileable", False):
+            raise UnsupportedInputError("static (compileable) caches cannot hold per-layer pruned lengths")
+        bsz, length = input_ids.shape
+        device = input_ids.device
+        mask2d = kwargs.get("attention_mask")
+        mask2d = torch.ones_like(input_ids) if mask2d is None else mask2d.long()
+        is_img = (input_ids == ad.image_token_id) & mask2d.bool()
+
+        images, n_visual, rows_of = self._find_images(input_ids, mask2d, is_img)
+        prunes = any(img.counts and min(img.counts) < img.n for img in images)
+        self.last = None
+        if not prunes:
+            self._record_passthrough(n_visual, images, mask2d)
+            return None
+        if kwargs.get("labels") is not None and self.stage_at_layer:
+            raise UnsupportedInputError("labels cannot be combined with in-LLM pruning (the output rows change)")
+
+        positions = kwargs.get("position_ids")
+        if positions is None or positions.shape[-1] != length:
+            positions = ad.original_positions(input_ids, mask2d, kwargs)
+        next_pos = next_positions(positions, mask2d.bool())
+        vis_image = torch.full((bsz, length), -1, dtype=torch.long, device=device)
+        vis_index = torch.full_like(vis_image, -1)
+        for i, img in enumerate(images):
+            rows = rows_of[i]
+            vis_image[img.sample, rows] = i
+            vis_index[img.sample, rows] = torch.arange(img.n, device=device)
+        seq_index = torch.arange(length, device=device).expand(bsz, -1).masked_fill(~mask2d.bool(), -1)
+        group = _Group(0, mask2d, positions, vis_image, vis_index, seq_index, next_pos)
+        fw = _Forward(True, images, [group], cache, n_visual)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(ad.text_config, "use_cache", True)
+        if use_cache and cache is None:  # create it here so that decode steps can be recognised
+            fw.cache = kwargs["past_key_values"] = DynamicCache(config=ad.text_config)
+
+        if self.pre_stage is not None:
+            self._prune_before_llm(fw, kwargs)
+        group = fw.groups[0]
+        kwargs["attention_mask"] = group.mask2d
+        kwargs["position_ids"] = group.positions
+        self._forward = fw
+        return (), kwargs
+
+    def _find_images(self, input_ids, mask2d, is_img):
+        """Images in prompt order with their budgets and schedules.  -> images, N per sample, rows."""
+        ad, method = self.adapter, self.method
+        images: list[_Image] = []
+        rows_of: list[torch.Tensor] = []
+        n_visual: list[int] = []
+        for b in range(input_ids.shape[0]):
+            per_image = ad.split_images(is_img[b].nonzero().flatten())
+            sizes = [int(r.numel()) for r in per_image]
+            n_visual.append(sum(sizes))
+            if not sizes:
+                continue
+            budgets = largest_remainder_split(self.budget.tokens_for(sum(sizes)), sizes)
+            sample_seed = hash(tuple(input_ids[b][mask2d[b].bool()].tolist()))
+            offset = 0
+            for j, (rows, n, k) in enumerate(zip(per_image, sizes, budgets, strict=True)):
+                if k >= n or not self.stages:
+                    counts = [n] * len(self.stages)
+                else:
+                    counts = method.schedule(n, k, self.budget.mode, ad.num_layers)
+                    _check_schedule(method.name, counts, n, len(self.stages))
+                grids, coords, crop = ad.image_layout(len(images), n)
+                images.append(_Image(b, offset, n, counts, grids, coords.to(rows.device), crop.to(rows.device),
+                                     hash((sample_seed, j)) % (2**62)))
+                rows_of.append(rows)
+                offset += n
+        return images, n_visual, rows_of
+
+    def _prune_before_llm(self, fw: _Forward, kwargs: dict) -> None:
+        """`vision`/`pre_llm` stage: select per image, shorten ids, hand pruned features to the model."""
+        ad, group = self.adapter, fw.groups[0]
+        feats = ad.features_from_kwargs(kwargs)
+        if feats is None:
+            if kwargs.get("pixel_values") is None:
+                raise UnsupportedInputError(
+                    "missing image: the prompt has image tokens but neither pixel_values nor mm_encoder_outputs"
+                )
+            self._vision_capture.clear()
+            feats = ad.encode_images(kwargs)
+        if len(feats) != len(fw.images) or any(f.shape[0] != im.n for f, im in zip(feats, fw.images, strict=False)):
+            raise UnsupportedInputError(
+                f"the images give {[int(f.shape[0]) for f in feats]} visual tokens but the prompt has "
+                f"{[im.n for im in fw.images]} image placeholders"
+            )
+        wanted = self.method.signals(0) & sig.VISION_SIGNALS
+        if wanted:
+            self._attach_vision_signals(fw.images, wanted)
+
+        keep = group.mask2d.bool() & (group.vis_image < 0)
+        new_feats: list[torch.Tensor] = []
+        for i, img in enumerate(fw.images):
+            rows = (group.vis_image[img.sample] == i).nonzero().flatten()
+            k = img.counts[0]
+            if k >= img.n:
+                keep[img.sample, rows] = True
+                new_feats.append(feats[i])
+                continue
+            view = ImageTokens(feats[i], img.coords, img.crop, img.grids,
+                               torch.arange(img.n, device=rows.device), img.signals, img.seed)
+            plan = self._checked_plan(0, view, k)
+            keep[img.sample, rows[plan.keep_idx]] = True
+            new_feats.append(plan.new_feats if plan.new_feats is not None else feats[i][plan.keep_idx])
+            self._note_kept(img, 0, plan.keep_idx)
+
+        gather, valid = compact_rows(keep)
+        self._push_group(fw, 0, gather, valid)
+        ids = kwargs["input_ids"].gather(1, gather).masked_fill(~valid, ad.pad_token_id)
+        kwargs["input_ids"] = ids
+        for name in ad.image_kwargs:
+            kwargs.pop(name, None)
+        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}),
+                                        **ad.features_to_kwargs(new_feats)}
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = kwargs["labels"].gather(1, gather).masked_fill(~valid, -100)
+        for name in ("token_type_ids", "mm_token_type_ids"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = kwargs[name].gather(1, gather) * valid
+
+    def _attach_vision_signals(self, images: list[_Image], wanted: frozenset[str]) -> None:
+        captured = self._vision_capture
+        self._vision_capture = []
+        if not captured:
+            raise UnsupportedInputError(
+                f"method {self.method.name!r} needs vision-encoder signals {sorted(wanted)}: pass pixel_values "
+                "(precomputed mm_encoder_outputs carry none)"
+            )
+        merged = {name: torch.cat([c[name] for c in captured]) for name in wanted}
+        if next(iter(merged.values())).shape[0] != len(images):
+            raise UnsupportedInputError(
+                f"vision signals were captured for {next(iter(merged.values())).shape[0]} images but the batch "
+                f"has {len(images)} (beam search / num_return_sequences with vision-stage methods is unsupported)"
+            )
+        for i, img in enumerate(images):
+            img.signals.update({name: t[i] for name, t in merged.items()})
+
+    # --- in-LLM stages ---------------------------------------------------------------------------
+    def _on_layer(self, idx: int, layer: nn.Module, args, kwargs):
+        fw = self._forward
+        if fw is None:
+            return None
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        stage = self.stage_at_layer.get(idx)
+        if stage is not None:
+            if fw.prefill:
+                hidden = self._prune_in_llm(fw, stage, idx, layer, hidden, kwargs)
+            else:
+                self._step_group(fw, idx, hidden, kwargs)
+        group = fw.group_for(idx)
+        if group.start > 0:
+            kwargs["attention_mask"] = group.mask
+            kwargs["position_embeddings"] = group.pos_emb
+            if kwargs.get("position_ids") is not None:
+                kwargs["position_ids"] = group.step_positions if not fw.prefill else group.positions
+        if fw.prefill and idx in self.capture_layers:
+            fw.captured[idx] = (layer, hidden, kwargs["position_embeddings"], group.mask2d)
+        return (hidden,) + tuple(args[1:]), kwargs
+
+    def _llm_signals(self, fw: _Forward, stage: int, layer_idx: int) -> dict[str, torch.Tensor]:
+        """Signals over the rows of the current group, each (B, L) fp32, computed from layer k−1."""
+        wanted = self.method.signals(stage) & sig.LLM_SIGNALS
+        if not wanted:
+            return {}
+        prev, hidden, pos_emb, mask2d = fw.captured[layer_idx - 1]
+        keys = None
+        cache = fw.cache
+        if cache is not None and len(cache.layers) > layer_idx - 1:
+            cached = cache.layers[layer_idx - 1].keys
+            if cached is not None and cached.dim() == 4 and cached.shape[2] == hidden.shape[1]:
+                keys = cached
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if "last_token_attention" in wanted:
+                out["last_token_attention"] = sig.last_token_attention(self.adapter, prev, hidden, pos_emb, mask2d,
+                                                                       keys)
+            if "mean_received_attention" in wanted:
+                out["mean_received_attention"] = sig.mean_received_attention(self.adapter, prev, hidden, pos_emb,
+                                                                             mask2d, keys)
+            if "key_norms" in wanted:
+                if keys is None:
+                    _, keys, _ = self.adapter.query_key_states(prev, hidden, pos_emb, torch.zeros_like(mask2d[:, :1]))
+                out["key_norms"] = sig.key_norms(keys)
+        return out
+
+    def _prune_in_llm(self, fw: _Forward, stage: int, idx: int, layer, hidden, kwargs) -> torch.Tensor:
+        group = fw.groups[-1]
+        todo = [(i, img) for i, img in enumerate(fw.images) if img.counts[stage] < self._current_count(fw, i, stage)]
+        if not todo:
+            return hidden
+        signals = self._llm_signals(fw, stage, idx)
+        keep = group.mask2d.bool() & (group.vis_image < 0)
+        replaced = None
+        for i, img in enumerate(fw.images):
+            rows = (group.vis_image[img.sample] == i).nonzero().flatten()
+            k = img.counts[stage]
+            if k >= rows.numel():
+                keep[img.sample, rows] = True
+                continue
+            orig = group.vis_index[img.sample, rows]
+            view = ImageTokens(hidden[img.sample, rows], img.coords[orig], img.crop[orig], img.grids, orig,
+                               {name: s[img.sample, rows] for name, s in signals.items()}, img.seed)
+            plan = self._checked_plan(stage, view, k)
+            kept_rows = rows[plan.keep_idx]
+            keep[img.sample, kept_rows] = True
+            if plan.new_feats is not None:
+                replaced = hidden.clone() if replaced is None else replaced
+                replaced[img.sample, kept_rows] = plan.new_feats.to(hidden.dtype)
+            self._note_kept(img, stage, orig[plan.keep_idx])
+        hidden = replaced if replaced is not None else hidden
+
+        gather, valid = compact_rows(keep)
+        new = self._push_group(fw, idx, gather, valid)
+        hidden = gather_rows(hidden, gather)
+        if self.positions == "keep":
+            cos, sin = (t.expand(gather.shape[0], *t.shape[1:]) for t in kwargs["position_embeddings"])
+            new.pos_emb = (gather_rows(cos, gather), gather_rows(sin, gather))
+        else:
+            new.pos_emb = self.adapter.rotary(hidden, new.positions)
+        new.mask = self.adapter.layer_mask(hidden, new.mask2d, fw.cache, idx)
+        return hidden
+
+    def _current_count(self, fw: _Forward, image: int, stage: int) -> int:
+        return fw.images[image].counts[stage - 1] if stage > 0 else fw.images[image].n
+
+    def _push_group(self, fw: _Forward, start: int, gather: torch.Tensor, valid: torch.Tensor) -> _Group:
+        """Gather the current group's row metadata into a new group starting at layer `start`."""
+        old = fw.groups[-1]
+        positions = gather_positions(old.positions, gather)
+        visual = gather_rows(old.vis_image, gather).masked_fill(~valid, -1)
+        if self.positions == "reindex":
+            positions = self.adapter.reindex_positions(positions, valid, visual >= 0)
+            next_pos = next_positions(positions, valid)
+        else:
+            positions = positions * (valid if positions.dim() == 2 else valid[None])
+            next_pos = old.next_pos
+        new = _Group(start, valid.long(), positions, visual,
+                     gather_rows(old.vis_index, gather).masked_fill(~valid, -1),
+                     gather_rows(old.seq_index, gather).masked_fill(~valid, -1), next_pos)
+        if start == 0:
+            fw.groups[0] = new
+        else:
+            fw.groups.append(new)
+        return new
+
+    # --- decode ----------------------------------------------------------------------------------
+    def _on_decode(self, cache, kwargs: dict):
+        fw = self._decode.get(cache)
+        if fw is None:  # a cache this session did not prune (bypassed or unpatched prefill): stock path
+            self._forward = None
+            return None
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise UnsupportedInputError("vtprune needs input_ids when continuing a pruned cache")
+        if (ids == self.adapter.image_token_id).any():
+            raise UnsupportedInputError("a new image in a later turn of a pruned conversation is not supported")
+        q = ids.shape[1]
+        given = kwargs.get("attention_mask")
+        cols = given[:, -q:].long() if given is not None else torch.ones_like(ids)
+        rows = self.adapter.position_rows
+        for g in fw.groups:
+            g.mask2d = torch.cat([g.mask2d, cols], dim=1)
+            g.step_positions = step_positions(g.next_pos, q, rows)
+            g.next_pos = g.next_pos + q
+        first = fw.groups[0]
+        kwargs["attention_mask"] = first.mask2d
+        kwargs["position_ids"] = first.step_positions
+        self._forward = fw
+        return (), kwargs
+
+    def _step_group(self, fw: _Forward, idx: int, hidden, kwargs) -> None:
+        """Decode step at a stage layer: rebuild the group's mask (and rope for `reindex`)."""
+        group = next(g for g in fw.groups if g.start == idx)
+        if self.positions == "keep":
+            group.pos_emb = kwargs["position_embeddings"]
+        else:
+            group.pos_emb = self.adapter.rotary(hidden, group.step_positions)
+        group.mask = self.adapter.layer_mask(hidden, group.mask2d, fw.cache, idx)
+
+    # --- helpers ---------------------------------------------------------------------------------
+    def _checked_plan(self, stage: int, view: ImageTokens, k: int) -> KeepPlan:
+        plan = self.method.select(stage, view, k)
+        idx = plan.keep_idx
+        n = view.n
+        if idx.dim() != 1 or idx.dtype != torch.long:
+            raise VtpruneError(f"{self.method.name}: keep_idx must be a 1-D int64 tensor")
+        if idx.numel() and (idx[0] < 0 or idx[-1] >= n or (idx[1:] <= idx[:-1]).any()):
+            raise VtpruneError(f"{self.method.name}: keep_idx must be sorted, unique and within [0, {n})")
+        if self.method.exact_count and idx.numel() != k:
+            raise VtpruneError(f"{self.method.name}: returned {idx.numel()} tokens, scheduled {k}")
+        if plan.new_feats is not None and plan.new_feats.shape[0] != idx.numel():
+            raise VtpruneError(f"{self.method.name}: new_feats has {plan.new_feats.shape[0]} rows for {idx.numel()}")
+        plan.keep_idx = idx.to(view.features.device)
+        return plan
+
+    def _note_kept(self, img: _Image, stage: int, kept: torch.Tensor) -> None:
+        img.kept[stage] = kept.detach().to("cpu", torch.long)
+        if self.method.merges:
+            img.merged.add(stage)
+
+    def _finish_record(self, fw: _Forward) -> None:
+        """Per-sample visual counts entering each layer (from the groups) and kept indices per stage."""
+        per_layer = torch.stack([
+            ((fw.group_for(layer).vis_image >= 0) & fw.group_for(layer).mask2d.bool()).sum(1)
+            for layer in range(self.adapter.num_layers)
+        ], dim=1).tolist()  # (B, L)
+        text = (fw.groups[0].mask2d.bool() & (fw.groups[0].vis_image < 0)).sum(1).tolist()
+        samples = []
+        for b, n in enumerate(fw.n_visual):
+            mine = [im for im in fw.images if im.sample == b]
+            events = []
+            for s, stage in enumerate(self.stages):
+                parts = []
+                for im in mine:
+                    prev = next((im.kept[t] for t in range(s, -1, -1) if t in im.kept), torch.arange(im.n))
+                    parts.append(prev + im.offset)
+                idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+                events.append(PruningEvent(str(stage), idx, any(s in im.merged for im in mine)))
+            samples.append(SampleRecord(n, int(text[b]), per_layer[b], events, [im.offset for im in mine] + [n]))
+        self.last = RunRecord(self.method.name, str(self.budget), self.positions, samples, self.dims,
+                              _bytes_per_elem(self.model), fw.groups[-1].seq_index)
+
+    def _record_passthrough(self, n_visual: list[int], images: list[_Image], mask2d: torch.Tensor) -> None:
+        """Unpruned prefill: the record still carries N, n̄ = N, FLOPs and KV bytes."""
+        self._forward = None
+        valid = mask2d.sum(1).tolist()
+        samples = []
+        for b, n in enumerate(n_visual):
+            offsets = [im.offset for im in images if im.sample == b] + [n]
+            events = [PruningEvent(str(s), torch.arange(n)) for s in self.stages]
+            samples.append(SampleRecord(n, int(valid[b]) - n, [n] * self.adapter.num_layers, events, offsets))
+        self.last = RunRecord(self.method.name, str(self.budget), self.positions, samples, self.dims,
+                              _bytes_per_elem(self.model), None)
+
+
+def _bytes_per_elem(model: nn.Module) -> int:
+    try:
+        return next(model.parameters()).element_size()
+    except StopIteration:  # pragma: no cover
+        return 2
+
+
+def _check_stage_order(name: str, stages: tuple[Stage, ...]) -> None:
+    for i, s in enumerate(stages):
+        if s.before_llm and i != 0:
+            raise VtpruneError(f"method {name!r}: only the first stage may act before the LLM")
+    layers = [s.layer for s in stages if s.kind == "llm"]
+    if layers != sorted(set(layers)):
+        raise VtpruneError(f"method {name!r}: in-LLM stages must be at strictly increasing layers, got {layers}")
+
+
+def _check_schedule(name: str, counts: list[int], n: int, n_stages: int) -> None:
+    if len(counts) != n_stages or any(c < 1 for c in counts) or any(
+        b > a for a, b in zip([n, *counts], counts, strict=False)
+    ):
+        raise VtpruneError(f"method {name!r} produced an invalid schedule {counts} for {n} tokens")

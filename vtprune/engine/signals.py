@@ -1,0 +1,67 @@
+"""Signals shared by methods, computed without `output_attentions` (spec README §9).
+
+- LLM attention of chosen query rows, recomputed from the layer input (or the layer's cached keys):
+  O(rows · n · H · d_h), never an n×n map except chunked for `mean_received`.
+- Key L2 norms of the head-averaged post-RoPE keys (ViTCoP; RoPE does not change the norm).
+- Vision [CLS]→patch attention and keys are captured by a pre-hook on one vision attention module
+  (see `ModelAdapter.vision_signals`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Signals an `llm:k` stage can request, computed from layer k−1.
+LLM_SIGNALS = frozenset({"last_token_attention", "mean_received_attention", "key_norms"})
+#: Signals a `vision`/`pre_llm` stage can request, captured from the vision tower.
+VISION_SIGNALS = frozenset({"cls_attention", "vision_keys"})
+
+
+def _masked_probs(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Softmax over keys in fp32 with invisible keys removed, mean over heads.
+
+    scores (B, H, q, L), visible (B, q, L) bool -> (B, q, L).
+    """
+    scores = scores.float().masked_fill(~visible[:, None], float("-inf"))
+    return scores.softmax(-1).nan_to_num(0.0).mean(1)
+
+
+def attention_rows(adapter, layer: nn.Module, hidden, pos_emb, mask2d, rows, keys=None) -> torch.Tensor:
+    """Head-averaged attention probabilities of query `rows` over all positions at `layer`.
+
+    hidden (B, L, D): input of the layer; pos_emb: its (cos, sin) (B, L, d_h); mask2d (B, L) padding
+    mask; rows (B, q) int64 query positions; keys: the layer's post-RoPE cached keys (B, H_kv, L, d_h)
+    or None to recompute.  -> (B, q, L) fp32; causal (a row sees keys at or before it).
+    """
+    q, k, scaling = adapter.query_key_states(layer, hidden, pos_emb, rows, keys)
+    length = hidden.shape[1]
+    visible = mask2d.bool()[:, None, :] & (torch.arange(length, device=rows.device)[None, None] <= rows[..., None])
+    return _masked_probs((q.float() @ k.float().transpose(-1, -2)) * scaling, visible)
+
+
+def last_token_attention(adapter, layer, hidden, pos_emb, mask2d, keys=None) -> torch.Tensor:
+    """Attention row of the last prompt token (left padding: the last row).  -> (B, L) fp32."""
+    rows = torch.full((hidden.shape[0], 1), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
+    return attention_rows(adapter, layer, hidden, pos_emb, mask2d, rows, keys)[:, 0]
+
+
+def mean_received_attention(adapter, layer, hidden, pos_emb, mask2d, keys=None, chunk: int = 256) -> torch.Tensor:
+    """Mean attention each key receives from the valid query rows that can see it (FastV paper text).
+
+    a_j = Σ_{i ≥ j, valid} A[i, j] / #{valid i ≥ j}; computed in chunks of query rows.  -> (B, L) fp32.
+    """
+    bsz, length, _ = hidden.shape
+    total = torch.zeros(bsz, length, dtype=torch.float32, device=hidden.device)
+    for start in range(0, length, chunk):
+        rows = torch.arange(start, min(start + chunk, length), device=hidden.device).expand(bsz, -1)
+        probs = attention_rows(adapter, layer, hidden, pos_emb, mask2d, rows, keys)  # (B, q, L)
+        total += (probs * mask2d[:, start : start + rows.shape[1], None].float()).sum(1)
+    valid = mask2d.float()
+    seen_by = valid.flip(1).cumsum(1).flip(1)  # number of valid rows i >= j
+    return total / seen_by.clamp(min=1.0)
+
+
+def key_norms(keys: torch.Tensor) -> torch.Tensor:
+    """L2 norm of the head-averaged key of every position.  keys (B, H_kv, L, d_h) -> (B, L) fp32."""
+    return keys.float().mean(1).norm(dim=-1)

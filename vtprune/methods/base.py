@@ -1,0 +1,170 @@
+"""The method interface: a method scores one image's candidate tokens and returns a `KeepPlan`.
+
+Methods never see a model. The engine hands them tensors (features, grid coordinates and the signals
+they asked for) and gets back sorted keep indices, plus replacement features for merging methods.
+Budgets, bypass, batching, compaction and positions are the engine's business.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import ClassVar, Literal
+
+import torch
+
+from ..errors import BudgetError, VtpruneError
+
+StageKind = Literal["vision", "pre_llm", "llm"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Where a pruning event acts: `vision`, `pre_llm`, or `llm:k` (input of decoder layer k)."""
+
+    kind: StageKind
+    layer: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Stage:
+        if text in ("vision", "pre_llm"):
+            return cls(text)  # type: ignore[arg-type]
+        m = re.fullmatch(r"llm:(\d+)", text)
+        if m is None:
+            raise VtpruneError(f"stage must be 'vision', 'pre_llm' or 'llm:<layer>', got {text!r}")
+        return cls("llm", int(m.group(1)))
+
+    @property
+    def before_llm(self) -> bool:
+        return self.kind != "llm"
+
+    def __str__(self) -> str:
+        return f"llm:{self.layer}" if self.kind == "llm" else self.kind
+
+
+@dataclass
+class KeepPlan:
+    """One image's decision at one stage.
+
+    keep_idx:  (K,) int64, sorted, unique, indices into the image's *current* candidate list.
+    new_feats: (K, D) or None; replaces the kept rows (merging methods).
+    weights:   (K,) or None; tokens represented by each kept row (diagnostics only).
+    """
+
+    keep_idx: torch.Tensor
+    new_feats: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+
+
+@dataclass
+class ImageTokens:
+    """What a method sees of one image at one stage.
+
+    features:       (n, D) projector outputs (`vision`/`pre_llm`) or hidden states at the input of the
+                    stage layer (`llm:k`).
+    coords:         (n, 2) int64 (row, col) of each candidate on its crop's grid.
+    crop:           (n,) int64 index of the crop (grid) each candidate belongs to.
+    grids:          [(h, w)] per crop, in the original (unpruned) geometry.
+    original_index: (n,) int64 index of each candidate into the image's original visual tokens.
+    signals:        per-candidate tensors the method asked for, e.g. "last_token_attention" (n,).
+    seed:           deterministic seed of this (sample, image), independent of batch composition.
+    """
+
+    features: torch.Tensor
+    coords: torch.Tensor
+    crop: torch.Tensor
+    grids: list[tuple[int, int]]
+    original_index: torch.Tensor
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def n(self) -> int:
+        return int(self.features.shape[0])
+
+
+@dataclass
+class MethodConfig:
+    """Base class of the typed per-method option dataclasses."""
+
+    preset: str = "default"
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+
+class PruningMethod(ABC):
+    """Base class: a registered name, a config class, stages, signals and a `select` per image."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    #: True when `select` returns `new_feats` (not equivalent to masking).
+    merges: ClassVar[bool] = False
+    #: False when the realised count may differ from the scheduled one (e.g. pooling).
+    exact_count: ClassVar[bool] = True
+    presets: ClassVar[tuple[str, ...]] = ("default",)
+
+    def __init__(self, config: MethodConfig | None = None):
+        self.config = config if config is not None else self.config_class()
+        if self.config.preset not in self.presets:
+            raise VtpruneError(
+                f"method {self.name!r} has no preset {self.config.preset!r}; choose one of {self.presets}"
+            )
+
+    @abstractmethod
+    def stages(self) -> tuple[Stage, ...]:
+        """The pruning events of this method, in forward order."""
+
+    def signals(self, stage_index: int) -> frozenset[str]:
+        """Names of the signals `select` needs at this stage (see `vtprune.engine.signals`)."""
+        return frozenset()
+
+    def validate(self, num_layers: int) -> None:
+        """Check the config against the model depth; raise `VtpruneError` naming the problem."""
+        for stage in self.stages():
+            if stage.kind == "llm" and not 0 < stage.layer < num_layers:
+                raise VtpruneError(
+                    f"method {self.name!r} acts at {stage}, but the language model has {num_layers} layers "
+                    f"(valid: llm:1 .. llm:{num_layers - 1})"
+                )
+
+    def schedule(self, n: int, budget: int, mode: str, num_layers: int) -> list[int]:
+        """Visual tokens kept after each stage for one image of `n` tokens and a budget in tokens.
+
+        The default serves one-stage methods: pre-LLM keeps `budget`; an in-LLM cut at layer k keeps
+        `R = round((L·B − k·N)/(L − k))` in `layer_avg` mode (spec README §4) and `budget` in `retained`.
+        """
+        (stage,) = self.stages()
+        if stage.before_llm or mode == "retained":
+            return [min(budget, n)]
+        return [one_cut_keep(n, budget, stage.layer, num_layers)]
+
+    @abstractmethod
+    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
+        """Choose `k` of `image.n` candidates (k < n is guaranteed)."""
+
+
+def one_cut_keep(n: int, budget: int, k: int, num_layers: int) -> int:
+    """Tokens kept after a single cut at layer k so that n̄ matches `budget` (round half up).
+
+    Raises `BudgetError` naming the smallest feasible budget when not even one token can be kept.
+    """
+    if budget >= n:
+        return n
+    r = math.floor((num_layers * budget - k * n) / (num_layers - k) + 0.5)
+    if r < 1:
+        smallest = math.ceil((k * n + 0.5 * (num_layers - k)) / num_layers)
+        raise BudgetError(
+            f"a layer-averaged budget of {budget} is infeasible for a cut at layer {k} of {num_layers} with "
+            f"{n} visual tokens; the smallest feasible budget is {smallest} (or use budget_mode='retained')"
+        )
+    return r
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores, ties to the lower index, returned sorted ascending.  (n,) -> (k,)"""
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[:k].sort().values

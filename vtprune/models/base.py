@@ -1,0 +1,157 @@
+"""`ModelAdapter`: everything the engine needs to know about one model family, and nothing else.
+
+The engine is written once against this interface and the transformers 5.x contracts (decoder-layer
+call signature, `create_causal_mask(layer_idx=)`, `DynamicCache` layers, `mm_encoder_outputs`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..errors import UnsupportedInputError
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) -> (..., d): [-x2, x1] for the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE.  x (B, H, T, d_h), cos/sin (B, T, d_h) -> (B, H, T, d_h)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class ModelAdapter(ABC):
+    """Per-family knowledge: module paths, image encoding, grids, positions, attention projections."""
+
+    #: Class names of the HF models this adapter serves.
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: None for 1-D RoPE position ids (B, L); 3 for M-RoPE ids (3, B, L).
+    position_rows: ClassVar[int | None] = None
+    #: kwargs of the top-level forward that carry raw images (dropped once features are passed).
+    image_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- structure -------------------------------------------------------------------------------
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def image_token_id(self) -> int:
+        return int(self.model.config.image_token_id)
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = getattr(self.text_config, "pad_token_id", None)
+        return int(pad) if pad is not None else 0
+
+    def nominal_visual_tokens(self) -> int | None:
+        """Visual tokens per image when fixed by the architecture (LLaVA-1.5: 576), else None."""
+        return None
+
+    # --- images ----------------------------------------------------------------------------------
+    @abstractmethod
+    def encode_images(self, kwargs: dict) -> list[torch.Tensor]:
+        """Run the vision tower + projector on the call's raw images.  -> [(n_i, D)] per image."""
+
+    def features_from_kwargs(self, kwargs: dict) -> list[torch.Tensor] | None:
+        """Per-image features passed as `mm_encoder_outputs` (as `generate` does), else None."""
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        out = mm.get("image")
+        return None if out is None else list(out.pooler_output)
+
+    def features_to_kwargs(self, feats: list[torch.Tensor]) -> dict:
+        """The `mm_encoder_outputs` value that hands pruned features to the stock forward."""
+        return {"image": BaseModelOutputWithPooling(pooler_output=feats)}
+
+    def split_images(self, image_rows: torch.Tensor) -> list[torch.Tensor]:
+        """Split one sample's image-placeholder row indices (ascending) into per-image index tensors.
+
+        Default: contiguous runs of placeholders are images.
+        """
+        if image_rows.numel() == 0:
+            return []
+        breaks = (image_rows[1:] - image_rows[:-1] != 1).nonzero().flatten() + 1
+        return list(torch.tensor_split(image_rows, breaks.tolist()))
+
+    @abstractmethod
+    def image_layout(self, image_index: int, n: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+        """Grids of one image's n visual tokens: ([(h, w)] per crop, coords (n, 2), crop (n,))."""
+
+    # --- vision signals --------------------------------------------------------------------------
+    def vision_attention_module(self) -> nn.Module:
+        """The vision self-attention whose input gives [CLS] attention and keys (spec §9)."""
+        raise UnsupportedInputError(f"{type(self.model).__name__} exposes no vision [CLS] signal")
+
+    def vision_signals(self, attn: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """From the captured input of `vision_attention_module()`: per-image signals, (n_img, n, ...)."""
+        raise UnsupportedInputError(f"{type(self.model).__name__} exposes no vision [CLS] signal")
+
+    # --- positions -------------------------------------------------------------------------------
+    def original_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict):
+        """Position ids of the unpruned prompt, as `generate` computes them.  -> (B, L) or (3, B, L)."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
+
+    def reindex_positions(self, positions: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor):
+        """`positions="reindex"`: contiguous ids over the surviving rows.  valid/visual (B, L')."""
+        return (valid.long().cumsum(-1) - 1).clamp(min=0) * valid.long()
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) for explicit position ids, as the language model computes them."""
+        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    # --- attention -------------------------------------------------------------------------------
+    def layer_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache, layer_idx: int):
+        """The attention mask a decoder layer expects for a group whose 2-D padding mask is `mask2d`."""
+        return create_causal_mask(
+            config=self.text_config,
+            inputs_embeds=hidden,
+            attention_mask=mask2d,
+            past_key_values=cache,
+            position_ids=None,
+            layer_idx=layer_idx,
+        )
+
+    def query_key_states(self, layer: nn.Module, hidden: torch.Tensor, pos_emb, rows: torch.Tensor, keys=None):
+        """Post-RoPE queries of `rows` and keys of all positions for a Llama-style decoder layer.
+
+        hidden (B, L, D) is the layer *input*; rows (B, q) int64; keys (B, H_kv, L, d_h) post-RoPE from the
+        cache if available.  -> q (B, H, q, d_h), k (B, H, L, d_h) with KV heads repeated, scaling.
+        """
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        bsz, length, _ = x.shape
+        hd = attn.head_dim
+        cos, sin = (t.expand(bsz, -1, -1) for t in pos_emb)  # the model may pass (1, L, d_h)
+        xr = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        q = attn.q_proj(xr).view(bsz, rows.shape[1], -1, hd).transpose(1, 2)
+        idx = rows[..., None].expand(-1, -1, cos.shape[-1])
+        q = apply_rope(q, cos.gather(1, idx), sin.gather(1, idx))
+        if keys is None:
+            k = attn.k_proj(x).view(bsz, length, -1, hd).transpose(1, 2)
+            keys = apply_rope(k, cos, sin)
+        groups = q.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
+        return q, keys, float(attn.scaling)

@@ -1,0 +1,73 @@
+"""Adapter for `LlavaForConditionalGeneration` (LLaVA-1.5 and relatives): CLIP tower + Llama decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedInputError
+from .base import ModelAdapter
+
+
+class LlavaAdapter(ModelAdapter):
+    """LLaVA-1.5: one fixed grid per image (e.g. 24×24 = 576), [CLS] dropped, feature layer −2."""
+
+    model_classes = ("LlavaForConditionalGeneration",)
+    image_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        vc = self.model.config.vision_config
+        side = int(vc.image_size) // int(vc.patch_size)
+        return side, side
+
+    def nominal_visual_tokens(self) -> int:
+        h, w = self.grid_size
+        return h * w
+
+    def encode_images(self, kwargs: dict) -> list[torch.Tensor]:
+        extra = {k: kwargs[k] for k in self.image_kwargs[1:] if kwargs.get(k) is not None}
+        out = self.model.model.get_image_features(pixel_values=kwargs["pixel_values"], return_dict=True, **extra)
+        return list(out.pooler_output)
+
+    def split_images(self, image_rows: torch.Tensor) -> list[torch.Tensor]:
+        """Runs of placeholders, each cut into images of the fixed token count (adjacent images)."""
+        n = self.nominal_visual_tokens()
+        images = []
+        for run in super().split_images(image_rows):
+            if run.numel() % n:
+                raise UnsupportedInputError(
+                    f"a run of {run.numel()} image placeholders is not a multiple of the {n} tokens per image"
+                )
+            images.extend(run.split(n))
+        return images
+
+    def image_layout(self, image_index: int, n: int):
+        h, w = self.grid_size
+        if n != h * w:
+            raise UnsupportedInputError(f"image {image_index} has {n} visual tokens, expected {h}×{w} = {h * w}")
+        r = torch.arange(n)
+        return [(h, w)], torch.stack([r // w, r % w], dim=1), torch.zeros(n, dtype=torch.long)
+
+    def vision_attention_module(self) -> nn.Module:
+        cfg = self.model.config
+        layer = cfg.vision_feature_layer
+        if not isinstance(layer, int):
+            raise UnsupportedInputError("vision signals need a single vision_feature_layer (got a list)")
+        layers = self.model.model.vision_tower.encoder.layers
+        idx = len(layers) + layer if layer < 0 else layer - 1
+        return layers[idx].self_attn
+
+    def vision_signals(self, attn: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """[CLS]→patch attention (head mean) and keys of the selected CLIP layer.
+
+        x (n_img, 1 + n, C) is the self-attention input (already `layer_norm1`-ed).
+        -> cls_attention (n_img, n) fp32, vision_keys (n_img, n, C).
+        """
+        b, t, _ = x.shape
+        q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k_flat = attn.k_proj(x)
+        k = k_flat.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)  # (b, H, 1, t)
+        start = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
+        return {"cls_attention": probs[:, :, 0, start:].mean(1), "vision_keys": k_flat[:, start:]}

@@ -1,0 +1,98 @@
+"""What `vtprune.last_run(model)` returns: per-sample pruning events, token counts, FLOPs and KV bytes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .measurement.flops import LLMDims, kv_cache_bytes, prefill_flops_all
+
+
+@dataclass
+class PruningEvent:
+    """One pruning event of one sample.
+
+    keep_idx: (K,) int64, sorted, indices into the sample's original visual tokens (all its images,
+    in prompt order); merged tokens are named by their representative.
+    """
+
+    stage: str
+    keep_idx: torch.Tensor
+    merged: bool = False
+
+
+@dataclass
+class SampleRecord:
+    """Token counts of one sample during prefill (spec README §4, input convention)."""
+
+    n_visual: int
+    n_text: int
+    visual_per_layer: list[int]
+    events: list[PruningEvent] = field(default_factory=list)
+    #: Offsets of each image's tokens in the sample's visual-token list (len = images + 1).
+    image_offsets: list[int] = field(default_factory=list)
+
+    @property
+    def retained_tokens(self) -> int:
+        """Visual tokens entering decoder layer 0."""
+        return self.visual_per_layer[0] if self.visual_per_layer else self.n_visual
+
+    @property
+    def layer_avg_tokens(self) -> float:
+        """n̄ = mean over decoder layers of the visual tokens entering each layer."""
+        return sum(self.visual_per_layer) / len(self.visual_per_layer) if self.visual_per_layer else 0.0
+
+
+@dataclass
+class RunRecord:
+    """The last prefill of a patched model.
+
+    sequence_index: (B, L_out) int64, for each row of the model's output (logits, last hidden state),
+    the index of the input row it comes from (−1 on padding); None when nothing was pruned.
+    """
+
+    method: str
+    budget: str
+    positions: str
+    samples: list[SampleRecord]
+    dims: LLMDims
+    bytes_per_elem: int
+    sequence_index: torch.Tensor | None = None
+
+    @property
+    def flops(self) -> dict[str, float]:
+        """Analytic LLM prefill FLOPs of the batch in the three conventions of spec README §5."""
+        total = {"fastv": 0.0, "swiglu": 0.0, "exact": 0.0}
+        for s in self.samples:
+            for k, v in prefill_flops_all(s.visual_per_layer, s.n_text, self.dims).items():
+                total[k] += v
+        return total
+
+    @property
+    def kv_bytes(self) -> int:
+        """KV-cache bytes of the batch right after prefill (unpadded rows)."""
+        return sum(
+            kv_cache_bytes(s.visual_per_layer, s.n_text, self.dims, self.bytes_per_elem) for s in self.samples
+        )
+
+    @property
+    def retained_tokens(self) -> list[int]:
+        return [s.retained_tokens for s in self.samples]
+
+    @property
+    def layer_avg_tokens(self) -> list[float]:
+        return [s.layer_avg_tokens for s in self.samples]
+
+    def summary(self) -> dict:
+        """Batch means and totals as plain numbers (for logs and JSON)."""
+        n = max(len(self.samples), 1)
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "n_visual": sum(s.n_visual for s in self.samples) / n,
+            "retained_tokens": sum(self.retained_tokens) / n,
+            "layer_avg_tokens": sum(self.layer_avg_tokens) / n,
+            "flops": self.flops,
+            "kv_bytes": self.kv_bytes,
+        }
