@@ -17,8 +17,14 @@ def stage_layer(stage: str) -> int:
     return int(stage.split(":")[1]) if stage.startswith("llm:") else 0
 
 
-def masked_reference_logits(model, inputs: dict, record: vtprune.RunRecord | None, new_tokens=None,
-                            replace: dict | None = None, positions: str = "keep") -> torch.Tensor:
+def masked_reference_logits(
+    model,
+    inputs: dict,
+    record: vtprune.RunRecord | None,
+    new_tokens=None,
+    replace: dict | None = None,
+    positions: str = "keep",
+) -> torch.Tensor:
     """(B, T, V) logits of the unpruned sequence (+ new_tokens) under per-layer key masking.
 
     replace: {(b, row): feature} overrides of image embeddings (merging methods).
@@ -47,7 +53,7 @@ def masked_reference_logits(model, inputs: dict, record: vtprune.RunRecord | Non
                 for ev in sample.events:
                     gone = torch.ones(len(rows), dtype=torch.bool)
                     gone[ev.keep_idx] = False
-                    key_ok[stage_layer(ev.stage):, b, rows[gone]] = False
+                    key_ok[stage_layer(ev.stage) :, b, rows[gone]] = False
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         eye = torch.eye(length, dtype=torch.bool)
         h = emb
@@ -66,7 +72,13 @@ def masked_reference_logits(model, inputs: dict, record: vtprune.RunRecord | Non
 def generate_logits(model, inputs: dict, steps: int):
     """Greedy cached generation -> (new tokens (B, steps), per-step logits (B, steps, V))."""
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True, suppress_tokens=[model.config.image_token_id])
+        out = model.generate(
+            **inputs,
+            max_new_tokens=steps,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            suppress_tokens=[model.config.image_token_id],
+        )
     prompt = inputs["input_ids"].shape[1]
     return out.sequences[:, prompt:], torch.stack(out.logits, 1)

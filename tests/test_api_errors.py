@@ -13,15 +13,28 @@ from vtprune.testing import llava_inputs
 
 
 def _untouched(model):
-    return (not model._forward_pre_hooks and not model._forward_hooks and "generate" not in model.__dict__
-            and vtprune.session_of(model) is None
-            and all(not lay._forward_pre_hooks for lay in model.model.language_model.layers))
+    return (
+        not model._forward_pre_hooks
+        and not model._forward_hooks
+        and "generate" not in model.__dict__
+        and vtprune.session_of(model) is None
+        and all(not lay._forward_pre_hooks for lay in model.model.language_model.layers)
+    )
 
 
-@pytest.mark.parametrize("budget,needle", [
-    (0, "positive"), (-5, "positive"), (math.nan, "finite"), (float("inf"), "finite"), ("64", "int"),
-    (True, "int"), (1.5, "(0, 1)"), (None, "int"),
-])
+@pytest.mark.parametrize(
+    "budget,needle",
+    [
+        (0, "positive"),
+        (-5, "positive"),
+        (math.nan, "finite"),
+        (float("inf"), "finite"),
+        ("64", "int"),
+        (True, "int"),
+        (1.5, "(0, 1)"),
+        (None, "int"),
+    ],
+)
 def test_bad_budget(models, budget, needle):
     model = models["sdpa"]
     with pytest.raises(vtprune.BudgetError, match=needle.replace("(", r"\(").replace(")", r"\)")):
@@ -56,8 +69,9 @@ def test_unknown_method_lists_known(models):
 
 
 def test_unsupported_model_lists_supported():
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2))
+    llm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
     with pytest.raises(vtprune.UnsupportedModelError, match="LlavaForConditionalGeneration"):
         vtprune.apply(llm, "random", 64)
 

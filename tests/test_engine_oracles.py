@@ -56,8 +56,10 @@ def test_pruned_equals_masking_reference_and_cached_decode(models, batches, attn
         record = vtprune.last_run(model)
         with torch.no_grad():
             prefill = model(**inputs).logits[:, -1]
-        assert vtprune.last_run(model).samples[0].events[0].keep_idx.tolist() == \
-            record.samples[0].events[0].keep_idx.tolist()
+        assert (
+            vtprune.last_run(model).samples[0].events[0].keep_idx.tolist()
+            == record.samples[0].events[0].keep_idx.tolist()
+        )
     finally:
         vtprune.remove(model)
     replace = _pool_replacements(model, inputs, record) if method == "pool" else None

@@ -16,8 +16,15 @@ from vtprune.methods.pool import cell_bounds, pool_grid, pooled_shape
 def _image(n=576, h=24, w=24, d=8, seed=0, signals=None):
     g = torch.Generator().manual_seed(seed)
     r = torch.arange(n)
-    return ImageTokens(torch.randn(n, d, generator=g), torch.stack([r // w, r % w], 1), torch.zeros(n, dtype=torch.long),
-                       [(h, w)], r, signals or {}, seed)
+    return ImageTokens(
+        torch.randn(n, d, generator=g),
+        torch.stack([r // w, r % w], 1),
+        torch.zeros(n, dtype=torch.long),
+        [(h, w)],
+        r,
+        signals or {},
+        seed,
+    )
 
 
 def test_random_sorted_unique_deterministic_and_uniform():
@@ -40,7 +47,9 @@ def test_random_per_crop_quotas():
     assert int((keep < 400).sum()) == 69 and int((keep >= 400).sum()) == 31  # 100·400/576 = 69.4
 
 
-@pytest.mark.parametrize("k,shape,exact_shape", [(192, (14, 14), (16, 12)), (128, (11, 12), (16, 8)), (64, (8, 8), (8, 8))])
+@pytest.mark.parametrize(
+    "k,shape,exact_shape", [(192, (14, 14), (16, 12)), (128, (11, 12), (16, 8)), (64, (8, 8), (8, 8))]
+)
 def test_pool_shapes_match_spec(k, shape, exact_shape):
     assert pooled_shape(24, 24, k) == shape
     assert pooled_shape(24, 24, k, exact=True) == exact_shape

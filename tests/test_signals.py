@@ -19,10 +19,13 @@ def eager_run():
     def grab(idx):
         def hook(layer, args, kwargs):
             captured[idx] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
+
         return hook
 
-    handles = [lay.register_forward_pre_hook(grab(i), with_kwargs=True)
-               for i, lay in enumerate(model.model.language_model.layers)]
+    handles = [
+        lay.register_forward_pre_hook(grab(i), with_kwargs=True)
+        for i, lay in enumerate(model.model.language_model.layers)
+    ]
     with torch.no_grad():
         out = model(**inputs, output_attentions=True)
     for h in handles:
@@ -38,8 +41,9 @@ def test_last_token_attention_equals_eager(eager_run, layer_idx):
     layer = model.model.language_model.layers[layer_idx]
     with torch.no_grad():
         mine = sig.last_token_attention(ad, layer, hidden, pe, inputs["attention_mask"])
-        from_cache = sig.last_token_attention(ad, layer, hidden, pe, inputs["attention_mask"],
-                                              out.past_key_values.layers[layer_idx].keys)
+        from_cache = sig.last_token_attention(
+            ad, layer, hidden, pe, inputs["attention_mask"], out.past_key_values.layers[layer_idx].keys
+        )
     eager = out.attentions[layer_idx][:, :, -1].float().mean(1)
     assert (mine - eager).abs().max() <= 1e-6
     assert (from_cache - eager).abs().max() <= 1e-6
@@ -50,8 +54,9 @@ def test_mean_received_attention_equals_eager(eager_run):
     hidden, pe = captured[1]
     mask = inputs["attention_mask"]
     with torch.no_grad():
-        mine = sig.mean_received_attention(adapter_for(model), model.model.language_model.layers[1], hidden, pe, mask,
-                                           chunk=100)
+        mine = sig.mean_received_attention(
+            adapter_for(model), model.model.language_model.layers[1], hidden, pe, mask, chunk=100
+        )
     probs = out.attentions[1].float().mean(1) * mask[:, :, None]  # (B, q, k), valid query rows only
     counts = mask.flip(1).cumsum(1).flip(1).clamp(min=1)
     ref = probs.sum(1) / counts
@@ -74,7 +79,8 @@ def test_clip_cls_attention_and_keys_equal_eager():
     got = {}
     attn = ad.vision_attention_module()
     handle = attn.register_forward_pre_hook(
-        lambda m, a, k: got.update(ad.vision_signals(m, k.get("hidden_states", a[0] if a else None))), with_kwargs=True)
+        lambda m, a, k: got.update(ad.vision_signals(m, k.get("hidden_states", a[0] if a else None))), with_kwargs=True
+    )
     with torch.no_grad():
         out = model.model.vision_tower(pixels, output_attentions=True, output_hidden_states=True)
     handle.remove()

@@ -17,8 +17,15 @@ import vtprune
 from vtprune.measurement.timing import interleaved
 from vtprune.testing import llava_inputs, tiny_llava
 
-CASES = [("none", 576, {}), ("random", 192, {}), ("random", 64, {}), ("pool", 192, {}), ("pool", 64, {}),
-         ("fastv", 192, {}), ("fastv", 128, {})]
+CASES = [
+    ("none", 576, {}),
+    ("random", 192, {}),
+    ("random", 64, {}),
+    ("pool", 192, {}),
+    ("pool", 64, {}),
+    ("fastv", 192, {}),
+    ("fastv", 128, {}),
+]
 
 
 def run_demo(quick: bool = False, out: str | Path = "vtprune-demo") -> int:
@@ -34,9 +41,15 @@ def run_demo(quick: bool = False, out: str | Path = "vtprune-demo") -> int:
     with torch.inference_mode():
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
         full_next = model(**inputs).logits[:, -1].argmax(-1)
-    lm_inputs = {"input_ids": inputs["input_ids"][:1], "attention_mask": inputs["attention_mask"][:1],
-                 "mm_encoder_outputs": {"image": type(model.model.get_image_features(
-                     pixel_values=inputs["pixel_values"][:1]))(pooler_output=[feats[0]])}}
+    lm_inputs = {
+        "input_ids": inputs["input_ids"][:1],
+        "attention_mask": inputs["attention_mask"][:1],
+        "mm_encoder_outputs": {
+            "image": type(model.model.get_image_features(pixel_values=inputs["pixel_values"][:1]))(
+                pooler_output=[feats[0]]
+            )
+        },
+    }
     rows = []
     cases = CASES[:5] if quick else CASES
     for method, budget, options in track(cases, description="pruning", console=console):
@@ -45,17 +58,32 @@ def run_demo(quick: bool = False, out: str | Path = "vtprune-demo") -> int:
                 nxt = model(**inputs).logits[:, -1].argmax(-1)
             rec = vtprune.last_run(model)
             timing = interleaved({"pruned": lambda: model(**lm_inputs)}, rounds=2 if quick else 4)["pruned"]
-        rows.append({"method": method, "budget": budget, "retained_tokens": rec.summary()["retained_tokens"],
-                     "layer_avg_tokens": rec.summary()["layer_avg_tokens"], "flops_fastv": rec.flops["fastv"],
-                     "prefill_ms": timing.min_ms, "agreement": float((nxt == full_next).float().mean())})
+        rows.append(
+            {
+                "method": method,
+                "budget": budget,
+                "retained_tokens": rec.summary()["retained_tokens"],
+                "layer_avg_tokens": rec.summary()["layer_avg_tokens"],
+                "flops_fastv": rec.flops["fastv"],
+                "prefill_ms": timing.min_ms,
+                "agreement": float((nxt == full_next).float().mean()),
+            }
+        )
     base = rows[0]
     table = Table(title="vtprune demo: random LLaVA-1.5-geometry model (8 layers × 256), CPU, 1 thread")
     for col in ("method", "budget", "retained", "n̄", "FLOPs %", "prefill ms", "speed-up", "next-token agree"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(r["method"], str(r["budget"]), f"{r['retained_tokens']:.0f}", f"{r['layer_avg_tokens']:.1f}",
-                      f"{100 * r['flops_fastv'] / base['flops_fastv']:.1f}", f"{r['prefill_ms']:.1f}",
-                      f"{base['prefill_ms'] / r['prefill_ms']:.2f}×", f"{r['agreement']:.2f}")
+        table.add_row(
+            r["method"],
+            str(r["budget"]),
+            f"{r['retained_tokens']:.0f}",
+            f"{r['layer_avg_tokens']:.1f}",
+            f"{100 * r['flops_fastv'] / base['flops_fastv']:.1f}",
+            f"{r['prefill_ms']:.1f}",
+            f"{base['prefill_ms'] / r['prefill_ms']:.2f}×",
+            f"{r['agreement']:.2f}",
+        )
     console.print(table)
     console.print("The model is random: agreement only shows how far each method moves the output, not accuracy.")
     out = Path(out)

@@ -72,9 +72,7 @@ class RunRecord:
     @property
     def kv_bytes(self) -> int:
         """KV-cache bytes of the batch right after prefill (unpadded rows)."""
-        return sum(
-            kv_cache_bytes(s.visual_per_layer, s.n_text, self.dims, self.bytes_per_elem) for s in self.samples
-        )
+        return sum(kv_cache_bytes(s.visual_per_layer, s.n_text, self.dims, self.bytes_per_elem) for s in self.samples)
 
     @property
     def retained_tokens(self) -> list[int]:

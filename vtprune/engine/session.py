@@ -93,8 +93,9 @@ class _Forward:
 class PruningSession:
     """Physical visual-token pruning on one model instance."""
 
-    def __init__(self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, budget: Budget,
-                 positions: str = "keep"):
+    def __init__(
+        self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, budget: Budget, positions: str = "keep"
+    ):
         if positions not in POSITION_POLICIES:
             raise VtpruneError(f"positions must be one of {POSITION_POLICIES}, got {positions!r}")
         self.model, self.adapter, self.method = model, adapter, method
@@ -104,8 +105,9 @@ class PruningSession:
         _check_stage_order(method.name, self.stages)
         self.pre_stage = 0 if self.stages and self.stages[0].before_llm else None
         self.stage_at_layer = {s.layer: i for i, s in enumerate(self.stages) if s.kind == "llm"}
-        self.capture_layers = {s.layer - 1 for i, s in enumerate(self.stages)
-                               if s.kind == "llm" and method.signals(i) & sig.LLM_SIGNALS}
+        self.capture_layers = {
+            s.layer - 1 for i, s in enumerate(self.stages) if s.kind == "llm" and method.signals(i) & sig.LLM_SIGNALS
+        }
         self.needs_vision = any(method.signals(i) & sig.VISION_SIGNALS for i in range(len(self.stages)))
         self.dims = LLMDims.from_config(adapter.text_config)
         self._handles: list = []
@@ -265,8 +267,18 @@ class PruningSession:
                     counts = method.schedule(n, k, self.budget.mode, ad.num_layers)
                     _check_schedule(method.name, counts, n, len(self.stages))
                 grids, coords, crop = ad.image_layout(len(images), n)
-                images.append(_Image(b, offset, n, counts, grids, coords.to(rows.device), crop.to(rows.device),
-                                     hash((sample_seed, j)) % (2**62)))
+                images.append(
+                    _Image(
+                        b,
+                        offset,
+                        n,
+                        counts,
+                        grids,
+                        coords.to(rows.device),
+                        crop.to(rows.device),
+                        hash((sample_seed, j)) % (2**62),
+                    )
+                )
                 rows_of.append(rows)
                 offset += n
         return images, n_visual, rows_of
@@ -300,8 +312,15 @@ class PruningSession:
                 keep[img.sample, rows] = True
                 new_feats.append(feats[i])
                 continue
-            view = ImageTokens(feats[i], img.coords, img.crop, img.grids,
-                               torch.arange(img.n, device=rows.device), img.signals, img.seed)
+            view = ImageTokens(
+                feats[i],
+                img.coords,
+                img.crop,
+                img.grids,
+                torch.arange(img.n, device=rows.device),
+                img.signals,
+                img.seed,
+            )
             plan = self._checked_plan(0, view, k)
             keep[img.sample, rows[plan.keep_idx]] = True
             new_feats.append(plan.new_feats if plan.new_feats is not None else feats[i][plan.keep_idx])
@@ -313,8 +332,7 @@ class PruningSession:
         kwargs["input_ids"] = ids
         for name in ad.image_kwargs:
             kwargs.pop(name, None)
-        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}),
-                                        **ad.features_to_kwargs(new_feats)}
+        kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), **ad.features_to_kwargs(new_feats)}
         if kwargs.get("labels") is not None:
             kwargs["labels"] = kwargs["labels"].gather(1, gather).masked_fill(~valid, -100)
         for name in ("token_type_ids", "mm_token_type_ids"):
@@ -375,11 +393,13 @@ class PruningSession:
         out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if "last_token_attention" in wanted:
-                out["last_token_attention"] = sig.last_token_attention(self.adapter, prev, hidden, pos_emb, mask2d,
-                                                                       keys)
+                out["last_token_attention"] = sig.last_token_attention(
+                    self.adapter, prev, hidden, pos_emb, mask2d, keys
+                )
             if "mean_received_attention" in wanted:
-                out["mean_received_attention"] = sig.mean_received_attention(self.adapter, prev, hidden, pos_emb,
-                                                                             mask2d, keys)
+                out["mean_received_attention"] = sig.mean_received_attention(
+                    self.adapter, prev, hidden, pos_emb, mask2d, keys
+                )
             if "key_norms" in wanted:
                 if keys is None:
                     _, keys, _ = self.adapter.query_key_states(prev, hidden, pos_emb, torch.zeros_like(mask2d[:, :1]))
@@ -401,8 +421,15 @@ class PruningSession:
                 keep[img.sample, rows] = True
                 continue
             orig = group.vis_index[img.sample, rows]
-            view = ImageTokens(hidden[img.sample, rows], img.coords[orig], img.crop[orig], img.grids, orig,
-                               {name: s[img.sample, rows] for name, s in signals.items()}, img.seed)
+            view = ImageTokens(
+                hidden[img.sample, rows],
+                img.coords[orig],
+                img.crop[orig],
+                img.grids,
+                orig,
+                {name: s[img.sample, rows] for name, s in signals.items()},
+                img.seed,
+            )
             plan = self._checked_plan(stage, view, k)
             kept_rows = rows[plan.keep_idx]
             keep[img.sample, kept_rows] = True
@@ -437,9 +464,15 @@ class PruningSession:
         else:
             positions = positions * (valid if positions.dim() == 2 else valid[None])
             next_pos = old.next_pos
-        new = _Group(start, valid.long(), positions, visual,
-                     gather_rows(old.vis_index, gather).masked_fill(~valid, -1),
-                     gather_rows(old.seq_index, gather).masked_fill(~valid, -1), next_pos)
+        new = _Group(
+            start,
+            valid.long(),
+            positions,
+            visual,
+            gather_rows(old.vis_index, gather).masked_fill(~valid, -1),
+            gather_rows(old.seq_index, gather).masked_fill(~valid, -1),
+            next_pos,
+        )
         if start == 0:
             fw.groups[0] = new
         else:
@@ -503,10 +536,13 @@ class PruningSession:
 
     def _finish_record(self, fw: _Forward) -> None:
         """Per-sample visual counts entering each layer (from the groups) and kept indices per stage."""
-        per_layer = torch.stack([
-            ((fw.group_for(layer).vis_image >= 0) & fw.group_for(layer).mask2d.bool()).sum(1)
-            for layer in range(self.adapter.num_layers)
-        ], dim=1).tolist()  # (B, L)
+        per_layer = torch.stack(
+            [
+                ((fw.group_for(layer).vis_image >= 0) & fw.group_for(layer).mask2d.bool()).sum(1)
+                for layer in range(self.adapter.num_layers)
+            ],
+            dim=1,
+        ).tolist()  # (B, L)
         text = (fw.groups[0].mask2d.bool() & (fw.groups[0].vis_image < 0)).sum(1).tolist()
         samples = []
         for b, n in enumerate(fw.n_visual):
@@ -520,8 +556,15 @@ class PruningSession:
                 idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
                 events.append(PruningEvent(str(stage), idx, any(s in im.merged for im in mine)))
             samples.append(SampleRecord(n, int(text[b]), per_layer[b], events, [im.offset for im in mine] + [n]))
-        self.last = RunRecord(self.method.name, str(self.budget), self.positions, samples, self.dims,
-                              _bytes_per_elem(self.model), fw.groups[-1].seq_index)
+        self.last = RunRecord(
+            self.method.name,
+            str(self.budget),
+            self.positions,
+            samples,
+            self.dims,
+            _bytes_per_elem(self.model),
+            fw.groups[-1].seq_index,
+        )
 
     def _record_passthrough(self, n_visual: list[int], images: list[_Image], mask2d: torch.Tensor) -> None:
         """Unpruned prefill: the record still carries N, n̄ = N, FLOPs and KV bytes."""
@@ -532,8 +575,9 @@ class PruningSession:
             offsets = [im.offset for im in images if im.sample == b] + [n]
             events = [PruningEvent(str(s), torch.arange(n)) for s in self.stages]
             samples.append(SampleRecord(n, int(valid[b]) - n, [n] * self.adapter.num_layers, events, offsets))
-        self.last = RunRecord(self.method.name, str(self.budget), self.positions, samples, self.dims,
-                              _bytes_per_elem(self.model), None)
+        self.last = RunRecord(
+            self.method.name, str(self.budget), self.positions, samples, self.dims, _bytes_per_elem(self.model), None
+        )
 
 
 def _bytes_per_elem(model: nn.Module) -> int:
@@ -553,7 +597,9 @@ def _check_stage_order(name: str, stages: tuple[Stage, ...]) -> None:
 
 
 def _check_schedule(name: str, counts: list[int], n: int, n_stages: int) -> None:
-    if len(counts) != n_stages or any(c < 1 for c in counts) or any(
-        b > a for a, b in zip([n, *counts], counts, strict=False)
+    if (
+        len(counts) != n_stages
+        or any(c < 1 for c in counts)
+        or any(b > a for a, b in zip([n, *counts], counts, strict=False))
     ):
         raise VtpruneError(f"method {name!r} produced an invalid schedule {counts} for {n} tokens")

@@ -144,9 +144,7 @@ def _check_len(values: Sequence[float], dims: LLMDims, what: str) -> None:
         raise ValueError(f"{what} has {len(values)} entries, expected num_layers={dims.num_layers}")
 
 
-def prefill_flops(
-    visual_per_layer: Sequence[float], n_text: float, dims: LLMDims, convention: str = "fastv"
-) -> float:
+def prefill_flops(visual_per_layer: Sequence[float], n_text: float, dims: LLMDims, convention: str = "fastv") -> float:
     """Prefill FLOPs ``Σ_ℓ f(n_ℓ + n_text)``; ``visual_per_layer[ℓ]`` = visual tokens entering layer ℓ."""
     _check_len(visual_per_layer, dims, "visual_per_layer")
     _check_convention(convention)
@@ -168,8 +166,7 @@ def decode_flops(cache_len_per_layer: Sequence[float], dims: LLMDims) -> float:
     d, m = dims.hidden, dims.intermediate
     h, hkv, dh = dims.num_heads, dims.num_kv_heads, dims.head_dim
     return math.fsum(
-        2 * (d * h * dh + 2 * d * hkv * dh + h * dh * d + 2 * c * h * dh + 3 * d * m)
-        for c in cache_len_per_layer
+        2 * (d * h * dh + 2 * d * hkv * dh + h * dh * d + 2 * c * h * dh + 3 * d * m) for c in cache_len_per_layer
     )
 
 
@@ -324,9 +321,7 @@ def vision_flops(
     return float(scale * n_crops * macs)
 
 
-def projector_flops(
-    n_visual: float, in_dim: int, hidden: int, out_dim: int, convention: str = "fastv"
-) -> float:
+def projector_flops(n_visual: float, in_dim: int, hidden: int, out_dim: int, convention: str = "fastv") -> float:
     """Token-wise 2-layer MLP projector: ``n·(in·hidden + hidden·out)`` MACs (×2 for ``exact``).
 
     LLaVA: ``576·(1024·4096 + 4096²)`` ≈ 0.012 T; LLaVA-NeXT multiplies by the crop count.

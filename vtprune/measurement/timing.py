@@ -42,8 +42,9 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def interleaved(cases: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1,
-                device: torch.device | str = "cpu") -> dict[str, Timing]:
+def interleaved(
+    cases: dict[str, Callable[[], object]], rounds: int = 5, warmup: int = 1, device: torch.device | str = "cpu"
+) -> dict[str, Timing]:
     """Run every case once per round, in turn, after `warmup` untimed rounds.  -> Timing per case."""
     device = torch.device(device)
     out = {name: Timing([]) for name in cases}

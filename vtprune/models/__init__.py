@@ -23,9 +23,7 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     for adapter in ADAPTERS:
         if name in adapter.model_classes:
             return adapter(model)
-    raise UnsupportedModelError(
-        f"unsupported model class {name}; supported: {', '.join(supported_model_classes())}"
-    )
+    raise UnsupportedModelError(f"unsupported model class {name}; supported: {', '.join(supported_model_classes())}")
 
 
 __all__ = ["ADAPTERS", "ModelAdapter", "adapter_for", "supported_model_classes"]
