@@ -55,3 +55,48 @@ def interleaved(
                 if r >= warmup:
                     out[name].samples_ms.append(ms)
     return out
+
+
+class PrefillTimer:
+    """Times every prefill (sequence length > 1) of a module, e.g. the language model inside `generate`.
+
+    with PrefillTimer(model.model.language_model) as timer:
+        model.generate(...)
+    timer.ms  # one entry per prefill call
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        self.ms: list[float] = []
+        self._t0 = 0.0
+        self._handles: list = []
+
+    def _pre(self, module, args, kwargs):
+        x = kwargs.get("inputs_embeds", args[0] if args else None)
+        if x is None:
+            x = kwargs.get("input_ids")
+        self._active = x is not None and x.shape[1] > 1
+        if self._active:
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+            self._t0 = time.perf_counter()
+            self._device = x.device
+
+    def _post(self, module, args, kwargs, output):
+        if self._active:
+            if self._device.type == "cuda":
+                torch.cuda.synchronize(self._device)
+            self.ms.append((time.perf_counter() - self._t0) * 1e3)
+
+    def __enter__(self) -> PrefillTimer:
+        self._active = False
+        self._handles = [
+            self.module.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.module.register_forward_hook(self._post, with_kwargs=True),
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()

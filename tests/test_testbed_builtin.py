@@ -1,0 +1,51 @@
+"""The shipped checkpoint loads offline and answers the held-out questions."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from vtprune.testbed import load_builtin
+from vtprune.testbed.builtin import builtin_names, builtin_path, resolve_model
+from vtprune.testbed.data import HELDOUT_SEED, balanced_samples
+from vtprune.testbed.evaluate import evaluate, majority_baseline
+from vtprune.testbed.questions import QUESTION_TYPES
+
+
+def test_builtin_checkpoint_is_shipped_small_and_documented():
+    assert "shapes-llava" in builtin_names()
+    path = builtin_path("shapes-llava")
+    size = sum(f.stat().st_size for f in path.iterdir())
+    assert size < 40e6, size
+    card = json.loads((path / "model_card.json").read_text())
+    assert set(card["heldout"]["per_type"]) == set(QUESTION_TYPES)
+    assert set(card["heldout"]["majority_baseline"]) == set(QUESTION_TYPES)
+    assert (path / "README.md").exists()
+
+
+def test_builtin_checkpoint_scores_on_held_out_set():
+    model, processor = resolve_model("builtin:shapes-llava")
+    cfg = model.config
+    assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    samples = balanced_samples(HELDOUT_SEED, n_per_type=10, id_prefix="test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    try:
+        res = evaluate(model, processor, samples, batch_size=30)
+    finally:
+        torch.set_num_threads(threads)
+    base = majority_baseline(samples)
+    assert res["n"] == 60
+    assert res["accuracy"] >= 0.9, res["per_type"]
+    for t in QUESTION_TYPES:
+        assert res["per_type"][t] > base[t], (t, res["per_type"][t], base[t])
+
+
+def test_load_builtin_matches_resolve_model():
+    m1, p1 = load_builtin("shapes-llava")
+    m2, _ = resolve_model(builtin_path("shapes-llava"))
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert p1.tokenizer.convert_tokens_to_ids("<image>") == m1.config.image_token_id

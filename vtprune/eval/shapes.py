@@ -1,0 +1,96 @@
+"""`run_eval`: accuracy of one (method, budget) on the built-in shapes benchmark, with token counts,
+analytic FLOPs and measured LLM prefill time per sample."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import torch
+
+import vtprune
+from vtprune.measurement.flops import prefill_flops_all
+from vtprune.measurement.timing import PrefillTimer
+from vtprune.testbed import balanced_samples, evaluate, read_jsonl, resolve_model
+from vtprune.testbed.data import HELDOUT_SEED
+
+
+def load_samples(n: int | None = None, seed: int = HELDOUT_SEED, data: str | Path | None = None):
+    """Held-out samples: an exported JSONL (`data`) or generated, `n` per question type.  -> (samples, root)."""
+    if data is not None:
+        samples, root = read_jsonl(data)
+        return (samples[:n] if n else samples), root
+    return balanced_samples(seed, n or 50), None
+
+
+def run_eval(
+    model,
+    processor,
+    samples,
+    method: str = "none",
+    budget: int | float = 576,
+    *,
+    budget_mode: str = "layer_avg",
+    positions: str = "keep",
+    options: dict | None = None,
+    batch_size: int = 16,
+    image_root=None,
+    progress: bool = False,
+) -> dict:
+    """Evaluate `method` at `budget` on `samples`.
+
+    -> {method, budget, accuracy, per_type, n, retained_tokens, layer_avg_tokens, flops (mean per sample,
+    three conventions), prefill_ms (median LLM prefill per batch), records (per sample, with its counts)}.
+    """
+    options = options or {}
+    per_sample: list[dict] = []
+    dims = None
+
+    def on_batch(batch_records: list[dict]) -> None:
+        nonlocal dims
+        rec = vtprune.last_run(model)
+        dims = rec.dims
+        for r, s in zip(batch_records, rec.samples, strict=True):
+            r.update(
+                n_visual=s.n_visual,
+                retained_tokens=s.retained_tokens,
+                layer_avg_tokens=s.layer_avg_tokens,
+                flops=prefill_flops_all(s.visual_per_layer, s.n_text, rec.dims),
+            )
+            per_sample.append(r)
+
+    vtprune.apply(model, method, budget, budget_mode=budget_mode, positions=positions, **options)
+    try:
+        with PrefillTimer(model.model.language_model) as timer:
+            result = evaluate(
+                model,
+                processor,
+                samples,
+                batch_size=batch_size,
+                image_root=image_root,
+                progress=progress,
+                on_batch=on_batch,
+            )
+    finally:
+        vtprune.remove(model)
+    n = max(len(per_sample), 1)
+    return {
+        "method": method,
+        "budget": budget,
+        "budget_mode": budget_mode,
+        "options": options,
+        "accuracy": result["accuracy"],
+        "per_type": result["per_type"],
+        "n": result["n"],
+        "retained_tokens": sum(r["retained_tokens"] for r in per_sample) / n,
+        "layer_avg_tokens": sum(r["layer_avg_tokens"] for r in per_sample) / n,
+        "flops": {k: sum(r["flops"][k] for r in per_sample) / n for k in ("fastv", "swiglu", "exact")},
+        "prefill_ms": statistics.median(timer.ms) if timer.ms else float("nan"),
+        "batch_size": batch_size,
+        "records": per_sample,
+    }
+
+
+def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """`builtin:NAME` or a directory -> (model, processor), offline."""
+    return resolve_model(name_or_path, dtype=dtype, device=device)

@@ -1,0 +1,133 @@
+"""Install a trained run as a built-in checkpoint and write its model card (README.md + model_card.json)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+from .builtin import ASSETS, resolve_model
+from .data import HELDOUT_SEED, balanced_samples
+from .evaluate import evaluate, majority_baseline
+from .scenes import DATA_VERSION
+
+_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+          "tokenizer.json", "tokenizer_config.json")
+
+
+def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100, seed: int = HELDOUT_SEED,
+            command: str = "") -> dict:
+    """Copy `run_dir/model` into `vtprune/assets/NAME`, score it on a fresh held-out set, write the card."""
+    run_dir = Path(run_dir)
+    dest = ASSETS / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in _FILES:
+        shutil.copy2(run_dir / "model" / f, dest / f)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    model, processor = resolve_model(dest)
+    samples = balanced_samples(seed, per_type, id_prefix="heldout")
+    t0 = time.time()
+    res = evaluate(model, processor, samples, batch_size=16)
+    card = {
+        "name": name,
+        "architecture": "LlavaForConditionalGeneration (CLIP ViT 336px/14 -> 576 tokens, layer -2, "
+                        "'default' strategy; Llama decoder)",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "float16 (safetensors)",
+        "data_version": DATA_VERSION,
+        "training": {"command": command, "config": summary["config"], "seed": summary["config"]["seed"],
+                     "wall_time_s": summary["train_wall_s"], "machine": summary["machine"],
+                     "best_eval": summary["best"], "curve": [h for h in summary["history"]
+                                                             if h["stage"] == "B-eval"],
+                     "stage_a_final": next((h for h in reversed(summary["history"]) if h["stage"] == "A"),
+                                           None),
+                     "seconds_per_step": seconds_per_step(summary["history"])},
+        "heldout": {"seed": seed, "n_per_type": per_type, "accuracy": round(res["accuracy"], 4),
+                    "per_type": {k: round(v, 4) for k, v in res["per_type"].items()},
+                    "majority_baseline": {k: round(v, 4) for k, v in majority_baseline(samples).items()},
+                    "scoring": "argmax of the first generated token's logits over the answer vocabulary",
+                    "scoring_time_s": round(time.time() - t0, 1)},
+    }
+    (dest / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+    (dest / "README.md").write_text(render_card(card))
+    return card
+
+
+def seconds_per_step(history: list[dict]) -> dict[str, float]:
+    """Mean training seconds per step of each stage, from the logged wall clock (evaluation excluded)."""
+    out = {}
+    for stage in ("A", "B"):
+        pts = [(h["step"], h["wall"]) for h in history if h["stage"] == stage]
+        if len(pts) >= 2:
+            (s0, w0), (s1, w1) = pts[0], pts[-1]
+            out[stage] = round((w1 - w0) / max(1, s1 - s0), 3)
+    return out
+
+
+def render_card(card: dict) -> str:
+    """Markdown model card."""
+    h, tr = card["heldout"], card["training"]
+    base = h["majority_baseline"]
+    rows = "\n".join(f"| {t} | {h['per_type'][t]:.3f} | {base[t]:.3f} |" for t in h["per_type"])
+    curve = "\n".join(f"| {c['step']} | {c['wall']:.0f} | {c['accuracy']:.3f} | "
+                      + " ".join(f"{k} {v:.2f}" for k, v in c["per_type"].items()) + " |"
+                      for c in tr["curve"])
+    cfg = json.dumps(tr["config"], indent=2)
+    return f"""# {card['name']} — vtprune built-in testbed model
+
+A tiny vision-language model with the geometry of LLaVA-1.5 (336-px CLIP tower, patch 14, 576 visual
+tokens from ViT layer -2 with [CLS] dropped, 2-layer GELU projector, Llama decoder), trained offline on
+the procedural `{card['data_version']}` scenes of `vtprune.testbed`. It exists so that token-pruning
+methods can be run and compared without downloading anything. It is **not** a general VLM.
+
+- Class: `{card['architecture']}`
+- Parameters: {card['parameters']:,} ({card['dtype']})
+- Load: `vtprune.testbed.load_builtin("{card['name']}")` or `resolve_model("builtin:{card['name']}")`
+- Prompt: `USER: <image>\\n{{question}} ASSISTANT:` → one answer word, then `</s>`
+
+## Held-out accuracy (seed {h['seed']}, {h['n_per_type']} questions per type, balanced answers)
+
+Overall: **{h['accuracy']:.3f}**. Scoring: {h['scoring']}.
+
+| type | accuracy | majority-class baseline |
+|---|---|---|
+{rows}
+
+## Training
+
+- Command: `{tr['command']}`
+- Seed: {tr['seed']}; data version: {card['data_version']}
+- Wall time (training steps, excluding evaluation): {tr['wall_time_s']:.0f} s on {tr['machine']}
+- Seconds per step: {tr['seconds_per_step']}
+- Stage A (vision tower alone, dense per-patch colour/shape/digit/xy targets through a training-only
+  linear head on the penultimate layer; the head is not shipped): last log {tr['stage_a_final']}
+- Stage B (frozen tower, projector + decoder on packed multi-question conversations); eval-set curve
+  (eval set seed {tr['config']['eval_seed']}, {tr['config']['eval_per_type']} per type):
+
+| step | train s | overall | per type |
+|---|---|---|---|
+{curve}
+
+Best Stage-B checkpoint (by worst type, then overall) is the one shipped: step {tr['best_eval']['step']}.
+
+<details><summary>Training config</summary>
+
+```json
+{cfg}
+```
+</details>
+"""
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("run_dir")
+    ap.add_argument("--name", default="shapes-llava")
+    ap.add_argument("--per-type", type=int, default=100)
+    ap.add_argument("--command", default="")
+    a = ap.parse_args()
+    c = install(a.run_dir, a.name, a.per_type, command=a.command)
+    print(json.dumps(c["heldout"], indent=2))

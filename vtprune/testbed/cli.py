@@ -1,0 +1,112 @@
+"""`vtprune testbed ...`: export the benchmark, train the built-in model, score a model on it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .data import HELDOUT_SEED
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the `testbed` command (sub-commands export, train, score) to an argparse subparsers object."""
+    p = subparsers.add_parser("testbed", help="built-in offline benchmark (shapes-llava)")
+    sub = p.add_subparsers(dest="testbed_command", required=True)
+
+    e = sub.add_parser("export", aliases=["generate"], help="write a balanced question set as JSONL + PNG")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    e.add_argument("--per-type", type=int, default=100)
+    e.set_defaults(testbed_func=_export)
+
+    t = sub.add_parser("train", help="train the built-in model (resumes from OUT/state.pt)")
+    t.add_argument("--out", required=True)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps-a", type=int, default=None, help="Stage A steps (vision tower)")
+    t.add_argument("--steps-b", type=int, default=None, help="Stage B steps (projector + LLM)")
+    t.add_argument("--steps", type=int, default=None, help="shortcut: Stage B steps")
+    t.add_argument("--batch-a", type=int, default=None)
+    t.add_argument("--batch-b", type=int, default=None)
+    t.add_argument("--questions-per-image", type=int, default=None)
+    t.add_argument("--time-limit-b", type=float, default=None, help="seconds of Stage B before stopping")
+    t.add_argument("--eval-every", type=int, default=None)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--tiny", action="store_true", help="tiny model (smoke tests)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(testbed_func=_train)
+
+    s = sub.add_parser("score", help="accuracy per question type of a model on a testbed set")
+    s.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
+    s.add_argument("--data", default=None,
+                   help="JSONL from `testbed export` (default: generated held-out set)")
+    s.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    s.add_argument("--per-type", type=int, default=50)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--records", default=None, help="write per-sample records to this JSONL")
+    s.set_defaults(testbed_func=_score)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch a parsed `testbed` command."""
+    return int(args.testbed_func(args) or 0)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_jsonl
+
+    path = export_jsonl(args.out, seed=args.seed, n_per_type=args.per_type)
+    print(f"wrote {path}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .model import TINY
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(seed=args.seed, threads=args.threads)
+    if args.tiny:
+        cfg.size = TINY
+    overrides = {"steps_a": args.steps_a, "steps_b": args.steps_b or args.steps, "batch_a": args.batch_a,
+                 "batch_b": args.batch_b, "questions_per_image": args.questions_per_image,
+                 "time_limit_b": args.time_limit_b, "eval_every": args.eval_every}
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    train(args.out, cfg, device=args.device, progress=not args.no_progress)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from .builtin import resolve_model
+    from .data import balanced_samples
+    from .evaluate import evaluate, majority_baseline
+    from .export import read_jsonl
+
+    model, processor = resolve_model(args.model)
+    if args.data:
+        samples, root = read_jsonl(args.data)
+    else:
+        samples, root = balanced_samples(args.seed, args.per_type, id_prefix="score"), None
+    res = evaluate(model, processor, samples, batch_size=args.batch_size, image_root=root, progress=True)
+    res["majority"] = majority_baseline(samples)
+    if args.records:
+        with open(args.records, "w") as f:
+            for r in res["records"]:
+                f.write(json.dumps(r) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "records"}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: `python -m vtprune.testbed.cli train --out DIR`."""
+    parser = argparse.ArgumentParser(prog="vtprune")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["testbed", *(argv if argv is not None else sys.argv[1:])])
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
