@@ -59,7 +59,7 @@ def build_method(method: str | MethodConfig | PruningMethod, options: dict) -> P
 
 
 # Built-in methods register themselves on import.
-from . import fastv, none, pool, random  # noqa: E402, F401
+from . import divprune, downsample, fastv, none, pool, random, uniform, visionzip, vispruner  # noqa: E402, F401
 
 __all__ = [
     "ImageTokens",

@@ -1,0 +1,83 @@
+"""DivPrune (CVPR 2025): keep the K most mutually diverse visual tokens (spec divprune.md).
+
+Greedy max–min on cosine distance `D = 1 − V̂V̂ᵀ` of the projector outputs (fp32): the first pick is
+the most isolated token (largest distance to its nearest other token, i.e. the second-smallest value
+of its column), each next pick maximises the minimum distance to the tokens already chosen (chosen
+tokens masked with −∞, ties to the lower index). One global selection over all crops. Selection only.
+
+Cost: the N×N distance matrix, O(N²·D) (≈ 2.7 GFLOP at N = 576, D = 4096; ≈ 68 GFLOP at N = 2880)
+and O(N²) fp32 memory; then K sequential greedy steps of O(N) each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import VtpruneError
+from . import register
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
+
+
+@dataclass
+class DivPruneConfig(MethodConfig):
+    #: Paper notation: retained fraction (reference `SUBSET_RATIO`), K = round(r·N); overrides the budget.
+    r: float | None = None
+
+
+def cosine_distance(feats: torch.Tensor) -> torch.Tensor:
+    """`1 − V̂V̂ᵀ` in fp32.  (n, D) -> (n, n)."""
+    v = F.normalize(feats.float(), dim=1)
+    return 1.0 - v @ v.T
+
+
+def divprune_order(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy max–min picks in pick order and the score each pick achieved.  (n, D) -> ((k,), (k,)).
+
+    The achieved score of pick 1 is its nearest-neighbour distance; of pick t > 1 its minimum distance
+    to the picks before it.
+    """
+    dist = cosine_distance(feats)
+    n = dist.shape[0]
+    score = dist.kthvalue(2, dim=0).values if n > 1 else torch.zeros(1, device=dist.device)
+    taken = torch.zeros(n, dtype=torch.bool, device=dist.device)
+    order = torch.empty(k, dtype=torch.long, device=dist.device)
+    achieved = torch.empty(k, dtype=torch.float32, device=dist.device)
+    for t in range(k):
+        masked = score.masked_fill(taken, float("-inf"))
+        j = masked.argmax()  # first maximum: ties to the lower index
+        order[t], achieved[t] = j, masked[j]
+        taken[j] = True
+        score = dist[j] if t == 0 else torch.minimum(score, dist[j])
+    return order, achieved
+
+
+@register
+class DivPrune(PruningMethod):
+    """Max–min diversity selection on the projector outputs, before the LLM."""
+
+    name = "divprune"
+    config_class = DivPruneConfig
+    #: "reference": the selection is identical; the reference's contiguous ids are `positions="reindex"`
+    #: at `vtprune.apply` (and its NeXT newline candidates are an engine matter, see the report).
+    presets = ("default", "reference")
+
+    def __init__(self, config: DivPruneConfig | None = None):
+        super().__init__(config)
+        if self.config.r is not None and not 0.0 < self.config.r < 1.0:
+            raise VtpruneError(f"divprune retained fraction r must lie in (0, 1), got {self.config.r!r}")
+
+    def stages(self) -> tuple[Stage, ...]:
+        return (Stage("pre_llm"),)
+
+    def schedule(self, n: int, budget: int, mode: str, num_layers: int) -> list[int]:
+        if self.config.r is not None:
+            return [min(n, max(1, math.floor(self.config.r * n + 0.5)))]
+        return [min(budget, n)]
+
+    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
+        order, _ = divprune_order(image.features, k)
+        return KeepPlan(order.sort().values)
