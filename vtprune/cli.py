@@ -76,38 +76,25 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from vtprune.eval.compare import compare, plot_compare
-    from vtprune.eval.report import compare_table
+    from vtprune.eval.compare import run_compare_report
     from vtprune.eval.shapes import load_model, load_samples
 
     model, processor = load_model(args.model, device=args.device)
     samples, root = load_samples(args.n, args.seed, args.data)
     methods = args.methods.split(",") if args.methods else None
     budgets = [int(b) for b in args.budgets.split(",")]
-    with Progress() as bar:
-        task = bar.add_task("compare", total=None)
-        rows = compare(
-            model,
-            processor,
-            samples,
-            methods,
-            budgets,
-            batch_size=args.batch,
-            image_root=root,
-            progress=lambda i, n, what: bar.update(task, completed=i, total=n, description=what),
-        )
-    Console().print(compare_table(rows, title=f"{args.model} on the shapes benchmark ({len(samples)} questions)"))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
-    plot = plot_compare(rows, out / "compare.png", title=f"{args.model}: accuracy vs tokens and FLOPs")
-    print(f"wrote {out / 'compare.json'} and {plot}")
+    run_compare_report(
+        model,
+        processor,
+        samples,
+        methods,
+        budgets,
+        args.out,
+        "compare",
+        f"{args.model} on the shapes benchmark",
+        batch_size=args.batch,
+        image_root=root,
+    )
     return 0
 
 

@@ -41,35 +41,15 @@ def run_demo(quick: bool = False, out: str | Path = "vtprune-demo", n_per_type: 
 
 def run_builtin_demo(quick: bool, out: str | Path, n_per_type: int) -> int:
     """Short comparison on the shipped model: a few methods × budgets (192, 64, 16) on held-out questions."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    from vtprune.eval.compare import compare, plot_compare
-    from vtprune.eval.report import compare_table
+    from vtprune.eval.compare import run_compare_report
     from vtprune.eval.shapes import load_model, load_samples
 
     torch.set_num_threads(1)
-    console = Console()
     model, processor = load_model("builtin:shapes-llava")
     samples, _ = load_samples(max(1, n_per_type // 2) if quick else n_per_type)
     methods = [m for m in DEMO_METHODS if m in vtprune.methods()]
     budgets = (64,) if quick else (192, 64, 16)
-    with Progress(console=console) as bar:
-        task = bar.add_task("compare", total=None)
-        rows = compare(
-            model,
-            processor,
-            samples,
-            methods,
-            budgets,
-            progress=lambda i, n, what: bar.update(task, completed=i, total=n, description=what),
-        )
-    console.print(compare_table(rows, title=f"builtin:shapes-llava, {len(samples)} held-out questions, CPU"))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(rows, indent=2))
-    plot = plot_compare(rows, out / "demo.png", title="builtin:shapes-llava: accuracy vs tokens and FLOPs")
-    console.print(f"results: {out / 'demo.json'}, plot: {plot}")
+    run_compare_report(model, processor, samples, methods, budgets, out, "demo", "builtin:shapes-llava, CPU")
     return 0
 
 

@@ -84,3 +84,47 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "vtprune compa
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def run_compare_report(
+    model,
+    processor,
+    samples,
+    methods,
+    budgets,
+    out: str | Path,
+    name: str,
+    title: str,
+    *,
+    batch_size: int = 16,
+    image_root=None,
+    console=None,
+) -> list[dict]:
+    """`compare` with a progress bar, then print the table and write `OUT/NAME.json` and `OUT/NAME.png`."""
+    import json
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from .report import compare_table
+
+    console = console or Console()
+    with Progress(console=console) as bar:
+        task = bar.add_task("compare", total=None)
+        rows = compare(
+            model,
+            processor,
+            samples,
+            methods,
+            budgets,
+            batch_size=batch_size,
+            image_root=image_root,
+            progress=lambda i, n, what: bar.update(task, completed=i, total=n, description=what),
+        )
+    console.print(compare_table(rows, title=f"{title} ({len(samples)} questions)"))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    plot = plot_compare(rows, out / f"{name}.png", title=f"{title}: accuracy vs tokens and FLOPs")
+    console.print(f"wrote {out / f'{name}.json'} and {plot}")
+    return rows
