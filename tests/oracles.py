@@ -37,23 +37,43 @@ def masked_reference_logits(
         mask = torch.cat([mask, torch.ones_like(new_tokens)], 1)
     lm = model.model.language_model
     image_id = model.config.image_token_id
+    qwen = "image_grid_thw" in inputs
     with torch.no_grad():
-        feats = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output))
+        if qwen:
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
+        elif "image_sizes" in inputs:  # LLaVA-NeXT: packed base + unpadded tiles + newlines
+            out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        else:
+            out = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+        feats = torch.cat(list(out.pooler_output))
         emb = model.get_input_embeddings()(ids)
         emb[ids == image_id] = feats.to(emb.dtype)
         for (b, row), f in (replace or {}).items():
             emb[b, row] = f.to(emb.dtype)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0) * mask
+        if qwen:  # the stock M-RoPE ids of the whole (prompt + generated) sequence
+            tt = (ids == image_id).long()
+            pos, _ = model.model.get_rope_index(
+                ids, mm_token_type_ids=tt, image_grid_thw=inputs["image_grid_thw"], attention_mask=mask
+            )
+        else:
+            pos = (mask.cumsum(-1) - 1).clamp(min=0) * mask
         n_layers = len(lm.layers)
         bsz, length = ids.shape
         key_ok = mask.bool()[None].repeat(n_layers, 1, 1)  # (n_layers, B, T)
+        newline = getattr(model.model, "image_newline", None)
         if record is not None:
             for b, sample in enumerate(record.samples):
                 rows = (ids[b] == image_id).nonzero().flatten()
+                structural = torch.zeros(len(rows), dtype=torch.bool)
+                if newline is not None:  # NeXT newline rows are not candidates (spec §8)
+                    structural = (emb[b, rows] == newline.to(emb.dtype)).all(-1)
+                visual = rows[~structural]
                 for ev in sample.events:
-                    gone = torch.ones(len(rows), dtype=torch.bool)
+                    gone = torch.ones(len(visual), dtype=torch.bool)
                     gone[ev.keep_idx] = False
-                    key_ok[stage_layer(ev.stage) :, b, rows[gone]] = False
+                    key_ok[stage_layer(ev.stage) :, b, visual[gone]] = False
+                    if gone.any() and not ev.stage.startswith("llm:"):  # pre-LLM pruning drops newlines
+                        key_ok[:, b, rows[structural]] = False
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         eye = torch.eye(length, dtype=torch.bool)
         h = emb
@@ -61,12 +81,32 @@ def masked_reference_logits(
         neg = torch.finfo(h.dtype).min
         for layer_idx, layer in enumerate(lm.layers):
             if positions == "reindex":
-                rank = (key_ok[layer_idx].long().cumsum(-1) - 1).clamp(min=0)
-                cos_sin = lm.rotary_emb(h, position_ids=rank)
+                if qwen:
+                    cos_sin = lm.rotary_emb(h, position_ids=_qwen_reindex(pos, key_ok[layer_idx], ids == image_id))
+                else:
+                    rank = (key_ok[layer_idx].long().cumsum(-1) - 1).clamp(min=0)
+                    cos_sin = lm.rotary_emb(h, position_ids=rank)
             allowed = (causal[None] & key_ok[layer_idx][:, None, :]) | eye[None]
             add = torch.zeros(bsz, 1, length, length, dtype=h.dtype).masked_fill(~allowed[:, None], neg)
-            h = layer(h, attention_mask=add, position_embeddings=cos_sin, position_ids=pos)
+            h = layer(h, attention_mask=add, position_embeddings=cos_sin, position_ids=None if qwen else pos)
         return model.lm_head(lm.norm(h))
+
+
+def _qwen_reindex(pos: torch.Tensor, present: torch.Tensor, is_image: torch.Tensor) -> torch.Tensor:
+    """Spec §6 `reindex` for M-RoPE, walked row by row: image rows keep their 3-D ids, each present text
+    row gets max(previous text id + 1, largest earlier image id + 1).  pos (3, B, T) -> (3, B, T)."""
+    out = pos.clone()
+    for b in range(pos.shape[1]):
+        nxt = 0
+        for t in range(pos.shape[2]):
+            if not present[b, t]:
+                continue
+            if is_image[b, t]:
+                nxt = max(nxt, int(pos[:, b, t].max()) + 1)
+            else:
+                out[:, b, t] = nxt
+                nxt += 1
+    return out
 
 
 def generate_logits(model, inputs: dict, steps: int):
@@ -78,7 +118,14 @@ def generate_logits(model, inputs: dict, steps: int):
             do_sample=False,
             output_logits=True,
             return_dict_in_generate=True,
-            suppress_tokens=[model.config.image_token_id],
+            suppress_tokens=[model.config.image_token_id, *_extra_special(model)],
         )
     prompt = inputs["input_ids"].shape[1]
     return out.sequences[:, prompt:], torch.stack(out.logits, 1)
+
+
+def _extra_special(model) -> list[int]:
+    """Vision special tokens a random model must not generate (they would change the stock positions)."""
+    cfg = model.config
+    names = ("video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return [int(getattr(cfg, n)) for n in names if getattr(cfg, n, None) is not None]

@@ -112,3 +112,14 @@ def test_record_flops_match_measurement_formulas(models, batches):
     assert rec.flops == pytest.approx(want)
     assert rec.kv_bytes == sum((2 * 576 + 4 * 12 + 6 * s.n_text) * 2 * 2 * 16 * 4 for s in rec.samples)
     assert rec.summary()["layer_avg_tokens"] == pytest.approx((2 * 576 + 4 * 12) / 6)
+
+
+def test_largest_remainder_split_never_exceeds_total():
+    from vtprune.budget import largest_remainder_split
+
+    assert largest_remainder_split(1, [576, 2304]) == [0, 1]
+    assert largest_remainder_split(3, [5, 5, 5, 5]) == [1, 1, 1, 0]
+    assert largest_remainder_split(100, [400, 176]) == [69, 31]
+    for total in range(0, 40):
+        parts = largest_remainder_split(total, [7, 1, 30])
+        assert sum(parts) == min(total, 38) and all(0 <= p <= s for p, s in zip(parts, [7, 1, 30], strict=True))

@@ -69,6 +69,8 @@ def largest_remainder_split(total: int, sizes: list[int], minimum: int = 1) -> l
     n = sum(sizes)
     if total >= n:
         return list(sizes)
+    if total < sum(1 for s in sizes if s > 0):  # too few tokens to give every part one: no minimum
+        minimum = 0
     raw = [total * s / n for s in sizes]
     parts = [math.floor(r) for r in raw]
     left = total - sum(parts)

@@ -73,3 +73,143 @@ def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], *, seed: int
     size = cfg.vision_config.image_size
     pixels = torch.randn(len(rows) * images, 3, size, size, generator=gen).to(model.dtype)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+# --- Qwen2.5-VL ----------------------------------------------------------------------------------------
+QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID = 250, 251, 252, 253
+
+
+def tiny_qwen2_5_vl(
+    *,
+    seed: int = 0,
+    attn: str = "sdpa",
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 256,
+    vision_hidden: int = 32,
+    vision_depth: int = 2,
+    window_size: int = 56,
+    dtype: torch.dtype = torch.float32,
+):
+    """A randomly initialised `Qwen2_5_VLForConditionalGeneration` (M-RoPE sections (2, 3, 3), head_dim 16).
+
+    The ViT has `vision_depth` blocks, the last one full attention, the others windowed; `window_size=56`
+    px makes windows of 2×2 merged tokens so the window permutation is non-trivial on small images.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_heads=4,
+            out_hidden_size=hidden,
+            fullatt_block_indexes=[vision_depth - 1],
+            window_size=window_size,
+        ),
+        image_token_id=QWEN_IMAGE_TOKEN_ID,
+        video_token_id=QWEN_VIDEO_TOKEN_ID,
+        vision_start_token_id=QWEN_VISION_START_ID,
+        vision_end_token_id=QWEN_VISION_END_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = attn
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def qwen_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: list[tuple[int, int]], *, seed: int = 0):
+    """Left-padded Qwen2.5-VL inputs, one image of `sizes[b]` = (H, W) px (multiples of 28) per prompt.
+
+    -> {input_ids, attention_mask, mm_token_type_ids (B, L), pixel_values (Σ patches, 1176), image_grid_thw}.
+    """
+    from .models.qwen_inputs import build_qwen_inputs
+
+    vc = model.config.vision_config
+    gen = torch.Generator().manual_seed(seed)
+    grids = [(1, h // vc.patch_size, w // vc.patch_size) for h, w in sizes]
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    pixels = torch.randn(sum(t * h * w for t, h, w in grids), width, generator=gen).to(model.dtype)
+    return build_qwen_inputs(model.config, prompts, torch.tensor(grids), pixels)
+
+
+# --- LLaVA-NeXT ----------------------------------------------------------------------------------------
+def tiny_llava_next(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, image_size: int = 56, **kw):
+    """A random `LlavaNextForConditionalGeneration`: 4×4-token tiles (56 px, patch 14), pinpoints up to 2×2 tiles."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    s = image_size
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=s,
+            patch_size=14,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            max_position_embeddings=4096,
+        ),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
+    )
+    config._attn_implementation = attn
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def llava_next_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: list[tuple[int, int]], *, seed=0):
+    """Left-padded inputs with one image of original size `sizes[b]` = (H, W) per prompt; the placeholder
+    count is the model's packed feature count (base + unpadded tiles + newlines)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    cfg = model.config
+    s = cfg.vision_config.image_size
+    tiles = [image_size_to_num_patches(list(sz), cfg.image_grid_pinpoints, s) for sz in sizes]
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(len(sizes), max(tiles), 3, s, s, generator=gen)
+    image_sizes = torch.tensor(sizes)
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output
+    rows = [pre + [cfg.image_token_id] * int(f.shape[0]) + post for (pre, post), f in zip(prompts, feats, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :] = torch.tensor(r)
+        mask[b, width - len(r) :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": image_sizes}

@@ -51,6 +51,8 @@ class _Image:
     coords: torch.Tensor  # (n, 2)
     crop: torch.Tensor  # (n,)
     seed: int
+    span: torch.Tensor  # (S,) all placeholder rows of the image (visual + structural), ascending
+    cand: torch.Tensor | None  # (S,) bool visual rows of the span, None when all are visual
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> kept original indices (cpu)
     merged: set[int] = field(default_factory=set)  # stages whose kept rows carry merged features
@@ -114,6 +116,7 @@ class PruningSession:
         self._forward: _Forward | None = None
         self._decode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._vision_capture: list[dict[str, torch.Tensor]] = []
+        self._generate_kwargs: dict = {}
         self.last: RunRecord | None = None
         self._check_nominal_budget()
 
@@ -128,8 +131,8 @@ class PruningSession:
                 layer = self.adapter.layers[idx]
                 self._handles.append(layer.register_forward_pre_hook(partial(self._on_layer, idx), with_kwargs=True))
         if self.needs_vision:
-            attn = self.adapter.vision_attention_module()
-            self._handles.append(attn.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True))
+            for module in self.adapter.vision_hook_modules():
+                self._handles.append(module.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True))
         stock_generate = m.generate
         m.__dict__["generate"] = partial(self._guarded_generate, stock_generate)
 
@@ -152,7 +155,11 @@ class PruningSession:
                 f"cache_implementation={impl!r} is not supported with vtprune; use the default DynamicCache"
             )
         self._vision_capture.clear()
-        return stock_generate(*args, **kwargs)
+        self._generate_kwargs = {n: kwargs[n] for n in self.adapter.layout_kwargs if kwargs.get(n) is not None}
+        try:
+            return stock_generate(*args, **kwargs)
+        finally:
+            self._generate_kwargs = {}
 
     def _check_nominal_budget(self) -> None:
         """Fail at apply time when the budget is infeasible for the model's fixed token count."""
@@ -166,7 +173,9 @@ class PruningSession:
     def _on_vision_attention(self, module, args, kwargs):
         x = kwargs.get("hidden_states", args[0] if args else None)
         with torch.no_grad():
-            self._vision_capture.append(self.adapter.vision_signals(module, x))
+            out = self.adapter.vision_signals(module, x, kwargs)
+        if out is not None:
+            self._vision_capture.append(out)
 
     def _on_model_call(self, module, args, kwargs):
         if args:  # HF forwards take input_ids first
@@ -208,8 +217,11 @@ class PruningSession:
         mask2d = kwargs.get("attention_mask")
         mask2d = torch.ones_like(input_ids) if mask2d is None else mask2d.long()
         is_img = (input_ids == ad.image_token_id) & mask2d.bool()
+        if self.stages:
+            ad.check_inputs(input_ids, kwargs)
+        positions = ad.original_positions(input_ids, mask2d, kwargs) if bool(is_img.any()) else None
 
-        images, n_visual, rows_of = self._find_images(input_ids, mask2d, is_img)
+        images, n_visual, rows_of = self._find_images(input_ids, mask2d, is_img, positions, kwargs)
         prunes = any(img.counts and min(img.counts) < img.n for img in images)
         self.last = None
         if not prunes:
@@ -218,9 +230,6 @@ class PruningSession:
         if kwargs.get("labels") is not None and self.stage_at_layer:
             raise UnsupportedInputError("labels cannot be combined with in-LLM pruning (the output rows change)")
 
-        positions = kwargs.get("position_ids")
-        if positions is None or positions.shape[-1] != length:
-            positions = ad.original_positions(input_ids, mask2d, kwargs)
         next_pos = next_positions(positions, mask2d.bool())
         vis_image = torch.full((bsz, length), -1, dtype=torch.long, device=device)
         vis_index = torch.full_like(vis_image, -1)
@@ -245,14 +254,20 @@ class PruningSession:
         self._forward = fw
         return (), kwargs
 
-    def _find_images(self, input_ids, mask2d, is_img):
-        """Images in prompt order with their budgets and schedules.  -> images, N per sample, rows."""
+    def _find_images(self, input_ids, mask2d, is_img, positions, kwargs):
+        """Images in prompt order with their budgets and schedules.  -> images, N per sample, visual rows."""
         ad, method = self.adapter, self.method
         images: list[_Image] = []
         rows_of: list[torch.Tensor] = []
         n_visual: list[int] = []
-        for b in range(input_ids.shape[0]):
-            per_image = ad.split_images(is_img[b].nonzero().flatten())
+        split = [ad.split_images(is_img[b].nonzero().flatten()) for b in range(input_ids.shape[0])]
+        if positions is not None:
+            ad.begin_prefill(input_ids, mask2d, positions, split, {**self._generate_kwargs, **kwargs})
+        index = 0
+        for b, spans in enumerate(split):
+            cands = [ad.candidate_mask(index + j, int(r.numel())) for j, r in enumerate(spans)]
+            index += len(spans)
+            per_image = [r if c is None else r[c.to(r.device)] for r, c in zip(spans, cands, strict=True)]
             sizes = [int(r.numel()) for r in per_image]
             n_visual.append(sum(sizes))
             if not sizes:
@@ -277,6 +292,8 @@ class PruningSession:
                         coords.to(rows.device),
                         crop.to(rows.device),
                         hash((sample_seed, j)) % (2**62),
+                        spans[j],
+                        None if cands[j] is None else cands[j].to(rows.device),
                     )
                 )
                 rows_of.append(rows)
@@ -294,10 +311,11 @@ class PruningSession:
                 )
             self._vision_capture.clear()
             feats = ad.encode_images(kwargs)
-        if len(feats) != len(fw.images) or any(f.shape[0] != im.n for f, im in zip(feats, fw.images, strict=False)):
+        spans = [int(im.span.numel()) for im in fw.images]
+        if len(feats) != len(fw.images) or any(int(f.shape[0]) != n for f, n in zip(feats, spans, strict=False)):
             raise UnsupportedInputError(
                 f"the images give {[int(f.shape[0]) for f in feats]} visual tokens but the prompt has "
-                f"{[im.n for im in fw.images]} image placeholders"
+                f"{spans} image placeholders"
             )
         wanted = self.method.signals(0) & sig.VISION_SIGNALS
         if wanted:
@@ -312,8 +330,11 @@ class PruningSession:
                 keep[img.sample, rows] = True
                 new_feats.append(feats[i])
                 continue
+            if img.cand is not None:  # structural rows (e.g. newlines) go with the pruned image
+                keep[img.sample, img.span[~img.cand]] = False
+            visual = feats[i] if img.cand is None else feats[i][img.cand]
             view = ImageTokens(
-                feats[i],
+                visual,
                 img.coords,
                 img.crop,
                 img.grids,
@@ -323,7 +344,7 @@ class PruningSession:
             )
             plan = self._checked_plan(0, view, k)
             keep[img.sample, rows[plan.keep_idx]] = True
-            new_feats.append(plan.new_feats if plan.new_feats is not None else feats[i][plan.keep_idx])
+            new_feats.append(plan.new_feats if plan.new_feats is not None else visual[plan.keep_idx])
             self._note_kept(img, 0, plan.keep_idx)
 
         gather, valid = compact_rows(keep)
@@ -347,10 +368,10 @@ class PruningSession:
                 f"method {self.method.name!r} needs vision-encoder signals {sorted(wanted)}: pass pixel_values "
                 "(precomputed mm_encoder_outputs carry none)"
             )
-        merged = {name: torch.cat([c[name] for c in captured]) for name in wanted}
-        if next(iter(merged.values())).shape[0] != len(images):
+        merged = {name: [t for c in captured for t in c[name]] for name in wanted}  # per image
+        if len(next(iter(merged.values()))) != len(images):
             raise UnsupportedInputError(
-                f"vision signals were captured for {next(iter(merged.values())).shape[0]} images but the batch "
+                f"vision signals were captured for {len(next(iter(merged.values())))} images but the batch "
                 f"has {len(images)} (beam search / num_return_sequences with vision-stage methods is unsupported)"
             )
         for i, img in enumerate(images):

@@ -7,8 +7,10 @@ from torch import nn
 from ..errors import UnsupportedInputError, UnsupportedModelError
 from .base import ModelAdapter
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter)
 
 
 def supported_model_classes() -> list[str]:

@@ -96,6 +96,31 @@ class ModelAdapter(ABC):
         breaks = (image_rows[1:] - image_rows[:-1] != 1).nonzero().flatten() + 1
         return list(torch.tensor_split(image_rows, breaks.tolist()))
 
+    def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
+        """Refuse inputs this family cannot prune (raise `UnsupportedInputError`); called at each prefill."""
+        return None
+
+    #: kwargs that `generate` consumes before the prefill but `image_layout` needs (remembered by the engine).
+    layout_kwargs: ClassVar[tuple[str, ...]] = ()
+
+    def begin_prefill(
+        self,
+        input_ids: torch.Tensor,
+        mask2d: torch.Tensor,
+        positions: torch.Tensor,
+        image_rows: list[list[torch.Tensor]],
+        kwargs: dict,
+    ) -> None:
+        """Called once per prefill before `image_layout`: original positions, each sample's image rows, and
+        the call's kwargs (plus the `layout_kwargs` of the enclosing `generate` call)."""
+        return None
+
+    def candidate_mask(self, image_index: int, span: int) -> torch.Tensor | None:
+        """(span,) bool: which placeholder rows of an image are visual tokens; the others are *structural*
+        (kept like text by in-LLM stages, dropped with the image when a pre-LLM stage prunes it).
+        None: every placeholder is a visual token."""
+        return None
+
     @abstractmethod
     def image_layout(self, image_index: int, n: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
         """Grids of one image's n visual tokens: ([(h, w)] per crop, coords (n, 2), crop (n,))."""
@@ -105,13 +130,23 @@ class ModelAdapter(ABC):
         """The vision self-attention whose input gives [CLS] attention and keys (spec §9)."""
         raise UnsupportedInputError(f"{type(self.model).__name__} exposes no vision [CLS] signal")
 
-    def vision_signals(self, attn: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """From the captured input of `vision_attention_module()`: per-image signals, (n_img, n, ...)."""
+    def vision_hook_modules(self) -> list[nn.Module]:
+        """Modules whose forward pre-hook feeds `vision_signals` (default: the one vision attention)."""
+        return [self.vision_attention_module()]
+
+    def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None):
+        """From the captured input of a `vision_hook_modules()` module: per-image signals, each either a
+        tensor (n_img, n, ...) or a list of per-image tensors [(n_i, ...)]; None when nothing is captured."""
         raise UnsupportedInputError(f"{type(self.model).__name__} exposes no vision [CLS] signal")
 
     # --- positions -------------------------------------------------------------------------------
     def original_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict):
-        """Position ids of the unpruned prompt, as `generate` computes them.  -> (B, L) or (3, B, L)."""
+        """Position ids of the unpruned prompt, as `generate` computes them.  -> (B, L) or (3, B, L).
+
+        Explicit `position_ids` of the full prompt length are used as given."""
+        given = kwargs.get("position_ids")
+        if given is not None and given.shape[-1] == input_ids.shape[1]:
+            return given
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0) * attention_mask.long()
 
     def reindex_positions(self, positions: torch.Tensor, valid: torch.Tensor, visual: torch.Tensor):

@@ -58,7 +58,7 @@ class LlavaAdapter(ModelAdapter):
         idx = len(layers) + layer if layer < 0 else layer - 1
         return layers[idx].self_attn
 
-    def vision_signals(self, attn: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
         """[CLS]→patch attention (head mean) and keys of the selected CLIP layer.
 
         x (n_img, 1 + n, C) is the self-attention input (already `layer_norm1`-ed).
