@@ -368,6 +368,7 @@ class PruningSession:
                 f"method {self.method.name!r} needs vision-encoder signals {sorted(wanted)}: pass pixel_values "
                 "(precomputed mm_encoder_outputs carry none)"
             )
+        captured = self.adapter.collate_vision_signals(captured)
         merged = {name: [t for c in captured for t in c[name]] for name in wanted}  # per image
         if len(next(iter(merged.values()))) != len(images):
             raise UnsupportedInputError(

@@ -139,6 +139,12 @@ class ModelAdapter(ABC):
         tensor (n_img, n, ...) or a list of per-image tensors [(n_i, ...)]; None when nothing is captured."""
         raise UnsupportedInputError(f"{type(self.model).__name__} exposes no vision [CLS] signal")
 
+    def collate_vision_signals(self, captured: list[dict]) -> list[dict]:
+        """The captures of one encoding (in call order) -> signals per image in prompt order, each lined up
+        with that image's candidate visual tokens.  Called at the prefill after `begin_prefill`, so an
+        adapter may use the prefill's layout here (LLaVA-NeXT re-packs per-tile signals).  Default: as is."""
+        return captured
+
     # --- positions -------------------------------------------------------------------------------
     def original_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict):
         """Position ids of the unpruned prompt, as `generate` computes them.  -> (B, L) or (3, B, L).

@@ -7,8 +7,14 @@ them like text; `pre_llm`/`vision` stages drop all of an image's newlines whenev
 (the engine does this for any adapter whose `candidate_mask` marks structural rows).
 
 The layout comes from `image_sizes` (also when `generate` has consumed it: the engine remembers it as a
-`layout_kwargs` entry). Vision [CLS] signals per crop are not implemented for LLaVA-NeXT yet: methods
-that request them raise `UnsupportedInputError`.
+`layout_kwargs` entry).
+
+Vision signals (spec §8, "per-crop methods use that crop's own [CLS] row and keys"): the pre-hook on the
+CLIP feature layer's attention sees every tile of every image, (n_tiles_total, 1 + side², C); each tile's
+[CLS] row attends over its own side² patches (`vision_signals`, per tile). At the prefill,
+`collate_vision_signals` splits the tiles per image and re-packs them with the model's own
+`pack_image_features` (no newline): base tile first, then the unpadded tile area in packed raster order,
+so `cls_attention` (n,) and `vision_keys` (n, C) line up with the image's candidate tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def __init__(self, model: nn.Module):
         super().__init__(model)
         self._layouts: list[tuple[int, int, int]] = []  # (side, unpadded rows, unpadded cols) per image
+        self._sizes: list[list[int]] = []  # (H, W) per image, as `image_sizes` gave them
 
     def nominal_visual_tokens(self) -> None:
         return None
@@ -55,7 +62,8 @@ class LlavaNextAdapter(LlavaAdapter):
         if len(sizes) != n_images:
             raise UnsupportedInputError(f"{len(sizes)} image_sizes for {n_images} images in the prompt")
         side = self.grid_size[0]
-        self._layouts = [(side, *self.tile_area(s)) for s in sizes]
+        self._sizes = [[int(v) for v in s] for s in sizes]
+        self._layouts = [(side, *self.tile_area(s)) for s in self._sizes]
         spans = [int(r.numel()) for rows in image_rows for r in rows]
         for i, ((s, h, w), n) in enumerate(zip(self._layouts, spans, strict=True)):
             if n != s * s + h * (w + 1):
@@ -78,5 +86,49 @@ class LlavaNextAdapter(LlavaAdapter):
         crop = torch.cat([torch.zeros(s * s, dtype=torch.long), torch.ones(h * w, dtype=torch.long)])
         return [(s, s), (h, w)], coords, crop
 
-    def vision_attention_module(self) -> nn.Module:
-        raise UnsupportedInputError("per-crop vision [CLS] signals are not implemented for LLaVA-NeXT yet")
+    # --- vision signals (spec §8) ----------------------------------------------------------------
+    def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+        """Per *tile*: x (n_tiles_total, 1 + side², C) -> cls_attention (n_tiles, side²), vision_keys
+        (n_tiles, side², C), each tile's own [CLS] row and keys; `collate_vision_signals` maps them to images."""
+        if self.model.config.vision_feature_select_strategy != "default":
+            raise UnsupportedInputError("LLaVA-NeXT vision signals need vision_feature_select_strategy='default'")
+        return super().vision_signals(attn, x, kwargs)
+
+    def tile_counts(self) -> list[int]:
+        """Tiles each image of this prefill sends through CLIP (base + anyres grid), as `get_image_features`."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        cfg = self.model.config
+        tile = cfg.vision_config.image_size
+        return [image_size_to_num_patches(s, cfg.image_grid_pinpoints, tile) for s in self._sizes]
+
+    def packed_tile_index(self) -> list[torch.Tensor]:
+        """Per image: (n,) indices into its tiles' flattened (n_tiles · side²) patches, in candidate order
+        (base tile, then the unpadded tile area in packed raster order; newlines excluded)."""
+        side = self.grid_size[0]
+        per_image = [torch.arange(t * side * side).view(t, side * side, 1) for t in self.tile_counts()]
+        packed, _ = self.model.model.pack_image_features(per_image, self._sizes, "default", image_newline=None)
+        return [p[:, 0] for p in packed]
+
+    def collate_vision_signals(self, captured: list[dict]) -> list[dict]:
+        """Per-tile captures of one encoding -> [{cls_attention: [(n_i,)], vision_keys: [(n_i, C)]}]."""
+        if not captured:
+            return captured
+        names = captured[0].keys()
+        tiles = {name: torch.cat([c[name] for c in captured]) for name in names}
+        counts = self.tile_counts()
+        got = int(next(iter(tiles.values())).shape[0])
+        if got != sum(counts):
+            raise UnsupportedInputError(
+                f"the vision tower saw {got} tiles but the image_sizes of this prompt give {sum(counts)} "
+                "(beam search / num_return_sequences with vision-stage methods is unsupported)"
+            )
+        index = self.packed_tile_index()
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for name, t in tiles.items():
+            for part, idx in zip(t.split(counts), index, strict=True):
+                out[name].append(part.flatten(0, 1)[idx.to(part.device)])
+        n = [s * s + h * w for s, h, w in self._layouts]
+        if [int(t.shape[0]) for t in next(iter(out.values()))] != n:
+            raise UnsupportedInputError(f"re-packed vision signals do not match the candidate counts {n}")
+        return [out]
