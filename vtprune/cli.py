@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         register_testbed(sub).set_defaults(func=run_testbed)
     except ImportError:  # pragma: no cover - the testbed is part of the package
         pass
+    from vtprune.measurement.cli import register as register_bench
+
+    register_bench(sub)
     return parser
 
 
