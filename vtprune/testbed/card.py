@@ -37,7 +37,8 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
         "dtype": "float16 (safetensors)",
         "data_version": DATA_VERSION,
         "training": {"command": command, "config": summary["config"], "seed": summary["config"]["seed"],
-                     "wall_time_s": summary["train_wall_s"], "machine": summary["machine"],
+                     "wall_time_s": summary["train_wall_s"],
+                     "machine": f"{cpu_model()}; {summary['machine']}",
                      "best_eval": summary["best"], "curve": [h for h in summary["history"]
                                                              if h["stage"] == "B-eval"],
                      "stage_a_final": next((h for h in reversed(summary["history"]) if h["stage"] == "A"),
@@ -52,6 +53,17 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
     (dest / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (dest / "README.md").write_text(render_card(card))
     return card
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo (Linux), else ''."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def seconds_per_step(history: list[dict]) -> dict[str, float]:

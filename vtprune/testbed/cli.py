@@ -32,6 +32,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--questions-per-image", type=int, default=None)
     t.add_argument("--time-limit-b", type=float, default=None, help="seconds of Stage B before stopping")
     t.add_argument("--eval-every", type=int, default=None)
+    t.add_argument("--keep-schedule", default=None,
+                   help='Stage B curriculum, e.g. "600:8,1000:32": visual tokens kept until each step')
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--tiny", action="store_true", help="tiny model (smoke tests)")
     t.add_argument("--no-progress", action="store_true")
@@ -71,7 +73,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg.size = TINY
     overrides = {"steps_a": args.steps_a, "steps_b": args.steps_b or args.steps, "batch_a": args.batch_a,
                  "batch_b": args.batch_b, "questions_per_image": args.questions_per_image,
-                 "time_limit_b": args.time_limit_b, "eval_every": args.eval_every}
+                 "time_limit_b": args.time_limit_b, "eval_every": args.eval_every,
+                 "keep_schedule": args.keep_schedule}
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

@@ -73,8 +73,9 @@ def encode_conversation(questions: list[Question], packing: Packing) -> tuple[li
 
 
 def question_batch(seed: int, start: int, n: int, packing: Packing) -> dict[str, torch.Tensor]:
-    """Scenes start..start+n-1 with packed balanced questions: pixel_values, input_ids, labels, mask."""
-    ids, labs, images = [], [], []
+    """Scenes start..start+n-1 with packed balanced questions: pixel_values, input_ids, labels, mask, and
+    `informative` [n, 576] (bool: the patch holds an object or the digit box)."""
+    ids, labs, images, informative = [], [], [], []
     for i in range(n):
         scene = make_scene(seed, start + i)
         rng = np.random.default_rng([seed, start + i, 31337])
@@ -88,9 +89,12 @@ def question_batch(seed: int, start: int, n: int, packing: Packing) -> dict[str,
         ids.append(a)
         labs.append(b)
         images.append(render(scene))
+        lab = patch_labels(scene)
+        informative.append(((lab["colour"] > 0) | (lab["digit"] > 0)).reshape(-1))
     input_ids = torch.tensor(ids)
     return {"pixel_values": pixels(images), "input_ids": input_ids, "labels": torch.tensor(labs),
-            "attention_mask": (input_ids != vocabulary()["<pad>"]).long()}
+            "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
+            "informative": torch.from_numpy(np.stack(informative))}
 
 
 def balanced_samples(seed: int, n_per_type: int, types: tuple[str, ...] = QUESTION_TYPES,

@@ -29,7 +29,9 @@ from .evaluate import evaluate, majority_baseline
 from .model import ModelSize, build_model
 from .questions import QUESTION_TYPES
 from .scenes import COLOURS, DATA_VERSION, SHAPES
-from .tokenizer import build_processor
+from .tokenizer import build_processor, vocabulary
+
+IMAGE_TOKEN_ID = vocabulary()["<image>"]
 
 
 @dataclass
@@ -51,6 +53,9 @@ class TrainConfig:
     eval_per_type: int = 30
     eval_seed: int = EVAL_SEED
     save_every: int = 50
+    # Stage B curriculum "600:8,1000:32": steps < 600 see 8 visual tokens (all informative ones first),
+    # steps < 1000 see 32, later steps all 576. Empty: always 576.
+    keep_schedule: str = "600:8,1000:32,1400:128"
     target_min_type: float = 0.97  # Stage B stops early once every type reaches this on the eval set
     time_limit_b: float = 0.0  # seconds; 0 = no limit
     threads: int = 1
@@ -106,14 +111,63 @@ def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
         return tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
 
 
+def shorten(batch: dict[str, torch.Tensor], feats: torch.Tensor, keep: int,
+            generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Curriculum helper: keep `keep` of the 576 visual tokens per sample (all informative ones plus random
+    background ones, raster order) with their original position ids, like a pre-LLM pruning.
+
+    feats [B, 576, Dv] -> [B, keep, Dv]; ids/labels/mask [B, T] -> [B, T - 576 + keep]; adds position_ids.
+    """
+    b, n = batch["informative"].shape
+    score = torch.rand(b, n, generator=generator) + 2.0 * batch["informative"].cpu().float()
+    device = batch["input_ids"].device
+    keep_idx = score.topk(keep, dim=1).indices.sort(dim=1).values.to(device)  # [B, keep]
+    first = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0, 0])
+    t = batch["input_ids"].shape[1]
+    pos = torch.arange(t, device=device).expand(b, t)
+    out = {}
+    for k in ("input_ids", "labels", "attention_mask"):
+        x = batch[k]
+        out[k] = torch.cat([x[:, :first], x[:, first:first + keep], x[:, first + n:]], dim=1)
+    out["position_ids"] = torch.cat([pos[:, :first], first + keep_idx, pos[:, first + n:]], dim=1)
+    idx = keep_idx.to(feats.device).unsqueeze(-1).expand(-1, -1, feats.shape[-1])
+    return {k: v.to(feats.device) for k, v in out.items()}, feats.gather(1, idx)
+
+
+def keep_at(schedule: str, step: int) -> int | None:
+    """Visual tokens kept at a Stage-B step under a "until:keep,..." schedule (None: all)."""
+    for part in filter(None, schedule.split(",")):
+        until, keep = (int(v) for v in part.split(":"))
+        if step < until:
+            return keep
+    return None
+
+
+@torch.no_grad()
+def standardize_projector(model, seed: int, device: str, n: int = 16) -> None:
+    """Data-dependent projector init: fold the per-channel mean/std of the frozen penultimate features
+    into the first projector layer, so it sees standardised inputs (the raw features share a large
+    common offset that would otherwise make all visual tokens look alike to the decoder)."""
+    pv, _ = dense_batch(seed, 0, n)
+    with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
+        feats = vision_features(model, pv.to(device)).float()
+    mu, sd = feats.mean((0, 1)), feats.std((0, 1)).clamp_min(1e-3)
+    lin = model.model.multi_modal_projector.linear_1
+    lin.weight.div_(sd)
+    lin.bias.sub_(lin.weight @ mu)
+
+
 def lm_loss(model, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-            attention_mask: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """Projector + decoder on image features [B, 576, Dv] and packed ids [B, T]; next-token CE on answers."""
+            attention_mask: torch.Tensor,
+            position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Projector + decoder on image features [B, N, Dv] and packed ids [B, T] (N image tokens);
+    next-token CE on answers."""
     image_feats = model.model.multi_modal_projector(feats)
     embeds = model.model.language_model.get_input_embeddings()(input_ids)
     mask = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_feats.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                        position_ids=position_ids).last_hidden_state
     target = labels[:, 1:]
     sel = target != -100
     logits = model.lm_head(hidden[:, :-1][sel]).float()
@@ -161,7 +215,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         model.load_state_dict(saved["model"])
         heads.load_state_dict(saved["heads"])
         opt_a.load_state_dict(saved["opt_a"])
-        opt_b.load_state_dict(saved["opt_b"])
+        if saved["opt_b"] is not None:  # None: Stage B restarted from scratch
+            opt_b.load_state_dict(saved["opt_b"])
         st = saved["st"]
         if st["stage"] == "done" and st["step"] < cfg.steps_b and not st.get("target_reached"):
             st["stage"] = "B"  # resumed with a longer Stage B
@@ -212,6 +267,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         model.model.vision_tower.requires_grad_(False)
         model.train()
         model.model.vision_tower.eval()
+        if not st.get("projector_standardized"):
+            standardize_projector(model, cfg.seed + 2, device)
+            st["projector_standardized"] = True
         task = bar.add_task("stage B", total=cfg.steps_b, completed=st["step"], info="") if bar else None
         b_start_wall = st.get("b_wall0", st["wall"])
         st["b_wall0"] = b_start_wall
@@ -224,15 +282,21 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             with amp:
                 with torch.no_grad():
                     feats = vision_features(model, batch["pixel_values"])
-                loss, acc = lm_loss(model, feats, batch["input_ids"], batch["labels"],
-                                    batch["attention_mask"])
+                keep = keep_at(cfg.keep_schedule, st["step"])
+                short = keep is not None
+                if short:
+                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st["step"])
+                    text, feats = shorten(batch, feats, keep, gen)
+                else:
+                    text = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
+                loss, acc = lm_loss(model, feats, **text)
             opt_b.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(b_params, 1.0)
             opt_b.step()
             st["step"] += 1
             st["wall"] += time.time() - t0
-            info = f"loss {loss.item():.3f} tok-acc {acc:.2f}"
+            info = f"loss {loss.item():.3f} tok-acc {acc:.2f}" + (f" keep {keep}" if short else "")
             if bar:
                 bar.update(task, completed=st["step"], info=info)
             if st["step"] % 25 == 0:
