@@ -91,3 +91,10 @@ def test_full_model_eval_equals_unpatched_scoring(tiny_dir):
     plain = evaluate(model, processor, samples, batch_size=3)
     ours = run_eval(model, processor, samples, "none", 576, batch_size=3)
     assert [r["prediction"] for r in plain["records"]] == [r["prediction"] for r in ours["records"]]
+
+
+def test_demo_runs_offline(tmp_path):
+    """The README's main job (random-model fallback while no checkpoint is shipped, else the built-in one)."""
+    assert main(["demo", "--quick", "--n", "2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "demo.json").read_text())
+    assert rows[0]["method"] == "none" and {r["method"] for r in rows} >= {"random", "pool", "fastv"}

@@ -17,15 +17,17 @@ import vtprune
 from vtprune.measurement.timing import interleaved
 from vtprune.testing import llava_inputs, tiny_llava
 
+# Feasible on the 8-layer random model (FastV k=2 needs n̄ ≥ 145 there); the quick set covers every method.
 CASES = [
     ("none", 576, {}),
-    ("random", 192, {}),
     ("random", 64, {}),
-    ("pool", 192, {}),
     ("pool", 64, {}),
     ("fastv", 192, {}),
-    ("fastv", 128, {}),
+    ("random", 192, {}),
+    ("pool", 192, {}),
+    ("fastv", 160, {}),
 ]
+QUICK = 4
 
 
 DEMO_METHODS = ("random", "pool", "fastv", "divprune", "visionzip", "vispruner", "uniform")
@@ -76,7 +78,7 @@ def run_random_demo(quick: bool = False, out: str | Path = "vtprune-demo") -> in
         },
     }
     rows = []
-    cases = CASES[:5] if quick else CASES
+    cases = CASES[:QUICK] if quick else CASES
     for method, budget, options in track(cases, description="pruning", console=console):
         with vtprune.pruned(model, method, budget, **options):
             with torch.inference_mode():
