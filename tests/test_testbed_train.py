@@ -15,7 +15,7 @@ from vtprune.testbed.train import TrainConfig, train
 
 def _config(steps_b: int) -> TrainConfig:
     return TrainConfig(size=TINY, steps_a=2, batch_a=2, steps_b=steps_b, batch_b=2, questions_per_image=3,
-                       warmup=1, eval_every=2, eval_per_type=1, save_every=1)
+                       warmup=1, eval_every=2, eval_per_type=1, save_every=1, keep_schedule="1:8,3:16")
 
 
 def test_tiny_training_runs_exports_and_resumes(tmp_path):
@@ -35,3 +35,25 @@ def test_tiny_training_runs_exports_and_resumes(tmp_path):
     res = evaluate(model, processor, balanced_samples(seed=3, n_per_type=1), batch_size=6)
     assert res["n"] == 6 and 0.0 <= res["accuracy"] <= 1.0
     assert {r["prediction"] for r in res["records"]} <= set(processor.tokenizer.get_vocab())
+
+
+def test_visual_token_curriculum_helpers():
+    from vtprune.testbed.data import Packing, question_batch
+    from vtprune.testbed.model import build_model
+    from vtprune.testbed.train import keep_at, lm_loss, shorten, vision_features
+
+    assert [keep_at("5:8,9:32", s) for s in (0, 4, 5, 8, 9, 100)] == [8, 8, 32, 32, None, None]
+    assert keep_at("", 0) is None
+    model = build_model(TINY).eval()
+    batch = question_batch(0, 0, 2, Packing(3))
+    with torch.no_grad():
+        feats = vision_features(model, batch["pixel_values"])
+        full = lm_loss(model, feats, batch["input_ids"], batch["labels"], batch["attention_mask"])[0]
+        text, same = shorten(batch, feats, 576, torch.Generator().manual_seed(0))
+        assert torch.allclose(lm_loss(model, same, **text)[0], full, atol=1e-5)
+        text, short = shorten(batch, feats, 16, torch.Generator().manual_seed(0))
+    assert short.shape[1] == 16 and text["input_ids"].shape[1] == batch["input_ids"].shape[1] - 560
+    kept = text["position_ids"][:, 3:19] - 3  # original visual-token indices, ascending
+    assert bool((kept.diff(dim=1) > 0).all())
+    for i in range(2):
+        assert set(batch["informative"][i].nonzero().flatten().tolist()) <= set(kept[i].tolist())

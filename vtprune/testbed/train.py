@@ -55,7 +55,7 @@ class TrainConfig:
     save_every: int = 50
     # Stage B curriculum "600:8,1000:32": steps < 600 see 8 visual tokens (all informative ones first),
     # steps < 1000 see 32, later steps all 576. Empty: always 576.
-    keep_schedule: str = "600:8,1000:32,1400:128"
+    keep_schedule: str = "500:8,900:32,1300:128"
     target_min_type: float = 0.97  # Stage B stops early once every type reaches this on the eval set
     time_limit_b: float = 0.0  # seconds; 0 = no limit
     threads: int = 1
