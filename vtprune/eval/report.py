@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from rich.table import Table
 
 
@@ -25,6 +27,12 @@ def eval_table(results: list[dict], title: str = "") -> Table:
     return table
 
 
+def short_reason(message: str) -> str:
+    """'... the smallest feasible budget is 385 ...' -> 'infeasible (min 385)'; else the first clause."""
+    m = re.search(r"smallest feasible budget is (\d+)", message)
+    return f"infeasible (min {m.group(1)})" if m else message.split(";")[0][:40]
+
+
 def compare_table(rows: list[dict], title: str = "") -> Table:
     """Method × budget rows; infeasible cells say why."""
     full = next((r for r in rows if r["method"] == "none" and "accuracy" in r), None)
@@ -33,7 +41,7 @@ def compare_table(rows: list[dict], title: str = "") -> Table:
         table.add_column(col, justify="right")
     for r in rows:
         if "accuracy" not in r:
-            table.add_row(r["method"], str(r["budget"]), "-", "-", "-", "-", "-", r.get("infeasible", "")[:60])
+            table.add_row(r["method"], str(r["budget"]), "-", "-", "-", "-", "-", short_reason(r.get("infeasible", "")))
             continue
         delta = f"{100 * (r['accuracy'] - full['accuracy']):+.1f}" if full else "-"
         flops = f"{100 * r['flops']['exact'] / full['flops']['exact']:.1f}" if full else "-"

@@ -17,13 +17,13 @@ _FILES = ("config.json", "generation_config.json", "model.safetensors", "process
 
 
 def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100, seed: int = HELDOUT_SEED,
-            command: str = "") -> dict:
+            command: str = "", notes: str = "") -> dict:
     """Copy `run_dir/model` into `vtprune/assets/NAME`, score it on a fresh held-out set, write the card."""
     run_dir = Path(run_dir)
     dest = ASSETS / name
     dest.mkdir(parents=True, exist_ok=True)
     for f in _FILES:
-        shutil.copy2(run_dir / "model" / f, dest / f)
+        shutil.copyfile(run_dir / "model" / f, dest / f)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     model, processor = resolve_model(dest)
     samples = balanced_samples(seed, per_type, id_prefix="heldout")
@@ -36,6 +36,7 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": "float16 (safetensors)",
         "data_version": DATA_VERSION,
+        "notes": notes,
         "training": {"command": command, "config": summary["config"], "seed": summary["config"]["seed"],
                      "wall_time_s": summary["train_wall_s"],
                      "machine": f"{cpu_model()}; {summary['machine']}",
@@ -98,6 +99,8 @@ methods can be run and compared without downloading anything. It is **not** a ge
 - Load: `vtprune.testbed.load_builtin("{card['name']}")` or `resolve_model("builtin:{card['name']}")`
 - Prompt: `USER: <image>\\n{{question}} ASSISTANT:` → one answer word, then `</s>`
 
+{card.get('notes') or ''}
+
 ## Held-out accuracy (seed {h['seed']}, {h['n_per_type']} questions per type, balanced answers)
 
 Overall: **{h['accuracy']:.3f}**. Scoring: {h['scoring']}.
@@ -140,6 +143,7 @@ if __name__ == "__main__":
     ap.add_argument("--name", default="shapes-llava")
     ap.add_argument("--per-type", type=int, default=100)
     ap.add_argument("--command", default="")
+    ap.add_argument("--notes", default="", help="free text (markdown) for the card")
     a = ap.parse_args()
-    c = install(a.run_dir, a.name, a.per_type, command=a.command)
+    c = install(a.run_dir, a.name, a.per_type, command=a.command, notes=a.notes)
     print(json.dumps(c["heldout"], indent=2))

@@ -30,6 +30,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--batch-a", type=int, default=None)
     t.add_argument("--batch-b", type=int, default=None)
     t.add_argument("--questions-per-image", type=int, default=None)
+    t.add_argument("--lr-a", type=float, default=None)
+    t.add_argument("--lr-b", type=float, default=None)
     t.add_argument("--time-limit-b", type=float, default=None, help="seconds of Stage B before stopping")
     t.add_argument("--eval-every", type=int, default=None)
     t.add_argument("--keep-schedule", default=None,
@@ -74,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides = {"steps_a": args.steps_a, "steps_b": args.steps_b or args.steps, "batch_a": args.batch_a,
                  "batch_b": args.batch_b, "questions_per_image": args.questions_per_image,
                  "time_limit_b": args.time_limit_b, "eval_every": args.eval_every,
-                 "keep_schedule": args.keep_schedule}
+                 "keep_schedule": args.keep_schedule, "lr_a": args.lr_a, "lr_b": args.lr_b}
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

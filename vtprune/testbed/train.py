@@ -40,13 +40,13 @@ class TrainConfig:
 
     seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
-    steps_a: int = 500
+    steps_a: int = 600
     batch_a: int = 16
     lr_a: float = 2e-3
-    steps_b: int = 2500
-    batch_b: int = 16
+    steps_b: int = 6000
+    batch_b: int = 8
     lr_b: float = 1.5e-3
-    questions_per_image: int = 6
+    questions_per_image: int = 10
     warmup: int = 50
     weight_decay: float = 0.01
     eval_every: int = 250
@@ -55,7 +55,7 @@ class TrainConfig:
     save_every: int = 50
     # Stage B curriculum "600:8,1000:32": steps < 600 see 8 visual tokens (all informative ones first),
     # steps < 1000 see 32, later steps all 576. Empty: always 576.
-    keep_schedule: str = "500:8,900:32,1300:128"
+    keep_schedule: str = "5400:8,5800:32"
     target_min_type: float = 0.97  # Stage B stops early once every type reaches this on the eval set
     time_limit_b: float = 0.0  # seconds; 0 = no limit
     threads: int = 1
