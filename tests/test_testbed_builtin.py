@@ -62,13 +62,12 @@ def test_load_builtin_matches_resolve_model():
     assert p1.tokenizer.convert_tokens_to_ids("<image>") == m1.config.image_token_id
 
 
-def test_evaluate_prune_shortcut_records_token_counts():
+def test_pruned_run_eval_on_builtin_records_token_counts():
     import vtprune
+    from vtprune.eval import run_eval
 
-    if "random" not in vtprune.methods():  # the engine ships its methods separately
-        return
     model, processor = load_builtin("shapes-llava")
     samples = balanced_samples(HELDOUT_SEED, n_per_type=1, id_prefix="prune")
-    res = evaluate(model, processor, samples, batch_size=6, prune={"method": "random", "budget": 64})
+    res = run_eval(model, processor, samples, "random", 64, batch_size=6)
     assert res["retained_tokens"] == 64 and all(r["retained_tokens"] == 64 for r in res["records"])
     assert vtprune.session_of(model) is None  # removed afterwards

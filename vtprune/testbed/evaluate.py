@@ -6,9 +6,7 @@ before calling `evaluate`. The prediction is the argmax of the first generated t
 restricted to the answer vocabulary (all answer words of all types), unless `restrict=False`,
 in which case it is the plain greedy token.
 
-`prune={"method": "fastv", "budget": 64, ...}` is a shortcut: `vtprune.apply(model, **prune)` before,
-`vtprune.remove(model)` after, and each record gets its sample's `retained_tokens` and
-`layer_avg_tokens` from `vtprune.last_run(model)`; the summary gets their means.
+Pruned evaluation with token counts, FLOPs and prefill time: `vtprune.eval.run_eval`.
 """
 
 from __future__ import annotations
@@ -36,30 +34,13 @@ def _load_image(image: Image.Image | str | Path, root: Path | None) -> Image.Ima
 @torch.no_grad()
 def evaluate(model, processor, samples: Iterable[dict], batch_size: int = 16, restrict: bool = True,
              image_root: str | Path | None = None, progress: bool = False,
-             on_batch: Callable[[list[dict]], None] | None = None, prune: dict | None = None) -> dict:
+             on_batch: Callable[[list[dict]], None] | None = None) -> dict:
     """Accuracy overall and per type, plus per-sample records.
 
     samples: dicts with id, image (PIL image or path, relative to `image_root`), question, answer, type.
     Returns {"accuracy", "per_type": {type: acc}, "n", "n_per_type", "records": [{id, type, answer,
     prediction, correct}]}. `on_batch(records)` is called after each batch's generate.
     """
-    if prune is not None:
-        import vtprune
-
-        def count_tokens(batch_records: list[dict]) -> None:
-            run = vtprune.last_run(model)
-            for rec, sample in zip(batch_records, run.samples if run is not None else [], strict=False):
-                rec["retained_tokens"] = sample.retained_tokens
-                rec["layer_avg_tokens"] = sample.layer_avg_tokens
-            if on_batch is not None:
-                on_batch(batch_records)
-
-        vtprune.apply(model, **prune)
-        try:
-            return evaluate(model, processor, samples, batch_size, restrict, image_root, progress,
-                            on_batch=count_tokens)
-        finally:
-            vtprune.remove(model)
     samples = list(samples)
     root = Path(image_root) if image_root is not None else None
     tok = processor.tokenizer
@@ -111,9 +92,6 @@ def summarize(records: list[dict]) -> dict:
         "n": n,
         "n_per_type": {t: len(v) for t, v in sorted(by_type.items())},
     }
-    for key in ("retained_tokens", "layer_avg_tokens"):
-        if records and all(key in r for r in records):
-            out[key] = sum(r[key] for r in records) / n
     out["records"] = records
     return out
 
