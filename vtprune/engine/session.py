@@ -430,9 +430,8 @@ class PruningSession:
 
     def _prune_in_llm(self, fw: _Forward, stage: int, idx: int, layer, hidden, kwargs) -> torch.Tensor:
         group = fw.groups[-1]
-        todo = [(i, img) for i, img in enumerate(fw.images) if img.counts[stage] < self._current_count(fw, i, stage)]
-        if not todo:
-            return hidden
+        if all(img.counts[stage] >= (img.counts[stage - 1] if stage else img.n) for img in fw.images):
+            return hidden  # nobody prunes here: keep the rows (and numerics) exactly as they are
         signals = self._llm_signals(fw, stage, idx)
         keep = group.mask2d.bool() & (group.vis_image < 0)
         replaced = None
@@ -471,9 +470,6 @@ class PruningSession:
             new.pos_emb = self.adapter.rotary(hidden, new.positions)
         new.mask = self.adapter.layer_mask(hidden, new.mask2d, fw.cache, idx)
         return hidden
-
-    def _current_count(self, fw: _Forward, image: int, stage: int) -> int:
-        return fw.images[image].counts[stage - 1] if stage > 0 else fw.images[image].n
 
     def _push_group(self, fw: _Forward, start: int, gather: torch.Tensor, valid: torch.Tensor) -> _Group:
         """Gather the current group's row metadata into a new group starting at layer `start`."""
@@ -558,12 +554,9 @@ class PruningSession:
 
     def _finish_record(self, fw: _Forward) -> None:
         """Per-sample visual counts entering each layer (from the groups) and kept indices per stage."""
+        visual = {g.start: ((g.vis_image >= 0) & g.mask2d.bool()).sum(1) for g in fw.groups}  # (B,) per group
         per_layer = torch.stack(
-            [
-                ((fw.group_for(layer).vis_image >= 0) & fw.group_for(layer).mask2d.bool()).sum(1)
-                for layer in range(self.adapter.num_layers)
-            ],
-            dim=1,
+            [visual[fw.group_for(layer).start] for layer in range(self.adapter.num_layers)], dim=1
         ).tolist()  # (B, L)
         text = (fw.groups[0].mask2d.bool() & (fw.groups[0].vis_image < 0)).sum(1).tolist()
         samples = []
