@@ -24,6 +24,7 @@ def apply(
     *,
     budget_mode: str = "layer_avg",
     positions: str = "keep",
+    tokenizer=None,
     **options,
 ) -> nn.Module:
     """Patch *this instance* so that its forward and `generate` prune visual tokens; returns the model.
@@ -32,6 +33,8 @@ def apply(
     budget:      an int (visual tokens per sample) or a float in (0, 1) (ratio of the visual tokens).
     budget_mode: "layer_avg" (n̄, FLOPs-equivalent) or "retained" (tokens entering layer 0).
     positions:   "keep" (original position ids, default) or "reindex" (contiguous after each event).
+    tokenizer:   the model's tokenizer (or processor), for methods that read the question's words
+                 (e.g. ResPrune's nouns); default: loaded from the model's local directory when needed.
     options:     the method's keyword options (e.g. `k=2` for FastV).
 
     Nothing is changed if any argument is invalid; no class is patched; `remove` restores the model.
@@ -41,7 +44,7 @@ def apply(
     adapter = adapter_for(model)
     the_budget = Budget.parse(budget, budget_mode)
     the_method = build_method(method, options)
-    session = PruningSession(model, adapter, the_method, the_budget, positions)
+    session = PruningSession(model, adapter, the_method, the_budget, positions, tokenizer)
     session.install()
     model.__dict__[_ATTR] = session
     return model

@@ -33,6 +33,7 @@ from ..measurement.flops import LLMDims
 from ..methods.base import ImageTokens, KeepPlan, PruningMethod, Stage
 from ..models.base import ModelAdapter
 from ..record import PruningEvent, RunRecord, SampleRecord
+from ..text import question_nouns, strip_generation_header
 from . import signals as sig
 from .sequence import compact_rows, gather_positions, gather_rows, next_positions, step_positions
 
@@ -53,7 +54,10 @@ class _Image:
     seed: int
     span: torch.Tensor  # (S,) all placeholder rows of the image (visual + structural), ascending
     cand: torch.Tensor | None  # (S,) bool visual rows of the span, None when all are visual
-    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)  # vision and text signals of the image
+    memo: dict = field(default_factory=dict)  # the method's per-image state across stages
+    question: str | None = None
+    embeddings: torch.Tensor | None = None  # (n, D) layer-0 input rows of the candidates (visual_embeddings)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> kept original indices (cpu)
     merged: set[int] = field(default_factory=set)  # stages whose kept rows carry merged features
 
@@ -84,6 +88,7 @@ class _Forward:
     cache: object
     n_visual: list[int]
     captured: dict[int, tuple] = field(default_factory=dict)
+    suffix_rows: list[torch.Tensor] = field(default_factory=list)  # per sample: input rows of the question span
 
     def group_for(self, layer_idx: int) -> _Group:
         for g in reversed(self.groups):
@@ -96,12 +101,20 @@ class PruningSession:
     """Physical visual-token pruning on one model instance."""
 
     def __init__(
-        self, model: nn.Module, adapter: ModelAdapter, method: PruningMethod, budget: Budget, positions: str = "keep"
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        method: PruningMethod,
+        budget: Budget,
+        positions: str = "keep",
+        tokenizer=None,
     ):
         if positions not in POSITION_POLICIES:
             raise VtpruneError(f"positions must be one of {POSITION_POLICIES}, got {positions!r}")
         self.model, self.adapter, self.method = model, adapter, method
         self.budget, self.positions = budget, positions
+        self._tokenizer = tokenizer
+        method.bind(adapter.num_layers)
         self.stages: tuple[Stage, ...] = method.stages()
         method.validate(adapter.num_layers)
         _check_stage_order(method.name, self.stages)
@@ -111,14 +124,42 @@ class PruningSession:
             s.layer - 1 for i, s in enumerate(self.stages) if s.kind == "llm" and method.signals(i) & sig.LLM_SIGNALS
         }
         self.needs_vision = any(method.signals(i) & sig.VISION_SIGNALS for i in range(len(self.stages)))
+        self.text_wanted = frozenset().union(*(method.signals(i) & sig.TEXT_SIGNALS for i in range(len(self.stages))))
+        #: layer 0's input is captured when an in-LLM stage wants the candidates' input embeddings
+        self.capture_layer0 = any(
+            s.kind == "llm" and "visual_embeddings" in method.signals(i) for i, s in enumerate(self.stages)
+        )
+        if self.capture_layer0:
+            self.capture_layers.add(0)
+        self.needs_suffix_rows = any("suffix_attention" in method.signals(i) for i in range(len(self.stages)))
+        if self.text_wanted & {"noun_embeddings", "question_text"}:
+            self.tokenizer  # fail at apply time when no tokenizer can be found
         self.dims = LLMDims.from_config(adapter.text_config)
         self._handles: list = []
         self._forward: _Forward | None = None
         self._decode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._vision_capture: list[dict[str, torch.Tensor]] = []
         self._generate_kwargs: dict = {}
+        self._suffix_rows: list[torch.Tensor] = []
         self.last: RunRecord | None = None
         self._check_nominal_budget()
+
+    @property
+    def tokenizer(self):
+        """The tokenizer given to `apply`, else one loaded from the model's local directory (no download)."""
+        if self._tokenizer is None:
+            path = getattr(self.model, "name_or_path", "") or getattr(self.model.config, "_name_or_path", "")
+            try:
+                from transformers import AutoTokenizer
+
+                self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            except Exception as err:
+                raise VtpruneError(
+                    f"method {self.method.name!r} needs the tokenizer to read the question (signals "
+                    f"{sorted(self.text_wanted & {'noun_embeddings', 'question_text'})}); none was found at "
+                    f"{path!r}: pass vtprune.apply(..., tokenizer=processor.tokenizer)"
+                ) from err
+        return getattr(self._tokenizer, "tokenizer", self._tokenizer)  # a processor is accepted too
 
     # --- installation ----------------------------------------------------------------------------
     def install(self) -> None:
@@ -230,6 +271,8 @@ class PruningSession:
         if kwargs.get("labels") is not None and self.stage_at_layer:
             raise UnsupportedInputError("labels cannot be combined with in-LLM pruning (the output rows change)")
 
+        if self.text_wanted or self.needs_suffix_rows:
+            self._attach_text_signals(input_ids, mask2d, images)
         next_pos = next_positions(positions, mask2d.bool())
         vis_image = torch.full((bsz, length), -1, dtype=torch.long, device=device)
         vis_index = torch.full_like(vis_image, -1)
@@ -240,6 +283,8 @@ class PruningSession:
         seq_index = torch.arange(length, device=device).expand(bsz, -1).masked_fill(~mask2d.bool(), -1)
         group = _Group(0, mask2d, positions, vis_image, vis_index, seq_index, next_pos)
         fw = _Forward(True, images, [group], cache, n_visual)
+        fw.suffix_rows = self._suffix_rows
+
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(ad.text_config, "use_cache", True)
@@ -333,14 +378,19 @@ class PruningSession:
             if img.cand is not None:  # structural rows (e.g. newlines) go with the pruned image
                 keep[img.sample, img.span[~img.cand]] = False
             visual = feats[i] if img.cand is None else feats[i][img.cand]
+            signals = dict(img.signals)
+            if "visual_embeddings" in self.text_wanted:
+                signals["visual_embeddings"] = visual.float()
             view = ImageTokens(
                 visual,
                 img.coords,
                 img.crop,
                 img.grids,
                 torch.arange(img.n, device=rows.device),
-                img.signals,
+                signals,
                 img.seed,
+                img.memo,
+                img.question,
             )
             plan = self._checked_plan(0, view, k)
             keep[img.sample, rows[plan.keep_idx]] = True
@@ -360,6 +410,69 @@ class PruningSession:
             if kwargs.get(name) is not None:
                 kwargs[name] = kwargs[name].gather(1, gather) * valid
 
+    def _special_ids(self) -> set[int]:
+        cfg, tc = self.model.config, self.adapter.text_config
+        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
+        ids = {int(getattr(cfg, n)) for n in names if isinstance(getattr(cfg, n, None), int)}
+        for n in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            v = getattr(tc, n, None)
+            ids.update(v if isinstance(v, list) else [v] if isinstance(v, int) else [])
+        if self._tokenizer is not None:
+            ids.update(int(i) for i in self.tokenizer.all_special_ids)
+        return ids
+
+    def _attach_text_signals(self, input_ids: torch.Tensor, mask2d: torch.Tensor, images: list[_Image]) -> None:
+        """Question-span rows and text signals per sample (spec README §3), shared by the sample's images."""
+        wanted = self.text_wanted
+        embed = self.model.get_input_embeddings()
+        special = self._special_ids()
+        tok = self.tokenizer if (wanted & {"noun_embeddings", "question_text"} or self._tokenizer is not None) else None
+        self._suffix_rows = []
+        for b in range(input_ids.shape[0]):
+            mine = [im for im in images if im.sample == b]
+            valid = mask2d[b].bool().nonzero().flatten()
+            start = int(mine[-1].span[-1]) + 1 if mine else int(valid[0])
+            rows = valid[valid >= start]
+            self._suffix_rows.append(rows)
+            if not mine:
+                continue
+            ids = input_ids[b, rows]
+            is_q = torch.tensor([int(i) not in special for i in ids.tolist()], dtype=torch.bool, device=ids.device)
+            q_ids = ids[is_q]
+            if tok is not None and q_ids.numel():
+                keep = strip_generation_header([tok.decode([int(i)]) for i in q_ids.tolist()])
+                q_ids = q_ids[:keep]
+            out: dict[str, torch.Tensor] = {}
+            with torch.no_grad():
+                if "suffix_embeddings" in wanted:
+                    out["suffix_embeddings"] = embed(ids).float()
+                if "question_embeddings" in wanted:
+                    out["question_embeddings"] = embed(q_ids).float()
+                question = tok.decode(q_ids.tolist(), skip_special_tokens=True).strip() if tok is not None else None
+                if "noun_embeddings" in wanted:
+                    nouns = question_nouns(question or "")
+                    rows_ = []
+                    for noun in nouns:
+                        sub = tok(" " + noun, add_special_tokens=False)["input_ids"]
+                        if sub:
+                            rows_.append(embed(torch.tensor(sub, device=ids.device)).float().mean(0))
+                    width = embed.weight.shape[1]
+                    out["noun_embeddings"] = (
+                        torch.stack(rows_) if rows_ else torch.zeros(0, width, device=ids.device)
+                    )
+            for im in mine:
+                im.signals.update(out)
+                im.question = question if "question_text" in wanted else None
+
+    def _attach_visual_embeddings(self, fw: _Forward, hidden: torch.Tensor) -> None:
+        """From layer 0's input: each image's candidate rows, indexed by original candidate index."""
+        group = fw.groups[0]
+        for i, img in enumerate(fw.images):
+            rows = (group.vis_image[img.sample] == i).nonzero().flatten()
+            emb = torch.zeros(img.n, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+            emb[group.vis_index[img.sample, rows]] = hidden[img.sample, rows].float()
+            img.embeddings = emb
+
     def _attach_vision_signals(self, images: list[_Image], wanted: frozenset[str]) -> None:
         captured = self._vision_capture
         self._vision_capture = []
@@ -369,7 +482,10 @@ class PruningSession:
                 "(precomputed mm_encoder_outputs carry none)"
             )
         captured = self.adapter.collate_vision_signals(captured)
-        merged = {name: [t for c in captured for t in c[name]] for name in wanted}  # per image
+        missing = sorted(n for n in wanted if not any(n in c for c in captured))
+        if missing:
+            raise UnsupportedInputError(f"{type(self.model).__name__} does not provide the vision signals {missing}")
+        merged = {name: [t for c in captured if name in c for t in c[name]] for name in wanted}  # per image
         if len(next(iter(merged.values()))) != len(images):
             raise UnsupportedInputError(
                 f"vision signals were captured for {len(next(iter(merged.values())))} images but the batch "
@@ -396,6 +512,8 @@ class PruningSession:
             kwargs["position_embeddings"] = group.pos_emb
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = group.step_positions if not fw.prefill else group.positions
+        if fw.prefill and idx == 0 and self.capture_layer0:
+            self._attach_visual_embeddings(fw, hidden)
         if fw.prefill and idx in self.capture_layers:
             fw.captured[idx] = (layer, hidden, kwargs["position_embeddings"], group.mask2d)
         return (hidden,) + tuple(args[1:]), kwargs
@@ -422,11 +540,31 @@ class PruningSession:
                 out["mean_received_attention"] = sig.mean_received_attention(
                     self.adapter, prev, hidden, pos_emb, mask2d, keys
                 )
+            if "suffix_attention" in wanted:
+                out["suffix_attention"] = self._suffix_attention(fw, prev, hidden, pos_emb, mask2d, keys)
             if "key_norms" in wanted:
                 if keys is None:
                     _, keys, _ = self.adapter.query_key_states(prev, hidden, pos_emb, torch.zeros_like(mask2d[:, :1]))
                 out["key_norms"] = sig.key_norms(keys)
         return out
+
+    def _suffix_attention(self, fw: _Forward, layer, hidden, pos_emb, mask2d, keys) -> list[torch.Tensor]:
+        """Per sample (T_s, L): attention of the question-span rows (current group) over all rows."""
+        group = fw.groups[-1]
+        rows, valid = [], []
+        for b, wanted in enumerate(fw.suffix_rows):
+            here = (group.seq_index[b][None, :] == wanted.to(group.seq_index.device)[:, None]).float().argmax(1)
+            rows.append(here)
+            valid.append(torch.ones_like(here, dtype=torch.bool))
+        width = max(1, max(int(r.numel()) for r in rows))
+        last = hidden.shape[1] - 1
+        padded = torch.full((len(rows), width), last, dtype=torch.long, device=hidden.device)
+        ok = torch.zeros(len(rows), width, dtype=torch.bool, device=hidden.device)
+        for b, (r, v) in enumerate(zip(rows, valid, strict=True)):
+            padded[b, : r.numel()] = r
+            ok[b, : r.numel()] = v
+        probs = sig.rows_attention(self.adapter, layer, hidden, pos_emb, mask2d, padded, ok, keys)  # (B, q, L)
+        return [probs[b, : r.numel()] for b, r in enumerate(rows)]
 
     def _prune_in_llm(self, fw: _Forward, stage: int, idx: int, layer, hidden, kwargs) -> torch.Tensor:
         group = fw.groups[-1]
@@ -442,14 +580,23 @@ class PruningSession:
                 keep[img.sample, rows] = True
                 continue
             orig = group.vis_index[img.sample, rows]
+            view_signals = {name: s[img.sample][..., rows] for name, s in signals.items()}
+            for name in self.method.signals(stage) & (sig.TEXT_SIGNALS | sig.VISION_SIGNALS):
+                if name in img.signals:  # vision signals are per original candidate, text ones per sample
+                    value = img.signals[name]
+                    view_signals[name] = value[orig] if name in sig.VISION_SIGNALS else value
+            if img.embeddings is not None:
+                view_signals["visual_embeddings"] = img.embeddings[orig]
             view = ImageTokens(
                 hidden[img.sample, rows],
                 img.coords[orig],
                 img.crop[orig],
                 img.grids,
                 orig,
-                {name: s[img.sample, rows] for name, s in signals.items()},
+                view_signals,
                 img.seed,
+                img.memo,
+                img.question,
             )
             plan = self._checked_plan(stage, view, k)
             kept_rows = rows[plan.keep_idx]

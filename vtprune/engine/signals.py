@@ -12,10 +12,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: Signals an `llm:k` stage can request, computed from layer k−1.
-LLM_SIGNALS = frozenset({"last_token_attention", "mean_received_attention", "key_norms"})
-#: Signals a `vision`/`pre_llm` stage can request, captured from the vision tower.
-VISION_SIGNALS = frozenset({"cls_attention", "vision_keys"})
+#: Signals an `llm:k` stage can request, computed from layer k−1 (per image, over its n current candidates):
+#: last_token_attention (n,), mean_received_attention (n,), key_norms (n,), and
+#: suffix_attention (T_s, n): head-mean attention of each question-span row (see TEXT_SIGNALS) over them.
+LLM_SIGNALS = frozenset({"last_token_attention", "mean_received_attention", "key_norms", "suffix_attention"})
+#: Signals a `vision`/`pre_llm` stage can request, captured from the vision tower (per image, n candidates):
+#: cls_attention (n,) [CLS]→patch attention, head mean (Qwen: spec §7 column mean);
+#: vision_keys (n, C) keys of that layer, heads not split; vision_head_keys (n, d_h) head-mean keys;
+#: vision_features (n, C) the projector's input (pre-projector patch features; LLaVA families only).
+VISION_SIGNALS = frozenset({"cls_attention", "vision_keys", "vision_head_keys", "vision_features"})
+#: Signals any stage can request, from the prompt's LLM input embeddings (fp32), per image:
+#: question_embeddings (T_q, D) user-question tokens (text after the sample's last image, no special
+#: tokens, no generation header when a tokenizer is known); suffix_embeddings (T_s, D) every token of the
+#: question span (template tail included); noun_embeddings (n_nouns, D) mean sub-word embeddings of the
+#: question's nouns (needs a tokenizer; (0, D) when there are none); visual_embeddings (n, D) the current
+#: candidates' rows of the layer-0 input; question_text: sets `ImageTokens.question` (needs a tokenizer).
+TEXT_SIGNALS = frozenset(
+    {"question_embeddings", "suffix_embeddings", "noun_embeddings", "visual_embeddings", "question_text"}
+)
 
 
 def _masked_probs(scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -60,6 +74,13 @@ def mean_received_attention(adapter, layer, hidden, pos_emb, mask2d, keys=None, 
     valid = mask2d.float()
     seen_by = valid.flip(1).cumsum(1).flip(1)  # number of valid rows i >= j
     return total / seen_by.clamp(min=1.0)
+
+
+def rows_attention(adapter, layer, hidden, pos_emb, mask2d, rows, rows_valid, keys=None) -> torch.Tensor:
+    """Attention of per-sample query rows (padded to a common count).  rows/rows_valid (B, q) -> (B, q, L);
+    padded query slots (rows_valid False) are zero."""
+    probs = attention_rows(adapter, layer, hidden, pos_emb, mask2d, rows, keys)
+    return probs * rows_valid[..., None].float()
 
 
 def key_norms(keys: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Registry of pruning methods. Adding a method = one new file here plus `@register`."""
+"""Registry of pruning methods. Adding a method = one new file in this package with an `@register` class."""
 
 from __future__ import annotations
 
@@ -58,8 +58,18 @@ def build_method(method: str | MethodConfig | PruningMethod, options: dict) -> P
     return cls(cls.config_class(**options))
 
 
-# Built-in methods register themselves on import.
-from . import divprune, downsample, fastv, none, pool, random, uniform, visionzip, vispruner  # noqa: E402, F401
+def _import_builtin_methods() -> None:
+    """Import every module of this package: each built-in method registers itself on import, so adding a
+    method is adding a file."""
+    import importlib
+    import pkgutil
+
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_builtin_methods()
 
 __all__ = [
     "ImageTokens",

@@ -68,8 +68,12 @@ class ImageTokens:
     crop:           (n,) int64 index of the crop (grid) each candidate belongs to.
     grids:          [(h, w)] per crop, in the original (unpruned) geometry.
     original_index: (n,) int64 index of each candidate into the image's original visual tokens.
-    signals:        per-candidate tensors the method asked for, e.g. "last_token_attention" (n,).
+    signals:        tensors the method asked for (see `vtprune.engine.signals` for names and shapes), e.g.
+                    "last_token_attention" (n,) or "question_embeddings" (T, D).
     seed:           deterministic seed of this (sample, image), independent of batch composition.
+    memo:           a dict the method may fill at one stage and read at a later stage of the same image
+                    (same prefill); e.g. cluster labels. Starts empty at every prefill.
+    question:       the user-question text when the method asked for "question_text", else None.
     """
 
     features: torch.Tensor
@@ -79,6 +83,8 @@ class ImageTokens:
     original_index: torch.Tensor
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     seed: int = 0
+    memo: dict = field(default_factory=dict)
+    question: str | None = None
 
     @property
     def n(self) -> int:
@@ -113,6 +119,13 @@ class PruningMethod(ABC):
             raise VtpruneError(
                 f"method {self.name!r} has no preset {self.config.preset!r}; choose one of {self.presets}"
             )
+        #: decoder depth of the model this method is attached to (set by `bind`; None before).
+        self.num_layers: int | None = None
+
+    def bind(self, num_layers: int) -> None:
+        """Called once by the engine before `stages()`: methods whose layers depend on the model depth
+        (e.g. a cut at 22/32 of the depth) resolve them here. Default: remember the depth."""
+        self.num_layers = num_layers
 
     @abstractmethod
     def stages(self) -> tuple[Stage, ...]:

@@ -58,16 +58,26 @@ class LlavaAdapter(ModelAdapter):
         idx = len(layers) + layer if layer < 0 else layer - 1
         return layers[idx].self_attn
 
-    def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
-        """[CLS]→patch attention (head mean) and keys of the selected CLIP layer.
+    def vision_hook_modules(self) -> list[nn.Module]:
+        return [self.vision_attention_module(), self.model.model.multi_modal_projector]
 
-        x (n_img, 1 + n, C) is the self-attention input (already `layer_norm1`-ed).
-        -> cls_attention (n_img, n) fp32, vision_keys (n_img, n, C).
+    def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+        """[CLS]→patch attention (head mean) and keys of the selected CLIP layer, or the projector's input.
+
+        Attention module: x (n_img, 1 + n, C) is the self-attention input (already `layer_norm1`-ed)
+        -> cls_attention (n_img, n) fp32, vision_keys (n_img, n, C), vision_head_keys (n_img, n, d_h).
+        Projector: x (n_img, n, C) selected patch features -> vision_features (n_img, n, C).
         """
+        if attn is self.model.model.multi_modal_projector:
+            return {"vision_features": x}
         b, t, _ = x.shape
         q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         k_flat = attn.k_proj(x)
         k = k_flat.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
         probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)  # (b, H, 1, t)
         start = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
-        return {"cls_attention": probs[:, :, 0, start:].mean(1), "vision_keys": k_flat[:, start:]}
+        return {
+            "cls_attention": probs[:, :, 0, start:].mean(1),
+            "vision_keys": k_flat[:, start:],
+            "vision_head_keys": k.mean(1)[:, start:],
+        }

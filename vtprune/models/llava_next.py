@@ -114,11 +114,11 @@ class LlavaNextAdapter(LlavaAdapter):
         """Per-tile captures of one encoding -> [{cls_attention: [(n_i,)], vision_keys: [(n_i, C)]}]."""
         if not captured:
             return captured
-        names = captured[0].keys()
-        tiles = {name: torch.cat([c[name] for c in captured]) for name in names}
+        names = list(dict.fromkeys(n for c in captured for n in c))  # attention and projector captures
+        tiles = {name: torch.cat([c[name] for c in captured if name in c]) for name in names}
         counts = self.tile_counts()
-        got = int(next(iter(tiles.values())).shape[0])
-        if got != sum(counts):
+        got = max(int(t.shape[0]) for t in tiles.values())
+        if any(int(t.shape[0]) != got for t in tiles.values()) or got != sum(counts):
             raise UnsupportedInputError(
                 f"the vision tower saw {got} tiles but the image_sizes of this prompt give {sum(counts)} "
                 "(beam search / num_return_sequences with vision-stage methods is unsupported)"

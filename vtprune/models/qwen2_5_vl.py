@@ -145,7 +145,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 def qwen_vision_signals(attn, x, position_embeddings, grid_thw, visual, chunk: int = 1024):
     """Column-mean attention and keys of one full-attention block, per merged token, in raster order.
 
-    x (S, C) the block's normed input in window order; -> {"cls_attention": [(n_i,)], "vision_keys": [(n_i, C)]}.
+    x (S, C) the block's normed input in window order;
+    -> {"cls_attention": [(n_i,)], "vision_keys": [(n_i, C)], "vision_head_keys": [(n_i, d_h)]}.
     """
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
     from transformers.vision_utils import get_vision_window_index
@@ -154,6 +155,7 @@ def qwen_vision_signals(attn, x, position_embeddings, grid_thw, visual, chunk: i
     s = x.shape[0]
     q, k, _ = attn.qkv(x).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, d)
     keys = k.float().reshape(s, -1)  # pre-RoPE keys of all heads (n, C), like CLIP's `vision_keys`
+    head_keys = k.float().mean(1)  # (S, d) pre-RoPE head-mean keys (spec §7 item 4)
     cos, sin = position_embeddings
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
     q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (H, S, d)
@@ -174,8 +176,10 @@ def qwen_vision_signals(attn, x, position_embeddings, grid_thw, visual, chunk: i
     reverse = torch.argsort(window_index.to(x.device))
     grouped_scores = scores.view(-1, unit).mean(1)[reverse]
     grouped_keys = keys.view(-1, unit, keys.shape[-1]).mean(1)[reverse]
+    grouped_head_keys = head_keys.view(-1, unit, head_keys.shape[-1]).mean(1)[reverse]
     counts = (grid_thw.prod(-1) // unit).tolist()
     return {
         "cls_attention": list(grouped_scores.split(counts)),
         "vision_keys": list(grouped_keys.to(x.dtype).split(counts)),
+        "vision_head_keys": list(grouped_head_keys.to(x.dtype).split(counts)),
     }
