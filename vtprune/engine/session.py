@@ -133,7 +133,7 @@ class PruningSession:
             self.capture_layers.add(0)
         self.needs_suffix_rows = any("suffix_attention" in method.signals(i) for i in range(len(self.stages)))
         if self.text_wanted & {"noun_embeddings", "question_text"}:
-            self.tokenizer  # fail at apply time when no tokenizer can be found
+            _ = self.tokenizer  # fail at apply time when no tokenizer can be found
         self.dims = LLMDims.from_config(adapter.text_config)
         self._handles: list = []
         self._forward: _Forward | None = None
@@ -412,7 +412,7 @@ class PruningSession:
 
     def _special_ids(self) -> set[int]:
         cfg, tc = self.model.config, self.adapter.text_config
-        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
+        names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
         ids = {int(getattr(cfg, n)) for n in names if isinstance(getattr(cfg, n, None), int)}
         for n in ("pad_token_id", "bos_token_id", "eos_token_id"):
             v = getattr(tc, n, None)
@@ -457,9 +457,7 @@ class PruningSession:
                         if sub:
                             rows_.append(embed(torch.tensor(sub, device=ids.device)).float().mean(0))
                     width = embed.weight.shape[1]
-                    out["noun_embeddings"] = (
-                        torch.stack(rows_) if rows_ else torch.zeros(0, width, device=ids.device)
-                    )
+                    out["noun_embeddings"] = torch.stack(rows_) if rows_ else torch.zeros(0, width, device=ids.device)
             for im in mine:
                 im.signals.update(out)
                 im.question = question if "question_text" in wanted else None

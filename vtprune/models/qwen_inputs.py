@@ -70,8 +70,9 @@ def build_qwen_inputs(
     if len(prompts) != image_grid_thw.shape[0]:
         raise ValueError(f"{len(prompts)} prompts but {image_grid_thw.shape[0]} image grids")
     span = [config.vision_start_token_id, config.image_token_id, config.vision_end_token_id]
-    return expand_image_pads(config, [list(pre) + span + list(post) for pre, post in prompts], image_grid_thw,
-                             pixel_values)
+    return expand_image_pads(
+        config, [list(pre) + span + list(post) for pre, post in prompts], image_grid_thw, pixel_values
+    )
 
 
 def qwen_processor_inputs(config, tokenizer, texts: list[str], images, image_processor=None) -> dict:
