@@ -1,0 +1,63 @@
+"""The shared oracles (spec README §11) for every registered method on every model family.
+
+Each method has at least one case here (a test fails when a registered method has none), run on the tiny
+6-layer LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL models by `families.check_oracles`. Budgets are ratios so
+that they apply to 576 (LLaVA), 64/48 (NeXT) and 24/12 (Qwen) visual tokens; in-LLM cuts on 6 layers need
+larger ratios (a cut at layer 2 of 6 cannot reach n̄ below N/3).
+"""
+
+from __future__ import annotations
+
+import pytest
+from families import FAMILIES, check_oracles
+
+import vtprune
+from vtprune.methods import method_class
+
+# method -> [(budget, options)]; the first case also runs with eager attention (without O1 and §11.6)
+CASES: dict[str, list[tuple[float, dict]]] = {
+    "none": [(0.3, {})],
+    "random": [(0.3, {}), (0.5, {"layer": 2}), (0.3, {"positions": "reindex"})],
+    "pool": [(0.3, {}), (0.3, {"positions": "reindex"})],
+    "downsample": [(0.3, {})],
+    "uniform": [(0.3, {})],
+    "fastv": [(0.6, {}), (0.3, {"budget_mode": "retained", "criterion": "mean_received"})],
+    "divprune": [(0.3, {})],
+    "visionzip": [(0.3, {})],
+    "vispruner": [(0.3, {})],
+}
+
+
+def test_every_registered_method_has_a_case():
+    missing = sorted(set(vtprune.methods()) - set(CASES))
+    assert not missing, f"methods without a shared-oracle case: {missing}"
+
+
+PARAMS = [
+    pytest.param(fam, name, budget, options, id=f"{fam}-{name}-{i}")
+    for name, cases in CASES.items()
+    for i, (budget, options) in enumerate(cases)
+    for fam in FAMILIES
+]
+
+
+@pytest.mark.parametrize("fam,name,budget,options", PARAMS)
+def test_shared_oracles(fam, name, budget, options):
+    cls = method_class(name)
+    check_oracles(fam, name, budget, options, selection_only=not cls.merges)
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_shared_oracles_eager(fam, name):
+    budget, options = CASES[name][0]
+    check_oracles(
+        fam,
+        name,
+        budget,
+        options,
+        selection_only=not method_class(name).merges,
+        attn="eager",
+        bypass=False,
+        alone=False,
+    )
