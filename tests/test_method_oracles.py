@@ -19,7 +19,7 @@ CASES: dict[str, list[tuple[float, dict]]] = {
     "none": [(0.3, {})],
     "random": [(0.3, {}), (0.5, {"layer": 2}), (0.3, {"positions": "reindex"})],
     "pool": [(0.3, {}), (0.3, {"positions": "reindex"})],
-    "downsample": [(0.3, {})],
+    "downsample": [(0.3, {})],  # an image transform on Qwen (tests/test_downsample.py)
     "uniform": [(0.3, {})],
     "fastv": [(0.6, {}), (0.3, {"budget_mode": "retained", "criterion": "mean_received"})],
     "divprune": [(0.3, {})],
@@ -34,11 +34,14 @@ def test_every_registered_method_has_a_case():
     assert not missing, f"methods without a shared-oracle case: {missing}"
 
 
+#: (family, method) pairs that are refused by design
+EXCLUDED = {("qwen2_5_vl", "downsample")}
 PARAMS = [
     pytest.param(fam, name, budget, options, id=f"{fam}-{name}-{i}")
     for name, cases in CASES.items()
     for i, (budget, options) in enumerate(cases)
     for fam in FAMILIES
+    if (fam, name) not in EXCLUDED
 ]
 
 
@@ -48,8 +51,7 @@ def test_shared_oracles(fam, name, budget, options):
     check_oracles(fam, name, budget, options, selection_only=not cls.merges)
 
 
-@pytest.mark.parametrize("fam", FAMILIES)
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("fam,name", [(f, n) for n in sorted(CASES) for f in FAMILIES if (f, n) not in EXCLUDED])
 def test_shared_oracles_eager(fam, name):
     budget, options = CASES[name][0]
     check_oracles(

@@ -114,6 +114,12 @@ class PruningSession:
         self.model, self.adapter, self.method = model, adapter, method
         self.budget, self.positions = budget, positions
         self._tokenizer = tokenizer
+        if adapter.dynamic_resolution and getattr(method, "resizes_images", False):
+            raise UnsupportedInputError(
+                f"{method.name!r} on {type(model).__name__} is an input transform: resize the images before the "
+                "processor with vtprune.methods.downsample.downsample_image(image, ratio=ρ or factor=D) and run "
+                "the model unpatched (a forward hook cannot resize an image the processor already cut into patches)"
+            )
         method.bind(adapter.num_layers)
         self.stages: tuple[Stage, ...] = method.stages()
         method.validate(adapter.num_layers)

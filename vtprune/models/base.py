@@ -35,6 +35,9 @@ class ModelAdapter(ABC):
     model_classes: ClassVar[tuple[str, ...]] = ()
     #: None for 1-D RoPE position ids (B, L); 3 for M-RoPE ids (3, B, L).
     position_rows: ClassVar[int | None] = None
+    #: True when the image resolution sets the token count (Qwen2.5-VL): image resizing happens before the
+    #: processor, so methods that are image transforms there (`downsample`) are refused with a pointer.
+    dynamic_resolution: ClassVar[bool] = False
     #: kwargs of the top-level forward that carry raw images (dropped once features are passed).
     image_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
