@@ -1,87 +1,196 @@
-"""Selection time of every registered method's `select`, per image, on random tensors (fp32, CPU, 1 thread).
+"""Selection time of every registered method, per image, next to the pruned prefill it buys (fp32, CPU, 1 thread).
 
-    python benchmarks/selection_time.py [--repeats 7] [--warmup 2] [--methods divprune,visionzip]
+    python benchmarks/selection_time.py [--repeats 5] [--warmup 1] [--methods resprune,vitcop] [--json OUT]
 
-Inputs: N = 576 (one 24×24 grid) at K = 192/128/64 and N = 2880 (5 grids of 24×24, LLaVA-NeXT-like) at
-K = 640/320/160; features (N, 4096) (projector outputs in LLM space), `cls_attention` (N,) and
-`vision_keys` (N, 1024) for vision-stage methods. In-LLM methods (e.g. fastv) get a random score for the
-signal they ask for, so only their ranking step is timed (not the engine's attention-row recomputation).
-Multi-stage methods: the first stage's `select` is timed. Median over repeats after warm-up, in ms.
-Selection time only: the engine's signal capture, compaction and the LLM are not included.
+Inputs (random tensors of the real sizes): N = 576 (one 24×24 grid, LLaVA-1.5) at K = 192/128/64 and
+N = 2880 (base 24×24 + a 48×48 tile grid, LLaVA-NeXT-7B at 2×2 tiles) at K = 640/320/160; features
+(N, 4096); every signal a method asks for gets a tensor of its documented shape (`vtprune.engine.signals`):
+[CLS] attention, keys (N, 1024), head-mean keys (N, 64), 24 question tokens, 3 nouns, 32 question-span
+rows. In-LLM signals (attention rows, key norms) are inputs here: their recomputation belongs to the
+engine and is timed by `vtprune bench`. Every stage of a multi-stage method is timed (its `memo` passed
+on), on the candidates the previous stage kept.
+
+The last columns put the selection next to the prefill it prunes: LLaVA-1.5-7B's decoder at the
+method's layer-averaged schedule (64 text tokens, `exact` FLOPs convention) converted to time with this
+CPU's measured fp32 matmul throughput (`--gflops` to override): `sel %` = selection / pruned prefill.
+The goal (issues #4/#5): sel % <= 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
 import torch
 
+from vtprune.errors import VtpruneError
+from vtprune.measurement.arch import full_dims
+from vtprune.measurement.flops import prefill_flops
 from vtprune.methods import ImageTokens, build_method, method_names
 
-D, C = 4096, 1024
-CASES = [(1, (192, 128, 64)), (5, (640, 320, 160))]
+D, C, DH = 4096, 1024, 64
+T_Q, T_S, NOUNS, N_TEXT, LAYERS = 24, 32, 3, 64, 32
+CASES = [("llava", (192, 128, 64)), ("next", (640, 320, 160))]
+#: options that let a method run without an external model (CDPruner's CLIP text tower)
+OPTIONS = {"cdpruner": {"relevance": "llm"}}
 
 
-def make_image(crops: int, seed: int = 0) -> ImageTokens:
-    g = torch.Generator().manual_seed(seed)
-    n = 576 * crops
-    r = torch.arange(576)
-    coords = torch.stack([r // 24, r % 24], 1).repeat(crops, 1)
-    crop = torch.arange(crops).repeat_interleave(576)
-    signals = {
-        "cls_attention": torch.randn(n, generator=g).softmax(0),
-        "vision_keys": torch.randn(n, C, generator=g),
+def layout(kind: str):
+    """(coords (N, 2), crop (N,), grids) of LLaVA-1.5 (one 24×24 grid) or NeXT (base + 48×48 tiles)."""
+    grids = [(24, 24)] if kind == "llava" else [(24, 24), (48, 48)]
+    coords, crop = [], []
+    for c, (h, w) in enumerate(grids):
+        r = torch.arange(h * w)
+        coords.append(torch.stack([r // w, r % w], 1))
+        crop.append(torch.full((h * w,), c, dtype=torch.long))
+    return torch.cat(coords), torch.cat(crop), grids
+
+
+def signal(name: str, n: int, g: torch.Generator):
+    shapes = {
+        "cls_attention": None,
+        "last_token_attention": None,
+        "mean_received_attention": None,
+        "key_norms": None,
+        "vision_keys": (n, C),
+        "vision_features": (n, C),
+        "vision_head_keys": (n, DH),
+        "question_embeddings": (T_Q, D),
+        "suffix_embeddings": (T_S, D),
+        "noun_embeddings": (NOUNS, D),
+        "visual_embeddings": (n, D),
+        "suffix_attention": (T_S, n),
     }
-    return ImageTokens(torch.randn(n, D, generator=g), coords, crop, [(24, 24)] * crops, torch.arange(n), signals, seed)
+    if name not in shapes:
+        raise KeyError(name)
+    shape = shapes[name]
+    if shape is None:
+        return torch.rand(n, generator=g).softmax(0) if "attention" in name else torch.rand(n, generator=g) + 1
+    x = torch.randn(*shape, generator=g)
+    return x.softmax(-1) if name == "suffix_attention" else x
 
 
-def with_signals(image: ImageTokens, names: frozenset[str]) -> ImageTokens:
-    """Add a random (n,) score for every requested signal the image does not have (in-LLM signals)."""
-    extra = {name: torch.rand(image.n) for name in names if name not in image.signals}
-    return ImageTokens(image.features, image.coords, image.crop, image.grids, image.original_index,
-                       {**image.signals, **extra}, image.seed)
+def view(feats, coords, crop, grids, index, names, memo, g) -> ImageTokens:
+    n = feats.shape[0]
+    sig = {name: signal(name, n, g) for name in names if name != "question_text"}
+    return ImageTokens(feats, coords, crop, grids, index, sig, 0, memo, "what colour is the small cube")
 
 
-def time_select(method, image: ImageTokens, k: int, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        method.select(0, image, k)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        method.select(0, image, k)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+def time_method(name: str, kind: str, budget: int, repeats: int, warmup: int) -> tuple[list[float], list[int]]:
+    """Median ms per stage and the schedule, for one image."""
+    method = build_method(name, dict(OPTIONS.get(name, {})))
+    method.bind(LAYERS)
+    stages = method.stages()
+    coords, crop, grids = layout(kind)
+    n = coords.shape[0]
+    counts = method.schedule(n, budget, "layer_avg", LAYERS)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(n, D, generator=g)
+    runs: list[list[float]] = [[] for _ in stages]
+    for rep in range(warmup + repeats):
+        memo: dict = {}
+        index = torch.arange(n)
+        for s in range(len(stages)):
+            k = counts[s]
+            if k >= index.numel():
+                continue
+            image = view(feats[index], coords[index], crop[index], grids, index, method.signals(s), memo, g)
+            t0 = time.perf_counter()
+            plan = method.select(s, image, k)
+            dt = time.perf_counter() - t0
+            if rep >= warmup:
+                runs[s].append(dt * 1e3)
+            index = index[plan.keep_idx]
+    return [statistics.median(r) if r else 0.0 for r in runs], counts
+
+
+def per_layer(method_name: str, n: int, counts: list[int]) -> list[int]:
+    """Visual tokens entering each of the 32 layers for a schedule."""
+    method = build_method(method_name, dict(OPTIONS.get(method_name, {})))
+    method.bind(LAYERS)
+    out, cur, cuts = [], n, {}
+    for stage, k in zip(method.stages(), counts, strict=True):
+        cuts[0 if stage.before_llm else stage.layer] = k
+    for layer in range(LAYERS):
+        cur = cuts.get(layer, cur)
+        out.append(cur)
+    return out
+
+
+def cpu_gflops(seconds: float = 1.0) -> float:
+    """Measured fp32 matmul throughput of this CPU (1 thread), GFLOP/s."""
+    a, b = torch.randn(512, 4096), torch.randn(4096, 4096)
+    a @ b
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        done += 1
+    return 2 * 512 * 4096 * 4096 * done / (time.perf_counter() - t0) / 1e9
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    ap.add_argument("--gflops", type=float, default=None, help="CPU fp32 GFLOP/s (default: measured)")
+    ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    gflops = args.gflops or cpu_gflops()
+    dims = full_dims("llava-1.5-7b")
     names = args.methods.split(",") if args.methods else method_names()
-    images = {crops: make_image(crops) for crops, _ in CASES}
-    header = f"{'method':<12} {'stage':<8} " + "  ".join(
-        f"{f'N={576 * c} K={k}':>16}" for c, budgets in CASES for k in budgets
+    print(
+        f"selection per image (median of {args.repeats}, fp32, 1 CPU thread); prefill estimated at {gflops:.0f} GFLOP/s"
     )
-    print(f"selection time per image, ms (median of {args.repeats}; fp32, CPU, 1 thread; D={D}, C={C})")
-    print(header)
-    print("-" * len(header))
+    print(
+        f"{'method':<10} {'N':>5} {'K':>4} {'stages':<22} {'select ms':>10} {'per stage ms':<22} "
+        f"{'n̄':>7} {'prefill ms':>10} {'sel %':>6}"
+    )
+    rows = []
     for name in names:
-        method = build_method(name, {})
-        stages = method.stages()
-        if not stages:
+        try:
+            if not build_method(name, dict(OPTIONS.get(name, {}))).stages():
+                continue
+        except VtpruneError as err:
+            print(f"{name:<10} skipped: {err}")
             continue
-        cells = []
-        for crops, budgets in CASES:
-            image = with_signals(images[crops], method.signals(0))
+        for kind, budgets in CASES:
+            n = 576 if kind == "llava" else 2880
             for k in budgets:
-                kk = method.schedule(image.n, k, "retained", 32)[0]
-                cells.append(f"{time_select(method, image, kk, args.warmup, args.repeats):>16.2f}")
-        print(f"{name:<12} {str(stages[0]):<8} " + "  ".join(cells))
+                try:
+                    stage_ms, counts = time_method(name, kind, k, args.repeats, args.warmup)
+                except VtpruneError as err:
+                    print(f"{name:<10} {n:>5} {k:>4} infeasible: {str(err)[:80]}")
+                    continue
+                visual = per_layer(name, n, counts)
+                nbar = sum(visual) / LAYERS
+                prefill_ms = prefill_flops(visual, N_TEXT, dims, "exact") / (gflops * 1e9) * 1e3
+                total = sum(stage_ms)
+                row = {
+                    "method": name,
+                    "n": n,
+                    "budget": k,
+                    "schedule": counts,
+                    "select_ms": round(total, 3),
+                    "stage_ms": [round(t, 3) for t in stage_ms],
+                    "layer_avg_tokens": round(nbar, 2),
+                    "pruned_prefill_ms_est": round(prefill_ms, 1),
+                    "select_pct": round(100 * total / prefill_ms, 3),
+                }
+                rows.append(row)
+                stages = "/".join(str(c) for c in counts)
+                per = "/".join(f"{t:.1f}" for t in stage_ms)
+                flag = " !" if row["select_pct"] > 2 else ""
+                print(
+                    f"{name:<10} {n:>5} {k:>4} {stages:<22} {total:>10.2f} {per:<22} {nbar:>7.1f} "
+                    f"{prefill_ms:>10.0f} {row['select_pct']:>6.2f}{flag}"
+                )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gflops": gflops, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
