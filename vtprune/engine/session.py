@@ -120,6 +120,7 @@ class PruningSession:
                 "processor with vtprune.methods.downsample.downsample_image(image, ratio=ρ or factor=D) and run "
                 "the model unpatched (a forward hook cannot resize an image the processor already cut into patches)"
             )
+        method.available_signals = sig.LLM_SIGNALS | sig.TEXT_SIGNALS | adapter.vision_signal_names
         method.bind(adapter.num_layers)
         self.stages: tuple[Stage, ...] = method.stages()
         method.validate(adapter.num_layers)
@@ -130,6 +131,14 @@ class PruningSession:
             s.layer - 1 for i, s in enumerate(self.stages) if s.kind == "llm" and method.signals(i) & sig.LLM_SIGNALS
         }
         self.needs_vision = any(method.signals(i) & sig.VISION_SIGNALS for i in range(len(self.stages)))
+        missing = frozenset().union(*(method.signals(i) for i in range(len(self.stages)))) & (
+            sig.VISION_SIGNALS - adapter.vision_signal_names
+        )
+        if missing:
+            raise UnsupportedInputError(
+                f"method {method.name!r} needs the vision signals {sorted(missing)}, which "
+                f"{type(model).__name__} does not provide (see the method's options for a variant without them)"
+            )
         self.text_wanted = frozenset().union(*(method.signals(i) & sig.TEXT_SIGNALS for i in range(len(self.stages))))
         #: layer 0's input is captured when an in-LLM stage wants the candidates' input embeddings
         self.capture_layer0 = any(
@@ -263,7 +272,7 @@ class PruningSession:
         device = input_ids.device
         mask2d = kwargs.get("attention_mask")
         mask2d = torch.ones_like(input_ids) if mask2d is None else mask2d.long()
-        is_img = (input_ids == ad.image_token_id) & mask2d.bool()
+        is_img = _is_visual(input_ids, ad) & mask2d.bool()
         if self.stages:
             ad.check_inputs(input_ids, kwargs)
         positions = ad.original_positions(input_ids, mask2d, kwargs) if bool(is_img.any()) else None
@@ -313,7 +322,8 @@ class PruningSession:
         n_visual: list[int] = []
         split = [ad.split_images(is_img[b].nonzero().flatten()) for b in range(input_ids.shape[0])]
         if positions is not None:
-            ad.begin_prefill(input_ids, mask2d, positions, split, {**self._generate_kwargs, **kwargs})
+            refined = ad.begin_prefill(input_ids, mask2d, positions, split, {**self._generate_kwargs, **kwargs})
+            split = split if refined is None else refined
         index = 0
         for b, spans in enumerate(split):
             cands = [ad.candidate_mask(index + j, int(r.numel())) for j, r in enumerate(spans)]
@@ -356,9 +366,10 @@ class PruningSession:
         ad, group = self.adapter, fw.groups[0]
         feats = ad.features_from_kwargs(kwargs)
         if feats is None:
-            if kwargs.get("pixel_values") is None:
+            if all(kwargs.get(name) is None for name in ad.pixel_kwargs):
                 raise UnsupportedInputError(
-                    "missing image: the prompt has image tokens but neither pixel_values nor mm_encoder_outputs"
+                    f"missing image: the prompt has image tokens but neither {' / '.join(ad.pixel_kwargs)} "
+                    "nor mm_encoder_outputs"
                 )
             self._vision_capture.clear()
             feats = ad.encode_images(kwargs)
@@ -657,7 +668,7 @@ class PruningSession:
         ids = kwargs.get("input_ids")
         if ids is None:
             raise UnsupportedInputError("vtprune needs input_ids when continuing a pruned cache")
-        if (ids == self.adapter.image_token_id).any():
+        if _is_visual(ids, self.adapter).any():
             raise UnsupportedInputError("a new image in a later turn of a pruned conversation is not supported")
         q = ids.shape[1]
         given = kwargs.get("attention_mask")
@@ -744,6 +755,12 @@ class PruningSession:
         self.last = RunRecord(
             self.method.name, str(self.budget), self.positions, samples, self.dims, _bytes_per_elem(self.model), None
         )
+
+
+def _is_visual(input_ids: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:
+    """(B, L) bool: rows holding one of the adapter's visual placeholder ids."""
+    ids = torch.tensor(adapter.visual_token_ids, dtype=input_ids.dtype, device=input_ids.device)
+    return torch.isin(input_ids, ids)
 
 
 def _bytes_per_elem(model: nn.Module) -> int:

@@ -121,6 +121,9 @@ class PruningMethod(ABC):
             )
         #: decoder depth of the model this method is attached to (set by `bind`; None before).
         self.num_layers: int | None = None
+        #: signal names the attached model can provide (set by the engine before `bind`; None before):
+        #: lets a method pick its model-specific variant by capability, never by model name.
+        self.available_signals: frozenset[str] | None = None
 
     def bind(self, num_layers: int) -> None:
         """Called once by the engine before `stages()`: methods whose layers depend on the model depth

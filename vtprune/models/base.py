@@ -40,6 +40,8 @@ class ModelAdapter(ABC):
     dynamic_resolution: ClassVar[bool] = False
     #: kwargs of the top-level forward that carry raw images (dropped once features are passed).
     image_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
+    #: kwargs holding raw pixels `encode_images` can encode (one of them must be given when no features are).
+    pixel_kwargs: ClassVar[tuple[str, ...]] = ("pixel_values",)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -64,6 +66,11 @@ class ModelAdapter(ABC):
     @property
     def image_token_id(self) -> int:
         return int(self.model.config.image_token_id)
+
+    @property
+    def visual_token_ids(self) -> tuple[int, ...]:
+        """Placeholder ids whose rows are visual (image, and e.g. video) tokens; default: the image id."""
+        return (self.image_token_id,)
 
     @property
     def pad_token_id(self) -> int:
@@ -113,9 +120,12 @@ class ModelAdapter(ABC):
         positions: torch.Tensor,
         image_rows: list[list[torch.Tensor]],
         kwargs: dict,
-    ) -> None:
+    ) -> list[list[torch.Tensor]] | None:
         """Called once per prefill before `image_layout`: original positions, each sample's image rows, and
-        the call's kwargs (plus the `layout_kwargs` of the enclosing `generate` call)."""
+        the call's kwargs (plus the `layout_kwargs` of the enclosing `generate` call).
+
+        May return a refined split (per sample, the row-index tensors of its "images" in prompt order, e.g.
+        a video cut into its temporal groups) that the engine then uses instead of `image_rows`."""
         return None
 
     def candidate_mask(self, image_index: int, span: int) -> torch.Tensor | None:
@@ -129,6 +139,9 @@ class ModelAdapter(ABC):
         """Grids of one image's n visual tokens: ([(h, w)] per crop, coords (n, 2), crop (n,))."""
 
     # --- vision signals --------------------------------------------------------------------------
+    #: Names of the vision signals this family provides (see `vtprune.engine.signals.VISION_SIGNALS`).
+    vision_signal_names: ClassVar[frozenset[str]] = frozenset()
+
     def vision_attention_module(self) -> nn.Module:
         """The vision self-attention whose input gives [CLS] attention and keys (spec §9)."""
         raise UnsupportedInputError(f"{type(self.model).__name__} exposes no vision [CLS] signal")

@@ -13,6 +13,7 @@ class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5: one fixed grid per image (e.g. 24×24 = 576), [CLS] dropped, feature layer −2."""
 
     model_classes = ("LlavaForConditionalGeneration",)
+    vision_signal_names = frozenset({"cls_attention", "vision_keys", "vision_head_keys", "vision_features"})
     image_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     @property
