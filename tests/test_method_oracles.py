@@ -25,6 +25,7 @@ CASES: dict[str, list[tuple[float, dict]]] = {
     "divprune": [(0.3, {})],
     "visionzip": [(0.3, {})],
     "vispruner": [(0.3, {})],
+    "cdpruner": [(0.3, {"relevance": "llm"})],  # the CLIP route needs a CLIP model: tests/test_cdpruner.py
 }
 
 
