@@ -1,0 +1,348 @@
+"""DCP-Prune: ACGR context transfer into anchors, κ distribution-consistency trigger, TATCS re-selection.
+
+Spec: dcp_prune.md (almost every formula there is the spec's own decision; the paper ships no code).
+Per crop c (per-crop quotas, README §8) with N_c candidates and quota K, all math in fp32:
+
+1. ACGR(K_a): anchors = top-K_a of `cls_attention` s (stable ties), context = the rest; for a context token j
+   and anchor i, `logit_ji = (k̂_j·k̂_i)/semantic_temperature − ‖p_j − p_i‖²/(2σ²)`, σ² = N_c/K_a (k̂ = L2-
+   normalised `vision_head_keys`, p = grid (row, col)); each context token keeps its `edges` largest logits
+   (stable ties), `W_ji` = softmax over them; mass `μ_j = s_j/mean(s)`; recovered anchor
+   `z̃_i = (z_i + Σ_j W_ji μ_j z_j)/(1 + Σ_j W_ji μ_j)`, tokens represented `w_i = 1 + Σ_j W_ji`.
+2. κ(Z, Z', w) = mean_d KL(N(μ_f, σ²_f) ‖ N(μ_k, σ²_k)) on unit-normalised rows, kept moments weighted by w,
+   `σ²_k ← K/(K+shrinkage)·σ²_k + shrinkage/(K+shrinkage)·σ²_f`, then `eps` added to both variances.
+3. Trigger: Z_A = ACGR(K); κ_A ≤ τ_κ ⇒ output Z_A.
+4. TATCS (κ_A > τ_κ): pool = ACGR(min(N_c, pool_factor·K)); text relevance r = min–max of max_t cos(z', T_t)
+   (0 when the question is empty or r is constant), ŝ = min–max of the pool's s; centres by farthest-point
+   seeding from argmax(ŝ + r) on cosine distance; assignment `argmax_u ẑ'_i·ẑ'_{c_u} − gamma·|r_i − r_{c_u}|`
+   (centres forced into their own cluster); representative `argmax_{i∈C_u} mean_{j∈C_u} ẑ'_i·ẑ'_j + gamma_r·r_i`
+   (ties, within 1e-6, to the lower index); output = the representatives' recovered pool tokens, mass = Σ w' over the
+   cluster. Guard: Z_T only if κ_T < κ_A, else Z_A.
+Output: exactly K tokens per image in ascending representative index (`keep` positions, README §6).
+
+Threshold τ_κ: option `tau_kappa`; None looks up `calibration_key` (e.g. "builtin:shapes-llava" or a HF model
+id) in the shipped table `vtprune/assets/dcp_tau.json` (written by `vtprune.methods._dcp_calibration`) and
+falls back to 0.3 when there is no entry. A method never sees the model, so the caller passes the key.
+
+Diagnostics: `method.decisions` (a bounded deque, newest last) gets one list of `CropDecision` (κ_A, κ_T,
+branch) per `select` call, i.e. per image in engine order. It is never read by the method itself.
+
+Deviations / engine-imposed choices:
+- LLaVA-NeXT: "crop" is the engine's crop (`ImageTokens.crop`): the base view and the whole unpadded tile
+  region (one grid). The spec asks for every CLIP tile separately; the engine does not tell a method which
+  tile a position came from (each position's `cls_attention` does come from its own tile's [CLS] row).
+- Masses use max(s, 0) (identical for attention scores, which are ≥ 0); if mean(max(s, 0)) = 0, μ ≡ 1.
+- The context→anchor transfer uses a dense (K_a × |C|) coefficient matrix (a matmul) rather than a scatter:
+  same result, deterministic on GPU (index_add uses atomics), O(K_a·|C|·D) instead of O(4·|C|·D).
+- κ is clamped at 0 (it is a KL divergence; the clamp only removes fp32 rounding below 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..budget import largest_remainder_split
+from ..errors import VtpruneError
+from . import register
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, stable_topk
+
+#: Shipped calibrated thresholds: {"version": 1, "values": {key: {"tau_kappa": float, ...}}}.
+TAU_TABLE = Path(__file__).resolve().parent.parent / "assets" / "dcp_tau.json"
+#: τ_κ when neither `tau_kappa` nor a calibrated value for `calibration_key` is available (spec).
+FALLBACK_TAU = 0.3
+#: Most recent per-image decisions kept in `DCPPrune.decisions`.
+MAX_DECISIONS = 10_000
+#: Reselection scores closer than this count as tied (fp32 rounding of mathematically equal scores).
+TIE_TOL = 1e-6
+
+
+@dataclass
+class DCPPruneConfig(MethodConfig):
+    #: Trigger threshold τ_κ; None = the shipped calibrated value for `calibration_key`, else 0.3.
+    tau_kappa: float | None = None
+    #: Key of the shipped calibration table (e.g. "builtin:shapes-llava", "llava-hf/llava-1.5-7b-hf").
+    calibration_key: str | None = None
+    #: Temperature of the semantic (key cosine) term of the context→anchor logits.
+    semantic_temperature: float = 0.1
+    #: Context→anchor edges kept per context token.
+    edges: int = 4
+    #: TATCS candidate pool K' = min(N_c, pool_factor·K).
+    pool_factor: int = 4
+    #: Text-relevance penalty in the TATCS assignment.
+    gamma: float = 0.5
+    #: Text-relevance bonus in the TATCS reselection.
+    gamma_r: float = 0.5
+    #: κ variance shrinkage constant.
+    shrinkage: float = 8.0
+    #: κ variance floor.
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class CropDecision:
+    """What DCP-Prune did on one crop: branch is "all" (K ≥ N_c), "acgr" (κ_A ≤ τ), "tatcs" (TATCS output)
+    or "guard" (TATCS ran but κ_T ≥ κ_A, ACGR output)."""
+
+    crop: int
+    n: int
+    k: int
+    kappa_a: float
+    kappa_t: float | None
+    branch: str
+
+
+def load_tau_table(path: str | Path | None = None) -> dict[str, dict]:
+    """The calibration table {key: {"tau_kappa": float, ...}}; {} if the file does not exist."""
+    p = Path(path) if path is not None else TAU_TABLE
+    if not p.exists():
+        return {}
+    data = json.loads(p.read_text())
+    return dict(data.get("values", {}))
+
+
+def shipped_tau_kappa(key: str | None, path: str | Path | None = None) -> float | None:
+    """Calibrated τ_κ for a model key from the shipped table, or None."""
+    if key is None:
+        return None
+    entry = load_tau_table(path).get(key)
+    return None if entry is None else float(entry["tau_kappa"])
+
+
+# ------------------------------------------------------------------------------------------ tensor pieces
+
+
+def acgr(
+    z: torch.Tensor,
+    s: torch.Tensor,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+    k_a: int,
+    temperature: float = 0.1,
+    edges: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Anchor-Context Graph Recovery on one crop.
+
+    z (n, D), s (n,), keys (n, d) L2-normalised, pos (n, 2) grid coordinates, 1 ≤ k_a ≤ n.
+    -> anchors (k_a,) int64 sorted ascending, recovered (k_a, D) fp32, w (k_a,) fp32 tokens represented.
+    """
+    z = z.float()
+    n = z.shape[0]
+    anchors = stable_topk(s, k_a)
+    if k_a >= n:
+        return anchors, z[anchors].clone(), torch.ones(k_a, device=z.device)
+    is_ctx = torch.ones(n, dtype=torch.bool, device=z.device)
+    is_ctx[anchors] = False
+    ctx = is_ctx.nonzero().flatten()
+    kf = keys.float()
+    sem = kf[ctx] @ kf[anchors].T  # (|C|, K_a)
+    p = pos.float()
+    d2 = (p[ctx, None, :] - p[None, anchors, :]).pow(2).sum(-1)
+    logit = sem / temperature - d2 / (2.0 * (n / k_a))
+    e = min(edges, k_a)
+    top = torch.sort(logit, dim=1, descending=True, stable=True)
+    W = top.values[:, :e].softmax(dim=1)  # (|C|, e)
+    slot = top.indices[:, :e]  # anchor slots
+    sp = s.float().clamp(min=0.0)
+    mean_s = sp.mean()
+    mu = sp[ctx] / mean_s if float(mean_s) > 0 else torch.ones(len(ctx), device=z.device)
+    rows = torch.arange(len(ctx), device=z.device)[:, None].expand(-1, e)
+    coef = torch.zeros(k_a, len(ctx), device=z.device)
+    coef[slot, rows] = W * mu[:, None]  # each (anchor, context) pair appears at most once per row
+    wmat = torch.zeros(k_a, len(ctx), device=z.device)
+    wmat[slot, rows] = W
+    recovered = (z[anchors] + coef @ z[ctx]) / (1.0 + coef.sum(1))[:, None]
+    return anchors, recovered, 1.0 + wmat.sum(1)
+
+
+def kappa(
+    z_full: torch.Tensor, z_kept: torch.Tensor, w: torch.Tensor, shrinkage: float = 8.0, eps: float = 1e-6
+) -> torch.Tensor:
+    """Distribution-consistency κ = mean_d KL(full ‖ kept) of diagonal Gaussians on unit-normalised rows.
+
+    z_full (N, D), z_kept (K, D), w (K,) masses.  -> () fp32, ≥ 0.
+    """
+    zf = F.normalize(z_full.float(), dim=1)
+    zk = F.normalize(z_kept.float(), dim=1)
+    mu_f = zf.mean(0)
+    var_f = (zf - mu_f).pow(2).mean(0)
+    w = w.float().to(zk.device)
+    total = w.sum()
+    mu_k = (w[:, None] * zk).sum(0) / total
+    var_k = (w[:, None] * (zk - mu_k).pow(2)).sum(0) / total
+    k = zk.shape[0]
+    var_k = (k / (k + shrinkage)) * var_k + (shrinkage / (k + shrinkage)) * var_f
+    var_f = var_f + eps
+    var_k = var_k + eps
+    kl = 0.5 * (var_f / var_k + (mu_k - mu_f).pow(2) / var_k - 1.0 + torch.log(var_k / var_f))
+    return kl.mean().clamp(min=0.0)
+
+
+def _minmax(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.min(), x.max()
+    if not bool(hi > lo):
+        return torch.zeros_like(x)
+    return (x - lo) / (hi - lo)
+
+
+def text_relevance(z: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    """r_i = max_t cos(z_i, T_t), min–max normalised; 0 when the question is empty or r is constant.
+
+    z (n, D), text (T, D) or None.  -> (n,) fp32.
+    """
+    if text is None or text.numel() == 0:
+        return torch.zeros(z.shape[0], device=z.device)
+    zn = F.normalize(z.float(), dim=1)
+    tn = F.normalize(text.float().to(z.device), dim=1)
+    return _minmax((zn @ tn.T).amax(1))
+
+
+def tatcs(
+    zc: torch.Tensor,
+    wc: torch.Tensor,
+    sc: torch.Tensor,
+    text: torch.Tensor | None,
+    k: int,
+    gamma: float = 0.5,
+    gamma_r: float = 0.5,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Text-Aware Token Cluster Selection over a pool of K' recovered tokens, 1 ≤ k ≤ K'.
+
+    zc (K', D) pool tokens, wc (K',) their masses, sc (K',) their scores, text (T, D) or None.
+    -> reps (k,) pool indices sorted ascending, mass (k,) per rep (same order), centres (k,) in seeding
+    order, labels (K',) cluster of each pool token (cluster u belongs to centres[u]).
+    """
+    zn = F.normalize(zc.float(), dim=1)
+    m = zn.shape[0]
+    r = text_relevance(zc, text)
+    first = (_minmax(sc.float()) + r).argmax()
+    centres = [first]
+    chosen = torch.zeros(m, dtype=torch.bool, device=zn.device)
+    chosen[first] = True
+    mind = 1.0 - zn @ zn[first]
+    for _ in range(1, k):  # farthest-point seeding: K greedy steps
+        c = mind.masked_fill(chosen, float("-inf")).argmax()
+        centres.append(c)
+        chosen[c] = True
+        mind = torch.minimum(mind, 1.0 - zn @ zn[c])
+    cent = torch.stack(centres)
+    sim = zn @ zn[cent].T - gamma * (r[:, None] - r[cent][None, :]).abs()  # (K', k)
+    labels = sim.argmax(1)  # first maximum: ties to the lower u
+    labels[cent] = torch.arange(k, device=zn.device)
+    onehot = F.one_hot(labels, k).float()  # (K', k)
+    cluster_sum = onehot.T @ zn  # (k, D)
+    count = onehot.sum(0)
+    score = (zn * cluster_sum[labels]).sum(1) / count[labels] + gamma_r * r
+    member = onehot.bool()
+    best = score[:, None].expand(-1, k).masked_fill(~member, float("-inf")).amax(0)  # (k,)
+    # ties (within TIE_TOL: e.g. the two members of a pair score (1 + ẑ_i·ẑ_j)/2 alike) go to the lower index
+    rep = (member & (score[:, None] >= best[None, :] - TIE_TOL)).float().argmax(0)
+    mass = onehot.T @ wc.float().to(zn.device)
+    order = rep.argsort()
+    return rep[order], mass[order], cent, labels
+
+
+def dcp_crop(
+    z: torch.Tensor,
+    s: torch.Tensor,
+    keys: torch.Tensor,
+    pos: torch.Tensor,
+    text: torch.Tensor | None,
+    k: int,
+    tau: float,
+    cfg: DCPPruneConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """One crop: -> keep (k,) local indices sorted, feats (k, D) fp32, masses (k,), decision fields."""
+    n = z.shape[0]
+    if k >= n:
+        return (
+            torch.arange(n, device=z.device),
+            z.float(),
+            torch.ones(n, device=z.device),
+            {"kappa_a": 0.0, "kappa_t": None, "branch": "all"},
+        )
+    t, e = cfg.semantic_temperature, cfg.edges
+    anchors, z_a, w_a = acgr(z, s, keys, pos, k, t, e)
+    kappa_a = float(kappa(z, z_a, w_a, cfg.shrinkage, cfg.eps))
+    if kappa_a <= tau:
+        return anchors, z_a, w_a, {"kappa_a": kappa_a, "kappa_t": None, "branch": "acgr"}
+    pool, z_c, w_c = acgr(z, s, keys, pos, min(n, cfg.pool_factor * k), t, e)
+    reps, mass, _, _ = tatcs(z_c, w_c, s.float()[pool], text, k, cfg.gamma, cfg.gamma_r)
+    z_t = z_c[reps]
+    kappa_t = float(kappa(z, z_t, mass, cfg.shrinkage, cfg.eps))
+    if kappa_t < kappa_a:
+        return pool[reps], z_t, mass, {"kappa_a": kappa_a, "kappa_t": kappa_t, "branch": "tatcs"}
+    return anchors, z_a, w_a, {"kappa_a": kappa_a, "kappa_t": kappa_t, "branch": "guard"}
+
+
+# ------------------------------------------------------------------------------------------------ method
+
+
+@register(aliases=("dcp",))
+class DCPPrune(PruningMethod):
+    """ACGR anchors with context transfer; TATCS text-aware cluster re-selection when κ_A > τ_κ; per crop."""
+
+    name = "dcp_prune"
+    config_class = DCPPruneConfig
+    merges = True
+
+    def __init__(self, config: DCPPruneConfig | None = None):
+        super().__init__(config)
+        c = self.config
+        if c.tau_kappa is not None and math.isnan(float(c.tau_kappa)):
+            raise VtpruneError("dcp_prune tau_kappa must be a number or None, got nan")
+        if not c.semantic_temperature > 0:
+            raise VtpruneError(f"dcp_prune semantic_temperature must be > 0, got {c.semantic_temperature}")
+        if c.edges < 1 or c.pool_factor < 1:
+            raise VtpruneError(f"dcp_prune edges and pool_factor must be >= 1, got {c.edges}, {c.pool_factor}")
+        if c.shrinkage < 0 or not c.eps > 0:
+            raise VtpruneError(f"dcp_prune needs shrinkage >= 0 and eps > 0, got {c.shrinkage}, {c.eps}")
+        if c.tau_kappa is not None:
+            self.tau = float(c.tau_kappa)
+        else:
+            shipped = shipped_tau_kappa(c.calibration_key)
+            if shipped is None and c.calibration_key is not None:
+                warnings.warn(
+                    f"dcp_prune: no calibrated tau_kappa for {c.calibration_key!r} in {TAU_TABLE.name}; "
+                    f"using {FALLBACK_TAU}",
+                    stacklevel=2,
+                )
+            self.tau = FALLBACK_TAU if shipped is None else shipped
+        #: Diagnostics only: one list of `CropDecision` per `select` call (per image), newest last.
+        self.decisions: deque[list[CropDecision]] = deque(maxlen=MAX_DECISIONS)
+
+    def stages(self) -> tuple[Stage, ...]:
+        return (Stage("vision"),)
+
+    def signals(self, stage_index: int) -> frozenset[str]:
+        return frozenset({"cls_attention", "vision_head_keys", "question_embeddings"})
+
+    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
+        sig = image.signals
+        scores = sig["cls_attention"].float()
+        keys = F.normalize(sig["vision_head_keys"].float(), dim=1)
+        text = sig.get("question_embeddings")
+        members = [(image.crop == c).nonzero().flatten() for c in range(len(image.grids))]
+        quotas = largest_remainder_split(k, [len(m) for m in members])
+        keep, feats, weights, decisions = [], [], [], []
+        for c, (idx, q) in enumerate(zip(members, quotas, strict=True)):
+            if q == 0:
+                continue
+            kp, fp, wp, info = dcp_crop(
+                image.features[idx], scores[idx], keys[idx], image.coords[idx], text, q, self.tau, self.config
+            )
+            keep.append(idx[kp])
+            feats.append(fp)
+            weights.append(wp)
+            decisions.append(CropDecision(c, len(idx), q, **info))
+        self.decisions.append(decisions)
+        keep_idx = torch.cat(keep)
+        order = keep_idx.argsort()
+        new = torch.cat(feats)[order].to(image.features.dtype)
+        return KeepPlan(keep_idx[order], new, torch.cat(weights)[order])
