@@ -25,7 +25,8 @@ CASES: dict[str, list[tuple[float, dict]]] = {
     "divprune": [(0.3, {})],
     "visionzip": [(0.3, {})],
     "vispruner": [(0.3, {})],
-    "cdpruner": [(0.3, {"relevance": "llm"})],  # the CLIP route needs a CLIP model: tests/test_cdpruner.py
+    "cdpruner": [(0.3, {"relevance": "llm"})],
+    "dcp_prune": [(0.3, {}), (0.3, {"tau_kappa": 0.0})],  # default trigger; always try TATCS  # the CLIP route needs a CLIP model: tests/test_cdpruner.py
 }
 
 

@@ -121,6 +121,7 @@ class PruningSession:
                 "the model unpatched (a forward hook cannot resize an image the processor already cut into patches)"
             )
         method.available_signals = sig.LLM_SIGNALS | sig.TEXT_SIGNALS | adapter.vision_signal_names
+        method.model_name = str(getattr(model, "name_or_path", "") or "") or None
         method.bind(adapter.num_layers)
         self.stages: tuple[Stage, ...] = method.stages()
         method.validate(adapter.num_layers)

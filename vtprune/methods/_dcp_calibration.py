@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .dcp_prune import TAU_TABLE, DCPPrune, DCPPruneConfig, shipped_tau_kappa
+from .dcp_prune import TAU_TABLE, DCPPrune, DCPPruneConfig, calibration_key_of, shipped_tau_kappa
 
 #: The spec's calibration prompt (wrapped in the processor's chat template when it has one).
 DEFAULT_PROMPT = "Describe this image briefly."
@@ -35,16 +35,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 def model_key(model) -> str:
     """Calibration-table key of a model: "builtin:NAME" for a shipped checkpoint, else its `name_or_path`."""
-    from ..testbed.builtin import ASSETS, BUILTIN_PREFIX
-
-    name = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
-    try:
-        path = Path(name).resolve()
-        if path.parent == ASSETS.resolve() and (path / "config.json").exists():
-            return BUILTIN_PREFIX + path.name
-    except (OSError, ValueError):
-        pass
-    return name
+    return calibration_key_of(str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")))
 
 
 def chat_prompt(processor, text: str = DEFAULT_PROMPT) -> str:

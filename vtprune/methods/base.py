@@ -124,6 +124,9 @@ class PruningMethod(ABC):
         #: signal names the attached model can provide (set by the engine before `bind`; None before):
         #: lets a method pick its model-specific variant by capability, never by model name.
         self.available_signals: frozenset[str] | None = None
+        #: `name_or_path` of the attached model (set by the engine before `bind`), e.g. to look up a shipped
+        #: calibration; never used to branch on a model family.
+        self.model_name: str | None = None
 
     def bind(self, num_layers: int) -> None:
         """Called once by the engine before `stages()`: methods whose layers depend on the model depth

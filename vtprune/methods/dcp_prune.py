@@ -284,6 +284,19 @@ def dcp_crop(
 # ------------------------------------------------------------------------------------------------ method
 
 
+def calibration_key_of(name: str) -> str:
+    """Calibration-table key of a model's `name_or_path`: "builtin:NAME" for a shipped checkpoint."""
+    from ..testbed.builtin import ASSETS, BUILTIN_PREFIX
+
+    try:
+        path = Path(name).resolve()
+        if path.parent == ASSETS.resolve() and (path / "config.json").exists():
+            return BUILTIN_PREFIX + path.name
+    except (OSError, ValueError):
+        pass
+    return name
+
+
 @register(aliases=("dcp",))
 class DCPPrune(PruningMethod):
     """ACGR anchors with context transfer; TATCS text-aware cluster re-selection when κ_A > τ_κ; per crop."""
@@ -303,19 +316,26 @@ class DCPPrune(PruningMethod):
             raise VtpruneError(f"dcp_prune edges and pool_factor must be >= 1, got {c.edges}, {c.pool_factor}")
         if c.shrinkage < 0 or not c.eps > 0:
             raise VtpruneError(f"dcp_prune needs shrinkage >= 0 and eps > 0, got {c.shrinkage}, {c.eps}")
-        if c.tau_kappa is not None:
-            self.tau = float(c.tau_kappa)
-        else:
-            shipped = shipped_tau_kappa(c.calibration_key)
-            if shipped is None and c.calibration_key is not None:
-                warnings.warn(
-                    f"dcp_prune: no calibrated tau_kappa for {c.calibration_key!r} in {TAU_TABLE.name}; "
-                    f"using {FALLBACK_TAU}",
-                    stacklevel=2,
-                )
-            self.tau = FALLBACK_TAU if shipped is None else shipped
+        self.tau = self._resolve_tau(c.calibration_key, warn=c.calibration_key is not None)
         #: Diagnostics only: one list of `CropDecision` per `select` call (per image), newest last.
         self.decisions: deque[list[CropDecision]] = deque(maxlen=MAX_DECISIONS)
+
+    def _resolve_tau(self, key: str | None, warn: bool) -> float:
+        if self.config.tau_kappa is not None:
+            return float(self.config.tau_kappa)
+        shipped = shipped_tau_kappa(key)
+        if shipped is None and warn:
+            warnings.warn(
+                f"dcp_prune: no calibrated tau_kappa for {key!r} in {TAU_TABLE.name}; using {FALLBACK_TAU}",
+                stacklevel=3,
+            )
+        return FALLBACK_TAU if shipped is None else shipped
+
+    def bind(self, num_layers: int) -> None:
+        """Without `tau_kappa` or `calibration_key`, look the attached model up in the shipped table."""
+        super().bind(num_layers)
+        if self.config.tau_kappa is None and self.config.calibration_key is None and self.model_name:
+            self.tau = self._resolve_tau(calibration_key_of(self.model_name), warn=False)
 
     def stages(self) -> tuple[Stage, ...]:
         return (Stage("vision"),)
