@@ -272,7 +272,7 @@ def test_vision_methods_run_on_next(nmodels, nbatches, method, options):
         for b, (cls, keys, feats) in enumerate(refs):
             grids, coords, crop = ad.image_layout(b, len(cls))
             img = ImageTokens(feats, coords, crop, grids, torch.arange(len(cls)),
-                              {"cls_attention": cls, "vision_keys": keys})
+                              {"cls_attention": cls, "vision_keys": keys}, tile=ad.image_tiles(b))
             plan = build_method(method, options).select(0, img, len(kept[b]))
             assert torch.equal(plan.keep_idx, kept[b])
             assert int((crop[kept[b]] == 0).sum()) >= 1 and int((crop[kept[b]] == 1).sum()) >= 1

@@ -465,17 +465,23 @@ def test_oracles_on_three_families(name, budget, tau):
 
 
 def test_next_per_crop_decisions_in_engine():
+    """LLaVA-NeXT: one decision per vision view (base view, then each CLIP tile's unpadded positions), with
+    quotas split by largest remainder over the views' valid counts."""
     fam = family("llava_next")
     model, inputs = fam.models["sdpa"], fam.batches[2]
     method = _dcp(0.0)
     with vtprune.pruned(model, method, 0.3), torch.no_grad():
         model(**inputs)
+        adapter = vtprune.session_of(model).adapter
+        views = [torch.bincount(adapter.image_tiles(i)).tolist() for i in range(2)]
     images = list(method.decisions)
     assert len(images) == 2
-    for image, (n_base, n_tiles) in zip(images, [(16, 48), (16, 32)], strict=True):
+    for image, sizes, (n_base, n_tiles) in zip(images, views, [(16, 48), (16, 32)], strict=True):
+        sizes = [n for n in sizes if n]
+        assert sizes[0] == n_base and sum(sizes[1:]) == n_tiles and len(sizes) > 2
         k = math.floor(0.3 * (n_base + n_tiles) + 0.5)
         assert [(d.crop, d.n, d.k) for d in image] == list(
-            zip([0, 1], [n_base, n_tiles], largest_remainder_split(k, [n_base, n_tiles]), strict=True)
+            zip(range(len(sizes)), sizes, largest_remainder_split(k, sizes), strict=True)
         )
 
 

@@ -26,7 +26,14 @@ CASES: dict[str, list[tuple[float, dict]]] = {
     "visionzip": [(0.3, {})],
     "vispruner": [(0.3, {})],
     "cdpruner": [(0.3, {"relevance": "llm"})],
-    "dcp_prune": [(0.3, {}), (0.3, {"tau_kappa": 0.0})],  # default trigger; always try TATCS  # the CLIP route needs a CLIP model: tests/test_cdpruner.py
+    "dcp_prune": [(0.3, {}), (0.3, {"tau_kappa": 0.0})],  # default trigger; always try TATCS
+    # three / two cuts on 6 layers: budgets must match a SparseVLM table row (ρ = 1/3) or be reachable
+    "sparsevlm": [(1 / 3, {}), (1 / 3, {"recycle": False}), (0.4, {"schedule": "matched"})],
+    "pdrop": [
+        (0.5, {}),
+        (0.3, {"schedule": "paper"}),
+        (0.5, {"positions": "reindex"}),
+    ],  # the CLIP route needs a CLIP model: tests/test_cdpruner.py
 }
 
 
@@ -49,8 +56,11 @@ PARAMS = [
 
 @pytest.mark.parametrize("fam,name,budget,options", PARAMS)
 def test_shared_oracles(fam, name, budget, options):
-    cls = method_class(name)
-    check_oracles(fam, name, budget, options, selection_only=not cls.merges)
+    check_oracles(fam, name, budget, options, selection_only=_selection_only(name, options))
+
+
+def _selection_only(name: str, options: dict) -> bool:
+    return not method_class(name).merges or (name == "sparsevlm" and options.get("recycle") is False)
 
 
 @pytest.mark.parametrize("fam,name", [(f, n) for n in sorted(CASES) for f in FAMILIES if (f, n) not in EXCLUDED])
@@ -61,7 +71,7 @@ def test_shared_oracles_eager(fam, name):
         name,
         budget,
         options,
-        selection_only=not method_class(name).merges,
+        selection_only=_selection_only(name, options),
         attn="eager",
         bypass=False,
         alone=False,

@@ -58,6 +58,7 @@ class _Image:
     memo: dict = field(default_factory=dict)  # the method's per-image state across stages
     question: str | None = None
     embeddings: torch.Tensor | None = None  # (n, D) layer-0 input rows of the candidates (visual_embeddings)
+    tile: torch.Tensor | None = None  # (n,) vision-encoder view of each candidate (LLaVA-NeXT tiles)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> kept original indices (cpu)
     merged: set[int] = field(default_factory=set)  # stages whose kept rows carry merged features
 
@@ -344,6 +345,7 @@ class PruningSession:
                     counts = method.schedule(n, k, self.budget.mode, ad.num_layers)
                     _check_schedule(method.name, counts, n, len(self.stages))
                 grids, coords, crop = ad.image_layout(len(images), n)
+                tiles = ad.image_tiles(len(images))
                 images.append(
                     _Image(
                         b,
@@ -356,6 +358,7 @@ class PruningSession:
                         hash((sample_seed, j)) % (2**62),
                         spans[j],
                         None if cands[j] is None else cands[j].to(rows.device),
+                        tile=None if tiles is None else tiles.to(rows.device),
                     )
                 )
                 rows_of.append(rows)
@@ -409,6 +412,7 @@ class PruningSession:
                 img.seed,
                 img.memo,
                 img.question,
+                img.tile,
             )
             plan = self._checked_plan(0, view, k)
             keep[img.sample, rows[plan.keep_idx]] = True
@@ -613,6 +617,7 @@ class PruningSession:
                 img.seed,
                 img.memo,
                 img.question,
+                None if img.tile is None else img.tile[orig],
             )
             plan = self._checked_plan(stage, view, k)
             kept_rows = rows[plan.keep_idx]
@@ -626,8 +631,9 @@ class PruningSession:
         gather, valid = compact_rows(keep)
         new = self._push_group(fw, idx, gather, valid)
         hidden = gather_rows(hidden, gather)
-        if self.positions == "keep":
-            cos, sin = (t.expand(gather.shape[0], *t.shape[1:]) for t in kwargs["position_embeddings"])
+        if self.positions == "keep":  # (cos, sin) of the rows entering this layer: the previous group's, if any
+            source = group.pos_emb if group.start > 0 else kwargs["position_embeddings"]
+            cos, sin = (t.expand(gather.shape[0], *t.shape[1:]) for t in source)
             new.pos_emb = (gather_rows(cos, gather), gather_rows(sin, gather))
         else:
             new.pos_emb = self.adapter.rotary(hidden, new.positions)

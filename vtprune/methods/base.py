@@ -74,6 +74,8 @@ class ImageTokens:
     memo:           a dict the method may fill at one stage and read at a later stage of the same image
                     (same prefill); e.g. cluster labels. Starts empty at every prefill.
     question:       the user-question text when the method asked for "question_text", else None.
+    tile:           (n,) int64 vision view of each candidate when a crop holds several encoder views
+                    (LLaVA-NeXT: 0 = base view, 1.. = CLIP tiles of the unpadded area), else None.
     """
 
     features: torch.Tensor
@@ -85,10 +87,17 @@ class ImageTokens:
     seed: int = 0
     memo: dict = field(default_factory=dict)
     question: str | None = None
+    tile: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
         return int(self.features.shape[0])
+
+    def view_members(self) -> list[torch.Tensor]:
+        """Candidate indices per vision-encoder view, in view order (spec §8 "per crop": LLaVA-NeXT's base
+        view and each CLIP tile, each with its own [CLS]; otherwise one per crop).  -> [(n_v,) int64]."""
+        ids = self.tile if self.tile is not None else self.crop
+        return [(ids == v).nonzero().flatten() for v in torch.unique(ids).tolist()]
 
 
 @dataclass

@@ -34,9 +34,8 @@ Our decisions beyond the spec (also in the report):
 - q constant over a crop (max q = min q, e.g. an image whose crop has one token) or no user-question
   tokens with `relevance="llm"`: r ≡ 1 (the kernel is the cosine kernel alone) instead of the reference's
   division by zero;
-- LLaVA-NeXT crops are the engine's crops (base view, unpadded tile area), not individual CLIP tiles: the
-  tile boundaries inside the unpadded area are not given to methods. Quotas: largest remainder over
-  valid positions; relevance normalised per crop;
+- LLaVA-NeXT: per vision view (`ImageTokens.view_members`: base view and each CLIP tile's unpadded
+  positions), quotas by largest remainder over valid positions, relevance normalised per view;
 - `preset="reference"`: same selection on single-crop images (use `positions="reindex"` at
   `vtprune.apply` for the reference's contiguous ids); on multi-crop images it raises, because the
   reference's NeXT behaviour (per-tile picks over padded positions, all newlines kept on top of the
@@ -293,7 +292,7 @@ class CDPruner(PruningMethod):
             )
         with torch.no_grad():
             q = self.raw_relevance(image)
-            members = [(image.crop == i).nonzero().flatten() for i in range(len(image.grids))]
+            members = image.view_members()  # per vision view: LLaVA-NeXT base view and each tile
             quotas = largest_remainder_split(k, [len(m) for m in members])
             keep = []
             for idx, quota in zip(members, quotas, strict=True):

@@ -27,9 +27,8 @@ Diagnostics: `method.decisions` (a bounded deque, newest last) gets one list of 
 branch) per `select` call, i.e. per image in engine order. It is never read by the method itself.
 
 Deviations / engine-imposed choices:
-- LLaVA-NeXT: "crop" is the engine's crop (`ImageTokens.crop`): the base view and the whole unpadded tile
-  region (one grid). The spec asks for every CLIP tile separately; the engine does not tell a method which
-  tile a position came from (each position's `cls_attention` does come from its own tile's [CLS] row).
+- LLaVA-NeXT: a "crop" is one vision view (`ImageTokens.view_members`): the base view and each CLIP tile
+  (its unpadded positions), each with its own [CLS] row, quota and trigger, as the spec says.
 - Masses use max(s, 0) (identical for attention scores, which are ≥ 0); if mean(max(s, 0)) = 0, μ ≡ 1.
 - The context→anchor transfer uses a dense (K_a × |C|) coefficient matrix (a matmul) rather than a scatter:
   same result, deterministic on GPU (index_add uses atomics), O(K_a·|C|·D) instead of O(4·|C|·D).
@@ -348,7 +347,7 @@ class DCPPrune(PruningMethod):
         scores = sig["cls_attention"].float()
         keys = F.normalize(sig["vision_head_keys"].float(), dim=1)
         text = sig.get("question_embeddings")
-        members = [(image.crop == c).nonzero().flatten() for c in range(len(image.grids))]
+        members = image.view_members()  # per vision view: LLaVA-NeXT base view and each tile
         quotas = largest_remainder_split(k, [len(m) for m in members])
         keep, feats, weights, decisions = [], [], [], []
         for c, (idx, q) in enumerate(zip(members, quotas, strict=True)):

@@ -126,8 +126,7 @@ class VisionZip(PruningMethod):
                                f"vision_heads={c.vision_heads} heads")
         metric = keys.float().reshape(image.n, c.vision_heads, -1).mean(1)
         scores = image.signals["cls_attention"]
-        crop = image.crop
-        members = [(crop == i).nonzero().flatten() for i in range(len(image.grids))]
+        members = image.view_members()  # per vision view: LLaVA-NeXT base view and each tile
         quotas = largest_remainder_split(k, [len(m) for m in members])
         keep, feats, weights = [], [], []
         for idx, q in zip(members, quotas, strict=True):

@@ -83,7 +83,7 @@ class VisPruner(PruningMethod):
 
     def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
         scores = image.signals["cls_attention"]
-        members = [(image.crop == i).nonzero().flatten() for i in range(len(image.grids))]
+        members = image.view_members()  # per vision view: LLaVA-NeXT base view and each tile
         quotas = largest_remainder_split(k, [len(m) for m in members])
         keep = [
             idx[vispruner_crop(image.features[idx], scores[idx], q, self.config.important_ratio)]

@@ -134,6 +134,11 @@ class ModelAdapter(ABC):
         None: every placeholder is a visual token."""
         return None
 
+    def image_tiles(self, image_index: int) -> torch.Tensor | None:
+        """(n,) int64 vision-encoder view of each candidate when one grid holds several views (LLaVA-NeXT's
+        tiles), else None (each crop is one view)."""
+        return None
+
     @abstractmethod
     def image_layout(self, image_index: int, n: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
         """Grids of one image's n visual tokens: ([(h, w)] per crop, coords (n, 2), crop (n,))."""

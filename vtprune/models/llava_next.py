@@ -63,6 +63,7 @@ class LlavaNextAdapter(LlavaAdapter):
             raise UnsupportedInputError(f"{len(sizes)} image_sizes for {n_images} images in the prompt")
         side = self.grid_size[0]
         self._sizes = [[int(v) for v in s] for s in sizes]
+        self._tiles: list[torch.Tensor] | None = None
         self._layouts = [(side, *self.tile_area(s)) for s in self._sizes]
         spans = [int(r.numel()) for rows in image_rows for r in rows]
         for i, ((s, h, w), n) in enumerate(zip(self._layouts, spans, strict=True)):
@@ -85,6 +86,13 @@ class LlavaNextAdapter(LlavaAdapter):
         coords = torch.cat([torch.stack([rb // s, rb % s], 1), torch.stack([rt // w, rt % w], 1)])
         crop = torch.cat([torch.zeros(s * s, dtype=torch.long), torch.ones(h * w, dtype=torch.long)])
         return [(s, s), (h, w)], coords, crop
+
+    def image_tiles(self, image_index: int) -> torch.Tensor:
+        """0 for the base view, 1 + t for candidates from anyres tile t (packed raster order, unpadded)."""
+        if self._tiles is None:
+            side = self.grid_size[0]
+            self._tiles = [idx // (side * side) for idx in self.packed_tile_index()]
+        return self._tiles[image_index]
 
     # --- vision signals (spec §8) ----------------------------------------------------------------
     def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
