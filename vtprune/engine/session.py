@@ -538,11 +538,19 @@ class PruningSession:
             fw.captured[idx] = (layer, hidden, kwargs["position_embeddings"], group.mask2d)
         return (hidden,) + tuple(args[1:]), kwargs
 
-    def _llm_signals(self, fw: _Forward, stage: int, layer_idx: int) -> dict[str, torch.Tensor]:
-        """Signals over the rows of the current group, each (B, L) fp32, computed from layer k−1."""
+    def _llm_signals(self, fw: _Forward, stage: int, layer_idx: int, here: tuple) -> dict[str, torch.Tensor]:
+        """Signals over the rows of the current group, each (B, L) fp32, computed from layer k−1 (or, for
+        `layer_last_token_attention`, from layer k itself: here = (layer, hidden, pos_emb, mask2d) of layer k)."""
         wanted = self.method.signals(stage) & sig.LLM_SIGNALS
         if not wanted:
             return {}
+        out: dict[str, torch.Tensor] = {}
+        if "layer_last_token_attention" in wanted:
+            with torch.no_grad():
+                out["layer_last_token_attention"] = sig.last_token_attention(self.adapter, *here)
+            wanted = wanted - {"layer_last_token_attention"}
+            if not wanted:
+                return out
         prev, hidden, pos_emb, mask2d = fw.captured[layer_idx - 1]
         keys = None
         cache = fw.cache
@@ -550,7 +558,6 @@ class PruningSession:
             cached = cache.layers[layer_idx - 1].keys
             if cached is not None and cached.dim() == 4 and cached.shape[2] == hidden.shape[1]:
                 keys = cached
-        out: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if "last_token_attention" in wanted:
                 out["last_token_attention"] = sig.last_token_attention(
@@ -590,7 +597,8 @@ class PruningSession:
         group = fw.groups[-1]
         if all(img.counts[stage] >= (img.counts[stage - 1] if stage else img.n) for img in fw.images):
             return hidden  # nobody prunes here: keep the rows (and numerics) exactly as they are
-        signals = self._llm_signals(fw, stage, idx)
+        here_pos = group.pos_emb if group.start > 0 else kwargs["position_embeddings"]
+        signals = self._llm_signals(fw, stage, idx, (layer, hidden, here_pos, group.mask2d))
         keep = group.mask2d.bool() & (group.vis_image < 0)
         replaced = None
         for i, img in enumerate(fw.images):
@@ -693,7 +701,9 @@ class PruningSession:
 
     def _step_group(self, fw: _Forward, idx: int, hidden, kwargs) -> None:
         """Decode step at a stage layer: rebuild the group's mask (and rope for `reindex`)."""
-        group = next(g for g in fw.groups if g.start == idx)
+        group = next((g for g in fw.groups if g.start == idx), None)
+        if group is None:  # nobody pruned at this stage in this prefill: the layer runs on the previous group
+            return
         if self.positions == "keep":
             group.pos_emb = kwargs["position_embeddings"]
         else:

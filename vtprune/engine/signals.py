@@ -14,8 +14,12 @@ from torch import nn
 
 #: Signals an `llm:k` stage can request, computed from layer k−1 (per image, over its n current candidates):
 #: last_token_attention (n,), mean_received_attention (n,), key_norms (n,), and
-#: suffix_attention (T_s, n): head-mean attention of each question-span row (see TEXT_SIGNALS) over them.
-LLM_SIGNALS = frozenset({"last_token_attention", "mean_received_attention", "key_norms", "suffix_attention"})
+#: suffix_attention (T_s, n): head-mean attention of each question-span row (see TEXT_SIGNALS) over them;
+#: layer_last_token_attention (n,): the last prompt token's row at layer k *itself*, from the hidden states
+#: entering layer k (its norm, q/k projections and RoPE; keys recomputed: T·D·H_kv·d_h MACs) — PDrop.
+LLM_SIGNALS = frozenset(
+    {"last_token_attention", "mean_received_attention", "key_norms", "suffix_attention", "layer_last_token_attention"}
+)
 #: Signals a `vision`/`pre_llm` stage can request, captured from the vision tower (per image, n candidates):
 #: cls_attention (n,) [CLS]→patch attention, head mean (Qwen: spec §7 column mean);
 #: vision_keys (n, C) keys of that layer, heads not split; vision_head_keys (n, d_h) head-mean keys;

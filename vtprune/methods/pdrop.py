@@ -1,7 +1,8 @@
 """PyramidDrop (CVPR 2025), inference-only: at each of three stage boundaries keep the visual tokens the last
 prompt token attends to most, a fraction λ of the previous stage's (spec pdrop.md).
 
-At stage `llm:b_s` the engine's `last_token_attention` (n,) (head mean, recomputed, no eager attention) ranks
+At stage `llm:b_s` the engine's `layer_last_token_attention` (n,) — layer b_s's own attention row of the last
+prompt token, recomputed from the hidden states entering layer b_s (head mean, no eager attention) — ranks
 the image's current candidates; the top k_s are kept (stable ties). Each stage selects among the survivors of
 the previous one, so the selection is nested. Selection only.
 
@@ -17,14 +18,10 @@ Schedules (`schedule=`):
 `preset="reference"` defaults `schedule` to "paper" (the reference's setting); use `positions="reindex"` for the
 reference's contiguous ids.
 
-Extra compute (no layer is switched to eager; SDPA/FA kernels run unchanged): per boundary one query row of
-the layer before it, D·H·d_h MACs, and its scores over the T current rows, T·H·d_h (keys from that layer's KV
-cache, or T·D·H_kv·d_h to recompute them without a cache); then a sort of n_v scores.
-
-Deviation (engine): the spec ranks with the attention of layer b itself, recomputed from the hidden states
-entering layer b before it runs. The engine computes the signals of stage `llm:b` from layer b − 1 (its input,
-on the same pruned-so-far tokens, and its keys), so PDrop ranks with layer b − 1's last-token row (as FastV
-does). Counts, boundaries and positions follow the spec; see the report for the signal the engine would need.
+Extra compute (no layer is switched to eager; SDPA/FA kernels run unchanged): per boundary, layer b's input
+norm and one query row, D·H·d_h MACs, its keys for the T current rows recomputed (the layer has not run
+yet), T·D·H_kv·d_h MACs (≈ 1.3·10⁸ for T = 640 on LLaVA-7B), and the scores, T·H·d_h; then a sort of n_v
+scores.
 """
 
 from __future__ import annotations
@@ -125,7 +122,7 @@ class PDrop(PruningMethod):
         super().validate(num_layers)
 
     def signals(self, stage_index: int) -> frozenset[str]:
-        return frozenset({"last_token_attention"})
+        return frozenset({"layer_last_token_attention"})
 
     def schedule(self, n: int, budget: int, mode: str, num_layers: int) -> list[int]:
         lam = float(self.config.lam)
@@ -162,4 +159,4 @@ class PDrop(PruningMethod):
         )
 
     def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
-        return KeepPlan(stable_topk(image.signals["last_token_attention"], k))
+        return KeepPlan(stable_topk(image.signals["layer_last_token_attention"], k))
