@@ -25,15 +25,13 @@ CASES: dict[str, list[tuple[float, dict]]] = {
     "divprune": [(0.3, {})],
     "visionzip": [(0.3, {})],
     "vispruner": [(0.3, {})],
-    "cdpruner": [(0.3, {"relevance": "llm"})],
+    "cdpruner": [(0.3, {"relevance": "llm"})],  # the CLIP route needs a CLIP model: tests/test_cdpruner.py
     "dcp_prune": [(0.3, {}), (0.3, {"tau_kappa": 0.0})],  # default trigger; always try TATCS
+    "resprune": [(0.3, {"alpha": 0.0})],  # α ≠ 0 needs a tokenizer for the nouns: tests/test_resprune.py
+    "vitcop": [(0.3, {}), (0.3, {"merge": "mean", "positions": "reindex"})],
     # three / two cuts on 6 layers: budgets must match a SparseVLM table row (ρ = 1/3) or be reachable
     "sparsevlm": [(1 / 3, {}), (1 / 3, {"recycle": False}), (0.4, {"schedule": "matched"})],
-    "pdrop": [
-        (0.5, {}),
-        (0.3, {"schedule": "paper"}),
-        (0.5, {"positions": "reindex"}),
-    ],  # the CLIP route needs a CLIP model: tests/test_cdpruner.py
+    "pdrop": [(0.5, {}), (0.3, {"schedule": "paper"}), (0.5, {"positions": "reindex"})],
 }
 
 
