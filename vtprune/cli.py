@@ -1,4 +1,4 @@
-"""The `vtprune` command line: `vtprune demo`, `vtprune methods`, `vtprune testbed ...`."""
+"""The `vtprune` command line: `vtprune demo`, `methods`, `eval`, `compare`, `run`, `show`, `testbed`, `bench`."""
 
 from __future__ import annotations
 
@@ -98,6 +98,111 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_for_run(args: argparse.Namespace):
+    import torch
+
+    from vtprune.runner import load
+
+    torch.set_num_threads(args.threads)
+    return load(args.model, device=args.device, dtype=getattr(torch, args.dtype), layers=args.layers)
+
+
+def _run(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+    from rich.markup import escape
+
+    from vtprune.errors import VtpruneError
+    from vtprune.runner import result_table, run_one
+
+    loaded = _load_for_run(args)
+    try:
+        result = run_one(
+            loaded,
+            args.image,
+            args.prompt,
+            args.method,
+            _budget(args.budget),
+            budget_mode=args.budget_mode,
+            positions=args.positions,
+            options=_parse_options(args.option),
+            max_new_tokens=args.max_new_tokens,
+        )
+    except VtpruneError as err:
+        raise SystemExit(f"vtprune run: {err}") from None
+    console = Console()
+    if loaded.note:
+        console.print(f"[yellow]note:[/yellow] {loaded.note}")
+    console.print(f"[bold]answer:[/bold] {escape(result['answer'])}", soft_wrap=True, highlight=False)
+    console.print(result_table(result, title=f"{args.model}: {args.method} @ {args.budget} ({args.budget_mode})"))
+    if args.json:
+        keep = {k: v for k, v in result.items() if k not in ("record", "events")}
+        keep["events"] = [{**e, "keep_idx": e["keep_idx"].tolist()} for e in result["events"]]
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "image": str(args.image), "prompt": args.prompt, **keep}, f, indent=2)
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from vtprune.errors import VtpruneError
+    from vtprune.show import show
+
+    loaded = _load_for_run(args)
+    try:
+        res = show(
+            loaded,
+            args.image,
+            args.prompt,
+            args.methods,
+            _budget(args.budget),
+            args.out,
+            budget_mode=args.budget_mode,
+            positions=args.positions,
+            options=_parse_options(args.option),
+            max_new_tokens=args.max_new_tokens,
+        )
+    except VtpruneError as err:
+        raise SystemExit(f"vtprune show: {err}") from None
+    console = Console()
+    if loaded.note:
+        console.print(f"[yellow]note:[/yellow] {loaded.note}")
+    for r in res.results:
+        if "error" in r:
+            console.print(f"{r['method']} @ {r['budget']}: [red]not run[/red]: {escape(r['error'])}", soft_wrap=True)
+            continue
+        events = ", ".join(
+            f"{e['stage']}: {len(e['keep_idx'])} kept"
+            + (f" ({len(e['merged_idx'])} merged)" if e["merged_idx"] else "")
+            for e in r["events"]
+        )
+        console.print(
+            f"{r['method']} @ {r['budget']}: answer {escape(repr(r['answer']))}; retained {r['retained_tokens']}, "
+            f"n̄ {r['layer_avg_tokens']:.1f} of {r['n_visual']}; {events or 'no pruning'}",
+            soft_wrap=True,
+        )
+    console.print(f"picture: {res.path} ({res.image.width}×{res.image.height})", soft_wrap=True, highlight=False)
+    return 0
+
+
+def _add_one_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME, a model directory or arch:NAME")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="the question (wrapped in the model's chat template)")
+    p.add_argument("--budget", default="64", help="tokens (int) or ratio (float in (0, 1))")
+    p.add_argument("--budget-mode", default="layer_avg", choices=["layer_avg", "retained"])
+    p.add_argument("--positions", default="keep", choices=["keep", "reindex"])
+    p.add_argument("--option", action="append", help="method option KEY=VALUE (show: or METHOD.KEY=VALUE)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--layers", type=int, default=None, help="arch:NAME only: keep the first N decoder layers")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
     p.add_argument("--benchmark", default="shapes", choices=["shapes"], help="benchmark (built-in: shapes)")
@@ -131,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--budgets", default="576,192,128,64,32,16")
     c.add_argument("--out", default="vtprune-compare", help="directory for compare.json and compare.png")
     c.set_defaults(func=_compare)
+    r = sub.add_parser("run", help="one image + prompt through a pruned model: answer, tokens, FLOPs, timing")
+    _add_one_image_args(r)
+    r.add_argument("--method", default="none")
+    r.add_argument("--json", default=None, help="write the result (with kept indices per event) here")
+    r.set_defaults(func=_run)
+    s = sub.add_parser("show", help="PNG of the image with each method's kept tokens drawn over it")
+    _add_one_image_args(s)
+    s.add_argument("--methods", default="pool", help="comma-separated, side by side; NAME@BUDGET overrides --budget")
+    s.add_argument("--out", default="vtprune-show.png", help="PNG path")
+    s.set_defaults(func=_show, max_new_tokens=8)
     m = sub.add_parser("methods", help="list the registered methods and their stages")
     m.set_defaults(func=_methods)
     try:

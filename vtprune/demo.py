@@ -52,6 +52,13 @@ def run_builtin_demo(quick: bool, out: str | Path, n_per_type: int) -> int:
     methods = [m for m in DEMO_METHODS if m in vtprune.methods()]
     budgets = (64,) if quick else (192, 64, 16)
     run_compare_report(model, processor, samples, methods, budgets, out, "demo", "builtin:shapes-llava, CPU")
+    from vtprune.runner import wrap
+    from vtprune.show import show
+
+    s, shown = samples[0], [m for m in ("pool", "divprune", "visionzip", "vispruner") if m in methods]
+    pic = show(wrap(model, processor, "builtin:shapes-llava"), s["image"], s["question"], shown, 64,
+               Path(out) / "show.png", max_new_tokens=1)  # fmt: skip
+    print(f"kept tokens of {', '.join(shown)} at 64 on one image: {pic.path}")
     return 0
 
 
