@@ -547,3 +547,18 @@ def test_write_read_tau_round_trip(tmp_path):
 def test_shipped_builtin_tau_reproduces():
     """The shipped value = 90th percentile of κ_A over 256 eval-stream scenes at ρ = 1/9 (≈ 35 s)."""
     assert cal.calibrate_builtin() == pytest.approx(cal.read_tau("builtin:shapes-llava"), rel=1e-5)
+
+
+def test_calibrate_cli_writes_the_value(tmp_path, capsys):
+    """`vtprune calibrate-dcp --images DIR --write FILE` prints and stores the same τ_κ as the function."""
+    from vtprune.cli import main
+    from vtprune.testbed import load_builtin, make_scene, render
+
+    for i in range(2):
+        render(make_scene(7, i)).save(tmp_path / f"{i:012d}.png")
+    table = tmp_path / "tau.json"
+    assert main(["calibrate-dcp", "--images", str(tmp_path), "--n", "2", "--batch", "1", "--write", str(table)]) == 0
+    assert "builtin:shapes-llava" in capsys.readouterr().out
+    model, processor = load_builtin("shapes-llava")
+    want = cal.calibrate_folder(model, processor, tmp_path, n_images=2, batch_size=1)
+    assert cal.read_tau("builtin:shapes-llava", table) == pytest.approx(want, abs=1e-6)

@@ -188,6 +188,35 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_dcp(args: argparse.Namespace) -> int:
+    import torch
+
+    from vtprune.methods._dcp_calibration import calibrate_folder, model_key, write_tau
+    from vtprune.runner import load
+
+    torch.set_num_threads(args.threads)
+    loaded = load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    tau = calibrate_folder(
+        loaded.model,
+        loaded.processor,
+        args.images,
+        n_images=args.n,
+        budget_ratio=args.ratio,
+        percentile=args.percentile,
+        prompt=args.prompt,
+        batch_size=args.batch,
+    )
+    key = args.key or model_key(loaded.model)
+    print(
+        f"tau_kappa = {tau:.6g} for {key!r} ({args.n} images of {args.images}, ρ = {args.ratio:.4g}, "
+        f"{args.percentile:g}th percentile)"
+    )
+    if args.write:
+        path = write_tau(key, tau, args.write if args.write != "-" else None, images=str(args.images), n=args.n)
+        print(f"written to {path}")
+    return 0
+
+
 def _add_one_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME, a model directory or arch:NAME")
     p.add_argument("--image", required=True, help="image file")
@@ -246,6 +275,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--methods", default="pool", help="comma-separated, side by side; NAME@BUDGET overrides --budget")
     s.add_argument("--out", default="vtprune-show.png", help="PNG path")
     s.set_defaults(func=_show, max_new_tokens=8)
+    k = sub.add_parser("calibrate-dcp", help="DCP-Prune's trigger threshold τ_κ from a folder of images")
+    k.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
+    k.add_argument("--images", required=True, help="folder of images (spec: COCO val2017, lowest ids first)")
+    k.add_argument("--n", type=int, default=256, help="images to use (first N by file name)")
+    k.add_argument("--ratio", type=float, default=1 / 9, help="reference budget ratio ρ_ref (K = ρ·N)")
+    k.add_argument("--percentile", type=float, default=90.0)
+    k.add_argument(
+        "--prompt",
+        default=None,
+        help="full prompt (default: 'Describe this image briefly.' in the model's chat template)",
+    )
+    k.add_argument("--batch", type=int, default=8)
+    k.add_argument("--key", default=None, help="table key (default: builtin:NAME or the model path)")
+    k.add_argument(
+        "--write",
+        nargs="?",
+        const="-",
+        default=None,
+        help="store the value in the shipped table (or in the given JSON file)",
+    )
+    k.add_argument("--device", default="cpu")
+    k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    k.add_argument("--threads", type=int, default=1)
+    k.set_defaults(func=_calibrate_dcp)
     m = sub.add_parser("methods", help="list the registered methods and their stages")
     m.set_defaults(func=_methods)
     try:
