@@ -147,6 +147,32 @@ def test_remove_restores_stock_bit_exactly(nmodels, nbatches):
     assert torch.equal(before, after) and not model._forward_pre_hooks
 
 
+@pytest.mark.parametrize("method,budget", [("fastv", 0.6), ("random", 0.3), ("visionzip", 0.3)])
+def test_from_pretrained_round_trip(nmodels, nbatches, tmp_path, method, budget):
+    """save_pretrained -> LlavaNextForConditionalGeneration.from_pretrained: a method applied to the reloaded
+    model gives the in-memory model's tokens and logits (in-LLM, pre-LLM and vision-stage methods)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    model, inputs = nmodels["sdpa"], nbatches[2]
+    model.save_pretrained(tmp_path / "tiny")
+    loaded = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "tiny", attn_implementation="sdpa").eval()
+    loaded.generation_config.eos_token_id = None
+    for m in (model, loaded):
+        vtprune.apply(m, method, budget)
+    try:
+        t0, l0 = generate_logits(model, inputs, STEPS)
+        r0 = vtprune.last_run(model)
+        t1, l1 = generate_logits(loaded, inputs, STEPS)
+        r1 = vtprune.last_run(loaded)
+    finally:
+        vtprune.remove(model)
+        vtprune.remove(loaded)
+    assert torch.equal(t0, t1) and torch.equal(l0, l1)
+    for s0, s1 in zip(r0.samples, r1.samples, strict=True):
+        assert s0.layer_avg_tokens == s1.layer_avg_tokens < s0.n_visual
+        assert all(torch.equal(e0.keep_idx, e1.keep_idx) for e0, e1 in zip(s0.events, s1.events, strict=True))
+
+
 def test_bad_inputs(nmodels, nbatches):
     model, inputs = nmodels["sdpa"], nbatches[2]
     with vtprune.pruned(model, "random", 0.3):
@@ -194,8 +220,10 @@ def _eager_reference(model, inputs):
     stock `get_image_features` to the per-tile projector output it came from."""
     cfg, vt = model.config, model.model.vision_tower
     layer = len(vt.encoder.layers) + cfg.vision_feature_layer  # -2: attentions[layer] feeds hidden_states[-2]
-    tiles = [image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
-             for s in inputs["image_sizes"].tolist()]
+    tiles = [
+        image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+        for s in inputs["image_sizes"].tolist()
+    ]
     pixels = torch.cat([p[:t] for p, t in zip(inputs["pixel_values"], tiles, strict=True)])
     keys = []
     handle = vt.encoder.layers[layer].self_attn.k_proj.register_forward_hook(lambda m, i, o: keys.append(o))
@@ -271,8 +299,15 @@ def test_vision_methods_run_on_next(nmodels, nbatches, method, options):
         replace = {}
         for b, (cls, keys, feats) in enumerate(refs):
             grids, coords, crop = ad.image_layout(b, len(cls))
-            img = ImageTokens(feats, coords, crop, grids, torch.arange(len(cls)),
-                              {"cls_attention": cls, "vision_keys": keys}, tile=ad.image_tiles(b))
+            img = ImageTokens(
+                feats,
+                coords,
+                crop,
+                grids,
+                torch.arange(len(cls)),
+                {"cls_attention": cls, "vision_keys": keys},
+                tile=ad.image_tiles(b),
+            )
             plan = build_method(method, options).select(0, img, len(kept[b]))
             assert torch.equal(plan.keep_idx, kept[b])
             assert int((crop[kept[b]] == 0).sum()) >= 1 and int((crop[kept[b]] == 1).sum()) >= 1

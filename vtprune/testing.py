@@ -155,6 +155,54 @@ def qwen_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: list[t
     return build_qwen_inputs(model.config, prompts, torch.tensor(grids), pixels)
 
 
+def qwen_video_inputs(
+    model,
+    prompts: list[tuple[list[int], list[int]]],
+    media: list[list[tuple[int, ...]]],
+    *,
+    seed: int = 0,
+    second_per_grid_ts: list[float] | None = None,
+):
+    """Left-padded Qwen2.5-VL inputs with videos (and images): `media[b]` lists prompt b's visual spans in
+    order, each `(H, W)` px for an image or `(frames, H, W)` for a video (frames a multiple of
+    `temporal_patch_size`; H, W multiples of 28), each inside `<|vision_start|> … <|vision_end|>`.
+
+    -> {input_ids, attention_mask, mm_token_type_ids (B, L) (1 image, 2 video), and for what is present
+    pixel_values (Σ patches, 1176), image_grid_thw, pixel_values_videos (Σ patches, 1176), video_grid_thw,
+    second_per_grid_ts (n_videos,) if given}.
+    """
+    from .models.qwen_inputs import expand_vision_pads
+
+    cfg = model.config
+    vc = cfg.vision_config
+    gen = torch.Generator().manual_seed(seed)
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    images, videos, token_ids = [], [], []
+    for (pre, post), spans in zip(prompts, media, strict=True):
+        ids = list(pre)
+        for span in spans:
+            *frames, h, w = span
+            grid = (1 if not frames else frames[0] // vc.temporal_patch_size, h // vc.patch_size, w // vc.patch_size)
+            (videos if frames else images).append(grid)
+            ids += [cfg.vision_start_token_id, cfg.video_token_id if frames else cfg.image_token_id]
+            ids += [cfg.vision_end_token_id]
+        token_ids.append(ids + list(post))
+
+    def pixels(grids):
+        n = sum(t * h * w for t, h, w in grids)
+        return torch.randn(n, width, generator=gen).to(model.dtype) if grids else None
+
+    return expand_vision_pads(
+        cfg,
+        token_ids,
+        torch.tensor(images) if images else None,
+        pixels(images),
+        torch.tensor(videos) if videos else None,
+        pixels(videos),
+        second_per_grid_ts,
+    )
+
+
 # --- LLaVA-NeXT ----------------------------------------------------------------------------------------
 def tiny_llava_next(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, image_size: int = 56, **kw):
     """A random `LlavaNextForConditionalGeneration`: 4×4-token tiles (56 px, patch 14), pinpoints up to 2×2 tiles."""
