@@ -52,6 +52,7 @@ def signal(name: str, n: int, g: torch.Generator):
     shapes = {
         "cls_attention": None,
         "last_token_attention": None,
+        "layer_last_token_attention": None,
         "mean_received_attention": None,
         "key_norms": None,
         "vision_keys": (n, C),

@@ -93,6 +93,16 @@ def family(name: str) -> Family:
     return fam
 
 
+def grid_layout(grids) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Raster coordinates (n, 2) and crop ids (n,) of candidates on crops of the given (h, w) grids, and n."""
+    coords, crop = [], []
+    for c, (h, w) in enumerate(grids):
+        r = torch.arange(h * w)
+        coords.append(torch.stack([r // w, r % w], 1))
+        crop.append(torch.full((h * w,), c, dtype=torch.long))
+    return torch.cat(coords), torch.cat(crop), sum(h * w for h, w in grids)
+
+
 def apply(model, method, budget, options: dict | None = None, **extra):
     """`vtprune.apply` with engine options (budget_mode, positions, tokenizer) taken out of `options`."""
     options = dict(options or {})

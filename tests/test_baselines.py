@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from families import grid_layout
 from oracles import generate_logits, masked_reference_logits
 from test_engine_oracles import _pool_replacements
 
@@ -23,16 +24,11 @@ from vtprune.methods.vispruner import vispruner_crop
 
 def _image(n=576, grids=((24, 24),), d=16, seed=0, signals=None, feats=None):
     g = torch.Generator().manual_seed(seed)
-    coords, crop = [], []
-    for c, (h, w) in enumerate(grids):
-        r = torch.arange(h * w)
-        coords.append(torch.stack([r // w, r % w], 1))
-        crop.append(torch.full((h * w,), c, dtype=torch.long))
-    n = sum(h * w for h, w in grids)
+    coords, crop, n = grid_layout(grids)
     return ImageTokens(
         feats if feats is not None else torch.randn(n, d, generator=g),
-        torch.cat(coords),
-        torch.cat(crop),
+        coords,
+        crop,
         list(grids),
         torch.arange(n),
         signals or {},

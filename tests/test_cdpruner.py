@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from families import check_oracles, family
+from families import check_oracles, family, grid_layout
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPConfig,
@@ -40,16 +40,11 @@ torch.set_num_threads(1)
 
 def _image(grids=((6, 6),), d=16, seed=0, signals=None, feats=None, question=None):
     g = torch.Generator().manual_seed(seed)
-    coords, crop = [], []
-    for c, (h, w) in enumerate(grids):
-        r = torch.arange(h * w)
-        coords.append(torch.stack([r // w, r % w], 1))
-        crop.append(torch.full((h * w,), c, dtype=torch.long))
-    n = sum(h * w for h, w in grids)
+    coords, crop, n = grid_layout(grids)
     return ImageTokens(
         feats if feats is not None else torch.randn(n, d, generator=g),
-        torch.cat(coords),
-        torch.cat(crop),
+        coords,
+        crop,
         list(grids),
         torch.arange(n),
         signals or {},

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from families import check_oracles, family
+from families import check_oracles, family, grid_layout
 
 import vtprune
 from vtprune.budget import largest_remainder_split
@@ -35,12 +35,7 @@ INF = math.inf
 
 def _image(grids=((24, 24),), d=32, dk=8, seed=0, text=3, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    coords, crop = [], []
-    for c, (h, w) in enumerate(grids):
-        r = torch.arange(h * w)
-        coords.append(torch.stack([r // w, r % w], 1))
-        crop.append(torch.full((h * w,), c, dtype=torch.long))
-    n = sum(h * w for h, w in grids)
+    coords, crop, n = grid_layout(grids)
     feats = (torch.randn(n, d, generator=g) + 0.5 * torch.randn(1, d, generator=g)).to(dtype)
     signals = {
         "cls_attention": torch.rand(n, generator=g).pow(3).softmax(0),
@@ -48,7 +43,7 @@ def _image(grids=((24, 24),), d=32, dk=8, seed=0, text=3, dtype=torch.float32):
     }
     if text is not None:
         signals["question_embeddings"] = torch.randn(text, d, generator=g)
-    return ImageTokens(feats, torch.cat(coords), torch.cat(crop), list(grids), torch.arange(n), signals, seed)
+    return ImageTokens(feats, coords, crop, list(grids), torch.arange(n), signals, seed)
 
 
 def _crop_args(img):

@@ -8,6 +8,7 @@ from oracles import generate_logits, masked_reference_logits
 from transformers import LlavaForConditionalGeneration
 
 import vtprune
+from vtprune.methods import KeepPlan, PruningMethod, Stage
 from vtprune.methods.pool import pool_grid, pooled_shape
 
 # (method, budget, options): budgets feasible on the 6-layer test model (FastV k=2 needs n̄ >= 192).
@@ -165,3 +166,33 @@ def test_kv_cache_holds_only_kept_rows(models, batches):
     assert lengths[:2] == [prompt + 1] * 2
     assert lengths[2:] == [kept + 1] * 4
     assert rec.samples[0].visual_per_layer == [576, 576] + [12] * 4  # R = round((6·200 − 2·576)/4) = 12
+
+
+class _TwoCuts(PruningMethod):
+    """Two in-LLM cuts keeping every other token (engine regression: the second cut must gather the first
+    group's (cos, sin), not the model's full-length ones)."""
+
+    name = "two_cuts"
+
+    def stages(self):
+        return (Stage("llm", 2), Stage("llm", 4))
+
+    def schedule(self, n, budget, mode, num_layers):
+        return [n // 2, n // 4]
+
+    def select(self, stage_index, image, k):
+        return KeepPlan(torch.arange(k) * 2)
+
+
+@pytest.mark.parametrize("positions", ["keep", "reindex"])
+def test_two_in_llm_cuts_equal_masking_reference(models, batches, positions):
+    model, inputs = models["sdpa"], batches[2]
+    vtprune.apply(model, _TwoCuts(), 100, positions=positions)
+    try:
+        tokens, logits = generate_logits(model, inputs, STEPS)
+        record = vtprune.last_run(model)
+    finally:
+        vtprune.remove(model)
+    assert record.samples[0].visual_per_layer == [576, 576, 288, 288, 144, 144]
+    ref = masked_reference_logits(model, inputs, record, tokens[:, :-1], None, positions)
+    assert (logits - ref[:, inputs["input_ids"].shape[1] - 1 :]).abs().max() <= 1e-4

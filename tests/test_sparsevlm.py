@@ -5,16 +5,14 @@ the three tiny families (recycling merges, so selection_only=False; recycle=Fals
 from __future__ import annotations
 
 import math
-from functools import cache
 
 import pytest
 import torch
 from families import FAMILIES, check_oracles, family
-from oracles import masked_reference_logits
 
 import vtprune
 from vtprune.errors import BudgetError, VtpruneError
-from vtprune.methods import ImageTokens, KeepPlan, PruningMethod, Stage, build_method, stable_topk
+from vtprune.methods import ImageTokens, build_method, stable_topk
 from vtprune.methods.sparsevlm import (
     ROWS,
     authors_counter,
@@ -42,48 +40,6 @@ BUDGETS = {"llava": 192, "llava_next": 2 / 9, "qwen2_5_vl": 1 / 3}  # table rows
 
 def _rhu(x: float) -> int:
     return math.floor(x + 0.5)
-
-
-# ----------------------------------------------------------------------------------- engine gap detection
-class _TwoCuts(PruningMethod):
-    """Engine probe: two in-LLM cuts keeping every other token (no model knowledge)."""
-
-    name = "_sparsevlm_probe"
-
-    def stages(self):
-        return (Stage("llm", 2), Stage("llm", 4))
-
-    def schedule(self, n, budget, mode, num_layers):
-        return [n // 2, n // 4]
-
-    def select(self, stage_index, image, k):
-        return KeepPlan(torch.arange(k) * 2)
-
-
-@cache
-def multistage_keep_gap() -> bool:
-    """True when a second in-LLM cut under positions="keep" differs from the masking reference (engine bug:
-    `_prune_in_llm` gathers the model's full-length (cos, sin) with the previous group's row indices)."""
-    fam = family("llava")
-    model, inputs = fam.models["sdpa"], fam.batches[1]
-    vtprune.apply(model, _TwoCuts(), 100)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits[:, -1]
-        record = vtprune.last_run(model)
-    finally:
-        vtprune.remove(model)
-    ref = masked_reference_logits(model, inputs, record)[:, -1]
-    return bool((logits - ref).abs().max() > 1e-4)
-
-
-def _skip_if_gap(positions: str) -> None:
-    if positions == "keep" and multistage_keep_gap():
-        pytest.skip(
-            "engine gap: at the 2nd and later llm:k stages PruningSession._prune_in_llm gathers "
-            "kwargs['position_embeddings'] (the model's full-length cos/sin) with row indices of the previous "
-            "pruned group; it should gather fw.groups[-1].pos_emb (positions='keep' only)"
-        )
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -450,13 +406,11 @@ def test_text_rows_unchanged_and_positions_non_decreasing():
 # ----------------------------------------------------------------------------------- oracles
 @pytest.mark.parametrize("name", FAMILIES)
 def test_oracles_recycling(name):
-    _skip_if_gap("keep")
     check_oracles(name, "sparsevlm", BUDGETS[name], {}, selection_only=False)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_oracles_recycling_off_is_selection_only(name):
-    _skip_if_gap("keep")
     check_oracles(name, "sparsevlm", BUDGETS[name], {"recycle": False}, selection_only=True)
 
 
@@ -469,7 +423,6 @@ def test_oracles_reference_preset_reindex(name):
 
 
 def test_oracles_matched_schedule():
-    _skip_if_gap("keep")
     record = check_oracles("llava", "sparsevlm", 200, {"schedule": "matched"}, selection_only=False, bypass=False)
     assert abs(record.samples[0].layer_avg_tokens - 200) <= 0.5
 

@@ -4,20 +4,19 @@ Stage-II quota/merge rule, the budget table, LLaVA-NeXT crop geometry, and the s
 
 Budgets on the 6-layer test models: L_s = 2 and the derived L_d = round(22·6/32) = 4, so
 n̄ = (2·n1 + 2·R2 + 2·R3)/6. A ratio of 0.3 gives n1/R2/R3 = 270/206/41 on LLaVA (576), 29/22/4 and 22/16/3
-on NeXT (64, 48) and 11/8/2, 6/5/1 on Qwen (24, 12): every stage prunes on every sample (a stage that
-prunes nobody in the batch is an engine gap, see `_oracles`). The largest feasible n̄ on 6 layers is
+on NeXT (64, 48) and 11/8/2, 6/5/1 on Qwen (24, 12): every stage prunes on every sample (the Qwen 0.5
+case has a stage that prunes nobody in the 12-token image). The largest feasible n̄ on 6 layers is
 ≈ 0.73·N (n1 = R2 = N, R3 = N/5), the smallest on 576 tokens is 16.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
-from families import check_oracles, family
+from families import check_oracles, family, grid_layout
 
 import vtprune
 from vtprune.engine import signals as sig
@@ -44,18 +43,13 @@ from vtprune.methods.vitcop import (
 def _grid_image(grids=((24, 24),), d=16, seed=0, n_keys=32, pads=None):
     """ImageTokens over crops of `grids` (raster order per crop) with random features and vision signals."""
     g = torch.Generator().manual_seed(seed)
-    coords, crop = [], []
-    for c, (h, w) in enumerate(grids):
-        r = torch.arange(h * w)
-        coords.append(torch.stack([r // w, r % w], 1))
-        crop.append(torch.full((h * w,), c, dtype=torch.long))
-    n = sum(h * w for h, w in grids)
+    coords, crop, n = grid_layout(grids)
     signals = {
         "cls_attention": torch.rand(n, generator=g).softmax(0),
         "vision_keys": torch.randn(n, n_keys, generator=g) * 3,
     }
     return ImageTokens(
-        torch.randn(n, d, generator=g), torch.cat(coords), torch.cat(crop), list(grids), torch.arange(n), signals, seed
+        torch.randn(n, d, generator=g), coords, crop, list(grids), torch.arange(n), signals, seed
     )
 
 
@@ -496,42 +490,8 @@ def test_key_norm_invariant_under_rope_and_mrope():
 # ------------------------------------------------------------------------------------- engine end-to-end
 
 
-@contextmanager
-def _engine_fixes():
-    """The two engine fixes this method needs (see the report), applied for the duration of a check."""
-    from vtprune.engine import session as s
-
-    prune, step = s.PruningSession._prune_in_llm, s.PruningSession._step_group
-
-    def prune_fixed(self, fw, stage, idx, layer, hidden, kwargs):
-        group = fw.groups[-1]
-        if group.start > 0 and self.positions == "keep":  # (cos, sin) of the current rows, not the model's
-            kwargs = {**kwargs, "position_embeddings": group.pos_emb}
-        return prune(self, fw, stage, idx, layer, hidden, kwargs)
-
-    def step_fixed(self, fw, idx, hidden, kwargs):
-        if any(g.start == idx for g in fw.groups):  # a stage where nobody pruned has no group
-            step(self, fw, idx, hidden, kwargs)
-
-    s.PruningSession._prune_in_llm, s.PruningSession._step_group = prune_fixed, step_fixed
-    try:
-        yield
-    finally:
-        s.PruningSession._prune_in_llm, s.PruningSession._step_group = prune, step
-
-
 def _oracles(fam, budget, options, **kw):
-    """check_oracles -> (record, None); when it fails only because of the engine gaps, the record of a re-check
-    with them fixed and the gap to skip with once the caller's own assertions have passed."""
-    try:
-        return check_oracles(fam, "vitcop", budget, options, selection_only=False, **kw), None
-    except (AssertionError, StopIteration, RuntimeError) as err:
-        with _engine_fixes():
-            record = check_oracles(fam, "vitcop", budget, options, selection_only=False, **kw)
-        return record, (
-            "engine gap (passes with the fixes of _engine_fixes: a second in-LLM cut gathers the model's "
-            f"full-length (cos, sin); decoding at a stage where nobody pruned): {type(err).__name__}: {err}"
-        )
+    return check_oracles(fam, "vitcop", budget, options, selection_only=False, **kw)
 
 
 CASES = [
@@ -545,7 +505,7 @@ CASES = [
 
 @pytest.mark.parametrize("fam,budget,options", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_shared_oracles(fam, budget, options):
-    record, gap = _oracles(fam, budget, options)
+    record = _oracles(fam, budget, options)
     method = build_method("vitcop", {k: v for k, v in options.items() if k != "positions"})
     for sample in record.samples:  # property 1 end to end: counts entering each layer = the schedule
         n1, r2, r3 = method.schedule(
@@ -554,23 +514,17 @@ def test_shared_oracles(fam, budget, options):
         assert sample.visual_per_layer == [n1, n1, r2, r2, r3, r3]
         assert [len(e.keep_idx) for e in sample.events] == [n1, r2, r3]
         assert [e.stage for e in sample.events] == ["vision", "llm:2", "llm:4"]
-    if gap:
-        pytest.skip(gap)
 
 
 @pytest.mark.parametrize("fam", ["llava", "llava_next", "qwen2_5_vl"])
 def test_shared_oracles_eager(fam):
-    _, gap = _oracles(fam, 0.3, {"d_c": "auto"} if fam == "qwen2_5_vl" else {}, attn="eager", bypass=False, alone=False)
-    if gap:
-        pytest.skip(gap)
+    _oracles(fam, 0.3, {"d_c": "auto"} if fam == "qwen2_5_vl" else {}, attn="eager", bypass=False, alone=False)
 
 
 def test_stage1_keeps_everything_path_end_to_end():
     """n̄ = 416 of 576 on 6 layers: v is raised to 1, Stage I keeps all, Stage II clusters itself."""
-    record, gap = _oracles("llava", 416, {}, bypass=False, alone=False)
+    record = _oracles("llava", 416, {}, bypass=False, alone=False)
     assert record.samples[0].visual_per_layer == [576, 576, 560, 560, 112, 112]
-    if gap:
-        pytest.skip(gap)
 
 
 @pytest.mark.parametrize("fam", ["llava", "qwen2_5_vl"])
