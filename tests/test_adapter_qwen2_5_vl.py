@@ -1,6 +1,7 @@
-"""Qwen2.5-VL adapter: the engine oracles (O1, O2, O3, batch independence, remove, from_pretrained) on a
-tiny random model with two images of different sizes, M-RoPE decode positions, §7 vision signals, bad input;
-video (each temporal group an image, spec §7) and mixed image/video batches through the same oracles."""
+"""Qwen2.5-VL adapter on a tiny random model with two images of different sizes: remove(), from_pretrained,
+M-RoPE decode positions, §7 vision signals, bad input; video (each temporal group an image, spec §7) and
+mixed image/video batches through the oracles. The image oracles (O1-O3, batch independence) of every
+method run in test_method_oracles.py."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from oracles import generate_logits, masked_reference_logits
+from oracles import generate_logits
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 import vtprune
 from vtprune.errors import UnsupportedInputError
 from vtprune.methods import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, register, stable_topk
-from vtprune.methods.pool import pool_grid, pooled_shape
 from vtprune.testing import QWEN_VIDEO_TOKEN_ID, qwen_inputs, qwen_video_inputs, tiny_qwen2_5_vl
 
 torch.set_num_threads(1)
@@ -52,34 +52,6 @@ def _apply(model, method, budget, options):
     return vtprune.apply(model, method, budget, **kw, **options)
 
 
-def _alone(inputs, b):
-    pad = int((inputs["attention_mask"][b] == 0).sum())
-    grid = inputs["image_grid_thw"]
-    patches = grid.prod(-1).tolist()
-    start = sum(patches[:b])
-    return {
-        "input_ids": inputs["input_ids"][b : b + 1, pad:],
-        "attention_mask": inputs["attention_mask"][b : b + 1, pad:],
-        "mm_token_type_ids": inputs["mm_token_type_ids"][b : b + 1, pad:],
-        "pixel_values": inputs["pixel_values"][start : start + patches[b]],
-        "image_grid_thw": grid[b : b + 1],
-    }
-
-
-def _pool_replacements(model, inputs, record):
-    feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
-    out = {}
-    for b, sample in enumerate(record.samples):
-        rows = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
-        _, h, w = (int(v) // 2 if i else int(v) for i, v in enumerate(inputs["image_grid_thw"][b]))
-        hp, wp = pooled_shape(h, w, len(sample.events[0].keep_idx))
-        pooled, reps = pool_grid(feats[b], h, w, hp, wp)
-        assert torch.equal(reps, sample.events[0].keep_idx)
-        for f, r in zip(pooled, reps, strict=True):
-            out[(b, int(rows[r]))] = f
-    return out
-
-
 def test_placeholders_match_features(qmodels, qbatches):
     """The offline input builder emits exactly t·h·w/4 placeholders per image, as the model's features."""
     m, inputs = qmodels["sdpa"], qbatches[2]
@@ -87,66 +59,6 @@ def test_placeholders_match_features(qmodels, qbatches):
     for b, f in enumerate(feats):
         assert int((inputs["input_ids"][b] == m.config.image_token_id).sum()) == f.shape[0]
         assert int(inputs["mm_token_type_ids"][b].sum()) == f.shape[0]
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("bsz", [1, 2])
-@pytest.mark.parametrize("method,budget,options", CASES)
-def test_pruned_equals_masking_reference_and_cached_decode(qmodels, qbatches, attn, bsz, method, budget, options):
-    """O2 + O3 with 3-D M-RoPE ids (keep and reindex)."""
-    model, inputs = qmodels[attn], qbatches[bsz]
-    _apply(model, method, budget, options)
-    try:
-        tokens, logits = generate_logits(model, inputs, STEPS)
-        record = vtprune.last_run(model)
-        with torch.no_grad():
-            prefill = model(**inputs).logits[:, -1]
-    finally:
-        vtprune.remove(model)
-    assert record.samples[0].retained_tokens <= record.samples[0].n_visual
-    replace = _pool_replacements(model, inputs, record) if method == "pool" else None
-    ref = masked_reference_logits(model, inputs, record, tokens[:, :-1], replace, options.get("positions", "keep"))
-    prompt = inputs["input_ids"].shape[1]
-    assert (prefill - ref[:, prompt - 1]).abs().max() <= 1e-4
-    assert (logits - ref[:, prompt - 1 :]).abs().max() <= 1e-4
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method,budget,options", CASES[:4] + [("none", 0.3, {})])
-def test_budget_at_least_n_is_bit_identical_to_stock(qmodels, qbatches, attn, method, budget, options):
-    model, inputs = qmodels[attn], qbatches[2]
-    with torch.no_grad():
-        ref_logits = model(**inputs).logits
-    ref_tokens, ref_steps = generate_logits(model, inputs, STEPS)
-    options = {k: v for k, v in options.items() if k != "budget_mode"}
-    _apply(model, method, 1000 if method != "none" else budget, options)
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        tokens, steps = generate_logits(model, inputs, STEPS)
-        rec = vtprune.last_run(model)
-    finally:
-        vtprune.remove(model)
-    assert torch.equal(logits, ref_logits)
-    assert torch.equal(tokens, ref_tokens) and torch.equal(steps, ref_steps)
-    assert [s.retained_tokens for s in rec.samples] == [24, 12]
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-@pytest.mark.parametrize("method,budget,options", CASES)
-def test_batch_of_two_equals_each_alone(qmodels, qbatches, attn, method, budget, options):
-    model, inputs = qmodels[attn], qbatches[2]
-    _apply(model, method, budget, options)
-    try:
-        tokens, logits = generate_logits(model, inputs, STEPS)
-        kept = [s.events[-1].keep_idx for s in vtprune.last_run(model).samples]
-        for b in range(2):
-            t1, l1 = generate_logits(model, _alone(inputs, b), STEPS)
-            assert torch.equal(vtprune.last_run(model).samples[0].events[-1].keep_idx, kept[b])
-            assert (l1[0] - logits[b]).abs().max() <= 1e-4
-            assert torch.equal(t1[0], tokens[b])
-    finally:
-        vtprune.remove(model)
 
 
 @pytest.mark.parametrize("method,budget,options", [CASES[0], CASES[3], CASES[5]])

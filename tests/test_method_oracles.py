@@ -21,7 +21,11 @@ CASES: dict[str, list[tuple[float, dict]]] = {
     "pool": [(0.3, {}), (0.3, {"positions": "reindex"})],
     "downsample": [(0.3, {})],  # an image transform on Qwen (tests/test_downsample.py)
     "uniform": [(0.3, {})],
-    "fastv": [(0.6, {}), (0.3, {"budget_mode": "retained", "criterion": "mean_received"})],
+    "fastv": [
+        (0.6, {}),
+        (0.3, {"budget_mode": "retained", "criterion": "mean_received"}),
+        (0.7, {"k": 3, "positions": "reindex"}),
+    ],
     "divprune": [(0.3, {})],
     "visionzip": [(0.3, {})],
     "vispruner": [(0.3, {})],
