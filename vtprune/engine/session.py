@@ -447,7 +447,7 @@ class PruningSession:
         """Question-span rows and text signals per sample (spec README §3), shared by the sample's images."""
         wanted = self.text_wanted
         embed = self.model.get_input_embeddings()
-        special = self._special_ids()
+        special = torch.tensor(sorted(self._special_ids()), dtype=torch.long, device=input_ids.device)
         tok = self.tokenizer if (wanted & {"noun_embeddings", "question_text"} or self._tokenizer is not None) else None
         self._suffix_rows = []
         for b in range(input_ids.shape[0]):
@@ -459,8 +459,7 @@ class PruningSession:
             if not mine:
                 continue
             ids = input_ids[b, rows]
-            is_q = torch.tensor([int(i) not in special for i in ids.tolist()], dtype=torch.bool, device=ids.device)
-            q_ids = ids[is_q]
+            q_ids = ids[~torch.isin(ids, special)]
             if tok is not None and q_ids.numel():
                 keep = strip_generation_header([tok.decode([int(i)]) for i in q_ids.tolist()])
                 q_ids = q_ids[:keep]
@@ -578,18 +577,16 @@ class PruningSession:
     def _suffix_attention(self, fw: _Forward, layer, hidden, pos_emb, mask2d, keys) -> list[torch.Tensor]:
         """Per sample (T_s, L): attention of the question-span rows (current group) over all rows."""
         group = fw.groups[-1]
-        rows, valid = [], []
-        for b, wanted in enumerate(fw.suffix_rows):
-            here = (group.seq_index[b][None, :] == wanted.to(group.seq_index.device)[:, None]).float().argmax(1)
-            rows.append(here)
-            valid.append(torch.ones_like(here, dtype=torch.bool))
+        rows = [  # text rows are never pruned: each question-span input row is present in the group
+            (group.seq_index[b][None, :] == wanted.to(group.seq_index.device)[:, None]).float().argmax(1)
+            for b, wanted in enumerate(fw.suffix_rows)
+        ]
         width = max(1, max(int(r.numel()) for r in rows))
-        last = hidden.shape[1] - 1
-        padded = torch.full((len(rows), width), last, dtype=torch.long, device=hidden.device)
+        padded = torch.full((len(rows), width), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
         ok = torch.zeros(len(rows), width, dtype=torch.bool, device=hidden.device)
-        for b, (r, v) in enumerate(zip(rows, valid, strict=True)):
+        for b, r in enumerate(rows):
             padded[b, : r.numel()] = r
-            ok[b, : r.numel()] = v
+            ok[b, : r.numel()] = True
         probs = sig.rows_attention(self.adapter, layer, hidden, pos_emb, mask2d, padded, ok, keys)  # (B, q, L)
         return [probs[b, : r.numel()] for b, r in enumerate(rows)]
 
