@@ -9,7 +9,9 @@ larger ratios (a cut at layer 2 of 6 cannot reach n̄ below N/3).
 from __future__ import annotations
 
 import pytest
-from families import FAMILIES, check_oracles
+import torch
+from families import FAMILIES, check_oracles, family
+from oracles import generate_logits
 
 import vtprune
 from vtprune.methods import method_class
@@ -78,3 +80,47 @@ def test_shared_oracles_eager(fam, name):
         bypass=False,
         alone=False,
     )
+
+
+@pytest.mark.parametrize("fam,name", [(f, n) for n in sorted(CASES) for f in FAMILIES if (f, n) not in EXCLUDED])
+def test_remove_restores_stock_bit_exactly(fam, name):
+    """`remove()` (via `pruned`) leaves no hook, no instance attribute and bit-identical logits."""
+    f = family(fam)
+    model, inputs = f.models["sdpa"], f.batches[2]
+    budget, options = CASES[name][0]
+    with torch.no_grad():
+        before = model(**inputs).logits
+    hooks_before = (dict(model._forward_pre_hooks), dict(model._forward_hooks))
+    with vtprune.pruned(model, name, budget, **options):
+        with torch.no_grad():
+            pruned = model(**inputs).logits
+        assert "generate" in model.__dict__
+    with torch.no_grad():
+        after = model(**inputs).logits
+    assert pruned.shape[1] <= before.shape[1]
+    assert torch.equal(before, after)
+    assert (dict(model._forward_pre_hooks), dict(model._forward_hooks)) == hooks_before
+    assert "generate" not in model.__dict__ and "_vtprune" not in model.__dict__
+    assert all(not layer._forward_pre_hooks for layer in model.model.language_model.layers)
+    visual = [m for m in model.model.modules() if m._forward_pre_hooks]
+    assert not visual, "a vision hook was left behind"
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_from_pretrained_round_trip(fam, tmp_path):
+    """A checkpoint saved and reloaded with the family's own `from_pretrained` prunes exactly like the original."""
+    f = family(fam)
+    model, inputs = f.models["sdpa"], f.batches[2]
+    model.save_pretrained(tmp_path / "tiny")
+    loaded = type(model).from_pretrained(tmp_path / "tiny", attn_implementation="sdpa").eval()
+    loaded.generation_config.eos_token_id = None
+    loaded.generation_config.pad_token_id = model.generation_config.pad_token_id
+    for m in (model, loaded):
+        vtprune.apply(m, "fastv", 0.6)
+    try:
+        t0, l0 = generate_logits(model, inputs, 3)
+        t1, l1 = generate_logits(loaded, inputs, 3)
+    finally:
+        vtprune.remove(model)
+        vtprune.remove(loaded)
+    assert torch.equal(t0, t1) and torch.equal(l0, l1)
