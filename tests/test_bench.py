@@ -110,3 +110,17 @@ def test_bench_flops_bound_is_the_analytic_ratio(bench_json):
         pruned = prefill_flops(r["visual_per_layer"], r["n_text"], dims, "exact")
         assert r["flops_bound"] == pytest.approx(full / pruned)
         assert r["speedup_prefill"] == pytest.approx(r["prefill_ms_unpruned"] / r["prefill_ms"])
+
+
+def test_bench_runs_text_reading_methods_on_models_without_a_tokenizer(tmp_path):
+    """`tiny:`/`arch:` models have no tokenizer: the bench's id-word stand-in lets ResPrune read its nouns."""
+    from vtprune.measurement.bench import IdWordTokenizer
+
+    tok = IdWordTokenizer()
+    assert tok.decode([5, 17]) == "w5 w17" and tok(" w17")["input_ids"] == [17] and tok("the")["input_ids"] == []
+    out = tmp_path / "b.json"
+    main(["bench", "--model", "tiny:llava", "--method", "resprune", "--budget", "64", "--repeats", "1",
+          "--warmup", "0", "--new-tokens", "1", "--json", str(out)])
+    row = json.loads(out.read_text())["rows"][1]
+    assert "error" not in row, row
+    assert row["retained_tokens"] == 64 and row["selection_ms"] > 0

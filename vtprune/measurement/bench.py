@@ -22,6 +22,7 @@ Medians over ``repeats`` rounds; device synchronisation around every timed regio
 
 from __future__ import annotations
 
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ def load_bench_model(cfg: BenchConfig) -> tuple[torch.nn.Module, LLMDims | None]
     name = parse_arch_id(cfg.model)
     if name is not None:
         model = build_arch(name, cfg.layers, dtype=dtype, device=cfg.device, attn=cfg.attn, seed=cfg.seed)
+        model._bench_tokenizer = IdWordTokenizer()
         dims = full_dims(name)
         return model, (dims if dims.num_layers != model.config.text_config.num_hidden_layers else None)
     if cfg.model.startswith("tiny:"):
@@ -87,6 +89,7 @@ def load_bench_model(cfg: BenchConfig) -> tuple[torch.nn.Module, LLMDims | None]
             model = testing.tiny_qwen2_5_vl(**kw)
         else:
             raise VtpruneError(f"unknown tiny model {kind!r}; choose one of {TINY_MODELS}")
+        model._bench_tokenizer = IdWordTokenizer()
         return model.to(device=cfg.device, dtype=dtype), None
     from vtprune.testbed import resolve_model
 
@@ -304,9 +307,29 @@ class _Case:
         return self.method if self.budget is None else f"{self.method}@{self.budget}"
 
 
+class IdWordTokenizer:
+    """Stand-in tokenizer for models built without one (`arch:`, `tiny:`): token id i reads as the word "wi".
+
+    Bench prompts are random ids, so text-reading methods (ResPrune's question nouns, DCP-Prune's question)
+    get a question of made-up words that are all nouns to the stop-word fallback; their whole selection
+    path runs, on meaningless text. No id is special.
+    """
+
+    all_special_ids: list[int] = []
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return " ".join(f"w{int(i)}" for i in ids)
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [int(w[1:]) for w in text.split() if re.fullmatch(r"w\d+", w)]}
+
+
 def _apply(model, case: _Case, cfg: BenchConfig) -> None:
     if case.budget is not None:  # budget None: the stock model (a `none` session only for the untimed probe)
-        vtprune.apply(model, case.method, case.budget, budget_mode=cfg.budget_mode, **cfg.options)
+        options = dict(cfg.options)
+        if getattr(model, "_bench_tokenizer", None) is not None and "tokenizer" not in options:
+            options["tokenizer"] = model._bench_tokenizer
+        vtprune.apply(model, case.method, case.budget, budget_mode=cfg.budget_mode, **options)
 
 
 def _remove(model) -> None:
