@@ -15,6 +15,7 @@ batches of one and two prompts; `check_oracles(...)` runs on one (family, method
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -112,14 +113,14 @@ def apply(model, method, budget, options: dict | None = None, **extra):
 
 @contextmanager
 def recorded_plans(model):
-    """Record every `KeepPlan` the attached method returns, in call order: yields the list."""
+    """Record every `KeepPlan` the attached method returns (whole plans, cloned), in call order: yields the list."""
     method = vtprune.session_of(model).method
     stock = method.select
     plans: list = []
 
     def record(stage, image, k):
         plan = stock(stage, image, k)
-        plans.append((stage, plan.keep_idx.clone(), None if plan.new_feats is None else plan.new_feats.clone()))
+        plans.append((stage, _clone_plan(plan)))
         return plan
 
     method.select = record
@@ -132,15 +133,13 @@ def recorded_plans(model):
 @contextmanager
 def replayed_plans(model, plans: list):
     """Make the attached method return `plans` again, in the same order (and check the stages match)."""
-    from vtprune.methods.base import KeepPlan
-
     method = vtprune.session_of(model).method
     queue = list(plans)
 
     def replay(stage, image, k):
-        want_stage, keep, feats = queue.pop(0)
-        assert stage == want_stage and len(keep) <= image.n
-        return KeepPlan(keep, feats)
+        want_stage, plan = queue.pop(0)
+        assert stage == want_stage and len(plan.keep_idx) <= image.n
+        return _clone_plan(plan)
 
     method.select = replay
     try:
@@ -148,6 +147,12 @@ def replayed_plans(model, plans: list):
         assert not queue, f"{len(queue)} recorded plans were not replayed"
     finally:
         del method.select
+
+
+def _clone_plan(plan):
+    """A KeepPlan with every tensor field cloned (inserted tokens and order included)."""
+    tensors = {f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    return dataclasses.replace(plan, **{k: v.clone() for k, v in tensors.items() if torch.is_tensor(v)})
 
 
 def _extend(inputs: dict, tokens: torch.Tensor) -> dict:

@@ -99,10 +99,11 @@ class _SignalProbe(PruningMethod):
         return KeepPlan(stable_topk(image.signals["cls_attention"], k))
 
 
-def _eager_reference(model, inputs):
+def _eager_reference(model, inputs, extra=False):
     """Per image, in candidate order: (cls (n,), keys (n, C), feats (n, D)), from an eager CLIP run of all
     tiles (`output_attentions=True`), re-packed by matching each packed (non-newline) feature row of the
-    stock `get_image_features` to the per-tile projector output it came from."""
+    stock `get_image_features` to the per-tile projector output it came from. extra=True appends
+    {vision_features (n, C), vision_head_keys (n, d_h), vision_cls_features (tiles, C)} (pre-projector)."""
     cfg, vt = model.config, model.model.vision_tower
     layer = len(vt.encoder.layers) + cfg.vision_feature_layer  # -2: attentions[layer] feeds hidden_states[-2]
     tiles = [
@@ -125,14 +126,33 @@ def _eager_reference(model, inputs):
         handle.remove()
     cls = out.attentions[layer][:, :, 0, 1:].mean(1)  # (T, side²): each tile's own [CLS] row
     key = keys[0][:, 1:]  # (T, side², C)
+    hidden = out.hidden_states[cfg.vision_feature_layer]  # (T, 1 + side², C) the feature layer's output
+    head_key = key.view(*key.shape[:2], cfg.vision_config.num_attention_heads, -1).mean(2)
     refs = []
-    for i, (c, k, f) in enumerate(zip(cls.split(tiles), key.split(tiles), tile_feats.split(tiles), strict=True)):
+    for i, (c, k, f, h, hk) in enumerate(
+        zip(
+            cls.split(tiles),
+            key.split(tiles),
+            tile_feats.split(tiles),
+            hidden.split(tiles),
+            head_key.split(tiles),
+            strict=True,
+        )
+    ):
         rows = packed[i]
         cand = rows[~(rows == model.model.image_newline).all(-1)]
         dist = (cand[:, None] - f.flatten(0, 1)[None]).abs().amax(-1)
         j = dist.argmin(1)
         assert float(dist.min(1).values.max()) < 1e-5 and len(j.unique()) == len(j)
-        refs.append((c.flatten()[j], k.flatten(0, 1)[j], cand))
+        ref = (c.flatten()[j], k.flatten(0, 1)[j], cand)
+        if extra:
+            clip = {
+                "vision_features": h[:, 1:].flatten(0, 1)[j],
+                "vision_head_keys": hk.flatten(0, 1)[j],
+                "vision_cls_features": h[:, 0],
+            }
+            ref = (*ref, clip)
+        refs.append(ref)
     return refs
 
 
@@ -158,13 +178,14 @@ def test_vision_signals_per_crop_equal_eager_repacked(nmodels, nbatches):
                 assert (img.signals["vision_keys"] - keys).abs().max() <= 1e-5
 
 
-VISION_METHODS = [("visionzip", {"vision_heads": 4}), ("vispruner", {})]
+VISION_METHODS = [("visionzip", {}), ("vispruner", {})]
 
 
 @pytest.mark.parametrize("method,options", VISION_METHODS)
 def test_vision_methods_run_on_next(nmodels, nbatches, method, options):
     """visionzip / vispruner on NeXT: O1 bypass bit-identical, selection == the method on eager re-packed
-    signals, O2/O3 masking reference (merged features as replacements), batch of two == each alone."""
+    signals (pre-projector features and per-tile [CLS] rows included), O2/O3 masking reference (vispruner;
+    VisionZip's inserted [CLS] tokens have no row there: tests/test_visionzip.py), batch of two == each alone."""
     model, inputs = nmodels["sdpa"], nbatches[2]
     with torch.no_grad():
         stock = model(**inputs).logits
@@ -175,14 +196,13 @@ def test_vision_methods_run_on_next(nmodels, nbatches, method, options):
         tokens, steps = generate_logits(model, inputs, STEPS)
         assert torch.equal(tokens, stock_tokens) and torch.equal(steps, stock_steps)
 
-    refs = _eager_reference(model, inputs)
+    refs = _eager_reference(model, inputs, extra=True)
     with vtprune.pruned(model, method, 0.3, **options):
         tokens, logits = generate_logits(model, inputs, STEPS)
         record = vtprune.last_run(model)
         ad = model._vtprune.adapter
         kept = [s.events[0].keep_idx for s in record.samples]
-        replace = {}
-        for b, (cls, keys, feats) in enumerate(refs):
+        for b, (cls, keys, feats, clip) in enumerate(refs):
             grids, coords, crop = ad.image_layout(b, len(cls))
             img = ImageTokens(
                 feats,
@@ -190,19 +210,18 @@ def test_vision_methods_run_on_next(nmodels, nbatches, method, options):
                 crop,
                 grids,
                 torch.arange(len(cls)),
-                {"cls_attention": cls, "vision_keys": keys},
+                {"cls_attention": cls, "vision_keys": keys, **clip},
                 tile=ad.image_tiles(b),
+                project=model.model.multi_modal_projector,
             )
-            plan = build_method(method, options).select(0, img, len(kept[b]))
+            plan = build_method(method, options).select(0, img, record.samples[b].retained_tokens)
             assert torch.equal(plan.keep_idx, kept[b])
+            assert record.samples[b].events[0].inserted == [plan.n_inserted]
             assert int((crop[kept[b]] == 0).sum()) >= 1 and int((crop[kept[b]] == 1).sum()) >= 1
-            if plan.new_feats is not None:
-                rows = (inputs["input_ids"][b] == model.config.image_token_id).nonzero().flatten()
-                cand = rows[ad.candidate_mask(b, len(rows))]
-                replace.update({(b, int(cand[r])): f for f, r in zip(plan.new_feats, plan.keep_idx, strict=True)})
-        ref = masked_reference_logits(model, inputs, record, tokens[:, :-1], replace or None)
-        prompt = inputs["input_ids"].shape[1]
-        assert (logits - ref[:, prompt - 1 :]).abs().max() <= 1e-4
+        if method == "vispruner":
+            ref = masked_reference_logits(model, inputs, record, tokens[:, :-1], None)
+            prompt = inputs["input_ids"].shape[1]
+            assert (logits - ref[:, prompt - 1 :]).abs().max() <= 1e-4
         for b in range(2):
             pad = int((inputs["attention_mask"][b] == 0).sum())
             alone = {

@@ -91,7 +91,7 @@ def test_next_processor_placeholders_equal_feature_counts(next_setup):
     assert counts == [int(f.shape[0]) for f in feats] == [16 + 6 * 9, 16 + 8 * 5]  # base + rows × (cols + newline)
 
 
-@pytest.mark.parametrize("method,budget,options", [("fastv", 0.7, {}), ("visionzip", 0.3, {"vision_heads": 4}),
+@pytest.mark.parametrize("method,budget,options", [("fastv", 0.7, {}), ("visionzip", 0.3, {}),
                                                    ("random", 0.3, {})])
 def test_next_pruned_generate_from_processor_inputs(next_setup, method, budget, options):
     model, inputs = next_setup

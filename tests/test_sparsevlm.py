@@ -1,6 +1,11 @@
 """SparseVLM v1.5: spec properties (sparsevlm.md "Properties a test can check"), schedules and budgets for
 LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL shapes, a naive DPC-kNN reference, errors, and the shared engine oracles on
-the three tiny families (recycling merges, so selection_only=False; recycle=False is selection only)."""
+the three tiny families (recycling merges, so selection_only=False; recycle=False is selection only).
+
+SparseVLM+ (version="2.0"): the RoPE gravity W (pure function and engine signal, 1-D RoPE and M-RoPE) against
+naive Python loops and against all-ones query/key vectors through the model's own rotary module; the per-head
+signal and the gravity-corrected, head-selected relevance against a naive re-implementation from eager
+`output_attentions`; the v2.0 table schedules; no recycling; the shared oracles (selection only, sdpa)."""
 
 from __future__ import annotations
 
@@ -11,12 +16,16 @@ import torch
 from families import FAMILIES, check_oracles, family
 
 import vtprune
-from vtprune.errors import BudgetError, VtpruneError
+from vtprune.engine.signals import LLM_SIGNALS, rope_gravity
+from vtprune.errors import BudgetError, UnsupportedInputError, VtpruneError
 from vtprune.methods import ImageTokens, build_method, stable_topk
 from vtprune.methods.sparsevlm import (
     ROWS,
+    ROWS_V2,
     authors_counter,
     dpc_knn,
+    gravity_relevance,
+    heads_kept,
     layer_average,
     prune_layers,
     rater_mask,
@@ -428,9 +437,11 @@ def test_oracles_matched_schedule():
 
 
 # ----------------------------------------------------------------------------------- options and errors
-def test_version_2_is_refused_naming_the_missing_signal():
-    with pytest.raises(VtpruneError, match="per-head"):
-        build_method("sparsevlm", {"version": "2.0"})
+def test_option_errors():
+    with pytest.raises(VtpruneError, match="does not recycle"):
+        build_method("sparsevlm", {"version": "2.0", "recycle": True})
+    with pytest.raises(VtpruneError, match="recycle"):
+        build_method("sparsevlm", {"recycle": "yes"})
     with pytest.raises(VtpruneError, match="version"):
         build_method("sparsevlm", {"version": "3"})
     with pytest.raises(VtpruneError, match="schedule"):
@@ -444,3 +455,355 @@ def test_apply_fails_early_on_an_infeasible_llava_budget():
     with pytest.raises(BudgetError, match="192"):
         vtprune.apply(model, "sparsevlm", 100)
     assert vtprune.session_of(model) is None
+
+
+# =================================================================================== SparseVLM+ (version="2.0")
+V2 = {"version": "2.0"}
+
+
+def _naive_gravity(p_rows, q_cols, theta: float, d: int, sections=None) -> torch.Tensor:
+    """W[t, j] = (2/√d)·Σ_i cos((p_t − q_j)·θ_i) with Python loops; p_rows / q_cols: lists of ids (ints, or
+    (t, h, w) tuples for M-RoPE where pair i uses the id of its section)."""
+    half = d // 2
+    sec = [0] * half if sections is None else [s for s, c in enumerate(sections) for _ in range(c)]
+    out = torch.zeros(len(p_rows), len(q_cols), dtype=torch.float64)
+    for a, p in enumerate(p_rows):
+        for b, q in enumerate(q_cols):
+            total = 0.0
+            for i in range(half):
+                pi, qi = (p, q) if sections is None else (p[sec[i]], q[sec[i]])
+                total += math.cos((pi - qi) * theta ** (-2 * i / d))
+            out[a, b] = 2 / math.sqrt(d) * total
+    return out
+
+
+def _spy(model, capture):
+    """Wrap the attached method's `select` and `relevance` to record, per call: n, original indices, signals,
+    raters, relevance, kept heads and the plan."""
+    method = vtprune.session_of(model).method
+    stock_select, stock_rel, seen = method.select, method.relevance, []
+
+    def relevance(image):
+        rel = stock_rel(image)
+        seen[-1]["rel"] = rel.clone()
+        return rel
+
+    def select(stage, image, k):
+        seen.append({"stage": stage, "n": image.n, "orig": image.original_index.clone()})
+        seen[-1]["signals"] = {name: image.signals[name].clone() for name in capture if name in image.signals}
+        plan = stock_select(stage, image, k)
+        seen[-1]["raters"] = image.memo["sparsevlm_raters"].clone()
+        seen[-1]["heads"] = image.memo.get("sparsevlm_heads", [None])[-1]
+        seen[-1]["keep"] = plan.keep_idx.clone()
+        seen[-1]["plan"] = plan
+        return plan
+
+    method.select, method.relevance = select, relevance
+    return method, seen
+
+
+def test_v2_signals_are_engine_signals():
+    method = build_method("sparsevlm", V2)
+    wanted = method.signals(0)
+    assert {"suffix_attention_heads", "suffix_rope_gravity"} <= wanted and "suffix_attention" not in wanted
+    assert {"suffix_attention_heads", "suffix_rope_gravity"} <= LLM_SIGNALS
+    assert method.merges is False and build_method("sparsevlm", {}).merges is True
+
+
+# ----------------------------------------------------------------------------------- gravity W
+@pytest.mark.parametrize("d,theta", [(16, 10000.0), (128, 10000.0), (128, 1e6)])
+def test_rope_gravity_equals_naive_loops_1d(d, theta):
+    g = torch.Generator().manual_seed(d)
+    p = torch.randint(0, 3000, (5,), generator=g)
+    q = torch.cat([torch.randint(0, 3000, (6,), generator=g), p[:2]])  # includes p − q = 0
+    want = _naive_gravity(p.tolist(), q.tolist(), theta, d)
+    got = rope_gravity(p, q, theta, d)
+    assert got.shape == (5, 8) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert got[0, 6].item() == pytest.approx(2 * (d // 2) / math.sqrt(d), rel=1e-6)  # W at distance 0
+
+
+def test_rope_gravity_equals_naive_loops_mrope():
+    """M-RoPE (Qwen2.5-VL-7B sections 16 / 24 / 24 of 64 pairs): pair i uses the t, h or w id of its section."""
+    g = torch.Generator().manual_seed(3)
+    p, q = torch.randint(0, 60, (3, 4), generator=g), torch.randint(0, 60, (3, 7), generator=g)
+    want = _naive_gravity(p.T.tolist(), q.T.tolist(), 1e6, 128, (16, 24, 24))
+    got = rope_gravity(p, q, 1e6, 128, (16, 24, 24))
+    assert torch.allclose(got.double(), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sections"):
+        rope_gravity(p, q, 1e6, 128, (16, 24, 16))
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_rope_gravity_is_all_ones_query_key_through_the_models_rotary(name):
+    """W equals scaling · (RoPE(1)_p · RoPE(1)_q) computed with the model's own rotary module and
+    `apply_rotary_pos_emb` (M-RoPE sections included), at the adapter's `rotary_spec`."""
+    from vtprune.models import adapter_for
+
+    model = family(name).models["sdpa"]
+    spec = adapter_for(model).rotary_spec()
+    lm = model.model.language_model
+    g = torch.Generator().manual_seed(0)
+    if name == "qwen2_5_vl":  # the rotary module recomposes the t / h / w sections into (cos, sin)
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb as rope
+
+        assert spec.sections == tuple(model.config.text_config.rope_parameters["mrope_section"])
+        pos = torch.randint(0, 50, (3, 1, 20), generator=g)
+    else:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rope
+
+        assert spec.sections is None
+        pos = torch.randint(0, 700, (1, 20), generator=g)
+    ones = torch.ones(1, 1, 20, spec.head_dim)
+    cos, sin = lm.rotary_emb(ones, position_ids=pos)
+    r = rope(ones, ones, cos, sin)[0][0, 0].double()  # (20, d_h): all-ones vectors after RoPE
+    want = (r @ r.T) / math.sqrt(spec.head_dim)
+    got = rope_gravity(pos[..., 0, :], pos[..., 0, :], spec.theta, spec.head_dim, spec.sections)
+    assert torch.allclose(got.double(), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_5_vl"])
+def test_engine_gravity_signal_equals_naive_loops(name):
+    """`suffix_rope_gravity` per image at every stage (batch of two, left padding; keep ids) equals W from
+    naive loops over the original position ids of the question-span rows and of the current candidates."""
+    fam = family(name)
+    model, inputs = fam.models["sdpa"], fam.batches[2]
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if name == "qwen2_5_vl":
+        pos, _ = model.model.get_rope_index(
+            ids,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=mask,
+        )  # (3, B, L)
+        sections = tuple(model.config.text_config.rope_parameters["mrope_section"])
+    else:
+        pos, sections = ((mask.cumsum(1) - 1).clamp(min=0) * mask)[None], None
+    d = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    vtprune.apply(model, "sparsevlm", BUDGETS[name], **V2)
+    _, seen = _spy(model, {"suffix_rope_gravity"})
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        vtprune.remove(model)
+    assert len(seen) == 6  # 3 stages × 2 samples, sample 0 first at each stage
+    for call_idx, call in enumerate(seen):
+        b = call_idx % 2
+        image_rows = (ids[b] == model.config.image_token_id).nonzero().flatten()
+        w = call["signals"]["suffix_rope_gravity"]
+        t_s = w.shape[0]
+        suffix_rows = torch.arange(ids.shape[1] - t_s, ids.shape[1])
+        assert int(image_rows[-1]) + 1 == int(suffix_rows[0])  # the question span starts after the image
+
+        def as_ids(rows, b=b):
+            return [tuple(pos[:, b, r].tolist()) if sections else int(pos[0, b, r]) for r in rows]
+
+        want = _naive_gravity(as_ids(suffix_rows), as_ids(image_rows[call["orig"]]), 10000.0, d, sections)
+        assert w.shape == (t_s, call["n"])
+        assert torch.allclose(w.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------- head selection
+def test_heads_kept_rule():
+    assert heads_kept(32) == 14  # Source: LLaVA-7B
+    assert heads_kept(28) == 12 and heads_kept(4) == 2 and heads_kept(40) == 18
+    assert heads_kept(1) == 1 and heads_kept(2) == 1 and heads_kept(3) == 1
+
+
+def _naive_relevance(attn, w, raters):
+    """Python loops: G_h[t, j] = A_h[t, j] / W[t, j] over the raters; heads with the largest Σ G (ties to the
+    lower head); rel_j = mean over kept heads and raters.  attn (H, T_s, n), w (T_s, n), raters (T_s,) bool."""
+    h_all, _, n = attn.shape
+    rts = [t for t in range(attn.shape[1]) if raters[t]]
+    g = [[[float(attn[h, t, j]) / float(w[t, j]) for j in range(n)] for t in rts] for h in range(h_all)]
+    totals = [sum(sum(row) for row in g[h]) for h in range(h_all)]
+    kept = sorted(sorted(range(h_all), key=lambda h: (-totals[h], h))[: heads_kept(h_all)])
+    rel = [sum(g[h][t][j] for h in kept for t in range(len(rts))) / (len(kept) * len(rts)) for j in range(n)]
+    return torch.tensor(rel, dtype=torch.float64), kept
+
+
+def test_gravity_relevance_matches_naive_loops():
+    g = torch.Generator().manual_seed(7)
+    attn = torch.rand(8, 5, 30, generator=g)
+    w = torch.rand(5, 30, generator=g) * 4 + 0.5
+    raters = torch.tensor([True, False, True, True, False])
+    rel, kept = gravity_relevance(attn, w, raters)
+    want, want_kept = _naive_relevance(attn, w, raters)
+    assert kept.tolist() == want_kept and len(want_kept) == heads_kept(8) == 4
+    assert torch.allclose(rel.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_v2_select_is_plain_topk_of_gravity_relevance_without_recycling():
+    """No recycling in v2.0: the plan is the stable top-k of the corrected relevance, no new_feats."""
+    g = torch.Generator().manual_seed(2)
+    img = _image(n=576, t=6)
+    img.signals["suffix_attention_heads"] = torch.rand(32, 6, 576, generator=g)
+    img.signals["suffix_rope_gravity"] = torch.rand(6, 576, generator=g) + 0.5
+    method = build_method("sparsevlm", V2)
+    counts = method.schedule(576, 192, "layer_avg", 32)
+    plan = method.select(0, img, counts[0])
+    raters = rater_mask(img.signals["visual_embeddings"], img.signals["suffix_embeddings"])
+    rel, kept = gravity_relevance(img.signals["suffix_attention_heads"], img.signals["suffix_rope_gravity"], raters)
+    assert plan.new_feats is None and plan.weights is None
+    assert torch.equal(plan.keep_idx, stable_topk(rel, 300)) and len(kept) == 14
+    assert torch.equal(img.memo["sparsevlm_heads"][0], kept)
+
+
+def test_v2_gravity_and_head_selection_equal_naive_eager_reimplementation():
+    """Tiny LLaVA, sdpa (no layer switched to eager): at every stage the per-head signal equals eager
+    `output_attentions` rows of layer ℓ (same pruned input), and the method's relevance, kept heads and keep
+    list equal a naive re-implementation from those eager probabilities with W from Python loops."""
+    fam = family("llava")
+    inputs = fam.batches[1]
+    first = int((inputs["input_ids"][0] == fam.models["sdpa"].config.image_token_id).nonzero()[0])
+    runs = {}
+    for attn in ("sdpa", "eager"):
+        model = fam.models[attn]
+        vtprune.apply(model, "sparsevlm", 192, **V2)
+        method, seen = _spy(model, {"suffix_attention_heads", "suffix_rope_gravity"})
+        try:
+            with torch.no_grad():
+                out = model(**inputs, output_attentions=attn == "eager")
+        finally:
+            vtprune.remove(model)
+        assert model.config.text_config._attn_implementation == attn
+        runs[attn] = (seen, out, method.stage_layers(6))
+    seen, _, layers = runs["sdpa"]
+    seen_eager, out, _ = runs["eager"]
+    assert [c["n"] for c in seen] == [576, 300, 200]
+    d = 16
+    length = inputs["input_ids"].shape[1]
+    for s, (call, call_e) in enumerate(zip(seen, seen_eager, strict=True)):
+        assert torch.equal(call["orig"], call_e["orig"])
+        heads = call["signals"]["suffix_attention_heads"]  # (H, T_s, n)
+        t_s, n = heads.shape[1:]
+        eager = out.attentions[layers[s] - 1][0].float()  # (H, L_s, L_s) of layer ℓ = stage layer − 1
+        eager = eager[:, -t_s:, first : first + n]
+        assert heads.shape[0] == 4 and (heads - eager).abs().max() <= 1e-5
+        w = _naive_gravity(list(range(length - t_s, length)), (first + call["orig"]).tolist(), 10000.0, d)
+        rel, kept = _naive_relevance(eager.double(), w, call["raters"])
+        assert call["heads"].tolist() == kept
+        assert torch.allclose(call["rel"].double(), rel, rtol=1e-3, atol=1e-5)
+        assert torch.equal(call["keep"], stable_topk(rel, len(call["keep"])))
+
+
+def test_both_suffix_signals_share_one_attention_computation(monkeypatch):
+    """A method asking for suffix_attention and suffix_attention_heads gets one rows_attention call per stage,
+    and the head mean of the per-head signal is bit-identical to suffix_attention."""
+    from vtprune.engine import signals as sig
+
+    calls = []
+    stock = sig.rows_attention
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("heads", False))
+        return stock(*args, **kwargs)
+
+    monkeypatch.setattr(sig, "rows_attention", counting)
+    fam = family("llava")
+    model = fam.models["sdpa"]
+    vtprune.apply(model, "sparsevlm", 192, **V2)
+    method, seen = _spy(model, {"suffix_attention", "suffix_attention_heads"})
+    method.signals = lambda stage: frozenset(
+        {"suffix_attention", "suffix_attention_heads", "suffix_rope_gravity", "suffix_embeddings", "visual_embeddings"}
+    )
+    try:
+        with torch.no_grad():
+            model(**fam.batches[2])
+    finally:
+        vtprune.remove(model)
+    assert calls == [True, True, True]
+    for call in seen:
+        sig_heads, mean = call["signals"]["suffix_attention_heads"], call["signals"]["suffix_attention"]
+        assert torch.equal(sig_heads.mean(0), mean)
+
+
+# ----------------------------------------------------------------------------------- v2.0 schedules
+@pytest.mark.parametrize("label", [192, 128, 96, 64])
+def test_v2_schedule_equals_spec_table(label):
+    """v2.0 column: 576 → k_ℓ (no recycling) for every row, any budget_mode."""
+    method = build_method("sparsevlm", V2)
+    for mode in ("layer_avg", "retained"):
+        assert method.schedule(576, label, mode, 32) == list(ROWS_V2[label])
+    assert ROWS_V2 == {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)}
+
+
+def test_v2_schedules_other_models():
+    """NeXT 640 / 320 of 2880 → rows 128 / 64 (k_ℓ = 5·k_ℓ^LLaVA), 160 → error; Qwen (28 layers) ρ = 1/3, 2/9,
+    1/9 → rows 192 / 128 / 64 with k_ℓ = round_half_up(N·k_ℓ/576)."""
+    method = build_method("sparsevlm", V2)
+    assert method.schedule(2880, 640, "layer_avg", 32) == [5 * k for k in ROWS_V2[128]]
+    assert method.schedule(2880, 320, "layer_avg", 32) == [5 * k for k in ROWS_V2[64]]
+    with pytest.raises(BudgetError, match="270"):
+        method.schedule(2880, 160, "layer_avg", 32)
+    for n in (391, 1036):
+        for rho, row in ((1 / 3, 192), (2 / 9, 128), (1 / 9, 64)):
+            counts = method.schedule(n, _rhu(rho * n), "layer_avg", 28)
+            assert counts == [max(1, _rhu(n * k / 576)) for k in ROWS_V2[row]]
+
+
+@pytest.mark.parametrize("n,budget,layers", [(576, 192, 32), (576, 100, 32), (2880, 640, 32), (1036, 345, 28)])
+def test_v2_matched_schedule_reaches_the_layer_average(n, budget, layers):
+    method = build_method("sparsevlm", {**V2, "schedule": "matched"})
+    counts = method.schedule(n, budget, "layer_avg", layers)
+    assert abs(layer_average(n, counts, method.stage_layers(layers), layers) - budget) <= 0.5
+    with pytest.raises(BudgetError, match="smallest feasible budget is 55"):
+        method.schedule(576, 40, "layer_avg", 32)  # 3·576/32 = 54 plus the single kept tokens
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_v2_end_to_end_counts_and_no_recycling(name):
+    """Realised per-layer counts follow the v2.0 schedule; no event merges (no new_feats)."""
+    fam = family(name)
+    model, inputs = fam.models["sdpa"], fam.batches[2]
+    method = build_method("sparsevlm", V2)
+    vtprune.apply(model, method, BUDGETS[name])
+    _, seen = _spy(model, set())
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        record = vtprune.last_run(model)
+    finally:
+        vtprune.remove(model)
+    assert all(call["plan"].new_feats is None for call in seen)
+    for sample in record.samples:
+        n = sample.n_visual
+        budget = BUDGETS[name] if isinstance(BUDGETS[name], int) else max(1, _rhu(BUDGETS[name] * n))
+        counts = method.schedule(n, budget, "layer_avg", 6)
+        assert sample.visual_per_layer == _expected_per_layer(n, counts, method.stage_layers(6), 6)
+        assert not any(ev.merged for ev in sample.events)
+    if name == "llava":
+        assert record.samples[0].visual_per_layer == [576, 300, 200, 200, 118, 118]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_oracles_v2_selection_only(name):
+    check_oracles(name, "sparsevlm", BUDGETS[name], V2, selection_only=True)
+    assert family(name).models["sdpa"].config.text_config._attn_implementation == "sdpa"
+
+
+def test_rotary_spec_refuses_scaled_rope():
+    """The gravity needs plain RoPE frequencies: other rope_types (and a rotary module that disagrees with the
+    config) are refused with an error naming them, at the first pruned prefill."""
+    from vtprune.models import adapter_for
+
+    model = family("llava").models["sdpa"]
+    tc = model.config.text_config
+    saved = dict(tc.rope_parameters)
+    try:
+        tc.rope_parameters = {**saved, "rope_type": "linear", "factor": 2.0}
+        with pytest.raises(UnsupportedInputError, match="rope_type='linear'"):
+            adapter_for(model).rotary_spec()
+        vtprune.apply(model, "sparsevlm", 192, **V2)
+        try:
+            with pytest.raises(UnsupportedInputError, match="rope_type"), torch.no_grad():
+                model(**family("llava").batches[1])
+        finally:
+            vtprune.remove(model)
+        tc.rope_parameters = {**saved, "rope_theta": 5e5}
+        with pytest.raises(UnsupportedInputError, match="inv_freq"):
+            adapter_for(model).rotary_spec()
+    finally:
+        tc.rope_parameters = saved
+    assert adapter_for(model).rotary_spec().theta == 10000.0

@@ -20,6 +20,9 @@ class PruningEvent:
     stage: str
     keep_idx: torch.Tensor
     merged: bool = False
+    #: tokens inserted before the LLM (e.g. VisionZip's [CLS]) per image of the sample, up to this event;
+    #: they are no candidates, so `keep_idx` never names them.
+    inserted: list[int] = field(default_factory=list)
 
 
 @dataclass

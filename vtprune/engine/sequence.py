@@ -8,19 +8,35 @@ import torch
 def compact_rows(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded gather map of the kept rows of each sample.
 
-    keep (B, L) bool -> gather (B, L') int64 indices into L (0 on padding), valid (B, L') bool,
-    with L' = max kept count. Kept rows keep their order; old padding is dropped (it is not kept).
+    keep (B, L) bool, or int64 copies of each row (0, 1, 2, …: a row gathered c times, its copies adjacent)
+    -> gather (B, L') int64 indices into L (0 on padding), valid (B, L') bool, with L' = max total count.
+    Kept rows keep their order; old padding is dropped (it is not kept).
     """
-    bsz, _ = keep.shape
-    counts = keep.sum(1)
-    width = int(counts.max()) if bsz else 0
-    dest = keep.long().cumsum(1) - 1 + (width - counts)[:, None]  # (B, L) slot of each kept row
+    counts = keep.long()
+    bsz, length = counts.shape
+    total = counts.sum(1)
+    width = int(total.max()) if bsz else 0
     gather = torch.zeros(bsz, width, dtype=torch.long, device=keep.device)
     valid = torch.zeros(bsz, width, dtype=torch.bool, device=keep.device)
-    b, l = keep.nonzero(as_tuple=True)
-    gather[b, dest[b, l]] = l
-    valid[b, dest[b, l]] = True
+    if width == 0:
+        return gather, valid
+    src = torch.repeat_interleave(torch.arange(bsz * length, device=keep.device), counts.flatten())
+    b, l = src // length, src % length
+    first = total.cumsum(0) - total  # index in `src` of each sample's first copy
+    slot = torch.arange(src.numel(), device=keep.device) - first[b] + (width - total)[b]
+    gather[b, slot] = l
+    valid[b, slot] = True
     return gather, valid
+
+
+def copy_rank(gather: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, L') rank of each slot among the adjacent copies of its source row (0 for the first copy)."""
+    width = gather.shape[1]
+    pos = torch.arange(width, device=gather.device).expand_as(gather)
+    starts = torch.ones_like(valid)
+    starts[:, 1:] = (gather[:, 1:] != gather[:, :-1]) | ~valid[:, :-1]
+    starts |= ~valid
+    return pos - torch.where(starts, pos, 0).cummax(1).values
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

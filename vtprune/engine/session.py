@@ -3,13 +3,15 @@
 One session is attached to one model instance (`model._vtprune`). It installs:
 
 - a forward pre-hook on the top-level model: at prefill it finds the images, solves budgets, runs the
-  `vision`/`pre_llm` stage (shortened ids + pruned `mm_encoder_outputs`, original position ids) and sets
-  up the state the decoder-layer hooks use; at decode it replaces the padding mask and position ids
+  `vision`/`pre_llm` stage (shortened ids + pruned `mm_encoder_outputs`, original position ids; tokens a
+  plan inserts, e.g. VisionZip's [CLS], take a copy of their slot's row: image-token id and position id) and
+  sets up the state the decoder-layer hooks use; at decode it replaces the padding mask and position ids
   with the pruned ones it keeps for the cache;
 - forward pre-hooks on decoder layers: at an `llm:k` stage the hidden states, (cos, sin), position ids
   and the mask are gathered to the kept rows (re-left-padded) and every later layer of the group gets
   those instead of the model's full-length objects; layer k−1 captures its input for the signals;
-- optionally a pre-hook on one vision attention module for [CLS] attention and keys;
+- optionally pre-hooks on the adapter's vision modules ([CLS] attention, keys, projector input) and forward
+  hooks on its vision output modules (e.g. the CLIP feature layer's [CLS] output row);
 - a per-instance `generate` guard that refuses static caches and chunked prefill.
 
 `remove()` takes all of it away again; no class is patched and no weight or config is touched.
@@ -35,7 +37,14 @@ from ..models.base import ModelAdapter
 from ..record import PruningEvent, RunRecord, SampleRecord
 from ..text import question_nouns, strip_generation_header
 from . import signals as sig
-from .sequence import compact_rows, gather_positions, gather_rows, next_positions, step_positions
+from .sequence import (
+    compact_rows,
+    copy_rank,
+    gather_positions,
+    gather_rows,
+    next_positions,
+    step_positions,
+)
 
 POSITION_POLICIES = ("keep", "reindex")
 
@@ -61,6 +70,7 @@ class _Image:
     tile: torch.Tensor | None = None  # (n,) vision-encoder view of each candidate (LLaVA-NeXT tiles)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> kept original indices (cpu)
     merged: set[int] = field(default_factory=set)  # stages whose kept rows carry merged features
+    inserted: dict[int, int] = field(default_factory=dict)  # stage -> tokens the plan inserted (not candidates)
 
 
 @dataclass
@@ -72,7 +82,8 @@ class _Group:
     positions: torch.Tensor  # (B, L) or (R, B, L) position ids of the rows
     vis_image: torch.Tensor  # (B, L) int64 image id of each row, −1 for text/structure/padding
     vis_index: torch.Tensor  # (B, L) int64 original index inside its image (representative), −1 otherwise
-    seq_index: torch.Tensor  # (B, L) int64 index into the input rows, −1 on padding
+    #   (−1 also on inserted tokens: visual rows, vis_image >= 0, that are no candidate)
+    seq_index: torch.Tensor  # (B, L) int64 index into the input rows (inserted tokens: their slot's), −1 on padding
     next_pos: torch.Tensor  # (B,) position of the next generated token
     pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None
     mask: object = None  # what the layers get as attention_mask for this forward
@@ -127,6 +138,18 @@ class PruningSession:
         self.stages: tuple[Stage, ...] = method.stages()
         method.validate(adapter.num_layers)
         _check_stage_order(method.name, self.stages)
+        if method.inserts and any(s.kind == "llm" for s in self.stages):
+            raise VtpruneError(
+                f"method {method.name!r} inserts tokens before the LLM; in-LLM stages after inserted tokens are not "
+                "supported by the engine"
+            )
+        needed = method.required_positions()
+        if needed is not None and needed != positions:
+            raise VtpruneError(
+                f"method {method.name!r} with preset={getattr(method.config, 'preset', None)!r} emits a reference "
+                f"token order whose ids need positions={needed!r} (got positions={positions!r}): pass "
+                f"vtprune.apply(..., positions={needed!r})"
+            )
         self.pre_stage = 0 if self.stages and self.stages[0].before_llm else None
         self.stage_at_layer = {s.layer: i for i, s in enumerate(self.stages) if s.kind == "llm"}
         self.capture_layers = {
@@ -148,7 +171,8 @@ class PruningSession:
         )
         if self.capture_layer0:
             self.capture_layers.add(0)
-        self.needs_suffix_rows = any("suffix_attention" in method.signals(i) for i in range(len(self.stages)))
+        suffix_signals = {"suffix_attention", "suffix_attention_heads", "suffix_rope_gravity"}
+        self.needs_suffix_rows = any(suffix_signals & method.signals(i) for i in range(len(self.stages)))
         if self.text_wanted & {"noun_embeddings", "question_text"}:
             _ = self.tokenizer  # fail at apply time when no tokenizer can be found
         self.dims = LLMDims.from_config(adapter.text_config)
@@ -156,6 +180,7 @@ class PruningSession:
         self._forward: _Forward | None = None
         self._decode: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._vision_capture: list[dict[str, torch.Tensor]] = []
+        self._mute_vision = False  # True while a method runs the projector (`ImageTokens.project`)
         self._generate_kwargs: dict = {}
         self._suffix_rows: list[torch.Tensor] = []
         self.last: RunRecord | None = None
@@ -191,6 +216,8 @@ class PruningSession:
         if self.needs_vision:
             for module in self.adapter.vision_hook_modules():
                 self._handles.append(module.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True))
+            for module in self.adapter.vision_output_modules():
+                self._handles.append(module.register_forward_hook(self._on_vision_output))
         stock_generate = m.generate
         m.__dict__["generate"] = partial(self._guarded_generate, stock_generate)
 
@@ -229,11 +256,29 @@ class PruningSession:
 
     # --- hooks -----------------------------------------------------------------------------------
     def _on_vision_attention(self, module, args, kwargs):
+        if self._mute_vision:
+            return
         x = kwargs.get("hidden_states", args[0] if args else None)
         with torch.no_grad():
             out = self.adapter.vision_signals(module, x, kwargs)
         if out is not None:
             self._vision_capture.append(out)
+
+    def _on_vision_output(self, module, args, output):
+        if self._mute_vision:
+            return
+        with torch.no_grad():
+            out = self.adapter.vision_output_signals(module, output)
+        if out:
+            self._vision_capture.append(out)
+
+    def _project(self, feats: torch.Tensor) -> torch.Tensor:
+        """`ImageTokens.project`: the adapter's projector, (k, C) -> (k, D), without feeding the vision hooks."""
+        self._mute_vision = True
+        try:
+            return self.adapter.project_vision(feats)
+        finally:
+            self._mute_vision = False
 
     def _on_model_call(self, module, args, kwargs):
         if args:  # HF forwards take input_ids first
@@ -388,7 +433,10 @@ class PruningSession:
             self._attach_vision_signals(fw.images, wanted)
 
         keep = group.mask2d.bool() & (group.vis_image < 0)
+        extra = torch.zeros_like(group.vis_image)  # (B, L) inserted tokens placed at each row
+        project = self._project if "vision_features" in ad.vision_signal_names else None
         new_feats: list[torch.Tensor] = []
+        orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image -> (default, plan) token orders
         for i, img in enumerate(fw.images):
             rows = (group.vis_image[img.sample] == i).nonzero().flatten()
             k = img.counts[0]
@@ -413,21 +461,44 @@ class PruningSession:
                 img.memo,
                 img.question,
                 img.tile,
+                project,
             )
             plan = self._checked_plan(0, view, k)
             keep[img.sample, rows[plan.keep_idx]] = True
-            new_feats.append(plan.new_feats if plan.new_feats is not None else visual[plan.keep_idx])
-            self._note_kept(img, 0, plan.keep_idx)
+            tokens = plan.new_feats.to(visual.dtype) if plan.new_feats is not None else visual[plan.keep_idx]
+            default = None
+            if plan.n_inserted:  # token ids 0..K−1 kept, K..K+E−1 inserted; inserted first at a shared slot
+                extra[img.sample].index_add_(0, rows[plan.insert_at], torch.ones_like(plan.insert_at))
+                tokens = torch.cat([tokens, plan.inserted.to(visual.dtype)])
+                slot = torch.cat([plan.keep_idx * 2 + 1, plan.insert_at * 2])
+                default = torch.sort(slot, stable=True).indices
+            if plan.order is not None:
+                natural = default if default is not None else torch.arange(len(tokens), device=rows.device)
+                orders[i] = (natural, plan.order)
+                default = plan.order
+            new_feats.append(tokens if default is None else tokens[default])
+            self._note_kept(img, 0, plan.keep_idx, plan.n_inserted)
 
-        gather, valid = compact_rows(keep)
-        self._push_group(fw, 0, gather, valid)
+        gather, valid = compact_rows(keep.long() + extra)
+        inserted = valid & (copy_rank(gather, valid) < extra.gather(1, gather))
+        if orders:  # reference orders: permute each image's slots (ids are reindexed afterwards)
+            slots_image = group.vis_image.gather(1, gather).masked_fill(~valid, -1)
+            for i, (default, order) in orders.items():
+                b = fw.images[i].sample
+                slots = (slots_image[b] == i).nonzero().flatten()
+                at = torch.empty_like(default)
+                at[default] = torch.arange(len(default), device=default.device)  # token id -> its default slot
+                src = slots[at[order]]
+                gather[b, slots] = gather[b, src]
+                inserted[b, slots] = inserted[b, src]
+        self._push_group(fw, 0, gather, valid, inserted)
         ids = kwargs["input_ids"].gather(1, gather).masked_fill(~valid, ad.pad_token_id)
         kwargs["input_ids"] = ids
         for name in ad.image_kwargs:
             kwargs.pop(name, None)
         kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), **ad.features_to_kwargs(new_feats)}
         if kwargs.get("labels") is not None:
-            kwargs["labels"] = kwargs["labels"].gather(1, gather).masked_fill(~valid, -100)
+            kwargs["labels"] = kwargs["labels"].gather(1, gather).masked_fill(~valid | inserted, -100)
         for name in ("token_type_ids", "mm_token_type_ids"):
             if kwargs.get(name) is not None:
                 kwargs[name] = kwargs[name].gather(1, gather) * valid
@@ -566,16 +637,22 @@ class PruningSession:
                 out["mean_received_attention"] = sig.mean_received_attention(
                     self.adapter, prev, hidden, pos_emb, mask2d, keys
                 )
-            if "suffix_attention" in wanted:
-                out["suffix_attention"] = self._suffix_attention(fw, prev, hidden, pos_emb, mask2d, keys)
+            suffix = wanted & {"suffix_attention", "suffix_attention_heads", "suffix_rope_gravity"}
+            if suffix:
+                out.update(self._suffix_attention(fw, prev, hidden, pos_emb, mask2d, keys, suffix))
             if "key_norms" in wanted:
                 if keys is None:
                     _, keys, _ = self.adapter.query_key_states(prev, hidden, pos_emb, torch.zeros_like(mask2d[:, :1]))
                 out["key_norms"] = sig.key_norms(keys)
         return out
 
-    def _suffix_attention(self, fw: _Forward, layer, hidden, pos_emb, mask2d, keys) -> list[torch.Tensor]:
-        """Per sample (T_s, L): attention of the question-span rows (current group) over all rows."""
+    def _suffix_attention(
+        self, fw: _Forward, layer, hidden, pos_emb, mask2d, keys, wanted=frozenset({"suffix_attention"})
+    ) -> dict[str, list[torch.Tensor]]:
+        """Question-span signals of the current group's rows, per sample: `suffix_attention` (T_s, L) head-mean
+        attention of the question-span rows over all rows, `suffix_attention_heads` (H, T_s, L) per query head
+        (one computation serves both), `suffix_rope_gravity` (T_s, L) `signals.rope_gravity` of the rows' and
+        all rows' position ids (the group's ids, i.e. those layer k−1's RoPE used)."""
         group = fw.groups[-1]
         rows = [  # text rows are never pruned: each question-span input row is present in the group
             (group.seq_index[b][None, :] == wanted.to(group.seq_index.device)[:, None]).float().argmax(1)
@@ -587,8 +664,24 @@ class PruningSession:
         for b, r in enumerate(rows):
             padded[b, : r.numel()] = r
             ok[b, : r.numel()] = True
-        probs = sig.rows_attention(self.adapter, layer, hidden, pos_emb, mask2d, padded, ok, keys)  # (B, q, L)
-        return [probs[b, : r.numel()] for b, r in enumerate(rows)]
+        out: dict[str, list[torch.Tensor]] = {}
+        if "suffix_attention_heads" in wanted:
+            heads = sig.rows_attention(self.adapter, layer, hidden, pos_emb, mask2d, padded, ok, keys, heads=True)
+            out["suffix_attention_heads"] = [heads[b, :, : r.numel()] for b, r in enumerate(rows)]  # (H, T_s, L)
+            if "suffix_attention" in wanted:
+                probs = heads.mean(1)  # (B, q, L), the same numbers as the head-mean path
+                out["suffix_attention"] = [probs[b, : r.numel()] for b, r in enumerate(rows)]
+        elif "suffix_attention" in wanted:
+            probs = sig.rows_attention(self.adapter, layer, hidden, pos_emb, mask2d, padded, ok, keys)  # (B, q, L)
+            out["suffix_attention"] = [probs[b, : r.numel()] for b, r in enumerate(rows)]
+        if "suffix_rope_gravity" in wanted:
+            spec = self.adapter.rotary_spec()
+            pos = group.positions  # (B, L) or (R, B, L)
+            out["suffix_rope_gravity"] = [
+                sig.rope_gravity(pos[..., b, r], pos[..., b, :], spec.theta, spec.head_dim, spec.sections)
+                for b, r in enumerate(rows)
+            ]
+        return out
 
     def _prune_in_llm(self, fw: _Forward, stage: int, idx: int, layer, hidden, kwargs) -> torch.Tensor:
         group = fw.groups[-1]
@@ -609,7 +702,8 @@ class PruningSession:
             for name in self.method.signals(stage) & (sig.TEXT_SIGNALS | sig.VISION_SIGNALS):
                 if name in img.signals:  # vision signals are per original candidate, text ones per sample
                     value = img.signals[name]
-                    view_signals[name] = value[orig] if name in sig.VISION_SIGNALS else value
+                    per_candidate = name in sig.VISION_SIGNALS - sig.VIEW_SIGNALS
+                    view_signals[name] = value[orig] if per_candidate else value
             if img.embeddings is not None:
                 view_signals["visual_embeddings"] = img.embeddings[orig]
             view = ImageTokens(
@@ -645,8 +739,13 @@ class PruningSession:
         new.mask = self.adapter.layer_mask(hidden, new.mask2d, fw.cache, idx)
         return hidden
 
-    def _push_group(self, fw: _Forward, start: int, gather: torch.Tensor, valid: torch.Tensor) -> _Group:
-        """Gather the current group's row metadata into a new group starting at layer `start`."""
+    def _push_group(
+        self, fw: _Forward, start: int, gather: torch.Tensor, valid: torch.Tensor, inserted: torch.Tensor | None = None
+    ) -> _Group:
+        """Gather the current group's row metadata into a new group starting at layer `start`.
+
+        inserted (B, L') bool: slots holding inserted tokens (copies of their slot's row: same image, position
+        id and input row; no candidate index)."""
         old = fw.groups[-1]
         positions = gather_positions(old.positions, gather)
         visual = gather_rows(old.vis_image, gather).masked_fill(~valid, -1)
@@ -661,7 +760,7 @@ class PruningSession:
             valid.long(),
             positions,
             visual,
-            gather_rows(old.vis_index, gather).masked_fill(~valid, -1),
+            gather_rows(old.vis_index, gather).masked_fill(~valid if inserted is None else ~valid | inserted, -1),
             gather_rows(old.seq_index, gather).masked_fill(~valid, -1),
             next_pos,
         )
@@ -716,15 +815,54 @@ class PruningSession:
             raise VtpruneError(f"{self.method.name}: keep_idx must be a 1-D int64 tensor")
         if idx.numel() and (idx[0] < 0 or idx[-1] >= n or (idx[1:] <= idx[:-1]).any()):
             raise VtpruneError(f"{self.method.name}: keep_idx must be sorted, unique and within [0, {n})")
-        if self.method.exact_count and idx.numel() != k:
-            raise VtpruneError(f"{self.method.name}: returned {idx.numel()} tokens, scheduled {k}")
+        name = self.method.name
+        extra = plan.n_inserted
+        if self.method.exact_count and idx.numel() + extra != k:
+            more = f" + {extra} inserted" if extra else ""
+            raise VtpruneError(f"{name}: returned {idx.numel()}{more} tokens, scheduled {k}")
         if plan.new_feats is not None and plan.new_feats.shape[0] != idx.numel():
-            raise VtpruneError(f"{self.method.name}: new_feats has {plan.new_feats.shape[0]} rows for {idx.numel()}")
-        plan.keep_idx = idx.to(view.features.device)
+            raise VtpruneError(f"{name}: new_feats has {plan.new_feats.shape[0]} rows for {idx.numel()}")
+        device = view.features.device
+        plan.keep_idx = idx.to(device)
+        pre_llm = self.stages[stage].before_llm
+        if plan.inserted is not None:
+            at = plan.insert_at
+            if not self.method.inserts or not pre_llm:
+                raise VtpruneError(
+                    f"{name}: inserted tokens need a method with inserts = True at a vision/pre_llm stage"
+                )
+            if (
+                at is None
+                or at.dim() != 1
+                or at.dtype != torch.long
+                or at.numel() != extra
+                or plan.inserted.dim() != 2
+                or plan.inserted.shape[1] != view.features.shape[1]
+                or (extra and (at[0] < 0 or at[-1] >= n or (at[1:] < at[:-1]).any()))
+            ):
+                raise VtpruneError(
+                    f"{name}: inserted must be (E, {view.features.shape[1]}) with insert_at (E,) int64 non-decreasing "
+                    f"candidate indices in [0, {n})"
+                )
+            plan.insert_at = at.to(device)
+        if plan.order is not None:
+            total = idx.numel() + extra
+            order = plan.order
+            if not pre_llm or self.positions != "reindex":
+                raise VtpruneError(f"{name}: an output `order` needs a vision/pre_llm stage and positions='reindex'")
+            if (
+                order.dtype != torch.long
+                or order.shape != (total,)
+                or not torch.equal(order.sort().values.cpu(), torch.arange(total))
+            ):
+                raise VtpruneError(f"{name}: order must be a permutation of the {total} output tokens")
+            plan.order = order.to(device)
         return plan
 
-    def _note_kept(self, img: _Image, stage: int, kept: torch.Tensor) -> None:
+    def _note_kept(self, img: _Image, stage: int, kept: torch.Tensor, inserted: int = 0) -> None:
         img.kept[stage] = kept.detach().to("cpu", torch.long)
+        if inserted:
+            img.inserted[stage] = inserted
         if self.method.merges:
             img.merged.add(stage)
 
@@ -745,7 +883,8 @@ class PruningSession:
                     prev = next((im.kept[t] for t in range(s, -1, -1) if t in im.kept), torch.arange(im.n))
                     parts.append(prev + im.offset)
                 idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-                events.append(PruningEvent(str(stage), idx, any(s in im.merged for im in mine)))
+                inserted = [sum(im.inserted.get(t, 0) for t in range(s + 1)) for im in mine]
+                events.append(PruningEvent(str(stage), idx, any(s in im.merged for im in mine), inserted))
             samples.append(SampleRecord(n, int(text[b]), per_layer[b], events, [im.offset for im in mine] + [n]))
         self.last = RunRecord(
             self.method.name,
@@ -764,7 +903,7 @@ class PruningSession:
         samples = []
         for b, n in enumerate(n_visual):
             offsets = [im.offset for im in images if im.sample == b] + [n]
-            events = [PruningEvent(str(s), torch.arange(n)) for s in self.stages]
+            events = [PruningEvent(str(s), torch.arange(n), False, [0] * (len(offsets) - 1)) for s in self.stages]
             samples.append(SampleRecord(n, int(valid[b]) - n, [n] * self.adapter.num_layers, events, offsets))
         self.last = RunRecord(
             self.method.name, str(self.budget), self.positions, samples, self.dims, _bytes_per_elem(self.model), None

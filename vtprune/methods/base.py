@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import ClassVar, Literal
 
@@ -49,13 +50,31 @@ class KeepPlan:
     """One image's decision at one stage.
 
     keep_idx:  (K,) int64, sorted, unique, indices into the image's *current* candidate list.
-    new_feats: (K, D) or None; replaces the kept rows (merging methods).
+    new_feats: (K, D) or None; replaces the kept rows (merging methods). Always in the stage's feature space
+               (LLM inputs before the LLM: a method that merges pre-projector features maps them with
+               `ImageTokens.project`).
     weights:   (K,) or None; tokens represented by each kept row (diagnostics only).
+    inserted:  (E, D) or None; extra tokens that are no candidate (e.g. VisionZip's CLIP [CLS] row), only from
+               methods with `inserts = True` and only at a `vision`/`pre_llm` stage. They count towards the
+               budget (K + E tokens = the scheduled count) and enter the LLM as visual tokens.
+    insert_at: (E,) int64, non-decreasing candidate indices: inserted token e sits right before candidate
+               `insert_at[e]` (kept or not) and shares its sequence slot and position id.
+    order:     (K + E,) int64 or None: a permutation of the image's output tokens (0..K−1: the kept slots in
+               `keep_idx` order, K..K+E−1: the inserted ones) emitted instead of the default order (ascending
+               representative index, inserted tokens before their slot). Pre-LLM stages only; needs
+               `positions="reindex"` (a reference order's contiguous ids).
     """
 
     keep_idx: torch.Tensor
     new_feats: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    inserted: torch.Tensor | None = None
+    insert_at: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+
+    @property
+    def n_inserted(self) -> int:
+        return 0 if self.inserted is None else int(self.inserted.shape[0])
 
 
 @dataclass
@@ -76,6 +95,9 @@ class ImageTokens:
     question:       the user-question text when the method asked for "question_text", else None.
     tile:           (n,) int64 vision view of each candidate when a crop holds several encoder views
                     (LLaVA-NeXT: 0 = base view, 1.. = CLIP tiles of the unpadded area), else None.
+    project:        at `vision`/`pre_llm` stages of models whose adapter provides `vision_features`
+                    (LLaVA families): the model's token-wise projector, (k, C) pre-projector rows -> (k, D)
+                    LLM-input rows (e.g. to map features merged in vision space); None otherwise.
     """
 
     features: torch.Tensor
@@ -88,15 +110,22 @@ class ImageTokens:
     memo: dict = field(default_factory=dict)
     question: str | None = None
     tile: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def n(self) -> int:
         return int(self.features.shape[0])
 
+    @property
+    def view(self) -> torch.Tensor:
+        """(n,) int64 vision-encoder view of each candidate: `tile` when set, else `crop` (the index of the
+        per-view signals, e.g. the rows of `vision_cls_features`)."""
+        return self.tile if self.tile is not None else self.crop
+
     def view_members(self) -> list[torch.Tensor]:
         """Candidate indices per vision-encoder view, in view order (spec §8 "per crop": LLaVA-NeXT's base
         view and each CLIP tile, each with its own [CLS]; otherwise one per crop).  -> [(n_v,) int64]."""
-        ids = self.tile if self.tile is not None else self.crop
+        ids = self.view
         return [(ids == v).nonzero().flatten() for v in torch.unique(ids).tolist()]
 
 
@@ -120,6 +149,9 @@ class PruningMethod(ABC):
     merges: ClassVar[bool] = False
     #: False when the realised count may differ from the scheduled one (e.g. pooling).
     exact_count: ClassVar[bool] = True
+    #: True when `select` may return `KeepPlan.inserted` tokens (pre-LLM methods only: the engine refuses
+    #: an in-LLM stage in a method that inserts).
+    inserts: ClassVar[bool] = False
     presets: ClassVar[tuple[str, ...]] = ("default",)
 
     def __init__(self, config: MethodConfig | None = None):
@@ -149,6 +181,11 @@ class PruningMethod(ABC):
     def signals(self, stage_index: int) -> frozenset[str]:
         """Names of the signals `select` needs at this stage (see `vtprune.engine.signals`)."""
         return frozenset()
+
+    def required_positions(self) -> str | None:
+        """The position policy this configuration needs (`vtprune.apply(positions=...)`), or None for any;
+        e.g. "reindex" for a reference output order (`KeepPlan.order`). Checked when the method is attached."""
+        return None
 
     def validate(self, num_layers: int) -> None:
         """Check the config against the model depth; raise `VtpruneError` naming the problem."""

@@ -1,5 +1,5 @@
 """SparseVLM (ICML 2025), v1.5: text-rater attention ranks visual tokens at three layers; dropped tokens are
-partly recycled into DPC-kNN cluster means (spec sparsevlm.md).
+partly recycled into DPC-kNN cluster means (spec sparsevlm.md). `version="2.0"`: SparseVLM+ (below).
 
 Per image:
 1. raters (once, at the first stage, kept in `image.memo`): `P = softmax_t(V_e T_eᵀ)` over the layer-0 input
@@ -13,6 +13,25 @@ Per image:
    mean, placed at the slot of its centre (the representative), so the stage keeps `k + c` tokens:
    `keep_idx = sorted(kept ∪ centres)`, `new_feats` = kept features unchanged + cluster means.
 
+SparseVLM+ (`version="2.0"`, spec "SparseVLM+ (v2.0) option"): same raters, layers and selection, but
+- no recycling (selection only, keep ids: the engine's default `positions="keep"`), counts = k_ℓ of the v2.0
+  table column (192: 300 / 200 / 118, 128: 238 / 108 / 60, 96: 246 / 54 / 28, 64: 66 / 34 / 20);
+- gravity correction: each head's rater→candidate probability `A_h[t, j]` (engine `suffix_attention_heads`
+  (H, T_s, n), query heads after the GQA repeat) is divided by the RoPE-only score `W[t, j]` of the two
+  positions (engine `suffix_rope_gravity` (T_s, n): `(2/√d_h)·Σ_i cos((p_t − q_j)·θ_i)`, θ_i = base^(−2i/d_h);
+  Qwen2.5-VL M-RoPE: pair i uses the t / h / w id of its section, spec "Our decision");
+- head selection: of the corrected rater→candidate scores, only the `h = heads_kept(H)` heads with the largest
+  total Σ_{t∈raters, j} A_h[t, j]/W[t, j] are kept; `rel_j` = mean over those heads and over the raters.
+  Our decision (head count): `h = max(1, min(H, round_half_up(14·H/32)))`, the spec's 14 of 32 heads of
+  LLaVA-7B scaled to the head count (12 of 28 on Qwen2.5-VL-7B, 2 of 4 on the tiny test models).
+  Our reading (order): heads are ranked by their total *corrected* attention (the spec divides first, "then"
+  selects heads).
+  Caveat (spec followed literally): W is not positive at every distance — for d_h = 128, base 10⁴ (LLaVA-NeXT-7B)
+  W ≤ 0 first at |p − q| = 1707 (and |W| gets as small as 5e-4 below 3000). LLaVA-1.5 prompts (< 700 ids) and
+  Qwen2.5-VL-7B (base 10⁶: W > 2 for t/h/w id differences up to 4000) never get there; long NeXT prompts do,
+  and there the division flips the sign of (or blows up) a candidate's score. The tiny test models (d_h = 16)
+  hit W ≤ 0 from |p − q| = 91.
+
 Schedules (`schedule=`): "reference" (default) uses the authors' v1.5 table rows (192 / 128 / 96 / 64 of 576)
 for any `budget_mode`; a budget selects the row whose share of N it is (`|B − N·label/576| < 1.5`), e.g. NeXT
 640 of 2880 → row 128, Qwen ρ = 1/3 → row 192; other budgets raise `BudgetError`. "matched" scales the three
@@ -21,7 +40,8 @@ closest reachable to the budget: the true layer average n̄ (`layer_avg`), or th
 stage (`retained`, FastV's convention for an in-LLM cut). Other depths: pruning layers
 `round_half_up(ℓ·L/32)` (bumped to stay strictly increasing; 2, 5, 13 on 28 layers; 0, 1, 3 on 6), counts
 `k_ℓ = round_half_up(N·k_ℓ^LLaVA/576)`. `schedule()` returns the visual counts after each stage including the
-recycled tokens (k + c).
+recycled tokens (k + c). v2.0 uses its own table column the same way (both schedules; the spec's matched mode
+is not restricted to v1.5), with counts k_ℓ (no recycling).
 
 Extra compute (no layer is switched to eager; SDPA/FA kernels run unchanged):
 - raters, once per image: N·T_s·D MACs and one (N, T_s) softmax;
@@ -29,13 +49,18 @@ Extra compute (no layer is switched to eager; SDPA/FA kernels run unchanged):
   queries + T_s·T·H·d_h for the scores (keys from the layer's KV cache, or T·D·H_kv·d_h to recompute them
   without a cache); all T_s question-span rows are computed and the raters are picked from them;
 - recycling: an m×m distance matrix O(m²·D) (m ≤ 173 at N = 576) and O(m·c) assignment, per stage.
+v2.0 instead, per stage: the same query rows and MACs, but the per-head probabilities (H, T_s, T) are kept
+(H times the memory of the head mean: 32·T_s·T fp32 on LLaVA-7B); the gravity W: cos/sin of (T_s + T)·d_h/2
+angles and two (T_s × d_h/2)·(d_h/2 × T) products in fp64 (T_s·T·d_h MACs); the correction, head totals and
+head mean O(H·|R|·n); no recycling.
 
 Deviations / decisions (see the report):
 - option `schedule` is the spec's `budget_mode` ("reference" | "matched"), renamed because `budget_mode` is
   `vtprune.apply`'s own layer_avg/retained switch;
-- `version="2.0"` (SparseVLM+) is refused: gravity correction and the 14-head selection need per-head rater
-  rows and the rater/candidate position ids, which the engine does not provide (only the head mean);
-- `recycle=False` turns recycling off (selection only, counts = k_ℓ; not a spec variant);
+- `recycle=False` turns recycling off in v1.5 (selection only, counts = k_ℓ; not a spec variant); the default
+  (None) means "as the version does": True for v1.5, False for v2.0 (`recycle=True` with v2.0 is refused);
+- v2.0: head count for other head numbers and the order divide-then-select are ours (see above); W ≤ 0 is
+  not guarded (spec followed literally, see the caveat);
 - `select` only sees the scheduled total k + c, and two top-k sizes can give the same total
   (`k + c(n−k) = (k+1) + c(n−k−1)`); the method therefore remembers the split its `schedule` chose for each
   (stage, n, total) and falls back to the larger k for a total it did not schedule (hand-built calls);
@@ -46,7 +71,8 @@ Deviations / decisions (see the report):
   and a cluster is the exact mean of its members (reference: sum / (count + 1e-6));
 - `preset="reference"`: selection identical; use `positions="reindex"` for the reference's contiguous ids.
   The reference appends the recycled tokens after the kept ones; the engine always orders visual tokens by
-  representative index, so under `reindex` a recycled token sits at its centre's place instead.
+  representative index, so under `reindex` a recycled token sits at its centre's place instead. v2.0's
+  reference keeps ids, which is the default `positions="keep"`.
 """
 
 from __future__ import annotations
@@ -62,7 +88,7 @@ from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, sta
 
 #: Reference v1.5 kept counts k_ℓ after layers 2 / 6 / 15 of LLaVA-1.5-7B, per budget label (Source).
 ROWS: dict[int, tuple[int, int, int]] = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
-#: SparseVLM+ (v2.0) rows, for reference only (the option is refused, see the module docstring).
+#: SparseVLM+ (v2.0) kept counts k_ℓ after layers 2 / 6 / 15 (no recycling), per budget label (Source).
 ROWS_V2: dict[int, tuple[int, int, int]] = {
     192: (300, 200, 118),
     128: (238, 108, 60),
@@ -74,16 +100,18 @@ PRUNE_AFTER = (2, 6, 15)
 REF_LAYERS, REF_N = 32, 576
 SCHEDULES = ("reference", "matched")
 VERSIONS = ("1.5", "2.0")
+#: SparseVLM+ keeps this many of LLaVA-7B's REF_HEADS attention heads (Source); scaled for other head counts.
+V2_HEADS, REF_HEADS = 14, 32
 
 
 @dataclass
 class SparseVLMConfig(MethodConfig):
-    #: "1.5" (fixed schedules + recycling). "2.0" (SparseVLM+) is refused: needs per-head engine signals.
+    #: "1.5" (fixed schedules + recycling) or "2.0" (SparseVLM+: gravity-corrected top-head attention, no recycling).
     version: str = "1.5"
     #: "reference" (the authors' table rows, any budget_mode) or "matched" (k_ℓ scaled to reach the budget).
     schedule: str = "reference"
-    #: Recycle part of the dropped tokens into cluster means (v1.5). False: selection only.
-    recycle: bool = True
+    #: Recycle part of the dropped tokens into cluster means. None: as the version does (1.5 yes, 2.0 no).
+    recycle: bool | None = None
 
 
 def round_half_up(x: float) -> int:
@@ -149,6 +177,23 @@ def authors_counter(n: int, counts, stage_layers, num_layers: int) -> float:
     """The SparseVLM authors' average: each pruning layer counted at its post-pruning size (one layer less
     at the larger count per stage)."""
     return layer_average(n, counts, [s - 1 for s in stage_layers], num_layers)
+
+
+def heads_kept(num_heads: int) -> int:
+    """SparseVLM+ heads averaged: 14 of 32 (Source), `max(1, min(H, round_half_up(14·H/32)))` otherwise."""
+    return max(1, min(num_heads, round_half_up(V2_HEADS * num_heads / REF_HEADS)))
+
+
+def gravity_relevance(heads: torch.Tensor, gravity: torch.Tensor, raters: torch.Tensor):
+    """SparseVLM+ relevance: per-head rater rows divided by the RoPE gravity, top heads averaged, fp32.
+
+    heads (H, T_s, n) per-head attention, gravity (T_s, n) W, raters (T_s,) bool -> (rel (n,), kept heads (h,)
+    sorted): `G_h[t, j] = A_h[t, j] / W[t, j]` over the raters, the `heads_kept(H)` heads with the largest
+    `Σ_{t,j} G_h[t, j]` (ties to the lower head), `rel_j = mean_{h, t} G_h[t, j]`.
+    """
+    g = heads[:, raters].float() / gravity[raters].float()[None]  # (H, |R|, n)
+    chosen = stable_topk(g.sum((1, 2)), heads_kept(int(heads.shape[0])))
+    return g[chosen].mean((0, 1)), chosen
 
 
 def rater_scores(visual: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
@@ -217,7 +262,7 @@ def recycle(features: torch.Tensor, rel: torch.Tensor, k: int, c: int):
 
 @register
 class SparseVLM(PruningMethod):
-    """Rater-attention ranking at three decoder layers with token recycling (v1.5)."""
+    """Rater-attention ranking at three decoder layers with token recycling (v1.5), or SparseVLM+ (v2.0)."""
 
     name = "sparsevlm"
     config_class = SparseVLMConfig
@@ -230,20 +275,17 @@ class SparseVLM(PruningMethod):
         c = self.config
         if c.version not in VERSIONS:
             raise VtpruneError(f"sparsevlm version must be one of {VERSIONS}, got {c.version!r}")
-        if c.version == "2.0":
-            raise VtpruneError(
-                "sparsevlm version='2.0' (SparseVLM+) is not available: its gravity correction divides each "
-                "head's rater→visual probability by the RoPE-only score W[p, q] of the rater and candidate "
-                "position ids and then averages only the 14 heads with the largest rater→visual mass; the "
-                "engine provides the head-mean 'suffix_attention' only. It would need a per-head signal "
-                "(H, T_s, n) of the question-span rows at layer ℓ plus the position ids of those rows and of the "
-                "candidates (and the rotary θ / head_dim / M-RoPE sections). Use version='1.5'."
-            )
         if c.schedule not in SCHEDULES:
             raise VtpruneError(f"sparsevlm schedule must be one of {SCHEDULES}, got {c.schedule!r}")
-        if not isinstance(c.recycle, bool):
-            raise VtpruneError(f"sparsevlm recycle must be True or False, got {c.recycle!r}")
-        self.merges = c.recycle  # recycling off: selection only (masking-equivalent)
+        if c.recycle is not None and not isinstance(c.recycle, bool):
+            raise VtpruneError(f"sparsevlm recycle must be True, False or None, got {c.recycle!r}")
+        self.v2 = c.version == "2.0"
+        if self.v2 and c.recycle:
+            raise VtpruneError("sparsevlm version='2.0' (SparseVLM+) does not recycle tokens; drop recycle=True")
+        #: recycling on (v1.5 default) or off (v2.0, or recycle=False)
+        self.recycle = (not self.v2) if c.recycle is None else c.recycle
+        self.rows = ROWS_V2 if self.v2 else ROWS  # kept counts k_ℓ per table row
+        self.merges = self.recycle  # recycling off: selection only (masking-equivalent)
         #: (stage, n before, total after) -> top-k size chosen by `schedule` (None when two schedules disagree)
         self._splits: dict[tuple[int, int, int], int | None] = {}
 
@@ -264,7 +306,8 @@ class SparseVLM(PruningMethod):
         super().validate(num_layers)
 
     def signals(self, stage_index: int) -> frozenset[str]:
-        return frozenset({"suffix_attention", "suffix_embeddings", "visual_embeddings"})
+        rows = {"suffix_attention_heads", "suffix_rope_gravity"} if self.v2 else {"suffix_attention"}
+        return frozenset(rows | {"suffix_embeddings", "visual_embeddings"})
 
     # --- budgets ------------------------------------------------------------------------------------
     def row_for(self, n: int, budget: int, num_layers: int) -> int:
@@ -290,7 +333,7 @@ class SparseVLM(PruningMethod):
         if budget >= n:
             return [n] * 3
         row = self.row_for(n, budget, num_layers) if c.schedule == "reference" else self._nearest_row(n, budget)
-        base = [n * k / REF_N for k in ROWS[row]]
+        base = [n * k / REF_N for k in self.rows[row]]
         if c.schedule == "reference":
             ks = [round_half_up(b) for b in base]
         else:
@@ -301,7 +344,7 @@ class SparseVLM(PruningMethod):
         """Counts after each stage for kept sizes `ks`, remembering each stage's top-k size for `select`."""
         out, cur = [], n
         for s, k_l in enumerate(ks):
-            k, after = stage_count(cur, k_l, self.config.recycle)
+            k, after = stage_count(cur, k_l, self.recycle)
             key = (s, cur, after)
             self._splits[key] = k if self._splits.get(key, k) == k else None
             out.append(after)
@@ -320,7 +363,7 @@ class SparseVLM(PruningMethod):
             return [round_half_up(s * b) for b in base]
 
         def counts(s: float) -> list[int]:
-            return stage_counts(n, ks(s), self.config.recycle)
+            return stage_counts(n, ks(s), self.recycle)
 
         def metric(cs: list[int]) -> float:
             return cs[0] if mode == "retained" else layer_average(n, cs, layers, num_layers)
@@ -328,9 +371,10 @@ class SparseVLM(PruningMethod):
         low = metric(counts(0.0))
         if low > budget:
             what = "tokens after the first stage" if mode == "retained" else "n̄"
+            stay = " and recycled clusters stay" if self.recycle else ""
             raise BudgetError(
                 f"sparsevlm schedule='matched': a {mode} budget of {budget} is infeasible for {n} visual tokens on "
-                f"{num_layers} layers (the first {layers[0]} layers run on all N and recycled clusters stay, so "
+                f"{num_layers} layers (the first {layers[0]} layers run on all N{stay}, so "
                 f"{what} ≥ {low:g}); the smallest feasible budget is {math.ceil(low)}"
             )
         lo, hi = 0.0, n / min(base) + 1.0  # at hi every k_ℓ ≥ n: nothing is removed (metric = n > budget)
@@ -351,12 +395,21 @@ class SparseVLM(PruningMethod):
             image.memo["sparsevlm_raters"] = raters
         return raters
 
-    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
-        rows = image.signals["suffix_attention"]  # (T_s, n)
-        if rows.shape[0] == 0:
+    def relevance(self, image: ImageTokens) -> torch.Tensor:
+        """rel (n,) fp32: rater rows of `suffix_attention` averaged (v1.5), or `gravity_relevance` (v2.0)."""
+        rows = image.signals["suffix_attention_heads" if self.v2 else "suffix_attention"]  # ([H,] T_s, n)
+        if rows.shape[-2] == 0:
             raise VtpruneError("sparsevlm needs text after the image (the question span is empty)")
-        rel = rows[self.raters(image).to(rows.device)].float().mean(0)  # (n,)
-        if not self.config.recycle:
+        raters = self.raters(image).to(rows.device)
+        if self.v2:
+            rel, chosen = gravity_relevance(rows, image.signals["suffix_rope_gravity"], raters)
+            image.memo.setdefault("sparsevlm_heads", []).append(chosen)  # per stage, for diagnostics
+            return rel
+        return rows[raters].float().mean(0)
+
+    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
+        rel = self.relevance(image)  # (n,)
+        if not self.recycle:
             return KeepPlan(stable_topk(rel, k))
         k_top = self._splits.get((stage_index, image.n, k))
         if k_top is None:

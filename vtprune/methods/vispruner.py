@@ -10,8 +10,9 @@ Spec: vispruner.md. Per crop (per-crop quotas, README §8) with quota T:
 Cost: one [CLS] row per crop (engine signal), one n_c×n_c cosine Gram matrix per crop (O(n_c²·D) fp32,
 O(n_c²) memory) and ≈ (R − T_div)/8 sequential iterations, each an |A|×|B| gather and row max.
 
-Deviation on LLaVA: the similarity features are the projector outputs (LLM space, as the spec prescribes
-for Qwen2.5-VL) — the engine does not hand methods the layer-22 CLIP patch features the reference uses.
+Similarity features: the feature layer's patch outputs before the projector (signal `vision_features`, the
+spec's F) where the model provides them (LLaVA-1.5 / NeXT); the projector (merger) outputs otherwise
+(Qwen2.5-VL, as the spec prescribes there).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class VisPrunerConfig(MethodConfig):
     important_ratio: float = 0.5
 
 
-def vispruner_crop(feats: torch.Tensor, scores: torch.Tensor, t: int, important_ratio: float,
-                   trace: list | None = None) -> torch.Tensor:
+def vispruner_crop(
+    feats: torch.Tensor, scores: torch.Tensor, t: int, important_ratio: float, trace: list | None = None
+) -> torch.Tensor:
     """One crop: local indices of the T kept tokens, sorted.  feats (n, D), scores (n,) -> (T,).
 
     trace: if a list, gets (A, B, removed) index tensors of every iteration (for tests).
@@ -79,14 +81,18 @@ class VisPruner(PruningMethod):
         return (Stage("vision"),)
 
     def signals(self, stage_index: int) -> frozenset[str]:
-        return frozenset({"cls_attention"})
+        wanted = frozenset({"cls_attention"})
+        if self.available_signals is not None and "vision_features" in self.available_signals:
+            wanted |= {"vision_features"}  # CLIP models: similarity on the pre-projector patch features
+        return wanted
 
     def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
         scores = image.signals["cls_attention"]
+        feats = image.signals.get("vision_features", image.features)  # (n, C) pre-projector, else (n, D)
         members = image.view_members()  # per vision view: LLaVA-NeXT base view and each tile
         quotas = largest_remainder_split(k, [len(m) for m in members])
         keep = [
-            idx[vispruner_crop(image.features[idx], scores[idx], q, self.config.important_ratio)]
+            idx[vispruner_crop(feats[idx], scores[idx], q, self.config.important_ratio)]
             for idx, q in zip(members, quotas, strict=True)
             if q > 0
         ]

@@ -7,6 +7,7 @@ call signature, `create_causal_mask(layer_idx=)`, `DynamicCache` layers, `mm_enc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -26,6 +27,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE.  x (B, H, T, d_h), cos/sin (B, T, d_h) -> (B, H, T, d_h)."""
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+@dataclass(frozen=True)
+class RotarySpec:
+    """Rotary embedding of the language model's attention (plain RoPE: θ_i = theta^(−2i/head_dim), i < head_dim/2).
+
+    sections: M-RoPE pair counts per position row (t, h, w), e.g. (16, 24, 24); None for 1-D RoPE.
+    """
+
+    theta: float
+    head_dim: int
+    sections: tuple[int, ...] | None = None
 
 
 class ModelAdapter(ABC):
@@ -160,11 +173,28 @@ class ModelAdapter(ABC):
         tensor (n_img, n, ...) or a list of per-image tensors [(n_i, ...)]; None when nothing is captured."""
         raise UnsupportedInputError(f"{type(self.model).__name__} exposes no vision [CLS] signal")
 
+    def vision_output_modules(self) -> list[nn.Module]:
+        """Modules whose forward (post-)hook output feeds `vision_output_signals` (default: none)."""
+        return []
+
+    def vision_output_signals(self, module: nn.Module, output) -> dict | None:
+        """From the output of a `vision_output_modules()` module: per-image signals shaped as in
+        `vision_signals` (e.g. `vision_cls_features`, one row per view); None when nothing is captured."""
+        return None
+
     def collate_vision_signals(self, captured: list[dict]) -> list[dict]:
         """The captures of one encoding (in call order) -> signals per image in prompt order, each lined up
-        with that image's candidate visual tokens.  Called at the prefill after `begin_prefill`, so an
-        adapter may use the prefill's layout here (LLaVA-NeXT re-packs per-tile signals).  Default: as is."""
+        with that image's candidate visual tokens (`VIEW_SIGNALS`: one row per view).  Called at the prefill
+        after `begin_prefill`, so an adapter may use the prefill's layout here (LLaVA-NeXT re-packs per-tile
+        signals).  Default: as is."""
         return captured
+
+    def project_vision(self, feats: torch.Tensor) -> torch.Tensor:
+        """The model's token-wise projector: (k, C) vision-space rows (as `vision_features`) -> (k, D) LLM inputs.
+        Adapters that list `vision_features` in `vision_signal_names` implement it."""
+        raise UnsupportedInputError(
+            f"{type(self.model).__name__} has no token-wise projector from vision features to LLM inputs"
+        )
 
     # --- positions -------------------------------------------------------------------------------
     def original_positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, kwargs: dict):
@@ -183,6 +213,40 @@ class ModelAdapter(ABC):
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) for explicit position ids, as the language model computes them."""
         return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+
+    def rotary_spec(self) -> RotarySpec:
+        """The language model's rotary parameters, read from its config (`rope_parameters`, head_dim).
+
+        Only unscaled RoPE (`rope_type="default"`, as LLaVA-1.5/NeXT and Qwen2.5-VL ship) is described; other
+        `rope_type`s (linear, dynamic, yarn, llama3, ...) and partial rotary dims raise `UnsupportedInputError`,
+        as does a model whose rotary module's `inv_freq` disagrees with θ_i = theta^(−2i/head_dim).
+        """
+        tc = self.text_config
+        params = dict(getattr(tc, "rope_parameters", None) or {})
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise UnsupportedInputError(
+                f"{type(self.model).__name__} uses rope_type={rope_type!r}; only unscaled RoPE (rope_type='default') "
+                "is supported for signals that need the rotary frequencies (suffix_rope_gravity)"
+            )
+        theta = params.get("rope_theta", getattr(tc, "rope_theta", None))
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        partial = params.get("partial_rotary_factor", getattr(tc, "partial_rotary_factor", None))
+        if theta is None or (partial is not None and float(partial) != 1.0):
+            raise UnsupportedInputError(
+                f"{type(self.model).__name__}: rotary config without rope_theta or with partial_rotary_factor="
+                f"{partial} is not supported for suffix_rope_gravity"
+            )
+        spec = RotarySpec(float(theta), int(head_dim))
+        inv = getattr(getattr(self.language_model, "rotary_emb", None), "inv_freq", None)
+        if inv is not None:
+            want = spec.theta ** (-2.0 * torch.arange(spec.head_dim // 2, dtype=torch.float64) / spec.head_dim)
+            if inv.shape != want.shape or not torch.allclose(inv.double().cpu(), want, rtol=1e-5, atol=0.0):
+                raise UnsupportedInputError(
+                    f"{type(self.model).__name__}: the rotary module's inv_freq does not match "
+                    f"theta={spec.theta:g}, head_dim={spec.head_dim} (unsupported RoPE variant)"
+                )
+        return spec
 
     # --- attention -------------------------------------------------------------------------------
     def layer_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache, layer_idx: int):

@@ -13,7 +13,6 @@ class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5: one fixed grid per image (e.g. 24×24 = 576), [CLS] dropped, feature layer −2."""
 
     model_classes = ("LlavaForConditionalGeneration",)
-    vision_signal_names = frozenset({"cls_attention", "vision_keys", "vision_head_keys", "vision_features"})
     image_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     @property
@@ -50,17 +49,43 @@ class LlavaAdapter(ModelAdapter):
         r = torch.arange(n)
         return [(h, w)], torch.stack([r // w, r % w], dim=1), torch.zeros(n, dtype=torch.long)
 
-    def vision_attention_module(self) -> nn.Module:
-        cfg = self.model.config
-        layer = cfg.vision_feature_layer
+    @property
+    def vision_signal_names(self) -> frozenset[str]:  # type: ignore[override]
+        """All vision signals; `vision_cls_features` only when the model drops the [CLS] row (strategy
+        "default"): with "full" the [CLS] is candidate 0 already."""
+        names = {"cls_attention", "vision_keys", "vision_head_keys", "vision_features"}
+        if self.model.config.vision_feature_select_strategy == "default":
+            names.add("vision_cls_features")
+        return frozenset(names)
+
+    def feature_layer(self) -> nn.Module:
+        """The CLIP encoder layer whose output is the model's feature layer (`hidden_states[vision_feature_layer]`)."""
+        layer = self.model.config.vision_feature_layer
         if not isinstance(layer, int):
             raise UnsupportedInputError("vision signals need a single vision_feature_layer (got a list)")
         layers = self.model.model.vision_tower.encoder.layers
-        idx = len(layers) + layer if layer < 0 else layer - 1
-        return layers[idx].self_attn
+        return layers[len(layers) + layer if layer < 0 else layer - 1]
+
+    def vision_attention_module(self) -> nn.Module:
+        return self.feature_layer().self_attn
 
     def vision_hook_modules(self) -> list[nn.Module]:
         return [self.vision_attention_module(), self.model.model.multi_modal_projector]
+
+    def vision_output_modules(self) -> list[nn.Module]:
+        return [self.feature_layer()]
+
+    def vision_output_signals(self, module: nn.Module, output) -> dict[str, torch.Tensor] | None:
+        """Feature layer output (n_img, 1 + n, C) -> vision_cls_features (n_img, 1, C): each image's [CLS] row
+        (one view per image), pre-projector; nothing with strategy "full" (the [CLS] is a candidate there)."""
+        if self.model.config.vision_feature_select_strategy != "default":
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        return {"vision_cls_features": hidden[:, :1]}
+
+    def project_vision(self, feats: torch.Tensor) -> torch.Tensor:
+        """(k, C) -> (k, D) through `multi_modal_projector` (token-wise MLP)."""
+        return self.model.model.multi_modal_projector(feats)
 
     def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
         """[CLS]→patch attention (head mean) and keys of the selected CLIP layer, or the projector's input.

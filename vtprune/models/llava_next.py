@@ -15,6 +15,8 @@ CLIP feature layer's attention sees every tile of every image, (n_tiles_total, 1
 `collate_vision_signals` splits the tiles per image and re-packs them with the model's own
 `pack_image_features` (no newline): base tile first, then the unpadded tile area in packed raster order,
 so `cls_attention` (n,) and `vision_keys` (n, C) line up with the image's candidate tokens.
+`vision_cls_features` (from a forward hook on the feature layer: its output's [CLS] row per tile) stays one
+row per tile, (n_tiles, C), row v = view v of `image_tiles` (0 base, 1 + t tile t).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine.signals import VIEW_SIGNALS
 from ..errors import UnsupportedInputError
 from .llava import LlavaAdapter
 
@@ -119,7 +122,8 @@ class LlavaNextAdapter(LlavaAdapter):
         return [p[:, 0] for p in packed]
 
     def collate_vision_signals(self, captured: list[dict]) -> list[dict]:
-        """Per-tile captures of one encoding -> [{cls_attention: [(n_i,)], vision_keys: [(n_i, C)]}]."""
+        """Per-tile captures of one encoding -> [{cls_attention: [(n_i,)], vision_keys: [(n_i, C)], …,
+        vision_cls_features: [(tiles_i, C)]}]."""
         if not captured:
             return captured
         names = list(dict.fromkeys(n for c in captured for n in c))  # attention and projector captures
@@ -135,8 +139,12 @@ class LlavaNextAdapter(LlavaAdapter):
         out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
         for name, t in tiles.items():
             for part, idx in zip(t.split(counts), index, strict=True):
-                out[name].append(part.flatten(0, 1)[idx.to(part.device)])
+                if name in VIEW_SIGNALS:  # one row per tile (view id = tile index, base first)
+                    out[name].append(part.flatten(0, 1))
+                else:
+                    out[name].append(part.flatten(0, 1)[idx.to(part.device)])
         n = [s * s + h * w for s, h, w in self._layouts]
-        if [int(t.shape[0]) for t in next(iter(out.values()))] != n:
-            raise UnsupportedInputError(f"re-packed vision signals do not match the candidate counts {n}")
+        for name in set(names) - VIEW_SIGNALS:
+            if [int(t.shape[0]) for t in out[name]] != n:
+                raise UnsupportedInputError(f"re-packed vision signals do not match the candidate counts {n}")
         return [out]

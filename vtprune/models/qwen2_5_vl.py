@@ -36,14 +36,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from ..errors import UnsupportedInputError
-from .base import ModelAdapter
+from .base import ModelAdapter, RotarySpec
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,19 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         text_ids = rank + slack.cummax(1).values
         out = torch.where(text[None], text_ids[None].expand_as(positions), positions)
         return out * valid[None]
+
+    def rotary_spec(self) -> RotarySpec:
+        """Plain RoPE parameters plus the M-RoPE sections (`mrope_section`, pairs per t / h / w row; the stock
+        rotary module's default (16, 24, 24) when the config has none)."""
+        spec = super().rotary_spec()
+        params = getattr(self.text_config, "rope_parameters", None) or {}
+        sections = tuple(int(x) for x in params.get("mrope_section", (16, 24, 24)))
+        if len(sections) != 3 or sum(sections) != spec.head_dim // 2:
+            raise UnsupportedInputError(
+                f"Qwen2.5-VL mrope_section {sections} must be three pair counts summing to head_dim/2 = "
+                f"{spec.head_dim // 2}"
+            )
+        return replace(spec, sections=sections)
 
     # --- vision signals (spec §7) ----------------------------------------------------------------
     def vision_hook_modules(self) -> list[nn.Module]:
