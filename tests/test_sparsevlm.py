@@ -30,6 +30,7 @@ from vtprune.methods.sparsevlm import (
     prune_layers,
     rater_mask,
     rater_scores,
+    recycle,
     recycle_sizes,
     split_count,
     stage_count,
@@ -429,6 +430,50 @@ def test_oracles_reference_preset_reindex(name):
         name, "sparsevlm", BUDGETS[name], {"preset": "reference", "positions": "reindex"}, selection_only=False
     )
     assert record.positions == "reindex"
+
+
+def test_recycle_reference_order_is_kept_then_recycled_in_cluster_order():
+    gen = torch.Generator().manual_seed(3)
+    feats, rel = torch.randn(40, 8, generator=gen), torch.rand(40, generator=gen)
+    keep, _, weights, order = recycle(feats, rel, 12, recycle_sizes(28)[1])
+    top = set(stable_topk(rel, 12).tolist())
+    emitted = keep[order].tolist()
+    assert sorted(order.tolist()) == list(range(len(keep)))
+    assert emitted[:12] == sorted(top) and not top & set(emitted[12:])  # kept first, in candidate order
+
+
+def test_reference_preset_emits_recycled_tokens_last_with_contiguous_ids():
+    """Property of the reference order: after every stage the LM rows of the image are [kept in current order,
+    recycled in cluster order] (replayed from the recorded plans), with contiguous position ids."""
+    from families import recorded_plans
+
+    fam = family("llava")
+    model, inputs = fam.models["sdpa"], fam.batches[1]
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen["positions"] = kwargs["position_ids"]
+
+    last = model.model.language_model.layers[-1]
+    with vtprune.pruned(model, "sparsevlm", BUDGETS["llava"], preset="reference", positions="reindex"):
+        handle = last.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with recorded_plans(model) as plans, torch.no_grad():
+                model(**inputs)
+        finally:
+            handle.remove()
+        record = vtprune.last_run(model)
+    current = torch.arange(record.samples[0].n_visual)
+    assert any(not torch.equal(p.order, torch.arange(len(p.order))) for _, p in plans), "order never differs"
+    for _, plan in plans:
+        assert plan.order is not None
+        current = current[plan.keep_idx][plan.order]
+    rows = record.sequence_index[0]
+    start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    visual = rows[(rows >= start) & (rows < start + record.samples[0].n_visual)] - start
+    assert torch.equal(visual, current)
+    pos = seen["positions"][0]
+    assert torch.equal(pos, torch.arange(pos.numel()))
 
 
 def test_oracles_matched_schedule():

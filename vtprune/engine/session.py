@@ -691,6 +691,7 @@ class PruningSession:
         signals = self._llm_signals(fw, stage, idx, (layer, hidden, here_pos, group.mask2d))
         keep = group.mask2d.bool() & (group.vis_image < 0)
         replaced = None
+        orders: dict[int, torch.Tensor] = {}  # image -> its plan's output order (a reference order)
         for i, img in enumerate(fw.images):
             rows = (group.vis_image[img.sample] == i).nonzero().flatten()
             k = img.counts[stage]
@@ -724,10 +725,18 @@ class PruningSession:
             if plan.new_feats is not None:
                 replaced = hidden.clone() if replaced is None else replaced
                 replaced[img.sample, kept_rows] = plan.new_feats.to(hidden.dtype)
+            if plan.order is not None:
+                orders[i] = plan.order
             self._note_kept(img, stage, orig[plan.keep_idx])
         hidden = replaced if replaced is not None else hidden
 
         gather, valid = compact_rows(keep)
+        if orders:  # each image's kept rows sit in its slots in row order; the plan's order permutes them
+            slots_image = group.vis_image.gather(1, gather).masked_fill(~valid, -1)
+            for i, order in orders.items():
+                b = fw.images[i].sample
+                slots = (slots_image[b] == i).nonzero().flatten()
+                gather[b, slots] = gather[b, slots[order]]
         new = self._push_group(fw, idx, gather, valid)
         hidden = gather_rows(hidden, gather)
         if self.positions == "keep":  # (cos, sin) of the rows entering this layer: the previous group's, if any
@@ -848,8 +857,8 @@ class PruningSession:
         if plan.order is not None:
             total = idx.numel() + extra
             order = plan.order
-            if not pre_llm or self.positions != "reindex":
-                raise VtpruneError(f"{name}: an output `order` needs a vision/pre_llm stage and positions='reindex'")
+            if self.positions != "reindex":
+                raise VtpruneError(f"{name}: an output `order` needs positions='reindex' (a reference order's ids)")
             if (
                 order.dtype != torch.long
                 or order.shape != (total,)
@@ -860,7 +869,7 @@ class PruningSession:
         return plan
 
     def _note_kept(self, img: _Image, stage: int, kept: torch.Tensor, inserted: int = 0) -> None:
-        img.kept[stage] = kept.detach().to("cpu", torch.long)
+        img.kept[stage] = kept.detach().to("cpu", torch.long).sort().values  # rows may be in a reference order
         if inserted:
             img.inserted[stage] = inserted
         if self.method.merges:

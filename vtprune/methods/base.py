@@ -61,7 +61,7 @@ class KeepPlan:
                `insert_at[e]` (kept or not) and shares its sequence slot and position id.
     order:     (K + E,) int64 or None: a permutation of the image's output tokens (0..K−1: the kept slots in
                `keep_idx` order, K..K+E−1: the inserted ones) emitted instead of the default order (ascending
-               representative index, inserted tokens before their slot). Pre-LLM stages only; needs
+               representative index, inserted tokens before their slot). Any stage; needs
                `positions="reindex"` (a reference order's contiguous ids).
     """
 

@@ -69,10 +69,11 @@ Deviations / decisions (see the report):
 - at least one token is kept by rank (`k ≥ 1`) when the fractional schedule rounds k_ℓ to 0 (tiny N);
 - DPC-kNN ties are broken deterministically (lower candidate index) instead of the reference's 1e-6 noise,
   and a cluster is the exact mean of its members (reference: sum / (count + 1e-6));
-- `preset="reference"`: selection identical; use `positions="reindex"` for the reference's contiguous ids.
-  The reference appends the recycled tokens after the kept ones; the engine always orders visual tokens by
-  representative index, so under `reindex` a recycled token sits at its centre's place instead. v2.0's
-  reference keeps ids, which is the default `positions="keep"`.
+- `preset="reference"` (v1.5): selection identical; at every stage the kept tokens stay in their current order
+  and the recycled ones follow in cluster order (`KeepPlan.order`), with the reference's contiguous ids: it
+  needs `positions="reindex"` (refused otherwise). The default orders every visual token by representative
+  index with kept ids. v2.0 (and `recycle=False`) has no recycled tokens: its reference keeps ids, which is
+  the default `positions="keep"`.
 """
 
 from __future__ import annotations
@@ -242,7 +243,9 @@ def recycle(features: torch.Tensor, rel: torch.Tensor, k: int, c: int):
     """Top-k by `rel` plus c recycled cluster means of the most relevant dropped tokens.
 
     features (n, D), rel (n,) -> (keep_idx (k + c,) sorted, new_feats (k + c, D) in features' dtype,
-    weights (k + c,) tokens represented). Recycled rows sit at their centre's index.
+    weights (k + c,) tokens represented, reference_order (k + c,)). Recycled rows sit at their centre's index;
+    `reference_order` lists the outputs as the reference emits them: the kept tokens in candidate order, then
+    the recycled ones in cluster order (a `KeepPlan.order`).
     """
     n = features.shape[0]
     order = torch.sort(rel.float(), descending=True, stable=True).indices
@@ -257,7 +260,9 @@ def recycle(features: torch.Tensor, rel: torch.Tensor, k: int, c: int):
     feats = torch.cat([features[kept].float(), merged])
     weights = torch.cat([torch.ones(k, dtype=torch.float32, device=count.device), count])
     idx = keep.argsort()
-    return keep[idx], feats[idx].to(features.dtype), weights[idx]
+    at = idx.argsort()  # output slot (in sorted keep_idx) of each entry of `keep`
+    reference_order = torch.cat([at[:k].sort().values, at[k:]])
+    return keep[idx], feats[idx].to(features.dtype), weights[idx], reference_order
 
 
 @register
@@ -267,7 +272,7 @@ class SparseVLM(PruningMethod):
     name = "sparsevlm"
     config_class = SparseVLMConfig
     merges = True
-    #: "reference": same tokens; the reference's contiguous ids are `positions="reindex"` at `vtprune.apply`.
+    #: "reference": same tokens, in the reference's order (recycled last) with contiguous ids (`positions="reindex"`).
     presets = ("default", "reference")
 
     def __init__(self, config: SparseVLMConfig | None = None):
@@ -416,5 +421,9 @@ class SparseVLM(PruningMethod):
             k_top, c = split_count(image.n, k)
         else:
             c = k - k_top
-        keep, feats, weights = recycle(image.features, rel, k_top, c)
-        return KeepPlan(keep, feats, weights)
+        keep, feats, weights, reference_order = recycle(image.features, rel, k_top, c)
+        return KeepPlan(keep, feats, weights, order=reference_order if self.config.preset == "reference" else None)
+
+    def required_positions(self) -> str | None:
+        """v1.5 `preset="reference"` emits the reference's order (recycled tokens last): contiguous ids."""
+        return "reindex" if self.config.preset == "reference" and self.recycle else None
