@@ -33,8 +33,23 @@ from vtprune.methods import ImageTokens, build_method, method_names
 D, C, DH = 4096, 1024, 64
 T_Q, T_S, NOUNS, N_TEXT, LAYERS = 24, 32, 3, 64, 32
 CASES = [("llava", (192, 128, 64)), ("next", (640, 320, 160))]
+H = 32  # LLM query heads (LLaVA-1.5-7B)
 #: options that let a method run without an external model (CDPruner's CLIP text tower)
 OPTIONS = {"cdpruner": {"relevance": "llm"}}
+#: extra rows: label -> (method, options)
+VARIANTS = {"sparsevlm-v2": ("sparsevlm", {"version": "2.0"})}
+
+
+def method_spec(label: str) -> tuple[str, dict]:
+    """(registered name, options) of a table row label."""
+    if label in VARIANTS:
+        return VARIANTS[label]
+    return label, dict(OPTIONS.get(label, {}))
+
+
+def projector() -> torch.nn.Module:
+    """LLaVA-1.5-7B's token-wise projector at real size (1024 -> 4096 -> 4096, GELU), random weights."""
+    return torch.nn.Sequential(torch.nn.Linear(C, D), torch.nn.GELU(), torch.nn.Linear(D, D)).eval()
 
 
 def layout(kind: str):
@@ -48,7 +63,7 @@ def layout(kind: str):
     return torch.cat(coords), torch.cat(crop), grids
 
 
-def signal(name: str, n: int, g: torch.Generator):
+def signal(name: str, n: int, g: torch.Generator, n_views: int = 1):
     shapes = {
         "cls_attention": None,
         "last_token_attention": None,
@@ -63,6 +78,9 @@ def signal(name: str, n: int, g: torch.Generator):
         "noun_embeddings": (NOUNS, D),
         "visual_embeddings": (n, D),
         "suffix_attention": (T_S, n),
+        "suffix_attention_heads": (H, T_S, n),
+        "suffix_rope_gravity": (T_S, n),
+        "vision_cls_features": (n_views, C),
     }
     if name not in shapes:
         raise KeyError(name)
@@ -70,20 +88,24 @@ def signal(name: str, n: int, g: torch.Generator):
     if shape is None:
         return torch.rand(n, generator=g).softmax(0) if "attention" in name else torch.rand(n, generator=g) + 1
     x = torch.randn(*shape, generator=g)
-    return x.softmax(-1) if name == "suffix_attention" else x
+    if name == "suffix_rope_gravity":
+        return x.abs() + 0.5
+    return x.softmax(-1) if name.startswith("suffix_attention") else x
 
 
-def view(feats, coords, crop, grids, index, names, memo, g) -> ImageTokens:
+def view(feats, coords, crop, grids, index, names, memo, g, project=None) -> ImageTokens:
     n = feats.shape[0]
-    sig = {name: signal(name, n, g) for name in names if name != "question_text"}
-    return ImageTokens(feats, coords, crop, grids, index, sig, 0, memo, "what colour is the small cube")
+    sig = {name: signal(name, n, g, len(grids)) for name in names if name != "question_text"}
+    question = "what colour is the small cube"
+    return ImageTokens(feats, coords, crop, grids, index, sig, 0, memo, question, None, project)
 
 
 def time_method(name: str, kind: str, budget: int, repeats: int, warmup: int) -> tuple[list[float], list[int]]:
     """Median ms per stage and the schedule, for one image."""
-    method = build_method(name, dict(OPTIONS.get(name, {})))
+    method = build_method(*method_spec(name))
     method.bind(LAYERS)
     stages = method.stages()
+    proj = projector()
     coords, crop, grids = layout(kind)
     n = coords.shape[0]
     counts = method.schedule(n, budget, "layer_avg", LAYERS)
@@ -97,9 +119,11 @@ def time_method(name: str, kind: str, budget: int, repeats: int, warmup: int) ->
             k = counts[s]
             if k >= index.numel():
                 continue
-            image = view(feats[index], coords[index], crop[index], grids, index, method.signals(s), memo, g)
+            project = proj if stages[s].before_llm else None  # a LLaVA model: the projector is offered
+            image = view(feats[index], coords[index], crop[index], grids, index, method.signals(s), memo, g, project)
             t0 = time.perf_counter()
-            plan = method.select(s, image, k)
+            with torch.no_grad():
+                plan = method.select(s, image, k)
             dt = time.perf_counter() - t0
             if rep >= warmup:
                 runs[s].append(dt * 1e3)
@@ -109,7 +133,7 @@ def time_method(name: str, kind: str, budget: int, repeats: int, warmup: int) ->
 
 def per_layer(method_name: str, n: int, counts: list[int]) -> list[int]:
     """Visual tokens entering each of the 32 layers for a schedule."""
-    method = build_method(method_name, dict(OPTIONS.get(method_name, {})))
+    method = build_method(*method_spec(method_name))
     method.bind(LAYERS)
     out, cur, cuts = [], n, {}
     for stage, k in zip(method.stages(), counts, strict=True):
@@ -142,7 +166,7 @@ def main() -> None:
     torch.set_num_threads(1)
     gflops = args.gflops or cpu_gflops()
     dims = full_dims("llava-1.5-7b")
-    names = args.methods.split(",") if args.methods else method_names()
+    names = args.methods.split(",") if args.methods else method_names() + sorted(VARIANTS)
     print(
         f"selection per image (median of {args.repeats}, fp32, 1 CPU thread); prefill estimated at {gflops:.0f} GFLOP/s"
     )
@@ -153,7 +177,7 @@ def main() -> None:
     rows = []
     for name in names:
         try:
-            if not build_method(name, dict(OPTIONS.get(name, {}))).stages():
+            if not build_method(*method_spec(name)).stages():
                 continue
         except VtpruneError as err:
             print(f"{name:<10} skipped: {err}")
