@@ -1,4 +1,5 @@
-"""The `vtprune` command line: `vtprune demo`, `methods`, `eval`, `compare`, `run`, `show`, `testbed`, `bench`."""
+"""The `vtprune` command line: `vtprune demo`, `methods`, `eval`, `compare`, `hard-subset`, `run`, `show`, `testbed`,
+`bench`, `train-rcp`."""
 
 from __future__ import annotations
 
@@ -217,6 +218,28 @@ def _calibrate_dcp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hard_subset(args: argparse.Namespace) -> int:
+    import json
+
+    from rich.console import Console
+
+    from vtprune.eval.hard_subset import hard_subset_report, hard_subset_table, load_results
+
+    try:
+        results = [r for path in args.results for r in load_results(path, args.metric)]
+        rows = hard_subset_report(results, args.baseline)
+    except (OSError, KeyError, ValueError) as err:
+        raise SystemExit(f"vtprune hard-subset: {err}") from None
+    console = Console()
+    if not console.is_terminal:  # a log or a pipe: do not squeeze the table into 80 columns
+        console = Console(width=120)
+    console.print(hard_subset_table(rows, per_type=args.per_type))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
 def _add_one_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME, a model directory or arch:NAME")
     p.add_argument("--image", required=True, help="image file")
@@ -299,6 +322,20 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     k.add_argument("--threads", type=int, default=1)
     k.set_defaults(func=_calibrate_dcp)
+    h = sub.add_parser(
+        "hard-subset",
+        help="a method's accuracy on the samples the downsample/pool baseline gets wrong vs right",
+    )
+    h.add_argument(
+        "results",
+        nargs="+",
+        help="per-sample results: `vtprune eval --json` files, lmms-eval samples JSONL or output directories",
+    )
+    h.add_argument("--baseline", default=None, help="baseline method or results file name (default: downsample, pool)")
+    h.add_argument("--metric", default=None, help="lmms-eval per-sample score (default: exact_match, acc, ...)")
+    h.add_argument("--per-type", action="store_true", help="a row per question type too")
+    h.add_argument("--json", default=None, help="write the report (with per-type blocks) here")
+    h.set_defaults(func=_hard_subset)
     m = sub.add_parser("methods", help="list the registered methods and their stages")
     m.set_defaults(func=_methods)
     try:
@@ -309,8 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover - the testbed is part of the package
         pass
     from vtprune.measurement.cli import register as register_bench
+    from vtprune.rcp.cli import add_parser as register_train_rcp
 
     register_bench(sub)
+    register_train_rcp(sub)
     return parser
 
 

@@ -18,6 +18,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--seed", type=int, default=HELDOUT_SEED)
     e.add_argument("--per-type", type=int, default=100)
+    e.add_argument("--lmms", action="store_true",
+                   help="also write the lmms-eval tasks vtprune_shapes(_mc) there (lmms-eval --include_path OUT)")
     e.set_defaults(testbed_func=_export)
 
     t = sub.add_parser("train", help="train the built-in model (resumes from OUT/state.pt)")
@@ -61,6 +63,13 @@ def run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_jsonl
 
+    if getattr(args, "lmms", False):
+        from vtprune.eval.lmms.task import write_task
+
+        path = write_task(args.out, n_per_type=args.per_type, seed=args.seed)
+        print(f"wrote {path} and the lmms-eval tasks vtprune_shapes, vtprune_shapes_mc "
+              f"(lmms-eval --include_path {args.out} --tasks vtprune_shapes)")
+        return 0
     path = export_jsonl(args.out, seed=args.seed, n_per_type=args.per_type)
     print(f"wrote {path}")
     return 0
