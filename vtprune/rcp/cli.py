@@ -1,0 +1,130 @@
+"""`vtprune train-rcp`: train RCP plug-ins on a JSONL of {image, question, answer} (see docs/rcp.md).
+
+    vtprune train-rcp --model builtin:shapes-llava --data shapes/questions.jsonl --budget 64 --out rcp-64
+    accelerate launch --num_processes 4 -m vtprune.rcp.cli --model DIR --data vqa.jsonl --budget 64 --out run
+
+`add_parser(subparsers)` registers the command on an argparse subparsers object; `run(args)` executes it;
+`main()` is the stand-alone entry point (`python -m vtprune.rcp.cli ...`, also under `accelerate launch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _budget(text: str) -> float:
+    value = float(text)
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from .train import RCPTrainConfig
+
+    d = RCPTrainConfig()
+    p.add_argument("--model", required=True, help="builtin:NAME or a local model directory (save_pretrained)")
+    p.add_argument("--data", required=True, help="JSONL: one {image, question, answer} per line (docs/rcp.md)")
+    p.add_argument(
+        "--budget",
+        type=_budget,
+        default=64,
+        help="layer-averaged visual tokens (>= 1) or a ratio of N (< 1); default 64",
+    )
+    p.add_argument("--out", required=True, help="output directory (artefacts, log, resumable state)")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: one epoch)")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"samples per process per micro-step ({d.batch})")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help=f"micro-steps per step ({d.grad_accum})")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--lambda-task", type=float, default=d.lambda_task, help=f"task loss weight ({d.lambda_task})")
+    p.add_argument("--lambda-repair", type=float, default=d.lambda_repair, help=f"repair weight ({d.lambda_repair})")
+    p.add_argument("--lambda-sparse", type=float, default=d.lambda_sparse, help=f"sparsity weight ({d.lambda_sparse})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"variance term weight in the repair loss ({d.alpha})")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument(
+        "--suffix",
+        default=None,
+        help="text appended to every question (default: the spec's VQAv2 suffix when the model has a "
+        "chat template, else nothing)",
+    )
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
+    p.add_argument("--calib-data", default=None, help="JSONL for the δ calibration (default: hold out of --data)")
+    p.add_argument("--calib-n", type=int, default=d.calib_n, help="calibration samples (0: no calibration)")
+    p.add_argument("--save-dtype", default=d.save_dtype, choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--time-limit", type=float, default=None, help="stop (resumable) after this many seconds")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="require a state in OUT/state to continue from")
+    g.add_argument("--fresh", action="store_true", help="ignore an existing OUT/state and start over")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `train-rcp` on an argparse subparsers object."""
+    p = subparsers.add_parser(
+        "train-rcp",
+        help="train RCP plug-ins (pruner + repair adapters) on a frozen LVLM",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .train import RCPTrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = RCPTrainConfig(
+        budget=args.budget,
+        steps=args.steps,
+        batch=args.batch,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        lambda_task=args.lambda_task,
+        lambda_repair=args.lambda_repair,
+        lambda_sparse=args.lambda_sparse,
+        alpha=args.alpha,
+        precision=args.precision,
+        max_length=args.max_length,
+        suffix=args.suffix,
+        save_every=args.save_every,
+        calib_data=args.calib_data,
+        calib_n=args.calib_n,
+        save_dtype=args.save_dtype,
+        time_limit=args.time_limit,
+    )
+    resume = "require" if args.resume else "never" if args.fresh else "auto"
+    summary = train(
+        args.model, args.data, args.out, cfg, device=args.device, resume=resume, progress=not args.no_progress
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vtprune train-rcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,577 @@
+"""RCP trainer (spec rcp.md §E) on `accelerate`: the same code runs on one CPU, one GPU or several GPUs/nodes.
+
+    accelerate launch --num_processes 8 -m vtprune.rcp.cli --model DIR --data vqa.jsonl --budget 64 --out run/
+
+- Frozen backbone (vision tower, projector, LLM) in eval mode; trainable: the `RCPPlugins` (fp32 weights).
+- Each micro-batch: images encoded once (no grad); the teacher pass (same model, all tokens, no plug-ins,
+  no_grad) collects the repair layers' outputs at generation positions; the student pass is the mask route
+  (`mask_route.student_forward`) with Gumbel STE masks; losses (`losses.py`) with the spec's weights.
+- DDP: the plug-ins are wrapped (via a `TrainStep` module that holds the backbone outside its parameters);
+  the repair moments use the states of the global micro-batch (differentiable all-gather). With gradient
+  accumulation the moments are per micro-batch (each micro-batch is gathered across processes).
+- Data order: a seeded permutation per epoch; optimiser step t, micro-step j, rank r takes global samples
+  ((t·A + j)·W + r)·B … +B. Gumbel noise and query-row dropout come from per-sample generators seeded by
+  (seed, sample id, epoch) (spec README §10); the MLP dropout uses the torch RNG (saved in checkpoints).
+- AdamW (lr 5e-5, wd 0.01, one group), cosine LR with 10 % warm-up and floor 0.1·lr; bf16 autocast on GPU
+  (`precision="auto"`), fp32 or bf16 on CPU; no gradient clipping; seed 42.
+- Resumable checkpoints in OUT/state/ (plug-ins, optimiser, scheduler, step, per-rank RNG); per-step log
+  OUT/train_log.jsonl (losses, r̄, r_k, r*, τ, noise, lr); final artefacts OUT/rcp_plugins.safetensors +
+  OUT/rcp_config.json after the δ calibration (binary search on a held-out slice, spec "Calibration").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import BudgetError, VtpruneError
+from . import checkpoint as ckpt
+from .data import VQA_SUFFIX, Collator, Example, read_examples
+from .losses import repair_loss, sparsity_loss, task_loss
+from .mask_route import RouteBatch, prepare_batch, student_forward, teacher_states
+from .modules import RCPPlugins, count_parameters
+from .placement import Placement, placement_for
+from .schedule import gumbel_schedule, lr_factor, sparsity_target
+
+NEXT_REFERENCE_TOKENS = 2880  # LLaVA-NeXT: token budgets are fractions of 2880 (spec table)
+
+
+@dataclass
+class RCPTrainConfig:
+    """Training options; defaults are the spec's recipe (rcp.md §E)."""
+
+    budget: float = 64  # layer-averaged visual tokens (>= 1) or a ratio of N (< 1)
+    steps: int | None = None  # optimiser steps; None: one epoch of the training samples
+    batch: int = 2  # per process
+    grad_accum: int = 4
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    lr_floor: float = 0.1
+    seed: int = 42
+    lambda_task: float = 1.5
+    lambda_repair: float = 3.0
+    lambda_sparse: float = 200.0
+    alpha: float = 3.0
+    tau_start: float = 1.5
+    tau_end: float = 0.2
+    anneal_until: float = 0.6
+    noise_until: float = 0.8
+    sparsity_warm: float = 0.1
+    tau_eval: float = 0.2
+    theta: float = 0.5
+    d_prime: int = 512
+    n_queries: int = 16
+    heads: int = 4
+    bottleneck: int = 512
+    dropout: float = 0.2
+    query_dropout: float = 0.2
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    max_length: int = 1024
+    suffix: str | None = None  # None: the spec's VQAv2 suffix when the model has a chat template, else ""
+    save_every: int = 100
+    calib_n: int = 500  # held-out samples for δ (taken from --data unless calib_data); 0: no calibration
+    calib_data: str | None = None
+    calib_batch: int = 8
+    calib_tol: float = 0.02
+    calib_inner: float = 0.01
+    save_dtype: str = "fp32"  # fp32 | fp16 | bf16 for the final artefact
+    stop_after: int | None = None  # stop (after a checkpoint) once this many steps are done
+    time_limit: float | None = None  # seconds; stop (after a checkpoint) when exceeded
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+def target_ratio(budget: float, model) -> tuple[float, int]:
+    """(ρ, reference N): token budgets divide by the nominal N (576), LLaVA-NeXT by 2880."""
+    from ..models import adapter_for
+
+    n = adapter_for(model).nominal_visual_tokens() or NEXT_REFERENCE_TOKENS
+    if budget <= 0:
+        raise BudgetError(f"budget must be positive, got {budget}")
+    rho = float(budget) if budget < 1 else float(budget) / n
+    if rho >= 1:
+        raise BudgetError(f"budget {budget} keeps every one of the {n} visual tokens: nothing to train")
+    return rho, n
+
+
+def check_feasible(placement: Placement, rho: float, n: int) -> None:
+    low = placement.min_layer_average_tokens(n)
+    if rho * n < low - 1e-9:
+        raise BudgetError(
+            f"a layer-averaged budget of {rho * n:.1f} tokens is below the smallest RCP can reach with pruning "
+            f"layers {list(placement.pruning_layers)} of {placement.num_layers}: {math.ceil(low)} tokens"
+        )
+
+
+def sample_generator(seed: int, key: str, epoch: int) -> torch.Generator:
+    """Generator for one sample's training noise, seeded by (seed, sample id, epoch)."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}|{key}|{epoch}".encode()))
+
+
+def per_sample_noise(keys, epochs, slot_valid, layers, n_queries, query_dropout, seed):
+    """Uniforms for the logistic noise {ℓ: (B, N)} and query-row keep masks {ℓ: (B, n_q)} from per-sample
+    generators (each sample draws for its own N, so the values do not depend on the batch)."""
+    B, N = slot_valid.shape
+    counts = slot_valid.sum(-1).tolist()
+    u = {ell: torch.full((B, N), 0.5) for ell in layers}
+    keep = {ell: torch.ones(B, n_queries) for ell in layers}
+    for b, (key, epoch) in enumerate(zip(keys, epochs, strict=True)):
+        g = sample_generator(seed, key, epoch)
+        for ell in layers:
+            u[ell][b, : counts[b]] = torch.rand(counts[b], generator=g)
+            keep[ell][b] = (torch.rand(n_queries, generator=g) >= query_dropout).float()
+    dev = slot_valid.device
+    return {k: v.to(dev) for k, v in u.items()}, {k: v.to(dev) for k, v in keep.items()}
+
+
+def batch_to_route(model, batch: dict, device) -> RouteBatch:
+    """A collated batch (`data.Collator`) -> RouteBatch on `device` (images encoded, no grad)."""
+    dtype = next(model.parameters()).dtype
+    image_kwargs = {"pixel_values": batch["pixel_values"].to(device, dtype)}
+    if "image_sizes" in batch:
+        image_kwargs["image_sizes"] = batch["image_sizes"].to(device)
+    gen = (batch["targets"] != -100).to(device)
+    return prepare_batch(
+        model,
+        batch["input_ids"].to(device),
+        batch["attention_mask"].to(device),
+        image_kwargs,
+        prompt_end=batch["prompt_end"].to(device),
+        gen=gen,
+    )
+
+
+class TrainStep(nn.Module):
+    """One micro-batch forward (teacher + student + losses); only the plug-ins are parameters."""
+
+    def __init__(self, model, plugins: RCPPlugins, cfg: RCPTrainConfig, rho: float):
+        super().__init__()
+        self.plugins = plugins
+        object.__setattr__(self, "backbone", model)  # not a submodule: DDP must not see the frozen model
+        self.cfg = cfg
+        self.rho = rho
+
+    def forward(self, batch: dict, epochs: list[int], tau: float, noise_on: bool, r_target: float) -> dict:
+        model, cfg, placement = self.backbone, self.cfg, self.plugins.placement
+        device = next(self.plugins.parameters()).device
+        rb = batch_to_route(model, batch, device)
+        teacher = teacher_states(model, rb, placement.repair_layers)
+        noise, qkeep = per_sample_noise(
+            batch["keys"], epochs, rb.slot_valid, placement.pruning_layers, cfg.n_queries, cfg.query_dropout, cfg.seed
+        )
+        hidden, st = student_forward(
+            model, self.plugins, rb, train=True, tau=tau, noise_on=noise_on, noise=noise, query_keep=qkeep
+        )
+        rows = hidden[rb.gen]
+        logits = model.get_output_embeddings()(rows)
+        targets = batch["targets"].to(device)[rb.gen]
+        sample = rb.gen.nonzero()[:, 0]
+        l_task = task_loss(logits, targets, sample, rb.gen.shape[0])
+        l_rep = repair_loss(st.repair, teacher, cfg.alpha)
+        r_k = torch.stack([st.ratios[ell].mean() for ell in placement.pruning_layers])
+        r_bar = placement.layer_average(list(r_k))
+        l_sp = sparsity_loss(r_bar, r_target)
+        loss = cfg.lambda_task * l_task + cfg.lambda_repair * l_rep + cfg.lambda_sparse * l_sp
+        return {
+            "loss": loss,
+            "task": l_task.detach(),
+            "repair": l_rep.detach(),
+            "sparse": l_sp.detach(),
+            "r_bar": r_bar.detach(),
+            "r_k": r_k.detach(),
+        }
+
+
+def _indices(step: int, micro: int, rank: int, world: int, batch: int, accum: int, n: int, seed: int, perms: dict):
+    """[(sample index, epoch)] of one rank's micro-batch."""
+    g0 = ((step * accum + micro) * world + rank) * batch
+    out = []
+    for g in range(g0, g0 + batch):
+        epoch = g // n
+        if epoch not in perms:
+            perms[epoch] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append((int(perms[epoch][g % n]), epoch))
+    return out
+
+
+def split_calibration(examples: list[Example], cfg: RCPTrainConfig) -> tuple[list[Example], list[Example]]:
+    """(training, calibration) samples: `calib_data` if given, else a seeded hold-out of min(calib_n, 10 %)."""
+    if cfg.calib_n <= 0:
+        return examples, []
+    if cfg.calib_data:
+        return examples, read_examples(cfg.calib_data)[: cfg.calib_n]
+    n_cal = min(cfg.calib_n, len(examples) // 10)
+    if n_cal <= 0:
+        return examples, []
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + 7)).tolist()
+    held = set(perm[:n_cal])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+
+
+# --- calibration ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def kept_tokens(model, plugins: RCPPlugins, routes: list[RouteBatch], delta: float, cfg: RCPTrainConfig) -> float:
+    """Mean layer-averaged kept visual tokens r̄·N over the samples, inference masks with offset δ."""
+    placement = plugins.placement
+    total, count = 0.0, 0
+    for rb in routes:
+        _, st = student_forward(
+            model,
+            plugins,
+            rb,
+            train=False,
+            delta=delta,
+            tau_eval=cfg.tau_eval,
+            theta=cfg.theta,
+            stop_after_pruning=True,
+        )
+        n = rb.slot_valid.sum(-1).float()
+        r_bar = placement.layer_average([st.ratios[ell] for ell in placement.pruning_layers])  # (B,)
+        total += float((r_bar * n).sum())
+        count += int(n.numel())
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def calibrate_delta(
+    model, plugins: RCPPlugins, routes: list[RouteBatch], rho: float, cfg: RCPTrainConfig, log=print
+) -> dict:
+    """Spec "Calibration": if the mean r̄·N misses ρ·N by more than `calib_tol`, binary-search a shared logit
+    offset δ ∈ [−10, 10] until within `calib_inner`.  -> {delta, kept, target, evaluations}."""
+    was = plugins.training
+    plugins.eval()
+    try:
+        n_mean = sum(float(rb.slot_valid.sum()) for rb in routes) / max(sum(rb.slot_valid.shape[0] for rb in routes), 1)
+        target = rho * n_mean
+        history = []
+
+        def evaluate(d):
+            k = kept_tokens(model, plugins, routes, d, cfg)
+            history.append({"delta": d, "kept": k})
+            return k
+
+        kept = evaluate(0.0)
+        delta = 0.0
+        if abs(kept - target) > cfg.calib_tol * target:
+            lo, hi = -10.0, 10.0
+            best = (abs(kept - target), 0.0, kept)
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                k = evaluate(mid)
+                best = min(best, (abs(k - target), mid, k))
+                if abs(k - target) <= cfg.calib_inner * target:
+                    break
+                lo, hi = (mid, hi) if k < target else (lo, mid)
+            _, delta, kept = best
+        log(f"calibration: delta={delta:.4f} kept={kept:.2f} target={target:.2f} ({len(history)} evaluations)")
+        return {"delta": delta, "kept": kept, "target": target, "evaluations": history}
+    finally:
+        plugins.train(was)
+
+
+# --- the loop -------------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fingerprint(cfg: RCPTrainConfig, total: int, world: int, n_train: int, model_id: str) -> dict:
+    keys = (
+        "budget",
+        "batch",
+        "grad_accum",
+        "lr",
+        "weight_decay",
+        "seed",
+        "lambda_task",
+        "lambda_repair",
+        "lambda_sparse",
+        "alpha",
+    )
+    return {
+        **{k: getattr(cfg, k) for k in keys},
+        "total_steps": total,
+        "world_size": world,
+        "n_train": n_train,
+        "model": model_id,
+    }
+
+
+def train(
+    model_id,
+    data: str | Path,
+    out: str | Path,
+    cfg: RCPTrainConfig | None = None,
+    *,
+    device: str = "auto",
+    resume: str = "auto",
+    progress: bool = True,
+    log=print,
+    loaded=None,
+    return_plugins: bool = False,
+) -> dict:
+    """Train RCP plug-ins; returns a summary dict.  model_id: `builtin:NAME` or a model directory (see
+    `vtprune.runner.load`); `loaded`: an already loaded `runner.Loaded` instead.  resume: "auto" (continue
+    from OUT/state if present), "require" (error if absent) or "never" (start over).  return_plugins: put this
+    process's `RCPPlugins` into the summary under "plugins"."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from ..runner import load
+
+    cfg = cfg or RCPTrainConfig()
+    out = Path(out)
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    precision = cfg.precision if cfg.precision != "auto" else ("fp32" if cpu else "bf16")
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    main = accelerator.is_main_process
+    say = log if main else (lambda *_: None)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    if loaded is None:
+        dtype = torch.bfloat16 if (precision == "bf16" and not cpu) else torch.float32
+        loaded = load(str(model_id), device=str(accelerator.device), dtype=dtype)
+    model = loaded.model.to(accelerator.device).eval()
+    model.requires_grad_(False)
+    sig = ckpt.model_signature(model)
+    rho, n_ref = target_ratio(cfg.budget, model)
+    placement = placement_for(sig["num_layers"], rho)
+    check_feasible(placement, rho, n_ref)
+
+    suffix = cfg.suffix if cfg.suffix is not None else (VQA_SUFFIX if loaded.chat_template else "")
+    collate = Collator(loaded, suffix=suffix, max_length=cfg.max_length)
+    train_set, calib_set = split_calibration(read_examples(data), cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_step = cfg.batch * cfg.grad_accum * world
+    total = cfg.steps or max(1, len(train_set) // per_step)
+
+    plugins = RCPPlugins(
+        sig["hidden_size"],
+        placement,
+        d_prime=cfg.d_prime,
+        n_queries=cfg.n_queries,
+        heads=cfg.heads,
+        bottleneck=cfg.bottleneck,
+        dropout=cfg.dropout,
+        query_dropout=cfg.query_dropout,
+    ).to(accelerator.device)
+    optimizer = torch.optim.AdamW(plugins.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup, cfg.lr_floor))
+    step_module = TrainStep(model, plugins, cfg, rho)
+    step_module, optimizer = accelerator.prepare(step_module, optimizer)
+    core = accelerator.unwrap_model(step_module)
+
+    state_dir = out / "state"
+    fingerprint = _fingerprint(cfg, total, world, len(train_set), str(model_id))
+    start = 0
+    if resume != "never" and (state_dir / "trainer.json").exists():
+        meta = json.loads((state_dir / "trainer.json").read_text())
+        if meta["fingerprint"] != fingerprint:
+            raise VtpruneError(
+                f"{state_dir} was written by a different run ({meta['fingerprint']}); use another --out or --fresh"
+            )
+        from safetensors.torch import load_file
+
+        core.plugins.load_state_dict(load_file(str(state_dir / "plugins.safetensors"), device=str(accelerator.device)))
+        optimizer.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=accelerator.device))
+        scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt"))
+        rng = state_dir / f"rng_{rank}.pt"
+        if rng.exists():
+            _set_rng_state(torch.load(rng, weights_only=False))
+        start = int(meta["step"])
+        say(f"resumed from {state_dir} at step {start}/{total}")
+    elif resume == "require":
+        raise VtpruneError(f"nothing to resume in {state_dir}")
+
+    log_path = out / "train_log.jsonl"
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if log_path.exists():  # drop entries of steps that will be redone
+            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
+            log_path.write_text("".join(ln + "\n" for ln in kept))
+        elif start:
+            log_path.write_text("")
+    accelerator.wait_for_everyone()
+
+    def save_state(done: int) -> None:
+        accelerator.wait_for_everyone()
+        if main:
+            from safetensors.torch import save_file
+
+            state_dir.mkdir(parents=True, exist_ok=True)
+            sd = {k: v.detach().cpu().contiguous() for k, v in core.plugins.state_dict().items()}
+            save_file(sd, str(state_dir / "plugins.safetensors"))
+            torch.save(optimizer.optimizer.state_dict(), state_dir / "optimizer.pt")
+            torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), state_dir / f"rng_{rank}.pt")
+        accelerator.wait_for_everyone()
+        if main:  # written last: a complete state
+            meta = {"step": done, "total": total, "fingerprint": fingerprint, "config": asdict(cfg)}
+            (state_dir / "trainer.json").write_text(json.dumps(meta, indent=2) + "\n")
+        accelerator.wait_for_everyone()
+
+    say(
+        f"RCP: {sig['model_class']} L={placement.num_layers} d={sig['hidden_size']}; pruning "
+        f"{list(placement.pruning_layers)}, repair {placement.source_map}; rho={rho:.4f}; "
+        f"{count_parameters(core.plugins):,} trainable parameters; {len(train_set)} training / {len(calib_set)} "
+        f"calibration samples; {total} steps of {per_step} samples on {world} process(es), {precision}"
+    )
+
+    perms: dict = {}
+    bar = None
+    if progress and main:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn("train-rcp"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        bar.start()
+        task = bar.add_task("train", total=total, completed=start, info="")
+    t0 = time.time()
+    step = start
+    stopped = False
+    core.plugins.train()
+    try:
+        while step < total:
+            tau, noise_on = gumbel_schedule(step, total, cfg.tau_start, cfg.tau_end, cfg.anneal_until, cfg.noise_until)
+            r_target = sparsity_target(step, total, rho, cfg.sparsity_warm)
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(cfg.grad_accum):
+                picks = _indices(step, micro, rank, world, cfg.batch, cfg.grad_accum, len(train_set), cfg.seed, perms)
+                batch = collate([train_set[i] for i, _ in picks])
+                sync = micro == cfg.grad_accum - 1
+                with nullcontext() if sync else accelerator.no_sync(step_module):
+                    res = step_module(batch, [e for _, e in picks], tau, noise_on, r_target)
+                    accelerator.backward(res["loss"] / cfg.grad_accum)
+                for k, v in res.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float() / cfg.grad_accum
+            optimizer.step()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            stats = {k: accelerator.reduce(v, "mean") for k, v in sums.items()}
+            record = {
+                "step": step - 1,
+                "loss": float(stats["loss"]),
+                "task": float(stats["task"]),
+                "repair": float(stats["repair"]),
+                "sparse": float(stats["sparse"]),
+                "r_bar": float(stats["r_bar"]),
+                "r_k": [round(float(x), 5) for x in stats["r_k"]],
+                "r_target": r_target,
+                "tau": tau,
+                "noise": noise_on,
+                "lr": lr,
+                "wall": round(time.time() - t0, 2),
+            }
+            if main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.update(
+                    task,
+                    completed=step,
+                    info=f"loss {record['loss']:.3f} r̄ {record['r_bar']:.3f}→{r_target:.3f} τ {tau:.2f}",
+                )
+            over_time = cfg.time_limit is not None and time.time() - t0 > cfg.time_limit
+            flag = torch.tensor([1.0 if over_time else 0.0], device=accelerator.device)
+            over_time = bool(accelerator.reduce(flag, "sum") > 0)
+            stopped = (cfg.stop_after is not None and step >= cfg.stop_after) or over_time
+            if step % cfg.save_every == 0 or step == total or stopped:
+                save_state(step)
+            if stopped and step < total:
+                break
+    finally:
+        if bar is not None:
+            bar.stop()
+
+    summary = {
+        "steps_done": step,
+        "total_steps": total,
+        "rho": rho,
+        "placement": placement.to_dict(),
+        "trainable_parameters": count_parameters(core.plugins),
+        "wall_s": round(time.time() - t0, 1),
+    }
+    if return_plugins:
+        summary["plugins"] = core.plugins
+    if step < total:
+        say(f"stopped at step {step}/{total}; resume with the same command")
+        return summary
+
+    calibration = {"delta": 0.0, "skipped": True}
+    if main and calib_set:
+        routes = []
+        for i in range(0, len(calib_set), cfg.calib_batch):
+            b = collate(calib_set[i : i + cfg.calib_batch])
+            b["targets"] = torch.full_like(b["targets"], -100)  # masks only: no DRA rows needed
+            routes.append(batch_to_route(model, b, accelerator.device))
+        with accelerator.autocast():
+            calibration = calibrate_delta(model, core.plugins, routes, rho, cfg, log=say)
+    if main:
+        dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_dtype]
+        config = {
+            **sig,
+            "base_model": {"id": str(model_id), "revision": getattr(model.config, "_commit_hash", None)},
+            "n_visual": n_ref,
+            "budget": rho * n_ref,
+            "rho": rho,
+            "loss_weights": {"task": cfg.lambda_task, "repair": cfg.lambda_repair, "sparse": cfg.lambda_sparse},
+            "alpha": cfg.alpha,
+            "tau_eval": cfg.tau_eval,
+            "theta": cfg.theta,
+            "delta": float(calibration["delta"]),
+            "steps": total,
+            "seed": cfg.seed,
+            "vtprune_version": _version(),
+            "calibration": {k: v for k, v in calibration.items() if k != "evaluations"},
+            "training": {
+                "config": asdict(cfg),
+                "world_size": world,
+                "precision": precision,
+                "n_train": len(train_set),
+                "n_calibration": len(calib_set),
+            },
+        }
+        ckpt.save_checkpoint(out, core.plugins, config, dtype=dtype)
+        say(f"wrote {out / ckpt.WEIGHTS_NAME} and {out / ckpt.CONFIG_NAME}")
+    accelerator.wait_for_everyone()
+    summary["calibration"] = {k: v for k, v in calibration.items() if k != "evaluations"}
+    return summary
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
