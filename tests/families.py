@@ -111,16 +111,24 @@ def apply(model, method, budget, options: dict | None = None, **extra):
     return vtprune.apply(model, method, budget, **kw, **options, **extra)
 
 
+class _Plans(list):
+    """Recorded (stage, plan) pairs; `.memos`: a shallow copy of the image's memo after each select."""
+
+    memos: list
+
+
 @contextmanager
 def recorded_plans(model):
     """Record every `KeepPlan` the attached method returns (whole plans, cloned), in call order: yields the list."""
     method = vtprune.session_of(model).method
     stock = method.select
-    plans: list = []
+    plans = _Plans()
+    plans.memos = []
 
     def record(stage, image, k):
         plan = stock(stage, image, k)
         plans.append((stage, _clone_plan(plan)))
+        plans.memos.append(dict(image.memo))
         return plan
 
     method.select = record
@@ -135,10 +143,14 @@ def replayed_plans(model, plans: list):
     """Make the attached method return `plans` again, in the same order (and check the stages match)."""
     method = vtprune.session_of(model).method
     queue = list(plans)
+    memos = list(getattr(plans, "memos", [None] * len(plans)))
 
     def replay(stage, image, k):
         want_stage, plan = queue.pop(0)
+        memo = memos.pop(0)
         assert stage == want_stage and len(plan.keep_idx) <= image.n
+        if memo is not None:  # the method's per-image state too (e.g. RCP's repair context)
+            image.memo.update(memo)
         return _clone_plan(plan)
 
     method.select = replay
@@ -217,9 +229,15 @@ def check_oracles(
         if vtprune.session_of(model).stages:
             assert plans, "the method was never asked to select (budget too large for the test model?)"
         # O3: uncached forward over prompt + generated ids with the same plans replayed
-        with replayed_plans(model, plans), torch.no_grad():
-            full = model(**_extend(inputs, tokens[:, :-1]), use_cache=False).logits
         prompt = inputs["input_ids"].shape[1]
+        session = vtprune.session_of(model)
+        if session.repair_layers:  # a repairing method (RCP): every row from the last prompt row on is generation
+            session.generation_start = prompt - 1
+        try:
+            with replayed_plans(model, plans), torch.no_grad():
+                full = model(**_extend(inputs, tokens[:, :-1]), use_cache=False).logits
+        finally:
+            session.generation_start = None
         full = _input_rows(full, vtprune.last_run(model).sequence_index, range(prompt - 1, prompt - 1 + steps))
         assert (full - step_logits).abs().max() <= TOL, "cached decode != uncached replay"
         # §11.6: each sample alone

@@ -46,9 +46,16 @@ CASES: dict[str, list[tuple[float, dict]]] = {
 }
 
 
+#: methods whose shared-oracle cases live elsewhere, with the reason (CASES cannot take a fixture).
+NO_CASE = {
+    "rcp": "needs a trained checkpoint made in a fixture: tests/test_rcp_inference.py runs check_oracles "
+    "(llava, llava_next, eager) and the remove() test on one",
+}
+
+
 def test_every_registered_method_has_a_case():
     builtin = {n for n in vtprune.methods() if method_class(n).__module__.startswith("vtprune.")}
-    missing = sorted(builtin - set(CASES))
+    missing = sorted(builtin - set(CASES) - set(NO_CASE))
     assert not missing, f"methods without a shared-oracle case: {missing}"
 
 

@@ -10,6 +10,10 @@ One session is attached to one model instance (`model._vtprune`). It installs:
 - forward pre-hooks on decoder layers: at an `llm:k` stage the hidden states, (cos, sin), position ids
   and the mask are gathered to the kept rows (re-left-padded) and every later layer of the group gets
   those instead of the model's full-length objects; layer k−1 captures its input for the signals;
+- forward hooks on the decoder layers a method names in `repair_layers()` (RCP's repair adapters): the method's
+  `repair` rewrites the layer's output rows at generation positions (prefill: the last prompt row of each
+  sample, or every row from `generation_start` on; decode: every new row), with the memos of that sample's
+  images as context;
 - optionally pre-hooks on the adapter's vision modules ([CLS] attention, keys, projector input) and forward
   hooks on its vision output modules (e.g. the CLIP feature layer's [CLS] output row);
 - a per-instance `generate` guard that refuses static caches and chunked prefill.
@@ -88,6 +92,7 @@ class _Group:
     pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None
     mask: object = None  # what the layers get as attention_mask for this forward
     step_positions: torch.Tensor | None = None  # position ids of the current decode step
+    in_llm: bool = False  # made by an in-LLM stage: its layers get `mask` / `pos_emb` instead of the model's
 
 
 @dataclass
@@ -134,6 +139,11 @@ class PruningSession:
             )
         method.available_signals = sig.LLM_SIGNALS | sig.TEXT_SIGNALS | adapter.vision_signal_names
         method.model_name = str(getattr(model, "name_or_path", "") or "") or None
+        method.model_signature = {
+            "model_class": type(model).__name__,
+            "hidden_size": int(adapter.text_config.hidden_size),
+            "num_layers": int(adapter.num_layers),
+        }
         method.bind(adapter.num_layers)
         self.stages: tuple[Stage, ...] = method.stages()
         method.validate(adapter.num_layers)
@@ -152,9 +162,29 @@ class PruningSession:
             )
         self.pre_stage = 0 if self.stages and self.stages[0].before_llm else None
         self.stage_at_layer = {s.layer: i for i, s in enumerate(self.stages) if s.kind == "llm"}
+        previous_layer = sig.LLM_SIGNALS - sig.OWN_LAYER_SIGNALS  # computed from layer k−1's captured input
         self.capture_layers = {
-            s.layer - 1 for i, s in enumerate(self.stages) if s.kind == "llm" and method.signals(i) & sig.LLM_SIGNALS
+            s.layer - 1 for i, s in enumerate(self.stages) if s.kind == "llm" and method.signals(i) & previous_layer
         }
+        if -1 in self.capture_layers:
+            raise VtpruneError(
+                f"method {method.name!r} acts at llm:0 with signals of layer k−1 "
+                f"{sorted(method.signals(self.stage_at_layer[0]) & previous_layer)}; at llm:0 only the in-layer "
+                f"signals {sorted(sig.OWN_LAYER_SIGNALS)} exist"
+            )
+        #: decoder layers whose output the method repairs (`PruningMethod.repair_layers`)
+        self.repair_layers = tuple(sorted(set(method.repair_layers())))
+        if any(not 0 <= r < adapter.num_layers for r in self.repair_layers):
+            raise VtpruneError(
+                f"method {method.name!r} repairs layers {list(self.repair_layers)}, but the language model has "
+                f"{adapter.num_layers} layers"
+            )
+        #: Generation positions for the repair hooks at a prefill: None (default) = the last prompt row of each
+        #: sample; an int g = every row whose *input* index is >= g (the uncached replay of prompt + generated
+        #: ids sets it to the prompt length − 1 so that the same rows are repaired as in cached decoding). When
+        #: set, the question span also ends at input row g (the last prompt row), so prompt + generated ids give
+        #: the same in-LLM signals as the prompt alone.
+        self.generation_start: int | None = None
         self.needs_vision = any(method.signals(i) & sig.VISION_SIGNALS for i in range(len(self.stages)))
         missing = frozenset().union(*(method.signals(i) for i in range(len(self.stages)))) & (
             sig.VISION_SIGNALS - adapter.vision_signal_names
@@ -171,8 +201,7 @@ class PruningSession:
         )
         if self.capture_layer0:
             self.capture_layers.add(0)
-        suffix_signals = {"suffix_attention", "suffix_attention_heads", "suffix_rope_gravity"}
-        self.needs_suffix_rows = any(suffix_signals & method.signals(i) for i in range(len(self.stages)))
+        self.needs_suffix_rows = any(sig.SUFFIX_SIGNALS & method.signals(i) for i in range(len(self.stages)))
         if self.text_wanted & {"noun_embeddings", "question_text"}:
             _ = self.tokenizer  # fail at apply time when no tokenizer can be found
         self.dims = LLMDims.from_config(adapter.text_config)
@@ -213,6 +242,9 @@ class PruningSession:
             for idx in range(first, self.adapter.num_layers):
                 layer = self.adapter.layers[idx]
                 self._handles.append(layer.register_forward_pre_hook(partial(self._on_layer, idx), with_kwargs=True))
+        for idx in self.repair_layers:
+            layer = self.adapter.layers[idx]
+            self._handles.append(layer.register_forward_hook(partial(self._on_layer_output, idx)))
         if self.needs_vision:
             for module in self.adapter.vision_hook_modules():
                 self._handles.append(module.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True))
@@ -526,6 +558,8 @@ class PruningSession:
             valid = mask2d[b].bool().nonzero().flatten()
             start = int(mine[-1].span[-1]) + 1 if mine else int(valid[0])
             rows = valid[valid >= start]
+            if self.generation_start is not None:  # prompt + generated ids: the span ends at the last prompt row
+                rows = rows[rows <= self.generation_start]
             self._suffix_rows.append(rows)
             if not mine:
                 continue
@@ -597,7 +631,7 @@ class PruningSession:
             else:
                 self._step_group(fw, idx, hidden, kwargs)
         group = fw.group_for(idx)
-        if group.start > 0:
+        if group.in_llm:
             kwargs["attention_mask"] = group.mask
             kwargs["position_embeddings"] = group.pos_emb
             if kwargs.get("position_ids") is not None:
@@ -615,10 +649,11 @@ class PruningSession:
         if not wanted:
             return {}
         out: dict[str, torch.Tensor] = {}
-        if "layer_last_token_attention" in wanted:
+        own = wanted & sig.OWN_LAYER_SIGNALS
+        if own:
             with torch.no_grad():
-                out["layer_last_token_attention"] = sig.last_token_attention(self.adapter, *here)
-            wanted = wanted - {"layer_last_token_attention"}
+                out.update(self._own_layer_signals(fw, here, own))
+            wanted = wanted - own
             if not wanted:
                 return out
         prev, hidden, pos_emb, mask2d = fw.captured[layer_idx - 1]
@@ -646,6 +681,33 @@ class PruningSession:
                 out["key_norms"] = sig.key_norms(keys)
         return out
 
+    def _own_layer_signals(self, fw: _Forward, here: tuple, wanted: frozenset[str]) -> dict:
+        """In-layer signals from layer k's own input (here = (layer, hidden, pos_emb, mask2d) of layer k): per
+        sample `layer_last_token_attention` (L,), `layer_suffix_attention` (T_s, L), `layer_normed_features`
+        (L, D) fp32 and `layer_normed_suffix` (T_s, D) fp32."""
+        layer, hidden, pos_emb, mask2d = here
+        out: dict = {}
+        if "layer_last_token_attention" in wanted:
+            out["layer_last_token_attention"] = sig.last_token_attention(self.adapter, *here)
+        if "layer_suffix_attention" in wanted:
+            probs = self._suffix_attention(fw, layer, hidden, pos_emb, mask2d, None)["suffix_attention"]
+            out["layer_suffix_attention"] = probs
+        if wanted & {"layer_normed_features", "layer_normed_suffix"}:
+            normed = self.adapter.input_norm(layer, hidden).float()  # (B, L, D)
+            if "layer_normed_features" in wanted:
+                out["layer_normed_features"] = normed
+            if "layer_normed_suffix" in wanted:
+                out["layer_normed_suffix"] = [normed[b, r] for b, r in enumerate(self._suffix_row_index(fw))]
+        return out
+
+    def _suffix_row_index(self, fw: _Forward) -> list[torch.Tensor]:
+        """Per sample: the current group's row of each question-span input row (T_s,) int64."""
+        group = fw.groups[-1]
+        return [  # text rows are never pruned: each question-span input row is present in the group
+            (group.seq_index[b][None, :] == wanted.to(group.seq_index.device)[:, None]).float().argmax(1)
+            for b, wanted in enumerate(fw.suffix_rows)
+        ]
+
     def _suffix_attention(
         self, fw: _Forward, layer, hidden, pos_emb, mask2d, keys, wanted=frozenset({"suffix_attention"})
     ) -> dict[str, list[torch.Tensor]]:
@@ -654,10 +716,7 @@ class PruningSession:
         (one computation serves both), `suffix_rope_gravity` (T_s, L) `signals.rope_gravity` of the rows' and
         all rows' position ids (the group's ids, i.e. those layer k−1's RoPE used)."""
         group = fw.groups[-1]
-        rows = [  # text rows are never pruned: each question-span input row is present in the group
-            (group.seq_index[b][None, :] == wanted.to(group.seq_index.device)[:, None]).float().argmax(1)
-            for b, wanted in enumerate(fw.suffix_rows)
-        ]
+        rows = self._suffix_row_index(fw)
         width = max(1, max(int(r.numel()) for r in rows))
         padded = torch.full((len(rows), width), hidden.shape[1] - 1, dtype=torch.long, device=hidden.device)
         ok = torch.zeros(len(rows), width, dtype=torch.bool, device=hidden.device)
@@ -685,9 +744,10 @@ class PruningSession:
 
     def _prune_in_llm(self, fw: _Forward, stage: int, idx: int, layer, hidden, kwargs) -> torch.Tensor:
         group = fw.groups[-1]
-        if all(img.counts[stage] >= (img.counts[stage - 1] if stage else img.n) for img in fw.images):
+        adaptive = self.method.adaptive_count  # the method decides the count: `select` runs for every pruned image
+        if not adaptive and all(img.counts[stage] >= (img.counts[stage - 1] if stage else img.n) for img in fw.images):
             return hidden  # nobody prunes here: keep the rows (and numerics) exactly as they are
-        here_pos = group.pos_emb if group.start > 0 else kwargs["position_embeddings"]
+        here_pos = group.pos_emb if group.in_llm else kwargs["position_embeddings"]
         signals = self._llm_signals(fw, stage, idx, (layer, hidden, here_pos, group.mask2d))
         keep = group.mask2d.bool() & (group.vis_image < 0)
         replaced = None
@@ -695,11 +755,18 @@ class PruningSession:
         for i, img in enumerate(fw.images):
             rows = (group.vis_image[img.sample] == i).nonzero().flatten()
             k = img.counts[stage]
-            if k >= rows.numel():
+            if k >= (img.n if adaptive else rows.numel()):
                 keep[img.sample, rows] = True
                 continue
             orig = group.vis_index[img.sample, rows]
-            view_signals = {name: s[img.sample][..., rows] for name, s in signals.items()}
+            view_signals = {}
+            for name, s in signals.items():
+                if name in sig.SAMPLE_SIGNALS:
+                    view_signals[name] = s[img.sample]
+                elif name in sig.ROW_SIGNALS:
+                    view_signals[name] = s[img.sample][rows]
+                else:
+                    view_signals[name] = s[img.sample][..., rows]
             for name in self.method.signals(stage) & (sig.TEXT_SIGNALS | sig.VISION_SIGNALS):
                 if name in img.signals:  # vision signals are per original candidate, text ones per sample
                     value = img.signals[name]
@@ -738,9 +805,10 @@ class PruningSession:
                 slots = (slots_image[b] == i).nonzero().flatten()
                 gather[b, slots] = gather[b, slots[order]]
         new = self._push_group(fw, idx, gather, valid)
+        new.in_llm = True
         hidden = gather_rows(hidden, gather)
         if self.positions == "keep":  # (cos, sin) of the rows entering this layer: the previous group's, if any
-            source = group.pos_emb if group.start > 0 else kwargs["position_embeddings"]
+            source = group.pos_emb if group.in_llm else kwargs["position_embeddings"]
             cos, sin = (t.expand(gather.shape[0], *t.shape[1:]) for t in source)
             new.pos_emb = (gather_rows(cos, gather), gather_rows(sin, gather))
         else:
@@ -814,6 +882,38 @@ class PruningSession:
         else:
             group.pos_emb = self.adapter.rotary(hidden, group.step_positions)
         group.mask = self.adapter.layer_mask(hidden, group.mask2d, fw.cache, idx)
+
+    # --- repair ----------------------------------------------------------------------------------
+    def _on_layer_output(self, idx: int, layer: nn.Module, args, output):
+        """Forward hook of a repair layer: `method.repair(idx, rows (R, D), memos)` per sample on its generation
+        rows (prefill: the last prompt row, or rows from `generation_start` on; decode: every new row); other
+        rows stay bit-identical. Samples without an image are left alone; bypassed (unpruned) prefills too."""
+        fw = self._forward
+        if fw is None:
+            return None
+        x = output[0] if isinstance(output, tuple) else output
+        if fw.prefill:
+            seq = fw.group_for(idx).seq_index  # (B, L) input row of each row, −1 on padding
+            if self.generation_start is None:
+                gate = (seq == seq.max(1, keepdim=True).values) & (seq >= 0)
+            else:
+                gate = seq >= self.generation_start
+        else:
+            gate = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        new = None
+        for b in range(x.shape[0]):
+            memos = [im.memo for im in fw.images if im.sample == b]
+            rows = gate[b].nonzero().flatten()
+            if not memos or rows.numel() == 0:
+                continue
+            fixed = self.method.repair(idx, x[b, rows], memos)
+            if fixed is None:
+                continue
+            new = x.clone() if new is None else new
+            new[b, rows] = fixed.to(x.dtype)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
 
     # --- helpers ---------------------------------------------------------------------------------
     def _checked_plan(self, stage: int, view: ImageTokens, k: int) -> KeepPlan:

@@ -21,6 +21,13 @@ from torch import nn
 #: GQA), from the same computation (asking for both computes the attention once; head mean = suffix_attention);
 #: suffix_rope_gravity (T_s, n): `rope_gravity` of each question-span row's and candidate's position ids at
 #: layer k−1 (the RoPE-only logit of all-ones query/key vectors; M-RoPE per section) — SparseVLM+.
+#: In-layer signals (`OWN_LAYER_SIGNALS`), all from the hidden states entering layer k *itself* (before the
+#: stage's rows are removed; no eager attention, keys recomputed), for in-layer decisions (RCP):
+#: layer_suffix_attention (T_s, n): head-mean post-softmax attention of the question-span rows (the rows of
+#: `suffix_attention`) over the candidates at layer k;
+#: layer_normed_features (n, D): layer k's `input_layernorm` of the candidates' rows (fp32);
+#: layer_normed_suffix (T_s, D): the same normalised rows of the question span (fp32; per sample, not per
+#: candidate).
 LLM_SIGNALS = frozenset(
     {
         "last_token_attention",
@@ -30,6 +37,27 @@ LLM_SIGNALS = frozenset(
         "layer_last_token_attention",
         "suffix_attention_heads",
         "suffix_rope_gravity",
+        "layer_suffix_attention",
+        "layer_normed_features",
+        "layer_normed_suffix",
+    }
+)
+#: LLM signals computed from layer k's own input (no capture of layer k−1; allowed at `llm:0`).
+OWN_LAYER_SIGNALS = frozenset(
+    {"layer_last_token_attention", "layer_suffix_attention", "layer_normed_features", "layer_normed_suffix"}
+)
+#: LLM signals with one row per candidate on dim 0 ((n, D)) instead of the last dim.
+ROW_SIGNALS = frozenset({"layer_normed_features"})
+#: LLM signals per sample (not indexed by candidate).
+SAMPLE_SIGNALS = frozenset({"layer_normed_suffix"})
+#: LLM signals that need the question-span rows.
+SUFFIX_SIGNALS = frozenset(
+    {
+        "suffix_attention",
+        "suffix_attention_heads",
+        "suffix_rope_gravity",
+        "layer_suffix_attention",
+        "layer_normed_suffix",
     }
 )
 #: Signals a `vision`/`pre_llm` stage can request, captured from the vision tower (per image, n candidates):

@@ -152,6 +152,10 @@ class PruningMethod(ABC):
     #: True when `select` may return `KeepPlan.inserted` tokens (pre-LLM methods only: the engine refuses
     #: an in-LLM stage in a method that inserts).
     inserts: ClassVar[bool] = False
+    #: True when `select` decides how many tokens to keep (input-adaptive, e.g. RCP's trained pruner): the engine
+    #: calls `select` at every stage of every image it prunes (budget < n) whatever the scheduled counts, and `k`
+    #: is only the schedule's nominal value. Pair with `exact_count = False`.
+    adaptive_count: ClassVar[bool] = False
     presets: ClassVar[tuple[str, ...]] = ("default",)
 
     def __init__(self, config: MethodConfig | None = None):
@@ -168,6 +172,9 @@ class PruningMethod(ABC):
         #: `name_or_path` of the attached model (set by the engine before `bind`), e.g. to look up a shipped
         #: calibration; never used to branch on a model family.
         self.model_name: str | None = None
+        #: {"model_class", "hidden_size", "num_layers"} of the attached model (set by the engine before `bind`;
+        #: None before), e.g. to check that trained weights fit the model without importing any model code.
+        self.model_signature: dict | None = None
 
     def bind(self, num_layers: int) -> None:
         """Called once by the engine before `stages()`: methods whose layers depend on the model depth
@@ -210,6 +217,18 @@ class PruningMethod(ABC):
     @abstractmethod
     def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
         """Choose `k` of `image.n` candidates (k < n is guaranteed)."""
+
+    def repair_layers(self) -> tuple[int, ...]:
+        """Decoder layers whose *output* the method rewrites at generation positions (`repair`); default none."""
+        return ()
+
+    def repair(self, layer: int, x: torch.Tensor, memos: list[dict]) -> torch.Tensor | None:
+        """Rewrite one sample's generation rows of decoder layer `layer`'s output.
+
+        x (R, D): the rows (prefill: the last prompt row; decode: each new row); memos: the `ImageTokens.memo`
+        of each of the sample's images (filled by `select` during the prefill).  -> (R, D), or None to leave
+        the rows as they are. Every other row of the layer output is left bit-identical by the engine."""
+        raise NotImplementedError(f"method {self.name!r} names repair layers but implements no repair")
 
 
 def one_cut_keep(n: int, budget: int, k: int, num_layers: int) -> int:

@@ -260,6 +260,10 @@ class ModelAdapter(ABC):
             layer_idx=layer_idx,
         )
 
+    def input_norm(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """A decoder layer's input normalisation (Llama-style `input_layernorm`).  hidden (B, L, D) -> (B, L, D)."""
+        return layer.input_layernorm(hidden)
+
     def query_key_states(self, layer: nn.Module, hidden: torch.Tensor, pos_emb, rows: torch.Tensor, keys=None):
         """Post-RoPE queries of `rows` and keys of all positions for a Llama-style decoder layer.
 

@@ -1,0 +1,57 @@
+"""Render `vtprune bench --json` files as one markdown table (the tables of BENCHMARKS.md).
+
+    python benchmarks/bench_markdown.py runs/l2_pool.json runs/l2_random.json ... [--goal 0.9 --select-goal 2]
+
+Each file's unpruned row is printed once per file (its own interleaved baseline), followed by the method rows;
+a `!` marks a speed-up below `goal` × the FLOPs bound or a selection share above `select-goal` %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+COLUMNS = (
+    "method | budget | mode | K | n̄ | prefill ms | unpruned ms | speed-up | FLOPs bound | % of bound | select ms "
+    "| select % | decode ms/tok | KV MiB"
+)
+
+
+def rows_of(path: str, goal: float, select_goal: float) -> list[str]:
+    with open(path) as f:
+        data = json.load(f)
+    mode = data["config"].get("budget_mode", "layer_avg")
+    out = []
+    for r in data["rows"]:
+        if r.get("error"):
+            out.append(f"| {r['method']} | {r['budget']} | {mode} | – | – | infeasible: {r['error'][:90]} |"
+                       + " |" * 8)
+            continue
+        pct = 100 * r["speedup_prefill"] / r["flops_bound"]
+        sel_pct = r.get("selection_pct_of_prefill", 0.0)
+        slow = " !" if r["budget"] != "all" and pct < 100 * goal else ""
+        costly = " !" if sel_pct > select_goal else ""
+        out.append(
+            f"| {r['method']} | {r['budget']} | {mode} | {r['retained_tokens']:.0f} | {r['layer_avg_tokens']:.1f} "
+            f"| {r['prefill_ms']:.0f} | {r['prefill_ms_unpruned']:.0f} | {r['speedup_prefill']:.2f}× "
+            f"| {r['flops_bound']:.2f}× | {pct:.0f}{slow} | {r['selection_ms']:.1f} | {sel_pct:.2f}{costly} "
+            f"| {r['decode_ms_per_token']:.0f} | {r['kv_bytes'] / 2**20:.1f} |"
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--goal", type=float, default=0.9, help="fraction of the FLOPs bound to reach")
+    ap.add_argument("--select-goal", type=float, default=2.0, help="selection share of the pruned prefill, %%")
+    args = ap.parse_args()
+    print("| " + COLUMNS + " |")
+    print("|" + "---|" * len(COLUMNS.split("|")))
+    for path in args.files:
+        for line in rows_of(path, args.goal, args.select_goal):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
