@@ -3,7 +3,9 @@
     python benchmarks/bench_markdown.py runs/l2_pool.json runs/l2_random.json ... [--goal 0.9 --select-goal 2]
 
 Each file's unpruned row is printed once per file (its own interleaved baseline), followed by the method rows;
-a `!` marks a speed-up below `goal` × the FLOPs bound or a selection share above `select-goal` %.
+a `!` marks a speed-up below `goal` × the FLOPs bound or a selection share above `select-goal` %. The full-depth
+selection share divides the selection time by the pruned prefill scaled to the model's full depth with the
+analytic FLOPs (`exact` convention), an estimate for runs truncated with `--layers`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 
 COLUMNS = (
     "method | budget | mode | K | n̄ | prefill ms | unpruned ms | speed-up | FLOPs bound | % of bound | select ms "
-    "| select % | decode ms/tok | KV MiB"
+    "| select % | select % @full depth (est.) | decode ms/tok | KV MiB"
 )
 
 
@@ -25,16 +27,22 @@ def rows_of(path: str, goal: float, select_goal: float) -> list[str]:
     for r in data["rows"]:
         if r.get("error"):
             out.append(f"| {r['method']} | {r['budget']} | {mode} | – | – | infeasible: {r['error'][:90]} |"
-                       + " |" * 8)
+                       + " |" * 9)
             continue
         pct = 100 * r["speedup_prefill"] / r["flops_bound"]
         sel_pct = r.get("selection_pct_of_prefill", 0.0)
         slow = " !" if r["budget"] != "all" and pct < 100 * goal else ""
         costly = " !" if sel_pct > select_goal else ""
+        # the pruned prefill at the model's full depth, scaled by analytic FLOPs (a truncated `--layers` run)
+        exact = r["flops"]["exact"]
+        full_ms = r["prefill_ms"] * r.get("flops_full_depth", {}).get("exact", exact) / exact
+        sel_full = 100 * r["selection_ms"] / full_ms if full_ms else 0.0
+        costly_full = " !" if sel_full > select_goal else ""
         out.append(
             f"| {r['method']} | {r['budget']} | {mode} | {r['retained_tokens']:.0f} | {r['layer_avg_tokens']:.1f} "
             f"| {r['prefill_ms']:.0f} | {r['prefill_ms_unpruned']:.0f} | {r['speedup_prefill']:.2f}× "
             f"| {r['flops_bound']:.2f}× | {pct:.0f}{slow} | {r['selection_ms']:.1f} | {sel_pct:.2f}{costly} "
+            f"| {sel_full:.2f}{costly_full} "
             f"| {r['decode_ms_per_token']:.0f} | {r['kv_bytes'] / 2**20:.1f} |"
         )
     return out
