@@ -15,7 +15,8 @@ from vtprune.testbed.train import TrainConfig, train
 
 def _config(steps_b: int) -> TrainConfig:
     return TrainConfig(size=TINY, steps_a=2, batch_a=2, steps_b=steps_b, batch_b=2, questions_per_image=3,
-                       warmup=1, eval_every=2, eval_per_type=1, save_every=1, keep_schedule="1:8,3:16")
+                       warmup=1, eval_every=2, eval_per_type=1, save_every=1, keep_schedule="1:8,3:16",
+                       probe_scenes=4)
 
 
 def test_tiny_training_runs_exports_and_resumes(tmp_path):
@@ -57,3 +58,40 @@ def test_visual_token_curriculum_helpers():
     assert bool((kept.diff(dim=1) > 0).all())
     for i in range(2):
         assert set(batch["informative"][i].nonzero().flatten().tolist()) <= set(kept[i].tolist())
+
+
+def test_probe_projector_init_writes_readouts_into_first_rows():
+    """projector_init="probe": rows 0..24 of linear_1 become colour/shape/digit/xy read-outs, the rest stay."""
+    from vtprune.testbed.model import build_model
+    from vtprune.testbed.train import probe_projector, standardize_projector
+
+    model = build_model(TINY).eval()
+    standardize_projector(model, 2, "cpu", n=2)
+    lin = model.model.multi_modal_projector.linear_1
+    before = lin.weight.detach().clone()
+    stats = probe_projector(model, 0, "cpu", n=4, background=4, iters=20)
+    assert set(stats) == {"colour", "shape", "digit", "xy_mae_cells"}
+    assert all(0.0 <= stats[k] <= 1.0 for k in ("colour", "shape", "digit")) and stats["xy_mae_cells"] >= 0
+    assert not torch.equal(lin.weight[:25], before[:25])
+    assert torch.equal(lin.weight[25:], before[25:])
+
+
+def test_feature_cache_and_question_salt(tmp_path):
+    """Stage B's feature cache equals the live vision forward; salt draws other questions on the same scenes."""
+    from vtprune.testbed.data import Packing, question_batch
+    from vtprune.testbed.model import build_model
+    from vtprune.testbed.train import feature_cache, vision_features
+
+    model = build_model(TINY).eval()
+    cache = feature_cache(model, 1, 3, "cpu", tmp_path / "f.pt", log=lambda _: None)
+    assert cache.shape == (3, 576, TINY.vision_width) and cache.dtype == torch.float16
+    assert torch.equal(feature_cache(model, 1, 3, "cpu", tmp_path / "f.pt", log=print), cache)  # reloaded
+    live = question_batch(1, 0, 3, Packing(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = vision_features(model, live["pixel_values"]).float()
+    assert torch.allclose(cache.float(), feats, atol=2e-2)
+    same = question_batch(1, 0, 0, Packing(3), indices=[0, 1, 2], with_pixels=False)
+    assert "pixel_values" not in same
+    assert all(torch.equal(same[k], live[k]) for k in ("input_ids", "labels", "attention_mask", "informative"))
+    salted = [question_batch(1, 0, 0, Packing(3), indices=[0, 1, 2], salt=s, with_pixels=False) for s in (1, 2)]
+    assert any(not torch.equal(b["input_ids"], live["input_ids"]) for b in salted)

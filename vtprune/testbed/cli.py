@@ -38,6 +38,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=None)
     t.add_argument("--keep-schedule", default=None,
                    help='Stage B curriculum, e.g. "600:8,1000:32": visual tokens kept until each step')
+    t.add_argument("--vision-init", default=None,
+                   help='load the vision tower from this checkpoint ("builtin:shapes-llava" or a dir); '
+                        "use with --steps-a 0 to skip Stage A")
+    t.add_argument("--projector-init", choices=("probe", "standardize"), default=None,
+                   help="data-dependent projector init (default probe: standardise + per-patch read-outs)")
+    t.add_argument("--feature-cache", type=int, default=None,
+                   help="Stage B cycles over the frozen features of this many cached scenes (0: live)")
+    t.add_argument("--type-schedule", default=None,
+                   help='Stage B question-type curriculum, e.g. "800:colour+shape" (later steps: all types)')
+    t.add_argument("--text-layers", type=int, default=None, help="decoder layers")
+    t.add_argument("--text-width", type=int, default=None, help="decoder width (MLP 3x, head dim 32)")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--tiny", action="store_true", help="tiny model (smoke tests)")
     t.add_argument("--no-progress", action="store_true")
@@ -76,6 +87,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .model import TINY
     from .train import TrainConfig, train
 
@@ -86,9 +99,16 @@ def _train(args: argparse.Namespace) -> int:
                  "batch_b": args.batch_b, "questions_per_image": args.questions_per_image,
                  "time_limit_b": args.time_limit_b, "eval_every": args.eval_every,
                  "keep_schedule": args.keep_schedule, "lr_a": args.lr_a, "lr_b": args.lr_b}
+    overrides.update({"vision_init": args.vision_init, "projector_init": args.projector_init,
+                      "feature_cache": args.feature_cache, "type_schedule": args.type_schedule})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
+    if args.text_layers is not None:
+        cfg.size = replace(cfg.size, text_layers=args.text_layers)
+    if args.text_width is not None:
+        w = args.text_width
+        cfg.size = replace(cfg.size, text_width=w, text_heads=max(1, w // 32), text_mlp=3 * w)
     train(args.out, cfg, device=args.device, progress=not args.no_progress)
     return 0
 

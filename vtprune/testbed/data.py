@@ -72,27 +72,37 @@ def encode_conversation(questions: list[Question], packing: Packing) -> tuple[li
     return ids + [v["<pad>"]] * pad, labels + [-100] * pad
 
 
-def question_batch(seed: int, start: int, n: int, packing: Packing) -> dict[str, torch.Tensor]:
-    """Scenes start..start+n-1 with packed balanced questions: pixel_values, input_ids, labels, mask, and
-    `informative` [n, 576] (bool: the patch holds an object or the digit box)."""
+def question_batch(seed: int, start: int, n: int, packing: Packing, indices: list[int] | None = None,
+                   salt: int = 0, with_pixels: bool = True,
+                   types: tuple[str, ...] = QUESTION_TYPES) -> dict[str, torch.Tensor]:
+    """Scenes start..start+n-1 (or the scene `indices`) with packed balanced questions: pixel_values,
+    input_ids, labels, mask, and `informative` [n, 576] (bool: the patch holds an object or the digit box).
+
+    `salt` != 0 draws other questions about the same scenes (a feature cache cycles over its scenes with
+    salt = pass number); `with_pixels=False` skips rendering (features come from a cache); `types`
+    restricts the question types (Stage B's type curriculum).
+    """
     ids, labs, images, informative = [], [], [], []
-    for i in range(n):
-        scene = make_scene(seed, start + i)
-        rng = np.random.default_rng([seed, start + i, 31337])
+    indices = list(range(start, start + n)) if indices is None else list(indices)
+    for index in indices:
+        scene = make_scene(seed, index)
+        rng = np.random.default_rng([seed, index, 31337] + ([salt] if salt else []))
         qs: dict[str, Question] = {}
         for _ in range(8):  # distinct questions only: a repeated question could copy an earlier answer
-            for q in sample_questions(scene, rng):
+            for q in sample_questions(scene, rng, types):
                 qs.setdefault(q.text, q)
             if len(qs) >= packing.questions_per_image:
                 break
         a, b = encode_conversation(list(qs.values())[: packing.questions_per_image], packing)
         ids.append(a)
         labs.append(b)
-        images.append(render(scene))
+        if with_pixels:
+            images.append(render(scene))
         lab = patch_labels(scene)
         informative.append(((lab["colour"] > 0) | (lab["digit"] > 0)).reshape(-1))
     input_ids = torch.tensor(ids)
-    return {"pixel_values": pixels(images), "input_ids": input_ids, "labels": torch.tensor(labs),
+    out = {"pixel_values": pixels(images)} if with_pixels else {}
+    return {**out, "input_ids": input_ids, "labels": torch.tensor(labs),
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
             "informative": torch.from_numpy(np.stack(informative))}
 
