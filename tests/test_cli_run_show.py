@@ -290,3 +290,11 @@ def test_layout_next_tile_area_matches_the_model():
         cell = geo["cell_px"] * w / geo["resized"][0]
         assert min(b[0] for b in boxes) < cell and max(b[2] for b in boxes) > w - cell
         assert min(b[1] for b in boxes) < cell and max(b[3] for b in boxes) > h - cell
+
+
+def test_methods_command_lists_every_registered_method(capsys):
+    from vtprune.cli import main
+
+    assert main(["methods"]) == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert listed == set(vtprune.methods())

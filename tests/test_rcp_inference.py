@@ -206,3 +206,24 @@ def test_errors(ckpts, tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"hidden size 32.*hidden size 64"):
         vtprune.apply(model, "rcp", 1 / 3, checkpoint=narrow_path)
     assert "_vtprune" not in model.__dict__
+
+
+def test_builtin_model_uses_its_shipped_checkpoint():
+    """`builtin:shapes-llava` ships a trained checkpoint (64 layer-averaged tokens): `checkpoint` may be omitted."""
+    from vtprune.methods.rcp import SHIPPED, shipped_checkpoint
+    from vtprune.testbed import load_builtin
+    from vtprune.testbed.data import HELDOUT_SEED, balanced_samples
+    from vtprune.testbed.evaluate import evaluate
+
+    model, processor = load_builtin("shapes-llava")
+    assert shipped_checkpoint(model.name_or_path) == SHIPPED / "shapes-llava"
+    assert shipped_checkpoint("some/other-model") is None
+    samples = balanced_samples(HELDOUT_SEED, 2)
+    with vtprune.pruned(model, "rcp", 64) as m:
+        assert vtprune.session_of(m).method.checkpoint == str(SHIPPED / "shapes-llava")
+        evaluate(m, processor, samples, batch_size=len(samples))
+        counts = [s.layer_avg_tokens for s in vtprune.last_run(m).samples]
+    assert all(c < 576 for c in counts) and 16 < sum(counts) / len(counts) < 256
+    with pytest.raises(BudgetError, match="trained for a layer-averaged budget of 64"):
+        with vtprune.pruned(model, "rcp", 32) as m:
+            evaluate(m, processor, samples[:1], batch_size=1)

@@ -9,11 +9,15 @@ import sys
 
 def _methods(args: argparse.Namespace) -> int:
     import vtprune
+    from vtprune.errors import VtpruneError
     from vtprune.methods import method_class
 
     for name in vtprune.methods():
         cls = method_class(name)
-        stages = ", ".join(str(s) for s in cls().stages()) or "-"
+        try:
+            stages = ", ".join(str(s) for s in cls().stages()) or "-"
+        except VtpruneError:  # stages that depend on the model or a checkpoint (e.g. RCP's trained layers)
+            stages = "(per model)"
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name:10s} {stages:12s} {doc}")
     return 0

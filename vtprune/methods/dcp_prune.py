@@ -285,15 +285,9 @@ def dcp_crop(
 
 def calibration_key_of(name: str) -> str:
     """Calibration-table key of a model's `name_or_path`: "builtin:NAME" for a shipped checkpoint."""
-    from ..testbed.builtin import ASSETS, BUILTIN_PREFIX
+    from ..testbed.builtin import builtin_key
 
-    try:
-        path = Path(name).resolve()
-        if path.parent == ASSETS.resolve() and (path / "config.json").exists():
-            return BUILTIN_PREFIX + path.name
-    except (OSError, ValueError):
-        pass
-    return name
+    return builtin_key(name)
 
 
 @register(aliases=("dcp",))

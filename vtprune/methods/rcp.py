@@ -1,7 +1,8 @@
 """RCP (Representation Consistency Pruner) inference: a trained checkpoint's pruners and Delayed Repair Adapters
 on the engine's physical route (spec rcp.md §D; training and checkpoints: `vtprune.rcp`, docs/rcp.md).
 
-`vtprune.apply(model, "rcp", budget, checkpoint=DIR)`:
+`vtprune.apply(model, "rcp", budget, checkpoint=DIR)` (`builtin:shapes-llava` has a shipped checkpoint, used when
+`checkpoint` is not given):
 
 - stages `llm:ℓ` at the checkpoint's pruning layers (`ℓ = 0` allowed: the decision reads layer ℓ's own input);
   at each, per image (one image per sample), `RCPPlugins.prune_step` runs on N-slot tensors built from the
@@ -50,7 +51,8 @@ SIGNALS = frozenset({"layer_suffix_attention", "layer_normed_features", "layer_n
 
 @dataclass
 class RCPConfig(MethodConfig):
-    #: directory holding `rcp_plugins.safetensors` + `rcp_config.json` (`vtprune train-rcp --out DIR`); required.
+    #: directory holding `rcp_plugins.safetensors` + `rcp_config.json` (`vtprune train-rcp --out DIR`); None:
+    #: the checkpoint shipped for a built-in model (`vtprune/assets/rcp/<NAME>/`), else an error at apply.
     checkpoint: str | None = None
     #: logit offset δ of the inference mask; None: the checkpoint's calibrated δ.
     delta: float | None = None
@@ -60,6 +62,21 @@ class RCPConfig(MethodConfig):
     tau_eval: float | None = None
     #: the authors' deployed variant that also deletes dropped rows from earlier layers' caches: not supported.
     trim_earlier_caches: bool = False
+
+
+#: trained checkpoints shipped for built-in models: `vtprune/assets/rcp/<NAME>/` for `builtin:NAME`
+SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "rcp"
+
+
+def shipped_checkpoint(model_name: str | None) -> Path | None:
+    """The checkpoint shipped for a built-in model (`builtin:NAME` or its directory), else None."""
+    from ..testbed.builtin import BUILTIN_PREFIX, builtin_key
+
+    key = builtin_key(model_name) if model_name else ""
+    if not key.startswith(BUILTIN_PREFIX):
+        return None
+    path = SHIPPED / key[len(BUILTIN_PREFIX):]
+    return path if (path / WEIGHTS_NAME).exists() else None
 
 
 def _round_half_up(x: float) -> int:
@@ -78,17 +95,17 @@ class RCP(PruningMethod):
     def __init__(self, config: RCPConfig | None = None):
         super().__init__(config)
         c = self.config
-        if c.checkpoint is None:
-            raise VtpruneError(
-                "rcp needs a trained checkpoint: vtprune.apply(model, 'rcp', budget, checkpoint=DIR) with DIR made "
-                "by `vtprune train-rcp --out DIR` (rcp_plugins.safetensors + rcp_config.json)"
-            )
         if c.trim_earlier_caches:
             raise VtpruneError(
                 "rcp trim_earlier_caches=True is not supported: the engine keeps each layer's cache as that layer "
                 "processed it (the spec's default, equal to the training route); use trim_earlier_caches=False"
             )
-        path = Path(c.checkpoint)
+        self.checkpoint = c.checkpoint
+        if c.checkpoint is not None:
+            self._load(Path(c.checkpoint))
+
+    def _load(self, path: Path) -> None:
+        c = self.config
         self.checkpoint_config = read_config(path)
         if not (path / WEIGHTS_NAME).exists():
             raise VtpruneError(f"no RCP checkpoint at {path} (missing {WEIGHTS_NAME})")
@@ -110,19 +127,30 @@ class RCP(PruningMethod):
     # --- attachment -------------------------------------------------------------------------------
     def bind(self, num_layers: int) -> None:
         super().bind(num_layers)
+        if self.checkpoint is None:  # a model shipped with vtprune may come with a trained checkpoint
+            shipped = shipped_checkpoint(self.model_name)
+            if shipped is None:
+                raise VtpruneError(
+                    "rcp needs a trained checkpoint: vtprune.apply(model, 'rcp', budget, checkpoint=DIR) with DIR "
+                    "made by `vtprune train-rcp --out DIR` (rcp_plugins.safetensors + rcp_config.json)"
+                )
+            self.checkpoint = str(shipped)
+            self._load(shipped)
         cfg = self.checkpoint_config
         want = {k: cfg.get(k) for k in ("model_class", "hidden_size", "num_layers")}
         have = self.model_signature or {"num_layers": num_layers}
         have = {k: have.get(k, want[k]) for k in want}
         if have != want:
             raise UnsupportedModelError(
-                f"RCP checkpoint {self.config.checkpoint} was trained for {want['model_class']} (LLM hidden size "
+                f"RCP checkpoint {self.checkpoint} was trained for {want['model_class']} (LLM hidden size "
                 f"{want['hidden_size']}, {want['num_layers']} decoder layers), but this model is "
                 f"{have['model_class']} (hidden size {have['hidden_size']}, {have['num_layers']} layers); train RCP "
                 "for this model with `vtprune train-rcp`"
             )
 
     def stages(self) -> tuple[Stage, ...]:
+        if self.checkpoint is None:
+            raise VtpruneError("rcp: the stages come from the checkpoint (pass checkpoint=DIR, or attach the method)")
         return tuple(Stage("llm", ell) for ell in self.placement.pruning_layers)
 
     def validate(self, num_layers: int) -> None:  # llm:0 is allowed: the decision reads layer 0's own input
@@ -145,7 +173,7 @@ class RCP(PruningMethod):
         trained = _round_half_up(self.budget_tokens)
         if mode != "layer_avg" or budget not in (mine, trained):
             raise BudgetError(
-                f"the RCP checkpoint {self.config.checkpoint} was trained for a layer-averaged budget of "
+                f"the RCP checkpoint {self.checkpoint} was trained for a layer-averaged budget of "
                 f"{self.budget_tokens:g} tokens (ρ = {self.rho:.4g}: {mine} of this image's {n} tokens), but the "
                 f"requested budget gives {budget} tokens ({mode}); pass the checkpoint's budget (e.g. {self.rho:.6g} "
                 "or its token count) or train a checkpoint for this budget"
@@ -166,7 +194,7 @@ class RCP(PruningMethod):
                 raise UnsupportedInputError("rcp: the first pruning layer must see all of the image's tokens")
             if feats.shape[1] != plugins.hidden_size:
                 raise UnsupportedModelError(
-                    f"RCP checkpoint {self.config.checkpoint} has hidden size {plugins.hidden_size}, the model's "
+                    f"RCP checkpoint {self.checkpoint} has hidden size {plugins.hidden_size}, the model's "
                     f"hidden states have {feats.shape[1]}"
                 )
             memo["rcp_c"] = torch.ones(image.n, device=device)

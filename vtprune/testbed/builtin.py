@@ -23,6 +23,19 @@ def builtin_path(name: str) -> Path:
     return path
 
 
+def builtin_key(name_or_path: str) -> str:
+    """"builtin:NAME" when `name_or_path` (a model's `name_or_path`) is a shipped checkpoint's directory, else
+    `name_or_path` unchanged: the key of the per-model tables shipped beside the models (DCP-Prune's τ_κ,
+    RCP's default checkpoint)."""
+    try:
+        path = Path(name_or_path).resolve()
+        if path.parent == ASSETS.resolve() and (path / "config.json").exists():
+            return BUILTIN_PREFIX + path.name
+    except (OSError, ValueError):
+        pass
+    return name_or_path
+
+
 def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """`builtin:NAME` or a directory -> (LlavaForConditionalGeneration, processor), in eval mode, offline."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
