@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, PreTrainedTokenizerFast
+from saved_models import save_tiny_families
 
 torch.set_num_threads(1)
 
@@ -272,78 +271,10 @@ def test_two_process_cli_run_is_sharded_gathered_and_equal(task_dir, lmms_runs, 
 
 
 # --- the plugin on tiny LLaVA-NeXT and Qwen2.5-VL checkpoints ------------------------------------------
-QWEN_TEMPLATE = (
-    "{% for m in messages %}<s> {% for c in m['content'] %}{% if c['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
-    "{% if add_generation_prompt %} w9{% endif %}"
-)
-NEXT_TEMPLATE = (
-    "{% for m in messages %}w4 {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> {% else %}"
-    "{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}{% if add_generation_prompt %} w8{% endif %}"
-)
-
-
-def _tokenizer(specials: dict[int, str]) -> PreTrainedTokenizerFast:
-    base = {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>", **specials}
-    tok = Tokenizer(models.WordLevel(vocab={base.get(i, f"w{i}"): i for i in range(256)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        padding_side="left",
-    )
-    fast.add_special_tokens({"additional_special_tokens": list(specials.values())})
-    return fast
-
-
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory) -> dict:
-    from vtprune.models.qwen_inputs import qwen_image_processor
-    from vtprune.testing import (
-        IMAGE_TOKEN_ID,
-        QWEN_IMAGE_TOKEN_ID,
-        QWEN_VIDEO_TOKEN_ID,
-        QWEN_VISION_END_ID,
-        QWEN_VISION_START_ID,
-        tiny_llava_next,
-        tiny_qwen2_5_vl,
-    )
-
-    root = tmp_path_factory.mktemp("families")
-    nxt = tiny_llava_next(layers=4)
-    tile = nxt.config.vision_config.image_size
-    proc = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(
-            size={"shortest_edge": tile},
-            crop_size={"height": tile, "width": tile},
-            image_grid_pinpoints=nxt.config.image_grid_pinpoints,
-        ),
-        tokenizer=_tokenizer({IMAGE_TOKEN_ID: "<image>"}),
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token="<image>",
-        chat_template=NEXT_TEMPLATE,
-    )
-    nxt.save_pretrained(root / "next")
-    proc.save_pretrained(root / "next")
-    qwen = tiny_qwen2_5_vl(layers=4)
-    tok = _tokenizer(
-        {
-            QWEN_IMAGE_TOKEN_ID: "<|image_pad|>",
-            QWEN_VIDEO_TOKEN_ID: "<|video_pad|>",
-            QWEN_VISION_START_ID: "<|vision_start|>",
-            QWEN_VISION_END_ID: "<|vision_end|>",
-        }
-    )
-    tok.chat_template = QWEN_TEMPLATE
-    qwen.save_pretrained(root / "qwen")
-    tok.save_pretrained(root / "qwen")
-    qwen_image_processor().save_pretrained(root / "qwen")
-    return {"llava_next": (root / "next", " w8"), "qwen2_5_vl": (root / "qwen", " w9")}
+    dirs = save_tiny_families(tmp_path_factory.mktemp("families"))
+    return {"llava_next": (dirs["llava_next"], " w8"), "qwen2_5_vl": (dirs["qwen2_5_vl"], " w9")}
 
 
 def _docs() -> list[dict]:
