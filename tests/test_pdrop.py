@@ -176,13 +176,9 @@ def test_realised_counts_nested_selection(name):
     fam = family(name)
     model, inputs = fam.models["sdpa"], fam.batches[2]
     method = build_method("pdrop", {})
-    vtprune.apply(model, method, BUDGETS[name])
-    try:
-        with torch.no_grad():
-            model(**inputs)
+    with vtprune.pruned(model, method, BUDGETS[name]), torch.no_grad():
+        model(**inputs)
         record = vtprune.last_run(model)
-    finally:
-        vtprune.remove(model)
     bounds = method.boundaries(6)
     assert bounds == (2, 3, 4)
     for sample in record.samples:

@@ -355,13 +355,9 @@ def test_realised_counts_on_tiny_models(name):
     fam = family(name)
     model, inputs = fam.models["sdpa"], fam.batches[2]
     method = build_method("sparsevlm", {})
-    vtprune.apply(model, method, BUDGETS[name])
-    try:
-        with torch.no_grad():
-            model(**inputs)
+    with vtprune.pruned(model, method, BUDGETS[name]), torch.no_grad():
+        model(**inputs)
         record = vtprune.last_run(model)
-    finally:
-        vtprune.remove(model)
     for sample in record.samples:
         n = sample.n_visual
         budget = BUDGETS[name] if isinstance(BUDGETS[name], int) else max(1, _rhu(BUDGETS[name] * n))
