@@ -24,6 +24,7 @@ import torch
 from oracles import generate_logits, masked_reference_logits
 
 import vtprune
+from vtprune.methods import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, register, stable_topk
 from vtprune.testing import (
     llava_inputs,
     llava_next_inputs,
@@ -260,3 +261,29 @@ def check_oracles(
         ref = masked_reference_logits(model, inputs, record, tokens[:, :-1], None, positions)
         assert (step_logits - ref[:, prompt - 1 :]).abs().max() <= TOL, "pruned != masking reference"
     return record
+
+
+# --- a probe method for the engine's vision-stage hand-over -------------------------------------------------
+@dataclass
+class _SignalProbeConfig(MethodConfig):
+    pass
+
+
+@register
+class SignalProbe(PruningMethod):
+    """Test method: records each `ImageTokens` the engine hands its `vision` stage (`SignalProbe.seen`, cleared
+    by the caller) and keeps the top [CLS]-attention tokens."""
+
+    name = "test_signal_probe"
+    config_class = _SignalProbeConfig
+    seen: list = []
+
+    def stages(self):
+        return (Stage("vision"),)
+
+    def signals(self, stage_index):
+        return frozenset({"cls_attention", "vision_keys"})
+
+    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
+        type(self).seen.append(image)
+        return KeepPlan(stable_topk(image.signals["cls_attention"], k))

@@ -4,10 +4,9 @@ methods. The shared oracles (O1-O3, batch independence, remove, from_pretrained)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+from families import SignalProbe
 from oracles import generate_logits, masked_reference_logits
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -15,13 +14,7 @@ import vtprune
 from vtprune.errors import UnsupportedInputError
 from vtprune.methods import (
     ImageTokens,
-    KeepPlan,
-    MethodConfig,
-    PruningMethod,
-    Stage,
     build_method,
-    register,
-    stable_topk,
 )
 from vtprune.testing import llava_next_inputs, tiny_llava_next
 
@@ -73,30 +66,6 @@ def test_bad_inputs(nmodels, nbatches):
 
 
 # ------------------------------------------------------------------------- per-crop vision signals (spec §8)
-
-
-@dataclass
-class _SignalProbeConfig(MethodConfig):
-    pass
-
-
-@register
-class _SignalProbe(PruningMethod):
-    """Test method: records what the engine hands a `vision` stage, keeps the top [CLS]-attention tokens."""
-
-    name = "test_next_signal_probe"
-    config_class = _SignalProbeConfig
-    seen: list = []
-
-    def stages(self):
-        return (Stage("vision"),)
-
-    def signals(self, stage_index):
-        return frozenset({"cls_attention", "vision_keys"})
-
-    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
-        type(self).seen.append(image)
-        return KeepPlan(stable_topk(image.signals["cls_attention"], k))
 
 
 def _eager_reference(model, inputs, extra=False):
@@ -162,16 +131,16 @@ def test_vision_signals_per_crop_equal_eager_repacked(nmodels, nbatches):
     model, inputs = nmodels["sdpa"], nbatches[2]
     refs = _eager_reference(model, inputs)
     assert [len(r[0]) for r in refs] == [64, 48]
-    with vtprune.pruned(model, "test_next_signal_probe", 0.3):
+    with vtprune.pruned(model, "test_signal_probe", 0.3):
         for run in ("generate", "forward"):  # capture in generate's encoding / in the engine's own
-            _SignalProbe.seen.clear()
+            SignalProbe.seen.clear()
             if run == "generate":
                 generate_logits(model, inputs, 1)
             else:
                 with torch.no_grad():
                     model(**inputs)
-            assert len(_SignalProbe.seen) == 2
-            for img, (cls, keys, feats) in zip(_SignalProbe.seen, refs, strict=True):
+            assert len(SignalProbe.seen) == 2
+            for img, (cls, keys, feats) in zip(SignalProbe.seen, refs, strict=True):
                 assert (img.features - feats).abs().max() <= 1e-6  # sdpa vs eager tower: same rows, same order
                 assert img.signals["cls_attention"].shape == (img.n,)
                 assert (img.signals["cls_attention"] - cls).abs().max() <= 1e-6

@@ -5,15 +5,13 @@ from_pretrained of every method run in test_method_oracles.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
+from families import SignalProbe
 from oracles import generate_logits
 
 import vtprune
 from vtprune.errors import UnsupportedInputError
-from vtprune.methods import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, register, stable_topk
 from vtprune.testing import QWEN_VIDEO_TOKEN_ID, qwen_inputs, qwen_video_inputs, tiny_qwen2_5_vl
 
 torch.set_num_threads(1)
@@ -478,30 +476,6 @@ def test_video_vision_signals_do_not_depend_on_the_window_permutation():
             assert (a - b).abs().max() <= tol
 
 
-@dataclass
-class _ProbeConfig(MethodConfig):
-    pass
-
-
-@register
-class _QwenSignalProbe(PruningMethod):
-    """Test method: records what the engine hands a `vision` stage; keeps the top cls_attention tokens."""
-
-    name = "test_qwen_signal_probe"
-    config_class = _ProbeConfig
-    seen: list = []
-
-    def stages(self):
-        return (Stage("vision"),)
-
-    def signals(self, stage_index):
-        return frozenset({"cls_attention", "vision_keys"})
-
-    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
-        type(self).seen.append(image)
-        return KeepPlan(stable_topk(image.signals["cls_attention"], k))
-
-
 def test_video_vision_stage_sees_per_group_signals_in_prompt_order(qmodels, vbatch):
     """Mixed batch through `generate` (its own image+video encoding) and `forward` (the engine's): each
     engine image (sample 0: groups 0, 1; sample 1: the image, groups 0..2) gets its own features, raster
@@ -516,16 +490,16 @@ def test_video_vision_stage_sees_per_group_signals_in_prompt_order(qmodels, vbat
         feats = list(model.model.get_image_features(pix, grid).pooler_output)
         img_feat = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output[0]
     order = [("g", 0), ("g", 1), ("i", 0), ("g", 2), ("g", 3), ("g", 4)]
-    with vtprune.pruned(model, "test_qwen_signal_probe", 0.3):
+    with vtprune.pruned(model, "test_signal_probe", 0.3):
         for run in ("generate", "forward"):
-            _QwenSignalProbe.seen.clear()
+            SignalProbe.seen.clear()
             if run == "generate":
                 generate_logits(model, inputs, 1)
             else:
                 with torch.no_grad():
                     model(**inputs)
-            assert [img.n for img in _QwenSignalProbe.seen] == sum(VIDEO_GROUPS, [])
-            for img, (kind, j) in zip(_QwenSignalProbe.seen, order, strict=True):
+            assert [img.n for img in SignalProbe.seen] == sum(VIDEO_GROUPS, [])
+            for img, (kind, j) in zip(SignalProbe.seen, order, strict=True):
                 ref, feat = (groups, feats[j]) if kind == "g" else (image, img_feat)
                 assert (img.features - feat).abs().max() <= 1e-5
                 assert (img.signals["cls_attention"] - ref["cls_attention"][j]).abs().max() <= 1e-6
