@@ -16,7 +16,7 @@ from vtprune.testbed.train import TrainConfig, train
 def _config(steps_b: int) -> TrainConfig:
     return TrainConfig(size=TINY, steps_a=2, batch_a=2, steps_b=steps_b, batch_b=2, questions_per_image=3,
                        warmup=1, eval_every=2, eval_per_type=1, save_every=1, keep_schedule="1:8,3:16",
-                       probe_scenes=4)
+                       probe_scenes=4, token_xy_weight=1.0)
 
 
 def test_tiny_training_runs_exports_and_resumes(tmp_path):
@@ -29,6 +29,9 @@ def test_tiny_training_runs_exports_and_resumes(tmp_path):
         train(tmp_path, _config(4), progress=False, log=lambda _: None)  # resumes Stage B from step 2
         summary = json.loads((tmp_path / "train_summary.json").read_text())
         assert [h["step"] for h in summary["history"] if h["stage"] == "B-eval"] == [2, 4]
+        state = torch.load(tmp_path / "state.pt", weights_only=False)
+        assert set(state["token_xy"]) == {"xy.weight", "xy.bias"}  # the training-only head resumes too
+        assert not any("token_xy" in k or k.startswith("xy.") for k in state["model"])
     finally:
         torch.set_num_threads(threads)
     model, processor = resolve_model(tmp_path / "model")
@@ -95,3 +98,49 @@ def test_feature_cache_and_question_salt(tmp_path):
     assert all(torch.equal(same[k], live[k]) for k in ("input_ids", "labels", "attention_mask", "informative"))
     salted = [question_batch(1, 0, 0, Packing(3), indices=[0, 1, 2], salt=s, with_pixels=False) for s in (1, 2)]
     assert any(not torch.equal(b["input_ids"], live["input_ids"]) for b in salted)
+
+
+def test_dense_heads_weigh_object_patches_in_the_xy_loss():
+    """Stage A's xy regression counts an object patch `xy_object_weight` times a background patch, and
+    reports the object patches' position error in cells."""
+    from vtprune.testbed.train import DenseHeads
+
+    torch.manual_seed(0)
+    heads = DenseHeads(8)
+    feats = torch.randn(1, 576, 8)
+    target = {k: torch.zeros(1, 576, dtype=torch.long) for k in ("colour", "shape", "digit")}
+    target["colour"][0, 5] = 2  # one object patch
+    with torch.no_grad():
+        pred = heads.xy(feats.float())
+    target["xy"] = pred.clone()
+    target["xy"][0, 5] += torch.tensor([3.0 / 23, 4.0 / 23])  # 5 cells off on the object patch only
+    base = {k: v for k, v in target.items()}
+    _, stats = heads.loss(feats, base, xy_object_weight=20.0)
+    assert abs(stats["xy_obj_cells"] - 5.0) < 1e-3
+    off_obj = heads.loss(feats, target, xy_object_weight=20.0)[0]
+    uniform = heads.loss(feats, target, xy_object_weight=1.0)[0]
+    target_bg = dict(target, xy=pred.clone())
+    target_bg["xy"][0, 6] += torch.tensor([3.0 / 23, 4.0 / 23])  # the same error on a background patch
+    off_bg = heads.loss(feats, target_bg, xy_object_weight=20.0)[0]
+    assert off_obj > uniform and off_obj > off_bg
+
+
+def test_token_xy_head_reads_the_cell_of_informative_tokens_only():
+    """Stage B's training-only (x, y) read-out: zero loss when the head is exact, background tokens ignored."""
+    from vtprune.testbed.train import TokenXYHead
+
+    head = TokenXYHead(4)
+    with torch.no_grad():
+        head.xy.weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+        head.xy.bias.zero_()
+    patch_index = torch.tensor([[0, 25, 575]])  # cells (0, 0), (1, 1), (23, 23)
+    exact = torch.zeros(1, 3, 4)
+    exact[0, :, :2] = torch.stack([patch_index[0] % 24, patch_index[0] // 24], -1).float() / 23
+    informative = torch.tensor([[True, True, False]])
+    assert head.loss(exact, patch_index, informative).item() < 1e-10
+    wrong_background = exact.clone()
+    wrong_background[0, 2, :2] = 0.0
+    assert head.loss(wrong_background, patch_index, informative).item() < 1e-10
+    wrong_object = exact.clone()
+    wrong_object[0, 1, 0] += 0.5
+    assert abs(head.loss(wrong_object, patch_index, informative).item() - 0.125) < 1e-6

@@ -47,6 +47,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="Stage B cycles over the frozen features of this many cached scenes (0: live)")
     t.add_argument("--type-schedule", default=None,
                    help='Stage B question-type curriculum, e.g. "800:colour+shape" (later steps: all types)')
+    t.add_argument("--xy-object-weight", type=float, default=None,
+                   help="Stage A: weight of object/digit patches in the xy regression (default 20)")
+    t.add_argument("--token-xy-weight", type=float, default=None,
+                   help="Stage B: weight of the training-only (x, y) read-out on projected object tokens (0 = off)")
     t.add_argument("--text-layers", type=int, default=None, help="decoder layers")
     t.add_argument("--text-width", type=int, default=None, help="decoder width (MLP 3x, head dim 32)")
     t.add_argument("--threads", type=int, default=1)
@@ -100,7 +104,8 @@ def _train(args: argparse.Namespace) -> int:
                  "time_limit_b": args.time_limit_b, "eval_every": args.eval_every,
                  "keep_schedule": args.keep_schedule, "lr_a": args.lr_a, "lr_b": args.lr_b}
     overrides.update({"vision_init": args.vision_init, "projector_init": args.projector_init,
-                      "feature_cache": args.feature_cache, "type_schedule": args.type_schedule})
+                      "feature_cache": args.feature_cache, "type_schedule": args.type_schedule,
+                      "xy_object_weight": args.xy_object_weight, "token_xy_weight": args.token_xy_weight})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

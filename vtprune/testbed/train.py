@@ -21,6 +21,10 @@ on the question or the answer, and the shipped model is a plain projector (no ex
 all): trained on all six types from the start, the decoder stayed at the ~0.5 plateau even with the
 probe init (docs/testbed.md has the measurements).
 
+Left/right needs each object's column in its visual token: Stage A weighs object and digit patches
+`xy_object_weight` times a background patch in the xy regression, and `token_xy_weight` > 0 adds a
+training-only (x, y) read-out on the projected informative tokens in Stage B (`TokenXYHead`).
+
 `vision_init` loads the vision tower of an existing checkpoint (e.g. "builtin:shapes-llava") instead
 of training it, and `feature_cache` precomputes the frozen features of N Stage-B scenes once and cycles
 over them with fresh questions each pass (the tower is frozen in Stage B, so this is the same
@@ -51,6 +55,7 @@ from .scenes import COLOURS, DATA_VERSION, SHAPES
 from .tokenizer import build_processor, vocabulary
 
 IMAGE_TOKEN_ID = vocabulary()["<image>"]
+NUM_PATCHES = 576
 
 
 @dataclass
@@ -82,6 +87,8 @@ class TrainConfig:
     vision_init: str = ""  # "builtin:NAME" or a checkpoint dir whose vision tower is loaded before Stage A
     projector_init: str = "probe"  # "standardize" | "probe" (see the module docstring)
     probe_scenes: int = 400  # Stage-A-seed scenes the probe init is fitted on
+    xy_object_weight: float = 20.0  # Stage A: weight of object/digit patches in the xy regression
+    token_xy_weight: float = 0.0  # Stage B: weight of the training-only TokenXYHead loss (0 = off)
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B question-type curriculum "800:colour+shape": steps < 800 ask only these types; later all.
     type_schedule: str = ""
@@ -100,8 +107,14 @@ class DenseHeads(nn.Module):
         self.digit = nn.Linear(width, 11)
         self.xy = nn.Linear(width, 2)
 
-    def loss(self, feats: torch.Tensor, target: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        """feats [B, 576, D] (no [CLS]); targets [B, 576] ints and xy [B, 576, 2]."""
+    def loss(self, feats: torch.Tensor, target: dict[str, torch.Tensor],
+             xy_object_weight: float = 20.0) -> tuple[torch.Tensor, dict]:
+        """feats [B, 576, D] (no [CLS]); targets [B, 576] ints and xy [B, 576, 2].
+
+        The xy regression weighs object and digit patches `xy_object_weight` times a background patch:
+        they are 4-8 of 576 patches, and left/right questions need *their* column (with uniform
+        weights the tower learned xy on the background and kept only a ~1.5-cell column on objects).
+        """
         feats = feats.float()
         total, stats = feats.new_zeros(()), {}
         for name in ("colour", "shape", "digit"):
@@ -113,7 +126,12 @@ class DenseHeads(nn.Module):
             total = total + F.cross_entropy(logits.reshape(-1, k), y.reshape(-1), weight=weight)
             fg = y > 0
             stats[name] = (logits.argmax(-1)[fg] == y[fg]).float().mean().item() if fg.any() else float("nan")
-        total = total + 10.0 * F.mse_loss(self.xy(feats), target["xy"])
+        fg = ((target["colour"] > 0) | (target["digit"] > 0)).float()  # [B, 576]
+        w = 1.0 + (xy_object_weight - 1.0) * fg
+        err = (self.xy(feats) - target["xy"]).square().sum(-1)  # [B, 576]
+        total = total + 10.0 * (w * err).sum() / (2 * w.sum())
+        grid = int(round(math.sqrt(feats.shape[1])))
+        stats["xy_obj_cells"] = ((err.sqrt() * fg).sum() / fg.sum().clamp_min(1) * (grid - 1)).item()
         return total, stats
 
 
@@ -283,11 +301,12 @@ def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callab
 
 
 def lm_loss(model, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-            attention_mask: torch.Tensor,
-            position_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+            attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+            image_feats: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Projector + decoder on image features [B, N, Dv] and packed ids [B, T] (N image tokens);
-    next-token CE on answers."""
-    image_feats = model.model.multi_modal_projector(feats)
+    next-token CE on answers. `image_feats` [B, N, D]: the projector's output, if already computed."""
+    if image_feats is None:
+        image_feats = model.model.multi_modal_projector(feats)
     embeds = model.model.language_model.get_input_embeddings()(input_ids)
     mask = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_feats.to(embeds.dtype))
@@ -298,6 +317,29 @@ def lm_loss(model, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.T
     logits = model.lm_head(hidden[:, :-1][sel]).float()
     loss = F.cross_entropy(logits, target[sel])
     return loss, (logits.argmax(-1) == target[sel]).float().mean().item()
+
+
+class TokenXYHead(nn.Module):
+    """Training-only Stage-B read-out of the patch's cell (x, y) from the projector's output.
+
+    Without it nothing in Stage B asks the projector to keep where a patch is until left/right questions
+    can use it, and the position the probe init writes into the first projector rows is lost within a few
+    hundred steps (measured: the column of an object patch, linearly read from the projected token,
+    went from ±0.4 to ±4 cells), so left/right never leaves chance. Not part of the shipped model.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.xy = nn.Linear(width, 2)
+
+    def loss(self, image_feats: torch.Tensor, patch_index: torch.Tensor, informative: torch.Tensor) -> torch.Tensor:
+        """image_feats [B, N, D] of patches `patch_index` [B, N] (raster indices into the 24x24 grid);
+        informative [B, N] bool. MSE of (x, y) in [0, 1] over informative patches."""
+        grid = int(round(math.sqrt(NUM_PATCHES)))
+        target = torch.stack([patch_index % grid, patch_index // grid], -1).float() / (grid - 1)
+        err = (self.xy(image_feats.float()) - target).square().sum(-1)  # [B, N]
+        w = informative.float()
+        return (err * w).sum() / w.sum().clamp_min(1)
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
@@ -334,9 +376,11 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     st = {"stage": "A", "step": 0, "wall": 0.0, "history": [], "best": None}
     opt_a = torch.optim.AdamW(list(model.model.vision_tower.parameters()) + list(heads.parameters()),
                               lr=cfg.lr_a, weight_decay=cfg.weight_decay)
+    token_xy = TokenXYHead(cfg.size.text_width).to(device)
     b_params = (list(model.model.multi_modal_projector.parameters())
                 + list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
     opt_b = torch.optim.AdamW(b_params, lr=cfg.lr_b, weight_decay=cfg.weight_decay)
+    opt_xy = torch.optim.AdamW(token_xy.parameters(), lr=cfg.lr_b, weight_decay=0.0)
     if state_path.exists():
         saved = torch.load(state_path, map_location=device, weights_only=False)
         model.load_state_dict(saved["model"])
@@ -344,6 +388,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         opt_a.load_state_dict(saved["opt_a"])
         if saved["opt_b"] is not None:  # None: Stage B restarted from scratch
             opt_b.load_state_dict(saved["opt_b"])
+        if saved.get("token_xy") is not None:  # absent in states written before TokenXYHead existed
+            token_xy.load_state_dict(saved["token_xy"])
+            opt_xy.load_state_dict(saved["opt_xy"])
         st = saved["st"]
         if st["stage"] == "done" and st["step"] < cfg.steps_b and not st.get("target_reached"):
             st["stage"] = "B"  # resumed with a longer Stage B
@@ -353,7 +400,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     def save() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt_a": opt_a.state_dict(),
-                    "opt_b": opt_b.state_dict(), "st": st}, tmp)
+                    "opt_b": opt_b.state_dict(), "token_xy": token_xy.state_dict(), "opt_xy": opt_xy.state_dict(),
+                    "st": st}, tmp)
         tmp.replace(state_path)
 
     eval_set = balanced_samples(cfg.eval_seed, cfg.eval_per_type, id_prefix="eval")
@@ -371,7 +419,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 for g in opt_a.param_groups:
                     g["lr"] = cfg.lr_a * _schedule(st["step"], cfg.steps_a, cfg.warmup)
                 with amp:
-                    loss, stats = heads.loss(vision_features(model, pv), target)
+                    loss, stats = heads.loss(vision_features(model, pv), target, cfg.xy_object_weight)
                 opt_a.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.model.vision_tower.parameters(), 1.0)
@@ -432,16 +480,29 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 if short:
                     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st["step"])
                     text, feats = shorten(batch, feats, keep, gen)
+                    img0 = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0, 0])
+                    patch_index = text["position_ids"][:, img0:img0 + keep] - img0  # [B, keep]
                 else:
                     text = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
-                loss, acc = lm_loss(model, feats, **text)
+                    patch_index = torch.arange(feats.shape[1], device=device).expand(feats.shape[0], -1)
+                image_feats = model.model.multi_modal_projector(feats)
+                loss, acc = lm_loss(model, feats, **text, image_feats=image_feats)
+                if cfg.token_xy_weight > 0:
+                    informative = batch["informative"].to(device).gather(1, patch_index)
+                    xy_loss = token_xy.loss(image_feats, patch_index, informative)
+                    loss = loss + cfg.token_xy_weight * xy_loss
             opt_b.zero_grad(set_to_none=True)
+            opt_xy.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(b_params, 1.0)
             opt_b.step()
+            if cfg.token_xy_weight > 0:
+                opt_xy.step()
             st["step"] += 1
             st["wall"] += time.time() - t0
             info = f"loss {loss.item():.3f} tok-acc {acc:.2f}" + (f" keep {keep}" if short else "")
+            if cfg.token_xy_weight > 0:
+                info += f" token-xy {xy_loss.item():.4f}"
             if bar:
                 bar.update(task, completed=st["step"], info=info)
             if st["step"] % 25 == 0:
