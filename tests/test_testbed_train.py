@@ -114,8 +114,7 @@ def test_dense_heads_weigh_object_patches_in_the_xy_loss():
         pred = heads.xy(feats.float())
     target["xy"] = pred.clone()
     target["xy"][0, 5] += torch.tensor([3.0 / 23, 4.0 / 23])  # 5 cells off on the object patch only
-    base = {k: v for k, v in target.items()}
-    _, stats = heads.loss(feats, base, xy_object_weight=20.0)
+    _, stats = heads.loss(feats, target, xy_object_weight=20.0)
     assert abs(stats["xy_obj_cells"] - 5.0) < 1e-3
     off_obj = heads.loss(feats, target, xy_object_weight=20.0)[0]
     uniform = heads.loss(feats, target, xy_object_weight=1.0)[0]
