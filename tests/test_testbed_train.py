@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from vtprune.testbed.builtin import resolve_model
@@ -79,6 +80,36 @@ def test_probe_projector_init_writes_readouts_into_first_rows():
     assert torch.equal(lin.weight[25:], before[25:])
 
 
+def test_probe_projector_column_code_rows_scale_and_fit():
+    """column_code_scale > 0 adds 23 column-thermometer rows (25..47) proportional to the scale; the first 25
+    rows and the rest are as without it; a projector narrower than 48 rows is refused by name."""
+    from dataclasses import replace
+
+    from vtprune.testbed.model import build_model
+    from vtprune.testbed.train import probe_projector, standardize_projector
+
+    def probed(scale: float, width: int = 64):
+        torch.manual_seed(0)
+        model = build_model(replace(TINY, text_width=width)).eval()
+        standardize_projector(model, 2, "cpu", n=2)
+        before = model.model.multi_modal_projector.linear_1.weight.detach().clone()
+        torch.manual_seed(1)
+        stats = probe_projector(model, 0, "cpu", n=4, background=4, iters=20, column_code_scale=scale)
+        return model.model.multi_modal_projector.linear_1, before, stats
+
+    plain, before, _ = probed(0.0)
+    one, _, stats = probed(1.0)
+    three, _, _ = probed(3.0)
+    assert 0.5 < stats["column_bits_acc"] <= 1.0  # the thresholds are read from the patch features
+    assert torch.allclose(one.weight[:25], plain.weight[:25], atol=1e-5)
+    assert torch.allclose(one.bias[:25], plain.bias[:25], atol=1e-5)
+    assert torch.allclose(three.weight[25:48], 3 * one.weight[25:48], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(one.weight[25:48], before[25:48])
+    assert torch.equal(one.weight[48:], before[48:])
+    with pytest.raises(ValueError, match="projector too narrow"):
+        probed(1.0, width=32)
+
+
 def test_feature_cache_and_question_salt(tmp_path):
     """Stage B's feature cache equals the live vision forward; salt draws other questions on the same scenes."""
     from vtprune.testbed.data import Packing, question_batch
@@ -143,3 +174,4 @@ def test_token_xy_head_reads_the_cell_of_informative_tokens_only():
     wrong_object = exact.clone()
     wrong_object[0, 1, 0] += 0.5
     assert abs(head.loss(wrong_object, patch_index, informative).item() - 0.125) < 1e-6
+

@@ -43,6 +43,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "use with --steps-a 0 to skip Stage A")
     t.add_argument("--projector-init", choices=("probe", "standardize"), default=None,
                    help="data-dependent projector init (default probe: standardise + per-patch read-outs)")
+    t.add_argument("--column-code-scale", type=float, default=None,
+                   help="probe init: scale of 23 extra column-thermometer rows (default 0 = none)")
     t.add_argument("--feature-cache", type=int, default=None,
                    help="Stage B cycles over the frozen features of this many cached scenes (0: live)")
     t.add_argument("--type-schedule", default=None,
@@ -105,7 +107,8 @@ def _train(args: argparse.Namespace) -> int:
                  "keep_schedule": args.keep_schedule, "lr_a": args.lr_a, "lr_b": args.lr_b}
     overrides.update({"vision_init": args.vision_init, "projector_init": args.projector_init,
                       "feature_cache": args.feature_cache, "type_schedule": args.type_schedule,
-                      "xy_object_weight": args.xy_object_weight, "token_xy_weight": args.token_xy_weight})
+                      "xy_object_weight": args.xy_object_weight, "token_xy_weight": args.token_xy_weight,
+                      "column_code_scale": args.column_code_scale})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

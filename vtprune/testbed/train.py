@@ -24,6 +24,8 @@ probe init (docs/testbed.md has the measurements).
 Left/right needs each object's column in its visual token: Stage A weighs object and digit patches
 `xy_object_weight` times a background patch in the xy regression, and `token_xy_weight` > 0 adds a
 training-only (x, y) read-out on the projected informative tokens in Stage B (`TokenXYHead`).
+`column_code_scale` > 0 makes the probe init also write a 23-row column thermometer (docs/testbed.md:
+the one-object "is the X left ?" question left chance on real features only with it, at scale 6).
 
 `vision_init` loads the vision tower of an existing checkpoint (e.g. "builtin:shapes-llava") instead
 of training it, and `feature_cache` precomputes the frozen features of N Stage-B scenes once and cycles
@@ -87,6 +89,7 @@ class TrainConfig:
     vision_init: str = ""  # "builtin:NAME" or a checkpoint dir whose vision tower is loaded before Stage A
     projector_init: str = "probe"  # "standardize" | "probe" (see the module docstring)
     probe_scenes: int = 400  # Stage-A-seed scenes the probe init is fitted on
+    column_code_scale: float = 0.0  # probe init: scale of the column-thermometer rows (0 = none)
     xy_object_weight: float = 20.0  # Stage A: weight of object/digit patches in the xy regression
     token_xy_weight: float = 0.0  # Stage B: weight of the training-only TokenXYHead loss (0 = off)
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
@@ -214,13 +217,18 @@ def standardize_projector(model, seed: int, device: str, n: int = 16) -> None:
 
 
 @torch.no_grad()
-def probe_projector(model, seed: int, device: str, n: int = 400, background: int = 16, iters: int = 300) -> dict:
+def probe_projector(model, seed: int, device: str, n: int = 400, background: int = 16, iters: int = 300,
+                    column_code_scale: float = 0.0) -> dict:
     """Write linear per-patch read-outs of the frozen features into the first projector layer.
 
     Fits colour (7 classes incl. none), shape (5) and digit (11) logits by cross-entropy and the cell's
     (x, y) (scaled to [-2, 2]) by least squares on the penultimate features [*, Dv] of scenes 0..n-1 of
     `seed` (all object/digit patches plus `background` random patches per scene; standardised inputs),
-    then sets rows 0..24 of `linear_1` to them. Returns the probes' training accuracies.
+    then sets rows 0..24 of `linear_1` to them. With `column_code_scale` > 0 it also fits a column
+    thermometer (bit j = +1 if the patch's column >= j, else -1, for j = 1..grid-1) by least squares and
+    writes it, times the scale, into the next grid-1 rows: a wide, strong left/right code the decoder
+    can pick up (with the 2-number x read-out alone, left/right stayed at chance; docs/testbed.md).
+    Returns the probes' training accuracies.
     """
     lin = model.model.multi_modal_projector.linear_1
     gen = torch.Generator().manual_seed(seed)
@@ -256,6 +264,13 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
     stats["xy_mae_cells"] = round(((a @ sol - xy).abs().mean() * (grid - 1) / 4).item(), 3)
     w = torch.cat([heads[k].weight for k in ("colour", "shape", "digit")] + [sol[:-1].T])  # [25, Dv]
     b = torch.cat([heads[k].bias for k in ("colour", "shape", "digit")] + [sol[-1]])
+    if column_code_scale > 0:
+        col = torch.round((xy[:, 0] + 2) / 4 * (grid - 1))  # [N]
+        bits = (torch.arange(1, grid).unsqueeze(0) <= col.unsqueeze(1)).float() * 2 - 1  # [N, grid-1]
+        sol_c = torch.linalg.lstsq(a, bits).solution  # [Dv + 1, grid-1]
+        stats["column_bits_acc"] = round(((a @ sol_c).sign() == bits).float().mean().item(), 4)
+        w = torch.cat([w, sol_c[:-1].T * column_code_scale])  # [25 + grid-1, Dv]
+        b = torch.cat([b, sol_c[-1] * column_code_scale])
     rows = len(w)
     if rows > lin.weight.shape[0]:
         raise ValueError(f"projector too narrow for the probe init ({lin.weight.shape[0]} < {rows})")
@@ -445,7 +460,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         if not st.get("projector_standardized"):
             standardize_projector(model, cfg.seed + 2, device)
             if cfg.projector_init == "probe":
-                stats = probe_projector(model, cfg.seed, device, n=cfg.probe_scenes)
+                stats = probe_projector(model, cfg.seed, device, n=cfg.probe_scenes,
+                                        column_code_scale=cfg.column_code_scale)
                 st["history"].append({"stage": "probe", "step": 0, "wall": round(st["wall"], 1), **stats})
                 log(f"projector probe init: {stats}")
             elif cfg.projector_init != "standardize":
