@@ -174,4 +174,3 @@ def test_token_xy_head_reads_the_cell_of_informative_tokens_only():
     wrong_object = exact.clone()
     wrong_object[0, 1, 0] += 0.5
     assert abs(head.loss(wrong_object, patch_index, informative).item() - 0.125) < 1e-6
-
