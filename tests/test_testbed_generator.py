@@ -12,11 +12,26 @@ import pytest
 from vtprune.testbed.data import balanced_samples
 from vtprune.testbed.evaluate import majority_baseline
 from vtprune.testbed.export import export_jsonl, read_jsonl
-from vtprune.testbed.questions import ANSWERS, QUESTION_TYPES, candidates, sample_questions
+from vtprune.testbed.questions import (
+    ANSWERS,
+    QUESTION_TYPES,
+    TRAINING_TYPES,
+    candidates,
+    references,
+    sample_questions,
+)
 from vtprune.testbed.scenes import CELL, COLOURS, GRID, make_scene, patch_labels, render
 
 # Independent re-derivation: parse the question text, then look the answer up in the scene graph.
 _SINGULAR = {"circles": "circle", "squares": "square", "triangles": "triangle", "crosses": "cross"}
+
+
+def referent(objs, name: str):
+    """The one object called "triangle" (its only triangle) or "red object" (its only red object)."""
+    words = name.split()
+    hit = [o for o in objs if (o.colour == words[0] if words[-1] == "object" else o.shape == name)]
+    assert len(hit) == 1 and len(words) <= 2, name
+    return hit[0]
 
 
 def derive(scene, text: str) -> str:
@@ -35,11 +50,14 @@ def derive(scene, text: str) -> str:
         return str(sum(o.colour == m[1] for o in objs))
     if m := re.fullmatch(r"how many (\w+) are there \?", text):
         return str(sum(o.shape == _SINGULAR[m[1]] for o in objs))
-    if m := re.fullmatch(r"is the (\w+) (\w+) left or right of the (\w+) (\w+) \?", text):
-        (a,) = [o for o in objs if (o.colour, o.shape) == (m[1], m[2])]
-        (b,) = [o for o in objs if (o.colour, o.shape) == (m[3], m[4])]
-        assert abs(a.col - b.col) >= 2 and a is not b
-        return "left" if a.col < b.col else "right"
+    if m := re.fullmatch(r"is the (.+) left of the (.+) \?", text):
+        a, b = referent(objs, m[1]), referent(objs, m[2])
+        assert min(a.col, b.col) <= 10 and max(a.col, b.col) >= 13, text  # opposite halves, no near-ties
+        return "yes" if a.col < b.col else "no"
+    if m := re.fullmatch(r"is the (.+) left \?", text):  # training-only "side"
+        a = referent(objs, m[1])
+        assert a.col <= 10 or a.col >= 13, text
+        return "yes" if a.col < 12 else "no"
     if text == "what number is in the box ?":
         return str(scene.digit)
     raise AssertionError(f"unparsed question {text!r}")
@@ -59,10 +77,26 @@ def test_every_candidate_answer_matches_the_scene_graph():
         scene = make_scene(11, i)
         pairs = [(o.colour, o.shape) for o in scene.objects]
         assert len(set(pairs)) == len(pairs)
-        for t in QUESTION_TYPES:
+        for t in QUESTION_TYPES + TRAINING_TYPES:
             for q in candidates(scene, t):
                 assert q.answer in ANSWERS[t]
                 assert derive(scene, q.text) == q.answer, (q, scene)
+
+
+def test_spatial_questions_cover_every_opposite_half_pair_and_are_not_scored_types():
+    """Every ordered pair of names (an object by its unique shape or unique colour) on opposite halves gets
+    one spatial question; "side" is asked in training only, so held-out sets and exports never contain it."""
+    assert "side" not in QUESTION_TYPES and set(ANSWERS["side"]) == set(ANSWERS["spatial"])
+    for i in range(40):
+        scene = make_scene(12, i)
+        names = references(scene)
+        left = sum(o.col <= 10 for o, _ in names)
+        right = sum(o.col >= 13 for o, _ in names)
+        assert len(candidates(scene, "spatial")) == 2 * left * right
+        assert len(candidates(scene, "side")) == left + right
+    counts = Counter(q.answer for i in range(300)
+                     for q in sample_questions(make_scene(13, i), np.random.default_rng(i), ("side",)))
+    assert set(counts) == {"yes", "no"} and max(counts.values()) / sum(counts.values()) < 0.6
 
 
 def test_rendered_cells_show_the_scene():

@@ -42,6 +42,47 @@ def test_tiny_training_runs_exports_and_resumes(tmp_path):
     assert {r["prediction"] for r in res["records"]} <= set(processor.tokenizer.get_vocab())
 
 
+def test_init_from_a_whole_checkpoint_only_adds_the_column_code(tmp_path):
+    """`init` starts Stage B from every weight of a checkpoint; with a column code it rewrites only projector
+    rows 25..47 (and silences them in linear_2), and init + vision_init together are refused."""
+    from dataclasses import replace
+
+    size = replace(TINY, text_width=64, text_heads=2, text_mlp=128)
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path / "a", replace(_config(2), size=size), progress=False, log=lambda _: None)
+        cfg = replace(_config(0), size=size, steps_a=0, init=str(tmp_path / "a" / "model"), column_code_scale=6.0)
+        model = train(tmp_path / "b", cfg, progress=False, log=lambda _: None)
+        with pytest.raises(ValueError, match="either init"):
+            train(tmp_path / "c", replace(cfg, vision_init=cfg.init), progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    src, _ = resolve_model(tmp_path / "a" / "model")
+    new, old = model.state_dict(), src.state_dict()
+    changed = {k for k in old if not torch.equal(new[k], old[k].float())}
+    proj = "model.multi_modal_projector."
+    assert changed == {proj + "linear_1.weight", proj + "linear_1.bias", proj + "linear_2.weight"}
+    w1_new, w1_old = new[proj + "linear_1.weight"], old[proj + "linear_1.weight"].float()
+    assert torch.equal(w1_new[:25], w1_old[:25]) and torch.equal(w1_new[48:], w1_old[48:])
+    assert not torch.equal(w1_new[25:48], w1_old[25:48])
+    w2_new, w2_old = new[proj + "linear_2.weight"], old[proj + "linear_2.weight"].float()
+    assert (w2_new[:, 25:48] == 0).all() and torch.equal(w2_new[:, 48:], w2_old[:, 48:])
+
+
+def test_question_type_schedule_with_training_only_types():
+    from vtprune.testbed.questions import QUESTION_TYPES
+    from vtprune.testbed.train import types_at
+
+    assert types_at("400:colour,800:colour+side", 0, "side") == ("colour",)
+    assert types_at("400:colour,800:colour+side", 500, "side") == ("colour", "side")
+    assert types_at("400:colour", 400, "side") == QUESTION_TYPES + ("side",)
+    assert types_at("", 0, "") == QUESTION_TYPES
+    with pytest.raises(ValueError, match="unknown question types"):
+        types_at("400:colour+size", 0)
+    with pytest.raises(ValueError, match="unknown question types"):
+        types_at("", 0, "shade")
+
+
 def test_visual_token_curriculum_helpers():
     from vtprune.testbed.data import Packing, question_batch
     from vtprune.testbed.model import build_model

@@ -41,6 +41,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--vision-init", default=None,
                    help='load the vision tower from this checkpoint ("builtin:shapes-llava" or a dir); '
                         "use with --steps-a 0 to skip Stage A")
+    t.add_argument("--init", default=None,
+                   help="start from this whole checkpoint (builtin:NAME or a dir; same sizes), e.g. to "
+                        "fine-tune the built-in model; use with --steps-a 0")
     t.add_argument("--projector-init", choices=("probe", "standardize"), default=None,
                    help="data-dependent projector init (default probe: standardise + per-patch read-outs)")
     t.add_argument("--column-code-scale", type=float, default=None,
@@ -49,6 +52,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="Stage B cycles over the frozen features of this many cached scenes (0: live)")
     t.add_argument("--type-schedule", default=None,
                    help='Stage B question-type curriculum, e.g. "800:colour+shape" (later steps: all types)')
+    t.add_argument("--training-types", default=None,
+                   help='"+"-joined training-only question types asked with the scored ones (default "side"; '
+                        '"" for none)')
     t.add_argument("--xy-object-weight", type=float, default=None,
                    help="Stage A: weight of object/digit patches in the xy regression (default 20)")
     t.add_argument("--token-xy-weight", type=float, default=None,
@@ -108,7 +114,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides.update({"vision_init": args.vision_init, "projector_init": args.projector_init,
                       "feature_cache": args.feature_cache, "type_schedule": args.type_schedule,
                       "xy_object_weight": args.xy_object_weight, "token_xy_weight": args.token_xy_weight,
-                      "column_code_scale": args.column_code_scale})
+                      "column_code_scale": args.column_code_scale, "init": args.init,
+                      "training_types": args.training_types})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

@@ -7,18 +7,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scenes import COLOURS, MAX_COUNT, SHAPES, Scene
+from .scenes import COLOURS, MAX_COUNT, SHAPES, Scene, SceneObject
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "exist", "count", "spatial", "digit")
+# Asked in training only, never scored: "is the X left ?" (is the object in the left half of the image),
+# an auxiliary task that teaches the decoder to read an object's column before it compares two objects.
+TRAINING_TYPES: tuple[str, ...] = ("side",)
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
-MIN_COL_GAP = 2  # spatial questions only about objects at least this many columns apart
+# Spatial questions are asked only about two objects on opposite halves of the image: one in columns
+# 0..LEFT_MAX_COL, the other in RIGHT_MIN_COL..23 (no near-ties; at least 3 columns apart).
+LEFT_MAX_COL = 10
+RIGHT_MIN_COL = 13
 
 ANSWERS: dict[str, tuple[str, ...]] = {
     "colour": tuple(COLOURS),
     "shape": SHAPES,
     "exist": ("yes", "no"),
     "count": tuple(str(i) for i in range(MAX_COUNT + 1)),
-    "spatial": ("left", "right"),
+    "spatial": ("yes", "no"),
+    "side": ("yes", "no"),
     "digit": tuple(str(i) for i in range(10)),
 }
 
@@ -30,6 +37,27 @@ class Question:
     type: str
     text: str
     answer: str
+
+
+def half(col: int) -> str | None:
+    """"left" for columns 0..LEFT_MAX_COL, "right" for RIGHT_MIN_COL..23, None for the middle columns."""
+    if col <= LEFT_MAX_COL:
+        return "left"
+    return "right" if col >= RIGHT_MIN_COL else None
+
+
+def references(scene: Scene) -> list[tuple[SceneObject, str]]:
+    """Unambiguous names of objects by one attribute, as the colour and shape questions use them:
+    "triangle" for the only triangle, "red object" for the only red object (both when both are unique)."""
+    colours = Counter(o.colour for o in scene.objects)
+    shapes = Counter(o.shape for o in scene.objects)
+    out = []
+    for o in scene.objects:
+        if shapes[o.shape] == 1:
+            out.append((o, o.shape))
+        if colours[o.colour] == 1:
+            out.append((o, f"{o.colour} object"))
+    return out
 
 
 def candidates(scene: Scene, qtype: str) -> list[Question]:
@@ -59,12 +87,15 @@ def candidates(scene: Scene, qtype: str) -> list[Question]:
             if shapes[s] <= MAX_COUNT:
                 out.append(Question(qtype, f"how many {PLURAL[s]} are there ?", str(shapes[s])))
     elif qtype == "spatial":
-        for a in objs:
-            for b in objs:
-                if abs(a.col - b.col) >= MIN_COL_GAP:
-                    side = "left" if a.col < b.col else "right"
-                    out.append(Question(qtype, f"is the {a.colour} {a.shape} left or right of the "
-                                               f"{b.colour} {b.shape} ?", side))
+        for a, name_a in references(scene):
+            for b, name_b in references(scene):
+                if half(a.col) is not None and half(b.col) is not None and half(a.col) != half(b.col):
+                    yes = half(a.col) == "left"
+                    out.append(Question(qtype, f"is the {name_a} left of the {name_b} ?", "yes" if yes else "no"))
+    elif qtype == "side":
+        for o, name in references(scene):
+            if half(o.col) is not None:
+                out.append(Question(qtype, f"is the {name} left ?", "yes" if half(o.col) == "left" else "no"))
     elif qtype == "digit":
         out.append(Question(qtype, "what number is in the box ?", str(scene.digit)))
     else:
@@ -122,7 +153,8 @@ def answer_vocabulary() -> tuple[str, ...]:
 
 
 def question_words() -> tuple[str, ...]:
-    """Every word that can occur in a question (for the word-level vocabulary)."""
+    """Every word that can occur in a question (for the word-level vocabulary). "or" and "right" belong to the
+    shapes-v1 spatial phrasing; they stay so that the vocabulary (and token ids) of v1 checkpoints are kept."""
     words = {"what", "colour", "is", "the", "shape", "object", "objects", "there", "a", "how", "many",
              "are", "left", "or", "right", "of", "number", "in", "box", "?"}
     words |= set(COLOURS) | set(SHAPES) | set(PLURAL.values())

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 336
 CELL = 14
 GRID = IMAGE_SIZE // CELL  # 24
-DATA_VERSION = "shapes-v1"
+DATA_VERSION = "shapes-v2"  # v2: spatial questions only about objects on opposite halves
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),

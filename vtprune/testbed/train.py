@@ -52,7 +52,7 @@ from torch import nn
 from .data import EVAL_SEED, Packing, balanced_samples, dense_batch, question_batch
 from .evaluate import evaluate, majority_baseline
 from .model import ModelSize, build_model
-from .questions import QUESTION_TYPES
+from .questions import QUESTION_TYPES, TRAINING_TYPES
 from .scenes import COLOURS, DATA_VERSION, SHAPES
 from .tokenizer import build_processor, vocabulary
 
@@ -87,6 +87,7 @@ class TrainConfig:
     threads: int = 1
     bf16: bool = True
     vision_init: str = ""  # "builtin:NAME" or a checkpoint dir whose vision tower is loaded before Stage A
+    init: str = ""  # "builtin:NAME" or a checkpoint dir: start from its whole model (tower, projector, LLM)
     projector_init: str = "probe"  # "standardize" | "probe" (see the module docstring)
     probe_scenes: int = 400  # Stage-A-seed scenes the probe init is fitted on
     column_code_scale: float = 0.0  # probe init: scale of the column-thermometer rows (0 = none)
@@ -95,6 +96,7 @@ class TrainConfig:
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B question-type curriculum "800:colour+shape": steps < 800 ask only these types; later all.
     type_schedule: str = ""
+    training_types: str = "side"  # "+"-joined training-only question types asked with the scored ones
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,17 +182,22 @@ def shorten(batch: dict[str, torch.Tensor], feats: torch.Tensor, keep: int,
     return {k: v.to(feats.device) for k, v in out.items()}, feats.gather(1, idx)
 
 
-def types_at(schedule: str, step: int) -> tuple[str, ...]:
-    """Question types asked at a Stage-B step under a "until:type+type,..." schedule (default: all)."""
+def _types(names: str, where: str) -> tuple[str, ...]:
+    types = tuple(filter(None, names.split("+")))
+    unknown = set(types) - set(QUESTION_TYPES) - set(TRAINING_TYPES)
+    if unknown:
+        raise ValueError(f"unknown question types {sorted(unknown)} in {where!r}")
+    return types
+
+
+def types_at(schedule: str, step: int, training_types: str = "") -> tuple[str, ...]:
+    """Question types asked at a Stage-B step under a "until:type+type,..." schedule; after the
+    schedule: the six scored types plus the "+"-joined `training_types` (e.g. "side")."""
     for part in filter(None, schedule.split(",")):
         until, names = part.split(":")
         if step < int(until):
-            types = tuple(names.split("+"))
-            unknown = set(types) - set(QUESTION_TYPES)
-            if unknown:
-                raise ValueError(f"unknown question types {sorted(unknown)} in {schedule!r}")
-            return types
-    return QUESTION_TYPES
+            return _types(names, schedule)
+    return QUESTION_TYPES + _types(training_types, training_types)
 
 
 def keep_at(schedule: str, step: int) -> int | None:
@@ -218,7 +225,7 @@ def standardize_projector(model, seed: int, device: str, n: int = 16) -> None:
 
 @torch.no_grad()
 def probe_projector(model, seed: int, device: str, n: int = 400, background: int = 16, iters: int = 300,
-                    column_code_scale: float = 0.0) -> dict:
+                    column_code_scale: float = 0.0, column_code_only: bool = False) -> dict:
     """Write linear per-patch read-outs of the frozen features into the first projector layer.
 
     Fits colour (7 classes incl. none), shape (5) and digit (11) logits by cross-entropy and the cell's
@@ -228,6 +235,8 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
     thermometer (bit j = +1 if the patch's column >= j, else -1, for j = 1..grid-1) by least squares and
     writes it, times the scale, into the next grid-1 rows: a wide, strong left/right code the decoder
     can pick up (with the 2-number x read-out alone, left/right stayed at chance; docs/testbed.md).
+    `column_code_only` (a trained model, `TrainConfig.init`) writes only the column rows 25..47 and
+    zeroes the matching input columns of `linear_2`, so the new units start silent for the decoder.
     Returns the probes' training accuracies.
     """
     lin = model.model.multi_modal_projector.linear_1
@@ -274,10 +283,23 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
     rows = len(w)
     if rows > lin.weight.shape[0]:
         raise ValueError(f"projector too narrow for the probe init ({lin.weight.shape[0]} < {rows})")
-    w, b, mu, sd = (t.to(lin.weight) for t in (w, b, mu, sd))
-    lin.weight[:rows] = w / sd
-    lin.bias[:rows] = b - (w / sd) @ mu
+    if column_code_only and column_code_scale <= 0:
+        raise ValueError("column_code_only needs column_code_scale > 0")
+    first = 25 if column_code_only else 0
+    w, b, mu, sd = (t.to(lin.weight) for t in (w[first:], b[first:], mu, sd))
+    lin.weight[first:rows] = w / sd
+    lin.bias[first:rows] = b - (w / sd) @ mu
+    if column_code_only:
+        model.model.multi_modal_projector.linear_2.weight[:, first:rows] = 0
     return stats
+
+
+def load_whole_model(model, source: str) -> None:
+    """Copy all weights of a checkpoint ("builtin:NAME" or a directory) into `model` (same sizes)."""
+    from .builtin import resolve_model
+
+    src, _ = resolve_model(source)
+    model.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
 
 
 def load_vision_tower(model, source: str) -> None:
@@ -381,6 +403,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.size, seed=cfg.seed).to(device)
+    if cfg.init and cfg.vision_init:
+        raise ValueError("give either init (whole model) or vision_init (tower only), not both")
+    if cfg.init:
+        load_whole_model(model, cfg.init)
     if cfg.vision_init:
         load_vision_tower(model, cfg.vision_init)
     processor = build_processor()
@@ -457,6 +483,13 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         model.model.vision_tower.requires_grad_(False)
         model.train()
         model.model.vision_tower.eval()
+        if not st.get("projector_standardized") and cfg.init:
+            if cfg.column_code_scale > 0:  # a trained projector: only add the column code
+                stats = probe_projector(model, cfg.seed, device, n=cfg.probe_scenes,
+                                        column_code_scale=cfg.column_code_scale, column_code_only=True)
+                st["history"].append({"stage": "probe", "step": 0, "wall": round(st["wall"], 1), **stats})
+                log(f"projector column code: {stats}")
+            st["projector_standardized"] = True
         if not st.get("projector_standardized"):
             standardize_projector(model, cfg.seed + 2, device)
             if cfg.projector_init == "probe":
@@ -469,6 +502,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             st["projector_standardized"] = True
         cache = (feature_cache(model, cfg.seed + 1, cfg.feature_cache, device, out / "features.pt", log)
                  if cfg.feature_cache > 0 else None)
+        def types(step: int) -> tuple[str, ...]:
+            return types_at(cfg.type_schedule, step, cfg.training_types)
+
         task = bar.add_task("stage B", total=cfg.steps_b, completed=st["step"], info="") if bar else None
         b_start_wall = st.get("b_wall0", st["wall"])
         st["b_wall0"] = b_start_wall
@@ -478,10 +514,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if cache is not None:  # cycle over the cached scenes, new questions on every pass
                 idx = [(first + i) % len(cache) for i in range(cfg.batch_b)]
                 batch = question_batch(cfg.seed + 1, 0, 0, packing, indices=idx, salt=first // len(cache),
-                                       with_pixels=False, types=types_at(cfg.type_schedule, st["step"]))
+                                       with_pixels=False, types=types(st["step"]))
             else:
                 batch = question_batch(cfg.seed + 1, first, cfg.batch_b, packing,
-                                       types=types_at(cfg.type_schedule, st["step"]))
+                                       types=types(st["step"]))
             batch = {k: v.to(device) for k, v in batch.items()}
             for g in opt_b.param_groups:
                 g["lr"] = cfg.lr_b * _schedule(st["step"], cfg.steps_b, cfg.warmup)
