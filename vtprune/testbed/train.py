@@ -27,6 +27,11 @@ training-only (x, y) read-out on the projected informative tokens in Stage B (`T
 `column_code_scale` > 0 makes the probe init also write a 23-row column thermometer (docs/testbed.md:
 the one-object "is the X left ?" question left chance on real features only with it, at scale 6).
 
+`init` starts from every weight of an existing checkpoint (a fine-tune; with `column_code_scale` > 0 only
+the column rows are rewritten), and `training_types` adds unscored question types to Stage B: the
+default "side" ("is the X left ?") is what made the shapes-v2 spatial question learnable in the
+shipped fine-tune (docs/testbed.md).
+
 `vision_init` loads the vision tower of an existing checkpoint (e.g. "builtin:shapes-llava") instead
 of training it, and `feature_cache` precomputes the frozen features of N Stage-B scenes once and cycles
 over them with fresh questions each pass (the tower is frozen in Stage B, so this is the same
