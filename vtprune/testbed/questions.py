@@ -87,11 +87,12 @@ def candidates(scene: Scene, qtype: str) -> list[Question]:
             if shapes[s] <= MAX_COUNT:
                 out.append(Question(qtype, f"how many {PLURAL[s]} are there ?", str(shapes[s])))
     elif qtype == "spatial":
-        for a, name_a in references(scene):
-            for b, name_b in references(scene):
-                if half(a.col) is not None and half(b.col) is not None and half(a.col) != half(b.col):
-                    yes = half(a.col) == "left"
-                    out.append(Question(qtype, f"is the {name_a} left of the {name_b} ?", "yes" if yes else "no"))
+        named = [(half(o.col), name) for o, name in references(scene)]
+        for side_a, name_a in named:
+            for side_b, name_b in named:
+                if side_a and side_b and side_a != side_b:
+                    answer = "yes" if side_a == "left" else "no"
+                    out.append(Question(qtype, f"is the {name_a} left of the {name_b} ?", answer))
     elif qtype == "side":
         for o, name in references(scene):
             if half(o.col) is not None:
