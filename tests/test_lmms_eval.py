@@ -267,8 +267,9 @@ def test_two_process_cli_run_is_sharded_gathered_and_equal(task_dir, lmms_runs, 
             if task == "vtprune_shapes":
                 assert b["filtered_resps"] == a["filtered_resps"][0]
             else:
+                # other batch compositions (8 + 7 against 8 + 8 + 8 + 6): fp32 rounding only
                 assert [float(x[0]) for x in b["filtered_resps"]] == pytest.approx(
-                    [float(x[0]) for x in a["filtered_resps"]], abs=1e-5
+                    [float(x[0]) for x in a["filtered_resps"]], rel=1e-5, abs=1e-5
                 )
             fa, fb = a["token_counts"][0]["vtprune"], b["token_counts"][0]["vtprune"]
             assert fa["retained_tokens"] == fb["retained_tokens"] and fa["flops"] == pytest.approx(fb["flops"])

@@ -83,6 +83,25 @@ def test_question_type_schedule_with_training_only_types():
         types_at("", 0, "shade")
 
 
+def test_a_type_listed_twice_is_asked_about_twice_as_often():
+    import collections
+
+    import numpy as np
+
+    from vtprune.testbed.questions import sample_questions
+    from vtprune.testbed.scenes import make_scene
+    from vtprune.testbed.train import types_at
+
+    types = types_at("100:count+count+colour", 0)
+    assert types == ("count", "count", "colour")
+    asked = collections.Counter()
+    for i in range(60):
+        rng = np.random.default_rng(i)
+        asked.update(q.type for q in sample_questions(make_scene(0, i), rng, types))
+    # one question per listed type and scene (a counting question always exists; a colour one not always)
+    assert asked["count"] == 2 * 60 and 40 < asked["colour"] <= 60
+
+
 def test_visual_token_curriculum_helpers():
     from vtprune.testbed.data import Packing, question_batch
     from vtprune.testbed.model import build_model

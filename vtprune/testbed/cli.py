@@ -51,7 +51,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--feature-cache", type=int, default=None,
                    help="Stage B cycles over the frozen features of this many cached scenes (0: live)")
     t.add_argument("--type-schedule", default=None,
-                   help='Stage B question-type curriculum, e.g. "800:colour+shape" (later steps: all types)')
+                   help='Stage B question-type curriculum, e.g. "800:colour+shape" (later steps: all types); '
+                        'a type listed twice is asked about twice as often')
     t.add_argument("--training-types", default=None,
                    help='"+"-joined training-only question types asked with the scored ones (default "side"; '
                         '"" for none)')

@@ -100,6 +100,7 @@ class TrainConfig:
     token_xy_weight: float = 0.0  # Stage B: weight of the training-only TokenXYHead loss (0 = off)
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B question-type curriculum "800:colour+shape": steps < 800 ask only these types; later all.
+    # A type listed twice ("100000:count+count+colour+...") is asked about twice as often.
     type_schedule: str = ""
     training_types: str = "side"  # "+"-joined training-only question types asked with the scored ones
 
