@@ -17,7 +17,7 @@ from vtprune.testbed.train import TrainConfig, train
 def _config(steps_b: int) -> TrainConfig:
     return TrainConfig(size=TINY, steps_a=2, batch_a=2, steps_b=steps_b, batch_b=2, questions_per_image=3,
                        warmup=1, eval_every=2, eval_per_type=1, save_every=1, keep_schedule="1:8,3:16",
-                       probe_scenes=4, token_xy_weight=1.0)
+                       probe_scenes=4, token_xy_weight=1.0, cls_steps=2)
 
 
 def test_tiny_training_runs_exports_and_resumes(tmp_path):
@@ -30,6 +30,8 @@ def test_tiny_training_runs_exports_and_resumes(tmp_path):
         train(tmp_path, _config(4), progress=False, log=lambda _: None)  # resumes Stage B from step 2
         summary = json.loads((tmp_path / "train_summary.json").read_text())
         assert [h["step"] for h in summary["history"] if h["stage"] == "B-eval"] == [2, 4]
+        stage_c = [h for h in summary["history"] if h["stage"] == "C"]  # after each finished Stage B
+        assert len(stage_c) == 2 and all(set(h["after"]) >= {"mass", "precision"} for h in stage_c)
         state = torch.load(tmp_path / "state.pt", weights_only=False)
         assert set(state["token_xy"]) == {"xy.weight", "xy.bias"}  # the training-only head resumes too
         assert not any("token_xy" in k or k.startswith("xy.") for k in state["model"])

@@ -44,6 +44,7 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
                                                              if h["stage"] == "B-eval"],
                      "stage_a_final": next((h for h in reversed(summary["history"]) if h["stage"] == "A"),
                                            None),
+                     "stage_c": next((h for h in reversed(summary["history"]) if h["stage"] == "C"), None),
                      "seconds_per_step": seconds_per_step(summary["history"])},
         "heldout": {"seed": seed, "n_per_type": per_type, "accuracy": round(res["accuracy"], 4),
                     "per_type": {k: round(v, 4) for k, v in res["per_type"].items()},
@@ -76,6 +77,19 @@ def seconds_per_step(history: list[dict]) -> dict[str, float]:
             (s0, w0), (s1, w1) = pts[0], pts[-1]
             out[stage] = round((w1 - w0) / max(1, s1 - s0), 3)
     return out
+
+
+def render_stage_c(c: dict | None) -> str:
+    """One paragraph on Stage C ([CLS] attention), or a note that the run skipped it."""
+    if c is None:
+        return "Stage C ([CLS] attention) was not run: the [CLS] embedding is untrained."
+    b, a = c["before"], c["after"]
+    return (f"Stage C (the [CLS] embedding alone, {c['steps']} steps, lr {c['lr']}, {c['wall_s']:.0f} s; "
+            "training-only target: feature-layer [CLS] attention mass on the object and digit patches). On the "
+            f"eval-set scenes: attention mass on those patches {b['mass']:.3f} → {a['mass']:.3f}, share of them "
+            f"among the top-ranked patches {b['precision']:.2f} → {a['precision']:.2f}, found in the top 64 "
+            f"{b['recall_at_64']:.2f} → {a['recall_at_64']:.2f}; patch features changed by "
+            f"{a['feature_drift'] * 100:.2f} % (mean relative L2). The held-out table above is after Stage C.")
 
 
 def render_card(card: dict) -> str:
@@ -125,6 +139,8 @@ Overall: **{h['accuracy']:.3f}**. Scoring: {h['scoring']}.
 {curve}
 
 Best Stage-B checkpoint (by worst type, then overall) is the one shipped: step {tr['best_eval']['step']}.
+
+{render_stage_c(tr.get('stage_c'))}
 
 <details><summary>Training config</summary>
 

@@ -60,6 +60,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="Stage A: weight of object/digit patches in the xy regression (default 20)")
     t.add_argument("--token-xy-weight", type=float, default=None,
                    help="Stage B: weight of the training-only (x, y) read-out on projected object tokens (0 = off)")
+    t.add_argument("--cls-steps", type=int, default=None,
+                   help="Stage C: steps training the [CLS] embedding's attention on the exported model "
+                        "(default 100; 0 = skip)")
+    t.add_argument("--cls-lr", type=float, default=None, help="Stage C learning rate (default 0.05)")
     t.add_argument("--text-layers", type=int, default=None, help="decoder layers")
     t.add_argument("--text-width", type=int, default=None, help="decoder width (MLP 3x, head dim 32)")
     t.add_argument("--threads", type=int, default=1)
@@ -116,7 +120,8 @@ def _train(args: argparse.Namespace) -> int:
                       "feature_cache": args.feature_cache, "type_schedule": args.type_schedule,
                       "xy_object_weight": args.xy_object_weight, "token_xy_weight": args.token_xy_weight,
                       "column_code_scale": args.column_code_scale, "init": args.init,
-                      "training_types": args.training_types})
+                      "training_types": args.training_types, "cls_steps": args.cls_steps,
+                      "cls_lr": args.cls_lr})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

@@ -1,4 +1,4 @@
-"""Two-stage curriculum that trains the built-in model on CPU in about an hour.
+"""Three-stage curriculum that trains the built-in model on CPU in about an hour.
 
 Stage A trains the CLIP tower alone with dense per-patch targets (colour, shape, digit, and the
 patch's normalised x/y) through a linear head on the penultimate layer, the feature LLaVA feeds to
@@ -6,6 +6,8 @@ the projector. The head is training-only and is not saved with the model. Stage 
 (its forward runs under no_grad) and trains projector + Llama decoder on several questions packed
 into one conversation per image, padded to a fixed length. Both stages use bf16 autocast on CPU.
 Checkpoints (`DIR/state.pt`) are written every `save_every` steps and a run resumes from them.
+Stage C (`cls_steps`, cls_saliency.py) then trains only the exported model's [CLS] embedding so that its
+feature-layer attention ranks the object and digit patches first, as a trained CLIP [CLS] would.
 
 Stage B starts from a data-dependent projector init (`projector_init`): "standardize" folds the
 per-channel mean/std of the frozen features into the first projector layer; "probe" (default) also
@@ -103,6 +105,8 @@ class TrainConfig:
     # A type listed twice ("100000:count+count+colour+...") is asked about twice as often.
     type_schedule: str = ""
     training_types: str = "side"  # "+"-joined training-only question types asked with the scored ones
+    cls_steps: int = 100  # Stage C: Adam steps on the [CLS] embedding's attention (0 = skip; cls_saliency.py)
+    cls_lr: float = 0.05
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -441,6 +445,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         st = saved["st"]
         if st["stage"] == "done" and st["step"] < cfg.steps_b and not st.get("target_reached"):
             st["stage"] = "B"  # resumed with a longer Stage B
+            st["cls_done"] = False  # a new best export needs Stage C again
         log(f"resumed: stage {st['stage']} step {st['step']}")
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
@@ -592,6 +597,19 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 break
     st["stage"] = "done" if st["step"] >= cfg.steps_b else st["stage"]
     save()
+    if st["stage"] == "done" and cfg.cls_steps > 0 and not st.get("cls_done") and (out / "model").exists():
+        # ---- Stage C: the exported best model's [CLS] embedding (cls_saliency.py) ----
+        from .builtin import resolve_model
+        from .cls_saliency import tune_cls_embedding
+
+        best, _ = resolve_model(out / "model")
+        stats = tune_cls_embedding(best.to(device), cfg.cls_steps, cfg.cls_lr, seed=cfg.seed + 3,
+                                   eval_seed=cfg.eval_seed, device=device, log=log)
+        export(best, processor, out / "model")
+        st["history"].append({"stage": "C", "step": cfg.cls_steps, **stats})
+        st["cls_done"] = True
+        log(f"Stage C ([CLS] attention): {stats}")
+        save()
     summary = {"config": cfg.to_dict(), "history": st["history"], "best": st["best"],
                "train_wall_s": round(st["wall"], 1), "machine": machine(),
                "data_version": DATA_VERSION, "eval_majority": majority_baseline(eval_set),
