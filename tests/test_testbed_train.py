@@ -37,6 +37,9 @@ def test_tiny_training_runs_exports_and_resumes(tmp_path):
         assert not any("token_xy" in k or k.startswith("xy.") for k in state["model"])
     finally:
         torch.set_num_threads(threads)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())  # re-exported by Stage C
+    assert {c.get("dtype", "float16") for c in (config, config["text_config"], config["vision_config"])} == {"float16"}
+    assert json.loads((tmp_path / "model" / "tokenizer.json").read_text())["padding"] is None
     model, processor = resolve_model(tmp_path / "model")
     assert next(model.parameters()).dtype == torch.float32
     res = evaluate(model, processor, balanced_samples(seed=3, n_per_type=1), batch_size=6)

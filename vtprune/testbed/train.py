@@ -619,13 +619,19 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
 
 
 def export(model, processor, directory: str | Path, dtype: torch.dtype = torch.float16) -> None:
-    """save_pretrained model (safetensors, `dtype`) and processor into one directory."""
+    """save_pretrained model (safetensors, `dtype`) and processor into one directory. The tokenizer is saved
+    without a padding state (every call sets its own; an earlier `padding=True` call would otherwise be
+    written into tokenizer.json)."""
     import copy
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     m = copy.deepcopy(model).to(dtype)
+    for sub in (m.config.text_config, m.config.vision_config):  # a loaded model's sub-configs name their dtype
+        if getattr(sub, "dtype", None) is not None:
+            sub.dtype = dtype
     m.save_pretrained(directory, safe_serialization=True)
+    processor.tokenizer.backend_tokenizer.no_padding()
     processor.save_pretrained(directory)
 
 
