@@ -97,4 +97,4 @@ def test_demo_runs_offline(tmp_path):
     """The README's main job (random-model fallback while no checkpoint is shipped, else the built-in one)."""
     assert main(["demo", "--quick", "--n", "2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "demo.json").read_text())
-    assert rows[0]["method"] == "none" and {r["method"] for r in rows} >= {"random", "pool", "fastv"}
+    assert rows[0]["method"] == "none" and {r["method"] for r in rows} >= {"random", "pool", "resprune", "dcp_prune"}
