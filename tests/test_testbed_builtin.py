@@ -76,3 +76,16 @@ def test_pruned_run_eval_on_builtin_records_token_counts():
     res = run_eval(model, processor, samples, "random", 64, batch_size=6)
     assert res["retained_tokens"] == 64 and all(r["retained_tokens"] == 64 for r in res["records"])
     assert vtprune.session_of(model) is None  # removed afterwards
+
+
+def test_shipped_card_is_rendered_from_its_json():
+    """README.md of the shipped checkpoint is `render_card(model_card.json)`; runs without Stage A / C say so."""
+    from vtprune.testbed.card import render_card
+
+    card = json.loads((builtin_path("shapes-llava") / "model_card.json").read_text())
+    assert render_card(card) == (builtin_path("shapes-llava") / "README.md").read_text()
+    assert card["training"]["stage_c"]["after"]["precision"] > card["training"]["stage_c"]["before"]["precision"]
+    bare = {**card, "training": {**card["training"], "stage_a_final": None, "stage_c": None}}
+    text = render_card(bare)
+    assert "Stage A" in text and "not run in this run" in text
+    assert "Stage C ([CLS] attention) was not run" in text

@@ -101,6 +101,8 @@ def render_card(card: dict) -> str:
                       + " ".join(f"{k} {v:.2f}" for k, v in c["per_type"].items()) + " |"
                       for c in tr["curve"])
     cfg = json.dumps(tr["config"], indent=2)
+    stage_a = (f"last log {tr['stage_a_final']}" if tr["stage_a_final"] is not None
+               else "not run in this run (the tower comes from `init` / `vision_init`)")
     return f"""# {card['name']} — vtprune built-in testbed model
 
 A tiny vision-language model with the geometry of LLaVA-1.5 (336-px CLIP tower, patch 14, 576 visual
@@ -130,7 +132,7 @@ Overall: **{h['accuracy']:.3f}**. Scoring: {h['scoring']}.
 - Wall time (training steps, excluding evaluation): {tr['wall_time_s']:.0f} s on {tr['machine']}
 - Seconds per step: {tr['seconds_per_step']}
 - Stage A (vision tower alone, dense per-patch colour/shape/digit/xy targets through a training-only
-  linear head on the penultimate layer; the head is not shipped): last log {tr['stage_a_final']}
+  linear head on the penultimate layer; the head is not shipped): {stage_a}
 - Stage B (frozen tower, projector + decoder on packed multi-question conversations); eval-set curve
   (eval set seed {tr['config']['eval_seed']}, {tr['config']['eval_per_type']} per type):
 
