@@ -13,8 +13,8 @@ The patch features move only through their attention to the [CLS] token (a mean 
 about 0.5 % on the shipped model), so the decoder is left as it is and the held-out accuracy is
 re-measured afterwards.
 
-The attention is computed exactly as `vtprune.models.llava.LlavaAdapter.vision_signals` does at
-inference (tests/test_testbed_cls_saliency.py checks that they agree).
+The attention is the one `vtprune.models.llava.LlavaAdapter.vision_signals` hands methods at inference
+(computed by it; tests/test_testbed_cls_saliency.py checks it against the engine's captured signal).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..models.llava import LlavaAdapter
 from .data import dense_batch
 from .train import vision_features
 
@@ -34,20 +35,13 @@ def _tower(model):
 
 
 def cls_attention(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Head-mean [CLS]→patch attention of the feature layer (`vision_feature_layer`, an int):
-    [B, 3, 336, 336] -> [B, 576] fp32 (each row sums to 1 minus the [CLS]→[CLS] weight)."""
-    vm = _tower(model)
-    layers = vm.encoder.layers
-    index = model.config.vision_feature_layer
-    index = len(layers) + index if index < 0 else index - 1  # the layer whose output is the feature
+    """Head-mean [CLS]→patch attention of the feature layer, computed by the LLaVA adapter's own
+    `vision_signals` (differentiable): [B, 3, 336, 336] -> [B, 576] fp32."""
+    adapter = LlavaAdapter(model)
+    layer = adapter.feature_layer()
+    index = list(_tower(model).encoder.layers).index(layer)  # hidden_states[index] is the layer's input
     hidden = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-    attn = layers[index].self_attn
-    x = layers[index].layer_norm1(hidden[index])  # [B, 1 + 576, Dv], the attention's input
-    b, t, _ = x.shape
-    q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1, d]
-    k = attn.k_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, T, d]
-    probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)  # [B, H, 1, T]
-    return probs[:, :, 0, 1:].mean(1)
+    return adapter.vision_signals(layer.self_attn, layer.layer_norm1(hidden[index]))["cls_attention"]
 
 
 def informative_patches(labels: dict[str, torch.Tensor]) -> torch.Tensor:
