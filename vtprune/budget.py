@@ -25,11 +25,16 @@ class Budget:
 
     @classmethod
     def parse(cls, value: object, mode: object = "layer_avg") -> Budget:
-        """Validate user input; raise `BudgetError` naming the problem."""
+        """Validate user input; raise `BudgetError` naming the problem.
+
+        The one rule: an int (Python or numpy integer) >= 1 is a token count; a float (Python or numpy) must lie
+        in (0, 1) and is a ratio. A float >= 1 (e.g. `64.0`, `1.0`) is refused: pass an int for a token count.
+        """
         if isinstance(value, Budget):
             return value
         if mode not in BUDGET_MODES:
             raise BudgetError(f"budget_mode must be one of {BUDGET_MODES}, got {mode!r}")
+        value = _plain_number(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise BudgetError(
                 f"budget must be an int (tokens) or a float in (0, 1) (ratio), got {type(value).__name__} {value!r}"
@@ -37,13 +42,35 @@ class Budget:
         if isinstance(value, float):
             if math.isnan(value) or math.isinf(value):
                 raise BudgetError(f"budget must be a finite number, got {value!r}")
-            if value.is_integer() and value >= 1:
-                value = int(value)
-            elif not 0.0 < value < 1.0:
+            if value >= 1.0:
+                hint = f"; for {int(value)} tokens pass the int {int(value)}" if value.is_integer() else ""
+                raise BudgetError(
+                    f"a float budget is a ratio and must lie in (0, 1), got {value!r}{hint} "
+                    "(an int budget is a token count)"
+                )
+            if not value > 0.0:
                 raise BudgetError(f"a ratio budget must lie in (0, 1), got {value!r}")
         if isinstance(value, int) and value <= 0:
-            raise BudgetError(f"budget must be positive, got {value!r}")
+            raise BudgetError(f"a token budget must be a positive int, got {value!r}")
         return cls(value=value, mode=mode)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_text(cls, text: str, mode: object = "layer_avg") -> Budget:
+        """A command-line budget: "64" -> 64 tokens, "0.25" or "1/9" -> a ratio; then `parse`."""
+        t = str(text).strip()
+        try:
+            if "/" in t:
+                num, den = t.split("/", 1)
+                value: int | float = float(num) / float(den)
+            elif t.lstrip("+").isdigit():
+                value = int(t)
+            else:
+                value = float(t)
+        except (ValueError, ZeroDivisionError):
+            raise BudgetError(
+                f"budget must be an int (tokens, e.g. 64) or a ratio in (0, 1) (e.g. 0.25 or 1/9), got {text!r}"
+            ) from None
+        return cls.parse(value, mode)
 
     @property
     def is_ratio(self) -> bool:
@@ -57,6 +84,22 @@ class Budget:
 
     def __str__(self) -> str:
         return f"{self.value} ({self.mode})"
+
+
+def _plain_number(value: object) -> object:
+    """numpy integer / floating scalars (and 0-d arrays) -> Python int / float; anything else unchanged."""
+    if type(value).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(value, np.ndarray) and value.ndim == 0:
+            value = value[()]
+        if isinstance(value, np.bool_):
+            return bool(value)
+        if isinstance(value, np.integer):
+            return int(value)
+        if isinstance(value, np.floating):
+            return float(value)
+    return value
 
 
 def largest_remainder_split(total: int, sizes: list[int], minimum: int = 1) -> list[int]:

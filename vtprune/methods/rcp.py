@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BudgetError, UnsupportedInputError, UnsupportedModelError, VtpruneError
-from ..rcp.checkpoint import WEIGHTS_NAME, plugins_from_config, read_config
+from ..rcp.checkpoint import WEIGHTS_NAME, load_plugins
 from ..rcp.modules import RCPPlugins, table_coords
 from . import register
 from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
@@ -106,14 +106,8 @@ class RCP(PruningMethod):
 
     def _load(self, path: Path) -> None:
         c = self.config
-        self.checkpoint_config = read_config(path)
-        if not (path / WEIGHTS_NAME).exists():
-            raise VtpruneError(f"no RCP checkpoint at {path} (missing {WEIGHTS_NAME})")
-        from safetensors.torch import load_file
-
-        self.plugins: RCPPlugins = plugins_from_config(self.checkpoint_config)
-        state = load_file(str(path / WEIGHTS_NAME))
-        self.plugins.load_state_dict({k: v.float() for k, v in state.items()})
+        self.plugins: RCPPlugins
+        self.plugins, self.checkpoint_config = load_plugins(path)  # validated: one-line errors naming the file
         self.plugins.eval().requires_grad_(False)
         cfg = self.checkpoint_config
         self.delta = float(cfg.get("delta", 0.0) if c.delta is None else c.delta)
@@ -141,11 +135,13 @@ class RCP(PruningMethod):
         have = self.model_signature or {"num_layers": num_layers}
         have = {k: have.get(k, want[k]) for k in want}
         if have != want:
+            names = {"model_class": "model class", "hidden_size": "hidden size", "num_layers": "decoder layers"}
+            diff = "; ".join(
+                f"checkpoint {names[k]} {want[k]}, this model {names[k]} {have[k]}" for k in want if have[k] != want[k]
+            )
             raise UnsupportedModelError(
-                f"RCP checkpoint {self.checkpoint} was trained for {want['model_class']} (LLM hidden size "
-                f"{want['hidden_size']}, {want['num_layers']} decoder layers), but this model is "
-                f"{have['model_class']} (hidden size {have['hidden_size']}, {have['num_layers']} layers); train RCP "
-                "for this model with `vtprune train-rcp`"
+                f"RCP checkpoint {self.checkpoint} was trained for {want['model_class']}, which differs from this "
+                f"model in {diff}; train RCP for this model with `vtprune train-rcp`"
             )
 
     def stages(self) -> tuple[Stage, ...]:

@@ -14,9 +14,15 @@ import os
 import sys
 
 
-def _budget(text: str) -> float:
-    value = float(text)
-    return int(value) if value >= 1 and value == int(value) else value
+def _budget(text: str) -> int | float:
+    """The same rule as `vtprune.apply` (`Budget.from_text`): "64" tokens, "0.25" or "1/9" a ratio."""
+    from ..budget import Budget
+    from ..errors import BudgetError
+
+    try:
+        return Budget.from_text(text).value
+    except BudgetError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -29,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--budget",
         type=_budget,
         default=64,
-        help="layer-averaged visual tokens (>= 1) or a ratio of N (< 1); default 64",
+        help="layer-averaged visual tokens (an int >= 1) or a ratio of N (a float in (0, 1)); default 64",
     )
     p.add_argument("--out", required=True, help="output directory (artefacts, log, resumable state)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: one epoch)")

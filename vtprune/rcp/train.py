@@ -24,15 +24,18 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 import zlib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import checkpointing as cpt
 from ..errors import BudgetError, VtpruneError
 from . import checkpoint as ckpt
 from .data import VQA_SUFFIX, Collator, Example, read_examples
@@ -49,7 +52,7 @@ NEXT_REFERENCE_TOKENS = 2880  # LLaVA-NeXT: token budgets are fractions of 2880 
 class RCPTrainConfig:
     """Training options; defaults are the spec's recipe (rcp.md §E)."""
 
-    budget: float = 64  # layer-averaged visual tokens (>= 1) or a ratio of N (< 1)
+    budget: int | float = 64  # layer-averaged visual tokens (an int >= 1) or a ratio of N (a float in (0, 1))
     steps: int | None = None  # optimiser steps; None: one epoch of the training samples
     batch: int = 2  # per process
     grad_accum: int = 4
@@ -91,13 +94,14 @@ class RCPTrainConfig:
 
 # --- helpers --------------------------------------------------------------------------------------------
 def target_ratio(budget: float, model) -> tuple[float, int]:
-    """(ρ, reference N): token budgets divide by the nominal N (576), LLaVA-NeXT by 2880."""
+    """(ρ, reference N): token budgets divide by the nominal N (576), LLaVA-NeXT by 2880.  The budget follows
+    `vtprune.apply`'s rule (`Budget.parse`): an int is a token count, a float a ratio in (0, 1)."""
+    from ..budget import Budget
     from ..models import adapter_for
 
+    value = Budget.parse(budget).value
     n = adapter_for(model).nominal_visual_tokens() or NEXT_REFERENCE_TOKENS
-    if budget <= 0:
-        raise BudgetError(f"budget must be positive, got {budget}")
-    rho = float(budget) if budget < 1 else float(budget) / n
+    rho = float(value) if isinstance(value, float) else float(value) / n
     if rho >= 1:
         raise BudgetError(f"budget {budget} keeps every one of the {n} visual tokens: nothing to train")
     return rho, n
@@ -279,18 +283,43 @@ def calibrate_delta(
 
 
 # --- the loop -------------------------------------------------------------------------------------------
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _copy_from(src: Path, dst: Path) -> None:
+    shutil.copyfile(src, dst)
 
 
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _log_lines_before(log_path: Path, start: int) -> list[str]:
+    """Lines of the step log with step < start; a line that does not parse (cut short by a kill) is dropped."""
+    kept = []
+    for ln in log_path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] < start:
+            kept.append(ln)
+    return kept
+
+
+def _resume(folder: Path, fingerprint: dict, core, optimizer, scheduler, rank: int, device, hint: str) -> int:
+    """Load a verified checkpoint folder into the plug-ins, optimiser, scheduler and RNG.  -> its step."""
+    meta = cpt.read_json(folder / "trainer.json")
+    if not isinstance(meta, dict) or isinstance(meta.get("step"), bool) or not isinstance(meta.get("step"), int):
+        raise cpt.CheckpointError(f"{folder / 'trainer.json'}: expected an object with an integer 'step'; {hint}")
+    if meta.get("fingerprint") != fingerprint:
+        raise VtpruneError(
+            f"{folder} was written by a different run ({meta.get('fingerprint')}); use another --out or --fresh"
+        )
+    try:
+        core.plugins.load_state_dict(cpt.load_tensors(folder / "plugins.safetensors", device))
+        optimizer.optimizer.load_state_dict(cpt.load_state(folder, "optimizer"))
+        scheduler.load_state_dict(cpt.load_state(folder, "scheduler"))
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        if isinstance(err, VtpruneError):
+            raise
+        raise cpt.CheckpointError(f"{folder}: state does not fit this run ({str(err)[:200]}); {hint}") from None
+    if (folder / f"rng_{rank}.json").exists():
+        cpt.set_rng_state(cpt.load_state(folder, f"rng_{rank}"), str(folder / f"rng_{rank}.json"))
+    return int(meta["step"])
 
 
 def _fingerprint(cfg: RCPTrainConfig, total: int, world: int, n_train: int, model_id: str) -> dict:
@@ -385,52 +414,59 @@ def train(
 
     state_dir = out / "state"
     fingerprint = _fingerprint(cfg, total, world, len(train_set), str(model_id))
+    hint = f"pass --fresh (or delete {state_dir})"
     start = 0
-    if resume != "never" and (state_dir / "trainer.json").exists():
-        meta = json.loads((state_dir / "trainer.json").read_text())
-        if meta["fingerprint"] != fingerprint:
-            raise VtpruneError(
-                f"{state_dir} was written by a different run ({meta['fingerprint']}); use another --out or --fresh"
+    folder = None
+    if resume == "never":
+        accelerator.wait_for_everyone()
+        if main and state_dir.exists():  # vtprune's own state folder: start over
+            shutil.rmtree(state_dir)
+        accelerator.wait_for_everyone()
+    else:
+        legacy = sorted(p.name for p in state_dir.glob("*") if p.name == "trainer.json" or p.suffix == ".pt")
+        if legacy:
+            raise cpt.CheckpointError(
+                f"{state_dir} holds a checkpoint in the old pickle format ({', '.join(legacy)}), which vtprune no "
+                f"longer loads (unpickling can run code); to start fresh, {hint}"
             )
-        from safetensors.torch import load_file
-
-        core.plugins.load_state_dict(load_file(str(state_dir / "plugins.safetensors"), device=str(accelerator.device)))
-        optimizer.optimizer.load_state_dict(torch.load(state_dir / "optimizer.pt", map_location=accelerator.device))
-        scheduler.load_state_dict(torch.load(state_dir / "scheduler.pt"))
-        rng = state_dir / f"rng_{rank}.pt"
-        if rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False))
-        start = int(meta["step"])
-        say(f"resumed from {state_dir} at step {start}/{total}")
+        folder = cpt.latest(state_dir, hint)
+    if folder is not None:
+        start = _resume(folder, fingerprint, core, optimizer, scheduler, rank, accelerator.device, hint)
+        say(f"resumed from {folder} at step {start}/{total}")
     elif resume == "require":
-        raise VtpruneError(f"nothing to resume in {state_dir}")
+        raise VtpruneError(f"nothing to resume in {state_dir} (no published checkpoint)")
 
     log_path = out / "train_log.jsonl"
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        if log_path.exists():  # drop entries of steps that will be redone
-            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] < start]
-            log_path.write_text("".join(ln + "\n" for ln in kept))
+        cpt.clean_temporaries(state_dir)
+        if log_path.exists():  # drop entries of steps that will be redone (and a line cut short by a kill)
+            log_path.write_text("".join(ln + "\n" for ln in _log_lines_before(log_path, start)))
         elif start:
             log_path.write_text("")
     accelerator.wait_for_everyone()
 
     def save_state(done: int) -> None:
         accelerator.wait_for_everyone()
+        stage = state_dir / f".stage-{done:08d}"
+        if not main:  # other ranks hand their RNG state to the main process through a staging folder
+            stage.mkdir(parents=True, exist_ok=True)
+            for name, writer in cpt.state_files(f"rng_{rank}", cpt.rng_state()).items():
+                writer(stage / name)
+        accelerator.wait_for_everyone()
         if main:
-            from safetensors.torch import save_file
-
-            state_dir.mkdir(parents=True, exist_ok=True)
             sd = {k: v.detach().cpu().contiguous() for k, v in core.plugins.state_dict().items()}
-            save_file(sd, str(state_dir / "plugins.safetensors"))
-            torch.save(optimizer.optimizer.state_dict(), state_dir / "optimizer.pt")
-            torch.save(scheduler.state_dict(), state_dir / "scheduler.pt")
-        accelerator.wait_for_everyone()
-        torch.save(_rng_state(), state_dir / f"rng_{rank}.pt")
-        accelerator.wait_for_everyone()
-        if main:  # written last: a complete state
+            files = {"plugins.safetensors": lambda p: cpt.save_tensors(sd, p)}
+            files.update(cpt.state_files("optimizer", optimizer.optimizer.state_dict()))
+            files.update(cpt.state_files("scheduler", scheduler.state_dict()))
+            files.update(cpt.state_files("rng_0", cpt.rng_state()))
+            for r in range(1, world):
+                for ext in (".json", ".safetensors"):
+                    files[f"rng_{r}{ext}"] = partial(_copy_from, stage / f"rng_{r}{ext}")
             meta = {"step": done, "total": total, "fingerprint": fingerprint, "config": asdict(cfg)}
-            (state_dir / "trainer.json").write_text(json.dumps(meta, indent=2) + "\n")
+            files["trainer.json"] = cpt.json_file(meta)
+            cpt.write(state_dir, done, files)
+            shutil.rmtree(stage, ignore_errors=True)
         accelerator.wait_for_everyone()
 
     say(
