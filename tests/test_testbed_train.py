@@ -32,7 +32,9 @@ def test_tiny_training_runs_exports_and_resumes(tmp_path):
         assert [h["step"] for h in summary["history"] if h["stage"] == "B-eval"] == [2, 4]
         stage_c = [h for h in summary["history"] if h["stage"] == "C"]  # after each finished Stage B
         assert len(stage_c) == 2 and all(set(h["after"]) >= {"mass", "precision"} for h in stage_c)
-        state = torch.load(tmp_path / "state.pt", weights_only=False)
+        from vtprune import checkpointing as cpt
+
+        state = cpt.load_state(cpt.latest(tmp_path / "state", "-"), "state")  # safetensors + JSON, no pickle
         assert set(state["token_xy"]) == {"xy.weight", "xy.bias"}  # the training-only head resumes too
         assert not any("token_xy" in k or k.startswith("xy.") for k in state["model"])
     finally:

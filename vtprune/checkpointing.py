@@ -302,7 +302,7 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path))  # unshared copies
 
 
 def state_files(name: str, obj: object) -> dict[str, Callable[[Path], None]]:

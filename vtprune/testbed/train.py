@@ -5,7 +5,8 @@ patch's normalised x/y) through a linear head on the penultimate layer, the feat
 the projector. The head is training-only and is not saved with the model. Stage B freezes the tower
 (its forward runs under no_grad) and trains projector + Llama decoder on several questions packed
 into one conversation per image, padded to a fixed length. Both stages use bf16 autocast on CPU.
-Checkpoints (`DIR/state.pt`) are written every `save_every` steps and a run resumes from them.
+Checkpoints (`DIR/state/step-*`: safetensors + JSON, published atomically with a checked manifest, see
+`vtprune.checkpointing`) are written every `save_every` steps and a run resumes from them.
 Stage C (`cls_steps`, cls_saliency.py) then trains only the exported model's [CLS] embedding so that its
 feature-layer attention ranks the object and digit patches first, as a trained CLIP [CLS] would.
 
@@ -56,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checkpointing as cpt
 from .data import EVAL_SEED, Packing, balanced_samples, dense_batch, question_batch
 from .evaluate import evaluate, majority_baseline
 from .model import ModelSize, build_model
@@ -327,10 +329,16 @@ def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callab
     from .data import pixels
     from .scenes import make_scene, render
 
-    if path.exists():
-        saved = torch.load(path, weights_only=False)
-        if saved["seed"] == seed and saved["n"] == n:
-            return saved["feats"]
+    if path.exists():  # safetensors only (never pickle); a damaged or foreign cache is recomputed
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("seed") == str(seed) and meta.get("n") == str(n) and list(f.keys()) == ["feats"]:
+                    return f.get_tensor("feats")
+        except (SafetensorError, OSError, ValueError) as err:
+            log(f"feature cache {path} unreadable ({err}); recomputing")
     out = None
     t0 = time.time()
     for start in range(0, n, 16):
@@ -343,7 +351,11 @@ def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callab
         out[start:start + len(f)] = f
         if start % 800 == 0:
             log(f"feature cache {start}/{n} ({time.time() - t0:.0f}s)")
-    torch.save({"seed": seed, "n": n, "feats": out}, path)
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"feats": out}, str(tmp), metadata={"seed": str(seed), "n": str(n)})
+    tmp.replace(path)
     return out
 
 
@@ -423,7 +435,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     heads = DenseHeads(cfg.size.vision_width).to(device)
     amp = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if cfg.bf16
            else nullcontext())
-    state_path = out / "state.pt"
+    state_root = out / "state"  # atomic, manifest-checked checkpoints (vtprune.checkpointing); never pickle
+    legacy_state = out / "state.pt"
+    fresh_hint = f"delete {legacy_state if legacy_state.exists() else state_root} (or use another output folder)"
+    serial = 0  # checkpoint counter: state/step-XXXXXXXX
     st = {"stage": "A", "step": 0, "wall": 0.0, "history": [], "best": None}
     opt_a = torch.optim.AdamW(list(model.model.vision_tower.parameters()) + list(heads.parameters()),
                               lr=cfg.lr_a, weight_decay=cfg.weight_decay)
@@ -432,17 +447,29 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 + list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
     opt_b = torch.optim.AdamW(b_params, lr=cfg.lr_b, weight_decay=cfg.weight_decay)
     opt_xy = torch.optim.AdamW(token_xy.parameters(), lr=cfg.lr_b, weight_decay=0.0)
-    if state_path.exists():
-        saved = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        heads.load_state_dict(saved["heads"])
-        opt_a.load_state_dict(saved["opt_a"])
-        if saved["opt_b"] is not None:  # None: Stage B restarted from scratch
-            opt_b.load_state_dict(saved["opt_b"])
-        if saved.get("token_xy") is not None:  # absent in states written before TokenXYHead existed
-            token_xy.load_state_dict(saved["token_xy"])
-            opt_xy.load_state_dict(saved["opt_xy"])
-        st = saved["st"]
+    if legacy_state.exists():
+        raise cpt.CheckpointError(
+            f"{legacy_state} is a pickle checkpoint of an older vtprune, which is no longer loaded (unpickling can run "
+            f"code); to start fresh, {fresh_hint}"
+        )
+    folder = cpt.latest(state_root, fresh_hint)
+    if folder is not None:
+        saved = cpt.load_state(folder, "state", device)
+        try:
+            model.load_state_dict(saved["model"])
+            heads.load_state_dict(saved["heads"])
+            opt_a.load_state_dict(saved["opt_a"])
+            if saved["opt_b"] is not None:  # None: Stage B restarted from scratch
+                opt_b.load_state_dict(saved["opt_b"])
+            if saved.get("token_xy") is not None:
+                token_xy.load_state_dict(saved["token_xy"])
+                opt_xy.load_state_dict(saved["opt_xy"])
+            st = saved["st"]
+            st["stage"], st["step"] = str(st["stage"]), int(st["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+            why = str(err)[:200]
+            raise cpt.CheckpointError(f"{folder}: state does not fit this run ({why}); {fresh_hint}") from None
+        serial = int(folder.name.split("-")[1])
         if st["stage"] == "done" and st["step"] < cfg.steps_b and not st.get("target_reached"):
             st["stage"] = "B"  # resumed with a longer Stage B
             st["cls_done"] = False  # a new best export needs Stage C again
@@ -450,11 +477,12 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     def save() -> None:
-        tmp = state_path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt_a": opt_a.state_dict(),
-                    "opt_b": opt_b.state_dict(), "token_xy": token_xy.state_dict(), "opt_xy": opt_xy.state_dict(),
-                    "st": st}, tmp)
-        tmp.replace(state_path)
+        nonlocal serial
+        serial += 1
+        state = {"model": model.state_dict(), "heads": heads.state_dict(), "opt_a": opt_a.state_dict(),
+                 "opt_b": opt_b.state_dict(), "token_xy": token_xy.state_dict(), "opt_xy": opt_xy.state_dict(),
+                 "st": st}
+        cpt.write(state_root, serial, cpt.state_files("state", state))
 
     eval_set = balanced_samples(cfg.eval_seed, cfg.eval_per_type, id_prefix="eval")
     bar = _progress() if progress else None
@@ -511,7 +539,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             elif cfg.projector_init != "standardize":
                 raise ValueError(f"unknown projector_init {cfg.projector_init!r}")
             st["projector_standardized"] = True
-        cache = (feature_cache(model, cfg.seed + 1, cfg.feature_cache, device, out / "features.pt", log)
+        cache = (feature_cache(model, cfg.seed + 1, cfg.feature_cache, device, out / "features.safetensors", log)
                  if cfg.feature_cache > 0 else None)
         def types(step: int) -> tuple[str, ...]:
             return types_at(cfg.type_schedule, step, cfg.training_types)
