@@ -11,6 +11,7 @@ from families import SignalProbe
 from oracles import generate_logits
 
 import vtprune
+from vtprune.engine import hf_compat as hf
 from vtprune.errors import UnsupportedInputError
 from vtprune.testing import QWEN_VIDEO_TOKEN_ID, qwen_inputs, qwen_video_inputs, tiny_qwen2_5_vl
 
@@ -363,12 +364,12 @@ def _manual_decode_positions(model, inputs, steps, *, mask: bool = True):
     try:
         with torch.no_grad():
             out = model(**inputs, use_cache=True)
-            mask, cache = (inputs["attention_mask"] if mask else None), out.past_key_values
+            mask, cache = (inputs["attention_mask"] if mask else None), hf.output_cache(out)
             for _ in range(steps):
                 token = out.logits[:, -1:].argmax(-1)
                 mask = None if mask is None else torch.cat([mask, torch.ones_like(token)], 1)
                 extra = {"attention_mask": mask} if mask is not None else {}
-                out = model(input_ids=token, past_key_values=cache, use_cache=True, **extra)
+                out = model(input_ids=token, use_cache=True, **extra, **{hf.CACHE_KWARG: cache})
     finally:
         handle.remove()
     return torch.stack(seen)

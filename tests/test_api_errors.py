@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import vtprune
+from vtprune.engine import hf_compat as hf
 from vtprune.testing import llava_inputs
 
 
@@ -100,7 +101,7 @@ def test_static_cache_and_chunked_prefill_refused(models, batches):
             model.generate(**inputs, max_new_tokens=2, prefill_chunk_size=64)
         cache = StaticCache(config=model.config.text_config, max_cache_len=700)
         with pytest.raises(vtprune.UnsupportedInputError, match="static"):
-            model(**inputs, past_key_values=cache)
+            model(**inputs, **{hf.CACHE_KWARG: cache})
 
 
 def test_missing_image_and_mismatched_placeholders(models, batches):
@@ -147,18 +148,18 @@ def test_several_images_pruned_per_image(models):
 
 
 def test_manual_decode_loop_continues_pruned_cache(models, batches):
-    """A user-written decode loop (forward with past_key_values) equals generate()."""
+    """A user-written decode loop (forward with the cache) equals generate()."""
     model, inputs = models["sdpa"], batches[2]
     with vtprune.pruned(model, "fastv", 200):
         with torch.no_grad():
             ref = model.generate(**inputs, max_new_tokens=3, do_sample=False, suppress_tokens=[250])
             out = model(**inputs)
-            cache, mask = out.past_key_values, inputs["attention_mask"]
+            cache, mask = hf.output_cache(out), inputs["attention_mask"]
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             toks = [tok]
             for _ in range(2):
                 mask = torch.cat([mask, torch.ones_like(tok)], 1)
-                out = model(input_ids=tok, attention_mask=mask, past_key_values=cache)
+                out = model(input_ids=tok, attention_mask=mask, **{hf.CACHE_KWARG: cache})
                 logits = out.logits[:, -1]
                 logits[:, 250] = -float("inf")
                 tok = logits.argmax(-1, keepdim=True)
@@ -172,4 +173,4 @@ def test_decode_with_new_image_refused(models, batches):
         with torch.no_grad():
             out = model(**inputs)
         with pytest.raises(vtprune.UnsupportedInputError, match="new image"):
-            model(input_ids=torch.tensor([[250]]), past_key_values=out.past_key_values)
+            model(input_ids=torch.tensor([[250]]), **{hf.CACHE_KWARG: hf.output_cache(out)})

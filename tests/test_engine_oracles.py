@@ -8,6 +8,7 @@ import torch
 from oracles import generate_logits, masked_reference_logits
 
 import vtprune
+from vtprune.engine import hf_compat as hf
 from vtprune.methods import KeepPlan, PruningMethod, Stage
 from vtprune.methods.pool import pool_grid, pooled_shape
 
@@ -125,7 +126,7 @@ def test_kv_cache_holds_only_kept_rows(models, batches):
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
         rec = vtprune.last_run(model)
-    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    lengths = [layer.keys.shape[2] for layer in hf.output_cache(out).layers]
     prompt = inputs["input_ids"].shape[1]
     kept = max(s.n_text + s.visual_per_layer[-1] for s in rec.samples)
     assert lengths[:2] == [prompt + 1] * 2

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vtprune
+from vtprune.engine import hf_compat as hf
 from vtprune.engine import signals as sig
 from vtprune.errors import VtpruneError
 from vtprune.methods import KeepPlan, PruningMethod, Stage
@@ -45,7 +46,7 @@ def test_last_token_attention_equals_eager(eager_run, layer_idx):
     with torch.no_grad():
         mine = sig.last_token_attention(ad, layer, hidden, pe, inputs["attention_mask"])
         from_cache = sig.last_token_attention(
-            ad, layer, hidden, pe, inputs["attention_mask"], out.past_key_values.layers[layer_idx].keys
+            ad, layer, hidden, pe, inputs["attention_mask"], hf.output_cache(out).layers[layer_idx].keys
         )
     eager = out.attentions[layer_idx][:, :, -1].float().mean(1)
     assert (mine - eager).abs().max() <= 1e-6
@@ -69,7 +70,7 @@ def test_mean_received_attention_equals_eager(eager_run):
 
 def test_key_norms_of_head_mean_keys(eager_run):
     _, _, out, _ = eager_run
-    keys = out.past_key_values.layers[2].keys
+    keys = hf.output_cache(out).layers[2].keys
     norms = sig.key_norms(keys)
     assert norms.shape == keys.shape[::2][:1] + keys.shape[2:3]
     assert torch.allclose(norms[0, 7], keys[0, :, 7].mean(0).norm())

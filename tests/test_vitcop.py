@@ -19,6 +19,7 @@ import torch
 from families import check_oracles, family, grid_layout
 
 import vtprune
+from vtprune.engine import hf_compat as hf
 from vtprune.engine import signals as sig
 from vtprune.errors import BudgetError, VtpruneError
 from vtprune.methods import ImageTokens, build_method
@@ -538,7 +539,7 @@ def test_positions_are_original_ids_of_representatives(fam):
         session = vtprune.session_of(model)
         with torch.no_grad():
             out = model(**inputs)
-        fw = session._decode[out.past_key_values]
+        fw = session._decode[hf.output_cache(out)]
         record = vtprune.last_run(model)
         full = session.adapter.original_positions(inputs["input_ids"], inputs["attention_mask"], dict(inputs))
     finally:

@@ -31,7 +31,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers import DynamicCache
 
 from ..budget import Budget, largest_remainder_split
 from ..errors import UnsupportedInputError, VtpruneError
@@ -40,6 +39,7 @@ from ..methods.base import ImageTokens, KeepPlan, PruningMethod, Stage
 from ..models.base import ModelAdapter
 from ..record import PruningEvent, RunRecord, SampleRecord
 from ..text import question_nouns, strip_generation_header
+from . import hf_compat as hf
 from . import signals as sig
 from .sequence import (
     compact_rows,
@@ -106,6 +106,7 @@ class _Forward:
     n_visual: list[int]
     captured: dict[int, tuple] = field(default_factory=dict)
     suffix_rows: list[torch.Tensor] = field(default_factory=list)  # per sample: input rows of the question span
+    injection: object = None  # the adapter's `take_injections` state at a prefill with in-LLM stages
 
     def group_for(self, layer_idx: int) -> _Group:
         for g in reversed(self.groups):
@@ -245,6 +246,12 @@ class PruningSession:
         for idx in self.repair_layers:
             layer = self.adapter.layers[idx]
             self._handles.append(layer.register_forward_hook(partial(self._on_layer_output, idx)))
+        if self.stage_at_layer and self.adapter.injection_layers():  # e.g. DeepStack under in-LLM pruning
+            owner = self.adapter.injection_module()
+            self._handles.append(owner.register_forward_pre_hook(self._on_injection_call, with_kwargs=True))
+            for idx in self.adapter.injection_layers():
+                layer = self.adapter.layers[idx]
+                self._handles.append(layer.register_forward_hook(partial(self._on_injection_layer, idx)))
         if self.needs_vision:
             for module in self.adapter.vision_hook_modules():
                 self._handles.append(module.register_forward_pre_hook(self._on_vision_attention, with_kwargs=True))
@@ -264,13 +271,9 @@ class PruningSession:
 
     def _guarded_generate(self, stock_generate, *args, **kwargs):
         gc = kwargs.get("generation_config") or self.model.generation_config
-        if kwargs.get("prefill_chunk_size") or getattr(gc, "prefill_chunk_size", None):
-            raise UnsupportedInputError("chunked prefill (prefill_chunk_size) cannot be combined with vtprune")
-        impl = kwargs.get("cache_implementation") or getattr(gc, "cache_implementation", None)
-        if impl not in (None, "dynamic"):
-            raise UnsupportedInputError(
-                f"cache_implementation={impl!r} is not supported with vtprune; use the default DynamicCache"
-            )
+        problem = hf.generation_cache_problem(kwargs, gc)
+        if problem is not None:
+            raise UnsupportedInputError(problem)
         self._vision_capture.clear()
         self._generate_kwargs = {n: kwargs[n] for n in self.adapter.layout_kwargs if kwargs.get(n) is not None}
         try:
@@ -316,8 +319,8 @@ class PruningSession:
         if args:  # HF forwards take input_ids first
             kwargs = {"input_ids": args[0], **kwargs}
             args = ()
-        cache = kwargs.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
+        cache = hf.get_cache(kwargs)
+        if hf.cache_length(cache) > 0:
             return self._on_decode(cache, kwargs)
         self._forward = None
         if kwargs.get("mm_encoder_outputs") is None:  # a capture made now belongs to this call
@@ -328,7 +331,7 @@ class PruningSession:
         fw = self._forward
         if fw is not None and fw.prefill:
             self._finish_record(fw)
-            cache = getattr(output, "past_key_values", None)
+            cache = hf.output_cache(output)
             cache = fw.cache if cache is None else cache
             if cache is not None:
                 fw.prefill = False
@@ -344,8 +347,8 @@ class PruningSession:
             raise UnsupportedInputError(
                 "vtprune needs input_ids to locate the image tokens (inputs_embeds alone cannot be pruned)"
             )
-        cache = kwargs.get("past_key_values")
-        if cache is not None and getattr(cache, "is_compileable", False):
+        cache = hf.get_cache(kwargs)
+        if hf.is_static_cache(cache):
             raise UnsupportedInputError("static (compileable) caches cannot hold per-layer pruned lengths")
         bsz, length = input_ids.shape
         device = input_ids.device
@@ -383,7 +386,8 @@ class PruningSession:
         if use_cache is None:
             use_cache = getattr(ad.text_config, "use_cache", True)
         if use_cache and cache is None:  # create it here so that decode steps can be recognised
-            fw.cache = kwargs["past_key_values"] = DynamicCache(config=ad.text_config)
+            fw.cache = hf.new_dynamic_cache(ad.text_config)
+            hf.set_cache(kwargs, fw.cache)
 
         if self.pre_stage is not None:
             self._prune_before_llm(fw, kwargs)
@@ -468,6 +472,7 @@ class PruningSession:
         extra = torch.zeros_like(group.vis_image)  # (B, L) inserted tokens placed at each row
         project = self._project if "vision_features" in ad.vision_signal_names else None
         new_feats: list[torch.Tensor] = []
+        sources: list[torch.Tensor | None] = []  # per image: candidate behind each output token, −1 inserted
         orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image -> (default, plan) token orders
         for i, img in enumerate(fw.images):
             rows = (group.vis_image[img.sample] == i).nonzero().flatten()
@@ -475,6 +480,7 @@ class PruningSession:
             if k >= img.n:
                 keep[img.sample, rows] = True
                 new_feats.append(feats[i])
+                sources.append(None)
                 continue
             if img.cand is not None:  # structural rows (e.g. newlines) go with the pruned image
                 keep[img.sample, img.span[~img.cand]] = False
@@ -509,6 +515,8 @@ class PruningSession:
                 orders[i] = (natural, plan.order)
                 default = plan.order
             new_feats.append(tokens if default is None else tokens[default])
+            src = torch.cat([plan.keep_idx, plan.keep_idx.new_full((plan.n_inserted,), -1)])
+            sources.append(src if default is None else src[default])
             self._note_kept(img, 0, plan.keep_idx, plan.n_inserted)
 
         gather, valid = compact_rows(keep.long() + extra)
@@ -528,6 +536,7 @@ class PruningSession:
         kwargs["input_ids"] = ids
         for name in ad.image_kwargs:
             kwargs.pop(name, None)
+        ad.note_kept_rows(sources)
         kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), **ad.features_to_kwargs(new_feats)}
         if kwargs.get("labels") is not None:
             kwargs["labels"] = kwargs["labels"].gather(1, gather).masked_fill(~valid | inserted, -100)
@@ -657,12 +666,9 @@ class PruningSession:
             if not wanted:
                 return out
         prev, hidden, pos_emb, mask2d = fw.captured[layer_idx - 1]
-        keys = None
-        cache = fw.cache
-        if cache is not None and len(cache.layers) > layer_idx - 1:
-            cached = cache.layers[layer_idx - 1].keys
-            if cached is not None and cached.dim() == 4 and cached.shape[2] == hidden.shape[1]:
-                keys = cached
+        keys = hf.cache_keys(fw.cache, layer_idx - 1)
+        if keys is not None and keys.shape[2] != hidden.shape[1]:
+            keys = None
         with torch.no_grad():
             if "last_token_attention" in wanted:
                 out["last_token_attention"] = sig.last_token_attention(
@@ -737,7 +743,9 @@ class PruningSession:
             spec = self.adapter.rotary_spec()
             pos = group.positions  # (B, L) or (R, B, L)
             out["suffix_rope_gravity"] = [
-                sig.rope_gravity(pos[..., b, r], pos[..., b, :], spec.theta, spec.head_dim, spec.sections)
+                sig.rope_gravity(
+                    pos[..., b, r], pos[..., b, :], spec.theta, spec.head_dim, spec.sections, spec.pair_rows
+                )
                 for b, r in enumerate(rows)
             ]
         return out
@@ -882,6 +890,33 @@ class PruningSession:
         else:
             group.pos_emb = self.adapter.rotary(hidden, group.step_positions)
         group.mask = self.adapter.layer_mask(hidden, group.mask2d, fw.cache, idx)
+
+    # --- injected features (DeepStack) -----------------------------------------------------------
+    def _on_injection_call(self, module, args, kwargs):
+        """Pre-hook of the adapter's `injection_module` at a pruned prefill: take the per-row features the model
+        would add after its `injection_layers` out of the stock loop (`_on_injection_layer` re-adds them)."""
+        fw = self._forward
+        if fw is None or not fw.prefill:
+            return None
+        fw.injection = self.adapter.take_injections(kwargs)
+        return args, kwargs
+
+    def _on_injection_layer(self, idx: int, layer: nn.Module, args, output):
+        """Forward hook of an injection layer: the adapter adds its features on the rows of the current group
+        (rows an in-LLM stage dropped get nothing; the others exactly the stock sum)."""
+        fw = self._forward
+        if fw is None or not fw.prefill or fw.injection is None:
+            return None
+        x = output[0] if isinstance(output, tuple) else output
+        first, seq = fw.groups[0].seq_index, fw.group_for(idx).seq_index  # (B, L0), (B, L') input rows
+        pad = int(first.max()) + 1  # one spare column for padding rows
+        inv = torch.full((first.shape[0], pad + 1), -1, dtype=torch.long, device=first.device)
+        lm = torch.arange(first.shape[1], device=first.device).expand_as(first)
+        inv.scatter_(1, first.masked_fill(first < 0, pad), lm.masked_fill(first < 0, -1))
+        inv[:, pad] = -1
+        lm_rows = inv.gather(1, seq.masked_fill(seq < 0, pad))  # (B, L') language-model input row, −1 padding
+        new = self.adapter.inject(fw.injection, idx, x, lm_rows)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
 
     # --- repair ----------------------------------------------------------------------------------
     def _on_layer_output(self, idx: int, layer: nn.Module, args, output):

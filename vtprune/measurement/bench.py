@@ -33,6 +33,7 @@ import torch
 import vtprune
 from vtprune.api import session_of
 from vtprune.budget import Budget
+from vtprune.engine import hf_compat as hf
 from vtprune.errors import VtpruneError
 from vtprune.measurement.flops import LLMDims, prefill_flops_all, tokens_per_layer
 from vtprune.measurement.timing import interleaved
@@ -244,20 +245,7 @@ class _SelectTimer:
 
 # --- analytic ------------------------------------------------------------------------------------------
 def _cache_bytes(cache) -> int:
-    if cache is None:
-        return 0
-    layers = getattr(cache, "layers", None)
-    total = 0
-    if layers is not None:
-        for layer in layers:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if torch.is_tensor(t):
-                    total += t.numel() * t.element_size()
-        return total
-    for kv in cache:  # legacy tuple of (key, value)
-        total += sum(t.numel() * t.element_size() for t in kv)
-    return total
+    return sum(t.numel() * t.element_size() for t in hf.cache_tensors(cache))
 
 
 def _activation_bytes(rec, dims: LLMDims, bytes_per_elem: int, eager: bool) -> int:
@@ -362,7 +350,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                     out = model(**inputs, use_cache=True)
                 rec = vtprune.last_run(model)
                 sess = session_of(model)
-                case.row = _analytic_row(case, cfg, rec, sess, dims, full, _cache_bytes(out.past_key_values))
+                case.row = _analytic_row(case, cfg, rec, sess, dims, full, _cache_bytes(hf.output_cache(out)))
                 del out
             except VtpruneError as err:
                 case.error = str(err)

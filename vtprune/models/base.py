@@ -1,7 +1,8 @@
 """`ModelAdapter`: everything the engine needs to know about one model family, and nothing else.
 
 The engine is written once against this interface and the transformers 5.x contracts (decoder-layer
-call signature, `create_causal_mask(layer_idx=)`, `DynamicCache` layers, `mm_encoder_outputs`).
+call signature, `create_causal_mask(layer_idx=)`, `DynamicCache` layers, `mm_encoder_outputs`), reached through
+`vtprune.engine.hf_compat` wherever they differ between transformers releases.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..engine import hf_compat as hf
 from ..errors import UnsupportedInputError
 
 
@@ -34,11 +35,14 @@ class RotarySpec:
     """Rotary embedding of the language model's attention (plain RoPE: θ_i = theta^(−2i/head_dim), i < head_dim/2).
 
     sections: M-RoPE pair counts per position row (t, h, w), e.g. (16, 24, 24); None for 1-D RoPE.
+    pair_rows: the position row of each rotary pair (head_dim/2 entries) when the layout is not the contiguous
+    one `sections` describes (Qwen3-VL's interleaved M-RoPE); None: contiguous.
     """
 
     theta: float
     head_dim: int
     sections: tuple[int, ...] | None = None
+    pair_rows: tuple[int, ...] | None = None
 
 
 class ModelAdapter(ABC):
@@ -141,6 +145,32 @@ class ModelAdapter(ABC):
         a video cut into its temporal groups) that the engine then uses instead of `image_rows`."""
         return None
 
+    def note_kept_rows(self, sources: list[torch.Tensor | None]) -> None:
+        """Called by a `vision`/`pre_llm` stage right before `features_to_kwargs`: per image, the candidate index
+        (k_i,) int64 behind each output token (−1 for a token the plan inserted), None for an unpruned image.
+        Families with per-token side inputs (Qwen3-VL's DeepStack levels) prune them with it; default: nothing."""
+        return None
+
+    # --- per-row features the model adds inside the decoder (Qwen3-VL's DeepStack) -------------------------
+    def injection_layers(self) -> tuple[int, ...]:
+        """Decoder layers after whose output the model adds per-visual-row features (default: none).  With
+        in-LLM stages the engine takes them out of the stock loop (`take_injections`) and re-adds them on the
+        rows still present (`inject`)."""
+        return ()
+
+    def injection_module(self) -> nn.Module:
+        """The module whose call kwargs carry the injected features (default: the language model)."""
+        return self.language_model
+
+    def take_injections(self, kwargs: dict):
+        """Pop the injected features from `injection_module`'s call kwargs; -> an opaque state or None."""
+        return None
+
+    def inject(self, state, layer_idx: int, hidden: torch.Tensor, lm_rows: torch.Tensor) -> torch.Tensor:
+        """hidden (B, L', D) output of `layer_idx` with the features of the rows present added; lm_rows (B, L')
+        the `injection_module` input row of each current row (−1 on padding)."""
+        return hidden
+
     def candidate_mask(self, image_index: int, span: int) -> torch.Tensor | None:
         """(span,) bool: which placeholder rows of an image are visual tokens; the others are *structural*
         (kept like text by in-LLM stages, dropped with the image when a pre-LLM stage prunes it).
@@ -212,7 +242,7 @@ class ModelAdapter(ABC):
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) for explicit position ids, as the language model computes them."""
-        return self.language_model.rotary_emb(hidden, position_ids=position_ids)
+        return hf.rotary_embeddings(self.language_model.rotary_emb, hidden, position_ids)
 
     def rotary_spec(self) -> RotarySpec:
         """The language model's rotary parameters, read from its config (`rope_parameters`, head_dim).
@@ -251,14 +281,7 @@ class ModelAdapter(ABC):
     # --- attention -------------------------------------------------------------------------------
     def layer_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache, layer_idx: int):
         """The attention mask a decoder layer expects for a group whose 2-D padding mask is `mask2d`."""
-        return create_causal_mask(
-            config=self.text_config,
-            inputs_embeds=hidden,
-            attention_mask=mask2d,
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=layer_idx,
-        )
+        return hf.causal_mask(self.text_config, hidden, mask2d, cache, layer_idx)
 
     def input_norm(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """A decoder layer's input normalisation (Llama-style `input_layernorm`).  hidden (B, L, D) -> (B, L, D)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..engine import hf_compat as hf
 from ..engine.signals import VIEW_SIGNALS
 from ..errors import UnsupportedInputError
 from .llava import LlavaAdapter
@@ -47,8 +48,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def tile_area(self, image_size) -> tuple[int, int]:
         """(rows, cols) of the unpadded tile grid of one image of `image_size` (H, W), as the model packs it."""
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
-
+        get_anyres_image_grid_shape, unpad_image, _ = hf.llava_next_tiling()
         cfg = self.model.config
         side = int(cfg.vision_config.image_size) // int(cfg.vision_config.patch_size)
         size = [int(v) for v in image_size]
@@ -107,8 +107,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def tile_counts(self) -> list[int]:
         """Tiles each image of this prefill sends through CLIP (base + anyres grid), as `get_image_features`."""
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+        image_size_to_num_patches = hf.llava_next_tiling()[2]
         cfg = self.model.config
         tile = cfg.vision_config.image_size
         return [image_size_to_num_patches(s, cfg.image_grid_pinpoints, tile) for s in self._sizes]

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..engine import hf_compat as hf
 from ..errors import UnsupportedInputError
 from .base import ModelAdapter, RotarySpec
 
@@ -215,14 +216,10 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             if video_id is not None:
                 tt = tt + 2 * (input_ids == video_id).long()
         try:
-            pos, _ = self.model.model.get_rope_index(
-                input_ids,
-                mm_token_type_ids=tt,
-                image_grid_thw=image_grid,
-                video_grid_thw=video_grid,
-                second_per_grid_ts=kwargs.get("second_per_grid_ts"),
-                attention_mask=attention_mask,
-            )
+            pos = hf.qwen_rope_index(
+                self.model.model, input_ids, tt, image_grid, video_grid,
+                kwargs.get("second_per_grid_ts"), attention_mask,
+            )  # fmt: skip
         except (StopIteration, TypeError, IndexError, ValueError, RuntimeError) as err:
             raise UnsupportedInputError(
                 "the image / video placeholder spans do not match image_grid_thw / video_grid_thw "
@@ -345,16 +342,13 @@ def qwen_vision_signals(attn, x, position_embeddings, grid_thw, visual, chunk: i
     x (S, C) the block's normed input in window order; one list entry per image / video temporal group;
     -> {"cls_attention": [(n_i,)], "vision_keys": [(n_i, C)], "vision_head_keys": [(n_i, d_h)]}.
     """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-    from transformers.vision_utils import get_vision_window_index
-
     unit = visual.spatial_merge_unit
     s = x.shape[0]
     q, k, _ = attn.qkv(x).reshape(s, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, d)
     keys = k.float().reshape(s, -1)  # pre-RoPE keys of all heads (n, C), like CLIP's `vision_keys`
     head_keys = k.float().mean(1)  # (S, d) pre-RoPE head-mean keys (spec §7 item 4)
     cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    q, k = hf.qwen_vision_rotary(q, k, cos, sin)
     q, k = q.float().transpose(0, 1), k.float().transpose(0, 1)  # (H, S, d)
     # one softmax per image / video temporal group, the ViT's own full-attention segments (contiguous
     # blocks in window order too: windows never cross a temporal group)
@@ -369,7 +363,7 @@ def qwen_vision_signals(attn, x, position_embeddings, grid_thw, visual, chunk: i
             total += ((qq @ kk.transpose(-1, -2)) * attn.scaling).softmax(-1).sum((0, 1))
         scores[start : start + size] = total / (size * attn.num_heads)
         start += size
-    window_index, _ = get_vision_window_index(
+    window_index = hf.qwen_vision_window_index(
         grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
     )
     reverse = torch.argsort(window_index.to(x.device))

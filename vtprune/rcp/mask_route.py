@@ -33,6 +33,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from ..engine import hf_compat as hf
 from ..errors import UnsupportedInputError, UnsupportedModelError
 from ..models import adapter_for
 from .modules import RCPPlugins, table_coords
@@ -67,16 +68,9 @@ def _rcp_attention(module, query, key, value, attention_mask, scaling=None, drop
     """`AttentionInterface` function: with `rcp_keep` (B, T_kv) in kwargs, explicit attention whose post-softmax
     weights are multiplied by rcp_keep per key column and renormalised per row; without it, the `base`
     implementation.  query (B, H, q, d_h), key/value (B, H_kv, T_kv, d_h) -> ((B, q, H, d_h), weights)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     keep = kwargs.pop("rcp_keep", None)
     if keep is None:
-        if base == "eager":
-            from transformers.models.llama.modeling_llama import eager_attention_forward
-
-            fn = eager_attention_forward
-        else:
-            fn = ALL_ATTENTION_FUNCTIONS[base]
+        fn = hf.eager_attention() if base == "eager" else hf.attention_function(base)
         return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -135,12 +129,8 @@ def _masked_sdpa(query, key, value, attention_mask, scaling, keep):
 
 
 def _register(base: str) -> str:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     name = ATTENTION_PREFIX + base
-    AttentionInterface.register(name, partial(_rcp_attention, base=base))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    hf.register_attention(name, partial(_rcp_attention, base=base), mask_like=base)
     return name
 
 
