@@ -32,12 +32,14 @@ from vtprune.testing import (
     tiny_llava,
     tiny_llava_next,
     tiny_qwen2_5_vl,
+    tiny_qwen3_vl,
 )
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
 PROMPTS = [([1, 5, 6], [7, 8, 9, 10]), ([1, 2], [17, 18, 19, 20, 21, 22, 23])]
 NEXT_SIZES = [(100, 160), (112, 60)]  # 64 and 48 visual tokens (+ 6 and 8 newlines)
 QWEN_SIZES = [(112, 168), (84, 112)]  # 24 and 12 visual tokens
+QWEN3_SIZES = [(128, 192), (96, 128)]  # 24 and 12 visual tokens (32 px per token)
 STEPS = 3
 TOL = 1e-4
 BYPASS = 10**6  # a budget above every image's token count
@@ -55,7 +57,7 @@ class Family:
         out = {
             k: inputs[k][b : b + 1, pad:] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs
         }
-        if self.name == "qwen2_5_vl":
+        if "image_grid_thw" in inputs:  # Qwen2.5-VL / Qwen3-VL: flattened patches per image
             grid = inputs["image_grid_thw"]
             patches = grid.prod(-1).tolist()
             start = sum(patches[:b])
@@ -90,8 +92,15 @@ def family(name: str) -> Family:
             1: qwen_inputs(m, PROMPTS[:1], QWEN_SIZES[:1], seed=1),
             2: qwen_inputs(m, PROMPTS, QWEN_SIZES, seed=2),
         }
+    elif name == "qwen3_vl":  # not in FAMILIES: tests/test_adapter_qwen3_vl.py runs its oracle suite
+        fam.models = {a: tiny_qwen3_vl(attn=a, layers=6) for a in ("sdpa", "eager")}
+        m = fam.models["sdpa"]
+        fam.batches = {
+            1: qwen_inputs(m, PROMPTS[:1], QWEN3_SIZES[:1], seed=1),
+            2: qwen_inputs(m, PROMPTS, QWEN3_SIZES, seed=2),
+        }
     else:
-        raise ValueError(f"unknown family {name!r}; one of {FAMILIES}")
+        raise ValueError(f"unknown family {name!r}; one of {FAMILIES} or qwen3_vl")
     return fam
 
 

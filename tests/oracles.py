@@ -46,6 +46,9 @@ def masked_reference_logits(
         else:
             out = model.model.get_image_features(pixel_values=inputs["pixel_values"])
         feats = torch.cat(list(out.pooler_output))
+        # Qwen3-VL DeepStack: level j is added to every image row after decoder layer j (pruned rows are
+        # invisible as keys from their stage on, so adding to them changes nothing the kept rows see)
+        deepstack = [torch.cat(list(level)) for level in getattr(out, "deepstack_features", None) or ()]
         emb = model.get_input_embeddings()(ids)
         emb[ids == image_id] = feats.to(emb.dtype)
         for (b, row), f in (replace or {}).items():
@@ -89,6 +92,9 @@ def masked_reference_logits(
             allowed = (causal[None] & key_ok[layer_idx][:, None, :]) | eye[None]
             add = torch.zeros(bsz, 1, length, length, dtype=h.dtype).masked_fill(~allowed[:, None], neg)
             h = layer(h, attention_mask=add, position_embeddings=cos_sin, position_ids=None if qwen else pos)
+            if layer_idx < len(deepstack):
+                h = h.clone()
+                h[ids == image_id] = h[ids == image_id] + deepstack[layer_idx].to(h.dtype)
         return model.lm_head(lm.norm(h))
 
 

@@ -261,3 +261,119 @@ def llava_next_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: 
         ids[b, width - len(r) :] = torch.tensor(r)
         mask[b, width - len(r) :] = 1
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_sizes": image_sizes}
+
+
+# --- Qwen3-VL ------------------------------------------------------------------------------------------
+def tiny_qwen3_vl(
+    *,
+    seed: int = 0,
+    attn: str = "sdpa",
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_depth: int = 3,
+    deepstack: tuple[int, ...] = (0, 1),
+    dtype: torch.dtype = torch.float32,
+):
+    """A randomly initialised `Qwen3VLForConditionalGeneration`: interleaved M-RoPE sections (4, 2, 2) on
+    head_dim 16, q/k norms, a `vision_depth`-block ViT (patch 16, 2×2 merge: one LLM token per 32×32 px) and
+    DeepStack levels from ViT blocks `deepstack`, added after decoder layers 0, 1, …
+
+    Inputs: `qwen_inputs` / `qwen_video_inputs` with sizes in multiples of 32 px (videos: one frame group per
+    `<|vision_start|>` run, as the Qwen3-VL processor's timestamps separate them: `qwen3_video_inputs`)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=256,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=16,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [4, 2, 2],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=4,
+            out_hidden_size=hidden,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=list(deepstack),
+        ),
+        image_token_id=QWEN_IMAGE_TOKEN_ID,
+        video_token_id=QWEN_VIDEO_TOKEN_ID,
+        vision_start_token_id=QWEN_VISION_START_ID,
+        vision_end_token_id=QWEN_VISION_END_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    config._attn_implementation = attn
+    model = Qwen3VLForConditionalGeneration(config).to(dtype).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def qwen3_video_inputs(
+    model, prompts: list[tuple[list[int], list[int]]], media: list[list[tuple[int, ...]]], *, seed: int = 0
+):
+    """Left-padded Qwen3-VL inputs with images and videos laid out as its processor does: `media[b]` lists
+    prompt b's visual items, `(H, W)` px for an image or `(frames, H, W)` for a video (frames a multiple of
+    `temporal_patch_size`; H, W multiples of 32). An image is `<|vision_start|> pads <|vision_end|>`; a video
+    is one such run per frame group, each preceded by a timestamp text token (id 30 + group).
+
+    -> {input_ids, attention_mask, mm_token_type_ids (B, L) (1 image, 2 video), pixel_values, image_grid_thw,
+    pixel_values_videos, video_grid_thw (the ones present)}.
+    """
+    cfg = model.config
+    vc = cfg.vision_config
+    merge = vc.spatial_merge_size
+    gen = torch.Generator().manual_seed(seed)
+    width = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    images, videos, rows = [], [], []
+    for (pre, post), items in zip(prompts, media, strict=True):
+        ids, tt = list(pre), [0] * len(pre)
+        for item in items:
+            *frames, h, w = item
+            gh, gw = h // vc.patch_size, w // vc.patch_size
+            n = gh * gw // merge**2
+            if not frames:
+                images.append((1, gh, gw))
+                ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * n + [cfg.vision_end_token_id]
+                tt += [0] + [1] * n + [0]
+                continue
+            groups = frames[0] // vc.temporal_patch_size
+            videos.append((groups, gh, gw))
+            for g in range(groups):
+                ids += [30 + g, cfg.vision_start_token_id] + [cfg.video_token_id] * n + [cfg.vision_end_token_id]
+                tt += [0, 0] + [2] * n + [0]
+        rows.append((ids + list(post), tt + [0] * len(post)))
+    length = max(len(r) for r, _ in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask, mm = torch.zeros_like(ids), torch.zeros_like(ids)
+    for b, (r, t) in enumerate(rows):
+        ids[b, length - len(r) :] = torch.tensor(r)
+        mask[b, length - len(r) :] = 1
+        mm[b, length - len(r) :] = torch.tensor(t)
+    out = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": mm}
+    for key, grids in (("", images), ("_videos", videos)):
+        if grids:
+            n = sum(t * h * w for t, h, w in grids)
+            out[f"pixel_values{key}"] = torch.randn(n, width, generator=gen).to(model.dtype)
+            out["image_grid_thw" if not key else "video_grid_thw"] = torch.tensor(grids)
+    return out

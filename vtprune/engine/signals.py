@@ -145,13 +145,14 @@ def rows_attention(adapter, layer, hidden, pos_emb, mask2d, rows, rows_valid, ke
 
 
 def rope_gravity(
-    rows_pos: torch.Tensor, cols_pos: torch.Tensor, theta: float, head_dim: int, sections=None
+    rows_pos: torch.Tensor, cols_pos: torch.Tensor, theta: float, head_dim: int, sections=None, pair_rows=None
 ) -> torch.Tensor:
     """RoPE-only attention logit of all-ones query/key vectors (SparseVLM+ "gravity"), per position pair:
 
     `W[p, q] = (2/√d_h) · Σ_{i<d_h/2} cos((p_{s(i)} − q_{s(i)})·θ_i)`, θ_i = theta^(−2i/d_h), where s(i) is the
     position row of rotary pair i: 0 for 1-D RoPE; M-RoPE: the first sections[0] pairs use row 0 (t), the next
-    sections[1] row 1 (h), ... (transformers' `mrope_section` layout).
+    sections[1] row 1 (h), ... (transformers' `mrope_section` layout); pair_rows (d_h/2 ints), when given, is s(i)
+    itself (interleaved layouts such as Qwen3-VL's).
     rows_pos (q,) | (R, q), cols_pos (L,) | (R, L) position ids -> (q, L) fp32 (angles and sums in fp64).
     """
     device = rows_pos.device if rows_pos.device.type != "mps" else torch.device("cpu")  # no fp64 on MPS
@@ -159,7 +160,11 @@ def rope_gravity(
     inv = float(theta) ** (-2.0 * torch.arange(half, dtype=torch.float64, device=device) / head_dim)  # (d_h/2,)
     p = rows_pos.to(device, torch.float64).reshape(-1, rows_pos.shape[-1])  # (R, q)
     c = cols_pos.to(device, torch.float64).reshape(-1, cols_pos.shape[-1])  # (R, L)
-    if sections is None:
+    if pair_rows is not None:
+        if len(pair_rows) != half:
+            raise ValueError(f"pair_rows has {len(pair_rows)} entries, expected head_dim/2 = {half}")
+        row = torch.tensor(list(pair_rows), dtype=torch.long, device=device) % p.shape[0]
+    elif sections is None:
         row = torch.zeros(half, dtype=torch.long, device=device)
     else:
         if sum(sections) != half:

@@ -9,8 +9,9 @@ from .base import ModelAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 
 def supported_model_classes() -> list[str]:
