@@ -44,9 +44,14 @@ def apply(
     adapter = adapter_for(model)
     the_budget = Budget.parse(budget, budget_mode)
     the_method = build_method(method, options)
-    session = PruningSession(model, adapter, the_method, the_budget, positions, tokenizer)
-    session.install()
-    model.__dict__[_ATTR] = session
+    session = PruningSession(model, adapter, the_method, the_budget, positions, tokenizer)  # validates, no hooks yet
+    try:
+        session.install()
+        model.__dict__[_ATTR] = session
+    except BaseException:  # all or nothing: undo every registration made so far
+        session.remove()
+        model.__dict__.pop(_ATTR, None)
+        raise
     return model
 
 

@@ -39,6 +39,7 @@ from ..methods.base import ImageTokens, KeepPlan, PruningMethod, Stage
 from ..models.base import ModelAdapter
 from ..record import PruningEvent, RunRecord, SampleRecord
 from ..text import question_nouns, strip_generation_header
+from . import guards
 from . import hf_compat as hf
 from . import signals as sig
 from .sequence import (
@@ -194,6 +195,7 @@ class PruningSession:
             raise UnsupportedInputError(
                 f"method {method.name!r} needs the vision signals {sorted(missing)}, which "
                 f"{type(model).__name__} does not provide (see the method's options for a variant without them)"
+                + getattr(adapter, "missing_signal_hint", lambda _: "")(missing)
             )
         self.text_wanted = frozenset().union(*(method.signals(i) & sig.TEXT_SIGNALS for i in range(len(self.stages))))
         #: layer 0's input is captured when an in-LLM stage wants the candidates' input embeddings
@@ -259,6 +261,7 @@ class PruningSession:
                 self._handles.append(module.register_forward_hook(self._on_vision_output))
         stock_generate = m.generate
         m.__dict__["generate"] = partial(self._guarded_generate, stock_generate)
+        guards.install_thread_guard(self)  # one call at a time per patched model (issue 20)
 
     def remove(self) -> None:
         for h in self._handles:
@@ -367,6 +370,8 @@ class PruningSession:
             return None
         if kwargs.get("labels") is not None and self.stage_at_layer:
             raise UnsupportedInputError("labels cannot be combined with in-LLM pruning (the output rows change)")
+        if self.stage_at_layer:
+            guards.refuse_right_padding(mask2d)
 
         if self.text_wanted or self.needs_suffix_rows:
             self._attach_text_signals(input_ids, mask2d, images)

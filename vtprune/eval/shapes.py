@@ -9,18 +9,36 @@ from pathlib import Path
 import torch
 
 import vtprune
+from vtprune.errors import VtpruneError
 from vtprune.measurement.flops import prefill_flops_all
 from vtprune.measurement.timing import PrefillTimer
-from vtprune.testbed import balanced_samples, evaluate, read_jsonl, resolve_model
+from vtprune.testbed import balanced_samples, evaluate, resolve_model
 from vtprune.testbed.data import HELDOUT_SEED
 
 
 def load_samples(n: int | None = None, seed: int = HELDOUT_SEED, data: str | Path | None = None):
     """Held-out samples: an exported JSONL (`data`) or generated, `n` per question type.  -> (samples, root)."""
     if data is not None:
-        samples, root = read_jsonl(data)
-        return (samples[:n] if n else samples), root
+        return read_samples(data, n)
     return balanced_samples(seed, n or 50), None
+
+
+def read_samples(data: str | Path, n: int | None = None) -> tuple[list[dict], Path]:
+    """An exported JSONL (`vtprune testbed export`): every row checked (strict JSON object with string id,
+    image, question, answer, type; the image exists and has a readable header of bounded size), the first `n`
+    kept.  Problems raise `VtpruneError` "FILE:LINE: ..."; an empty file is refused.  -> (samples, image root)."""
+    from vtprune.files import check_image, read_jsonl
+
+    path = Path(data)
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise VtpruneError(f"the number of samples must be an int >= 1 (0 or None: all), got {n!r}")
+    fields = {k: (str,) for k in ("image", "question", "answer", "type")}
+    rows = read_jsonl(path, {"id": (str, int), **fields})
+    rows = rows[:n] if n else rows
+    for row in rows:
+        line = row.pop("_line")
+        check_image(path.parent / row["image"], f"{path}:{line}")
+    return rows, path.parent
 
 
 def run_eval(
@@ -85,7 +103,7 @@ def run_eval(
         "retained_tokens": sum(r["retained_tokens"] for r in per_sample) / n,
         "layer_avg_tokens": sum(r["layer_avg_tokens"] for r in per_sample) / n,
         "flops": {k: sum(r["flops"][k] for r in per_sample) / n for k in ("fastv", "swiglu", "exact")},
-        "prefill_ms": statistics.median(timer.ms) if timer.ms else float("nan"),
+        "prefill_ms": statistics.median(timer.ms) if timer.ms else None,  # None, not NaN: strict JSON
         "batch_size": batch_size,
         "records": per_sample,
     }

@@ -17,7 +17,6 @@ the testbed's eval stream `EVAL_SEED`, disjoint from the held-out evaluation set
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -183,16 +182,14 @@ def calibrate_builtin(
     )
 
 
-def write_tau(key: str, tau: float, path: str | Path | None = None, **meta) -> Path:
-    """Store τ_κ for `key` (plus metadata such as n_images) in the calibration table; returns its path."""
-    p = Path(path) if path is not None else TAU_TABLE
-    data = json.loads(p.read_text()) if p.exists() else {}
-    data.setdefault("version", 1)
-    values = data.setdefault("values", {})
-    values[key] = {"tau_kappa": float(tau), **meta}
-    data["values"] = dict(sorted(values.items()))
-    p.write_text(json.dumps(data, indent=2) + "\n")
-    return p
+def write_tau(key: str, tau: float, path: str | Path | None = None, *, package_asset: bool = False, **meta) -> Path:
+    """Store τ_κ for `key` (plus metadata such as n_images) in a calibration table; returns its path.
+    path None: the per-user table (`_dcp_tau.user_tau_path()`, read by the τ lookup); a path inside the installed
+    package is refused unless `package_asset` (the maintainers' re-calibration of the shipped table)."""
+    from ._dcp_tau import user_tau_path, write_tau_table
+
+    p = Path(path) if path is not None else user_tau_path()
+    return write_tau_table(p, key, tau, allow_package=package_asset, **meta)
 
 
 def read_tau(key: str, path: str | Path | None = None) -> float | None:
@@ -208,6 +205,8 @@ if __name__ == "__main__":  # python -m vtprune.methods._dcp_calibration  (re-co
         write_tau(
             "builtin:shapes-llava",
             value,
+            TAU_TABLE,
+            package_asset=True,
             n_images=256,
             budget_ratio=round(1 / 9, 6),
             percentile=90,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import re
+import types
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -129,15 +131,157 @@ class ImageTokens:
         return [(ids == v).nonzero().flatten() for v in torch.unique(ids).tolist()]
 
 
+def option(
+    default: object = None,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: tuple | None = None,
+    allow_inf: bool = False,
+) -> Any:
+    """A config field with declared accepted values, checked by `MethodConfig.validate_options` together with
+    the field's type hint: numbers against the bounds (ge/gt/le/lt; NaN always refused, ±inf unless
+    `allow_inf`), strings against `choices`."""
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "allow_inf": allow_inf}
+    return field(default=default, metadata={"vtprune": meta})
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _is_numpy(value: object) -> bool:
+    return type(value).__module__ == "numpy"
+
+
+def _coerce(value: object, hint: object) -> object:
+    """`value` as the type hint asks (numpy scalars -> Python; an int where a float is wanted -> float);
+    raises `_Mismatch` when it is not of that type (bool is never an int or a float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        if value is None:
+            if type(None) in members:
+                return None
+            raise _Mismatch
+        ordered = sorted((m for m in members if m is not type(None)), key=lambda m: m is float)  # exact types first
+        for member in ordered:
+            try:
+                return _coerce(value, member)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if origin is typing.Literal:
+        if value in typing.get_args(hint) and type(value) in {type(a) for a in typing.get_args(hint)}:
+            return value
+        raise _Mismatch
+    if _is_numpy(value):
+        import numpy as np
+
+        if isinstance(value, np.bool_):
+            value = bool(value)
+        elif isinstance(value, np.integer):
+            value = int(value)
+        elif isinstance(value, np.floating):
+            value = float(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    return value  # other hints (containers, Any): not checked here
+
+
+def _describe(hint: object, meta: dict) -> str:
+    """Accepted values of a field in words, e.g. "an int >= 1" or "one of ('avg', 'max')"."""
+    origin = typing.get_origin(hint)
+    members = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    parts = []
+    ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+    bounds = [f"{op} {meta[k]}" for k, op in ops if meta.get(k) is not None]
+    for m in members:
+        if m is type(None):
+            continue
+        if m is bool:
+            parts.append("a bool (True or False)")
+        elif m is int:
+            parts.append("an int" + (" " + " and ".join(bounds) if bounds else ""))
+        elif m is float:
+            parts.append("a number" + (" " + " and ".join(bounds) if bounds else ""))
+        elif m is str:
+            parts.append(f"one of {tuple(meta['choices'])}" if meta.get("choices") else "a string")
+        elif typing.get_origin(m) is typing.Literal:
+            parts.append(f"one of {typing.get_args(m)}")
+        else:
+            parts.append(getattr(m, "__name__", str(m)))
+    if type(None) in members:
+        parts.append("None")
+    return " or ".join(parts)
+
+
+def _out_of_range(value: float, meta: dict) -> bool:
+    if math.isnan(value) or (math.isinf(value) and not meta.get("allow_inf")):
+        return True
+    ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
+    return (
+        (ge is not None and value < ge)
+        or (gt is not None and value <= gt)
+        or (le is not None and value > le)
+        or (lt is not None and value >= lt)
+    )
+
+
 @dataclass
 class MethodConfig:
-    """Base class of the typed per-method option dataclasses."""
+    """Base class of the typed per-method option dataclasses.
+
+    Every field is validated by `validate_options` (called when a method is built, i.e. at `vtprune.apply`)
+    from its type hint plus the accepted values declared with `option(...)`; one mechanism for all methods."""
 
     preset: str = "default"
 
     @classmethod
     def option_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def validate_options(self, method: str) -> None:
+        """Check (and normalise: numpy scalars, ints for floats) every option; raise `VtpruneError` naming the
+        option, its value and the accepted values."""
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            hint = hints.get(f.name, Any)
+            meta = f.metadata.get("vtprune", {})
+            accepted = _describe(hint, meta)
+            try:
+                value = _coerce(value, hint)
+            except _Mismatch:
+                raise VtpruneError(
+                    f"method {method!r} option {f.name}={value!r} ({type(value).__name__}): expected {accepted}"
+                ) from None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if _out_of_range(value, meta):
+                    raise VtpruneError(f"method {method!r} option {f.name}={value!r}: expected {accepted}")
+            elif isinstance(value, str) and meta.get("choices") and value not in meta["choices"]:
+                raise VtpruneError(f"method {method!r} option {f.name}={value!r}: expected {accepted}")
+            setattr(self, f.name, value)
 
 
 class PruningMethod(ABC):
@@ -160,6 +304,11 @@ class PruningMethod(ABC):
 
     def __init__(self, config: MethodConfig | None = None):
         self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise VtpruneError(
+                f"method {self.name!r} takes a {self.config_class.__name__}, got {type(self.config).__name__}"
+            )
+        self.config.validate_options(self.name)
         if self.config.preset not in self.presets:
             raise VtpruneError(
                 f"method {self.name!r} has no preset {self.config.preset!r}; choose one of {self.presets}"

@@ -60,7 +60,7 @@ from torch import nn
 from ..budget import largest_remainder_split
 from ..errors import VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
 RELEVANCE_SOURCES = ("auto", "clip", "llm")
 #: Conditional variance at or below which the kernel is exhausted (spec: fill rule).
@@ -72,11 +72,11 @@ class CDPrunerConfig(MethodConfig):
     #: "clip" (CLIP text tower, negative cosine; LLaVA families), "llm" (cosine to the mean question
     #: embedding in the LLM input space; Qwen2.5-VL, or LLaVA without a local CLIP model), or "auto" (the
     #: spec's choice per model: "clip" when the model provides CLIP `vision_features`, else "llm").
-    relevance: str = "auto"
+    relevance: str = option("auto", choices=RELEVANCE_SOURCES)
     #: Local path or HF id (local cache only) of the CLIP model with text tower + projections.
-    clip_model: str = "openai/clip-vit-large-patch14-336"
+    clip_model: str = option("openai/clip-vit-large-patch14-336")
     #: Relevance weighting θ ∈ (0, 1): r ← exp(θ/(2(1−θ))·r). None = disabled (reference default).
-    theta: float | None = None
+    theta: float | None = option(None, gt=0.0, lt=1.0)
 
 
 # --------------------------------------------------------------------------------------------- kernel

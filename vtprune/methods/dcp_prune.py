@@ -37,7 +37,6 @@ Deviations / engine-imposed choices:
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections import deque
@@ -50,7 +49,7 @@ import torch.nn.functional as F
 from ..budget import largest_remainder_split
 from ..errors import VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, stable_topk
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option, stable_topk
 
 #: Shipped calibrated thresholds: {"version": 1, "values": {key: {"tau_kappa": float, ...}}}.
 TAU_TABLE = Path(__file__).resolve().parent.parent / "assets" / "dcp_tau.json"
@@ -65,23 +64,23 @@ TIE_TOL = 1e-6
 @dataclass
 class DCPPruneConfig(MethodConfig):
     #: Trigger threshold τ_κ; None = the shipped calibrated value for `calibration_key`, else 0.3.
-    tau_kappa: float | None = None
+    tau_kappa: float | None = option(None, ge=0.0, allow_inf=True)
     #: Key of the shipped calibration table (e.g. "builtin:shapes-llava", "llava-hf/llava-1.5-7b-hf").
-    calibration_key: str | None = None
+    calibration_key: str | None = option(None)
     #: Temperature of the semantic (key cosine) term of the context→anchor logits.
-    semantic_temperature: float = 0.1
+    semantic_temperature: float = option(0.1, gt=0.0)
     #: Context→anchor edges kept per context token.
-    edges: int = 4
+    edges: int = option(4, ge=1)
     #: TATCS candidate pool K' = min(N_c, pool_factor·K).
-    pool_factor: int = 4
+    pool_factor: int = option(4, ge=1)
     #: Text-relevance penalty in the TATCS assignment.
-    gamma: float = 0.5
+    gamma: float = option(0.5)
     #: Text-relevance bonus in the TATCS reselection.
-    gamma_r: float = 0.5
+    gamma_r: float = option(0.5)
     #: κ variance shrinkage constant.
-    shrinkage: float = 8.0
+    shrinkage: float = option(8.0, ge=0.0)
     #: κ variance floor.
-    eps: float = 1e-6
+    eps: float = option(1e-6, gt=0.0)
 
 
 @dataclass(frozen=True)
@@ -98,12 +97,13 @@ class CropDecision:
 
 
 def load_tau_table(path: str | Path | None = None) -> dict[str, dict]:
-    """The calibration table {key: {"tau_kappa": float, ...}}; {} if the file does not exist."""
-    p = Path(path) if path is not None else TAU_TABLE
-    if not p.exists():
-        return {}
-    data = json.loads(p.read_text())
-    return dict(data.get("values", {}))
+    """The validated calibration table {key: {"tau_kappa": float, ...}} of `path`; None: the shipped table
+    overlaid with the per-user one (`_dcp_tau.user_tau_path()`, written by `calibrate-dcp --write`)."""
+    from ._dcp_tau import read_tau_table, user_tau_path
+
+    if path is not None:
+        return read_tau_table(path)
+    return {**read_tau_table(TAU_TABLE), **read_tau_table(user_tau_path())}
 
 
 def shipped_tau_kappa(key: str | None, path: str | Path | None = None) -> float | None:

@@ -19,13 +19,13 @@ import torch.nn.functional as F
 
 from ..errors import VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
 
 @dataclass
 class DivPruneConfig(MethodConfig):
     #: Paper notation: retained fraction (reference `SUBSET_RATIO`), K = round(r·N); overrides the budget.
-    r: float | None = None
+    r: float | None = option(None, gt=0.0, lt=1.0)
 
 
 def cosine_distance(feats: torch.Tensor) -> torch.Tensor:

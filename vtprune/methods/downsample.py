@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 from ..errors import BudgetError, VtpruneError
 from . import register
+from .base import option
 from .pool import Pool2D, PoolConfig
 
 
 @dataclass
 class DownsampleConfig(PoolConfig):
     #: VTC-Bench integer factor D (new size (W//D, H//D)) for dynamic-resolution models; None = sqrt(ρ).
-    factor: int | None = None
+    factor: int | None = option(None, ge=1)
 
 
 @register

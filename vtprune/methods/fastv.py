@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ..errors import VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, one_cut_keep, stable_topk
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, one_cut_keep, option, stable_topk
 
 CRITERIA = {"last_token": "last_token_attention", "mean_received": "mean_received_attention"}
 
@@ -21,11 +21,11 @@ CRITERIA = {"last_token": "last_token_attention", "mean_received": "mean_receive
 @dataclass
 class FastVConfig(MethodConfig):
     #: Cut at the input of decoder layer k (scores from layer k−1).
-    k: int = 2
+    k: int = option(2, ge=1)
     #: "last_token" (official code) or "mean_received" (paper text).
-    criterion: str = "last_token"
+    criterion: str = option("last_token", choices=tuple(CRITERIA))
     #: Paper notation: drop ratio r, R = round(N·(1 − r)); overrides the budget mapping when set.
-    r: float | None = None
+    r: float | None = option(None, ge=0.0, lt=1.0)
 
 
 @register

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from ..errors import BudgetError, VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, stable_topk
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option, stable_topk
 
 REF_LAYERS = 32
 #: Boundaries on 32 layers: the budget schedule (Our decision; b_1 = 2 fixed) and the paper's.
@@ -44,9 +44,9 @@ SCHEDULES = ("budget", "paper")
 class PDropConfig(MethodConfig):
     #: "budget" (k_1 solved from the budget) or "paper" (k_s = int(N·λ^s)); None: "budget", or "paper" under
     #: preset="reference".
-    schedule: str | None = None
+    schedule: str | None = option(None, choices=SCHEDULES)
     #: λ, the fraction of the previous stage's tokens kept at each boundary.
-    lam: float = 0.5
+    lam: float = option(0.5, gt=0.0, le=1.0)
 
 
 def round_half_up(x: float) -> int:

@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from ..budget import largest_remainder_split
 from ..errors import VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
 
 @dataclass
 class PoolConfig(MethodConfig):
     #: "avg" (default) or "max".
-    mode: str = "avg"
+    mode: str = option("avg", choices=("avg", "max"))
     #: Pick the factor pair of K closest in aspect to the grid, so exactly K cells come out.
-    exact: bool = False
+    exact: bool = option(False)
 
 
 def pooled_shape(h: int, w: int, k: int, exact: bool = False) -> tuple[int, int]:

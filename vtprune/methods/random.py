@@ -12,14 +12,14 @@ import torch
 
 from ..budget import largest_remainder_split
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
 
 @dataclass
 class RandomConfig(MethodConfig):
-    seed: int = 0
+    seed: int = option(0)
     #: None: pre-LLM; an int k: draw at the input of decoder layer k (FastV's random-mask path).
-    layer: int | None = None
+    layer: int | None = option(None, ge=1)
 
 
 @register

@@ -44,7 +44,7 @@ from ..errors import BudgetError, UnsupportedInputError, UnsupportedModelError, 
 from ..rcp.checkpoint import WEIGHTS_NAME, load_plugins
 from ..rcp.modules import RCPPlugins, table_coords
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
 SIGNALS = frozenset({"layer_suffix_attention", "layer_normed_features", "layer_normed_suffix"})
 
@@ -53,15 +53,15 @@ SIGNALS = frozenset({"layer_suffix_attention", "layer_normed_features", "layer_n
 class RCPConfig(MethodConfig):
     #: directory holding `rcp_plugins.safetensors` + `rcp_config.json` (`vtprune train-rcp --out DIR`); None:
     #: the checkpoint shipped for a built-in model (`vtprune/assets/rcp/<NAME>/`), else an error at apply.
-    checkpoint: str | None = None
+    checkpoint: str | None = option(None)
     #: logit offset δ of the inference mask; None: the checkpoint's calibrated δ.
-    delta: float | None = None
+    delta: float | None = option(None)
     #: mask threshold θ on σ((z + δ)/τ_eval); None: the checkpoint's (0.5: the mask is z + δ > 0).
-    theta: float | None = None
+    theta: float | None = option(None, gt=0.0, lt=1.0)
     #: τ_eval; None: the checkpoint's (irrelevant at θ = 0.5).
-    tau_eval: float | None = None
+    tau_eval: float | None = option(None, gt=0.0)
     #: the authors' deployed variant that also deletes dropped rows from earlier layers' caches: not supported.
-    trim_earlier_caches: bool = False
+    trim_earlier_caches: bool = option(False)
 
 
 #: trained checkpoints shipped for built-in models: `vtprune/assets/rcp/<NAME>/` for `builtin:NAME`

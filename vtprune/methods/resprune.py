@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..errors import VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
 _TINY = 1e-30
 
@@ -45,13 +45,13 @@ _TINY = 1e-30
 @dataclass
 class ResPruneConfig(MethodConfig):
     #: Exponent of the relevance modulation g(r) = r^α (0: no text conditioning, no tokenizer needed).
-    alpha: float = 1.0
+    alpha: float = option(1.0, ge=0.0)
     #: Floor of the normalised relevance before the exponent.
-    relevance_floor: float = 0.05
+    relevance_floor: float = option(0.05, ge=0.0, le=1.0)
     #: Span exhausted when the pick's residual energy is ≤ rank_tol · max_i ‖v_i‖².
-    rank_tol: float = 1e-6
+    rank_tol: float = option(1e-6, ge=0.0, lt=1.0)
     #: Exact recomputation of the energies every `refresh` steps (0: never).
-    refresh: int = 32
+    refresh: int = option(32, ge=0)
 
 
 def text_relevance(

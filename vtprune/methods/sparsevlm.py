@@ -85,7 +85,7 @@ import torch
 
 from ..errors import BudgetError, VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, stable_topk
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option, stable_topk
 
 #: Reference v1.5 kept counts k_ℓ after layers 2 / 6 / 15 of LLaVA-1.5-7B, per budget label (Source).
 ROWS: dict[int, tuple[int, int, int]] = {192: (300, 200, 110), 128: (303, 110, 36), 96: (238, 48, 26), 64: (66, 30, 17)}
@@ -108,11 +108,11 @@ V2_HEADS, REF_HEADS = 14, 32
 @dataclass
 class SparseVLMConfig(MethodConfig):
     #: "1.5" (fixed schedules + recycling) or "2.0" (SparseVLM+: gravity-corrected top-head attention, no recycling).
-    version: str = "1.5"
+    version: str = option("1.5", choices=VERSIONS)
     #: "reference" (the authors' table rows, any budget_mode) or "matched" (k_ℓ scaled to reach the budget).
-    schedule: str = "reference"
+    schedule: str = option("reference", choices=SCHEDULES)
     #: Recycle part of the dropped tokens into cluster means. None: as the version does (1.5 yes, 2.0 no).
-    recycle: bool | None = None
+    recycle: bool | None = option(None)
 
 
 def round_half_up(x: float) -> int:

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ..budget import largest_remainder_split
 from ..errors import VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, stable_topk
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option, stable_topk
 
 #: Signals used when the model provides them (CLIP models): pre-projector merging and the [CLS] token.
 CLIP_SIGNALS = frozenset({"vision_features", "vision_cls_features"})
@@ -53,10 +53,10 @@ CLIP_SIGNALS = frozenset({"vision_features", "vision_cls_features"})
 @dataclass
 class VisionZipConfig(MethodConfig):
     #: Dominant : contextual split of each view's quota (Source: 54 + 10 at 64 tokens; K_dom counts [CLS]).
-    dominant: int = 54
-    contextual: int = 10
+    dominant: int = option(54, ge=0)
+    contextual: int = option(10, ge=0)
     #: "reference" (target + mean of assigned) or "mean" (mean of target and assigned).
-    merge: str = "reference"
+    merge: str = option("reference", choices=("reference", "mean"))
 
 
 def split_budget(k: int, dominant: int = 54, contextual: int = 10) -> tuple[int, int]:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..budget import largest_remainder_split
 from ..errors import VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
 #: Tokens removed per duplicate-removal iteration (Source: fixed).
 STEP = 8
@@ -34,7 +34,7 @@ STEP = 8
 @dataclass
 class VisPrunerConfig(MethodConfig):
     #: Share of each crop's quota kept by [CLS] attention (r = 1: FasterVLM, no diverse tokens).
-    important_ratio: float = 0.5
+    important_ratio: float = option(0.5, ge=0.0, le=1.0)
 
 
 def vispruner_crop(

@@ -70,7 +70,7 @@ import torch
 from ..budget import largest_remainder_split
 from ..errors import BudgetError, VtpruneError
 from . import register
-from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, stable_topk
+from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option, stable_topk
 
 #: Spec constants for LLaVA-1.5-7B (32 layers): L_s = 2, L_d = 22.
 L_S, L_D, L_REF = 2, 22, 32
@@ -80,24 +80,24 @@ _MEMO = "vitcop"
 @dataclass
 class ViTCoPConfig(MethodConfig):
     #: Stage-I keep ratio n1 = int(v·N); None = rule `0.2 + 0.9ρ` (reproduces 0.5 / 0.4 / 0.3).
-    v: float | None = None
+    v: float | None = option(None, gt=0.0, le=1.0)
     #: Cluster-centre ratio C = max(1, int(pct·n1)); None = rule `0.03 + 0.3·n1/N` (= 0.09 + 0.27ρ, see docstring).
-    pct: float | None = None
+    pct: float | None = option(None, gt=0.0, le=1.0)
     #: Density cut-off of VIC: a distance (8: CLIP ViT-L/14 keys), "auto" (2 % quantile per VIC run, Qwen2.5-VL)
     #: or None (8 on CLIP-tower models, "auto" otherwise).
-    d_c: float | str | None = None
+    d_c: float | str | None = option(None, gt=0.0, choices=("auto",))
     #: Spatial constraint of VIC in normalised grid units.
-    tau: float = 0.6
+    tau: float = option(0.6, gt=0.0)
     #: Stage-II merged token: "code" (h_med + mean, reference) or "mean".
-    merge: str = "code"
+    merge: str = option("code", choices=("code", "mean"))
     #: R3 = round(r3_ratio·R2).
-    r3_ratio: float = 0.2
+    r3_ratio: float = option(0.2, gt=0.0, le=1.0)
     #: Shallow / deep layers; None = 2 and max(L_s + 1, round(22·L/32)) (22 on 32 layers, 19 on 28).
-    l_s: int | None = None
-    l_d: int | None = None
+    l_s: int | None = option(None, ge=1)
+    l_d: int | None = option(None, ge=1)
     #: Which Stage-III position rule the run reproduces: "orig" (gathered original ids) or "code"
     #: (reference bug: contiguous ids); informational, the engine option `positions` applies it.
-    stage3_positions: str = "orig"
+    stage3_positions: str = option("orig", choices=("orig", "code"))
 
 
 def deep_layer(num_layers: int, l_s: int = L_S) -> int:

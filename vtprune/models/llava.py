@@ -56,7 +56,26 @@ class LlavaAdapter(ModelAdapter):
         names = {"cls_attention", "vision_keys", "vision_head_keys", "vision_features"}
         if self.model.config.vision_feature_select_strategy == "default":
             names.add("vision_cls_features")
+        if not self.has_cls_token:  # e.g. a SigLIP tower: row 0 is a patch, not a [CLS]
+            names -= {"cls_attention", "vision_cls_features"}
         return frozenset(names)
+
+    @property
+    def has_cls_token(self) -> bool:
+        """True when the vision tower prepends a [CLS] token (CLIP); False for towers without one (SigLIP)."""
+        tower = self.model.model.vision_tower
+        emb = getattr(tower, "embeddings", None) or getattr(getattr(tower, "vision_model", None), "embeddings", None)
+        return emb is not None and hasattr(emb, "class_embedding")
+
+    def missing_signal_hint(self, missing: frozenset[str]) -> str:
+        """What to use instead when a method needs signals this model lacks (appended to the engine's refusal)."""
+        if missing & {"cls_attention", "vision_cls_features"} and not self.has_cls_token:
+            tower = type(self.model.model.vision_tower).__name__
+            return (
+                f"; {tower} has no [CLS] token, so [CLS]-ranked selection is refused rather than ranking by patch 0: "
+                "use a method without [CLS] signals (e.g. divprune, cdpruner, pool, random) instead"
+            )
+        return ""
 
     def feature_layer(self) -> nn.Module:
         """The CLIP encoder layer whose output is the model's feature layer (`hidden_states[vision_feature_layer]`)."""

@@ -20,14 +20,13 @@ of the target tokens: with targets at [s, e), positions [s − 1, e − 1). Sequ
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from ..errors import VtpruneError
+from ..files import open_image
 
 VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
 
@@ -44,32 +43,23 @@ class Example:
 
 
 def read_examples(path: str | Path) -> list[Example]:
-    """Rows of a JSONL file; image paths resolved against the file's directory."""
+    """Rows of a JSONL file; image paths resolved against the file's directory.  Any problem (not JSON, a missing
+    or mistyped field, a missing or unreadable image, an empty file) raises `VtpruneError` "FILE:LINE: ..."."""
+    from ..files import check_image, read_jsonl
+
     path = Path(path)
     root = path.parent
+    required = {"image": (str,), "question": (str,), "answer": (str, int, float)}
+    rows = read_jsonl(path, required, {"id": (str, int), "question_id": (str, int)})
     out = []
-    with open(path) as f:
-        for line_no, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = [k for k in ("image", "question", "answer") if k not in row]
-            if missing:
-                raise VtpruneError(f"{path}:{line_no + 1}: missing field(s) {missing} (need image, question, answer)")
-            image = Path(row["image"])
-            key = row.get("id", row.get("question_id", line_no))
-            extra = {k: v for k, v in row.items() if k not in ("image", "question", "answer")}
-            out.append(
-                Example(
-                    str(key),
-                    image if image.is_absolute() else root / image,
-                    str(row["question"]),
-                    str(row["answer"]),
-                    extra,
-                )
-            )
-    if not out:
-        raise VtpruneError(f"{path} holds no samples")
+    for row in rows:
+        line_no = row.pop("_line")
+        image = Path(row["image"])
+        image = image if image.is_absolute() else root / image
+        check_image(image, f"{path}:{line_no}")
+        key = row.get("id", row.get("question_id", line_no - 1))
+        extra = {k: v for k, v in row.items() if k not in ("image", "question", "answer")}
+        out.append(Example(str(key), image, str(row["question"]), str(row["answer"]), extra))
     return out
 
 
@@ -114,7 +104,7 @@ class Collator:
 
     def __call__(self, examples: list[Example]) -> dict:
         prompts = [self.prompt(e.question) for e in examples]
-        images = [Image.open(e.image).convert("RGB") for e in examples]
+        images = [open_image(e.image, f"sample {e.key}") for e in examples]
         enc = self.loaded.processor(images=images, text=prompts, return_tensors="pt", padding=True)
         rows = []
         for b, e in enumerate(examples):

@@ -1,0 +1,97 @@
+"""Input and concurrency guards of a pruning session (small, model-agnostic checks called by `session.py`).
+
+- `refuse_right_padding`: in-LLM stages compact kept rows with left padding and read "the last prompt
+  token" at the last column; a right-padded (or holed) attention mask would silently change their
+  selections, so such batches are refused (pre-LLM methods handle any padding and are not affected).
+- `ThreadGuard`: a session keeps per-call state (the current forward, captured vision signals, generate
+  kwargs), so one patched model cannot run two calls at once. A call that enters while another thread is
+  inside a forward or `generate` of the same patched model is refused with a clear error; calls from one
+  thread (nested, or one after another from different threads) work as before.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+
+import torch
+
+from ..errors import UnsupportedInputError
+
+
+def refuse_right_padding(mask2d: torch.Tensor) -> None:
+    """Raise `UnsupportedInputError` unless every row of the (B, L) 0/1 mask is left-padded (0…0 1…1)."""
+    m = mask2d.long()
+    if m.shape[-1] < 2:
+        return
+    bad = (m[:, 1:] < m[:, :-1]).any(1)  # a 1 followed by a 0: padding (or a hole) after the tokens
+    if bool(bad.any()):
+        rows = bad.nonzero().flatten().tolist()
+        raise UnsupportedInputError(
+            f"in-LLM pruning needs left-padded batches, but sample(s) {rows[:8]} have padding after their tokens "
+            "(right padding); set tokenizer.padding_side = 'left' (processor.tokenizer.padding_side = 'left')"
+        )
+
+
+class ThreadGuard:
+    """Refuses a second thread while one thread is inside a guarded call; re-entrant for the owner thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._depth = 0
+
+    def enter(self) -> None:
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner not in (None, me) and not any(t.ident == self._owner for t in threading.enumerate()):
+                self._owner, self._depth = None, 0  # the owner thread died inside a call
+            if self._owner not in (None, me):
+                raise UnsupportedInputError(
+                    "this vtprune-patched model is already running a forward/generate in another thread; a pruning "
+                    "session holds per-call state, so use one patched model per thread (e.g. copy.deepcopy(model) "
+                    "before vtprune.apply) or serialise the calls with a lock"
+                )
+            self._owner, self._depth = me, self._depth + 1
+
+    def exit(self) -> None:
+        with self._lock:
+            if self._owner == threading.get_ident():
+                self._depth -= 1
+                if self._depth <= 0:
+                    self._owner, self._depth = None, 0
+
+    def wrap(self, fn):
+        """`fn` run inside the guard (for the instance `generate`)."""
+
+        def guarded(*args, **kwargs):
+            self.enter()
+            depth = self._depth
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:  # also undoes a forward that was interrupted (KeyboardInterrupt) inside
+                    self._depth = depth
+                self.exit()
+
+        return guarded
+
+
+def install_thread_guard(session) -> ThreadGuard:
+    """Guard the session's model: its forward (pre-hook first, a forward hook that always runs) and its
+    instance `generate`. Handles go into `session._handles` (removed by `session.remove()`)."""
+    guard = ThreadGuard()
+    model = session.model
+
+    def pre(module, args, kwargs):
+        guard.enter()
+
+    def post(module, args, kwargs, output=None):
+        guard.exit()
+
+    session._handles.append(model.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
+    session._handles.append(model.register_forward_hook(post, with_kwargs=True, always_call=True))
+    gen = model.__dict__.get("generate")
+    if gen is not None:
+        model.__dict__["generate"] = partial(guard.wrap(gen))
+    return guard
