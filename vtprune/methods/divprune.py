@@ -5,8 +5,9 @@ the most isolated token (largest distance to its nearest other token, i.e. the s
 of its column), each next pick maximises the minimum distance to the tokens already chosen (chosen
 tokens masked with −∞, ties to the lower index). One global selection over all crops. Selection only.
 
-Cost: the N×N distance matrix, O(N²·D) (≈ 2.7 GFLOP at N = 576, D = 4096; ≈ 68 GFLOP at N = 2880)
-and O(N²) fp32 memory; then K sequential greedy steps of O(N) each.
+Cost: the N×N distance matrix, O(N²·D) (≈ 2.7 GFLOP at N = 576, D = 4096; ≈ 68 GFLOP at N = 2880, of
+which the symmetric block product computes ≈ 62 %) and O(N²) fp32 memory; then K sequential greedy steps
+of O(N) each.
 """
 
 from __future__ import annotations
@@ -28,10 +29,29 @@ class DivPruneConfig(MethodConfig):
     r: float | None = option(None, gt=0.0, lt=1.0)
 
 
+def symmetric_gram(v: torch.Tensor, block: int = 768) -> torch.Tensor:
+    """`v vᵀ` computed one row block at a time against the blocks at and after it, mirrored below the
+    diagonal (≈ (B+1)/(2B) of the full product's FLOPs for B blocks).  (n, D) -> (n, n).
+
+    Every entry is one dot product of the same GEMM inner loop as `v @ v.T` (checked equal in
+    tests/test_perf_selection.py); small n uses the plain product.
+    """
+    n = v.shape[0]
+    if n <= block:
+        return v @ v.T
+    block = -(-n // -(-n // block))  # equal blocks (no thin tail block with its own kernel path)
+    out = torch.empty(n, n, dtype=v.dtype, device=v.device)
+    for i in range(0, n, block):
+        rows = v[i : i + block] @ v[i:].T  # (b, n − i)
+        out[i : i + block, i:] = rows
+        out[i + block :, i : i + block] = rows[:, block:].T
+    return out
+
+
 def cosine_distance(feats: torch.Tensor) -> torch.Tensor:
     """`1 − V̂V̂ᵀ` in fp32.  (n, D) -> (n, n)."""
     v = F.normalize(feats.float(), dim=1)
-    return 1.0 - v @ v.T
+    return symmetric_gram(v).neg_().add_(1.0)  # same rounding as 1.0 − G, no second n×n buffer
 
 
 def divprune_order(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,7 +62,8 @@ def divprune_order(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     """
     dist = cosine_distance(feats)
     n = dist.shape[0]
-    score = dist.kthvalue(2, dim=0).values if n > 1 else torch.zeros(1, device=dist.device)
+    # second-smallest of each column (= kthvalue(2), ~10× faster on CPU at n = 2880)
+    score = dist.topk(2, dim=0, largest=False).values[1] if n > 1 else torch.zeros(1, device=dist.device)
     taken = torch.zeros(n, dtype=torch.bool, device=dist.device)
     order = torch.empty(k, dtype=torch.long, device=dist.device)
     achieved = torch.empty(k, dtype=torch.float32, device=dist.device)
