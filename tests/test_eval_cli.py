@@ -52,7 +52,7 @@ def test_eval_json_has_scores_tokens_and_records(tiny_dir, tmp_path):
 
 
 def test_compare_writes_table_json_and_plot(tiny_dir, tmp_path):
-    assert (
+    assert (  # 1: partial results (FastV cannot run on one layer), written with the failure listed
         main(
             [
                 "compare",
@@ -70,7 +70,7 @@ def test_compare_writes_table_json_and_plot(tiny_dir, tmp_path):
                 str(tmp_path),
             ]
         )
-        == 0
+        == 1
     )
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert [(r["method"], r["budget"]) for r in rows] == [("none", 576), ("pool", 64), ("fastv", 64)]

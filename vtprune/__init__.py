@@ -5,16 +5,39 @@
     out = model.generate(**inputs)                # pruned prefill, pruned KV cache
     vtprune.last_run(model).samples[0].layer_avg_tokens
     vtprune.remove(model)                         # stock model again
+
+`import vtprune` is cheap: torch, transformers, the adapters and the methods are imported on first use of a
+name that needs them (PEP 562 module `__getattr__`), so `vtprune --help` starts in well under a second.
 """
 
-from .api import apply, last_run, methods, pruned, remove, session_of
-from .budget import Budget
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
 from .errors import BudgetError, UnknownMethodError, UnsupportedInputError, UnsupportedModelError, VtpruneError
-from .methods import KeepPlan, MethodConfig, PruningMethod, Stage, register
-from .models import supported_model_classes
-from .record import PruningEvent, RunRecord, SampleRecord
 
 __version__ = "0.1.0"
+
+# public name -> the submodule that defines it (imported on first access)
+_LAZY = {
+    "apply": "api",
+    "last_run": "api",
+    "pruned": "api",
+    "remove": "api",
+    "session_of": "api",
+    "Budget": "budget",
+    "KeepPlan": "methods",
+    "MethodConfig": "methods",
+    "PruningMethod": "methods",
+    "Stage": "methods",
+    "register": "methods",
+    "supported_model_classes": "models",
+    "PruningEvent": "record",
+    "RunRecord": "record",
+    "SampleRecord": "record",
+}
 
 __all__ = [
     "Budget",
@@ -39,3 +62,44 @@ __all__ = [
     "session_of",
     "supported_model_classes",
 ]
+
+
+def _methods() -> list[str]:
+    """Names of the registered pruning methods."""
+    from .api import methods as registered
+
+    return registered()
+
+
+_methods.__name__ = _methods.__qualname__ = "methods"
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vtprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """`vtprune.methods` is the function `vtprune.methods()` (as before the lazy imports), although the
+    subpackage `vtprune.methods` has the same name: importing the subpackage (which the import system
+    records as an attribute of its parent) must not replace the function. The subpackage stays reachable
+    as `sys.modules["vtprune.methods"]` and through `from vtprune.methods import ...`."""
+
+    @property
+    def methods(self):
+        return _methods
+
+    @methods.setter
+    def methods(self, value) -> None:  # the import system setting the subpackage: keep the function
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,43 +1,196 @@
 """The `vtprune` command line: `vtprune demo`, `methods`, `eval`, `compare`, `hard-subset`, `run`, `show`, `testbed`,
-`bench`, `train-rcp`."""
+`bench`, `train-rcp`, `calibrate-dcp`.
+
+Conventions of every command:
+- start-up is cheap: nothing heavy (torch, transformers, the methods) is imported before the arguments parse;
+- results go to stdout (`--format table|markdown|csv|json`), progress and file notices to stderr;
+- exit status 0 when everything asked for ran, 1 when results are partial (written, failures listed),
+  2 for a user error, reported in one line (`--debug` anywhere on the line shows the traceback);
+- method options: `--option KEY=VALUE` (every chosen method that has KEY) or `--option METHOD.KEY=VALUE`;
+- default output folders live under `vtprune-out/` (git-ignored in the repository).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from vtprune.errors import VtpruneError
+
+OUT_ROOT = "vtprune-out"
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
 
-def _methods(args: argparse.Namespace) -> int:
-    import vtprune
-    from vtprune.errors import VtpruneError
-    from vtprune.methods import method_class
-
-    for name in vtprune.methods():
-        cls = method_class(name)
-        try:
-            stages = ", ".join(str(s) for s in cls().stages()) or "-"
-        except VtpruneError:  # stages that depend on the model or a checkpoint (e.g. RCP's trained layers)
-            stages = "(per model)"
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
-        print(f"{name:10s} {stages:12s} {doc}")
-    return 0
+class UsageError(VtpruneError):
+    """A bad command line: unknown option, missing file, malformed value."""
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from vtprune.demo import run_demo
+class ArgumentsError(SystemExit):
+    """argparse's complaint about the command line (still a `SystemExit` with status 2 for callers of
+    `parse_args`); `main` prints it as one line."""
 
-    return run_demo(quick=args.quick, out=args.out, n_per_type=args.n)
+    def __init__(self, message: str):
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
-def _parse_options(items: list[str]) -> dict:
-    """`["k=1", "criterion=mean_received"]` -> {"k": 1, "criterion": "mean_received"}."""
+class PartialResults(Exception):  # noqa: N818 - not an error of the user: results were written
+    """Some of what was asked for could not run; the results of the rest were written."""
+
+
+# --- the parser -------------------------------------------------------------------------------------------
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (raised as `ArgumentsError`) and optionally lazily added arguments:
+    `populate(parser)` runs the first time the parser is used, so a command whose defaults need heavy
+    imports (train-rcp, testbed) costs nothing in `vtprune --help`."""
+
+    def __init__(self, *args, populate: Callable[[argparse.ArgumentParser], object] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._populate = populate
+
+    def _ready(self) -> None:
+        if self._populate is not None:
+            populate, self._populate = self._populate, None
+            populate(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._ready()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._ready()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._ready()
+        return super().format_usage()
+
+    def error(self, message: str):
+        raise ArgumentsError(f"{message} (see {self.prog} --help)")
+
+
+def add_lazy_parser(subparsers, name: str, populate: Callable[[argparse.ArgumentParser], object], **kwargs):
+    """`subparsers.add_parser(name, **kwargs)` whose arguments `populate` adds on first use (a `Parser`
+    subparsers object), or at once (any other argparse subparsers object)."""
+    if issubclass(getattr(subparsers, "_parser_class", object), Parser):
+        return subparsers.add_parser(name, populate=populate, **kwargs)
+    parser = subparsers.add_parser(name, **kwargs)
+    populate(parser)
+    return parser
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: 'not found: PATH' for missing files, else its message with newlines joined."""
+    if isinstance(err, FileNotFoundError) and err.filename:
+        return f"not found: {err.filename}"
+    if isinstance(err, (IsADirectoryError, NotADirectoryError, PermissionError)) and err.filename:
+        return f"{err.strerror or type(err).__name__}: {err.filename}"
+    text = str(err) or type(err).__name__
+    if isinstance(err, KeyError) and err.args:  # str(KeyError) quotes its key
+        text = str(err.args[0])
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip())
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    VtpruneError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def guarded(run: Callable[[], int | None], prog: str = "vtprune", debug: bool = False) -> int:
+    """Run a command: its status, 1 for partial results, 2 (one line on stderr) for a user error, 130 for ^C.
+    With `debug` a user error shows its traceback too."""
+    try:
+        return int(run() or 0)
+    except ArgumentsError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except PartialResults as partial:
+        print(f"{prog}: {one_line(partial)}", file=sys.stderr)
+        return EXIT_PARTIAL
+    except USER_ERRORS as err:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def split_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """Remove `--debug` (accepted anywhere on the line); also on with VTPRUNE_DEBUG=1."""
+    args = list(argv)
+    debug = "--debug" in args or os.environ.get("VTPRUNE_DEBUG", "") not in ("", "0")
+    return [a for a in args if a != "--debug"], debug
+
+
+# --- argument values ---------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_budget(text: str) -> int | float:
+    """ "64" -> 64 tokens; "0.25" or "1/9" -> a ratio; anything else a `BudgetError` (one rule with `apply`)."""
+    from vtprune.budget import Budget
+
+    return Budget.from_text(text).value
+
+
+def budget_arg(text: str) -> int | float:
+    """argparse type for one budget."""
+    try:
+        return parse_budget(text)
+    except VtpruneError as err:
+        raise argparse.ArgumentTypeError(one_line(err)) from None
+
+
+def budgets_arg(text: str) -> list[int | float]:
+    """argparse type for comma-separated budgets."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated budgets (e.g. 192,64,16), got {text!r}")
+    return [budget_arg(t) for t in items]
+
+
+def names_arg(text: str) -> list[str]:
+    """argparse type for comma-separated names (no empty list)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return items
+
+
+def _parse_options(items: list[str] | None) -> dict:
+    """`["k=1", "fastv.criterion=mean_received"]` -> {"k": 1, "fastv.criterion": "mean_received"}.
+
+    Values are Python literals where they parse (1, 0.5, True, "x", [1, 2]), else strings."""
     import ast
 
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--option expects KEY=VALUE, got {item!r}")
+        key = key.strip()
+        method, dot, name = key.rpartition(".")
+        if not sep or not name or (dot and not method):
+            raise UsageError(f"--option expects KEY=VALUE or METHOD.KEY=VALUE, got {item!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -45,65 +198,215 @@ def _parse_options(items: list[str]) -> dict:
     return out
 
 
-def _budget(text: str) -> int | float:
-    """ "64" -> 64 tokens; "0.111" -> a ratio."""
-    return int(text) if text.isdigit() else float(text)
+def options_by_method(options: dict, methods: Sequence[str]) -> dict[str, dict]:
+    """The one option grammar: `KEY` goes to every chosen method that has the option, `METHOD.KEY` to that
+    method only. -> {method: {key: value}}. An unknown method or an option no chosen method has is a
+    `VtpruneError` naming it and the accepted ones."""
+    from vtprune.methods import method_class
+
+    classes = {m: method_class(m) for m in methods}  # UnknownMethodError for a typo
+    valid = {m: set(c.config_class.option_names()) for m, c in classes.items()}
+    out: dict[str, dict] = {m: {} for m in methods}
+    for key, value in options.items():
+        target, dot, opt = key.rpartition(".")
+        if dot:
+            if target not in classes:
+                canon = {c.name: m for m, c in classes.items()}
+                if target in canon:
+                    target = canon[target]
+                else:
+                    raise VtpruneError(f"--option {key}: {target!r} is not one of the chosen methods {list(methods)}")
+            if opt not in valid[target]:
+                raise VtpruneError(
+                    f"--option {key}: method {target!r} has no option {opt!r}; its options: {sorted(valid[target])}"
+                )
+            out[target][opt] = value
+            continue
+        owners = [m for m in methods if key in valid[m]]
+        if not owners:
+            accepted = {m: sorted(v) for m, v in valid.items()}
+            raise VtpruneError(f"--option {key}: none of the methods {list(methods)} has it; their options: {accepted}")
+        for m in owners:
+            out[m][key] = value
+    return out
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    """Every name registered (else `UnknownMethodError` listing the known ones)."""
+    from vtprune.methods import method_class
+
+    for m in methods:
+        method_class(m)
+
+
+def check_path(path: str | Path | None, what: str, kind: str = "any") -> None:
+    """A user-given path must exist: 'WHAT not found: PATH' otherwise (never a hub or loader message)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{what} not found: {p}")
+    if kind == "file" and not p.is_file():
+        raise UsageError(f"{what} is not a file: {p}")
+    if kind == "dir" and not p.is_dir():
+        raise UsageError(f"{what} is not a directory: {p}")
+
+
+def check_model(model: str) -> None:
+    """builtin:NAME must be shipped; arch:/tiny: ids pass; anything else is a local directory that must exist."""
+    if model.startswith(("arch:", "tiny:")):
+        return
+    if model.startswith("builtin:"):
+        from vtprune.testbed.builtin import builtin_names
+
+        if model[len("builtin:") :] not in builtin_names():
+            raise UsageError(f"model not found: {model} (built-in models: {', '.join(builtin_names()) or 'none'})")
+        return
+    p = Path(model)
+    if not p.is_dir():
+        raise UsageError(
+            f"model not found: {model} (expected builtin:NAME or a directory saved with save_pretrained; "
+            "nothing is downloaded)"
+        )
+    if not (p / "config.json").is_file():
+        raise UsageError(f"model directory has no config.json: {model}")
+
+
+def print_result(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def notice(text: str) -> None:
+    """A line for the person (file written, note): stderr, so stdout stays the result."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def write_json(path: str | Path, value) -> None:
+    from vtprune.tables import write_json as _write
+
+    _write(path, value)
+    notice(f"wrote {path}")
+
+
+# --- commands ---------------------------------------------------------------------------------------------
+def _methods(args: argparse.Namespace) -> int:
+    from vtprune.methods import method_class, method_names
+    from vtprune.tables import Col, ResultTable
+
+    cols = [Col("name", "name", "l"), Col("stages", "stages", "l"), Col("doc", "what it does", "l", wrap=True)]
+    table = ResultTable("registered pruning methods", cols, key_columns=1)
+    for name in method_names():
+        cls = method_class(name)
+        try:
+            stages = ", ".join(str(s) for s in cls().stages()) or "-"
+        except VtpruneError:  # stages that depend on the model or a checkpoint (e.g. RCP's trained layers)
+            stages = "(per model)"
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        table.add({"name": name, "stages": stages, "doc": doc})
+    print_result(table.render(args.format))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from vtprune.demo import run_demo
+
+    return run_demo(quick=args.quick, out=args.out, n_per_type=args.n, fmt=args.format)
+
+
+def _load_samples_checked(args: argparse.Namespace):
+    from vtprune.eval.shapes import load_samples
+
+    check_path(args.data, "data file", "file")
+    samples, root = load_samples(args.n, args.seed, args.data)
+    if not samples:
+        raise UsageError(f"no questions to score in {args.data or 'the generated set'} (an empty input is refused)")
+    return samples, root
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import json
+    check_model(args.model)
+    check_methods([args.method])
+    options = options_by_method(_parse_options(args.option), [args.method])[args.method]
+    import torch
 
-    from rich.console import Console
-
+    from vtprune.eval.compare import time_prefill
+    from vtprune.eval.intervals import wilson
     from vtprune.eval.report import eval_table
-    from vtprune.eval.shapes import load_model, load_samples, run_eval
+    from vtprune.eval.shapes import load_model, run_eval
 
+    torch.set_num_threads(args.threads)
+    samples, root = _load_samples_checked(args)
     model, processor = load_model(args.model, device=args.device)
-    samples, root = load_samples(args.n, args.seed, args.data)
     result = run_eval(
         model,
         processor,
         samples,
         args.method,
-        _budget(args.budget),
+        args.budget,
         budget_mode=args.budget_mode,
         positions=args.positions,
-        options=_parse_options(args.option),
+        options=options,
         batch_size=args.batch,
         image_root=root,
         progress=True,
     )
-    Console().print(eval_table([result], title=f"{args.model}: {args.method} @ {args.budget}"))
+    k = sum(bool(r["correct"]) for r in result["records"])
+    result["correct"] = k
+    result["accuracy_ci95"] = list(wilson(k, result["n"]))
+    cell = {"method": args.method, "budget": args.budget, "options": options}
+    timing = time_prefill(model, processor, samples, [cell], rounds=args.rounds, batch_size=args.batch,
+                          image_root=root, budget_mode=args.budget_mode, positions=args.positions)  # fmt: skip
+    result["prefill_ms_per_sample"] = timing[0]
+    title = f"{args.model}: {_label(args.method, args.budget)}, {result['n']} questions"
+    print_result(eval_table([result], title=title).render(args.format))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, **result}, f, indent=2)
+        write_json(args.json, {"model": args.model, **result})
     return 0
 
 
-def _compare(args: argparse.Namespace) -> int:
-    from vtprune.eval.compare import run_compare_report
-    from vtprune.eval.shapes import load_model, load_samples
+def _label(method: str, budget) -> str:
+    return "none (all tokens)" if method == "none" else f"{method} @ {budget}"
 
+
+def _compare(args: argparse.Namespace) -> int:
+    check_model(args.model)
+    methods = args.methods
+    if methods is not None:
+        check_methods(methods)
+    from vtprune.eval.compare import default_methods, run_compare_report
+    from vtprune.eval.shapes import load_model
+
+    options = options_by_method(_parse_options(args.option), methods or default_methods())
+    import torch
+
+    torch.set_num_threads(args.threads)
+    samples, root = _load_samples_checked(args)
     model, processor = load_model(args.model, device=args.device)
-    samples, root = load_samples(args.n, args.seed, args.data)
-    methods = args.methods.split(",") if args.methods else None
-    budgets = [int(b) for b in args.budgets.split(",")]
-    run_compare_report(
+    report = run_compare_report(
         model,
         processor,
         samples,
         methods,
-        budgets,
+        args.budgets,
         args.out,
         "compare",
         f"{args.model} on the shapes benchmark",
         batch_size=args.batch,
         image_root=root,
+        options=options,
+        rounds=args.rounds,
+        fmt=args.format,
     )
+    if report.failed:
+        raise PartialResults(f"{len(report.failed)} of {report.asked} cells did not run ({', '.join(report.failed)}); "
+                             f"the others are in {report.json_path}")  # fmt: skip
     return 0
 
 
 def _load_for_run(args: argparse.Namespace):
+    check_model(args.model)
+    check_path(args.image, "image", "file")
     import torch
 
     from vtprune.runner import load
@@ -113,87 +416,136 @@ def _load_for_run(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
-
-    from rich.console import Console
-    from rich.markup import escape
-
-    from vtprune.errors import VtpruneError
-    from vtprune.runner import result_table, run_one
-
+    check_methods([args.method])
+    options = options_by_method(_parse_options(args.option), [args.method])[args.method]
     loaded = _load_for_run(args)
-    try:
-        result = run_one(
-            loaded,
-            args.image,
-            args.prompt,
-            args.method,
-            _budget(args.budget),
-            budget_mode=args.budget_mode,
-            positions=args.positions,
-            options=_parse_options(args.option),
-            max_new_tokens=args.max_new_tokens,
-        )
-    except VtpruneError as err:
-        raise SystemExit(f"vtprune run: {err}") from None
-    console = Console()
-    if loaded.note:
-        console.print(f"[yellow]note:[/yellow] {loaded.note}")
-    console.print(f"[bold]answer:[/bold] {escape(result['answer'])}", soft_wrap=True, highlight=False)
-    console.print(result_table(result, title=f"{args.model}: {args.method} @ {args.budget} ({args.budget_mode})"))
+    from vtprune.runner import run_one
+    from vtprune.tables import ResultTable
+
+    result = run_one(
+        loaded,
+        args.image,
+        args.prompt,
+        args.method,
+        args.budget,
+        budget_mode=args.budget_mode,
+        positions=args.positions,
+        options=options,
+        max_new_tokens=args.max_new_tokens,
+    )
+    keep = {k: v for k, v in result.items() if k not in ("record", "events")}
+    keep["events"] = [{**e, "keep_idx": e["keep_idx"].tolist()} for e in result["events"]]
+    payload = {"model": args.model, "image": str(args.image), "prompt": args.prompt, **keep}
+    if args.format == "json":
+        from vtprune.tables import to_json
+
+        print_result(to_json(payload))
+    else:
+        title = f"{args.model}: {_label(args.method, args.budget)} ({args.budget_mode})"
+        table: ResultTable = run_table(result, title)
+        if loaded.note:
+            table.footer.append(f"note: {loaded.note}")
+        print_result(table.render(args.format))
     if args.json:
-        keep = {k: v for k, v in result.items() if k not in ("record", "events")}
-        keep["events"] = [{**e, "keep_idx": e["keep_idx"].tolist()} for e in result["events"]]
-        with open(args.json, "w") as f:
-            json.dump({"model": args.model, "image": str(args.image), "prompt": args.prompt, **keep}, f, indent=2)
+        write_json(args.json, payload)
     return 0
+
+
+def run_table(result: dict, title: str):
+    """`vtprune run` as a two-column table: the answer, tokens, FLOPs (with units), times."""
+    from vtprune.tables import Col, ResultTable, si
+
+    t = ResultTable(title, [Col("what", "", "l"), Col("value", "value", "l", wrap=True)], key_columns=1)
+    t.add({"what": "answer", "value": repr(result["answer"])})
+    t.add({"what": "visual tokens (N)", "value": result["n_visual"]})
+    t.add({"what": "text tokens", "value": result["n_text"]})
+    t.add({"what": "retained (entering layer 0)", "value": result["retained_tokens"]})
+    t.add({"what": "layer-averaged n̄", "value": f"{result['layer_avg_tokens']:.1f}"})
+    for conv in ("exact", "fastv", "swiglu"):
+        p, u = result["flops"][conv], result["flops_unpruned"][conv]
+        t.add({"what": f"LLM prefill ({conv})", "value": f"{si(p)} of {si(u)} unpruned ({100 * p / u:.1f} %)"})
+    t.add({"what": "LLM prefill ms (one call)", "value": f"{result['prefill_ms']:.1f}"})
+    t.add({"what": f"total ms (generate, {result['new_tokens']} tokens)", "value": f"{result['total_ms']:.1f}"})
+    return t
 
 
 def _show(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
+    from vtprune.show import parse_methods
 
-    from vtprune.errors import VtpruneError
+    chosen = parse_methods(args.methods, args.budget)
+    names = list(dict.fromkeys(name for name, _ in chosen))
+    check_methods(names)
+    options = _parse_options(args.option)
+    options_by_method(options, names)  # validate before loading anything
+    loaded = _load_for_run(args)
     from vtprune.show import show
 
-    loaded = _load_for_run(args)
-    try:
-        res = show(
-            loaded,
-            args.image,
-            args.prompt,
-            args.methods,
-            _budget(args.budget),
-            args.out,
-            budget_mode=args.budget_mode,
-            positions=args.positions,
-            options=_parse_options(args.option),
-            max_new_tokens=args.max_new_tokens,
-        )
-    except VtpruneError as err:
-        raise SystemExit(f"vtprune show: {err}") from None
-    console = Console()
+    res = show(
+        loaded,
+        args.image,
+        args.prompt,
+        chosen,
+        args.budget,
+        args.out,
+        budget_mode=args.budget_mode,
+        positions=args.positions,
+        options=options,
+        max_new_tokens=args.max_new_tokens,
+        expected=args.expected,
+    )
+    table = show_table(res.results, f"{args.model}: {args.prompt!r}", expected=args.expected)
     if loaded.note:
-        console.print(f"[yellow]note:[/yellow] {loaded.note}")
-    for r in res.results:
-        if "error" in r:
-            console.print(f"{r['method']} @ {r['budget']}: [red]not run[/red]: {escape(r['error'])}", soft_wrap=True)
-            continue
-        events = ", ".join(
-            f"{e['stage']}: {len(e['keep_idx'])} kept"
-            + (f" ({len(e['merged_idx'])} merged)" if e["merged_idx"] else "")
-            for e in r["events"]
-        )
-        console.print(
-            f"{r['method']} @ {r['budget']}: answer {escape(repr(r['answer']))}; retained {r['retained_tokens']}, "
-            f"n̄ {r['layer_avg_tokens']:.1f} of {r['n_visual']}; {events or 'no pruning'}",
-            soft_wrap=True,
-        )
-    console.print(f"picture: {res.path} ({res.image.width}×{res.image.height})", soft_wrap=True, highlight=False)
+        table.footer.append(f"note: {loaded.note}")
+    print_result(table.render(args.format))
+    notice(f"picture: {res.path} ({res.image.width}×{res.image.height})")
+    failed = [_label(r["method"], r["budget"]) for r in res.results if "error" in r]
+    if failed:
+        raise PartialResults(f"{len(failed)} of {len(res.results)} methods did not run ({', '.join(failed)}); "
+                             f"the picture shows why")  # fmt: skip
     return 0
 
 
+def show_table(results: list[dict], title: str, expected: str | None = None):
+    from vtprune.tables import Col, ResultTable
+
+    cols = [Col("method", "method", "l"), Col("budget", "budget"), Col("answer", "answer", "l", wrap=True)]
+    if expected is not None:
+        cols.append(Col("correct", "correct", fmt=lambda v: "yes" if v else "no"))
+    cols += [Col("retained", "retained"), Col("n_bar", "n̄", fmt=lambda v: f"{v:.1f}"), Col("events", "kept", "l")]
+    t = ResultTable(title, cols)
+    for r in results:
+        if "error" in r:
+            t.add({"method": r["method"], "budget": r["budget"]}, note=f"{_label(r['method'], r['budget'])}: "
+                  f"not run: {r['error']}")  # fmt: skip
+            continue
+        events = "; ".join(
+            f"{len(e['keep_idx'])} of {r['n_visual']}" + (f", {len(e['merged_idx'])} merged" if e["merged_idx"] else "")
+            for e in r["events"]
+        )
+        row = {"method": r["method"], "budget": "all" if r["method"] == "none" else r["budget"],
+               "answer": r["answer"], "retained": r["retained_tokens"], "n_bar": r["layer_avg_tokens"],
+               "events": events or "all"}  # fmt: skip
+        if expected is not None:
+            row["correct"] = answers_match(r["answer"], expected)
+        t.add(row)
+    if expected is not None:
+        t.footer.append(f"expected answer: {expected!r}")
+    return t
+
+
+def answers_match(answer: str, expected: str) -> bool:
+    """Case- and punctuation-insensitive comparison of a generated answer with the expected one."""
+    import re
+
+    def norm(s: str) -> str:
+        return re.sub(r"[^\w ]+", "", s.lower()).strip()
+
+    return norm(answer) == norm(expected)
+
+
 def _calibrate_dcp(args: argparse.Namespace) -> int:
+    check_model(args.model)
+    check_path(args.images, "image folder", "dir")
     import torch
 
     from vtprune.methods._dcp_calibration import calibrate_folder, model_key, write_tau
@@ -218,79 +570,97 @@ def _calibrate_dcp(args: argparse.Namespace) -> int:
     )
     if args.write:
         path = write_tau(key, tau, args.write if args.write != "-" else None, images=str(args.images), n=args.n)
-        print(f"written to {path}")
+        notice(f"written to {path}")
     return 0
 
 
 def _hard_subset(args: argparse.Namespace) -> int:
-    import json
-
-    from rich.console import Console
-
     from vtprune.eval.hard_subset import hard_subset_report, hard_subset_table, load_results
+    from vtprune.tables import from_rich, to_json
 
+    for path in args.results:
+        check_path(path, "results")
     try:
         results = [r for path in args.results for r in load_results(path, args.metric)]
         rows = hard_subset_report(results, args.baseline)
-    except (OSError, KeyError, ValueError) as err:
-        raise SystemExit(f"vtprune hard-subset: {err}") from None
-    console = Console()
-    if not console.is_terminal:  # a log or a pipe: do not squeeze the table into 80 columns
-        console = Console(width=120)
-    console.print(hard_subset_table(rows, per_type=args.per_type))
+    except (KeyError, ValueError) as err:  # malformed results files
+        raise UsageError(one_line(err)) from None
+    if args.format == "json":
+        print_result(to_json(rows))
+    else:
+        print_result(from_rich(hard_subset_table(rows, per_type=args.per_type)).render(args.format))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
     return 0
+
+
+# --- argument groups --------------------------------------------------------------------------------------
+def add_format(p: argparse.ArgumentParser) -> None:
+    from vtprune.tables import FORMATS
+
+    p.add_argument("--format", default="table", choices=FORMATS,
+                   help="how results print on stdout (table: readable at 80 columns; json: strict)")  # fmt: skip
 
 
 def _add_one_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME, a model directory or arch:NAME")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question (wrapped in the model's chat template)")
-    p.add_argument("--budget", default="64", help="tokens (int) or ratio (float in (0, 1))")
+    p.add_argument("--budget", type=budget_arg, default=64, help="tokens (an int) or a ratio (0.25, 1/9)")
     p.add_argument("--budget-mode", default="layer_avg", choices=["layer_avg", "retained"])
     p.add_argument("--positions", default="keep", choices=["keep", "reindex"])
-    p.add_argument("--option", action="append", help="method option KEY=VALUE (show: or METHOD.KEY=VALUE)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--option", action="append", help="method option KEY=VALUE or METHOD.KEY=VALUE (repeatable)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--layers", type=int, default=None, help="arch:NAME only: keep the first N decoder layers")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--layers", type=positive_int, default=None, help="arch:NAME only: keep the first N decoder layers")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    add_format(p)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
     p.add_argument("--benchmark", default="shapes", choices=["shapes"], help="benchmark (built-in: shapes)")
     p.add_argument("--data", default=None, help="exported JSONL (default: the generated held-out set)")
-    p.add_argument("--n", type=int, default=None, help="questions per type (generated set) or in total (JSONL)")
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="questions per type (generated set, default 50) or in total (JSONL)")  # fmt: skip
     p.add_argument("--seed", type=int, default=10_002, help="seed of the generated held-out set")
-    p.add_argument("--batch", type=int, default=16, help="batch size")
+    p.add_argument("--batch", type=positive_int, default=16, help="batch size")
+    p.add_argument("--rounds", type=positive_int, default=3,
+                   help="timing: interleaved prefill rounds per cell on one batch (min and median per sample)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads")
+    p.add_argument("--option", action="append", help="method option KEY=VALUE or METHOD.KEY=VALUE (repeatable)")
+    add_format(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vtprune", description="Physical visual-token pruning for HF VLMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(
+        prog="vtprune",
+        description="Physical visual-token pruning for HF VLMs. Exit status: 0 all ran, 1 partial results "
+        "(written, failures listed), 2 user error (one line; --debug anywhere shows the traceback).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors (anywhere on the line)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
     d = sub.add_parser("demo", help="prune a model with several methods and budgets; print the table")
-    d.add_argument("--quick", action="store_true", help="fewer budgets and repeats")
-    d.add_argument("--out", default="vtprune-demo", help="directory for the table (JSON) and the plot")
-    d.add_argument("--n", type=int, default=20, help="questions per type")
+    d.add_argument("--quick", action="store_true", help="fewer budgets and questions")
+    d.add_argument("--out", default=f"{OUT_ROOT}/demo", help="folder for the table (JSON) and the plots")
+    d.add_argument("--n", type=positive_int, default=20, help="questions per type")
+    add_format(d)
     d.set_defaults(func=_demo)
     e = sub.add_parser("eval", help="accuracy of one method and budget on the built-in benchmark")
     _add_model_args(e)
     e.add_argument("--method", default="none")
-    e.add_argument("--budget", default="576", help="tokens (int) or ratio (float in (0, 1))")
+    e.add_argument("--budget", type=budget_arg, default=576, help="tokens (an int) or a ratio (0.25, 1/9)")
     e.add_argument("--budget-mode", default="layer_avg", choices=["layer_avg", "retained"])
     e.add_argument("--positions", default="keep", choices=["keep", "reindex"])
-    e.add_argument("--option", action="append", help="method option KEY=VALUE (repeatable)")
     e.add_argument("--json", default=None, help="write the result with per-sample records here")
     e.set_defaults(func=_eval)
     c = sub.add_parser("compare", help="every method × budgets on the built-in benchmark: table and plot")
     _add_model_args(c)
-    c.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    c.add_argument("--budgets", default="576,192,128,64,32,16")
-    c.add_argument("--out", default="vtprune-compare", help="directory for compare.json and compare.png")
+    c.add_argument("--methods", type=names_arg, default=None, help="comma-separated (default: every registered method)")
+    c.add_argument("--budgets", type=budgets_arg, default=[576, 192, 128, 64, 32, 16], help="comma-separated")
+    c.add_argument("--out", default=f"{OUT_ROOT}/compare", help="folder for compare.json and compare.png")
     c.set_defaults(func=_compare)
     r = sub.add_parser("run", help="one image + prompt through a pruned model: answer, tokens, FLOPs, timing")
     _add_one_image_args(r)
@@ -300,12 +670,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("show", help="PNG of the image with each method's kept tokens drawn over it")
     _add_one_image_args(s)
     s.add_argument("--methods", default="pool", help="comma-separated, side by side; NAME@BUDGET overrides --budget")
-    s.add_argument("--out", default="vtprune-show.png", help="PNG path")
+    s.add_argument("--expected", default=None, help="the expected answer: each method's answer is marked right/wrong")
+    s.add_argument("--out", default=f"{OUT_ROOT}/show.png", help="PNG path")
     s.set_defaults(func=_show, max_new_tokens=8)
     k = sub.add_parser("calibrate-dcp", help="DCP-Prune's trigger threshold τ_κ from a folder of images")
     k.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
     k.add_argument("--images", required=True, help="folder of images (spec: COCO val2017, lowest ids first)")
-    k.add_argument("--n", type=int, default=256, help="images to use (first N by file name)")
+    k.add_argument("--n", type=positive_int, default=256, help="images to use (first N by file name)")
     k.add_argument("--ratio", type=float, default=1 / 9, help="reference budget ratio ρ_ref (K = ρ·N)")
     k.add_argument("--percentile", type=float, default=90.0)
     k.add_argument(
@@ -313,7 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="full prompt (default: 'Describe this image briefly.' in the model's chat template)",
     )
-    k.add_argument("--batch", type=int, default=8)
+    k.add_argument("--batch", type=positive_int, default=8)
     k.add_argument("--key", default=None, help="table key (default: builtin:NAME or the model path)")
     k.add_argument(
         "--write",
@@ -324,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--device", default="cpu")
     k.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    k.add_argument("--threads", type=int, default=1)
+    k.add_argument("--threads", type=positive_int, default=1)
     k.set_defaults(func=_calibrate_dcp)
     h = sub.add_parser(
         "hard-subset",
@@ -339,27 +710,31 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--metric", default=None, help="lmms-eval per-sample score (default: exact_match, acc, ...)")
     h.add_argument("--per-type", action="store_true", help="a row per question type too")
     h.add_argument("--json", default=None, help="write the report (with per-type blocks) here")
+    add_format(h)
     h.set_defaults(func=_hard_subset)
     m = sub.add_parser("methods", help="list the registered methods and their stages")
+    add_format(m)
     m.set_defaults(func=_methods)
-    try:
-        from vtprune.testbed.cli import register as register_testbed
-        from vtprune.testbed.cli import run as run_testbed
-
-        register_testbed(sub).set_defaults(func=run_testbed)
-    except ImportError:  # pragma: no cover - the testbed is part of the package
-        pass
     from vtprune.measurement.cli import register as register_bench
     from vtprune.rcp.cli import add_parser as register_train_rcp
+    from vtprune.testbed.cli import register as register_testbed
+    from vtprune.testbed.cli import run as run_testbed
 
+    register_testbed(sub).set_defaults(func=run_testbed)
     register_bench(sub)
     register_train_rcp(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Entry point: parse, run, and turn user errors into one line + exit status 2 (see the module docstring)."""
+    args_list, debug = split_debug(sys.argv[1:] if argv is None else argv)
+
+    def go() -> int:
+        args = build_parser().parse_args(args_list)
+        return int(args.func(args) or 0)
+
+    return guarded(go, "vtprune", debug)
 
 
 if __name__ == "__main__":

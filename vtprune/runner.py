@@ -103,7 +103,7 @@ def load(
         return loaded
     path = builtin_path(s[len(BUILTIN_PREFIX) :]) if s.startswith(BUILTIN_PREFIX) else Path(s)
     if not (path / "config.json").exists():
-        raise VtpruneError(f"{s!r} is neither builtin:NAME, arch:NAME nor a directory with a config.json")
+        raise VtpruneError(f"model not found: {s} (expected builtin:NAME, arch:NAME or a directory with a config.json)")
     import transformers
     from transformers import AutoConfig
 

@@ -1,6 +1,26 @@
 """Accuracy of pruned models on the built-in benchmark (and, later, lmms-eval)."""
 
-from .compare import compare, plot_compare
-from .shapes import load_samples, run_eval
+import importlib
 
-__all__ = ["compare", "load_samples", "plot_compare", "run_eval"]
+# public name -> submodule (imported on first access, PEP 562: `import vtprune.eval` stays cheap)
+_LAZY = {
+    "compare": "compare",
+    "plot_compare": "compare",
+    "load_samples": "shapes",
+    "run_eval": "shapes",
+    "wilson": "intervals",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

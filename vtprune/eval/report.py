@@ -1,29 +1,64 @@
-"""Rich tables for evaluation results."""
+"""Result tables of `eval` and `compare` (`vtprune.tables.ResultTable`: table / markdown / csv / json)."""
 
 from __future__ import annotations
 
 import re
 
-from rich.table import Table
+from vtprune.tables import Col, ResultTable, ms, pct, si
 
 
-def eval_table(results: list[dict], title: str = "") -> Table:
-    """One row per result: accuracy overall and per question type, tokens, FLOPs, prefill time."""
+def _ci(v) -> str:
+    return f"{100 * v[0]:.1f}–{100 * v[1]:.1f}"
+
+
+def _budget(row: dict) -> object:
+    return "all" if row["method"] == "none" else row["budget"]
+
+
+def _timing(row: dict, which: str):
+    t = row.get("prefill_ms_per_sample")
+    return t[which] if t else None
+
+
+def _timing_footer(rows: list[dict]) -> str | None:
+    t = next((r["prefill_ms_per_sample"] for r in rows if r.get("prefill_ms_per_sample")), None)
+    if not t:
+        return None
+    return (
+        f"ms min / ms med: LLM prefill per sample (decoder layers incl. in-LLM selection; batch of {t['batch']}), "
+        f"min and median of {t['rounds']} rounds interleaved across the rows after a warm-up round."
+    )
+
+
+def eval_table(results: list[dict], title: str = "") -> ResultTable:
+    """One row per result: accuracy with its 95 % interval, per question type, tokens, FLOPs, prefill time."""
     types = sorted({t for r in results for t in r.get("per_type", {})})
-    table = Table(title=title)
-    for col in ("method", "budget", "accuracy", *types, "retained", "n̄", "TFLOPs", "prefill ms"):
-        table.add_column(col, justify="right")
+    cols = [Col("method", "method", "l"), Col("budget", "budget"), Col("accuracy", "acc %", fmt=pct),
+            Col("accuracy_ci95", "95% CI", fmt=_ci), Col("n", "n")]  # fmt: skip
+    cols += [Col(f"type:{t}", t, fmt=pct) for t in types]
+    cols += [Col("retained_tokens", "retained", fmt=lambda v: f"{v:.1f}"),
+             Col("layer_avg_tokens", "n̄", fmt=lambda v: f"{v:.1f}"),
+             Col("flops_exact", "LLM FLOPs/sample", fmt=si),
+             Col("ms_min", "ms min", fmt=ms), Col("ms_med", "ms med", fmt=ms)]  # fmt: skip
+    table = ResultTable(title, cols)
     for r in results:
-        table.add_row(
-            r["method"],
-            str(r["budget"]),
-            f"{100 * r['accuracy']:.1f}",
-            *(f"{100 * r['per_type'].get(t, float('nan')):.1f}" for t in types),
-            f"{r['retained_tokens']:.1f}",
-            f"{r['layer_avg_tokens']:.1f}",
-            f"{r['flops']['exact'] / 1e12:.4f}",
-            f"{r['prefill_ms']:.1f}",
-        )
+        row = {
+            "method": r["method"],
+            "budget": _budget(r),
+            "accuracy": r["accuracy"],
+            "accuracy_ci95": r.get("accuracy_ci95"),
+            "n": r["n"],
+            **{f"type:{t}": r["per_type"].get(t) for t in types},
+            "retained_tokens": r["retained_tokens"],
+            "layer_avg_tokens": r["layer_avg_tokens"],
+            "flops_exact": r["flops"]["exact"],
+            "ms_min": _timing(r, "min"),
+            "ms_med": _timing(r, "median"),
+        }
+        table.add(row, note=_realised_note(r))
+    table.footer.append("95% CI: Wilson score interval of the accuracy.")
+    if footer := _timing_footer(results):
+        table.footer.append(footer)
     return table
 
 
@@ -33,26 +68,66 @@ def short_reason(message: str) -> str:
     return f"infeasible (min {m.group(1)})" if m else message.split(";")[0][:40]
 
 
-def compare_table(rows: list[dict], title: str = "") -> Table:
-    """Method × budget rows; infeasible cells say why."""
+def _realised_note(r: dict) -> str | None:
+    """Why a row kept fewer tokens than its budget (e.g. pool's square grid): compare rows by n̄, not budget."""
+    b = r.get("budget")
+    if r["method"] == "none" or not isinstance(b, int) or "layer_avg_tokens" not in r:
+        return None
+    if r["layer_avg_tokens"] < b - 0.5:
+        return (
+            f"{r['method']} keeps n̄ = {r['layer_avg_tokens']:.1f} tokens at budget {b} (the count it can realise, "
+            "e.g. a pooled h'×w' grid): compare it with other rows by n̄, not by budget."
+        )
+    return None
+
+
+def compare_table(
+    rows: list[dict], title: str = "", skipped: list | None = None, n_visual: int | None = None
+) -> ResultTable:
+    """Method × budget rows: accuracy with its 95 % interval, Δ vs the full model, n̄, FLOPs %, prefill ms per
+    sample (min / median); cells that did not run and rows that kept fewer tokens than their budget get a
+    numbered note under the table with the full reason."""
     full = next((r for r in rows if r["method"] == "none" and "accuracy" in r), None)
-    table = Table(title=title)
-    for col in ("method", "budget", "accuracy", "Δ vs full", "n̄", "FLOPs %", "prefill ms", "note"):
-        table.add_column(col, justify="right")
+    cols = [
+        Col("method", "method", "l"),
+        Col("budget", "budget"),
+        Col("accuracy", "acc %", fmt=pct),
+        Col("accuracy_ci95", "95% CI", fmt=_ci),
+        Col("delta", "Δ full", fmt=lambda v: f"{100 * v:+.1f}"),
+        Col("layer_avg_tokens", "n̄", fmt=lambda v: f"{v:.1f}"),
+        Col("flops_pct", "FLOPs %", fmt=lambda v: f"{v:.1f}"),
+        Col("ms_min", "ms min", fmt=ms),
+        Col("ms_med", "ms med", fmt=ms),
+    ]
+    table = ResultTable(title, cols)
     for r in rows:
+        base = {"method": r["method"], "budget": _budget(r)}
         if "accuracy" not in r:
-            table.add_row(r["method"], str(r["budget"]), "-", "-", "-", "-", "-", short_reason(r.get("infeasible", "")))
+            reason = r.get("infeasible") or r.get("error") or "not run"
+            kind = "not runnable" if "infeasible" in r else "failed"
+            table.add(base, note=f"{r['method']} @ {r['budget']}: {kind}: {reason}")
             continue
-        delta = f"{100 * (r['accuracy'] - full['accuracy']):+.1f}" if full else "-"
-        flops = f"{100 * r['flops']['exact'] / full['flops']['exact']:.1f}" if full else "-"
-        table.add_row(
-            r["method"],
-            str(r["budget"]),
-            f"{100 * r['accuracy']:.1f}",
-            delta,
-            f"{r['layer_avg_tokens']:.1f}",
-            flops,
-            f"{r['prefill_ms']:.1f}",
-            "",
+        row = {
+            **base,
+            "accuracy": r["accuracy"],
+            "accuracy_ci95": r.get("accuracy_ci95"),
+            "delta": (r["accuracy"] - full["accuracy"]) if full else None,
+            "layer_avg_tokens": r["layer_avg_tokens"],
+            "flops_pct": 100 * r["flops"]["exact"] / full["flops"]["exact"] if full else None,
+            "ms_min": _timing(r, "min"),
+            "ms_med": _timing(r, "median"),
+        }
+        table.add(row, note=_realised_note(r))
+    n = full["n"] if full else None
+    table.footer.append(
+        f"acc %: accuracy on {n} questions; 95% CI: its Wilson score interval; Δ full: accuracy minus the full "
+        "model's, in points; n̄: layer-averaged visual tokens; FLOPs %: LLM prefill FLOPs (exact) of the full model's."
+    )
+    if footer := _timing_footer(rows):
+        table.footer.append(footer)
+    if skipped:
+        table.footer.append(
+            f"skipped budgets {', '.join(str(b) for b in skipped)}: >= N = {n_visual} visual tokens, every method is "
+            "bypassed there (output identical to the full model, the 'none' row)."
         )
     return table

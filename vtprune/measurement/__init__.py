@@ -1,47 +1,41 @@
 """Measurement utilities: analytic FLOPs and KV-cache bytes (spec README §4, §5)."""
 
-from vtprune.measurement.flops import (
-    CONVENTIONS,
-    LLM_PRESETS,
-    VISION_PRESETS,
-    Convention,
-    FlopsReport,
-    LLMDims,
-    QwenVisionDims,
-    VisionDims,
-    decode_flops,
-    kv_cache_bytes,
-    layer_avg_tokens,
-    layer_flops,
-    prefill_flops,
-    prefill_flops_all,
-    projector_flops,
-    qwen_vit_flops,
-    retained_tokens,
-    tokens_per_layer,
-    vision_flops,
-    visual_kv_bytes,
-)
+import importlib
 
-__all__ = [
-    "CONVENTIONS",
-    "LLM_PRESETS",
-    "VISION_PRESETS",
-    "Convention",
-    "FlopsReport",
-    "LLMDims",
-    "QwenVisionDims",
-    "VisionDims",
-    "decode_flops",
-    "kv_cache_bytes",
-    "layer_avg_tokens",
-    "layer_flops",
-    "prefill_flops",
-    "prefill_flops_all",
-    "projector_flops",
-    "qwen_vit_flops",
-    "retained_tokens",
-    "tokens_per_layer",
-    "vision_flops",
-    "visual_kv_bytes",
-]
+# public name -> submodule (imported on first access, PEP 562: `import vtprune.measurement` stays cheap)
+_LAZY = {
+    "CONVENTIONS": "flops",
+    "LLM_PRESETS": "flops",
+    "VISION_PRESETS": "flops",
+    "Convention": "flops",
+    "FlopsReport": "flops",
+    "LLMDims": "flops",
+    "QwenVisionDims": "flops",
+    "VisionDims": "flops",
+    "decode_flops": "flops",
+    "kv_cache_bytes": "flops",
+    "layer_avg_tokens": "flops",
+    "layer_flops": "flops",
+    "prefill_flops": "flops",
+    "prefill_flops_all": "flops",
+    "projector_flops": "flops",
+    "qwen_vit_flops": "flops",
+    "retained_tokens": "flops",
+    "tokens_per_layer": "flops",
+    "vision_flops": "flops",
+    "visual_kv_bytes": "flops",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

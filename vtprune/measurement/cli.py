@@ -10,13 +10,21 @@ def _list(text: str) -> list[str]:
 
 
 def _budgets(text: str) -> list[int | float]:
-    return [int(t) if t.isdigit() else float(t) for t in _list(text)]
+    from vtprune.cli import budgets_arg
+
+    return budgets_arg(text)
+
+
+def _methods(text: str) -> list[str]:
+    from vtprune.cli import names_arg
+
+    return names_arg(text)
 
 
 def _size(text: str) -> tuple[int, int]:
     w, sep, h = text.lower().partition("x")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--image-size expects WxH, got {text!r}")
+    if not sep or not w.strip().isdigit() or not h.strip().isdigit() or int(w) < 1 or int(h) < 1:
+        raise argparse.ArgumentTypeError(f"--image-size expects WxH in pixels (e.g. 640x480), got {text!r}")
     return int(w), int(h)
 
 
@@ -30,42 +38,63 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model", required=True, help="arch:NAME (random weights, real sizes), tiny:KIND, builtin:NAME or a directory"
     )
-    p.add_argument("--method", default="pool", help="comma-separated methods (no pruning is always included)")
-    p.add_argument("--budget", default="64", help="comma-separated budgets: tokens (int) or ratios (float)")
+    p.add_argument("--method", type=_methods, default=["pool"],
+                   help="comma-separated methods (no pruning is always included)")
+    p.add_argument("--budget", type=_budgets, default=[64],
+                   help="comma-separated budgets: tokens (an int) or ratios (0.25, 1/9)")
     p.add_argument("--budget-mode", default="layer_avg", choices=["layer_avg", "retained"])
-    p.add_argument("--option", action="append", help="method option KEY=VALUE (repeatable)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--option", action="append",
+                   help="method option KEY=VALUE (every method that has it) or METHOD.KEY=VALUE (repeatable)")
+    p.add_argument("--batch", type=_positive, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds (median reported)")
+    p.add_argument("--layers", type=_positive, default=None, help="keep only the first N decoder layers")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed rounds (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per call (>= 1)")
+    p.add_argument("--new-tokens", type=_positive, default=8, help="tokens generated per call (>= 1)")
     p.add_argument("--image-size", type=_size, default=None, help="WxH in px (Qwen2.5-VL, LLaVA-NeXT)")
-    p.add_argument("--text-tokens", type=int, default=64, help="random text tokens around the image")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--text-tokens", type=_positive, default=64, help="random text tokens around the image")
+    p.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write one row per (method, budget) here")
+    from vtprune.cli import add_format
+
+    add_format(p)
     p.set_defaults(func=run)
     return p
 
 
+def _positive(text: str) -> int:
+    from vtprune.cli import positive_int
+
+    return positive_int(text)
+
+
 def run(args: argparse.Namespace) -> int:
-    import json
+    from vtprune.cli import _parse_options, check_methods, check_model, options_by_method, print_result, write_json
 
+    check_model(args.model)
+    check_methods(args.method)
+    per_method = options_by_method(_parse_options(args.option), args.method)
+    option_sets = list(per_method.values())
+    if any(opts != option_sets[0] for opts in option_sets):
+        from vtprune.errors import VtpruneError
+
+        raise VtpruneError(
+            f"bench passes one set of options to every method, these differ per method: {per_method}; "
+            "use options every chosen method has, or bench one method per run"
+        )
+    shared = option_sets[0]
     import torch
-    from rich.console import Console
 
-    from vtprune.cli import _parse_options
     from vtprune.measurement.bench import BenchConfig, bench_table, run_bench
+    from vtprune.tables import from_rich, to_json
 
-    if args.new_tokens < 1:
-        raise SystemExit("--new-tokens must be >= 1")
     torch.set_num_threads(args.threads)
     cfg = BenchConfig(
         model=args.model,
-        methods=_list(args.method),
-        budgets=_budgets(args.budget),
+        methods=args.method,
+        budgets=args.budget,
         batch=args.batch,
         dtype=args.dtype,
         attn=args.attn,
@@ -77,14 +106,13 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         text_tokens=args.text_tokens,
         budget_mode=args.budget_mode,
-        options=_parse_options(args.option),
+        options=shared,
     )
     result = run_bench(cfg, progress=True)
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=240)
-    console.print(bench_table(result))
+    if args.format == "json":
+        print_result(to_json(result))
+    else:
+        print_result(from_rich(bench_table(result)).render(args.format))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2, default=str)
+        write_json(args.json, result)
     return 0

@@ -9,34 +9,36 @@
 - `checkpoint`: `rcp_plugins.safetensors` + `rcp_config.json`.
 """
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .modules import (
-    ContextEncoder,
-    CrossAttentionPruner,
-    DelayedRepairAdapter,
-    PruneOut,
-    RCPPlugins,
-    centred_baseline,
-    inference_mask,
-    mask_step,
-    table_coords,
-    training_mask,
-)
-from .placement import Placement, placement_for
+import importlib
 
-__all__ = [
-    "ContextEncoder",
-    "CrossAttentionPruner",
-    "DelayedRepairAdapter",
-    "Placement",
-    "PruneOut",
-    "RCPPlugins",
-    "centred_baseline",
-    "inference_mask",
-    "load_checkpoint",
-    "mask_step",
-    "placement_for",
-    "save_checkpoint",
-    "table_coords",
-    "training_mask",
-]
+# public name -> submodule (imported on first access, PEP 562: `import vtprune.rcp` stays cheap)
+_LAZY = {
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "ContextEncoder": "modules",
+    "CrossAttentionPruner": "modules",
+    "DelayedRepairAdapter": "modules",
+    "PruneOut": "modules",
+    "RCPPlugins": "modules",
+    "centred_baseline": "modules",
+    "inference_mask": "modules",
+    "mask_step": "modules",
+    "table_coords": "modules",
+    "training_mask": "modules",
+    "Placement": "placement",
+    "placement_for": "placement",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

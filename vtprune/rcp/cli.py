@@ -26,6 +26,8 @@ def _budget(text: str) -> int | float:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from vtprune.cli import positive_int
+
     from .train import RCPTrainConfig
 
     d = RCPTrainConfig()
@@ -38,9 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="layer-averaged visual tokens (an int >= 1) or a ratio of N (a float in (0, 1)); default 64",
     )
     p.add_argument("--out", required=True, help="output directory (artefacts, log, resumable state)")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: one epoch)")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"samples per process per micro-step ({d.batch})")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help=f"micro-steps per step ({d.grad_accum})")
+    p.add_argument("--steps", type=positive_int, default=None, help="optimiser steps (default: one epoch)")
+    p.add_argument(
+        "--batch", type=positive_int, default=d.batch, help=f"samples per process per micro-step ({d.batch})"
+    )
+    p.add_argument(
+        "--grad-accum", type=positive_int, default=d.grad_accum, help=f"micro-steps per step ({d.grad_accum})"
+    )
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -52,19 +58,19 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument(
         "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU"
     )
-    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--max-length", type=positive_int, default=d.max_length)
     p.add_argument(
         "--suffix",
         default=None,
         help="text appended to every question (default: the spec's VQAv2 suffix when the model has a "
         "chat template, else nothing)",
     )
-    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps")
+    p.add_argument("--save-every", type=positive_int, default=d.save_every, help="checkpoint every N steps")
     p.add_argument("--calib-data", default=None, help="JSONL for the δ calibration (default: hold out of --data)")
     p.add_argument("--calib-n", type=int, default=d.calib_n, help="calibration samples (0: no calibration)")
     p.add_argument("--save-dtype", default=d.save_dtype, choices=("fp32", "fp16", "bf16"))
     p.add_argument("--time-limit", type=float, default=None, help="stop (resumable) after this many seconds")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="require a state in OUT/state to continue from")
     g.add_argument("--fresh", action="store_true", help="ignore an existing OUT/state and start over")
@@ -73,22 +79,31 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `train-rcp` on an argparse subparsers object."""
-    p = subparsers.add_parser(
+    """Register `train-rcp` on a subparsers object whose parser class is `vtprune.cli.Parser`: the arguments (their
+    defaults come from the trainer's config) are added when the command is first used, not at `vtprune --help`."""
+    from vtprune.cli import add_lazy_parser
+
+    p = add_lazy_parser(
+        subparsers,
         "train-rcp",
+        add_arguments,
         help="train RCP plug-ins (pruner + repair adapters) on a frozen LVLM",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    from vtprune.cli import check_model, check_path
 
+    check_model(args.model)
+    check_path(args.data, "data file", "file")
+    check_path(args.calib_data, "calibration data file", "file")
     import torch
+
+    from vtprune.tables import to_json
 
     from .train import RCPTrainConfig, train
 
@@ -120,16 +135,20 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.data, args.out, cfg, device=args.device, resume=resume, progress=not args.no_progress
     )
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(summary, indent=2))
+        print(to_json(summary), end="")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="vtprune train-rcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    """Stand-alone entry point; user errors as one line and exit status 2, like `vtprune`."""
+    from vtprune.cli import Parser, guarded, split_debug
+
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
+    parser = Parser(
+        prog="vtprune train-rcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        populate=add_arguments,
     )
-    add_arguments(parser)
-    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    return guarded(lambda: run(parser.parse_args(argv)), "vtprune train-rcp", debug)
 
 
 if __name__ == "__main__":

@@ -5,19 +5,49 @@
     result = evaluate(model, processor, balanced_samples(seed=2, n_per_type=50))
 """
 
-from .builtin import builtin_names, builtin_path, load_builtin, resolve_model
-from .data import balanced_samples
-from .evaluate import evaluate, majority_baseline, summarize
-from .export import export_jsonl, read_jsonl
-from .model import ModelSize, build_config, build_model
-from .questions import ANSWERS, QUESTION_TYPES, Question, candidates, sample_questions
-from .scenes import DATA_VERSION, Scene, SceneObject, make_scene, patch_labels, render
-from .tokenizer import build_processor, build_tokenizer, prompt
+import importlib
 
-__all__ = [
-    "ANSWERS", "DATA_VERSION", "QUESTION_TYPES", "ModelSize", "Question", "Scene", "SceneObject",
-    "balanced_samples", "build_config", "build_model", "build_processor", "build_tokenizer", "builtin_names",
-    "builtin_path", "candidates", "evaluate", "export_jsonl", "load_builtin", "majority_baseline",
-    "make_scene", "patch_labels", "prompt", "read_jsonl", "render", "resolve_model", "sample_questions",
-    "summarize",
-]
+# public name -> submodule (imported on first access, PEP 562: `import vtprune.testbed` stays cheap)
+_LAZY = {
+    "builtin_names": "builtin",
+    "builtin_path": "builtin",
+    "load_builtin": "builtin",
+    "resolve_model": "builtin",
+    "balanced_samples": "data",
+    "evaluate": "evaluate",
+    "majority_baseline": "evaluate",
+    "summarize": "evaluate",
+    "export_jsonl": "export",
+    "read_jsonl": "export",
+    "ModelSize": "model",
+    "build_config": "model",
+    "build_model": "model",
+    "ANSWERS": "questions",
+    "QUESTION_TYPES": "questions",
+    "Question": "questions",
+    "candidates": "questions",
+    "sample_questions": "questions",
+    "DATA_VERSION": "scenes",
+    "Scene": "scenes",
+    "SceneObject": "scenes",
+    "make_scene": "scenes",
+    "patch_labels": "scenes",
+    "render": "scenes",
+    "build_processor": "tokenizer",
+    "build_tokenizer": "tokenizer",
+    "prompt": "tokenizer",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

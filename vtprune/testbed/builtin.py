@@ -42,6 +42,10 @@ def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, 
 
     s = str(name_or_path)
     path = builtin_path(s[len(BUILTIN_PREFIX):]) if s.startswith(BUILTIN_PREFIX) else Path(s)
+    if not (path / "config.json").is_file():  # a path, never a hub id: say so instead of a hub message
+        from vtprune.errors import VtpruneError
+
+        raise VtpruneError(f"model not found: {s} (expected builtin:NAME or a directory with a config.json)")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model.to(device).eval(), processor

@@ -6,18 +6,26 @@ import argparse
 import json
 import sys
 
-from .data import HELDOUT_SEED
-
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `testbed` command (sub-commands export, train, score) to an argparse subparsers object."""
-    p = subparsers.add_parser("testbed", help="built-in offline benchmark (shapes-llava)")
+    """Add the `testbed` command (sub-commands export, train, score) to a subparsers object whose parser class is
+    `vtprune.cli.Parser`: its arguments are added when it is first used (their defaults import the testbed)."""
+    from vtprune.cli import add_lazy_parser
+
+    return add_lazy_parser(subparsers, "testbed", _arguments, help="built-in offline benchmark (shapes-llava)")
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    from vtprune.cli import positive_int
+
+    from .data import HELDOUT_SEED
+
     sub = p.add_subparsers(dest="testbed_command", required=True)
 
     e = sub.add_parser("export", aliases=["generate"], help="write a balanced question set as JSONL + PNG")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--seed", type=int, default=HELDOUT_SEED)
-    e.add_argument("--per-type", type=int, default=100)
+    e.add_argument("--per-type", type=positive_int, default=100)
     e.add_argument("--lmms", action="store_true",
                    help="also write the lmms-eval tasks vtprune_shapes(_mc) there (lmms-eval --include_path OUT)")
     e.set_defaults(testbed_func=_export)
@@ -76,11 +84,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--data", default=None,
                    help="JSONL from `testbed export` (default: generated held-out set)")
     s.add_argument("--seed", type=int, default=HELDOUT_SEED)
-    s.add_argument("--per-type", type=int, default=50)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--per-type", type=positive_int, default=50)
+    s.add_argument("--batch-size", type=positive_int, default=16)
     s.add_argument("--records", default=None, help="write per-sample records to this JSONL")
     s.set_defaults(testbed_func=_score)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,6 +113,11 @@ def _export(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from vtprune.cli import check_model
+
+    for init in (args.init, args.vision_init):
+        if init is not None:
+            check_model(init)
     from .model import TINY
     from .train import TrainConfig, train
 
@@ -135,32 +147,42 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from vtprune.cli import UsageError, check_model, check_path
+
     from .builtin import resolve_model
     from .data import balanced_samples
     from .evaluate import evaluate, majority_baseline
     from .export import read_jsonl
 
-    model, processor = resolve_model(args.model)
+    check_model(args.model)
+    check_path(args.data, "data file", "file")
     if args.data:
         samples, root = read_jsonl(args.data)
     else:
         samples, root = balanced_samples(args.seed, args.per_type, id_prefix="score"), None
+    if not samples:
+        raise UsageError(f"no questions to score in {args.data} (an empty input is refused)")
+    model, processor = resolve_model(args.model)
     res = evaluate(model, processor, samples, batch_size=args.batch_size, image_root=root, progress=True)
     res["majority"] = majority_baseline(samples)
     if args.records:
         with open(args.records, "w") as f:
             for r in res["records"]:
                 f.write(json.dumps(r) + "\n")
-    print(json.dumps({k: v for k, v in res.items() if k != "records"}, indent=2))
+    from vtprune.tables import to_json
+
+    print(to_json({k: v for k, v in res.items() if k != "records"}), end="")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: `python -m vtprune.testbed.cli train --out DIR`."""
-    parser = argparse.ArgumentParser(prog="vtprune")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["testbed", *(argv if argv is not None else sys.argv[1:])])
-    return run(args)
+    """Stand-alone entry point: `python -m vtprune.testbed.cli train --out DIR` (errors as `vtprune` reports them)."""
+    from vtprune.cli import Parser, guarded, split_debug
+
+    argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
+    parser = Parser(prog="vtprune")
+    register(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
+    return guarded(lambda: run(parser.parse_args(["testbed", *argv])), "vtprune testbed", debug)
 
 
 if __name__ == "__main__":
