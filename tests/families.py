@@ -28,9 +28,11 @@ from vtprune.methods import ImageTokens, KeepPlan, MethodConfig, PruningMethod, 
 from vtprune.testing import (
     llava_inputs,
     llava_next_inputs,
+    llava_onevision_inputs,
     qwen_inputs,
     tiny_llava,
     tiny_llava_next,
+    tiny_llava_onevision,
     tiny_qwen2_5_vl,
     tiny_qwen3_vl,
 )
@@ -40,6 +42,8 @@ PROMPTS = [([1, 5, 6], [7, 8, 9, 10]), ([1, 2], [17, 18, 19, 20, 21, 22, 23])]
 NEXT_SIZES = [(100, 160), (112, 60)]  # 64 and 48 visual tokens (+ 6 and 8 newlines)
 QWEN_SIZES = [(112, 168), (84, 112)]  # 24 and 12 visual tokens
 QWEN3_SIZES = [(128, 192), (96, 128)]  # 24 and 12 visual tokens (32 px per token)
+# OneVision: 16 + 8×12 (+ 8 newlines) and 16 + 12×12 after anyres_max_9 shrinks 16×16 (+ 12 newlines)
+ONEVISION_SIZES = [[(100, 160)], [(224, 224)]]
 STEPS = 3
 TOL = 1e-4
 BYPASS = 10**6  # a budget above every image's token count
@@ -67,6 +71,8 @@ class Family:
             out["pixel_values"] = inputs["pixel_values"][b : b + 1]
             if "image_sizes" in inputs:
                 out["image_sizes"] = inputs["image_sizes"][b : b + 1]
+            if "batch_num_images" in inputs:  # LLaVA-OneVision: one image per sample here
+                out["batch_num_images"] = inputs["batch_num_images"][b : b + 1]
         return out
 
 
@@ -99,8 +105,15 @@ def family(name: str) -> Family:
             1: qwen_inputs(m, PROMPTS[:1], QWEN3_SIZES[:1], seed=1),
             2: qwen_inputs(m, PROMPTS, QWEN3_SIZES, seed=2),
         }
+    elif name == "llava_onevision":  # not in FAMILIES: tests/test_adapter_llava_onevision.py runs its suite
+        fam.models = {a: tiny_llava_onevision(attn=a, layers=6) for a in ("sdpa", "eager")}
+        m = fam.models["sdpa"]
+        fam.batches = {
+            1: llava_onevision_inputs(m, PROMPTS[:1], ONEVISION_SIZES[:1], seed=1),
+            2: llava_onevision_inputs(m, PROMPTS, ONEVISION_SIZES, seed=2),
+        }
     else:
-        raise ValueError(f"unknown family {name!r}; one of {FAMILIES} or qwen3_vl")
+        raise ValueError(f"unknown family {name!r}; one of {FAMILIES}, qwen3_vl or llava_onevision")
     return fam
 
 

@@ -41,8 +41,11 @@ def masked_reference_logits(
     with torch.no_grad():
         if qwen:
             out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-        elif "image_sizes" in inputs:  # LLaVA-NeXT: packed base + unpadded tiles + newlines
-            out = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        elif "image_sizes" in inputs:  # LLaVA-NeXT / OneVision: packed base + unpadded tiles + newlines
+            extra = {k: inputs[k] for k in ("batch_num_images",) if k in inputs}
+            out = model.model.get_image_features(
+                pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], **extra
+            )
         else:
             out = model.model.get_image_features(pixel_values=inputs["pixel_values"])
         feats = torch.cat(list(out.pooler_output))

@@ -377,3 +377,115 @@ def qwen3_video_inputs(
             out[f"pixel_values{key}"] = torch.randn(n, width, generator=gen).to(model.dtype)
             out["image_grid_thw" if not key else "video_grid_thw"] = torch.tensor(grids)
     return out
+
+
+# --- LLaVA-OneVision -----------------------------------------------------------------------------------
+ONEVISION_VIDEO_TOKEN_ID = 251
+
+
+def tiny_llava_onevision(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, image_size: int = 56, **kw):
+    """A random `LlavaOnevisionForConditionalGeneration`: SigLIP tiles of 4×4 tokens (56 px, patch 14, no [CLS]),
+    `vision_feature_select_strategy="full"`, a Qwen2 decoder, AnyRes pinpoints up to 4×4 tiles so that large
+    images exceed `anyres_max_9` (9 tiles' worth of tokens) and get the model's bilinear down-sizing."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    s = image_size
+    pinpoints = [[s * a, s * b] for a in range(1, 5) for b in range(1, 5)]
+    config = LlavaOnevisionConfig(
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=s,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_index=IMAGE_TOKEN_ID,
+        video_token_index=ONEVISION_VIDEO_TOKEN_ID,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    config._attn_implementation = attn
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def llava_onevision_inputs(
+    model,
+    prompts: list[tuple[list[int], list[int]]],
+    sizes: list[list[tuple[int, int]]],
+    *,
+    seed: int = 0,
+    videos: list[int] | None = None,
+) -> dict:
+    """Left-padded LLaVA-OneVision inputs: prompt b holds the images of original sizes `sizes[b]` ((H, W) each;
+    one image: AnyRes tiles, several: one base tile each, as `batch_num_images` tells the model), then
+    `videos[b]` frames of one video (0: none). Placeholder counts are the model's own packed feature counts."""
+    cfg = model.config
+    s = cfg.vision_config.image_size
+    tiles = [image_size_to_num_patches_onevision(model, sz) if len(szs) == 1 else 1 for szs in sizes for sz in szs]
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(len(tiles), max(tiles), 3, s, s, generator=gen)
+    image_sizes = torch.tensor([sz for szs in sizes for sz in szs])
+    batch_num_images = torch.tensor([len(szs) for szs in sizes])
+    video_frames = videos or [0] * len(prompts)
+    with torch.no_grad():
+        feats = model.model.get_image_features(
+            pixel_values=pixels, image_sizes=image_sizes, batch_num_images=batch_num_images
+        ).pooler_output
+    counts = iter(int(f.shape[0]) for f in feats)
+    pooled = ((s // cfg.vision_config.patch_size + 1) // 2) ** 2  # tokens per frame after the 2× pooling
+    rows = []
+    for (pre, post), szs, frames in zip(prompts, sizes, video_frames, strict=True):
+        row = list(pre)
+        for _ in szs:
+            row += [cfg.image_token_id] * next(counts) + [3]
+        if frames:
+            row += [cfg.video_token_id] * (frames * pooled + 1)
+        rows.append(row + list(post))
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :] = torch.tensor(r)
+        mask[b, width - len(r) :] = 1
+    out = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": pixels,
+        "image_sizes": image_sizes,
+        "batch_num_images": batch_num_images,
+    }
+    if any(video_frames):
+        n = [f for f in video_frames if f]
+        if len(set(n)) != 1:
+            raise ValueError("the videos of one batch must have the same frame count (one pixel tensor)")
+        out["pixel_values_videos"] = torch.randn(len(n), n[0], 3, s, s, generator=gen)
+    return out
+
+
+def image_size_to_num_patches_onevision(model, image_size) -> int:
+    """Tiles (base + AnyRes grid) LLaVA-OneVision's vision tower sees for one image of `image_size` (H, W)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    cfg = model.config
+    return image_size_to_num_patches(list(image_size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)

@@ -28,7 +28,14 @@ from .flops import LLMDims
 
 __all__ = ["ARCH_NAMES", "arch_config", "build_arch", "full_dims", "parse_arch_id"]
 
-ARCH_NAMES: tuple[str, ...] = ("llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b")
+ARCH_NAMES: tuple[str, ...] = (
+    "llava-1.5-7b",
+    "llava-1.5-13b",
+    "llava-next-7b",
+    "qwen2.5-vl-3b",
+    "qwen2.5-vl-7b",
+    "qwen3-vl-8b",
+)
 _PREFIX = "arch:"
 
 

@@ -8,10 +8,17 @@ from ..errors import UnsupportedInputError, UnsupportedModelError
 from .base import ModelAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+    LlavaOnevisionAdapter,
+)
 
 
 def supported_model_classes() -> list[str]:
