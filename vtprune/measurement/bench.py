@@ -480,7 +480,7 @@ def _config_dict(cfg: BenchConfig, model, full: LLMDims | None) -> dict:
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None, None
-    from rich.progress import Progress
+    from vtprune.progress import Progress  # rich in a terminal, plain periodic lines in a log
 
     bar = Progress(transient=True)
     bar.start()

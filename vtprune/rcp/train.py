@@ -479,7 +479,9 @@ def train(
     perms: dict = {}
     bar = None
     if progress and main:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        from vtprune.progress import Progress  # rich in a terminal, plain periodic lines in a log
 
         bar = Progress(
             TextColumn("train-rcp"),

@@ -52,7 +52,7 @@ def evaluate(model, processor, samples: Iterable[dict], batch_size: int = 16, re
     records: list[dict] = []
     batches = range(0, len(samples), batch_size)
     if progress:
-        from rich.progress import track
+        from vtprune.progress import track  # plain periodic lines when not in a terminal
 
         batches = track(batches, description="scoring")
     for start in batches:
