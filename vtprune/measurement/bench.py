@@ -9,6 +9,13 @@ after warm-up, on random pixel values and ids with the right placeholder counts:
   LM head on the last row);
 - ``decode_ms_per_token``: median whole-model decode step; ``e2e_ms``: ``generate`` of T new tokens;
 - ``selection_ms``: the method's own ``select`` calls (wrapped on the instance for the run);
+- ``stock_equiv_ms``: the *stock* language model (no vtprune session, no hooks) run directly on random
+  hidden states at each decoder layer's realised length (one stock forward over each run of layers with the
+  same length: pre-LLM methods are one forward at n_text + K rows; an in-LLM cut at layer k is layers
+  [0, k) at the full length, then layers [k, L) at the pruned one), timed in the same interleaved rounds.
+  ``vs_stock`` = vtprune's pruned prefill ÷ that (min of the rounds of each): the engine's own overhead
+  (hooks, in-LLM signals, selection and compaction inside the prefill); ``stock_vs_bound`` = the stock
+  model's own speed-up at those lengths ÷ the FLOPs bound: the hardware's share of a miss;
 - ``kv_bytes``: measured from the returned cache tensors (padding rows included) and analytic from
   ``last_run`` (``kv_bytes_analytic``);
 - ``peak_mem_bytes``: CUDA ``max_memory_allocated`` (reset per call, weights included); on CPU an
@@ -17,7 +24,8 @@ after warm-up, on random pixel values and ids with the right placeholder counts:
 - analytic LLM prefill FLOPs in the three conventions at the built depth and, for ``arch:`` models built
   with ``--layers``, at full depth (the method's schedule recomputed for the full depth).
 
-Medians over ``repeats`` rounds; device synchronisation around every timed region.
+Medians over ``repeats`` rounds (``vs_stock`` and ``stock_*``: minima, the robust statistic on a shared host);
+device synchronisation around every timed region.
 """
 
 from __future__ import annotations
@@ -60,6 +68,8 @@ class BenchConfig:
     budget_mode: str = "layer_avg"
     options: dict = field(default_factory=dict)
     seed: int = 0
+    #: also time the stock language model at each case's realised per-layer lengths (`StockEquivalent`)
+    stock: bool = True
 
 
 # --- model and inputs -------------------------------------------------------------------------------------
@@ -126,9 +136,8 @@ def make_inputs(model, cfg: BenchConfig) -> dict:
     elif kind == "llava_next":
         w, h = cfg.image_size or (2 * config.vision_config.image_size,) * 2
         inputs = testing.llava_next_inputs(model, prompts, [(h, w)] * cfg.batch, seed=cfg.seed)
-    elif kind in ("qwen2_5_vl", "qwen3_vl"):  # 576 tokens by default: 24×24 merged patches of 28 / 32 px
-        side = 24 * 2 * int(config.vision_config.patch_size)
-        w, h = cfg.image_size or (side, side)
+    elif kind == "qwen2_5_vl":
+        w, h = cfg.image_size or (672, 672)
         inputs = testing.qwen_inputs(model, prompts, [(h, w)] * cfg.batch, seed=cfg.seed)
     else:
         raise VtpruneError(f"vtprune bench does not know how to build inputs for model_type {kind!r}")
@@ -282,6 +291,55 @@ def full_depth_flops(rec, session, budget, budget_mode: str, full: LLMDims) -> d
     return total
 
 
+# --- stock equivalent ----------------------------------------------------------------------------------
+def layer_lengths(rec) -> list[int]:
+    """Sequence length entering each decoder layer of a prefill (a padded batch: its longest sample)."""
+    layers = len(rec.samples[0].visual_per_layer)
+    return [max(s.n_text + s.visual_per_layer[i] for s in rec.samples) for i in range(layers)]
+
+
+def length_segments(lengths: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive layers with one length.  [640, 640, 256, 256] -> [(0, 2, 640), (2, 4, 256)]."""
+    out: list[tuple[int, int, int]] = []
+    for i, n in enumerate(lengths):
+        if out and out[-1][2] == n:
+            out[-1] = (out[-1][0], i + 1, n)
+        else:
+            out.append((i, i + 1, n))
+    return out
+
+
+class StockEquivalent:
+    """The stock language model at a prefill's realised per-layer lengths: one plain forward of the decoder
+    layers [a, b) per segment (`length_segments`) on random hidden states (batch, n, d) with an all-ones
+    mask and a fresh cache, no vtprune session or hook involved. Call it to run once.
+
+    Each extra segment pays the model's per-forward work once more (rotary table, mask, final norm): a few
+    per cent of one layer, so an in-LLM row's stock equivalent slightly overstates the ideal.
+    """
+
+    def __init__(self, lm: torch.nn.Module, lengths: list[int], batch: int, seed: int = 0):
+        self.lm = lm
+        p = next(lm.parameters())
+        gen = torch.Generator().manual_seed(seed)
+        hidden = int(lm.config.hidden_size)
+        self.segments = []
+        for a, b, n in length_segments(lengths):
+            x = torch.randn(batch, n, hidden, generator=gen).to(p.device, p.dtype)
+            mask = torch.ones(batch, n, dtype=torch.long, device=p.device)
+            self.segments.append((a, b, x, mask))
+
+    def __call__(self) -> None:
+        layers = self.lm.layers
+        try:
+            with torch.inference_mode():
+                for a, b, x, mask in self.segments:
+                    self.lm.layers = layers[a:b]
+                    self.lm(inputs_embeds=x, attention_mask=mask, use_cache=True)
+        finally:
+            self.lm.layers = layers
+
+
 # --- the run -------------------------------------------------------------------------------------------
 @dataclass
 class _Case:
@@ -290,6 +348,8 @@ class _Case:
     samples: dict[str, list[float]] = field(default_factory=dict)
     row: dict = field(default_factory=dict)
     error: str | None = None
+    stock: StockEquivalent | None = None
+    stock_ms: list[float] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -326,10 +386,13 @@ def _remove(model) -> None:
         vtprune.remove(model)
 
 
-def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
-    """Run the benchmark; -> {"config": ..., "rows": [one dict per case, the unpruned one first]}."""
+def run_bench(cfg: BenchConfig, progress: bool = True, built: tuple | None = None) -> dict:
+    """Run the benchmark; -> {"config": ..., "rows": [one dict per case, the unpruned one first]}.
+
+    built: `load_bench_model(cfg)`'s (model, full dims), to reuse one model over several runs.
+    """
     device = torch.device(cfg.device)
-    model, full = load_bench_model(cfg)
+    model, full = built if built is not None else load_bench_model(cfg)
     inputs = make_inputs(model, cfg)
     dims = LLMDims.from_config(model.config.text_config)
     cases = [_Case(UNPRUNED, None)]
@@ -352,6 +415,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
                 rec = vtprune.last_run(model)
                 sess = session_of(model)
                 case.row = _analytic_row(case, cfg, rec, sess, dims, full, _cache_bytes(hf.output_cache(out)))
+                case.row["layer_lengths"] = layer_lengths(rec)
+                if cfg.stock:
+                    case.stock = StockEquivalent(model.model.language_model, case.row["layer_lengths"], cfg.batch)
                 del out
             except VtpruneError as err:
                 case.error = str(err)
@@ -391,7 +457,16 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> dict:
 
             return fn
 
-        interleaved({c.label: make_fn(c) for c in live}, rounds=cfg.repeats, warmup=cfg.warmup, device=device)
+        fns: dict[str, Callable[[], object]] = {}
+        for c in live:
+            fns[c.label] = make_fn(c)
+            if c.stock is not None:  # same rounds, right after the vtprune run it stands for
+                fns[f"stock:{c.label}"] = c.stock
+        timings = interleaved(fns, rounds=cfg.repeats, warmup=cfg.warmup, device=device)
+        for c in live:
+            if c.stock is not None:
+                c.stock_ms = timings[f"stock:{c.label}"].samples_ms
+                c.stock = None  # free its inputs
     finally:
         if bar is not None:
             bar.stop()
@@ -450,6 +525,16 @@ def _finish_row(case: _Case, cfg: BenchConfig, base: _Case, device: torch.device
         row["speedup_vs_bound"] = row["speedup_prefill"] / row["flops_bound"]
     if row.get("prefill_ms"):
         row["selection_pct_of_prefill"] = 100 * (row.get("selection_ms") or 0.0) / row["prefill_ms"]
+    prefill = timed.get("prefill_ms") or []
+    row["prefill_ms_min"] = min(prefill) if prefill else None
+    if case.stock_ms:
+        row["stock_equiv_ms"] = statistics.median(case.stock_ms)
+        row["stock_equiv_ms_min"] = min(case.stock_ms)
+        if row["prefill_ms_min"]:
+            row["vs_stock"] = row["prefill_ms_min"] / row["stock_equiv_ms_min"]
+        if base.stock_ms and row.get("flops_bound"):
+            row["stock_speedup"] = min(base.stock_ms) / row["stock_equiv_ms_min"]
+            row["stock_vs_bound"] = row["stock_speedup"] / row["flops_bound"]
     row.update(common)
     return row
 
@@ -471,6 +556,7 @@ def _config_dict(cfg: BenchConfig, model, full: LLMDims | None) -> dict:
         "new_tokens": cfg.new_tokens,
         "budget_mode": cfg.budget_mode,
         "options": cfg.options,
+        "stock": cfg.stock,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -513,6 +599,8 @@ def bench_table(result: dict):
         "speed-up",
         "FLOPs bound",
         "% of bound",
+        "÷ stock",
+        "stock % of bound",
         "select ms",
         "select %",
         "decode ms/tok",
@@ -543,6 +631,8 @@ def bench_table(result: dict):
             f(r.get("speedup_prefill"), ".2f") + "×",
             f(r.get("flops_bound"), ".2f") + "×",
             f(100 * r["speedup_vs_bound"] if r.get("speedup_vs_bound") else None, ".0f"),
+            f(r.get("vs_stock"), ".3f"),
+            f(100 * r["stock_vs_bound"] if r.get("stock_vs_bound") else None, ".0f"),
             f(r.get("selection_ms"), ".2f"),
             f(r.get("selection_pct_of_prefill"), ".2f"),
             f(r.get("decode_ms_per_token"), ".1f"),

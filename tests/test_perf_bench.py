@@ -1,0 +1,84 @@
+"""The stock-equivalent column of `vtprune bench` and the GPU script's tiny CPU mode (issue 26)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from vtprune import testing
+from vtprune.api import session_of
+from vtprune.measurement.bench import StockEquivalent, layer_lengths, length_segments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_length_segments():
+    assert length_segments([640, 640, 256, 256, 256, 100]) == [(0, 2, 640), (2, 5, 256), (5, 6, 100)]
+    assert length_segments([128] * 4) == [(0, 4, 128)]
+
+
+def test_layer_lengths_is_the_padded_batch_length_per_layer():
+    class S:
+        def __init__(self, n_text, per_layer):
+            self.n_text, self.visual_per_layer = n_text, per_layer
+
+    class R:
+        samples = [S(10, [100, 50, 50]), S(12, [90, 60, 40])]
+
+    assert layer_lengths(R()) == [110, 72, 60]
+
+
+def test_stock_equivalent_runs_each_layer_at_its_length_without_vtprune():
+    model = testing.tiny_llava(layers=4)
+    lm = model.model.language_model
+    layers = lm.layers
+    seen: list[tuple[int, int]] = []
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen.append((i, a[0].shape[1])), with_kwargs=True)
+        for i, layer in enumerate(layers)
+    ]
+    try:
+        stock = StockEquivalent(lm, [640, 640, 208, 208], batch=2)
+        stock()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [(0, 640), (1, 640), (2, 208), (3, 208)]
+    assert lm.layers is layers and session_of(model) is None
+
+
+def _gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_tiny_mode_runs_every_stage_with_the_stock_column(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        data = _gpu_bench().main(["--tiny", "--out", str(tmp_path)])  # sets 1 torch thread, as every CPU bench
+    finally:
+        torch.set_num_threads(threads)
+    saved = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert len(saved["stages"]) == len(data["stages"]) == 4
+    assert [s["model"] for s in saved["stages"]] == ["tiny:llava", "tiny:llava", "tiny:llava-next", "tiny:qwen2.5-vl"]
+    assert [s["batch"] for s in saved["stages"]][:2] == [1, 2]
+    timed = 0
+    for stage in saved["stages"]:
+        assert not stage.get("skipped")
+        for run in stage["runs"]:
+            assert run["rows"][0]["method"] == "none"
+            for row in run["rows"]:
+                if row.get("error"):
+                    continue
+                timed += 1
+                for key in ("prefill_ms", "forward_prefill_ms", "decode_ms_per_token", "kv_bytes", "vs_stock"):
+                    assert row[key] is not None and row[key] > 0, key
+                assert row["layer_lengths"][0] >= row["layer_lengths"][-1]
+    assert timed >= 6
+    md = (tmp_path / "gpu_bench.md").read_text()
+    assert "÷ stock" in md and "tiny:qwen2.5-vl" in md
