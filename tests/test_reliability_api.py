@@ -225,3 +225,16 @@ def test_second_thread_is_refused_while_a_call_runs_then_works(small):
         release.set()
         handle.remove()
         vtprune.remove(model)
+
+
+def test_fewer_tokens_than_images_is_a_budget_error_not_an_internal_one(small):
+    """Found by the batch-mix property test: budget 1 on a prompt with two images used to fail inside the engine
+    ("invalid schedule [0]"); it is a `BudgetError` naming the sample and the smallest budget."""
+    model, _ = small
+    inputs = llava_inputs(model, [([1, 5], [7, 8])], images=2, seed=3)
+    with vtprune.pruned(model, "random", 1):
+        with pytest.raises(BudgetError, match=r"cannot keep one token of each of the 2 images of sample 0; .* 2"):
+            _logits(model, inputs)
+    with vtprune.pruned(model, "random", 2):
+        _logits(model, inputs)
+        assert [len(e.keep_idx) for e in vtprune.last_run(model).samples[0].events] == [2]

@@ -102,6 +102,18 @@ def _plain_number(value: object) -> object:
     return value
 
 
+def image_budgets(total: int, sizes: list[int], sample: int = 0) -> list[int]:
+    """A sample's token budget split over its images (`largest_remainder_split`, spec README §10), each image
+    keeping at least one token; raises `BudgetError` when the budget is smaller than the number of images."""
+    n_images = sum(1 for s in sizes if s > 0)
+    if total < min(n_images, sum(sizes)):
+        raise BudgetError(
+            f"a budget of {total} token(s) cannot keep one token of each of the {n_images} images of sample {sample}; "
+            f"pass a budget of at least {n_images} (one token per image) or a ratio"
+        )
+    return largest_remainder_split(total, sizes)
+
+
 def largest_remainder_split(total: int, sizes: list[int], minimum: int = 1) -> list[int]:
     """Split `total` over parts in proportion to `sizes` (largest remainder, ties to the earlier part).
 

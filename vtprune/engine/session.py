@@ -32,7 +32,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..budget import Budget, largest_remainder_split
+from ..budget import Budget, image_budgets
 from ..errors import UnsupportedInputError, VtpruneError
 from ..measurement.flops import LLMDims
 from ..methods.base import ImageTokens, KeepPlan, PruningMethod, Stage
@@ -421,7 +421,7 @@ class PruningSession:
             n_visual.append(sum(sizes))
             if not sizes:
                 continue
-            budgets = largest_remainder_split(self.budget.tokens_for(sum(sizes)), sizes)
+            budgets = image_budgets(self.budget.tokens_for(sum(sizes)), sizes, b)  # >= 1 token per image
             sample_seed = hash(tuple(input_ids[b][mask2d[b].bool()].tolist()))
             offset = 0
             for j, (rows, n, k) in enumerate(zip(per_image, sizes, budgets, strict=True)):
