@@ -26,10 +26,12 @@ from oracles import generate_logits, masked_reference_logits
 import vtprune
 from vtprune.methods import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, register, stable_topk
 from vtprune.testing import (
+    gemma3_inputs,
     llava_inputs,
     llava_next_inputs,
     llava_onevision_inputs,
     qwen_inputs,
+    tiny_gemma3,
     tiny_llava,
     tiny_llava_next,
     tiny_llava_onevision,
@@ -44,6 +46,7 @@ QWEN_SIZES = [(112, 168), (84, 112)]  # 24 and 12 visual tokens
 QWEN3_SIZES = [(128, 192), (96, 128)]  # 24 and 12 visual tokens (32 px per token)
 # OneVision: 16 + 8×12 (+ 8 newlines) and 16 + 12×12 after anyres_max_9 shrinks 16×16 (+ 12 newlines)
 ONEVISION_SIZES = [[(100, 160)], [(224, 224)]]
+GEMMA_CROPS = [1, 3]  # images per prompt (an image + 2 pan-and-scan crops), 16 soft tokens each
 STEPS = 3
 TOL = 1e-4
 BYPASS = 10**6  # a budget above every image's token count
@@ -59,7 +62,9 @@ class Family:
         """Sample b of a batch as a batch of one (left padding removed)."""
         pad = int((inputs["attention_mask"][b] == 0).sum())
         out = {
-            k: inputs[k][b : b + 1, pad:] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs
+            k: inputs[k][b : b + 1, pad:]
+            for k in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+            if k in inputs
         }
         if "image_grid_thw" in inputs:  # Qwen2.5-VL / Qwen3-VL: flattened patches per image
             grid = inputs["image_grid_thw"]
@@ -67,6 +72,12 @@ class Family:
             start = sum(patches[:b])
             out["pixel_values"] = inputs["pixel_values"][start : start + patches[b]]
             out["image_grid_thw"] = grid[b : b + 1]
+        elif "token_type_ids" in inputs:  # Gemma 3: a sample's images / crops from its soft-token count
+            soft = (inputs["token_type_ids"] == 1).sum(1)
+            per_image = int(soft.sum()) // inputs["pixel_values"].shape[0]
+            counts = (soft // per_image).tolist()
+            start = sum(counts[:b])
+            out["pixel_values"] = inputs["pixel_values"][start : start + counts[b]]
         else:
             out["pixel_values"] = inputs["pixel_values"][b : b + 1]
             if "image_sizes" in inputs:
@@ -112,8 +123,15 @@ def family(name: str) -> Family:
             1: llava_onevision_inputs(m, PROMPTS[:1], ONEVISION_SIZES[:1], seed=1),
             2: llava_onevision_inputs(m, PROMPTS, ONEVISION_SIZES, seed=2),
         }
+    elif name == "gemma3":  # not in FAMILIES: tests/test_adapter_gemma3.py runs its suite
+        fam.models = {a: tiny_gemma3(attn=a, layers=6, sliding_window=80) for a in ("sdpa", "eager")}
+        m = fam.models["sdpa"]
+        fam.batches = {
+            1: gemma3_inputs(m, PROMPTS[:1], GEMMA_CROPS[:1], seed=1),
+            2: gemma3_inputs(m, PROMPTS, GEMMA_CROPS, seed=2),
+        }
     else:
-        raise ValueError(f"unknown family {name!r}; one of {FAMILIES}, qwen3_vl or llava_onevision")
+        raise ValueError(f"unknown family {name!r}; one of {FAMILIES}, qwen3_vl, llava_onevision or gemma3")
     return fam
 
 
@@ -195,8 +213,9 @@ def _extend(inputs: dict, tokens: torch.Tensor) -> dict:
     out = dict(inputs)
     out["input_ids"] = torch.cat([inputs["input_ids"], tokens], 1)
     out["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], 1)
-    if "mm_token_type_ids" in inputs:
-        out["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tokens)], 1)
+    for name in ("mm_token_type_ids", "token_type_ids"):  # Qwen / Gemma 3: generated tokens are text (0)
+        if name in inputs:
+            out[name] = torch.cat([inputs[name], torch.zeros_like(tokens)], 1)
     return out
 
 

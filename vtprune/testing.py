@@ -489,3 +489,76 @@ def image_size_to_num_patches_onevision(model, image_size) -> int:
 
     cfg = model.config
     return image_size_to_num_patches(list(image_size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+
+# --- Gemma 3 -------------------------------------------------------------------------------------------
+GEMMA_BOI_ID, GEMMA_EOI_ID = 252, 253
+
+
+def tiny_gemma3(*, seed: int = 0, attn: str = "sdpa", layers: int = 6, sliding_window: int = 512, **kw):
+    """A random `Gemma3ForConditionalGeneration`: SigLIP on 112 px (8×8 patches) average-pooled to 4×4 = 16
+    soft tokens per image / pan-and-scan crop, a decoder whose layers alternate sliding (window
+    `sliding_window`) and full attention (pattern 2: odd layers full), per-type RoPE, q/k norms."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = Gemma3Config(
+        text_config=dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            sliding_window=sliding_window,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=112,
+            patch_size=14,
+            vision_use_head=False,
+        ),
+        mm_tokens_per_image=16,
+        boi_token_index=GEMMA_BOI_ID,
+        eoi_token_index=GEMMA_EOI_ID,
+        image_token_index=IMAGE_TOKEN_ID,
+    )
+    config._attn_implementation = attn
+    model = Gemma3ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def gemma3_inputs(model, prompts: list[tuple[list[int], list[int]]], crops: list[int], *, seed: int = 0) -> dict:
+    """Left-padded Gemma 3 inputs: prompt b holds `crops[b]` images (e.g. an image and its pan-and-scan crops),
+    each `<start_of_image>` + mm_tokens_per_image soft tokens + `<end_of_image>`, as the processor lays them out.
+
+    -> {input_ids, attention_mask, token_type_ids (B, L) (1 on soft tokens), pixel_values (Σ crops, 3, S, S)}.
+    """
+    cfg = model.config
+    n = int(cfg.mm_tokens_per_image)
+    span = [cfg.boi_token_index] + [cfg.image_token_id] * n + [cfg.eoi_token_index]
+    rows = [list(pre) + span * c + list(post) for (pre, post), c in zip(prompts, crops, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :] = torch.tensor(r)
+        mask[b, width - len(r) :] = 1
+    gen = torch.Generator().manual_seed(seed)
+    size = cfg.vision_config.image_size
+    pixels = torch.randn(sum(crops), 3, size, size, generator=gen).to(model.dtype)
+    tt = (ids == cfg.image_token_id).long()
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt, "pixel_values": pixels}

@@ -150,6 +150,7 @@ class PruningSession:
         self.stages: tuple[Stage, ...] = method.stages()
         method.validate(adapter.num_layers)
         _check_stage_order(method.name, self.stages)
+        adapter.check_stages(method.name, self.stages)  # a family may refuse some stage kinds (Gemma 3: llm:k)
         if method.inserts and any(s.kind == "llm" for s in self.stages):
             raise VtpruneError(
                 f"method {method.name!r} inserts tokens before the LLM; in-LLM stages after inserted tokens are not "
@@ -882,6 +883,7 @@ class PruningSession:
         first = fw.groups[0]
         kwargs["attention_mask"] = first.mask2d
         kwargs["position_ids"] = first.step_positions
+        self.adapter.check_decode(first.step_positions)
         self._forward = fw
         return (), kwargs
 

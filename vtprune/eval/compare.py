@@ -186,7 +186,10 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "vtprune compa
     """Accuracy vs layer-averaged tokens and vs prefill FLOPs (% of the full model), one marker style per method,
     Wilson 95 % error bars, ticks at the budgets run, the full model as a reference band, methods that could not
     run listed under the plot and the number of questions in the title."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # issue 20: one clear line instead of a traceback (e.g. `vtprune demo` without extras)
+        raise VtpruneError("plots need matplotlib, which is not installed: pip install 'vtprune[demo]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,6 +6,7 @@ from torch import nn
 
 from ..errors import UnsupportedInputError, UnsupportedModelError
 from .base import ModelAdapter
+from .gemma3 import Gemma3Adapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -18,6 +19,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2_5_VLAdapter,
     Qwen3VLAdapter,
     LlavaOnevisionAdapter,
+    Gemma3Adapter,
 )
 
 

@@ -123,6 +123,15 @@ class ModelAdapter(ABC):
         breaks = (image_rows[1:] - image_rows[:-1] != 1).nonzero().flatten() + 1
         return list(torch.tensor_split(image_rows, breaks.tolist()))
 
+    def check_stages(self, method_name: str, stages) -> None:
+        """Refuse (raise `UnsupportedInputError`) a method whose stages this family cannot run; called at `apply`."""
+        return None
+
+    def check_decode(self, positions: torch.Tensor) -> None:
+        """Refuse a decode step of a pruned cache (raise `UnsupportedInputError`); positions (B, q) or (R, B, q)
+        are the step's position ids.  Default: nothing."""
+        return None
+
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
         """Refuse inputs this family cannot prune (raise `UnsupportedInputError`); called at each prefill."""
         return None

@@ -1,0 +1,138 @@
+"""Adapter for `Gemma3ForConditionalGeneration`: SigLIP (no [CLS]) average-pooled to `mm_tokens_per_image`
+(256) soft tokens per image, Gemma 3 decoder with interleaved sliding-window / full-attention layers.
+
+- Layout: every image, and every pan-and-scan crop (the processor gives each crop its own
+  `<start_of_image>` … `<end_of_image>` run), is one engine image with one side×side grid (16×16 for 256).
+- Bidirectional image attention: the stock forward lets the soft tokens of one image (one contiguous run of
+  `token_type_ids == 1`) attend to each other in both directions. Pre-LLM stages hand the stock forward the
+  gathered `token_type_ids` (the engine gathers them with the ids), so every image's kept tokens form one
+  block again and the rebuilt mask is the unpruned mask with the removed keys taken out — exactly.
+- Sliding-window layers measure their window in sequence indices. Physically removing rows would let a
+  sliding layer reach further back than in the unpruned model, so a pruned run is exact only while every
+  position stays inside the window: prompts longer than `sliding_window` are refused at the prefill and a
+  pruned generation that reaches the window is stopped (UnsupportedInputError naming the window). One
+  256-token image, a question and the answer under Gemma 3's 1024-token window are exact.
+- In-LLM stages (`llm:k`: FastV, PDrop, SparseVLM, the in-LLM variants of others) are refused at `apply`:
+  the engine rebuilds one causal mask and one RoPE table per group, while Gemma 3 needs per-layer-type ones
+  (sliding vs full window, RoPE θ 10 k vs 1 M) with the bidirectional image blocks; not implemented.
+- Vision signals (spec §7 no-[CLS] rule): the last SigLIP layer's attention column mean (over heads and query
+  patches of the same image), keys (all heads / head mean), each average-pooled with the projector's own
+  kernel so they line up with the soft tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from ..errors import UnsupportedInputError
+from .base import ModelAdapter
+
+
+class Gemma3Adapter(ModelAdapter):
+    model_classes = ("Gemma3ForConditionalGeneration",)
+    image_kwargs = ("pixel_values",)
+    vision_signal_names = frozenset({"cls_attention", "vision_keys", "vision_head_keys"})
+
+    @property
+    def side(self) -> int:
+        return int(round(int(self.model.config.mm_tokens_per_image) ** 0.5))
+
+    def nominal_visual_tokens(self) -> int:
+        return int(self.model.config.mm_tokens_per_image)
+
+    def check_stages(self, method_name: str, stages) -> None:
+        in_llm = [str(s) for s in stages if s.kind == "llm"]
+        if in_llm:
+            raise UnsupportedInputError(
+                f"method {method_name!r} prunes inside the LLM ({', '.join(in_llm)}); on Gemma 3 that needs "
+                "per-layer-type masks (sliding vs full window with the bidirectional image blocks) and RoPE "
+                "tables, which vtprune does not rebuild yet: use a vision / pre_llm method or variant"
+            )
+
+    def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
+        window = self._window()
+        if window is not None and input_ids.shape[1] > window:
+            raise UnsupportedInputError(
+                f"a prompt of {input_ids.shape[1]} tokens is longer than Gemma 3's sliding window ({window}): its "
+                "sliding-window layers would reach different keys once rows are removed (supported up to the window)"
+            )
+
+    def check_decode(self, positions: torch.Tensor) -> None:
+        window = self._window()
+        if window is not None and int(positions.max()) >= window:
+            raise UnsupportedInputError(
+                f"generation reached position {int(positions.max())}, past Gemma 3's sliding window ({window}): "
+                "its sliding-window layers would reach keys the unpruned model no longer sees (pruned generation "
+                "is supported while prompt + generated tokens fit in the window)"
+            )
+
+    def _window(self) -> int | None:
+        tc = self.text_config
+        window = getattr(tc, "sliding_window", None)
+        sliding = any(t == "sliding_attention" for t in getattr(tc, "layer_types", None) or ())
+        return int(window) if sliding and window is not None else None
+
+    def split_images(self, image_rows: torch.Tensor) -> list[torch.Tensor]:
+        """Runs of soft tokens, each cut into images of `mm_tokens_per_image` (adjacent crops)."""
+        n = self.nominal_visual_tokens()
+        images = []
+        for run in super().split_images(image_rows):
+            if run.numel() % n:
+                raise UnsupportedInputError(
+                    f"a run of {run.numel()} image soft tokens is not a multiple of the {n} tokens per image"
+                )
+            images.extend(run.split(n))
+        return images
+
+    def image_layout(self, image_index: int, n: int):
+        s = self.side
+        if n != s * s:
+            raise UnsupportedInputError(f"image {image_index} has {n} soft tokens, expected {s}×{s} = {s * s}")
+        r = torch.arange(n)
+        return [(s, s)], torch.stack([r // s, r % s], 1), torch.zeros(n, dtype=torch.long)
+
+    def encode_images(self, kwargs: dict) -> list[torch.Tensor]:
+        out = self.model.model.get_image_features(kwargs["pixel_values"], return_dict=True)
+        return list(out.pooler_output)
+
+    def features_from_kwargs(self, kwargs: dict) -> list[torch.Tensor] | None:
+        mm = kwargs.get("mm_encoder_outputs") or {}
+        out = mm.get("image")
+        return None if out is None else list(out.pooler_output)
+
+    def features_to_kwargs(self, feats: list[torch.Tensor]) -> dict:
+        """(k_i, D) per image -> one (1, Σ k_i, D) tensor (the model scatters it in placeholder order)."""
+        return {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(feats)[None])}
+
+    # --- attention -------------------------------------------------------------------------------
+    def input_norm(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return layer.input_layernorm(hidden)
+
+    # --- vision signals (spec §7, no [CLS]) ------------------------------------------------------
+    def vision_attention_module(self) -> nn.Module:
+        tower = self.model.model.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers[-1].self_attn
+
+    def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+        """x (n_img, P², C) the last SigLIP layer's attention input -> per image, pooled to the soft-token grid:
+        cls_attention (n_img, n) column mean over heads and query patches (fp32), vision_keys (n_img, n, C),
+        vision_head_keys (n_img, n, d_h)."""
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k_flat = attn.k_proj(x)
+        k = k_flat.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+        col = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1).mean((1, 2))  # (b, P²)
+        proj = self.model.model.multi_modal_projector
+        side = proj.patches_per_image
+
+        def pool(v: torch.Tensor) -> torch.Tensor:  # (b, P², c) -> (b, n, c), the projector's avg pool
+            grid = v.transpose(1, 2).reshape(b, v.shape[-1], side, side)
+            return proj.avg_pool(grid).flatten(2).transpose(1, 2)
+
+        return {
+            "cls_attention": pool(col[..., None])[..., 0],
+            "vision_keys": pool(k_flat),
+            "vision_head_keys": pool(k.mean(1)),
+        }
