@@ -238,3 +238,14 @@ def test_fewer_tokens_than_images_is_a_budget_error_not_an_internal_one(small):
     with vtprune.pruned(model, "random", 2):
         _logits(model, inputs)
         assert [len(e.keep_idx) for e in vtprune.last_run(model).samples[0].events] == [2]
+
+
+def test_plots_without_matplotlib_fail_in_one_line(monkeypatch):
+    """`vtprune demo` / `compare` without the [demo] extra: a `VtpruneError` saying what to install."""
+    import sys
+
+    from vtprune.eval.compare import plot_compare
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    with pytest.raises(VtpruneError, match=r"plots need matplotlib.*pip install 'vtprune\[demo\]'"):
+        plot_compare([], "x.png")

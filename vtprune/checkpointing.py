@@ -316,7 +316,7 @@ def state_files(name: str, obj: object) -> dict[str, Callable[[Path], None]]:
 
 def json_file(obj: object) -> Callable[[Path], None]:
     """Writer for `write`: strict JSON."""
-    return lambda p: p.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    return lambda p: p.write_text(dumps_strict(obj, indent=2) + "\n")
 
 
 def load_state(folder: str | Path, name: str, device: str | torch.device = "cpu") -> object:

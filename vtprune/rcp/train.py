@@ -532,7 +532,7 @@ def train(
             }
             if main:
                 with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                    f.write(cpt.dumps_strict(record) + "\n")  # strict JSON: a NaN loss is written as null
             if bar is not None:
                 bar.update(
                     task,

@@ -476,7 +476,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             st["stage"] = "B"  # resumed with a longer Stage B
             st["cls_done"] = False  # a new best export needs Stage C again
         log(f"resumed: stage {st['stage']} step {st['step']}")
-    (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "train_config.json").write_text(cpt.dumps_strict(cfg.to_dict(), indent=2))
 
     def save() -> None:
         nonlocal serial
@@ -644,7 +644,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                "train_wall_s": round(st["wall"], 1), "machine": machine(),
                "data_version": DATA_VERSION, "eval_majority": majority_baseline(eval_set),
                "question_types": list(QUESTION_TYPES)}
-    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "train_summary.json").write_text(cpt.dumps_strict(summary, indent=2))
     return model
 
 
