@@ -318,9 +318,19 @@ def _load_samples_checked(args: argparse.Namespace):
     from vtprune.eval.shapes import load_samples
 
     check_path(args.data, "data file", "file")
-    samples, root = load_samples(args.n, args.seed, args.data)
+    try:
+        samples, root = load_samples(args.n, args.seed, args.data)
+    except VtpruneError:
+        raise
+    except ValueError as err:  # a line that is not JSON (the reader names the line where it can)
+        raise UsageError(f"cannot read {args.data}: {one_line(err)} (expected one JSON object per line)") from None
     if not samples:
         raise UsageError(f"no questions to score in {args.data or 'the generated set'} (an empty input is refused)")
+    need = ("image", "question", "answer", "type")
+    for i, s in enumerate(samples, 1):
+        missing = [k for k in need if not isinstance(s, dict) or k not in s]
+        if missing:
+            raise UsageError(f"{args.data}: record {i} lacks {', '.join(missing)} (each line needs {', '.join(need)})")
     return samples, root
 
 
@@ -737,5 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     return guarded(go, "vtprune", debug)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m vtprune.cli`: run the importable module (one `Parser` class, not two)
+    from vtprune.cli import main as _main
+
+    sys.exit(_main())

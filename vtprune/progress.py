@@ -58,7 +58,7 @@ class _Task:
     total: float | None
     completed: float = 0.0
     fields: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=lambda: time.monotonic())
     last_print: float = -1.0
     done_printed: bool = False
 
