@@ -30,7 +30,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="also write the lmms-eval tasks vtprune_shapes(_mc) there (lmms-eval --include_path OUT)")
     e.set_defaults(testbed_func=_export)
 
-    t = sub.add_parser("train", help="train the built-in model (resumes from OUT/state.pt)")
+    t = sub.add_parser("train", help="train the built-in model (resumes from the checkpoint in OUT/state/)")
     t.add_argument("--out", required=True)
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
