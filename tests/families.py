@@ -27,11 +27,13 @@ import vtprune
 from vtprune.methods import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, register, stable_topk
 from vtprune.testing import (
     gemma3_inputs,
+    internvl_inputs,
     llava_inputs,
     llava_next_inputs,
     llava_onevision_inputs,
     qwen_inputs,
     tiny_gemma3,
+    tiny_internvl,
     tiny_llava,
     tiny_llava_next,
     tiny_llava_onevision,
@@ -46,6 +48,7 @@ QWEN_SIZES = [(112, 168), (84, 112)]  # 24 and 12 visual tokens
 QWEN3_SIZES = [(128, 192), (96, 128)]  # 24 and 12 visual tokens (32 px per token)
 # OneVision: 16 + 8×12 (+ 8 newlines) and 16 + 12×12 after anyres_max_9 shrinks 16×16 (+ 12 newlines)
 ONEVISION_SIZES = [[(100, 160)], [(224, 224)]]
+INTERNVL_TILES = [1, 3]  # tiles per image (2 dynamic tiles + thumbnail), 16 tokens each
 GEMMA_CROPS = [1, 3]  # images per prompt (an image + 2 pan-and-scan crops), 16 soft tokens each
 STEPS = 3
 TOL = 1e-4
@@ -72,6 +75,11 @@ class Family:
             start = sum(patches[:b])
             out["pixel_values"] = inputs["pixel_values"][start : start + patches[b]]
             out["image_grid_thw"] = grid[b : b + 1]
+        elif self.name == "internvl":  # a sample's tiles from its placeholder count
+            cfg = self.models["sdpa"].config
+            counts = ((inputs["input_ids"] == cfg.image_token_id).sum(1) // int(cfg.image_seq_length)).tolist()
+            start = sum(counts[:b])
+            out["pixel_values"] = inputs["pixel_values"][start : start + counts[b]]
         elif "token_type_ids" in inputs:  # Gemma 3: a sample's images / crops from its soft-token count
             soft = (inputs["token_type_ids"] == 1).sum(1)
             per_image = int(soft.sum()) // inputs["pixel_values"].shape[0]
@@ -130,8 +138,15 @@ def family(name: str) -> Family:
             1: gemma3_inputs(m, PROMPTS[:1], GEMMA_CROPS[:1], seed=1),
             2: gemma3_inputs(m, PROMPTS, GEMMA_CROPS, seed=2),
         }
+    elif name == "internvl":  # not in FAMILIES: tests/test_adapter_internvl.py runs its suite
+        fam.models = {a: tiny_internvl(attn=a, layers=6) for a in ("sdpa", "eager")}
+        m = fam.models["sdpa"]
+        fam.batches = {
+            1: internvl_inputs(m, PROMPTS[:1], INTERNVL_TILES[:1], seed=1),
+            2: internvl_inputs(m, PROMPTS, INTERNVL_TILES, seed=2),
+        }
     else:
-        raise ValueError(f"unknown family {name!r}; one of {FAMILIES}, qwen3_vl, llava_onevision or gemma3")
+        raise ValueError(f"unknown family {name!r}; one of {FAMILIES}, qwen3_vl, llava_onevision, gemma3, internvl")
     return fam
 
 

@@ -562,3 +562,70 @@ def gemma3_inputs(model, prompts: list[tuple[list[int], list[int]]], crops: list
     pixels = torch.randn(sum(crops), 3, size, size, generator=gen).to(model.dtype)
     tt = (ids == cfg.image_token_id).long()
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt, "pixel_values": pixels}
+
+
+# --- InternVL (hf) -------------------------------------------------------------------------------------
+INTERNVL_IMG_START_ID, INTERNVL_IMG_END_ID = 252, 253
+
+
+def tiny_internvl(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, **kw):
+    """A random `InternVLForConditionalGeneration`: InternViT tiles of 112 px (8×8 patches + [CLS]), pixel
+    shuffle 0.5 -> 4×4 = 16 tokens per tile, Qwen2 decoder."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=[112, 112],
+            patch_size=[14, 14],
+        ),
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=16,
+    )
+    config._attn_implementation = attn
+    model = InternVLForConditionalGeneration(config).eval()
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def internvl_inputs(model, prompts: list[tuple[list[int], list[int]]], tiles: list[int], *, seed: int = 0) -> dict:
+    """Left-padded InternVL inputs: prompt b holds one image of `tiles[b]` tiles (dynamic tiles + thumbnail,
+    as the processor cuts them), laid out `<img>` + image_seq_length·tiles `<IMG_CONTEXT>` + `</img>`.
+
+    -> {input_ids, attention_mask, pixel_values (Σ tiles, 3, S, S)}."""
+    cfg = model.config
+    n = int(cfg.image_seq_length)
+    rows = [
+        list(pre) + [INTERNVL_IMG_START_ID] + [cfg.image_token_id] * (n * t) + [INTERNVL_IMG_END_ID] + list(post)
+        for (pre, post), t in zip(prompts, tiles, strict=True)
+    ]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r) :] = torch.tensor(r)
+        mask[b, width - len(r) :] = 1
+    gen = torch.Generator().manual_seed(seed)
+    size = cfg.vision_config.image_size
+    side = size[0] if isinstance(size, (list, tuple)) else size
+    pixels = torch.randn(sum(tiles), 3, side, side, generator=gen).to(model.dtype)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}

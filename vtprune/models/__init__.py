@@ -7,6 +7,7 @@ from torch import nn
 from ..errors import UnsupportedInputError, UnsupportedModelError
 from .base import ModelAdapter
 from .gemma3 import Gemma3Adapter
+from .internvl import InternVLAdapter
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
@@ -20,6 +21,7 @@ ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen3VLAdapter,
     LlavaOnevisionAdapter,
     Gemma3Adapter,
+    InternVLAdapter,
 )
 
 
