@@ -35,6 +35,10 @@ ARCH_NAMES: tuple[str, ...] = (
     "qwen2.5-vl-3b",
     "qwen2.5-vl-7b",
     "qwen3-vl-8b",
+    "llava-onevision-7b",
+    "gemma-3-4b",
+    "gemma-3-12b",
+    "internvl3-8b",
 )
 _PREFIX = "arch:"
 
