@@ -55,7 +55,7 @@ class RCPConfig(MethodConfig):
     #: the checkpoint shipped for a built-in model (`vtprune/assets/rcp/<NAME>/`), else an error at apply.
     checkpoint: str | None = option(None)
     #: logit offset δ of the inference mask; None: the checkpoint's calibrated δ.
-    delta: float | None = option(None)
+    delta: float | None = option(None, allow_inf=True)  # +inf: keep every token (spec property 2)
     #: mask threshold θ on σ((z + δ)/τ_eval); None: the checkpoint's (0.5: the mask is z + δ > 0).
     theta: float | None = option(None, gt=0.0, lt=1.0)
     #: τ_eval; None: the checkpoint's (irrelevant at θ = 0.5).
