@@ -1,6 +1,6 @@
 """Selection time of every registered method, per image, next to the pruned prefill it buys (fp32, CPU, 1 thread).
 
-    python benchmarks/selection_time.py [--repeats 5] [--warmup 1] [--methods resprune,vitcop] [--json OUT]
+    python benchmarks/selection_time.py [--repeats 5] [--warmup 1] [--methods resprune,vitcop] [--paired] [--json OUT]
 
 Inputs (random tensors of the real sizes): N = 576 (one 24×24 grid, LLaVA-1.5) at K = 192/128/64 and
 N = 2880 (base 24×24 + a 48×48 tile grid, LLaVA-NeXT-7B at 2×2 tiles) at K = 640/320/160; features
@@ -13,7 +13,9 @@ on), on the candidates the previous stage kept.
 The last columns put the selection next to the prefill it prunes: LLaVA-1.5-7B's decoder at the
 method's layer-averaged schedule (64 text tokens, `exact` FLOPs convention) converted to time with this
 CPU's fp32 matmul throughput, measured in the same run as the best of 7 products (`--gflops` to override):
-`sel %` = selection / pruned prefill. Selection times are the minimum over `--repeats` (shared hosts).
+`sel %` = selection / pruned prefill. Selection times are the minimum over `--repeats` (shared hosts);
+with `--paired` each row's throughput is instead the best of the reference GEMMs run right after each of its
+repeats, so that a busy host slows numerator and denominator alike (the GFLOP/s column).
 LLaVA-NeXT tokens carry the adapter's CLIP view ids (base view + four 24×24 tiles), so per-view methods
 (VisPruner, CDPruner) run on five 576-token views as on the real model.
 The goal (issues #4/#5): sel % <= 2.
@@ -109,8 +111,24 @@ def view(feats, coords, crop, grids, index, names, memo, g, project=None, tile=N
     return ImageTokens(feats, coords, crop, grids, index, sig, 0, memo, question, tile, project)
 
 
-def time_method(name: str, kind: str, budget: int, repeats: int, warmup: int) -> tuple[list[float], list[int]]:
-    """Min-of-repeats ms per stage (robust to other jobs on a shared host) and the schedule, for one image."""
+def reference_gemm_ms() -> float:
+    """One (256×4096)·(4096×4096) fp32 product (8.6 GFLOP), the paired throughput probe of every repeat."""
+    a, b = _GEMM
+    t0 = time.perf_counter()
+    a @ b
+    return (time.perf_counter() - t0) * 1e3
+
+
+_GEMM = (torch.randn(256, 4096), torch.randn(4096, 4096))
+GEMM_GFLOP = 2 * 256 * 4096 * 4096 / 1e9
+
+
+def time_method(
+    name: str, kind: str, budget: int, repeats: int, warmup: int, probe: list[float] | None = None
+) -> tuple[list[float], list[int]]:
+    """Min-of-repeats ms per stage (robust to other jobs on a shared host) and the schedule, for one image.
+
+    probe: if a list, gets the time of `reference_gemm_ms` run right after each timed repeat (paired load)."""
     method = build_method(*method_spec(name))
     method.bind(LAYERS)
     stages = method.stages()
@@ -139,6 +157,8 @@ def time_method(name: str, kind: str, budget: int, repeats: int, warmup: int) ->
             if rep >= warmup:
                 runs[s].append(dt * 1e3)
             index = index[plan.keep_idx]
+        if probe is not None and rep >= warmup:
+            probe.append(reference_gemm_ms())
     return [min(r) if r else 0.0 for r in runs], counts
 
 
@@ -175,6 +195,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     ap.add_argument("--gflops", type=float, default=None, help="CPU fp32 GFLOP/s (default: measured)")
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="convert each row's prefill FLOPs with the GEMM throughput measured right after each of its repeats "
+        "(best of them) instead of the run's best: the same load for numerator and denominator",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -196,8 +222,9 @@ def main() -> None:
         for kind, budgets in CASES:
             n = 576 if kind == "llava" else 2880
             for k in budgets:
+                probe: list[float] = []
                 try:
-                    stage_ms, counts = time_method(name, kind, k, args.repeats, args.warmup)
+                    stage_ms, counts = time_method(name, kind, k, args.repeats, args.warmup, probe)
                 except VtpruneError as err:
                     rows.append({"method": name, "n": n, "budget": k, "infeasible": str(err)})
                     continue
@@ -212,6 +239,7 @@ def main() -> None:
                         "stage_ms": [round(t, 3) for t in stage_ms],
                         "layer_avg_tokens": round(sum(visual) / LAYERS, 2),
                         "prefill_gflop": prefill_flops(visual, N_TEXT, dims, "exact") / 1e9,
+                        "paired_gflops": round(GEMM_GFLOP / (min(probe) / 1e3), 1),
                     }
                 )
                 print(f"{name:<12} {n:>5} {k:>4} {sum(stage_ms):>10.2f} ms", flush=True)
@@ -224,7 +252,7 @@ def main() -> None:
     )
     print(
         f"{'method':<12} {'N':>5} {'K':>4} {'stages':<22} {'select ms':>10} {'per stage ms':<22} "
-        f"{'n̄':>7} {'prefill ms':>10} {'sel %':>6}"
+        f"{'n̄':>7} {'prefill ms':>10} {'sel %':>6} {'GFLOP/s':>7}"
     )
     for line in skipped:
         print(line)
@@ -233,7 +261,8 @@ def main() -> None:
         if "infeasible" in row:
             print(f"{name:<12} {n:>5} {k:>4} infeasible: {row['infeasible'][:80]}")
             continue
-        prefill_ms = row["prefill_gflop"] / gflops * 1e3
+        rate = row["paired_gflops"] if args.paired else gflops
+        prefill_ms = row["prefill_gflop"] / rate * 1e3
         row["pruned_prefill_ms_est"] = round(prefill_ms, 1)
         row["select_pct"] = round(100 * row["select_ms"] / prefill_ms, 3)
         stages = "/".join(str(c) for c in row["schedule"])
@@ -241,7 +270,7 @@ def main() -> None:
         flag = " !" if row["select_pct"] > 2 else ""
         print(
             f"{name:<12} {n:>5} {k:>4} {stages:<22} {row['select_ms']:>10.2f} {per:<22} "
-            f"{row['layer_avg_tokens']:>7.1f} {prefill_ms:>10.0f} {row['select_pct']:>6.2f}{flag}"
+            f"{row['layer_avg_tokens']:>7.1f} {prefill_ms:>10.0f} {row['select_pct']:>6.2f}{flag:<2} {rate:>7.0f}"
         )
     if args.json:
         with open(args.json, "w") as f:

@@ -136,9 +136,8 @@ def make_inputs(model, cfg: BenchConfig) -> dict:
     elif kind == "llava_next":
         w, h = cfg.image_size or (2 * config.vision_config.image_size,) * 2
         inputs = testing.llava_next_inputs(model, prompts, [(h, w)] * cfg.batch, seed=cfg.seed)
-    elif kind in ("qwen2_5_vl", "qwen3_vl"):  # 576 tokens by default: 24×24 merged patches of 28 / 32 px
-        side = 24 * 2 * int(config.vision_config.patch_size)
-        w, h = cfg.image_size or (side, side)
+    elif kind == "qwen2_5_vl":
+        w, h = cfg.image_size or (672, 672)
         inputs = testing.qwen_inputs(model, prompts, [(h, w)] * cfg.batch, seed=cfg.seed)
     elif kind == "llava_onevision":  # one AnyRes image (default: one tile's size: base + 1 tile + newlines)
         w, h = cfg.image_size or (config.vision_config.image_size,) * 2
@@ -326,16 +325,19 @@ class StockEquivalent:
     per cent of one layer, so an in-LLM row's stock equivalent slightly overstates the ideal.
     """
 
-    def __init__(self, lm: torch.nn.Module, lengths: list[int], batch: int, seed: int = 0):
+    def __init__(self, lm: torch.nn.Module, lengths: list[int], batch: int, seed: int = 0, pool: dict | None = None):
+        """pool: a dict shared by the instances of one run, so that equal (batch, length) inputs are stored once."""
         self.lm = lm
         p = next(lm.parameters())
-        gen = torch.Generator().manual_seed(seed)
         hidden = int(lm.config.hidden_size)
+        pool = {} if pool is None else pool
         self.segments = []
         for a, b, n in length_segments(lengths):
-            x = torch.randn(batch, n, hidden, generator=gen).to(p.device, p.dtype)
-            mask = torch.ones(batch, n, dtype=torch.long, device=p.device)
-            self.segments.append((a, b, x, mask))
+            if (batch, n) not in pool:
+                gen = torch.Generator().manual_seed(seed + n)
+                x = torch.randn(batch, n, hidden, generator=gen).to(p.device, p.dtype)
+                pool[batch, n] = (x, torch.ones(batch, n, dtype=torch.long, device=p.device))
+            self.segments.append((a, b, *pool[batch, n]))
 
     def __call__(self) -> None:
         layers = self.lm.layers
@@ -408,6 +410,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, built: tuple | None = Non
     gen_kw = {"max_new_tokens": cfg.new_tokens, "min_new_tokens": cfg.new_tokens, "do_sample": False}
     timer = _PhaseTimer(model, device)
 
+    stock_inputs: dict = {}
     total_steps = len(cases) * (1 + cfg.warmup + cfg.repeats)
     bar, task = _progress(progress, total_steps)
     try:
@@ -425,7 +428,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True, built: tuple | None = Non
                 case.row = _analytic_row(case, cfg, rec, sess, dims, full, _cache_bytes(hf.output_cache(out)))
                 case.row["layer_lengths"] = layer_lengths(rec)
                 if cfg.stock:
-                    case.stock = StockEquivalent(model.model.language_model, case.row["layer_lengths"], cfg.batch)
+                    lm = model.model.language_model
+                    case.stock = StockEquivalent(lm, case.row["layer_lengths"], cfg.batch, pool=stock_inputs)
                 del out
             except VtpruneError as err:
                 case.error = str(err)
