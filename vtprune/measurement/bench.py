@@ -136,8 +136,9 @@ def make_inputs(model, cfg: BenchConfig) -> dict:
     elif kind == "llava_next":
         w, h = cfg.image_size or (2 * config.vision_config.image_size,) * 2
         inputs = testing.llava_next_inputs(model, prompts, [(h, w)] * cfg.batch, seed=cfg.seed)
-    elif kind == "qwen2_5_vl":
-        w, h = cfg.image_size or (672, 672)
+    elif kind in ("qwen2_5_vl", "qwen3_vl"):  # 576 tokens by default: 24×24 merged patches of 28 / 32 px
+        side = 24 * 2 * int(config.vision_config.patch_size)
+        w, h = cfg.image_size or (side, side)
         inputs = testing.qwen_inputs(model, prompts, [(h, w)] * cfg.batch, seed=cfg.seed)
     elif kind == "llava_onevision":  # one AnyRes image (default: one tile's size: base + 1 tile + newlines)
         w, h = cfg.image_size or (config.vision_config.image_size,) * 2
