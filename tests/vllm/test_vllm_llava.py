@@ -243,3 +243,39 @@ def test_no_section_is_stock_vllm(checkpoint):
     from transformers import AutoConfig
 
     assert pruner_for(AutoConfig.from_pretrained(checkpoint)) is None
+
+
+@pytest.mark.parametrize(
+    ("section", "kept"),
+    [
+        ({"method": "none", "budget": 64}, 576),
+        ({"method": "pool", "budget": 600}, 576),
+        ({"method": "pool", "budget": 0.25}, 144),
+        ({"method": "visionzip", "budget": 1 / 9}, 64),
+    ],
+)
+def test_placeholders_per_image(checkpoint, section, kept):
+    """K placeholders per 24×24 image: `none` and a budget >= N keep all 576; a ratio is of N (spec §4)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    config.vtprune = section
+    assert pruner_for(config).tokens_for([(24, 24)], int(config.text_config.hidden_size)) == kept
+
+
+def test_engine_start_refuses_in_llm_method(checkpoint):
+    """`LLM(...)` with an in-LLM method fails at start-up (a fresh process, as `vllm serve` would) and the
+    error output carries the plugin's reason."""
+    import subprocess
+    import sys
+
+    code = (
+        "from vllm import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    LLM({str(checkpoint)!r}, dtype='float32', max_model_len=1024, enforce_eager=True,\n"
+        "        hf_overrides={'vtprune': {'method': 'fastv', 'budget': 64}})\n"
+    )
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode != 0
+    assert "vtprune serving cannot run 'fastv': it acts at ['llm:2']" in proc.stdout + proc.stderr

@@ -142,6 +142,13 @@ class ServingPruner:
         stages = method.stages()
         method.validate(num_layers)
         name = method.name
+        self.record = config.record
+        self._counts: dict[tuple, int] = {}
+        #: True for a method without stages (`none`): every image keeps its N rows, as in stock vLLM
+        self.passthrough = not stages
+        self.wanted: frozenset[str] = frozenset()
+        if self.passthrough:
+            return
         if len(stages) != 1 or not stages[0].before_llm:
             raise UnsupportedInputError(
                 f"vtprune serving cannot run {name!r}: it acts at {[str(s) for s in stages]}, but only one "
@@ -163,8 +170,6 @@ class ServingPruner:
                 f"model does not provide (vision signals there: {sorted(self.vision_signals)}; {WHY_NO_LLM})"
             )
         self.wanted = wanted
-        self.record = config.record
-        self._counts: dict[tuple, int] = {}
 
     # --- counts -----------------------------------------------------------------------------------------
     def tokens_for(self, grids: list[tuple[int, int]], hidden_size: int) -> int:
@@ -177,7 +182,7 @@ class ServingPruner:
             return self._counts[key]
         n = sum(h * w for h, w in grids)
         k = self.budget.tokens_for(n)
-        if k >= n:
+        if k >= n or self.passthrough:
             count = n
         else:
             (count,) = self.method.schedule(n, k, "retained", int(self.method.num_layers or 0))
