@@ -249,3 +249,31 @@ def test_plots_without_matplotlib_fail_in_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
     with pytest.raises(VtpruneError, match=r"plots need matplotlib.*pip install 'vtprune\[demo\]'"):
         plot_compare([], "x.png")
+
+
+def test_deep_copies_run_in_two_threads_at_once(small):
+    """The supported way to use threads: one patched model per thread (a deep copy gets its own session/guard)."""
+    import copy
+
+    model, inputs = small
+    vtprune.apply(model, "fastv", 8, budget_mode="retained")
+    try:
+        other = copy.deepcopy(model)
+        ref = _logits(model, inputs)
+        results: dict = {}
+        start = threading.Barrier(2)
+
+        def run(m, key):
+            start.wait(30)
+            for _ in range(3):
+                results[key] = (_logits(m, inputs), m.generate(**inputs, max_new_tokens=2, do_sample=False))
+
+        threads = [threading.Thread(target=run, args=(m, k)) for k, m in enumerate((model, other))]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        assert torch.equal(results[0][0], ref) and torch.equal(results[1][0], ref)
+        assert torch.equal(results[0][1], results[1][1])
+        vtprune.remove(other)
+        assert "generate" not in other.__dict__
+    finally:
+        vtprune.remove(model)

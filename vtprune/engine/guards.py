@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import threading
-from functools import partial
 
 import torch
 
@@ -61,20 +60,34 @@ class ThreadGuard:
                 if self._depth <= 0:
                     self._owner, self._depth = None, 0
 
-    def wrap(self, fn):
-        """`fn` run inside the guard (for the instance `generate`)."""
+    def pre_hook(self, module, args, kwargs) -> None:
+        self.enter()
 
-        def guarded(*args, **kwargs):
-            self.enter()
-            depth = self._depth
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self._lock:  # also undoes a forward that was interrupted (KeyboardInterrupt) inside
-                    self._depth = depth
-                self.exit()
+    def post_hook(self, module, args, kwargs, output=None) -> None:
+        self.exit()
 
-        return guarded
+    def __deepcopy__(self, memo) -> ThreadGuard:
+        """A deep-copied patched model gets its own guard (the copy may run in another thread)."""
+        return ThreadGuard()
+
+
+class _Guarded:
+    """`fn` run inside the guard (the instance `generate`); an object, not a closure, so that `copy.deepcopy`
+    of a patched model gives the copy its own guard and its own session's `generate`."""
+
+    def __init__(self, guard: ThreadGuard, fn) -> None:
+        self.guard, self.fn = guard, fn
+
+    def __call__(self, *args, **kwargs):
+        g = self.guard
+        g.enter()
+        depth = g._depth
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            with g._lock:  # also undoes a forward that was interrupted (KeyboardInterrupt) inside
+                g._depth = depth
+            g.exit()
 
 
 def install_thread_guard(session) -> ThreadGuard:
@@ -82,16 +95,9 @@ def install_thread_guard(session) -> ThreadGuard:
     instance `generate`. Handles go into `session._handles` (removed by `session.remove()`)."""
     guard = ThreadGuard()
     model = session.model
-
-    def pre(module, args, kwargs):
-        guard.enter()
-
-    def post(module, args, kwargs, output=None):
-        guard.exit()
-
-    session._handles.append(model.register_forward_pre_hook(pre, prepend=True, with_kwargs=True))
-    session._handles.append(model.register_forward_hook(post, with_kwargs=True, always_call=True))
+    session._handles.append(model.register_forward_pre_hook(guard.pre_hook, prepend=True, with_kwargs=True))
+    session._handles.append(model.register_forward_hook(guard.post_hook, with_kwargs=True, always_call=True))
     gen = model.__dict__.get("generate")
     if gen is not None:
-        model.__dict__["generate"] = partial(guard.wrap(gen))
+        model.__dict__["generate"] = _Guarded(guard, gen)
     return guard
