@@ -287,3 +287,64 @@ def test_from_pretrained_round_trip_with_processor(tmp_path):
         vtprune.remove(model)
         vtprune.remove(loaded)
     assert torch.equal(t0, t1) and torch.equal(l0, l1)
+
+
+# --- run / show / lmms-eval on a saved checkpoint --------------------------------------------------------
+@pytest.fixture(scope="module")
+def saved_qwen3(tmp_path_factory):
+    """A tiny Qwen3-VL saved with a word-level tokenizer and the PIL Qwen2-VL image processor (patch 16)."""
+    from saved_models import word_tokenizer
+
+    from vtprune.models.qwen_inputs import qwen_image_processor
+    from vtprune.testing import QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID
+
+    root = tmp_path_factory.mktemp("qwen3")
+    model = tiny_qwen3_vl(layers=4)
+    tok = word_tokenizer(
+        {
+            QWEN_IMAGE_TOKEN_ID: "<|image_pad|>",
+            QWEN_VIDEO_TOKEN_ID: "<|video_pad|>",
+            QWEN_VISION_START_ID: "<|vision_start|>",
+            QWEN_VISION_END_ID: "<|vision_end|>",
+        }
+    )
+    model.save_pretrained(root)
+    tok.save_pretrained(root)
+    size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
+    qwen_image_processor(patch_size=16, merge_size=2, size=size).save_pretrained(root)
+    return root
+
+
+def test_run_and_show_on_the_qwen3_layout(saved_qwen3, tmp_path):
+    """`vtprune run` / `show` load the directory as family qwen3_vl; the drawn cells are the kept tokens on the
+    merged 32-px grid."""
+    from PIL import Image
+
+    from vtprune import runner, show
+
+    lm = runner.load(saved_qwen3)
+    assert lm.family == "qwen3_vl"
+    image = Image.new("RGB", (160, 96), (180, 200, 220))
+    res = runner.run_one(lm, image, "w5 w6", "pool", 0.3, max_new_tokens=2)
+    assert 0 < res["retained_tokens"] < res["n_visual"]
+    inputs = runner.build_inputs(lm, image, "w5 w6")
+    _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
+    assert res["n_visual"] == gh * gw // 4
+    out = show.show(lm, image, "w5 w6", "pool,fastv@0.6", 0.3, tmp_path / "show.png", max_new_tokens=1)
+    assert [r["method"] for r in out.results] == ["pool", "fastv"] and all("error" not in r for r in out.results)
+    assert out.layout.grids == [(gh // 2, gw // 2)]
+    pool = next(p for p in out.panels if p.method == "pool")
+    assert len(pool.cells) == out.results[0]["retained_tokens"]
+    assert (tmp_path / "show.png").exists()
+
+
+def test_lmms_eval_plugin_accepts_qwen3(saved_qwen3):
+    """The lmms-eval model class builds Qwen3-VL prompts and inputs (images in the family default layout)."""
+    from PIL import Image
+
+    from vtprune.eval.lmms.model import VtpruneLMM
+
+    lmm = VtpruneLMM(pretrained=str(saved_qwen3), method="pool", budget=0.5)
+    text = lmm.prompt("w5 w6", 1)
+    enc = lmm.inputs([text], [[Image.new("RGB", (96, 64), (10, 20, 30))]])
+    assert int((enc["input_ids"] == lmm._model.config.image_token_id).sum()) == int(enc["image_grid_thw"].prod()) // 4

@@ -42,7 +42,10 @@ FAMILIES = {
     "llava": "LlavaForConditionalGeneration",
     "llava_next": "LlavaNextForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
 }
+#: families whose inputs vtprune builds itself (tokenizer + PIL Qwen2-VL image processor; no torchvision)
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -52,7 +55,7 @@ class Loaded:
     """A model ready for `run_one`: the model, its tokenizer and image processor, and how to prompt it."""
 
     model: torch.nn.Module
-    family: str  # "llava" | "llava_next" | "qwen2_5_vl"
+    family: str  # "llava" | "llava_next" | "qwen2_5_vl" | "qwen3_vl"
     tokenizer: object
     image_processor: object
     processor: object | None = None  # LLaVA / NeXT processors (they expand the image placeholders)
@@ -67,11 +70,13 @@ class Loaded:
 
 # --- loading ------------------------------------------------------------------------------------------
 def family_of(model_or_config) -> str:
-    """ "llava" | "llava_next" | "qwen2_5_vl" from a model or config; UnsupportedModelError otherwise."""
+    """ "llava" | "llava_next" | "qwen2_5_vl" | "qwen3_vl" from a model or config; UnsupportedModelError otherwise."""
     config = getattr(model_or_config, "config", model_or_config)
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES:
-        raise UnsupportedModelError(f"vtprune run/show know LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL, not {kind!r}")
+        raise UnsupportedModelError(
+            f"vtprune run/show know LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL, not {kind!r}"
+        )
     return kind
 
 
@@ -123,7 +128,7 @@ def wrap(model, processor, source: str = "") -> Loaded:
     are read from the processor's `tokenizer` and `image_processor`)."""
     family = family_of(model)
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
-    proc = processor if family != "qwen2_5_vl" else None
+    proc = processor if family not in QWEN_FAMILIES else None
     return Loaded(model, family, processor.tokenizer, processor.image_processor, proc, template, source)
 
 
@@ -137,7 +142,7 @@ def _local_processor(model, family: str, path: Path) -> Loaded:
         image_proc = getattr(proc, "image_processor", None)
         if tok is not None and image_proc is not None:
             template = getattr(proc, "chat_template", None) or getattr(tok, "chat_template", None)
-            return Loaded(model, family, tok, image_proc, proc if family != "qwen2_5_vl" else None, template)
+            return Loaded(model, family, tok, image_proc, proc if family not in QWEN_FAMILIES else None, template)
     except Exception as err:  # e.g. Qwen2.5-VL's processor needs torchvision
         errors.append(f"AutoProcessor: {err}".strip().splitlines()[0])
     try:
@@ -160,7 +165,7 @@ def _local_processor(model, family: str, path: Path) -> Loaded:
             )
         raise VtpruneError(f"cannot load a processor for {path}: {'; '.join(errors)}") from err
     proc = None
-    if family != "qwen2_5_vl":
+    if family not in QWEN_FAMILIES:
         proc = _llava_processor(model, family, tok, image_proc)
     return Loaded(model, family, tok, image_proc, proc, getattr(tok, "chat_template", None))
 
@@ -204,7 +209,7 @@ def placeholder_tokenizer(config):
         if value is not None and int(value) not in named:
             named[int(value)] = name
     specials = {"image_token_id": "<image>"}
-    if family_of(config) == "qwen2_5_vl":
+    if family_of(config) in QWEN_FAMILIES:
         specials = {
             "image_token_id": "<|image_pad|>",
             "video_token_id": "<|video_pad|>",
@@ -235,8 +240,9 @@ def _placeholder_loaded(model) -> Loaded:
 
     family = family_of(model)
     tok = placeholder_tokenizer(model.config)
-    if family == "qwen2_5_vl":
-        image_proc = qwen_image_processor()
+    if family in QWEN_FAMILIES:
+        vc = model.config.vision_config
+        image_proc = qwen_image_processor(patch_size=int(vc.patch_size), merge_size=int(vc.spatial_merge_size))
     else:
         side = int(model.config.vision_config.image_size)
         common = dict(
@@ -249,7 +255,7 @@ def _placeholder_loaded(model) -> Loaded:
             image_proc = CLIPImageProcessorPil(do_center_crop=True, **common)
         else:
             image_proc = LlavaNextImageProcessorPil(image_grid_pinpoints=model.config.image_grid_pinpoints, **common)
-    proc = None if family == "qwen2_5_vl" else _llava_processor(model, family, tok, image_proc)
+    proc = None if family in QWEN_FAMILIES else _llava_processor(model, family, tok, image_proc)
     note = (
         "random weights with a placeholder tokenizer (every prompt word is <unk>): the answer is noise; "
         "token counts, FLOPs and timings are real."
@@ -272,7 +278,7 @@ def prompt_text(loaded: Loaded, prompt: str) -> str:
                 return text
         except Exception:  # a text-only template: fall back to the default below
             pass
-    if loaded.family == "qwen2_5_vl":
+    if loaded.family in QWEN_FAMILIES:
         cfg = loaded.model.config
         start = loaded.tokenizer.convert_ids_to_tokens(int(cfg.vision_start_token_id))
         end = loaded.tokenizer.convert_ids_to_tokens(int(cfg.vision_end_token_id))
@@ -284,7 +290,7 @@ def build_inputs(loaded: Loaded, image: Image.Image, prompt: str) -> dict:
     """One image + prompt -> model inputs on the model's device (pixels in the model's dtype)."""
     image = image.convert("RGB")
     text = prompt_text(loaded, prompt)
-    if loaded.family == "qwen2_5_vl":
+    if loaded.family in QWEN_FAMILIES:
         from vtprune.models.qwen_inputs import qwen_processor_inputs
 
         inputs = qwen_processor_inputs(loaded.model.config, loaded.tokenizer, [text], [image], loaded.image_processor)

@@ -215,7 +215,7 @@ class VtpruneLMM(lmms):
                     return out
             except Exception:  # a text-only template: the default below
                 pass
-        if loaded.family == "qwen2_5_vl":
+        if loaded.family in _qwen_families():
             cfg = self._model.config
             start = self.tokenizer.convert_ids_to_tokens(int(cfg.vision_start_token_id))
             end = self.tokenizer.convert_ids_to_tokens(int(cfg.vision_end_token_id))
@@ -226,7 +226,7 @@ class VtpruneLMM(lmms):
         """Left-padded model inputs for prompts with their images (PIL), on the model's device."""
         flat = [im.convert("RGB") for ims in images for im in ims]
         loaded = self.loaded
-        if loaded.family == "qwen2_5_vl":
+        if loaded.family in _qwen_families():
             from vtprune.models.qwen_inputs import qwen_processor_inputs
 
             if flat:
@@ -491,3 +491,10 @@ class VtpruneLMM(lmms):
             vtprune.remove(self._model)
         self.loaded.model = None  # let lmms-eval's clean free the weights (e.g. before an LLM judge)
         super().clean()
+
+
+def _qwen_families() -> tuple[str, ...]:
+    """`vtprune.runner.QWEN_FAMILIES` (imported lazily, as `load` is)."""
+    from vtprune.runner import QWEN_FAMILIES
+
+    return QWEN_FAMILIES
