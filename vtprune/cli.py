@@ -376,7 +376,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _label(method: str, budget) -> str:
-    return "none (all tokens)" if method == "none" else f"{method} @ {budget}"
+    from vtprune.tables import budget as fmt_budget
+
+    return "none (all tokens)" if method == "none" else f"{method} @ {fmt_budget(budget)}"
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -517,8 +519,10 @@ def _show(args: argparse.Namespace) -> int:
 
 def show_table(results: list[dict], title: str, expected: str | None = None):
     from vtprune.tables import Col, ResultTable
+    from vtprune.tables import budget as fmt_budget
 
-    cols = [Col("method", "method", "l"), Col("budget", "budget"), Col("answer", "answer", "l", wrap=True)]
+    cols = [Col("method", "method", "l"), Col("budget", "budget", fmt=fmt_budget),
+            Col("answer", "answer", "l", wrap=True)]  # fmt: skip
     if expected is not None:
         cols.append(Col("correct", "correct", fmt=lambda v: "yes" if v else "no"))
     cols += [Col("retained", "retained"), Col("n_bar", "n̄", fmt=lambda v: f"{v:.1f}"), Col("events", "kept", "l")]

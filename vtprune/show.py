@@ -381,7 +381,9 @@ def render(
     for ci, (res, events) in enumerate(columns):
         x = PAD + ci * (col_w + PAD)
         budget = res.get("budget")
-        head = f"{res['method']} @ {budget}" if res["method"] != "none" else "none (all tokens)"
+        from vtprune.tables import budget as fmt_budget
+
+        head = f"{res['method']} @ {fmt_budget(budget)}" if res["method"] != "none" else "none (all tokens)"
         draw.text((x, top), _fit(head, font, col_w), fill="black", font=font)
         y = top + header
         if "error" in res:

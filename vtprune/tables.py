@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import textwrap
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,9 +129,9 @@ class ResultTable:
 
     def _text(self, cells: list[list[str]], marks: list[int | None], width: int) -> str:
         heads = [c.header for c in self.columns]
-        natural = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(heads)]
+        natural = [max([width_of(h), *(width_of(r[i]) for r in cells)]) for i, h in enumerate(heads)]
         wraps = [c.wrap for c in self.columns]
-        widths = [min(w, max(MIN_WRAP, len(heads[i]))) if wraps[i] else w for i, w in enumerate(natural)]
+        widths = [min(w, max(MIN_WRAP, width_of(heads[i]))) if wraps[i] else w for i, w in enumerate(natural)]
         blocks = _blocks(widths, min(self.key_columns, len(widths)), width)
         for cols in blocks:  # wrapped columns take the room left in their block, up to their natural width
             spare = width - (sum(widths[i] for i in cols) + 2 * (len(cols) - 1))
@@ -153,7 +154,7 @@ class ResultTable:
                     parts = []
                     for i in cols:
                         text = pieces[i][k] if k < len(pieces[i]) else ""
-                        parts.append(text.rjust(widths[i]) if self.columns[i].align == "r" else text.ljust(widths[i]))
+                        parts.append(_pad(text, widths[i], self.columns[i].align))
                     lines.append("  ".join(parts).rstrip())
                 return lines
 
@@ -167,6 +168,16 @@ class ResultTable:
         for line in self.footer:
             out += textwrap.wrap(line, width) or [""]
         return "\n".join(out) + "\n"
+
+
+def width_of(text: str) -> int:
+    """Columns `text` takes in a terminal (combining marks, as in n̄, take none)."""
+    return sum(0 if unicodedata.combining(ch) else 1 for ch in text)
+
+
+def _pad(text: str, width: int, align: str) -> str:
+    gap = " " * max(0, width - width_of(text))
+    return gap + text if align == "r" else text + gap
 
 
 def _blocks(widths: list[int], keys: int, width: int) -> list[list[int]]:
@@ -253,6 +264,11 @@ def si(value: float, unit: str = "FLOPs") -> str:
             v = value / scale
             return f"{v:.3g} {prefix}{unit}" if v < 100 else f"{v:.0f} {prefix}{unit}"
     return f"{value:.3g} {unit}"
+
+
+def budget(value: Any) -> str:
+    """64 -> '64'; 1/9 -> '0.1111'; 'all' -> 'all'."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def ms(value: float) -> str:

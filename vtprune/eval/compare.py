@@ -40,7 +40,9 @@ def visual_tokens(model) -> int:
 
 
 def _key(method: str, budget) -> str:
-    return "none (all tokens)" if method == "none" else f"{method}@{budget}"
+    from vtprune.tables import budget as fmt_budget
+
+    return "none (all tokens)" if method == "none" else f"{method}@{fmt_budget(budget)}"
 
 
 def compare(
@@ -68,9 +70,10 @@ def compare(
     n_vis = visual_tokens(model)
     cells = [("none", n_vis)] + [(m, b) for m in methods for b in budgets if not _bypassed(b, n_vis)]
     rows = []
+    steps = len(cells) + 1 + rounds  # cells, then the timing rounds (one warm-up)
     for i, (method, budget) in enumerate(cells):
         if progress is not None:
-            progress(i, len(cells), _key(method, budget))
+            progress(i, steps, _key(method, budget))
         opts = dict(options.get(method, {}))
         try:
             row = run_eval(
@@ -85,15 +88,18 @@ def compare(
             row = {"method": method, "budget": budget, "options": opts, "error": f"{type(err).__name__}: "
                    f"{_one_line(err)}"}  # fmt: skip
         rows.append(row)
-    if progress is not None:
-        progress(len(cells), len(cells), "timing")
     ran = [r for r in rows if "accuracy" in r]
-    for row, timing in zip(
-        ran,
-        time_prefill(model, processor, samples, ran, rounds=rounds, batch_size=batch_size, image_root=image_root),
-        strict=True,
-    ):
+
+    def on_round(r: int, total: int) -> None:
+        if progress is not None:
+            progress(len(cells) + r, steps, f"timing round {r + 1} of {total} (the first is a warm-up)")
+
+    timings = time_prefill(model, processor, samples, ran, rounds=rounds, batch_size=batch_size,
+                           image_root=image_root, on_round=on_round)  # fmt: skip
+    for row, timing in zip(ran, timings, strict=True):
         row["prefill_ms_per_sample"] = timing
+    if progress is not None:
+        progress(steps, steps, "done")
     return rows
 
 
@@ -143,9 +149,11 @@ def time_prefill(
     image_root=None,
     budget_mode: str = "layer_avg",
     positions: str = "keep",
+    on_round=None,
 ) -> list[dict]:
     """LLM prefill milliseconds per sample of each cell ({method, budget, options}) on the first `batch_size`
-    samples: every cell once per round, `warmup` untimed rounds first. -> per cell {min, median, rounds, batch}.
+    samples: every cell once per round, `warmup` untimed rounds first (`on_round(r, total)` before each round).
+    -> per cell {min, median, rounds, batch}.
 
     The time is the language model's prefill (decoder layers, in-LLM selection included; vision tower and
     pre-LLM selection excluded), divided by the batch size."""
@@ -158,6 +166,8 @@ def time_prefill(
     b = int(inputs["input_ids"].shape[0])
     times: list[list[float]] = [[] for _ in cells]
     for r in range(warmup + rounds):
+        if on_round is not None:
+            on_round(r, warmup + rounds)
         for i, cell in enumerate(cells):
             vtprune.apply(model, cell["method"], cell["budget"], budget_mode=budget_mode, positions=positions,
                           **dict(cell.get("options") or {}))  # fmt: skip
@@ -259,7 +269,9 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "vtprune compa
     missing = not_runnable(rows)
     caption = ""
     if missing:
-        parts = [f"{m} @ {', '.join(str(b) for b in bs)}" for m, bs in sorted(missing.items())]
+        from vtprune.tables import budget as fmt_budget
+
+        parts = [f"{m} @ {', '.join(fmt_budget(b) for b in bs)}" for m, bs in sorted(missing.items())]
         caption = "not runnable on this model (see the table's notes): " + "; ".join(parts)
     import textwrap
 

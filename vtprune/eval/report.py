@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from vtprune.tables import Col, ResultTable, ms, pct, si
+from vtprune.tables import Col, ResultTable, budget, ms, pct, si
 
 
 def _ci(v) -> str:
@@ -33,7 +33,7 @@ def _timing_footer(rows: list[dict]) -> str | None:
 def eval_table(results: list[dict], title: str = "") -> ResultTable:
     """One row per result: accuracy with its 95 % interval, per question type, tokens, FLOPs, prefill time."""
     types = sorted({t for r in results for t in r.get("per_type", {})})
-    cols = [Col("method", "method", "l"), Col("budget", "budget"), Col("accuracy", "acc %", fmt=pct),
+    cols = [Col("method", "method", "l"), Col("budget", "budget", fmt=budget), Col("accuracy", "acc %", fmt=pct),
             Col("accuracy_ci95", "95% CI", fmt=_ci), Col("n", "n")]  # fmt: skip
     cols += [Col(f"type:{t}", t, fmt=pct) for t in types]
     cols += [Col("retained_tokens", "retained", fmt=lambda v: f"{v:.1f}"),
@@ -90,7 +90,7 @@ def compare_table(
     full = next((r for r in rows if r["method"] == "none" and "accuracy" in r), None)
     cols = [
         Col("method", "method", "l"),
-        Col("budget", "budget"),
+        Col("budget", "budget", fmt=budget),
         Col("accuracy", "acc %", fmt=pct),
         Col("accuracy_ci95", "95% CI", fmt=_ci),
         Col("delta", "Δ full", fmt=lambda v: f"{100 * v:+.1f}"),
@@ -105,7 +105,7 @@ def compare_table(
         if "accuracy" not in r:
             reason = r.get("infeasible") or r.get("error") or "not run"
             kind = "not runnable" if "infeasible" in r else "failed"
-            table.add(base, note=f"{r['method']} @ {r['budget']}: {kind}: {reason}")
+            table.add(base, note=f"{r['method']} @ {budget(r['budget'])}: {kind}: {reason}")
             continue
         row = {
             **base,
