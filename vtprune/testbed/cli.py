@@ -32,6 +32,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
     t = sub.add_parser("train", help="train the built-in model (resumes from the checkpoint in OUT/state/)")
     t.add_argument("--out", required=True)
+    t.add_argument("--preset", choices=("v2", "v3"), default="v2",
+                   help="v2: the shipped shapes-llava recipe's defaults; v3: the built-in benchmark v3 chain "
+                        "(shapes-v3 data, 24-layer decoder, calibration-split watching; train_v3.py)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps-a", type=int, default=None, help="Stage A steps (vision tower)")
@@ -79,6 +82,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(testbed_func=_train)
 
+    m = sub.add_parser("measure", help="seconds per training step of each stage on this machine")
+    m.add_argument("--preset", choices=("v2", "v3"), default="v3")
+    m.add_argument("--steps", type=positive_int, default=3, help="timed steps per stage (after one warm-up)")
+    m.add_argument("--threads", type=positive_int, default=1)
+    m.set_defaults(testbed_func=_measure)
+
     s = sub.add_parser("score", help="accuracy per question type of a model on a testbed set")
     s.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
     s.add_argument("--data", default=None,
@@ -121,9 +130,17 @@ def _train(args: argparse.Namespace) -> int:
     from .model import TINY
     from .train import TrainConfig, train
 
-    cfg = TrainConfig(seed=args.seed, threads=args.threads)
+    if getattr(args, "preset", "v2") == "v3":
+        from .train_v3 import v3_config
+
+        cfg = v3_config(seed=args.seed)
+        cfg.threads = args.threads
+    else:
+        cfg = TrainConfig(seed=args.seed, threads=args.threads)
     if args.tiny:
-        cfg.size = TINY
+        from .train_v3 import TINY_V3
+
+        cfg.size = TINY_V3 if cfg.data == "shapes-v3" else TINY
     overrides = {"steps_a": args.steps_a, "steps_b": args.steps_b or args.steps, "batch_a": args.batch_a,
                  "batch_b": args.batch_b, "questions_per_image": args.questions_per_image,
                  "time_limit_b": args.time_limit_b, "eval_every": args.eval_every,
@@ -143,6 +160,19 @@ def _train(args: argparse.Namespace) -> int:
         w = args.text_width
         cfg.size = replace(cfg.size, text_width=w, text_heads=max(1, w // 32), text_mlp=3 * w)
     train(args.out, cfg, device=args.device, progress=not args.no_progress)
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+    from .train_v3 import estimate_chain_seconds, measure_step_costs, v3_config
+
+    cfg = v3_config() if args.preset == "v3" else TrainConfig()
+    keep = (96, 192, None) if args.preset == "v3" else (None,)
+    costs = measure_step_costs(cfg, steps=args.steps, keep=keep, threads=args.threads)
+    if args.preset == "v3":
+        costs["chain_estimate_h_without_eval_and_cache"] = round(estimate_chain_seconds(costs, cfg) / 3600, 2)
+    print(json.dumps(costs, indent=1))
     return 0
 
 

@@ -72,11 +72,11 @@ def saliency_stats(model, pixel_values: torch.Tensor, informative: torch.Tensor,
 
 def tune_cls_embedding(model, steps: int, lr: float = 0.05, seed: int = 3, batch: int = 8,
                        eval_seed: int = 10001, eval_n: int = 32, device: str = "cpu",
-                       log: Callable[[str], None] = print) -> dict:
+                       log: Callable[[str], None] = print, dense: Callable = dense_batch) -> dict:
     """Train `model`'s class embedding in place (fp32 math; every other weight untouched) for `steps` Adam
     steps on scenes of `seed`: loss = -log(attention mass on the informative patches). Returns
     {"before": stats, "after": stats, "steps", "lr", "wall_s"} with `saliency_stats` on `eval_n` scenes
-    of `eval_seed`."""
+    of `eval_seed` (`dense`: the benchmark's `dense_batch`, v2's by default)."""
     emb = _tower(model).embeddings.class_embedding
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -85,7 +85,7 @@ def tune_cls_embedding(model, steps: int, lr: float = 0.05, seed: int = 3, batch
     model.float()
     was_training = model.training
     model.eval()  # no dropout; the tower has no batch statistics
-    pv_eval, lab_eval = dense_batch(eval_seed, 0, eval_n)
+    pv_eval, lab_eval = dense(eval_seed, 0, eval_n)
     pv_eval, inf_eval = pv_eval.to(device), informative_patches(lab_eval).to(device)
     with torch.no_grad():
         reference = vision_features(model, pv_eval).float()
@@ -95,7 +95,7 @@ def tune_cls_embedding(model, steps: int, lr: float = 0.05, seed: int = 3, batch
     t0 = time.time()
     try:
         for step in range(steps):
-            pv, labels = dense_batch(seed, step * batch, batch)
+            pv, labels = dense(seed, step * batch, batch)
             probs = cls_attention(model, pv.to(device))
             mass = (probs * informative_patches(labels).to(device)).sum(1)
             loss = -torch.log(mass + 1e-6).mean()

@@ -34,17 +34,18 @@ def _load_image(image: Image.Image | str | Path, root: Path | None) -> Image.Ima
 @torch.no_grad()
 def evaluate(model, processor, samples: Iterable[dict], batch_size: int = 16, restrict: bool = True,
              image_root: str | Path | None = None, progress: bool = False,
-             on_batch: Callable[[list[dict]], None] | None = None) -> dict:
+             on_batch: Callable[[list[dict]], None] | None = None, answers: Iterable[str] | None = None) -> dict:
     """Accuracy overall and per type, plus per-sample records.
 
     samples: dicts with id, image (PIL image or path, relative to `image_root`), question, answer, type.
     Returns {"accuracy", "per_type": {type: acc}, "n", "n_per_type", "records": [{id, type, answer,
-    prediction, correct}]}. `on_batch(records)` is called after each batch's generate.
+    prediction, correct}]}. `on_batch(records)` is called after each batch's generate. `answers`: the answer
+    words `restrict` chooses among (default the v2 benchmark's; `questions_v3.answer_vocabulary()` for v3).
     """
     samples = list(samples)
     root = Path(image_root) if image_root is not None else None
     tok = processor.tokenizer
-    answer_ids = torch.tensor(tok.convert_tokens_to_ids(list(answer_vocabulary())))
+    answer_ids = torch.tensor(tok.convert_tokens_to_ids(list(answers or answer_vocabulary())))
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     was_training = model.training

@@ -31,14 +31,23 @@ class ModelSize:
         return asdict(self)
 
 
+# The v3 model organism (issue 21): a decoder deep enough that every in-LLM method's layers scale from 32
+# without collisions and a layer-averaged budget of 64 is feasible wherever it is on LLaVA-1.5-7B (FastV's
+# K = 2 and PDrop's first boundary at layer 2 are not scaled, so that needs >= 19 layers; see
+# tests/test_testbed_v3_layers.py). Narrow (96 wide, 3 heads of 32) so the training chain fits about 3 h
+# on 2 CPU cores (docs/testbed.md, "v3").
+V3 = ModelSize(vision_width=128, vision_layers=4, vision_heads=4, vision_mlp=512,
+               text_width=96, text_layers=24, text_heads=3, text_mlp=288)
+
 TINY = ModelSize(vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64,
                  text_width=32, text_layers=1, text_heads=2, text_mlp=64)
 
 
-def build_config(size: ModelSize | None = None) -> LlavaConfig:
-    """LlavaConfig with the testbed vocabulary (padded to a multiple of 8) and LLaVA-1.5 geometry."""
+def build_config(size: ModelSize | None = None, vocab: dict[str, int] | None = None) -> LlavaConfig:
+    """LlavaConfig with the testbed vocabulary (padded to a multiple of 8; `vocab`: another word -> id table,
+    e.g. the v3 benchmark's) and LLaVA-1.5 geometry."""
     size = size or ModelSize()
-    vocab = vocabulary()
+    vocab = vocab or vocabulary()
     vocab_size = (len(vocab) + 7) // 8 * 8
     vision = CLIPVisionConfig(
         hidden_size=size.vision_width, intermediate_size=size.vision_mlp,
@@ -57,14 +66,15 @@ def build_config(size: ModelSize | None = None) -> LlavaConfig:
         vision_feature_select_strategy="default", vision_feature_layer=-2, tie_word_embeddings=False)
 
 
-def build_model(size: ModelSize | None = None, seed: int = 0) -> LlavaForConditionalGeneration:
-    """Freshly initialised model (fp32), deterministic given `seed`."""
+def build_model(size: ModelSize | None = None, seed: int = 0,
+                vocab: dict[str, int] | None = None) -> LlavaForConditionalGeneration:
+    """Freshly initialised model (fp32), deterministic given `seed` (`vocab`: see `build_config`)."""
     import torch
 
     torch.manual_seed(seed)
-    cfg = build_config(size)
+    cfg = build_config(size, vocab)
     model = LlavaForConditionalGeneration(cfg)
-    vocab = vocabulary()
+    vocab = vocab or vocabulary()
     model.generation_config.pad_token_id = vocab["<pad>"]
     model.generation_config.eos_token_id = vocab["</s>"]
     model.generation_config.bos_token_id = vocab["<s>"]

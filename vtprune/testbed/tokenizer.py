@@ -25,9 +25,10 @@ def vocabulary() -> dict[str, int]:
     return {w: i for i, w in enumerate(words)}
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Lower-casing word-level tokenizer; prepends <s>; `<image>` is an atomic special token."""
-    tok = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=UNK))
+def build_tokenizer(vocab: dict[str, int] | None = None) -> PreTrainedTokenizerFast:
+    """Lower-casing word-level tokenizer; prepends <s>; `<image>` is an atomic special token. `vocab`: another
+    word -> id table with the same special tokens first (the v3 benchmark's); default the v2 `vocabulary()`."""
+    tok = Tokenizer(models.WordLevel(vocab=vocab or vocabulary(), unk_token=UNK))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # splits "ASSISTANT:" into "assistant", ":"
     tok.post_processor = processors.TemplateProcessing(
@@ -47,9 +48,10 @@ def build_image_processor() -> CLIPImageProcessorPil:
         image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
 
 
-def build_processor() -> LlavaProcessor:
-    """LLaVA-1.5 style processor: one `<image>` in the prompt expands to 576 placeholders."""
-    return LlavaProcessor(image_processor=build_image_processor(), tokenizer=build_tokenizer(),
+def build_processor(vocab: dict[str, int] | None = None) -> LlavaProcessor:
+    """LLaVA-1.5 style processor: one `<image>` in the prompt expands to 576 placeholders (`vocab`: see
+    `build_tokenizer`)."""
+    return LlavaProcessor(image_processor=build_image_processor(), tokenizer=build_tokenizer(vocab),
                           patch_size=CELL, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, image_token=IMAGE)
 

@@ -58,12 +58,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpointing as cpt
-from .data import EVAL_SEED, Packing, balanced_samples, dense_batch, question_batch
+from .data import EVAL_SEED, Packing, dense_batch
+from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
-from .model import ModelSize, build_model
+from .model import ModelSize
 from .questions import QUESTION_TYPES, TRAINING_TYPES
-from .scenes import COLOURS, DATA_VERSION, SHAPES
-from .tokenizer import build_processor, vocabulary
+from .scenes import COLOURS, SHAPES
+from .tokenizer import vocabulary
 
 IMAGE_TOKEN_ID = vocabulary()["<image>"]
 NUM_PATCHES = 576
@@ -109,6 +110,7 @@ class TrainConfig:
     training_types: str = "side"  # "+"-joined training-only question types asked with the scored ones
     cls_steps: int = 100  # Stage C: Adam steps on the [CLS] embedding's attention (0 = skip; cls_saliency.py)
     cls_lr: float = 0.05
+    data: str = "shapes-v2"  # benchmark version the run reads (datasets.py): "shapes-v2" or "shapes-v3"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -194,22 +196,23 @@ def shorten(batch: dict[str, torch.Tensor], feats: torch.Tensor, keep: int,
     return {k: v.to(feats.device) for k, v in out.items()}, feats.gather(1, idx)
 
 
-def _types(names: str, where: str) -> tuple[str, ...]:
+def _types(names: str, where: str, known: tuple[str, ...] = QUESTION_TYPES + TRAINING_TYPES) -> tuple[str, ...]:
     types = tuple(filter(None, names.split("+")))
-    unknown = set(types) - set(QUESTION_TYPES) - set(TRAINING_TYPES)
+    unknown = set(types) - set(known)
     if unknown:
         raise ValueError(f"unknown question types {sorted(unknown)} in {where!r}")
     return types
 
 
-def types_at(schedule: str, step: int, training_types: str = "") -> tuple[str, ...]:
+def types_at(schedule: str, step: int, training_types: str = "", scored: tuple[str, ...] = QUESTION_TYPES,
+             extra: tuple[str, ...] = TRAINING_TYPES) -> tuple[str, ...]:
     """Question types asked at a Stage-B step under a "until:type+type,..." schedule; after the
-    schedule: the six scored types plus the "+"-joined `training_types` (e.g. "side")."""
+    schedule: the `scored` types (v2's six by default) plus the "+"-joined `training_types` (e.g. "side")."""
     for part in filter(None, schedule.split(",")):
         until, names = part.split(":")
         if step < int(until):
-            return _types(names, schedule)
-    return QUESTION_TYPES + _types(training_types, training_types)
+            return _types(names, schedule, scored + extra)
+    return scored + _types(training_types, training_types, scored + extra)
 
 
 def keep_at(schedule: str, step: int) -> int | None:
@@ -222,11 +225,11 @@ def keep_at(schedule: str, step: int) -> int | None:
 
 
 @torch.no_grad()
-def standardize_projector(model, seed: int, device: str, n: int = 16) -> None:
+def standardize_projector(model, seed: int, device: str, n: int = 16, dense: Callable = dense_batch) -> None:
     """Data-dependent projector init: fold the per-channel mean/std of the frozen penultimate features
     into the first projector layer, so it sees standardised inputs (the raw features share a large
     common offset that would otherwise make all visual tokens look alike to the decoder)."""
-    pv, _ = dense_batch(seed, 0, n)
+    pv, _ = dense(seed, 0, n)
     with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
         feats = vision_features(model, pv.to(device)).float()
     mu, sd = feats.mean((0, 1)), feats.std((0, 1)).clamp_min(1e-3)
@@ -237,7 +240,8 @@ def standardize_projector(model, seed: int, device: str, n: int = 16) -> None:
 
 @torch.no_grad()
 def probe_projector(model, seed: int, device: str, n: int = 400, background: int = 16, iters: int = 300,
-                    column_code_scale: float = 0.0, column_code_only: bool = False) -> dict:
+                    column_code_scale: float = 0.0, column_code_only: bool = False,
+                    dense: Callable = dense_batch) -> dict:
     """Write linear per-patch read-outs of the frozen features into the first projector layer.
 
     Fits colour (7 classes incl. none), shape (5) and digit (11) logits by cross-entropy and the cell's
@@ -255,7 +259,7 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
     gen = torch.Generator().manual_seed(seed)
     xs, xy, ys = [], [], {"colour": [], "shape": [], "digit": []}
     for start in range(0, n, 16):
-        pv, target = dense_batch(seed, start, min(16, n - start))
+        pv, target = dense(seed, start, min(16, n - start))
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
             feats = vision_features(model, pv.to(device)).float().cpu()
         grid = int(round(math.sqrt(feats.shape[1])))
@@ -324,7 +328,8 @@ def load_vision_tower(model, source: str) -> None:
 
 
 @torch.no_grad()
-def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callable[[str], None]) -> torch.Tensor:
+def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callable[[str], None],
+                  scene_pixels: Callable | None = None) -> torch.Tensor:
     """Frozen penultimate features [n, 576, Dv] (fp16) of scenes 0..n-1 of `seed`, cached in `path`."""
     from .data import pixels
     from .scenes import make_scene, render
@@ -343,7 +348,8 @@ def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callab
     t0 = time.time()
     for start in range(0, n, 16):
         idx = range(start, min(n, start + 16))
-        pv = pixels([render(make_scene(seed, i)) for i in idx]).to(device)
+        pv = (scene_pixels(seed, list(idx)) if scene_pixels is not None
+              else pixels([render(make_scene(seed, i)) for i in idx])).to(device)
         with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
             f = vision_features(model, pv).float().cpu().half()
         if out is None:
@@ -426,14 +432,15 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     if device == "cpu":
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.size, seed=cfg.seed).to(device)
+    ds = get_dataset(cfg.data)
+    model = ds.build_model(cfg.size, cfg.seed).to(device)
     if cfg.init and cfg.vision_init:
         raise ValueError("give either init (whole model) or vision_init (tower only), not both")
     if cfg.init:
         load_whole_model(model, cfg.init)
     if cfg.vision_init:
         load_vision_tower(model, cfg.vision_init)
-    processor = build_processor()
+    processor = ds.build_processor()
     heads = DenseHeads(cfg.size.vision_width).to(device)
     amp = (torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if cfg.bf16
            else nullcontext())
@@ -486,7 +493,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                  "st": st}
         cpt.write(state_root, serial, cpt.state_files("state", state))
 
-    eval_set = balanced_samples(cfg.eval_seed, cfg.eval_per_type, id_prefix="eval")
+    eval_set = ds.watched_samples(cfg.eval_seed, cfg.eval_per_type)
     bar = _progress() if progress else None
     ctx = bar if bar is not None else nullcontext()
     with ctx:
@@ -496,7 +503,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             task = bar.add_task("stage A", total=cfg.steps_a, completed=st["step"], info="") if bar else None
             while st["step"] < cfg.steps_a:
                 t0 = time.time()
-                pv, target = dense_batch(cfg.seed, st["step"] * cfg.batch_a, cfg.batch_a)
+                pv, target = ds.dense_batch(cfg.seed, st["step"] * cfg.batch_a, cfg.batch_a)
                 pv, target = pv.to(device), {k: v.to(device) for k, v in target.items()}
                 for g in opt_a.param_groups:
                     g["lr"] = cfg.lr_a * _schedule(st["step"], cfg.steps_a, cfg.warmup)
@@ -527,24 +534,26 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         if not st.get("projector_standardized") and cfg.init:
             if cfg.column_code_scale > 0:  # a trained projector: only add the column code
                 stats = probe_projector(model, cfg.seed, device, n=cfg.probe_scenes,
-                                        column_code_scale=cfg.column_code_scale, column_code_only=True)
+                                        column_code_scale=cfg.column_code_scale, column_code_only=True,
+                                        dense=ds.dense_batch)
                 st["history"].append({"stage": "probe", "step": 0, "wall": round(st["wall"], 1), **stats})
                 log(f"projector column code: {stats}")
             st["projector_standardized"] = True
         if not st.get("projector_standardized"):
-            standardize_projector(model, cfg.seed + 2, device)
+            standardize_projector(model, cfg.seed + 2, device, dense=ds.dense_batch)
             if cfg.projector_init == "probe":
                 stats = probe_projector(model, cfg.seed, device, n=cfg.probe_scenes,
-                                        column_code_scale=cfg.column_code_scale)
+                                        column_code_scale=cfg.column_code_scale, dense=ds.dense_batch)
                 st["history"].append({"stage": "probe", "step": 0, "wall": round(st["wall"], 1), **stats})
                 log(f"projector probe init: {stats}")
             elif cfg.projector_init != "standardize":
                 raise ValueError(f"unknown projector_init {cfg.projector_init!r}")
             st["projector_standardized"] = True
-        cache = (feature_cache(model, cfg.seed + 1, cfg.feature_cache, device, out / "features.safetensors", log)
+        cache = (feature_cache(model, cfg.seed + 1, cfg.feature_cache, device, out / "features.safetensors", log,
+                               scene_pixels=ds.scene_pixels)
                  if cfg.feature_cache > 0 else None)
         def types(step: int) -> tuple[str, ...]:
-            return types_at(cfg.type_schedule, step, cfg.training_types)
+            return types_at(cfg.type_schedule, step, cfg.training_types, ds.question_types, ds.training_types)
 
         task = bar.add_task("stage B", total=cfg.steps_b, completed=st["step"], info="") if bar else None
         b_start_wall = st.get("b_wall0", st["wall"])
@@ -554,10 +563,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             first = st["step"] * cfg.batch_b
             if cache is not None:  # cycle over the cached scenes, new questions on every pass
                 idx = [(first + i) % len(cache) for i in range(cfg.batch_b)]
-                batch = question_batch(cfg.seed + 1, 0, 0, packing, indices=idx, salt=first // len(cache),
+                batch = ds.question_batch(cfg.seed + 1, 0, 0, packing, indices=idx, salt=first // len(cache),
                                        with_pixels=False, types=types(st["step"]))
             else:
-                batch = question_batch(cfg.seed + 1, first, cfg.batch_b, packing,
+                batch = ds.question_batch(cfg.seed + 1, first, cfg.batch_b, packing,
                                        types=types(st["step"]))
             batch = {k: v.to(device) for k, v in batch.items()}
             for g in opt_b.param_groups:
@@ -604,7 +613,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 log(f"B {st['step']} {st['wall']:.0f}s {info}")
             over_time = cfg.time_limit_b > 0 and st["wall"] - b_start_wall > cfg.time_limit_b
             if st["step"] % cfg.eval_every == 0 or st["step"] == cfg.steps_b or over_time:
-                res = evaluate(model, processor, eval_set, batch_size=16)
+                res = evaluate(model, processor, eval_set, batch_size=16, answers=ds.answers)
                 model.train()
                 model.model.vision_tower.eval()
                 rec = {"stage": "B-eval", "step": st["step"], "wall": round(st["wall"], 1),
@@ -634,7 +643,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
 
         best, _ = resolve_model(out / "model")
         stats = tune_cls_embedding(best.to(device), cfg.cls_steps, cfg.cls_lr, seed=cfg.seed + 3,
-                                   eval_seed=cfg.eval_seed, device=device, log=log)
+                                   eval_seed=cfg.eval_seed, device=device, log=log, dense=ds.dense_batch)
         export(best, processor, out / "model")
         st["history"].append({"stage": "C", "step": cfg.cls_steps, **stats})
         st["cls_done"] = True
@@ -642,8 +651,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         save()
     summary = {"config": cfg.to_dict(), "history": st["history"], "best": st["best"],
                "train_wall_s": round(st["wall"], 1), "machine": machine(),
-               "data_version": DATA_VERSION, "eval_majority": majority_baseline(eval_set),
-               "question_types": list(QUESTION_TYPES)}
+               "data_version": ds.version, "eval_majority": majority_baseline(eval_set),
+               "question_types": list(ds.question_types)}
     (out / "train_summary.json").write_text(cpt.dumps_strict(summary, indent=2))
     return model
 

@@ -1,0 +1,69 @@
+"""The v3 training chain (issue 21): a few steps of every stage on a tiny model, resume, no test-split reads;
+the preset's model is a real LlavaForConditionalGeneration with a >= 12-layer decoder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vtprune.testbed import splits
+from vtprune.testbed.train import train
+from vtprune.testbed.train_v3 import TINY_V3, measure_step_costs, v3_config
+
+
+def _config(steps_b: int):
+    return replace(v3_config(size=TINY_V3), steps_a=2, batch_a=2, steps_b=steps_b, batch_b=2, questions_per_image=3,
+                   warmup=1, eval_every=2, eval_per_type=1, save_every=1, keep_schedule="1:32",
+                   type_schedule="1:colour", probe_scenes=4, feature_cache=4, cls_steps=1)
+
+
+def test_v3_chain_smoke_runs_resumes_and_never_reads_the_test_split(tmp_path, monkeypatch):
+    read: set[str] = set()
+    scene = splits.Split.scene
+
+    def spy(self, index):
+        read.add(self.name)
+        return scene(self, index)
+
+    monkeypatch.setattr(splits.Split, "scene", spy)
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path, _config(2), progress=False, log=lambda _: None)
+        train(tmp_path, _config(3), progress=False, log=lambda _: None)  # resumes Stage B from step 2
+    finally:
+        torch.set_num_threads(threads)
+    summary = json.loads((tmp_path / "train_summary.json").read_text())
+    assert summary["data_version"] == "shapes-v3" and len(summary["question_types"]) == 7
+    assert [h["step"] for h in summary["history"] if h["stage"] == "B-eval"] == [2, 3]
+    assert {"A", "probe", "C"} <= {h["stage"] for h in summary["history"]}
+    assert read == {"train", "calibration"}  # watched on calibration, trained on train, test never read
+    from vtprune.testbed.builtin import resolve_model
+    from vtprune.testbed.data_v3 import vocabulary
+
+    model, processor = resolve_model(tmp_path / "model")
+    assert processor.tokenizer.get_vocab() == vocabulary()
+    assert model.config.text_config.num_hidden_layers == TINY_V3.text_layers
+
+
+def test_v3_preset_model_is_a_deep_llava():
+    from transformers import LlavaForConditionalGeneration
+
+    from vtprune.testbed.data_v3 import build_model
+
+    cfg = v3_config()
+    assert cfg.size.text_layers >= 12 and cfg.eval_seed == splits.CALIBRATION_SEED
+    model = build_model(cfg.size)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    assert model.config.vision_feature_layer == -2 and model.config.image_seq_length == 576
+    assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
+
+
+@pytest.mark.slow
+def test_v3_step_costs_are_measured():
+    """Seconds per step of the preset's stages (one thread); slow: builds the full v3 model and runs 2 steps
+    of each stage."""
+    costs = measure_step_costs(v3_config(), steps=1, keep=(96, None))
+    assert costs["stage_a_s_per_step"] > 0 and costs["stage_b_s_per_step_keep_576"] > 0

@@ -1,0 +1,157 @@
+"""Tensors and samples of the v3 benchmark: vocabulary, processor, dense patch targets, packed questions,
+balanced held-out sets per split. Same layouts as `data.py` (v2), so the trainer and `evaluate` take both."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .data import Packing, pixels
+from .questions import Question
+from .questions_v3 import ANSWERS, QUESTION_TYPES, answer_vocabulary, candidates, question_words, sample_questions
+from .scenes import GRID
+from .scenes_v3 import _render, informative_patches, patch_labels
+from .splits import Split, train_split
+from .tokenizer import NUM_IMAGE_TOKENS, SPECIAL_TOKENS, TEMPLATE_WORDS
+
+
+@lru_cache(maxsize=1)
+def _vocab() -> tuple[tuple[str, int], ...]:
+    words = list(SPECIAL_TOKENS) + list(TEMPLATE_WORDS)
+    for w in (*question_words(), *answer_vocabulary()):
+        if w not in words:
+            words.append(w)
+    return tuple((w, i) for i, w in enumerate(words))
+
+
+def vocabulary() -> dict[str, int]:
+    """v3 word -> id; the special tokens keep v2's ids (pad 0, <s> 1, </s> 2, <unk> 3, <image> 4)."""
+    return dict(_vocab())
+
+
+def build_processor():
+    """The v3 `LlavaProcessor` (336 px, patch 14, one `<image>` -> 576 placeholders, v3 vocabulary)."""
+    from .tokenizer import build_processor as build
+
+    return build(vocabulary())
+
+
+def build_model(size=None, seed: int = 0):
+    """A fresh v3 model (default size `model.V3`, the >= 12-layer decoder) with the v3 vocabulary."""
+    from .model import V3
+    from .model import build_model as build
+
+    return build(size or V3, seed=seed, vocab=vocabulary())
+
+
+def _as_split(split: Split | int) -> Split:
+    return split if isinstance(split, Split) else train_split(int(split))
+
+
+def render_with_targets(scene) -> tuple:
+    """(PIL image, patch_labels dict, informative [576] bool) from one rendering of `scene`."""
+    image, ids = _render(scene)
+    return image, patch_labels(scene, ids), informative_patches(scene, ids)
+
+
+def dense_batch(split: Split | int, start: int, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Scenes start..start+n-1 of `split` (an int: the train split of that seed): pixels [n, 3, 336, 336],
+    per-patch targets colour / shape / digit [n, 576] and xy [n, 576, 2] (the layout of `data.dense_batch`)."""
+    split = _as_split(split)
+    images, labels = [], []
+    for i in range(n):
+        image, lab, _ = render_with_targets(split.scene(start + i))
+        images.append(image)
+        labels.append(lab)
+    out = {k: torch.from_numpy(np.stack([lab[k].reshape(-1) for lab in labels])) for k in labels[0]}
+    rr, cc = np.mgrid[0:GRID, 0:GRID].astype(np.float32) / (GRID - 1)
+    out["xy"] = torch.from_numpy(np.stack([cc.reshape(-1), rr.reshape(-1)], -1)).expand(n, -1, -1)
+    return pixels(images), out
+
+
+def scene_pixels(split: Split | int, indices: list[int]) -> torch.Tensor:
+    """CLIP-normalised pixels [len(indices), 3, 336, 336] of scenes `indices` of `split`."""
+    split = _as_split(split)
+    return pixels([render_with_targets(split.scene(i))[0] for i in indices])
+
+
+def encode_conversation(questions: list[Question], packing: Packing) -> tuple[list[int], list[int]]:
+    """Ids and labels of `<s> USER: <image>*576 q1 ASSISTANT: a1 </s> USER: q2 ...` in the v3 vocabulary (labels
+    -100 except answers and their eos), right-padded to `packing.length` (`data.encode_conversation`'s layout)."""
+    v = vocabulary()
+    ids = [v["<s>"], v["user"], v[":"]] + [v["<image>"]] * NUM_IMAGE_TOKENS
+    labels = [-100] * len(ids)
+    for i, q in enumerate(questions):
+        head = ([] if i == 0 else [v["user"], v[":"]]) + [v[w] for w in q.text.split()] + [v["assistant"], v[":"]]
+        ids += head + [v[q.answer], v["</s>"]]
+        labels += [-100] * len(head) + [v[q.answer], v["</s>"]]
+    if len(ids) > packing.length:
+        raise ValueError(f"conversation of {len(ids)} tokens exceeds packing length {packing.length}")
+    pad = packing.length - len(ids)
+    return ids + [v["<pad>"]] * pad, labels + [-100] * pad
+
+
+def question_batch(split: Split | int, start: int, n: int, packing: Packing, indices: list[int] | None = None,
+                   salt: int = 0, with_pixels: bool = True,
+                   types: tuple[str, ...] = QUESTION_TYPES) -> dict[str, torch.Tensor]:
+    """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
+    input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`)."""
+    split = _as_split(split)
+    ids, labs, images, informative = [], [], [], []
+    indices = list(range(start, start + n)) if indices is None else list(indices)
+    for index in indices:
+        scene = split.scene(index)
+        rng = np.random.default_rng([split.code, split.seed, index, 31337] + ([salt] if salt else []))
+        qs: dict[str, Question] = {}
+        for _ in range(8):  # distinct questions only
+            for q in sample_questions(scene, rng, types):
+                qs.setdefault(q.text, q)
+            if len(qs) >= packing.questions_per_image:
+                break
+        a, b = encode_conversation(list(qs.values())[: packing.questions_per_image], packing)
+        ids.append(a)
+        labs.append(b)
+        image, _, inf = render_with_targets(scene)
+        if with_pixels:
+            images.append(image)
+        informative.append(inf)
+    input_ids = torch.tensor(ids)
+    out = {"pixel_values": pixels(images)} if with_pixels else {}
+    return {**out, "input_ids": input_ids, "labels": torch.tensor(labs),
+            "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
+            "informative": torch.from_numpy(np.stack(informative))}
+
+
+def balanced_samples(split: Split, n_per_type: int, types: tuple[str, ...] | None = None,
+                     max_scenes: int = 200_000) -> list[dict]:
+    """Questions of `split` with (near-)uniform answers per type: dicts id / image / question / answer / type /
+    scene / split. Each scene gives at most one question per type; images are shared within a scene."""
+    if not isinstance(split, Split):
+        raise TypeError(f"balanced_samples needs a Split, got {type(split).__name__}")
+    types = tuple(types or QUESTION_TYPES)
+    quota = {t: {a: -(-n_per_type // len(ANSWERS[t])) for a in ANSWERS[t]} for t in types}
+    total = dict.fromkeys(types, 0)
+    out: list[dict] = []
+    index = 0
+    while any(total[t] < n_per_type for t in types):
+        if index >= max_scenes:
+            raise RuntimeError(f"could not fill {n_per_type} questions per type from {max_scenes} scenes")
+        scene = split.scene(index)
+        rng = np.random.default_rng([split.code, split.seed, index, 4241])
+        image = None
+        for t in types:
+            if total[t] >= n_per_type:
+                continue
+            cands = [q for q in candidates(scene, t) if quota[t][q.answer] > 0]
+            if not cands:
+                continue
+            q = cands[int(rng.integers(len(cands)))]
+            quota[t][q.answer] -= 1
+            total[t] += 1
+            image = image or _render(scene)[0]
+            out.append({"id": f"v3-{split.name}-{split.seed}-{index:06d}-{t}", "image": image, "question": q.text,
+                        "answer": q.answer, "type": t, "scene": scene, "split": str(split)})
+        index += 1
+    return out

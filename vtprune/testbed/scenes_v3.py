@@ -1,0 +1,362 @@
+"""Built-in benchmark v3 scenes (data version `shapes-v3`): natural-image statistics, procedurally.
+
+LLaVA-1.5 geometry is kept (336x336 px, 14-px patches, 24x24 = 576 visual tokens), but unlike v2 nothing is
+aligned to the patch grid:
+
+- 3-14 objects (4 shapes x 6 colours) of side 8-56 px (0.6 to 4 patches), at continuous positions, never
+  overlapping; a planted count group (a colour or shape carried by exactly k objects, k uniform in 0..9);
+- 2-8 distractors: grey/brown rings, bars and diamonds (never asked about, never counted);
+- one framed two-digit number 10-99 (seven-segment digits 14-30 px tall) spread over 2-9 patches;
+- a cluttered background: gradient, one texture (stripes, off-grid checker, blotches), 2-5 large soft
+  regions of another tint, 15-40 thin strokes, pixel noise. Neighbouring background patches are redundant
+  but not blank, large objects cover several redundant patches, small ones sit inside a single patch.
+
+A scene is a pure function of (split code, seed, index) (`make_scene`); `render` draws it with PIL primitives
+(and the same primitives into an id map, from which `patch_labels` counts per-patch coverage with one
+`bincount`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .scenes import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES
+
+DATA_VERSION = "shapes-v3"
+MAX_COUNT = 9
+MIN_OBJECTS, MAX_OBJECTS = 3, 14
+MIN_SIZE, MAX_SIZE = 8.0, 56.0  # object side in pixels: 0.57 .. 4 patches
+NUMBER_RANGE = (10, 99)
+DISTRACTOR_KINDS: tuple[str, ...] = ("ring", "bar", "diamond")
+# id map values: 0 background, 1..K objects (index + 1), DISTRACTOR_ID, BOX_ID (paper), DIGIT_ID + position
+DISTRACTOR_ID, BOX_ID, DIGIT_ID = 200, 210, 220
+
+# Seven-segment layout on a unit box (x0, y0, x1, y1) as fractions of (width, height).
+_SEG = {
+    "a": (0.0, 0.0, 1.0, 0.14), "b": (0.78, 0.0, 1.0, 0.55), "c": (0.78, 0.45, 1.0, 1.0),
+    "d": (0.0, 0.86, 1.0, 1.0), "e": (0.0, 0.45, 0.22, 1.0), "f": (0.0, 0.0, 0.22, 0.55),
+    "g": (0.0, 0.43, 1.0, 0.57),
+}
+_DIGIT_SEGMENTS = {0: "abcdef", 1: "bc", 2: "abged", 3: "abgcd", 4: "fgbc",
+                   5: "afgcd", 6: "afgedc", 7: "abc", 8: "abcdefg", 9: "abcdfg"}
+
+
+@dataclass(frozen=True)
+class Object3:
+    """One shape: centre (cx, cy) and side `size` in pixels (continuous, not grid-aligned)."""
+
+    shape: str
+    colour: str
+    cx: float
+    cy: float
+    size: float
+    angle: float = 0.0  # degrees (squares and triangles are drawn rotated)
+
+
+@dataclass(frozen=True)
+class Distractor:
+    """A grey or brown ring / bar / diamond: clutter that looks like an object but is never asked about."""
+
+    kind: str
+    cx: float
+    cy: float
+    size: float
+    rgb: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Scene3:
+    """Scene graph of a v3 scene: the only ground truth answers are derived from."""
+
+    key: tuple[int, int, int]  # (split code, seed, index)
+    objects: tuple[Object3, ...]
+    distractors: tuple[Distractor, ...]
+    number: int
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 of the framed number
+    digit_height: float
+    count_key: tuple[str, str] = field(default=("shape", "circle"))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["objects"] = [asdict(o) for o in self.objects]
+        d["distractors"] = [asdict(o) for o in self.distractors]
+        return d
+
+
+def scene_rng(split_code: int, seed: int, index: int) -> np.random.Generator:
+    """Independent generator for scene `index` of stream (split_code, seed)."""
+    return np.random.default_rng([int(split_code), int(seed), int(index), 104_723])
+
+
+def _place(rng: np.random.Generator, radii: np.ndarray, taken: list[tuple[float, float, float]],
+           tries: int = 64) -> list[tuple[float, float] | None]:
+    """Centres for circles of `radii` (pixels) inside the image, not overlapping `taken` (cx, cy, r) or each
+    other (2-px gap); a radius that finds no room in `tries` random candidates gets None."""
+    out: list[tuple[float, float] | None] = []
+    for r in radii:
+        cand = rng.uniform(r + 1, IMAGE_SIZE - r - 1, size=(tries, 2))  # [T, 2]
+        if taken:
+            t = np.asarray(taken)  # [K, 3]
+            d = np.linalg.norm(cand[:, None, :] - t[None, :, :2], axis=-1)  # [T, K]
+            ok = (d > t[None, :, 2] + r + 2).all(1)
+        else:
+            ok = np.ones(tries, bool)
+        hit = np.flatnonzero(ok)
+        if len(hit) == 0:
+            out.append(None)
+            continue
+        cx, cy = cand[hit[0]]
+        taken.append((float(cx), float(cy), float(r)))
+        out.append((float(cx), float(cy)))
+    return out
+
+
+def sample_scene(rng: np.random.Generator, key: tuple[int, int, int]) -> Scene3:
+    """Sample a scene graph (see the module docstring)."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    key_attr = "shape" if rng.random() < 0.5 else "colour"
+    key_val = str(rng.choice(shapes if key_attr == "shape" else colours))
+    k = int(rng.integers(0, MAX_COUNT + 1))
+    n = int(rng.integers(max(MIN_OBJECTS, k + 1), min(MAX_OBJECTS, k + 5) + 1))
+    pairs: list[tuple[str, str]] = []  # (colour, shape)
+    others = colours if key_attr == "shape" else shapes
+    for o in rng.choice(others, size=k, replace=True):
+        pairs.append((str(o), key_val) if key_attr == "shape" else (key_val, str(o)))
+    pool = [(c, s) for c in colours for s in shapes if (s if key_attr == "shape" else c) != key_val]
+    for i in rng.choice(len(pool), size=n - k, replace=n - k > len(pool)):
+        pairs.append(pool[int(i)])
+    pairs = [pairs[int(i)] for i in rng.permutation(len(pairs))]
+    # number box first (it must fit), then objects largest first, then distractors
+    h = float(rng.uniform(14, 30))
+    w_digit, gap, pad = 0.55 * h, 0.2 * h, 3.0
+    bw, bh = 2 * w_digit + gap + 2 * pad, h + 2 * pad
+    taken: list[tuple[float, float, float]] = []
+    (bx, by), = _place(rng, np.asarray([0.5 * np.hypot(bw, bh)]), taken)
+    box = (bx - bw / 2, by - bh / 2, bx + bw / 2, by + bh / 2)
+    # sizes: log-uniform, the upper end shrinking with the number of objects so that all fit
+    hi = MAX_SIZE if n <= 8 else MAX_SIZE * 8 / n
+    sizes = np.exp(rng.uniform(np.log(MIN_SIZE), np.log(hi), size=n))
+    order = np.argsort(-sizes)
+    spots = _place(rng, sizes[order] * 0.72, taken)  # circumradius of a square of side s ~ 0.71 s
+    objects = []
+    for j, spot in zip(order, spots, strict=True):
+        if spot is None:  # no room: drop it (the count answer is derived from what is drawn)
+            continue
+        c, s = pairs[int(j)]
+        angle = float(rng.uniform(-25, 25)) if s in ("square", "triangle") else 0.0
+        objects.append(Object3(shape=s, colour=c, cx=spot[0], cy=spot[1], size=float(sizes[j]), angle=angle))
+    objects.sort(key=lambda o: (o.cy, o.cx))
+    nd = int(rng.integers(2, 9))
+    dsizes = np.exp(rng.uniform(np.log(8), np.log(40), size=nd))
+    dspots = _place(rng, dsizes * 0.72, taken)
+    distractors = []
+    for s, spot in zip(dsizes, dspots, strict=True):
+        if spot is None:
+            continue
+        g = int(rng.integers(60, 200))
+        brown = rng.random() < 0.4
+        rgb = (g, int(g * 0.8), int(g * 0.6)) if brown else (g, g, g)
+        distractors.append(Distractor(kind=str(rng.choice(DISTRACTOR_KINDS)), cx=spot[0], cy=spot[1],
+                                      size=float(s), rgb=rgb))
+    number = int(rng.integers(NUMBER_RANGE[0], NUMBER_RANGE[1] + 1))
+    return Scene3(key=key, objects=tuple(objects), distractors=tuple(distractors), number=number, box=box,
+                  digit_height=h, count_key=(key_attr, key_val))
+
+
+def make_scene(split_code: int, seed: int, index: int) -> Scene3:
+    """Scene `index` of the stream (split_code, seed); see `vtprune.testbed.splits` for the codes."""
+    return sample_scene(scene_rng(split_code, seed, index), key=(int(split_code), int(seed), int(index)))
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    """Cluttered textured background, float32 [H, W, 3] in 0..255 (vectorised numpy)."""
+    h = w = IMAGE_SIZE
+    base = rng.uniform(70, 180) + rng.uniform(-20, 20, size=3)
+    yy, xx = np.ogrid[0:h, 0:w]
+    yy, xx = yy.astype(np.float32) / np.float32(h), xx.astype(np.float32) / np.float32(w)
+    img = np.broadcast_to(base.astype(np.float32), (h, w, 3)).copy()
+    img += ((rng.uniform(-35, 35) * xx + rng.uniform(-35, 35) * yy)[..., None]).astype(np.float32)
+    kind = int(rng.integers(0, 3))
+    if kind == 0:  # stripes at any angle and frequency
+        ang, freq = rng.uniform(0, np.pi), rng.uniform(5, 30)
+        tex = np.sin(2 * np.pi * freq * (np.cos(ang) * xx + np.sin(ang) * yy))
+    elif kind == 1:  # checker with a period that is not the patch size, any offset
+        p = int(rng.integers(5, 40))
+        off = rng.integers(0, p, size=2)
+        iy, ix = np.ogrid[0:h, 0:w]
+        tex = (((iy + off[0]) // p + (ix + off[1]) // p) % 2) * np.float32(2.0) - np.float32(1.0)
+    else:  # blotches: bilinear upsampled coarse noise
+        g = int(rng.integers(4, 12))
+        coarse = rng.standard_normal(size=(g + 1, g + 1)).astype(np.float32)
+        u, v = xx * g, yy * g
+        i, j = np.minimum(u.astype(int), g - 1), np.minimum(v.astype(int), g - 1)
+        fu, fv = u - i, v - j
+        tex = ((1 - fu) * (1 - fv) * coarse[j, i] + fu * (1 - fv) * coarse[j, i + 1]
+               + (1 - fu) * fv * coarse[j + 1, i] + fu * fv * coarse[j + 1, i + 1])
+    img += (rng.uniform(5, 18) * tex)[..., None] * rng.uniform(0.6, 1.0, size=3).astype(np.float32)
+    # large soft regions (a table, a wall, a shadow): 2-5 ellipses / rectangles of another tint
+    for _ in range(int(rng.integers(2, 6))):
+        cx, cy = rng.uniform(0, h, size=2)
+        rx, ry = rng.uniform(0.1 * h, 0.45 * h, size=2)
+        x0, x1, y0, y1 = (int(np.clip(v, 0, h)) for v in (cx - rx, cx + rx + 1, cy - ry, cy + ry + 1))
+        delta = rng.uniform(-30, 30, size=3).astype(np.float32)
+        if rng.random() < 0.5:  # ellipse, computed on its bounding box only
+            ey, ex = np.ogrid[y0:y1, x0:x1]
+            m = ((ex - cx) / rx) ** 2 + ((ey - cy) / ry) ** 2 <= 1
+            img[y0:y1, x0:x1] += m[..., None].astype(np.float32) * delta
+        else:
+            img[y0:y1, x0:x1] += delta
+    return img
+
+
+def _shape_points(o: Object3) -> list[tuple[float, float]] | None:
+    """Polygon of a rotated square / triangle (None for circles and crosses)."""
+    r = o.size / 2
+    if o.shape == "square":
+        pts = np.asarray([(-r, -r), (r, -r), (r, r), (-r, r)]) * 0.85
+    elif o.shape == "triangle":
+        pts = np.asarray([(-r, r * 0.85), (r, r * 0.85), (0.0, -r)])
+    else:
+        return None
+    a = np.deg2rad(o.angle)
+    rot = np.asarray([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    pts = pts @ rot.T + (o.cx, o.cy)
+    return [tuple(p) for p in pts.tolist()]
+
+
+def _draw_object(draws: list[ImageDraw.ImageDraw], fills: list, o: Object3) -> None:
+    r = o.size / 2
+    box = (o.cx - r, o.cy - r, o.cx + r, o.cy + r)
+    for d, f in zip(draws, fills, strict=True):
+        if o.shape == "circle":
+            d.ellipse(box, fill=f)
+        elif o.shape == "cross":
+            t = max(1.0, o.size * 0.16)
+            d.rectangle((o.cx - t, o.cy - r, o.cx + t, o.cy + r), fill=f)
+            d.rectangle((o.cx - r, o.cy - t, o.cx + r, o.cy + t), fill=f)
+        else:
+            d.polygon(_shape_points(o), fill=f)
+
+
+def _draw_distractor(draws: list[ImageDraw.ImageDraw], fills: list, o: Distractor) -> None:
+    r = o.size / 2
+    for d, f in zip(draws, fills, strict=True):
+        if o.kind == "ring":
+            d.ellipse((o.cx - r, o.cy - r, o.cx + r, o.cy + r), outline=f, width=max(1, int(o.size * 0.15)))
+        elif o.kind == "bar":
+            d.rectangle((o.cx - r, o.cy - r * 0.2, o.cx + r, o.cy + r * 0.2), fill=f)
+        else:
+            d.polygon([(o.cx, o.cy - r), (o.cx + r * 0.7, o.cy), (o.cx, o.cy + r), (o.cx - r * 0.7, o.cy)], fill=f)
+
+
+def _draw_number(draws: list[ImageDraw.ImageDraw], scene: Scene3, rng: np.random.Generator) -> None:
+    x0, y0, x1, y1 = scene.box
+    paper = int(rng.integers(200, 250))
+    draws[0].rectangle((x0, y0, x1, y1), fill=(paper,) * 3, outline=(20, 20, 20))
+    draws[1].rectangle((x0, y0, x1, y1), fill=BOX_ID)
+    ink = tuple(int(v) for v in rng.integers(0, 60, size=3))
+    h = scene.digit_height
+    w = 0.55 * h
+    for pos, ch in enumerate(str(scene.number)):
+        ox = x0 + 3 + pos * (w + 0.2 * h)
+        for seg in _DIGIT_SEGMENTS[int(ch)]:
+            a, b, c, d = _SEG[seg]
+            rect = (ox + a * w, y0 + 3 + b * h, ox + c * w, y0 + 3 + d * h)
+            draws[0].rectangle(rect, fill=ink)
+            draws[1].rectangle(rect, fill=DIGIT_ID + pos)
+
+
+def _render(scene: Scene3) -> tuple[Image.Image, np.ndarray]:
+    rng = np.random.default_rng([*scene.key, 7_368_787])
+    img = Image.fromarray(np.clip(_background(rng), 0, 255).astype(np.uint8))
+    ids = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draws = [ImageDraw.Draw(img), ImageDraw.Draw(ids)]
+    for _ in range(int(rng.integers(15, 41))):  # thin strokes across the background
+        p = rng.uniform(0, IMAGE_SIZE, size=2)
+        q = p + rng.normal(0, 40, size=2)
+        g = int(rng.integers(30, 230))
+        col = tuple(int(np.clip(g + v, 0, 255)) for v in rng.integers(-15, 16, size=3))
+        draws[0].line((*p, *q), fill=col, width=int(rng.integers(1, 3)))
+    for o in scene.distractors:
+        _draw_distractor(draws, [o.rgb, DISTRACTOR_ID], o)
+    for i, o in enumerate(scene.objects):
+        rgb = tuple(int(np.clip(v + d, 0, 255)) for v, d in zip(COLOURS[o.colour], rng.integers(-20, 21, 3),
+                                                                 strict=True))
+        _draw_object(draws, [rgb, i + 1], o)
+    _draw_number(draws, scene, rng)
+    arr = np.asarray(img).astype(np.float32)
+    arr += rng.standard_normal(size=arr.shape, dtype=np.float32) * np.float32(rng.uniform(3, 9))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), np.asarray(ids)
+
+
+def render(scene: Scene3) -> Image.Image:
+    """Draw a scene into a 336x336 RGB image (deterministic given the scene's key)."""
+    return _render(scene)[0]
+
+
+def id_map(scene: Scene3) -> np.ndarray:
+    """[336, 336] uint8: which element each pixel shows (0 background, i+1 object i, DISTRACTOR_ID, BOX_ID,
+    DIGIT_ID + digit position), drawn with the same primitives as `render`."""
+    return _render(scene)[1]
+
+
+def patch_coverage(ids: np.ndarray) -> np.ndarray:
+    """Pixels of each id value in each patch: [336, 336] uint8 -> [576, 256] int64 (raster patch order)."""
+    r = np.arange(IMAGE_SIZE) // CELL
+    patch = (r[:, None] * GRID + r[None, :]).reshape(-1)
+    return np.bincount(patch * 256 + ids.reshape(-1).astype(np.int64), minlength=GRID * GRID * 256).reshape(-1, 256)
+
+
+def patch_labels(scene: Scene3, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Dense per-patch targets [24, 24] (int64), the same classes as v2: colour / shape index + 1 and digit + 1
+    (0 = none). A patch is labelled with the object covering most of it when that object covers >= 20 % of
+    the patch or has >= 40 % of its own pixels in it (so an object smaller than a patch labels its patch);
+    with the digit whose ink covers most of it when that is >= 6 pixels."""
+    ids = id_map(scene) if ids is None else ids
+    cov = patch_coverage(ids)  # [576, 256]
+    n = len(scene.objects)
+    colour = np.zeros(GRID * GRID, np.int64)
+    shape = np.zeros(GRID * GRID, np.int64)
+    if n:
+        obj = cov[:, 1:n + 1].astype(np.float64)  # [576, n]
+        own = obj / np.maximum(obj.sum(0, keepdims=True), 1)
+        ok = (obj >= 0.2 * CELL * CELL) | (own >= 0.4)
+        best = np.where(ok, obj, -1).argmax(1)  # [576]
+        has = ok.any(1)
+        cidx = np.asarray([list(COLOURS).index(o.colour) + 1 for o in scene.objects])
+        sidx = np.asarray([SHAPES.index(o.shape) + 1 for o in scene.objects])
+        colour[has], shape[has] = cidx[best[has]], sidx[best[has]]
+    ink = cov[:, DIGIT_ID:DIGIT_ID + 2]  # [576, 2]
+    digits = np.asarray([int(c) for c in str(scene.number)])
+    digit = np.where(ink.max(1) >= 6, digits[ink.argmax(1)] + 1, 0)
+    return {k: v.reshape(GRID, GRID) for k, v in (("colour", colour), ("shape", shape), ("digit", digit))}
+
+
+def informative_patches(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
+    """[576] bool: patches that show part of an object (any pixel) or of the number box."""
+    ids = id_map(scene) if ids is None else ids
+    cov = patch_coverage(ids)
+    return (cov[:, 1:len(scene.objects) + 1].sum(1) > 0) | (cov[:, BOX_ID:DIGIT_ID + 2].sum(1) > 0)
+
+
+def scene_statistics(scenes: list[Scene3]) -> dict[str, float]:
+    """Means over scenes: objects, distractors, object side in patches, patches touched per object, share of
+    informative patches, objects smaller than one patch, patches the number spans."""
+    objs, dis, side, touched, small, inf, num = [], [], [], [], [], [], []
+    for s in scenes:
+        ids = id_map(s)
+        cov = patch_coverage(ids)
+        objs.append(len(s.objects))
+        dis.append(len(s.distractors))
+        side += [o.size / CELL for o in s.objects]
+        touched += list((cov[:, 1:len(s.objects) + 1] > 0).sum(0))
+        small += [o.size < CELL for o in s.objects]
+        inf.append(informative_patches(s, ids).mean())
+        num.append(int((cov[:, BOX_ID:DIGIT_ID + 2].sum(1) > 0).sum()))
+    return {"objects": float(np.mean(objs)), "distractors": float(np.mean(dis)),
+            "object_side_patches": float(np.mean(side)), "patches_per_object": float(np.mean(touched)),
+            "share_objects_under_one_patch": float(np.mean(small)),
+            "share_informative_patches": float(np.mean(inf)), "patches_per_number": float(np.mean(num))}

@@ -1,0 +1,114 @@
+"""The v3 training chain as one preset of the shared trainer (`train.train`), and its per-step cost meter.
+
+    vtprune testbed train --preset v3 --out DIR        # resumable: re-run the same command to continue
+
+Stage A (vision tower, dense per-patch targets on v3 scenes of the train split), the probe projector init,
+Stage B (projector + the 24-layer decoder on packed v3 questions, visual-token and question-type curricula),
+Stage C ([CLS] attention). The checkpoint watched during training is chosen on the calibration split, never on
+the test split. `measure_step_costs` times each stage's step on this machine (docs/testbed.md, "v3").
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import replace
+
+import torch
+
+from .model import TINY, V3, ModelSize
+from .splits import CALIBRATION_SEED
+from .train import TrainConfig
+
+# Stage B curricula of the preset: a short phase on the informative tokens (all object / number patches first,
+# then random background ones, `train.shorten`) before all 576; colour look-up first, then all seven types.
+V3_KEEP_SCHEDULE = "1500:96,1800:192"
+V3_TYPE_SCHEDULE = "400:colour,800:colour+shape+number"
+
+# Smoke-test size: TINY with a projector wide enough for the probe init's 25 + 23 column-code rows.
+TINY_V3 = replace(TINY, text_width=64, text_heads=2, text_mlp=128)
+
+
+def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
+    """The preset `--preset v3`: every option of a v3 run (override fields as usual)."""
+    return TrainConfig(
+        seed=seed, size=size or V3, data="shapes-v3",
+        steps_a=600, batch_a=16, lr_a=2e-3,
+        steps_b=5000, batch_b=8, lr_b=1e-3, questions_per_image=10,
+        keep_schedule=V3_KEEP_SCHEDULE, type_schedule=V3_TYPE_SCHEDULE, training_types="",
+        feature_cache=4000, column_code_scale=6.0, eval_every=250, eval_per_type=30,
+        eval_seed=CALIBRATION_SEED, cls_steps=100, time_limit_b=0.0)
+
+
+def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tuple[int | None, ...] = (None,),
+                       threads: int = 1) -> dict[str, float]:
+    """Seconds per optimiser step (forward + backward + AdamW) of Stage A and of Stage B at each visual-token
+    count in `keep` (None: all 576), on fresh weights, after one warm-up step, on this machine (`threads` CPU
+    threads, bf16 autocast when `cfg.bf16`). Stage B times the projector + decoder on precomputed frozen
+    features (as with `feature_cache`) plus building the question batch; data rendering of Stage A is
+    included (it is part of a Stage-A step)."""
+    from .data import Packing
+    from .datasets import get_dataset
+    from .train import DenseHeads, lm_loss, shorten, vision_features
+
+    cfg = cfg or v3_config()
+    torch.set_num_threads(threads)
+    ds = get_dataset(cfg.data)
+    model = ds.build_model(cfg.size, cfg.seed)
+    amp = torch.autocast(device_type="cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    out: dict[str, float] = {}
+    heads = DenseHeads(cfg.size.vision_width)
+    opt = torch.optim.AdamW(list(model.model.vision_tower.parameters()) + list(heads.parameters()), lr=1e-4)
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        pv, target = ds.dense_batch(cfg.seed, i * cfg.batch_a, cfg.batch_a)
+        with amp:
+            loss, _ = heads.loss(vision_features(model, pv), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    out["stage_a_s_per_step"] = sum(times[1:]) / steps
+    model.model.vision_tower.requires_grad_(False)
+    packing = Packing(cfg.questions_per_image)
+    params = (list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
+              + list(model.lm_head.parameters()))
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    with torch.no_grad(), amp:
+        pv = ds.scene_pixels(cfg.seed + 1, list(range(cfg.batch_b)))
+        feats_all = vision_features(model, pv).float()
+    for k in keep:
+        times = []
+        for i in range(steps + 1):
+            t0 = time.perf_counter()
+            batch = ds.question_batch(cfg.seed + 1, 0, 0, packing, indices=list(range(cfg.batch_b)), salt=i + 1,
+                                      with_pixels=False, types=ds.question_types)
+            with amp:
+                if k is None:
+                    text = {n: batch[n] for n in ("input_ids", "labels", "attention_mask")}
+                    feats = feats_all
+                else:
+                    text, feats = shorten(batch, feats_all, k, torch.Generator().manual_seed(i))
+                loss, _ = lm_loss(model, feats, **text)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        out[f"stage_b_s_per_step_keep_{k or 576}"] = sum(times[1:]) / steps
+    return {name: round(v, 3) for name, v in out.items()}
+
+
+def estimate_chain_seconds(costs: dict[str, float], cfg: TrainConfig | None = None, feature_cache_s: float = 0.0,
+                           eval_s: float = 0.0) -> float:
+    """Training-chain wall time from `measure_step_costs` numbers and the preset's step counts and curricula
+    (plus the feature cache and evaluation time, measured separately)."""
+    from .train import keep_at
+
+    cfg = cfg or v3_config()
+    total = cfg.steps_a * costs["stage_a_s_per_step"] + feature_cache_s + eval_s
+    for step in range(cfg.steps_b):
+        k = keep_at(cfg.keep_schedule, step)
+        key = f"stage_b_s_per_step_keep_{k or 576}"
+        total += costs.get(key, costs["stage_b_s_per_step_keep_576"])
+    return total
