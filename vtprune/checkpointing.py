@@ -27,17 +27,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import VtpruneError
+from .errors import CheckpointError, VtpruneError
 
 FORMAT = "vtprune-checkpoint/1"
 MANIFEST = "manifest.json"
 #: Largest JSON file a checkpoint reader accepts (bytes): bounded before anything is parsed.
 MAX_JSON_BYTES = 64 * 2**20
 _STEP_DIR = re.compile(r"step-(\d{8})")
-
-
-class CheckpointError(VtpruneError):
-    """A checkpoint folder is damaged, incomplete, from another format, or does not fit the run."""
 
 
 # --- strict JSON -------------------------------------------------------------------------------------

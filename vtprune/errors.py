@@ -21,3 +21,8 @@ class UnsupportedModelError(VtpruneError):
 
 class UnsupportedInputError(VtpruneError):
     """The call cannot be pruned correctly (static cache, chunked prefill, compile, missing ids, ...)."""
+
+
+class CheckpointError(VtpruneError):
+    """A checkpoint or state folder is damaged, incomplete, of an old (pickle) format, or does not fit the run;
+    the message says how to start fresh."""
