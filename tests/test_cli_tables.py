@@ -142,3 +142,23 @@ def test_compare_options_formats_and_exit_status(tiny_dir, tmp_path, capsys):
     assert "fastv [1]" in captured.out and "not runnable" in captured.out
     assert max(len(ln) for ln in captured.out.splitlines()) <= 80
     assert "infeasible" in json.loads((out2 / "compare.json").read_text())[2]
+
+
+def test_plots_are_skipped_with_a_note_without_matplotlib(monkeypatch, tmp_path, capsys):
+    """compare / demo without the plot extra: table and JSON still written, the plot skipped with a note."""
+    import importlib
+    import sys
+
+    cmp = importlib.import_module("vtprune.eval.compare")  # the module (vtprune.eval.compare is also a function)
+    assert cmp.plotting_available()
+    monkeypatch.setattr(cmp, "compare", lambda *a, **k: [dict(r) for r in ROWS])  # no model needed
+    monkeypatch.setattr(cmp, "visual_tokens", lambda model: 576)
+    report = cmp.run_compare_report(None, None, [{}] * 50, ["pool"], [576, 64], tmp_path, "demo", "t")
+    assert report.plot_path == tmp_path / "demo.png" and report.plot_path.exists()
+    assert report.failed == ["fastv@64", "dcp_prune@16"] and report.asked == len(ROWS)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the plot extra were not installed
+    assert not cmp.plotting_available()
+    report = cmp.run_compare_report(None, None, [{}] * 50, ["pool"], [64], tmp_path / "b", "demo", "t")
+    err = capsys.readouterr().err
+    assert report.plot_path is None and "matplotlib is not installed" in err
+    assert json.loads((tmp_path / "b" / "demo.json").read_text())[1]["method"] == "visionzip"

@@ -286,6 +286,15 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "vtprune compa
     return path
 
 
+def plotting_available() -> bool:
+    """Whether matplotlib can be imported (the `plot` / `demo` extra); without it commands skip their plots."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _thin(ticks: list[float], min_ratio: float = 1.18) -> list[float]:
     """Drop ticks closer than `min_ratio` (on a log axis) to the previous kept one, so labels do not overlap."""
     out: list[float] = []
@@ -356,8 +365,11 @@ def run_compare_report(
     write_json(json_path, rows)
     plot_path = None
     if any("accuracy" in r for r in rows):
-        plot_path = plot_compare(rows, out / f"{name}.png", title=f"{title}: accuracy vs tokens and FLOPs",
-                                 n=len(samples))  # fmt: skip
+        if plotting_available():
+            plot_path = plot_compare(rows, out / f"{name}.png", title=f"{title}: accuracy vs tokens and FLOPs",
+                                     n=len(samples))  # fmt: skip
+        else:
+            print(f"no {name}.png: matplotlib is not installed (pip install 'vtprune[plot]')", file=sys.stderr)
     print(f"wrote {json_path}" + (f" and {plot_path}" if plot_path else ""), file=sys.stderr)
     failed = [_key(r["method"], r["budget"]) for r in rows if "accuracy" not in r]
     return CompareReport(rows, json_path, plot_path, failed, len(rows))
