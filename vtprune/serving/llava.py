@@ -35,7 +35,7 @@ LLAVA_SIGNALS = frozenset(
     {"cls_attention", "vision_keys", "vision_head_keys", "vision_features", "vision_cls_features"}
 )
 
-_PRUNERS: dict[tuple[int, str], ServingPruner] = {}
+_PRUNERS: dict[tuple, ServingPruner] = {}
 
 
 def llava_grid(hf_config) -> tuple[int, int]:
@@ -52,7 +52,8 @@ def pruner_for(hf_config) -> ServingPruner | None:
     section = config_section(hf_config)
     if section is None:
         return None
-    key = (id(hf_config), repr(section))
+    tc = hf_config.text_config
+    key = (id(hf_config), repr(section), int(tc.num_hidden_layers), int(tc.hidden_size), llava_grid(hf_config))
     if key not in _PRUNERS:
         if not isinstance(hf_config.vision_config, CLIPVisionConfig):
             raise UnsupportedInputError(
@@ -64,7 +65,6 @@ def pruner_for(hf_config) -> ServingPruner | None:
                 f"vision_feature_layer, got {hf_config.vision_feature_select_strategy!r} / "
                 f"{hf_config.vision_feature_layer!r}"
             )
-        tc = hf_config.text_config
         _PRUNERS[key] = ServingPruner(
             ServingConfig.parse(section),
             vision_signals=LLAVA_SIGNALS,
