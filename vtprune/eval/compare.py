@@ -251,6 +251,8 @@ def plot_compare(rows: list[dict], path: str | Path, title: str = "vtprune compa
         ax.axhline(100 * full["accuracy"], color="k", ls="--", lw=1)
         ax.set_xscale("log")
         ticks = _thin(ticks)
+        if ticks:  # room around the points, so the small per-method dodge never reads as another x value
+            ax.set_xlim(min(ticks) / 1.6, max(ticks) * 1.6)
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p, f=fmt: f.format(round(v, 1))))
