@@ -9,7 +9,8 @@
 # The venv is rebuilt only when it is missing or its stamp (the pins below) differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${VTPRUNE_VLLM_VENV:-.venv-vllm}"
+# Outside the checkout by default, so that fresh clones (CI) on the same machine reuse it.
+VENV="${VTPRUNE_VLLM_VENV:-$HOME/.cache/vtprune/venv-vllm}"
 PY_BASE="${PYTHON:-python3.11}"
 command -v "$PY_BASE" >/dev/null 2>&1 || PY_BASE=python3
 # Pins (change any of them and the venv is rebuilt).
