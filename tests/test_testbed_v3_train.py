@@ -46,6 +46,16 @@ def test_v3_chain_smoke_runs_resumes_and_never_reads_the_test_split(tmp_path, mo
     model, processor = resolve_model(tmp_path / "model")
     assert processor.tokenizer.get_vocab() == vocabulary()
     assert model.config.text_config.num_hidden_layers == TINY_V3.text_layers
+    # the model card scores the test split's three seeds, with Wilson intervals (installed into a temp assets dir)
+    from vtprune.testbed import card
+
+    monkeypatch.setattr(card, "ASSETS", tmp_path / "assets")
+    info = card.install(tmp_path, name="v3-smoke", per_type=1)
+    held = info["heldout"]
+    assert info["data_version"] == "shapes-v3" and held["seeds"] == list(splits.TEST_SEEDS)
+    assert "test" in read and set(held["per_seed_accuracy"]) == set(splits.TEST_SEEDS)
+    lo, hi = held["wilson95"]
+    assert 0 <= lo <= held["accuracy"] <= hi <= 1 and len(held["wilson95_per_type"]) == 7
 
 
 def test_v3_preset_model_is_a_deep_llava():

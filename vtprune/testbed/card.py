@@ -26,16 +26,21 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
         shutil.copyfile(run_dir / "model" / f, dest / f)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     model, processor = resolve_model(dest)
-    samples = balanced_samples(seed, per_type, id_prefix="heldout")
+    data_version = summary.get("data_version", DATA_VERSION)
     t0 = time.time()
-    res = evaluate(model, processor, samples, batch_size=16)
+    if data_version == "shapes-v3":  # the held-out test split's three seeds (splits.py), Wilson 95 % intervals
+        samples, res, heldout_extra = _score_v3(model, processor, per_type)
+        seed = heldout_extra["seeds"]
+    else:
+        samples = balanced_samples(seed, per_type, id_prefix="heldout")
+        res, heldout_extra = evaluate(model, processor, samples, batch_size=16), {}
     card = {
         "name": name,
         "architecture": "LlavaForConditionalGeneration (CLIP ViT 336px/14 -> 576 tokens, layer -2, "
                         "'default' strategy; Llama decoder)",
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": "float16 (safetensors)",
-        "data_version": DATA_VERSION,
+        "data_version": data_version,
         "notes": notes,
         "training": {"command": command, "config": summary["config"], "seed": summary["config"]["seed"],
                      "wall_time_s": summary["train_wall_s"],
@@ -50,11 +55,36 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
                     "per_type": {k: round(v, 4) for k, v in res["per_type"].items()},
                     "majority_baseline": {k: round(v, 4) for k, v in majority_baseline(samples).items()},
                     "scoring": "argmax of the first generated token's logits over the answer vocabulary",
-                    "scoring_time_s": round(time.time() - t0, 1)},
+                    "scoring_time_s": round(time.time() - t0, 1), **heldout_extra},
     }
     (dest / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (dest / "README.md").write_text(render_card(card))
     return card
+
+
+def _score_v3(model, processor, per_type: int) -> tuple[list[dict], dict, dict]:
+    """Score on the v3 test splits (`per_type` questions per type and seed): (samples, pooled result, extras with
+    the seeds, per-seed accuracy and Wilson 95 % intervals overall and per type)."""
+    from vtprune.eval.intervals import wilson
+
+    from .questions_v3 import answer_vocabulary
+    from .splits import heldout_splits
+
+    splits = heldout_splits()
+    samples = [x for split in splits for x in split.samples(per_type)]
+    res = evaluate(model, processor, samples, batch_size=16, answers=answer_vocabulary())
+    recs = res["records"]
+    per_seed = {}
+    for split in splits:  # sample ids are v3-test-SEED-...
+        rows = [r for r in recs if r["id"].startswith(f"v3-{split.name}-{split.seed}-")]
+        per_seed[split.seed] = round(sum(r["correct"] for r in rows) / max(1, len(rows)), 4)
+
+    def ci(rows: list[dict]) -> list[float]:
+        return [round(v, 4) for v in wilson(sum(r["correct"] for r in rows), len(rows))]
+
+    extra = {"seeds": [s.seed for s in splits], "per_seed_accuracy": per_seed, "wilson95": ci(recs),
+             "wilson95_per_type": {t: ci([r for r in recs if r["type"] == t]) for t in res["per_type"]}}
+    return samples, res, extra
 
 
 def cpu_model() -> str:

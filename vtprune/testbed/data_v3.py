@@ -50,9 +50,10 @@ def _as_split(split: Split | int) -> Split:
     return split if isinstance(split, Split) else train_split(int(split))
 
 
-def render_with_targets(scene) -> tuple:
-    """(PIL image, patch_labels dict, informative [576] bool) from one rendering of `scene`."""
-    image, ids = _render(scene)
+def render_with_targets(scene, image: bool = True) -> tuple:
+    """(PIL image or None, patch_labels dict, informative [576] bool) from one rendering of `scene`
+    (`image=False`: only the id map is drawn, for the targets)."""
+    image, ids = _render(scene, image)
     return image, patch_labels(scene, ids), informative_patches(scene, ids)
 
 
@@ -113,7 +114,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         a, b = encode_conversation(list(qs.values())[: packing.questions_per_image], packing)
         ids.append(a)
         labs.append(b)
-        image, _, inf = render_with_targets(scene)
+        image, _, inf = render_with_targets(scene, with_pixels)
         if with_pixels:
             images.append(image)
         informative.append(inf)

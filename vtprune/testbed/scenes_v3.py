@@ -252,41 +252,56 @@ def _draw_distractor(draws: list[ImageDraw.ImageDraw], fills: list, o: Distracto
             d.polygon([(o.cx, o.cy - r), (o.cx + r * 0.7, o.cy), (o.cx, o.cy + r), (o.cx - r * 0.7, o.cy)], fill=f)
 
 
-def _draw_number(draws: list[ImageDraw.ImageDraw], scene: Scene3, rng: np.random.Generator) -> None:
-    x0, y0, x1, y1 = scene.box
-    paper = int(rng.integers(200, 250))
-    draws[0].rectangle((x0, y0, x1, y1), fill=(paper,) * 3, outline=(20, 20, 20))
-    draws[1].rectangle((x0, y0, x1, y1), fill=BOX_ID)
-    ink = tuple(int(v) for v in rng.integers(0, 60, size=3))
+def _number_rects(scene: Scene3) -> list[tuple[int, tuple[float, float, float, float]]]:
+    """(digit position, segment rectangle) of the framed number's seven-segment digits."""
+    x0, y0 = scene.box[:2]
     h = scene.digit_height
     w = 0.55 * h
+    out = []
     for pos, ch in enumerate(str(scene.number)):
         ox = x0 + 3 + pos * (w + 0.2 * h)
         for seg in _DIGIT_SEGMENTS[int(ch)]:
             a, b, c, d = _SEG[seg]
-            rect = (ox + a * w, y0 + 3 + b * h, ox + c * w, y0 + 3 + d * h)
-            draws[0].rectangle(rect, fill=ink)
-            draws[1].rectangle(rect, fill=DIGIT_ID + pos)
+            out.append((pos, (ox + a * w, y0 + 3 + b * h, ox + c * w, y0 + 3 + d * h)))
+    return out
 
 
-def _render(scene: Scene3) -> tuple[Image.Image, np.ndarray]:
+def _draw_ids(draw: ImageDraw.ImageDraw, scene: Scene3) -> None:
+    """The id map's drawing (the same primitives, in the same order, as the image's)."""
+    for o in scene.distractors:
+        _draw_distractor([draw], [DISTRACTOR_ID], o)
+    for i, o in enumerate(scene.objects):
+        _draw_object([draw], [i + 1], o)
+    draw.rectangle(scene.box, fill=BOX_ID)
+    for pos, rect in _number_rects(scene):
+        draw.rectangle(rect, fill=DIGIT_ID + pos)
+
+
+def _render(scene: Scene3, image: bool = True) -> tuple[Image.Image | None, np.ndarray]:
+    ids = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw_ids(ImageDraw.Draw(ids), scene)
+    if not image:
+        return None, np.asarray(ids)
     rng = np.random.default_rng([*scene.key, 7_368_787])
     img = Image.fromarray(np.clip(_background(rng), 0, 255).astype(np.uint8))
-    ids = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
-    draws = [ImageDraw.Draw(img), ImageDraw.Draw(ids)]
+    draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(15, 41))):  # thin strokes across the background
         p = rng.uniform(0, IMAGE_SIZE, size=2)
         q = p + rng.normal(0, 40, size=2)
         g = int(rng.integers(30, 230))
         col = tuple(int(np.clip(g + v, 0, 255)) for v in rng.integers(-15, 16, size=3))
-        draws[0].line((*p, *q), fill=col, width=int(rng.integers(1, 3)))
+        draw.line((*p, *q), fill=col, width=int(rng.integers(1, 3)))
     for o in scene.distractors:
-        _draw_distractor(draws, [o.rgb, DISTRACTOR_ID], o)
-    for i, o in enumerate(scene.objects):
+        _draw_distractor([draw], [o.rgb], o)
+    for o in scene.objects:
         rgb = tuple(int(np.clip(v + d, 0, 255)) for v, d in zip(COLOURS[o.colour], rng.integers(-20, 21, 3),
                                                                  strict=True))
-        _draw_object(draws, [rgb, i + 1], o)
-    _draw_number(draws, scene, rng)
+        _draw_object([draw], [rgb], o)
+    paper = int(rng.integers(200, 250))
+    draw.rectangle(scene.box, fill=(paper,) * 3, outline=(20, 20, 20))
+    ink = tuple(int(v) for v in rng.integers(0, 60, size=3))
+    for _, rect in _number_rects(scene):
+        draw.rectangle(rect, fill=ink)
     arr = np.asarray(img).astype(np.float32)
     arr += rng.standard_normal(size=arr.shape, dtype=np.float32) * np.float32(rng.uniform(3, 9))
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)), np.asarray(ids)
@@ -299,8 +314,8 @@ def render(scene: Scene3) -> Image.Image:
 
 def id_map(scene: Scene3) -> np.ndarray:
     """[336, 336] uint8: which element each pixel shows (0 background, i+1 object i, DISTRACTOR_ID, BOX_ID,
-    DIGIT_ID + digit position), drawn with the same primitives as `render`."""
-    return _render(scene)[1]
+    DIGIT_ID + digit position), drawn with the same primitives as `render` (without rendering the image)."""
+    return _render(scene, image=False)[1]
 
 
 def patch_coverage(ids: np.ndarray) -> np.ndarray:

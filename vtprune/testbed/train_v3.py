@@ -30,23 +30,25 @@ TINY_V3 = replace(TINY, text_width=64, text_heads=2, text_mlp=128)
 
 
 def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
-    """The preset `--preset v3`: every option of a v3 run (override fields as usual)."""
+    """The preset `--preset v3`: every option of a v3 run (override fields as usual). Stage B stops at 5,000
+    steps, when every type reaches 0.97 on the watched calibration set, or after 9,000 s of Stage-B steps, so
+    the whole chain stays within about 3 h on one CPU thread (docs/testbed.md, "v3")."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",
         steps_a=600, batch_a=16, lr_a=2e-3,
         steps_b=5000, batch_b=8, lr_b=1e-3, questions_per_image=10,
         keep_schedule=V3_KEEP_SCHEDULE, type_schedule=V3_TYPE_SCHEDULE, training_types="",
         feature_cache=4000, column_code_scale=6.0, eval_every=250, eval_per_type=30,
-        eval_seed=CALIBRATION_SEED, cls_steps=100, time_limit_b=0.0)
+        eval_seed=CALIBRATION_SEED, cls_steps=100, time_limit_b=9000.0)
 
 
 def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tuple[int | None, ...] = (None,),
-                       threads: int = 1) -> dict[str, float]:
+                       threads: int = 1, stage_a: bool = True) -> dict[str, float]:
     """Seconds per optimiser step (forward + backward + AdamW) of Stage A and of Stage B at each visual-token
     count in `keep` (None: all 576), on fresh weights, after one warm-up step, on this machine (`threads` CPU
     threads, bf16 autocast when `cfg.bf16`). Stage B times the projector + decoder on precomputed frozen
     features (as with `feature_cache`) plus building the question batch; data rendering of Stage A is
-    included (it is part of a Stage-A step)."""
+    included (it is part of a Stage-A step); `stage_a=False` times Stage B only."""
     from .data import Packing
     from .datasets import get_dataset
     from .train import DenseHeads, lm_loss, shorten, vision_features
@@ -60,7 +62,7 @@ def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tup
     heads = DenseHeads(cfg.size.vision_width)
     opt = torch.optim.AdamW(list(model.model.vision_tower.parameters()) + list(heads.parameters()), lr=1e-4)
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + 1 if stage_a else 0):
         t0 = time.perf_counter()
         pv, target = ds.dense_batch(cfg.seed, i * cfg.batch_a, cfg.batch_a)
         with amp:
@@ -69,7 +71,8 @@ def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tup
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
-    out["stage_a_s_per_step"] = sum(times[1:]) / steps
+    if stage_a:
+        out["stage_a_s_per_step"] = sum(times[1:]) / steps
     model.model.vision_tower.requires_grad_(False)
     packing = Packing(cfg.questions_per_image)
     params = (list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
