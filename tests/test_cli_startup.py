@@ -33,6 +33,10 @@ def test_import_vtprune_is_lazy_and_every_public_name_works():
         "    assert getattr(vtprune, name) is not None, name\n"
         "from vtprune import apply, pruned, remove, last_run, Stage, KeepPlan, RunRecord\n"
         "from vtprune.methods import method_class\n"
+        "import vtprune.testbed.evaluate, vtprune.eval.compare\n"  # submodules named like exported functions
+        "from vtprune.testbed import evaluate\n"
+        "from vtprune.eval import compare\n"
+        "assert callable(evaluate) and callable(compare) and callable(vtprune.testbed.evaluate), evaluate\n"
         "assert method_class('pool').name == 'pool'\n"
         "for mod in (vtprune.eval, vtprune.testbed, vtprune.rcp, vtprune.measurement):\n"
         "    for name in mod.__all__:\n"

@@ -6,6 +6,8 @@
 """
 
 import importlib
+import sys
+import types
 
 # public name -> submodule (imported on first access, PEP 562: `import vtprune.testbed` stays cheap)
 _LAZY = {
@@ -51,3 +53,16 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """A lazily exported function named like its submodule (e.g. `evaluate` in `evaluate.py`) stays the function
+    when the submodule is imported (the import system sets the submodule as an attribute of its package)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == name:
+            return  # the submodule stays reachable through sys.modules and `from ... import`
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
