@@ -37,6 +37,8 @@ def test_import_vtprune_is_lazy_and_every_public_name_works():
         "from vtprune.testbed import evaluate\n"
         "from vtprune.eval import compare\n"
         "assert callable(evaluate) and callable(compare) and callable(vtprune.testbed.evaluate), evaluate\n"
+        "assert callable(vtprune.models.adapter_for) and callable(vtprune.testbed.scenes.make_scene)\n"  # as before
+        "assert not hasattr(vtprune, 'no_such_name') and not hasattr(vtprune.testbed, 'no_such_name')\n"
         "assert method_class('pool').name == 'pool'\n"
         "for mod in (vtprune.eval, vtprune.testbed, vtprune.rcp, vtprune.measurement):\n"
         "    for name in mod.__all__:\n"

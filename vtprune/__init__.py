@@ -76,7 +76,12 @@ _methods.__name__ = _methods.__qualname__ = "methods"
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
-    if module is None:
+    if module is None:  # a submodule not imported yet (`vtprune.engine`, `vtprune.measurement`, ...)
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
         raise AttributeError(f"module 'vtprune' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value

@@ -44,7 +44,12 @@ __all__ = sorted(_LAZY)
 
 def __getattr__(name: str):
     module = _LAZY.get(name)
-    if module is None:
+    if module is None:  # a submodule not imported yet (the eager package used to import them all)
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
