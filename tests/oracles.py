@@ -83,16 +83,29 @@ def masked_reference_logits(
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         eye = torch.eye(length, dtype=torch.bool)
         h = emb
-        cos_sin = lm.rotary_emb(h, position_ids=pos)
+        # Gemma 3: one RoPE table per layer type, image runs attend bidirectionally, sliding layers keep a window
+        kinds = getattr(lm.config, "layer_types", None) if "token_type_ids" in inputs else None
+        if kinds is not None:
+            img = ids == image_id
+            run = torch.where(img, (img & ~torch.nn.functional.pad(img, (1, 0))[:, :-1]).long().cumsum(1), -1)
+            causal = causal[None] | ((run[:, :, None] == run[:, None, :]) & (run[:, :, None] >= 0))
+            window = torch.arange(length)[None, :] > torch.arange(length)[:, None] - lm.config.sliding_window
+        cos_sin = lm.rotary_emb(h, position_ids=pos) if kinds is None else None
         neg = torch.finfo(h.dtype).min
         for layer_idx, layer in enumerate(lm.layers):
+            layer_pos = pos
             if positions == "reindex":
                 if qwen:
-                    cos_sin = lm.rotary_emb(h, position_ids=_qwen_reindex(pos, key_ok[layer_idx], ids == image_id))
+                    layer_pos = _qwen_reindex(pos, key_ok[layer_idx], ids == image_id)
                 else:
-                    rank = (key_ok[layer_idx].long().cumsum(-1) - 1).clamp(min=0)
-                    cos_sin = lm.rotary_emb(h, position_ids=rank)
-            allowed = (causal[None] & key_ok[layer_idx][:, None, :]) | eye[None]
+                    layer_pos = (key_ok[layer_idx].long().cumsum(-1) - 1).clamp(min=0)
+                cos_sin = lm.rotary_emb(h, position_ids=layer_pos) if kinds is None else None
+            if kinds is not None:
+                cos_sin = lm.rotary_emb(h, layer_pos, kinds[layer_idx])
+                seen = causal & (window if kinds[layer_idx] == "sliding_attention" else True)
+                allowed = (seen & key_ok[layer_idx][:, None, :]) | eye[None]
+            else:
+                allowed = (causal[None] & key_ok[layer_idx][:, None, :]) | eye[None]
             add = torch.zeros(bsz, 1, length, length, dtype=h.dtype).masked_fill(~allowed[:, None], neg)
             h = layer(h, attention_mask=add, position_embeddings=cos_sin, position_ids=None if qwen else pos)
             if layer_idx < len(deepstack):

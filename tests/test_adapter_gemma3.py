@@ -1,13 +1,13 @@
-"""Gemma 3: the shared oracles for every registered method that prunes before the LLM, the asserted refusal of
-in-LLM stages, the bidirectional image-block mask kept exactly (a Gemma-specific masked reference with
-per-layer-type RoPE, sliding windows and image blocks), the sliding-window limits, and a round trip."""
+"""Gemma 3: the shared oracles for every registered method (pre-LLM and in-LLM stages), the bidirectional
+image-block mask kept exactly (a Gemma-specific masked reference with per-layer-type RoPE, sliding windows and
+image blocks), the sliding-window limits, and a round trip."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from families import check_oracles, family
-from oracles import generate_logits
+from families import apply, check_oracles, family
+from oracles import generate_logits, masked_reference_logits
 from test_method_oracles import CASES, NO_CASE, _selection_only
 
 import vtprune
@@ -16,58 +16,13 @@ from vtprune.methods import method_class
 from vtprune.testing import gemma3_inputs, tiny_gemma3
 
 FAM = "gemma3"
+#: (method, version) refused on Gemma 3, with the words of the refusal
+REFUSED = {("sparsevlm", "2.0"): "one RoPE table per layer type"}
 PARAMS = [
     pytest.param(name, budget, options, id=f"{name}-{i}")
     for name, cases in CASES.items()
     for i, (budget, options) in enumerate(cases)
 ]
-
-
-def gemma_masked_reference(model, inputs: dict, record, new_tokens: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits of the unpruned prompt + new tokens with the removed soft tokens masked as keys in every
-    layer, written against the stock modules: per-layer-type RoPE tables and masks, full = causal OR image
-    block, sliding = that AND the window (kv > q − W), image blocks = runs of soft tokens."""
-    cfg, tc = model.config, model.config.text_config
-    ids = torch.cat([inputs["input_ids"], new_tokens], 1)
-    mask = torch.cat([inputs["attention_mask"], torch.ones_like(new_tokens)], 1).bool()
-    lm = model.model.language_model
-    is_img = ids == cfg.image_token_id
-    with torch.no_grad():
-        feats = model.model.get_image_features(inputs["pixel_values"]).pooler_output
-        h = model.get_input_embeddings()(ids)
-        h[is_img] = feats.reshape(-1, feats.shape[-1]).to(h.dtype)
-        pos = (mask.long().cumsum(-1) - 1).clamp(min=0) * mask.long()
-        key_ok = mask.clone()
-        for b, sample in enumerate(record.samples):
-            rows = is_img[b].nonzero().flatten()
-            for ev in sample.events:
-                gone = torch.ones(len(rows), dtype=torch.bool)
-                gone[ev.keep_idx] = False
-                key_ok[b, rows[gone]] = False
-        length = ids.shape[1]
-        start = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
-        block = torch.where(is_img, start.long().cumsum(1), -1)  # (B, T) image run id, −1 on text
-        q, k = torch.arange(length)[:, None], torch.arange(length)[None]
-        same = (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
-        full = ((k <= q)[None] | same) & key_ok[:, None, :]
-        allowed = {"full_attention": full, "sliding_attention": full & (k > q - tc.sliding_window)[None]}
-        neg = torch.finfo(h.dtype).min
-        eye = torch.eye(length, dtype=torch.bool)[None]
-        for i, layer in enumerate(lm.layers):
-            kind = tc.layer_types[i]
-            add = torch.zeros(h.shape[0], 1, length, length, dtype=h.dtype).masked_fill(
-                ~(allowed[kind] | eye)[:, None], neg
-            )
-            h = layer(h, attention_mask=add, position_embeddings=lm.rotary_emb(h, pos, kind), position_ids=pos)
-        return model.lm_head(lm.norm(h))
-
-
-def _in_llm(name: str, options: dict) -> bool:
-    """Whether the method (with these options) has an llm:k stage, read from its session on LLaVA-NeXT."""
-    model = family("llava_next").models["sdpa"]
-    opts = {k: v for k, v in options.items() if k not in ("budget_mode", "positions")}
-    with vtprune.pruned(model, name, 0.5, **opts):
-        return any(s.kind == "llm" for s in vtprune.session_of(model).stages)
 
 
 def test_registered_and_every_method_covered():
@@ -77,49 +32,61 @@ def test_registered_and_every_method_covered():
 
 
 @pytest.mark.parametrize("name,budget,options", PARAMS)
-def test_shared_oracles_or_refusal(name, budget, options):
-    """Pre-LLM methods: O1, O3, batch independence and (selection-only) the Gemma masked reference; methods
-    with an llm:k stage: refused at apply, naming the stage."""
-    fam = family(FAM)
-    model = fam.models["sdpa"]
-    if _in_llm(name, options):
-        opts = {k: v for k, v in options.items() if k not in ("budget_mode", "positions")}
-        with pytest.raises(UnsupportedInputError, match="prunes inside the LLM"):
-            vtprune.apply(model, name, budget, **opts)
-        assert "_vtprune" not in model.__dict__
-        return
-    record = check_oracles(FAM, name, budget, options, selection_only=False)
-    if _selection_only(name, options) and options.get("positions", "keep") == "keep":
-        inputs = fam.batches[2]
-        vtprune.apply(model, name, budget, **options)
+def test_shared_oracles(name, budget, options):
+    """O1, O3, batch independence and, for selection-only methods, the masked reference (with Gemma's
+    per-layer-type RoPE and masks and its image blocks: `oracles.masked_reference_logits`)."""
+    if (name, options.get("version")) in REFUSED:
+        model = family(FAM).models["sdpa"]
+        apply(model, name, budget, options)
         try:
-            tokens, steps = generate_logits(model, inputs, 3)
-            record = vtprune.last_run(model)
+            with pytest.raises(UnsupportedInputError, match=REFUSED[name, options.get("version")]):
+                generate_logits(model, family(FAM).batches[1], 1)
         finally:
             vtprune.remove(model)
-        ref = gemma_masked_reference(model, inputs, record, tokens[:, :-1])
-        prompt = inputs["input_ids"].shape[1]
-        assert (steps - ref[:, prompt - 1 :]).abs().max() <= 1e-4
+        return
+    check_oracles(FAM, name, budget, options, selection_only=_selection_only(name, options))
+
+
+@pytest.mark.parametrize("name,budget,options", [("fastv", 0.6, {}), ("random", 0.5, {"layer": 1})])
+def test_in_llm_groups_keep_the_image_blocks(name, budget, options):
+    """In-LLM cuts rebuild both layer kinds' masks with the kept rows' bidirectional blocks: with a causal-only
+    rebuild the pruned logits leave the reference."""
+    from vtprune.models.gemma3 import Gemma3Adapter
+
+    fam = family(FAM)
+    model, inputs = fam.models["sdpa"], fam.batches[2]
+    apply(model, name, budget, options)
+    stock_mask = Gemma3Adapter.layer_mask
+    try:
+        tokens, steps = generate_logits(model, inputs, 3)
+        record = vtprune.last_run(model)
+        Gemma3Adapter.layer_mask = lambda self, h, m, c, i, blocks=None: stock_mask(self, h, m, c, i, None)
+        _, causal_steps = generate_logits(model, inputs, 3)
+    finally:
+        Gemma3Adapter.layer_mask = stock_mask
+        vtprune.remove(model)
+    ref = masked_reference_logits(model, inputs, record, tokens[:, :-1])
+    prompt = inputs["input_ids"].shape[1]
+    assert (steps - ref[:, prompt - 1 :]).abs().max() <= 1e-4
+    assert (causal_steps[:, 0] - ref[:, prompt - 1]).abs().max() > 1e-3
 
 
 def test_reference_matches_the_stock_model_unpruned():
-    """The hand-built reference is the stock model when nothing is removed (so it encodes the real masks)."""
+    """The reference encodes the real masks: with nothing removed it is the stock model, and the stock model
+    without its image blocks (no token_type_ids) differs."""
     fam = family(FAM)
     model, inputs = fam.models["sdpa"], fam.batches[2]
-    with vtprune.pruned(model, "random", 10**6), torch.no_grad():
+    with torch.no_grad():
         stock = model(**inputs).logits
-        record = vtprune.last_run(model)
-    ref = gemma_masked_reference(model, inputs, record, inputs["input_ids"][:, :0])
+        causal = model(**dict(inputs, token_type_ids=None)).logits
+    ref = masked_reference_logits(model, inputs, None, inputs["input_ids"][:, :0])
     valid = inputs["attention_mask"].bool()
     assert (stock - ref)[valid].abs().max() <= 1e-4
-    no_block = dict(inputs, token_type_ids=None)  # without the bidirectional blocks the logits differ
-    with torch.no_grad():
-        causal = model(**no_block).logits
     assert (causal - stock)[valid].abs().max() > 1e-3
 
 
 def test_eager_attention():
-    check_oracles(FAM, "random", 0.3, {}, selection_only=False, attn="eager", alone=False)
+    check_oracles(FAM, "fastv", 0.6, {}, selection_only=True, attn="eager", alone=False)
 
 
 def test_sliding_window_limits_are_refused():

@@ -155,9 +155,10 @@ def generation_cache_problem(kwargs: dict, generation_config) -> str | None:
 
 
 # --- masks, rotary, attention ------------------------------------------------------------------------------
-def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache, layer_idx: int):
+def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache, layer_idx: int, **overlays):
     """`create_causal_mask` for the rows of `inputs_embeds` (B, L, D) against layer `layer_idx`'s cache, with a
-    2-D padding mask (B, L_kv); the format follows `config._attn_implementation`."""
+    2-D padding mask (B, L_kv); the format follows `config._attn_implementation`.  overlays: mask-function
+    keywords (`or_mask_function`, `and_mask_function`), e.g. from `block_overlays`."""
     return create_causal_mask(
         config=config,
         inputs_embeds=inputs_embeds,
@@ -165,7 +166,21 @@ def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tenso
         position_ids=None,
         layer_idx=layer_idx,
         **{CACHE_KWARG: cache},
+        **overlays,
     )
+
+
+def block_overlays(block_ids: torch.Tensor | None, sliding_window: int | None = None) -> dict:
+    """Mask-function keywords for `causal_mask`: rows with the same block id >= 0 (B, L) see each other both ways
+    (Gemma 3's image blocks), and with `sliding_window` only keys inside the window (kv > q − window)."""
+    from transformers.masking_utils import blockwise_overlay, sliding_window_overlay
+
+    out = {}
+    if block_ids is not None:
+        out["or_mask_function"] = blockwise_overlay(block_ids)
+    if sliding_window is not None:
+        out["and_mask_function"] = sliding_window_overlay(int(sliding_window))
+    return out
 
 
 def rotary_embeddings(rotary_module, hidden: torch.Tensor, position_ids: torch.Tensor):

@@ -90,8 +90,10 @@ class _Group:
     #   (−1 also on inserted tokens: visual rows, vis_image >= 0, that are no candidate)
     seq_index: torch.Tensor  # (B, L) int64 index into the input rows (inserted tokens: their slot's), −1 on padding
     next_pos: torch.Tensor  # (B,) position of the next generated token
-    pos_emb: tuple[torch.Tensor, torch.Tensor] | None = None
-    mask: object = None  # what the layers get as attention_mask for this forward
+    #: per layer kind (`ModelAdapter.layer_kind`, None for single-kind models): (cos, sin) and attention_mask of
+    #: this group's rows (in-LLM groups only)
+    pos_emb: dict = field(default_factory=dict)
+    mask: dict = field(default_factory=dict)
     step_positions: torch.Tensor | None = None  # position ids of the current decode step
     in_llm: bool = False  # made by an in-LLM stage: its layers get `mask` / `pos_emb` instead of the model's
 
@@ -164,6 +166,8 @@ class PruningSession:
                 f"vtprune.apply(..., positions={needed!r})"
             )
         self.pre_stage = 0 if self.stages and self.stages[0].before_llm else None
+        self._kind_of = [adapter.layer_kind(i) for i in range(adapter.num_layers)]  # see ModelAdapter.layer_kind
+        self._kinds = tuple(dict.fromkeys(self._kind_of))
         self.stage_at_layer = {s.layer: i for i, s in enumerate(self.stages) if s.kind == "llm"}
         previous_layer = sig.LLM_SIGNALS - sig.OWN_LAYER_SIGNALS  # computed from layer k−1's captured input
         self.capture_layers = {
@@ -647,8 +651,9 @@ class PruningSession:
                 self._step_group(fw, idx, hidden, kwargs)
         group = fw.group_for(idx)
         if group.in_llm:
-            kwargs["attention_mask"] = group.mask
-            kwargs["position_embeddings"] = group.pos_emb
+            kind = self._kind_of[idx]
+            kwargs["attention_mask"] = group.mask[kind]
+            kwargs["position_embeddings"] = group.pos_emb[kind]
             if kwargs.get("position_ids") is not None:
                 kwargs["position_ids"] = group.step_positions if not fw.prefill else group.positions
         if fw.prefill and idx == 0 and self.capture_layer0:
@@ -761,7 +766,7 @@ class PruningSession:
         adaptive = self.method.adaptive_count  # the method decides the count: `select` runs for every pruned image
         if not adaptive and all(img.counts[stage] >= (img.counts[stage - 1] if stage else img.n) for img in fw.images):
             return hidden  # nobody prunes here: keep the rows (and numerics) exactly as they are
-        here_pos = group.pos_emb if group.in_llm else kwargs["position_embeddings"]
+        here_pos = group.pos_emb[self._kind_of[idx]] if group.in_llm else kwargs["position_embeddings"]
         signals = self._llm_signals(fw, stage, idx, (layer, hidden, here_pos, group.mask2d))
         keep = group.mask2d.bool() & (group.vis_image < 0)
         replaced = None
@@ -821,14 +826,22 @@ class PruningSession:
         new = self._push_group(fw, idx, gather, valid)
         new.in_llm = True
         hidden = gather_rows(hidden, gather)
-        if self.positions == "keep":  # (cos, sin) of the rows entering this layer: the previous group's, if any
-            source = group.pos_emb if group.in_llm else kwargs["position_embeddings"]
-            cos, sin = (t.expand(gather.shape[0], *t.shape[1:]) for t in source)
-            new.pos_emb = (gather_rows(cos, gather), gather_rows(sin, gather))
-        else:
-            new.pos_emb = self.adapter.rotary(hidden, new.positions)
-        new.mask = self.adapter.layer_mask(hidden, new.mask2d, fw.cache, idx)
+        here = self._kind_of[idx]
+        for kind in self._kinds:  # one (cos, sin) and mask per layer kind (one kind for most models)
+            if self.positions == "keep" and (group.in_llm or kind == here):  # the rows' own (cos, sin), gathered
+                source = group.pos_emb[kind] if group.in_llm else kwargs["position_embeddings"]
+                cos, sin = (t.expand(gather.shape[0], *t.shape[1:]) for t in source)
+                new.pos_emb[kind] = (gather_rows(cos, gather), gather_rows(sin, gather))
+            else:
+                new.pos_emb[kind] = self.adapter.rotary(hidden, new.positions, kind)
+            new.mask[kind] = self.adapter.layer_mask(
+                hidden, new.mask2d, fw.cache, self._first_of_kind(idx, kind), blocks=new.vis_image
+            )
         return hidden
+
+    def _first_of_kind(self, idx: int, kind) -> int:
+        """The first decoder layer at or after `idx` of `kind` (its cache sizes the mask), else `idx`."""
+        return next((i for i in range(idx, len(self._kind_of)) if self._kind_of[i] == kind), idx)
 
     def _push_group(
         self, fw: _Forward, start: int, gather: torch.Tensor, valid: torch.Tensor, inserted: torch.Tensor | None = None
@@ -892,11 +905,13 @@ class PruningSession:
         group = next((g for g in fw.groups if g.start == idx), None)
         if group is None:  # nobody pruned at this stage in this prefill: the layer runs on the previous group
             return
-        if self.positions == "keep":
-            group.pos_emb = kwargs["position_embeddings"]
-        else:
-            group.pos_emb = self.adapter.rotary(hidden, group.step_positions)
-        group.mask = self.adapter.layer_mask(hidden, group.mask2d, fw.cache, idx)
+        here = self._kind_of[idx]
+        for kind in self._kinds:
+            if self.positions == "keep" and kind == here:
+                group.pos_emb[kind] = kwargs["position_embeddings"]
+            else:
+                group.pos_emb[kind] = self.adapter.rotary(hidden, group.step_positions, kind)
+            group.mask[kind] = self.adapter.layer_mask(hidden, group.mask2d, fw.cache, self._first_of_kind(idx, kind))
 
     # --- injected features (DeepStack) -----------------------------------------------------------
     def _on_injection_call(self, module, args, kwargs):

@@ -249,9 +249,19 @@ class ModelAdapter(ABC):
         """`positions="reindex"`: contiguous ids over the surviving rows.  valid/visual (B, L')."""
         return (valid.long().cumsum(-1) - 1).clamp(min=0) * valid.long()
 
-    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """(cos, sin) for explicit position ids, as the language model computes them."""
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str | None = None):
+        """(cos, sin) for explicit position ids, as the language model computes them (for layers of `kind`)."""
         return hf.rotary_embeddings(self.language_model.rotary_emb, hidden, position_ids)
+
+    def layer_kind(self, layer_idx: int) -> str | None:
+        """The kind of a decoder layer when layers differ in mask and RoPE table (Gemma 3: "sliding_attention" /
+        "full_attention"); None when all layers share them.  In-LLM groups keep one mask and one (cos, sin) per
+        kind."""
+        return None
+
+    def layer_kinds(self) -> tuple[str | None, ...]:
+        """Every `layer_kind` of the decoder, in first-use order (default: (None,))."""
+        return tuple(dict.fromkeys(self.layer_kind(i) for i in range(self.num_layers)))
 
     def rotary_spec(self) -> RotarySpec:
         """The language model's rotary parameters, read from its config (`rope_parameters`, head_dim).
@@ -288,8 +298,10 @@ class ModelAdapter(ABC):
         return spec
 
     # --- attention -------------------------------------------------------------------------------
-    def layer_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache, layer_idx: int):
-        """The attention mask a decoder layer expects for a group whose 2-D padding mask is `mask2d`."""
+    def layer_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache, layer_idx: int, blocks=None):
+        """The attention mask a decoder layer expects for a group whose 2-D padding mask is `mask2d`.  blocks
+        (B, L) int64: the image of each row (−1 for text), for families whose image tokens attend bidirectionally
+        (default: ignored, causal)."""
         return hf.causal_mask(self.text_config, hidden, mask2d, cache, layer_idx)
 
     def input_norm(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,12 @@
   position stays inside the window: prompts longer than `sliding_window` are refused at the prefill and a
   pruned generation that reaches the window is stopped (UnsupportedInputError naming the window). One
   256-token image, a question and the answer under Gemma 3's 1024-token window are exact.
-- In-LLM stages (`llm:k`: FastV, PDrop, SparseVLM, the in-LLM variants of others) are refused at `apply`:
-  the engine rebuilds one causal mask and one RoPE table per group, while Gemma 3 needs per-layer-type ones
-  (sliding vs full window, RoPE θ 10 k vs 1 M) with the bidirectional image blocks; not implemented.
+- In-LLM stages (`llm:k`): the layers have two kinds (`layer_kind`: sliding / full attention) with their own
+  RoPE tables (θ 10 k vs 1 M, linear scaling on the full layers of the real checkpoints) and masks, so every
+  in-LLM group keeps one (cos, sin) and one mask per kind; the masks are rebuilt with the bidirectional
+  blocks of the rows still present (`layer_mask(blocks=)`: each image's kept rows see each other both ways)
+  and, on sliding layers, the window. Signals use Gemma's q/k norms and `query_pre_attn_scalar` scaling.
+  `suffix_rope_gravity` (SparseVLM v2) is refused: no single RoPE table describes the model.
 - Vision signals (spec §7 no-[CLS] rule): the last SigLIP layer's attention column mean (over heads and query
   patches of the same image), keys (all heads / head mean), each average-pooled with the projector's own
   kernel so they line up with the soft tokens.
@@ -26,8 +29,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from ..engine import hf_compat as hf
 from ..errors import UnsupportedInputError
-from .base import ModelAdapter
+from .base import ModelAdapter, apply_rope
 
 
 class Gemma3Adapter(ModelAdapter):
@@ -41,15 +45,6 @@ class Gemma3Adapter(ModelAdapter):
 
     def nominal_visual_tokens(self) -> int:
         return int(self.model.config.mm_tokens_per_image)
-
-    def check_stages(self, method_name: str, stages) -> None:
-        in_llm = [str(s) for s in stages if s.kind == "llm"]
-        if in_llm:
-            raise UnsupportedInputError(
-                f"method {method_name!r} prunes inside the LLM ({', '.join(in_llm)}); on Gemma 3 that needs "
-                "per-layer-type masks (sliding vs full window with the bidirectional image blocks) and RoPE "
-                "tables, which vtprune does not rebuild yet: use a vision / pre_llm method or variant"
-            )
 
     def check_inputs(self, input_ids: torch.Tensor, kwargs: dict) -> None:
         window = self._window()
@@ -106,9 +101,48 @@ class Gemma3Adapter(ModelAdapter):
         """(k_i, D) per image -> one (1, Σ k_i, D) tensor (the model scatters it in placeholder order)."""
         return {"image": BaseModelOutputWithPooling(pooler_output=torch.cat(feats)[None])}
 
-    # --- attention -------------------------------------------------------------------------------
+    # --- layer kinds, masks, attention -----------------------------------------------------------
+    def layer_kind(self, layer_idx: int) -> str:
+        return str(self.text_config.layer_types[layer_idx])
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor, kind: str | None = None):
+        """(cos, sin) of the RoPE table of layers of `kind` (Gemma 3 keeps one per layer type)."""
+        return self.language_model.rotary_emb(hidden, position_ids, kind or "full_attention")
+
+    def layer_mask(self, hidden: torch.Tensor, mask2d: torch.Tensor, cache, layer_idx: int, blocks=None):
+        """Causal OR the bidirectional image blocks (rows of one image, `blocks` (B, L) image id or −1), AND the
+        sliding window on sliding layers — the composition of the stock `create_masks_for_vision_model`."""
+        window = self._window() if self.layer_kind(layer_idx) == "sliding_attention" else None
+        return hf.causal_mask(self.text_config, hidden, mask2d, cache, layer_idx, **hf.block_overlays(blocks, window))
+
+    def rotary_spec(self):
+        """Refused: Gemma 3 has one RoPE table per layer type (and linear scaling on the full layers of the real
+        checkpoints), which a single `RotarySpec` cannot describe (`suffix_rope_gravity`, SparseVLM v2)."""
+        raise UnsupportedInputError(
+            "Gemma 3 has one RoPE table per layer type (sliding / full attention), so suffix_rope_gravity "
+            "(SparseVLM v2's RoPE gravity) is not supported on it; use sparsevlm version 1.5"
+        )
+
     def input_norm(self, layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return layer.input_layernorm(hidden)
+
+    def query_key_states(self, layer: nn.Module, hidden: torch.Tensor, pos_emb, rows: torch.Tensor, keys=None):
+        """Post-RoPE queries of `rows` and keys of all rows, with Gemma 3's q/k norms and its scaling."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        bsz, length, _ = x.shape
+        hd = attn.head_dim
+        cos, sin = (t.expand(bsz, -1, -1) for t in pos_emb)
+        xr = x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+        q = attn.q_norm(attn.q_proj(xr).view(bsz, rows.shape[1], -1, hd)).transpose(1, 2)
+        idx = rows[..., None].expand(-1, -1, cos.shape[-1])
+        q = apply_rope(q, cos.gather(1, idx), sin.gather(1, idx))
+        if keys is None:
+            k = attn.k_norm(attn.k_proj(x).view(bsz, length, -1, hd)).transpose(1, 2)
+            keys = apply_rope(k, cos, sin)
+        groups = q.shape[1] // keys.shape[1]
+        keys = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
+        return q, keys, float(attn.scaling)
 
     # --- vision signals (spec §7, no [CLS]) ------------------------------------------------------
     def vision_attention_module(self) -> nn.Module:
