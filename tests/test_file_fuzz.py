@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,12 @@ from hypothesis import strategies as st
 from vtprune import checkpointing as cpt
 from vtprune.errors import VtpruneError
 
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+#: 40 examples per fuzz test in the default suite; VTPRUNE_HYPOTHESIS_SCALE=10 runs ten times as many
+FUZZ = settings(
+    max_examples=40 * int(os.environ.get("VTPRUNE_HYPOTHESIS_SCALE", "1")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 def _clean_error(fn, file: Path):
