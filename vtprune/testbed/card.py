@@ -20,6 +20,11 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
             command: str = "", notes: str = "") -> dict:
     """Copy `run_dir/model` into `vtprune/assets/NAME`, score it on a fresh held-out set, write the card."""
     run_dir = Path(run_dir)
+    if name == "shapes-llava" and "shapes-v3" in (run_dir / "train_summary.json").read_text():
+        from vtprune.errors import VtpruneError
+
+        raise VtpruneError("a shapes-v3 run may not replace the shipped v2 model builtin:shapes-llava; "
+                           "install it under another name (e.g. --name shapes-v3-llava)")
     dest = ASSETS / name
     dest.mkdir(parents=True, exist_ok=True)
     for f in _FILES:
