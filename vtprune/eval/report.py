@@ -26,7 +26,8 @@ def _timing_footer(rows: list[dict]) -> str | None:
         return None
     return (
         f"ms min / ms med: LLM prefill per sample (decoder layers incl. in-LLM selection; batch of {t['batch']}), "
-        f"min and median of {t['rounds']} rounds interleaved across the rows after a warm-up round."
+        f"min and median of {t['rounds']} round{'s' if t['rounds'] != 1 else ''} interleaved across the rows after a "
+        "warm-up round."
     )
 
 
