@@ -34,7 +34,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True)
     t.add_argument("--preset", choices=("v2", "v3"), default="v2",
                    help="v2: the shipped shapes-llava recipe's defaults; v3: the built-in benchmark v3 chain "
-                        "(shapes-v3 data, 24-layer decoder, calibration-split watching; train_v3.py)")
+                        "(shapes-v3 data, 32-layer decoder, calibration-split watching; train_v3.py)")
     t.add_argument("--device", default="cpu")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps-a", type=int, default=None, help="Stage A steps (vision tower)")

@@ -3,7 +3,7 @@
     vtprune testbed train --preset v3 --out DIR        # resumable: re-run the same command to continue
 
 Stage A (vision tower, dense per-patch targets on v3 scenes of the train split), the probe projector init,
-Stage B (projector + the 24-layer decoder on packed v3 questions, visual-token and question-type curricula),
+Stage B (projector + the 32-layer decoder on packed v3 questions, visual-token and question-type curricula),
 Stage C ([CLS] attention). The checkpoint watched during training is chosen on the calibration split, never on
 the test split. `measure_step_costs` times each stage's step on this machine (docs/testbed.md, "v3").
 """
