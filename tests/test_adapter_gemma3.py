@@ -143,3 +143,24 @@ def test_from_pretrained_round_trip_with_processor(tmp_path):
         vtprune.remove(model)
         vtprune.remove(loaded)
     assert torch.equal(t0, t1) and (l0 - l1).abs().max() <= 1e-5
+
+
+def test_run_loads_a_saved_gemma3(tmp_path):
+    """`vtprune run` builds Gemma 3 inputs itself (soft tokens between <start_of_image> / <end_of_image>)."""
+    from PIL import Image
+    from saved_models import word_tokenizer
+    from transformers import Gemma3ImageProcessorPil
+
+    from vtprune import runner
+    from vtprune.testing import GEMMA_BOI_ID, GEMMA_EOI_ID, IMAGE_TOKEN_ID
+
+    model = tiny_gemma3(layers=4)
+    side = model.config.vision_config.image_size
+    Gemma3ImageProcessorPil(size={"height": side, "width": side}).save_pretrained(tmp_path)
+    specials = {IMAGE_TOKEN_ID: "<image_soft_token>", GEMMA_BOI_ID: "<start_of_image>", GEMMA_EOI_ID: "<end_of_image>"}
+    word_tokenizer(specials).save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    lm = runner.load(tmp_path)
+    assert lm.family == "gemma3" and lm.processor is None
+    res = runner.run_one(lm, Image.new("RGB", (160, 100), (9, 99, 199)), "w5 w6", "fastv", 0.6, max_new_tokens=2)
+    assert res["n_visual"] == 16 and res["layer_avg_tokens"] < 16

@@ -102,3 +102,27 @@ def test_from_pretrained_round_trip_with_processor(tmp_path):
         vtprune.remove(model)
         vtprune.remove(loaded)
     assert torch.equal(t0, t1) and (l0 - l1).abs().max() <= 1e-5
+
+
+def test_run_loads_a_saved_internvl(tmp_path):
+    """`vtprune run` builds InternVL inputs itself (tokenizer + PIL GotOcr2 processor: tiles + thumbnail)."""
+    from PIL import Image
+    from saved_models import word_tokenizer
+    from transformers import GotOcr2ImageProcessorPil
+
+    from vtprune import runner
+    from vtprune.testing import IMAGE_TOKEN_ID, INTERNVL_IMG_END_ID, INTERNVL_IMG_START_ID
+
+    model = tiny_internvl(layers=2)
+    side = model.config.vision_config.image_size[0]
+    GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, max_patches=4).save_pretrained(
+        tmp_path
+    )
+    word_tokenizer(
+        {IMAGE_TOKEN_ID: "<IMG_CONTEXT>", INTERNVL_IMG_START_ID: "<img>", INTERNVL_IMG_END_ID: "</img>"}
+    ).save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    lm = runner.load(tmp_path)
+    assert lm.family == "internvl" and lm.processor is None
+    res = runner.run_one(lm, Image.new("RGB", (224, 112), (9, 99, 199)), "w5 w6", "visionzip", 0.5, max_new_tokens=2)
+    assert res["n_visual"] == 3 * 16 and 0 < res["retained_tokens"] <= 24

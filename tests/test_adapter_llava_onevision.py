@@ -195,3 +195,25 @@ def test_from_pretrained_round_trip_with_processor(tmp_path):
     # stock generate itself differs by ~1e-7 between the built and the reloaded model here (the prefill
     # logits are bit-identical), so the round trip is checked to 1e-5
     assert torch.equal(t0, t1) and (l0 - l1).abs().max() <= 1e-5
+
+
+def test_run_loads_a_saved_onevision(tmp_path):
+    """`vtprune run` builds LLaVA-OneVision inputs itself (packed AnyRes count, image_sizes, batch_num_images)."""
+    from PIL import Image
+    from saved_models import word_tokenizer
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    from vtprune import runner
+    from vtprune.testing import IMAGE_TOKEN_ID, ONEVISION_VIDEO_TOKEN_ID
+
+    model = tiny_llava_onevision(layers=2)
+    tile = model.config.vision_config.image_size
+    LlavaOnevisionImageProcessorPil(
+        size={"height": tile, "width": tile}, image_grid_pinpoints=model.config.image_grid_pinpoints
+    ).save_pretrained(tmp_path)
+    word_tokenizer({IMAGE_TOKEN_ID: "<image>", ONEVISION_VIDEO_TOKEN_ID: "<video>"}).save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    lm = runner.load(tmp_path)
+    assert lm.family == "llava_onevision" and lm.processor is None
+    res = runner.run_one(lm, Image.new("RGB", (160, 100), (9, 99, 199)), "w5 w6", "vispruner", 0.3, max_new_tokens=2)
+    assert res["n_visual"] == 16 + 8 * 12 and 0 < res["retained_tokens"] < res["n_visual"]

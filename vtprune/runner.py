@@ -43,9 +43,14 @@ FAMILIES = {
     "llava_next": "LlavaNextForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
+    "internvl": "InternVLForConditionalGeneration",
 }
 #: families whose inputs vtprune builds itself (tokenizer + PIL Qwen2-VL image processor; no torchvision)
 QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl")
+#: families without a processor object: inputs from the tokenizer + PIL image processor (`build_inputs`)
+OWN_INPUTS = (*QWEN_FAMILIES, "llava_onevision", "gemma3", "internvl")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -75,7 +80,8 @@ def family_of(model_or_config) -> str:
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES:
         raise UnsupportedModelError(
-            f"vtprune run/show know LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL and Qwen3-VL, not {kind!r}"
+            f"vtprune run/show know LLaVA-1.5, LLaVA-NeXT, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision, Gemma 3 and "
+            f"InternVL, not {kind!r}"
         )
     return kind
 
@@ -128,7 +134,7 @@ def wrap(model, processor, source: str = "") -> Loaded:
     are read from the processor's `tokenizer` and `image_processor`)."""
     family = family_of(model)
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
-    proc = processor if family not in QWEN_FAMILIES else None
+    proc = processor if family not in OWN_INPUTS else None
     return Loaded(model, family, processor.tokenizer, processor.image_processor, proc, template, source)
 
 
@@ -142,7 +148,7 @@ def _local_processor(model, family: str, path: Path) -> Loaded:
         image_proc = getattr(proc, "image_processor", None)
         if tok is not None and image_proc is not None:
             template = getattr(proc, "chat_template", None) or getattr(tok, "chat_template", None)
-            return Loaded(model, family, tok, image_proc, proc if family not in QWEN_FAMILIES else None, template)
+            return Loaded(model, family, tok, image_proc, proc if family not in OWN_INPUTS else None, template)
     except Exception as err:  # e.g. Qwen2.5-VL's processor needs torchvision
         errors.append(f"AutoProcessor: {err}".strip().splitlines()[0])
     try:
@@ -165,7 +171,7 @@ def _local_processor(model, family: str, path: Path) -> Loaded:
             )
         raise VtpruneError(f"cannot load a processor for {path}: {'; '.join(errors)}") from err
     proc = None
-    if family not in QWEN_FAMILIES:
+    if family not in OWN_INPUTS:
         proc = _llava_processor(model, family, tok, image_proc)
     return Loaded(model, family, tok, image_proc, proc, getattr(tok, "chat_template", None))
 
@@ -233,6 +239,21 @@ def placeholder_tokenizer(config):
     return fast
 
 
+def _own_image_processor(model, family: str):
+    """A PIL image processor with the tile size of an `arch:` LLaVA-OneVision / Gemma 3 / InternVL model."""
+    import transformers
+
+    vc = model.config.vision_config
+    size = vc.image_size if isinstance(vc.image_size, int) else int(vc.image_size[0])
+    if family == "llava_onevision":
+        return transformers.LlavaOnevisionImageProcessorPil(
+            size={"height": size, "width": size}, image_grid_pinpoints=model.config.image_grid_pinpoints
+        )
+    if family == "gemma3":
+        return transformers.Gemma3ImageProcessorPil(size={"height": size, "width": size})
+    return transformers.GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True)
+
+
 def _placeholder_loaded(model) -> Loaded:
     from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil
 
@@ -243,6 +264,8 @@ def _placeholder_loaded(model) -> Loaded:
     if family in QWEN_FAMILIES:
         vc = model.config.vision_config
         image_proc = qwen_image_processor(patch_size=int(vc.patch_size), merge_size=int(vc.spatial_merge_size))
+    elif family in OWN_INPUTS:
+        image_proc = _own_image_processor(model, family)
     else:
         side = int(model.config.vision_config.image_size)
         common = dict(
@@ -255,7 +278,7 @@ def _placeholder_loaded(model) -> Loaded:
             image_proc = CLIPImageProcessorPil(do_center_crop=True, **common)
         else:
             image_proc = LlavaNextImageProcessorPil(image_grid_pinpoints=model.config.image_grid_pinpoints, **common)
-    proc = None if family in QWEN_FAMILIES else _llava_processor(model, family, tok, image_proc)
+    proc = None if family in OWN_INPUTS else _llava_processor(model, family, tok, image_proc)
     note = (
         "random weights with a placeholder tokenizer (every prompt word is <unk>): the answer is noise; "
         "token counts, FLOPs and timings are real."
@@ -294,6 +317,10 @@ def build_inputs(loaded: Loaded, image: Image.Image, prompt: str) -> dict:
         from vtprune.models.qwen_inputs import qwen_processor_inputs
 
         inputs = qwen_processor_inputs(loaded.model.config, loaded.tokenizer, [text], [image], loaded.image_processor)
+    elif loaded.family in OWN_INPUTS:
+        from vtprune.models.family_inputs import family_inputs
+
+        inputs = family_inputs(loaded.model, loaded.tokenizer, [text], [image], loaded.image_processor)
     else:
         inputs = dict(loaded.processor(images=[image], text=[text], return_tensors="pt"))
     model = loaded.model

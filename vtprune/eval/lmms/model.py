@@ -234,6 +234,10 @@ class VtpruneLMM(lmms):
             else:
                 enc = dict(self.tokenizer(prompts, return_tensors="pt", padding=True))
                 enc["mm_token_type_ids"] = torch.zeros_like(enc["input_ids"])
+        elif flat and loaded.processor is None:  # LLaVA-OneVision / Gemma 3 / InternVL: no processor object
+            from vtprune.models.family_inputs import family_inputs
+
+            enc = family_inputs(self._model, self.tokenizer, prompts, flat, loaded.image_processor)
         elif flat:
             enc = dict(loaded.processor(images=flat, text=prompts, return_tensors="pt", padding=True))
         else:
