@@ -6,9 +6,10 @@ aligned to the patch grid:
 - 3-14 objects (4 shapes x 6 colours) of side 8-56 px (0.6 to 4 patches), at continuous positions, never
   overlapping; a planted count group (a colour or shape carried by exactly k objects, k uniform in 0..9);
 - 2-8 distractors: grey/brown rings, bars and diamonds (never asked about, never counted);
-- one framed two-digit number 10-99 (seven-segment digits 14-30 px tall) spread over 2-9 patches;
-- a cluttered background: gradient, one texture (stripes, off-grid checker, blotches), 2-5 large soft
-  regions of another tint, 15-40 thin strokes, pixel noise. Neighbouring background patches are redundant
+- one framed two-digit number 10-99 (seven-segment digits 14-30 px tall) whose box touches ~11 patches;
+- a cluttered background: gradient, one texture (stripes, off-grid checker, blotches), 2-5 large regions
+  of another brightness (little chroma: none may look like a coloured object), 15-40 thin strokes, pixel
+  noise. Neighbouring background patches are redundant
   but not blank, large objects cover several redundant patches, small ones sit inside a single patch.
 
 A scene is a pure function of (split code, seed, index) (`make_scene`); `render` draws it with PIL primitives
@@ -174,7 +175,7 @@ def make_scene(split_code: int, seed: int, index: int) -> Scene3:
 def _background(rng: np.random.Generator) -> np.ndarray:
     """Cluttered textured background, float32 [H, W, 3] in 0..255 (vectorised numpy)."""
     h = w = IMAGE_SIZE
-    base = rng.uniform(70, 180) + rng.uniform(-20, 20, size=3)
+    base = rng.uniform(70, 180) + rng.uniform(-15, 15, size=3)
     yy, xx = np.ogrid[0:h, 0:w]
     yy, xx = yy.astype(np.float32) / np.float32(h), xx.astype(np.float32) / np.float32(w)
     img = np.broadcast_to(base.astype(np.float32), (h, w, 3)).copy()
@@ -197,12 +198,13 @@ def _background(rng: np.random.Generator) -> np.ndarray:
         tex = ((1 - fu) * (1 - fv) * coarse[j, i] + fu * (1 - fv) * coarse[j, i + 1]
                + (1 - fu) * fv * coarse[j + 1, i] + fu * fv * coarse[j + 1, i + 1])
     img += (rng.uniform(5, 18) * tex)[..., None] * rng.uniform(0.6, 1.0, size=3).astype(np.float32)
-    # large soft regions (a table, a wall, a shadow): 2-5 ellipses / rectangles of another tint
+    # large regions (a table, a wall, a shadow): 2-5 ellipses / rectangles of another brightness
     for _ in range(int(rng.integers(2, 6))):
         cx, cy = rng.uniform(0, h, size=2)
         rx, ry = rng.uniform(0.1 * h, 0.45 * h, size=2)
         x0, x1, y0, y1 = (int(np.clip(v, 0, h)) for v in (cx - rx, cx + rx + 1, cy - ry, cy + ry + 1))
-        delta = rng.uniform(-30, 30, size=3).astype(np.float32)
+        # mostly a brightness change, little chroma: a region must not look like a big coloured object
+        delta = (rng.uniform(-28, 28) + rng.uniform(-6, 6, size=3)).astype(np.float32)
         if rng.random() < 0.5:  # ellipse, computed on its bounding box only
             ey, ex = np.ogrid[y0:y1, x0:x1]
             m = ((ex - cx) / rx) ** 2 + ((ey - cy) / ry) ** 2 <= 1
