@@ -58,6 +58,23 @@ def test_v3_chain_smoke_runs_resumes_and_never_reads_the_test_split(tmp_path, mo
     assert 0 <= lo <= held["accuracy"] <= hi <= 1 and len(held["wilson95_per_type"]) == 7
 
 
+def test_v3_score_cli_reads_a_split(tmp_path, capsys):
+    """`vtprune testbed score --split calibration` scores a v3 model on that split's questions."""
+    from vtprune.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path, replace(_config(1), steps_a=1, cls_steps=0, eval_every=1), progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert main(["testbed", "score", "--model", str(tmp_path / "model"), "--split", "calibration",
+                 "--per-type", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 7 and set(out["per_type"]) == set(json.loads(
+        (tmp_path / "train_summary.json").read_text())["question_types"])
+    assert main(["testbed", "score", "--model", str(tmp_path / "model"), "--split", "heldout"]) == 2
+
+
 def test_v3_preset_model_is_a_deep_llava():
     from transformers import LlavaForConditionalGeneration
 

@@ -93,6 +93,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--data", default=None,
                    help="JSONL from `testbed export` (default: generated held-out set)")
     s.add_argument("--seed", type=int, default=HELDOUT_SEED)
+    s.add_argument("--split", default=None,
+                   help='a v3 split instead of the v2 held-out set: "test[:SEED]" (30000-30002), '
+                        '"calibration[:SEED]" or "train[:SEED]" (questions of shapes-v3)')
     s.add_argument("--per-type", type=positive_int, default=50)
     s.add_argument("--batch-size", type=positive_int, default=16)
     s.add_argument("--records", default=None, help="write per-sample records to this JSONL")
@@ -186,14 +189,24 @@ def _score(args: argparse.Namespace) -> int:
 
     check_model(args.model)
     check_path(args.data, "data file", "file")
+    answers = None
+    if args.data and args.split:
+        raise UsageError("give either --data or --split, not both")
     if args.data:
         samples, root = read_jsonl(args.data)
+    elif args.split:
+        from .questions_v3 import answer_vocabulary
+        from .splits import parse_split
+
+        samples, root = parse_split(args.split).samples(args.per_type), None
+        answers = answer_vocabulary()
     else:
         samples, root = balanced_samples(args.seed, args.per_type, id_prefix="score"), None
     if not samples:
         raise UsageError(f"no questions to score in {args.data} (an empty input is refused)")
     model, processor = resolve_model(args.model)
-    res = evaluate(model, processor, samples, batch_size=args.batch_size, image_root=root, progress=True)
+    res = evaluate(model, processor, samples, batch_size=args.batch_size, image_root=root, progress=True,
+                   answers=answers)
     res["majority"] = majority_baseline(samples)
     if args.records:
         with open(args.records, "w") as f:
