@@ -165,8 +165,10 @@ def environment(device: str) -> dict:
     return env
 
 
-def run_stage(stage: dict, args, methods: list[str]) -> dict:
-    """One model, one attention, one batch size: each method group interleaved with its own unpruned row."""
+def run_stage(stage: dict, args, methods: list[str], deadline: float = float("inf")) -> dict:
+    """One model, one attention, one batch size: each method group interleaved with its own unpruned row.
+
+    deadline: `time.perf_counter()` value after which no further method group starts (listed as skipped)."""
     t0 = time.perf_counter()
     base = BenchConfig(
         model=stage["model"],
@@ -183,9 +185,12 @@ def run_stage(stage: dict, args, methods: list[str]) -> dict:
         image_size=stage["image_size"],
     )
     built = load_bench_model(base)
-    results = []
+    results, skipped = [], []
     try:
         for names, options in groups(methods):
+            if time.perf_counter() > deadline:
+                skipped.append(",".join(names))
+                continue
             cfg = BenchConfig(**{**base.__dict__, "methods": names, "options": dict(options)})
             results.append(run_bench(cfg, progress=False, built=built))
     finally:
@@ -193,7 +198,10 @@ def run_stage(stage: dict, args, methods: list[str]) -> dict:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {**stage, "seconds": round(time.perf_counter() - t0, 1), "runs": results}
+    out = {**stage, "seconds": round(time.perf_counter() - t0, 1), "runs": results}
+    if skipped:
+        out["skipped_groups"] = skipped
+    return out
 
 
 def _f(v, fmt: str) -> str:
@@ -216,6 +224,8 @@ def render(data: dict) -> str:
         if st.get("skipped"):
             lines += [f"### {st['name']}: skipped ({st['skipped']})", ""]
             continue
+        if st.get("skipped_groups"):
+            lines += [f"Method groups skipped (time budget): {'; '.join(st['skipped_groups'])}", ""]
         lines += [
             f"### {st['name']} ({st['model']}, {st['attn']}, batch {st['batch']}, {st['seconds']} s)",
             "",
@@ -285,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
             data["stages"].append({**stage, "skipped": f"time budget: {elapsed:.0f} s > {args.time_budget:.0f} s"})
         else:
             print(f"[{elapsed:6.1f} s] {stage['name']} ...", flush=True)
-            data["stages"].append(run_stage(stage, args, methods))
+            data["stages"].append(run_stage(stage, args, methods, start + args.time_budget))
         with open(os.path.join(args.out, "gpu_bench.json"), "w") as f:
             json.dump(data, f, indent=1, default=str)
         with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:

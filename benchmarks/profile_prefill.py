@@ -103,13 +103,14 @@ def main() -> None:
     torch.set_num_threads(1)
     out: dict = {"stock": [], "engine": []}
     cfg = BenchConfig(model="arch:llava-1.5-7b", methods=[], budgets=[], dtype="bfloat16", layers=args.layers)
-    model, _ = load_bench_model(cfg)
-    lm = model.model.language_model
-    for n in [int(v) for v in args.lengths.split(",")]:
-        r = stock_profile(lm, n, args.repeats)
-        out["stock"].append(r)
-        print(json.dumps(r), flush=True)
-    del model, lm
+    lengths = [int(v) for v in args.lengths.split(",") if v]
+    if lengths:
+        model, _ = load_bench_model(cfg)
+        for n in lengths:
+            r = stock_profile(model.model.language_model, n, args.repeats)
+            out["stock"].append(r)
+            print(json.dumps(r), flush=True)
+        del model
     if args.methods:
         cfg = BenchConfig(
             model="arch:llava-1.5-7b", methods=[], budgets=[], dtype="bfloat16", layers=args.method_layers
