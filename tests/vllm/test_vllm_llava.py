@@ -21,12 +21,12 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from vllm_oracle import _NoQuestion, _PixelSeeded, _with_vllm_inputs
 
 import vtprune
 from vtprune.errors import VtpruneError
 from vtprune.methods import build_method, method_class
-from vtprune.methods.cdpruner import CDPruner, CDPrunerConfig
-from vtprune.methods.random import RandomConfig, RandomPruning
+from vtprune.methods.cdpruner import CDPrunerConfig
 from vtprune.serving.llava import pruner_for
 from vtprune.serving.pruner import pixel_seed
 from vtprune.serving.testing import noise_image, save_llava
@@ -114,47 +114,6 @@ def _encode(pixels: torch.Tensor, wanted: frozenset[str]):
         return embeds, signals
 
     return run
-
-
-def _with_vllm_inputs(method, embeds: torch.Tensor, signals: dict[str, torch.Tensor]):
-    """Let a method's `select` on the HF path see vLLM's encoder output and vision signals (image b of the
-    batch gets row b), after checking that the HF path's own signals agree with vLLM's."""
-    inner = method.select
-    queue = list(range(embeds.shape[0]))
-
-    def select(stage_index, image, k):
-        b = queue.pop(0)
-        for name, t in signals.items():
-            ref = t[b].float()
-            atol = 1e-5 * float(ref.abs().max()) + 1e-7  # fp32 rounding of two encoders, relative to the scale
-            torch.testing.assert_close(image.signals[name].float(), ref, rtol=1e-4, atol=atol, msg=name)
-            image.signals[name] = t[b]
-        image.features = embeds[b]
-        return inner(stage_index, image, k)
-
-    method.select = select
-    return method
-
-
-class _PixelSeeded(RandomPruning):
-    """`random` with the per-image seed the plugin uses (vLLM's encoder never sees the prompt ids the HF engine
-    seeds from); the draw itself is `RandomPruning.select`."""
-
-    def __init__(self, seeds: list[int]):
-        super().__init__(RandomConfig())
-        self.seeds = list(seeds)
-
-    def select(self, stage_index, image, k):
-        image.seed = self.seeds.pop(0)
-        return super().select(stage_index, image, k)
-
-
-class _NoQuestion(CDPruner):
-    """`cdpruner` (relevance from the question embeddings) given an empty question, as the plugin gives it."""
-
-    def select(self, stage_index, image, k):
-        image.signals["question_embeddings"] = image.features.new_zeros(0, image.features.shape[1])
-        return super().select(stage_index, image, k)
 
 
 @pytest.mark.parametrize(("method", "options"), METHODS, ids=lambda v: v if isinstance(v, str) else "-".join(v))

@@ -7,7 +7,8 @@ the same `ImageTokens` the HF engine builds and calls the *registered method's o
 implementation of any method here); it then lays the plan's tokens out as the HF engine does
 (`positions="reindex"`: vLLM numbers the kept placeholders contiguously).
 
-Nothing in this module imports vLLM; `vtprune.serving.llava` wires it into vLLM's LLaVA model.
+Nothing in this module imports vLLM; `vtprune.serving.llava` and `vtprune.serving.qwen2_5_vl` wire it into
+vLLM's LLaVA and Qwen2.5-VL models (the latter also needs each kept token's grid position: `layout_sources`).
 """
 
 from __future__ import annotations
@@ -280,14 +281,31 @@ def layout_tokens(name: str, plan: KeepPlan, visual: torch.Tensor, n: int) -> to
     if idx.numel() > 1 and bool((idx[1:] <= idx[:-1]).any()):
         raise VtpruneError(f"{name}: keep_idx must be sorted and unique")
     tokens = plan.new_feats.to(visual.dtype) if plan.new_feats is not None else visual[idx]
-    order = None
     if plan.n_inserted:
         tokens = torch.cat([tokens, plan.inserted.to(visual.dtype)])
-        slot = torch.cat([idx * 2 + 1, plan.insert_at.to(idx.device) * 2])
-        order = torch.sort(slot, stable=True).indices
+    order = _layout_order(plan)
+    return tokens if order is None else tokens[order.to(tokens.device)]
+
+
+def layout_sources(plan: KeepPlan) -> torch.Tensor:
+    """The candidate behind each output token of `layout_tokens`, (K + E,) int64: a kept row's index, or for an
+    inserted token the candidate it sits before (whose position id it shares, as in the HF engine)."""
+    src = plan.keep_idx
+    if plan.n_inserted:
+        src = torch.cat([src, plan.insert_at.to(src.device)])
+    order = _layout_order(plan)
+    return src if order is None else src[order.to(src.device)]
+
+
+def _layout_order(plan: KeepPlan) -> torch.Tensor | None:
+    """The permutation of [kept..., inserted...] tokens into LLM order, or None for the kept order."""
     if plan.order is not None:
-        order = plan.order.to(tokens.device)
-    return tokens if order is None else tokens[order]
+        return plan.order
+    if plan.n_inserted:
+        idx = plan.keep_idx
+        slot = torch.cat([idx * 2 + 1, plan.insert_at.to(idx.device) * 2])
+        return torch.sort(slot, stable=True).indices
+    return None
 
 
 def pixel_seed(pixels: torch.Tensor) -> int:

@@ -1,8 +1,10 @@
-"""Tiny random LLaVA-1.5 checkpoints that vLLM can load offline (tests, the serving benchmark).
+"""Tiny random LLaVA-1.5 and Qwen2.5-VL checkpoints that vLLM can load offline (tests, the serving benchmark).
 
 `save_llava(root)` writes config, safetensors weights, a word-level tokenizer (`w<id>` words, `<image>` at
 id 250) and a `LlavaProcessor` (CLIP preprocessing without torchvision). Prompts are text like
 "w5 w6 <image> w7 w8"; `<image>` expands to the model's placeholders.
+`save_qwen2_5_vl(root)` writes a tiny Qwen2.5-VL the same way; prompts are text like
+"w5 <|vision_start|><|image_pad|><|vision_end|> w7" (`QWEN_IMAGE` is the middle part).
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ from pathlib import Path
 
 import torch
 
-from ..testing import IMAGE_TOKEN_ID, tiny_llava
+from ..testing import (
+    IMAGE_TOKEN_ID,
+    QWEN_IMAGE_TOKEN_ID,
+    QWEN_VIDEO_TOKEN_ID,
+    QWEN_VISION_END_ID,
+    QWEN_VISION_START_ID,
+    tiny_llava,
+)
+
+#: One image in a tiny Qwen2.5-VL prompt (the processor expands `<|image_pad|>` to the image's tokens).
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def word_tokenizer(specials: dict[int, str], vocab: int = 256):
@@ -81,10 +93,99 @@ def save_llava(root: str | Path, *, seed: int = 0, vision_qk_scale: float = 1.0,
     return root
 
 
-def noise_image(seed: int, size: int = 336):
-    """A deterministic RGB noise image (PIL), `size`×`size`."""
+def save_qwen2_5_vl(
+    root: str | Path,
+    *,
+    seed: int = 0,
+    layers: int = 4,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_hidden: int = 64,
+    vision_depth: int = 2,
+    window_size: int = 56,
+    vision_qk_scale: float = 1.0,
+) -> Path:
+    """Save a tiny random `Qwen2_5_VLForConditionalGeneration` (+ processor, tokenizer) under `root`; -> root.
+
+    head_dim 32 (vLLM's CPU attention minimum) with M-RoPE sections (4, 6, 6); the ViT has `vision_depth` blocks,
+    the last one full attention, windows of 2×2 merged tokens (`window_size=56` px, patch 14, merge 2). The
+    processor resizes to multiples of 28 px between 4 and 256 merged tokens. `vision_qk_scale` multiplies the
+    ViT's query/key weights (a peaked attention: fewer near-ties between tokens' scores)."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessorPil,
+        Qwen2VLVideoProcessor,
+    )
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=256,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_heads=4,
+            out_hidden_size=hidden,
+            fullatt_block_indexes=[vision_depth - 1],
+            window_size=window_size,
+        ),
+        image_token_id=QWEN_IMAGE_TOKEN_ID,
+        video_token_id=QWEN_VIDEO_TOKEN_ID,
+        vision_start_token_id=QWEN_VISION_START_ID,
+        vision_end_token_id=QWEN_VISION_END_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    if vision_qk_scale != 1.0:
+        with torch.no_grad():
+            for block in model.model.visual.blocks:
+                width = block.attn.qkv.weight.shape[0] // 3
+                block.attn.qkv.weight[: 2 * width].mul_(vision_qk_scale)
+                block.attn.qkv.bias[: 2 * width].mul_(vision_qk_scale)
+    model.save_pretrained(root)
+    specials = {
+        QWEN_IMAGE_TOKEN_ID: "<|image_pad|>",
+        QWEN_VIDEO_TOKEN_ID: "<|video_pad|>",
+        QWEN_VISION_START_ID: "<|vision_start|>",
+        QWEN_VISION_END_ID: "<|vision_end|>",
+    }
+    tokenizer = word_tokenizer(specials)
+    size = {"shortest_edge": 4 * 28 * 28, "longest_edge": 256 * 28 * 28}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(size=size),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(size=size),
+    )
+    processor.save_pretrained(root)
+    gen = root / "generation_config.json"
+    cfg = json.loads(gen.read_text()) if gen.exists() else {}
+    cfg.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None})
+    gen.write_text(json.dumps(cfg, indent=2))
+    return root
+
+
+def noise_image(seed: int, size: int | tuple[int, int] = 336):
+    """A deterministic RGB noise image (PIL), `size`×`size` (or (width, height))."""
     from PIL import Image
 
+    width, height = (size, size) if isinstance(size, int) else size
     gen = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
     return Image.fromarray(pixels.numpy())
