@@ -58,7 +58,7 @@ ENGINE = {
     "enable_prefix_caching": False,
     "mm_processor_cache_gb": 0,
     "seed": 0,
-    "limit_mm_per_prompt": {"image": 1, "video": 0},
+    "limit_mm_per_prompt": {"image": 2, "video": 0},
 }
 
 
@@ -121,17 +121,69 @@ def _encode(pixels: torch.Tensor, grid_thw: torch.Tensor, wanted: frozenset[str]
 
 @pytest.mark.parametrize(("method", "options"), METHODS, ids=lambda v: v if isinstance(v, str) else "-".join(v))
 def test_vllm_output_equals_hf_path(engine, hf, record, method, options):
+    index = METHODS.index((method, options))
+    images = [[noise_image(1000 * index + i, size)] for i, size in enumerate(SIZES)]  # new images: no cache reuse
+    _check_equal(engine, hf, record, method, options, PROMPTS, images)
+
+
+@pytest.mark.parametrize("method", ["divprune", "vispruner"])
+def test_two_images_per_prompt(engine, hf, record, method):
+    """Two images in one prompt: the second image's positions start after the first image's re-derived text
+    offset (vLLM's `recompute_mrope_positions` walks the images of a request in turn). The plugin keeps K per
+    image (vLLM's encoder batches images without knowing which share a prompt) where the HF path splits a
+    sample's budget over its images in proportion to N: equal here, as the images of a prompt have one size
+    and the HF budget is 2 K."""
+    prompts = [f"w5 {QWEN_IMAGE} w6 w7 {QWEN_IMAGE} w8", f"w9 {QWEN_IMAGE} {QWEN_IMAGE} w10"]
+    images = [
+        [noise_image(7000, SIZES[1]), noise_image(7001, SIZES[1])],
+        [noise_image(7002, SIZES[2]), noise_image(7003, SIZES[2])],
+    ]
+    _check_equal(engine, hf, record, method, {}, prompts, images, hf_budget=2 * BUDGET)
+
+
+@pytest.fixture(scope="module")
+def chunked(checkpoint, record, engine):
+    """A second engine that prefills in chunks of 8 tokens. Module-scoped: deleting an engine tears down the
+    process's model-parallel groups, which the first engine (`engine`, set up before it) still uses."""
+    from vllm import LLM
+
+    llm = LLM(
+        str(checkpoint),
+        max_num_seqs=4,
+        max_num_batched_tokens=8,
+        video_pruning_rate=0.5,
+        hf_overrides={"vtprune": {"method": "divprune", "budget": BUDGET, "record": str(record)}},
+        **ENGINE,
+    )
+    yield llm
+    del llm
+
+
+@pytest.mark.parametrize("method", ["divprune", "vispruner"])
+def test_chunked_prefill(chunked, hf, record, method):
+    """Prefill in chunks of 8 tokens (images cut across steps, a chunk starting right after `<|vision_start|>`):
+    the positions re-derived per step still give the HF path's output (vLLM's own re-derivation fails here)."""
+    prompts = [f"w5 w6 w7 {QWEN_IMAGE} w8 w9 {QWEN_IMAGE} w10", f"w9 w10 w11 w12 w13 w14 w15 w16 {QWEN_IMAGE} w17"]
+    images = [[noise_image(8000, SIZES[0]), noise_image(8001, SIZES[0])], [noise_image(8002, SIZES[2])]]
+    _check_equal(chunked, hf, record, method, {}, prompts[:1], images[:1], hf_budget=2 * BUDGET)
+    _check_equal(chunked, hf, record, method, {}, prompts[1:], images[1:])
+
+
+def _check_equal(
+    engine, hf, record, method: str, options: dict, prompts: list[str], images: list[list], hf_budget: int = BUDGET
+) -> None:
+    """vLLM (plugin) vs vtprune's HF path on one batch (prompt i with `images[i]`): the same placeholder counts,
+    kept indices per image, greedy tokens and chosen-token log-probabilities."""
     from vllm import SamplingParams
 
     model, processor = hf
-    index = METHODS.index((method, options))
-    images = [noise_image(1000 * index + i, size) for i, size in enumerate(SIZES)]  # new images: no cache reuse
+    flat = [im for ims in images for im in ims]
     section = {"method": method, "budget": BUDGET, "options": options, "record": str(record)}
     ((name, stage, wanted),) = engine.apply_model(_use(section))
     assert name == method_class(method).name
     record.write_text("")
     outs = engine.generate(
-        [{"prompt": p, "multi_modal_data": {"image": im}} for p, im in zip(PROMPTS, images, strict=True)],
+        [{"prompt": p, "multi_modal_data": {"image": ims}} for p, ims in zip(prompts, images, strict=True)],
         SamplingParams(
             temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, allowed_token_ids=ALLOWED, logprobs=0
         ),
@@ -141,18 +193,19 @@ def test_vllm_output_equals_hf_path(engine, hf, record, method, options):
     vllm_logprobs = _chosen_logprobs(outs)
     kept = {r["seed"]: r for r in map(json.loads, record.read_text().splitlines())}
 
-    inputs = processor(text=PROMPTS, images=images, padding=True, return_tensors="pt")
+    inputs = processor(text=prompts, images=flat, padding=True, return_tensors="pt")
     grid_thw = inputs["image_grid_thw"]
     grids = [merged_grid(g, 2) for g in grid_thw.tolist()]
-    assert sorted(grids) == sorted([(h // 28, w // 28) for w, h in SIZES])
+    assert grids == [(im.height // 28, im.width // 28) for im in flat]
     config = copy.deepcopy(model.config)
     config.vtprune = section
     pruner = pruner_for(config)
-    counts = [pruner.tokens_for([g], model.config.text_config.hidden_size) for g in grids]
-    n_text = [len(p.split()) + 1 for p in PROMPTS]  # words + <|vision_start|>, <|vision_end|> (image run: K)
-    assert [len(o.prompt_token_ids) for o in outs] == [t + k for t, k in zip(n_text, counts, strict=True)]
+    counts = iter([pruner.tokens_for([g], model.config.text_config.hidden_size) for g in grids])
+    # words + <|vision_start|>, <|vision_end|> per image + each image's K placeholders
+    lengths = [len(p.split()) + len(ims) + sum(next(counts) for _ in ims) for p, ims in zip(prompts, images)]  # noqa: B905
+    assert [len(o.prompt_token_ids) for o in outs] == lengths
     # vLLM normalises on the device: the model (and the plugin's seed) gets the un-normalised uint8 patches
-    raw = processor.image_processor(images, do_rescale=False, do_normalize=False, return_tensors="pt")
+    raw = processor.image_processor(flat, do_rescale=False, do_normalize=False, return_tensors="pt")
     raw = raw["pixel_values"].round().to(torch.uint8)
     seeds = [pixel_seed(px) for px in raw.split(grid_thw.prod(-1).tolist())]
     assert sorted(kept) == sorted(seeds), "one record per image of this batch"
@@ -170,7 +223,7 @@ def test_vllm_output_equals_hf_path(engine, hf, record, method, options):
         hf_inputs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=embeds)}
     else:  # HF's own ViT signals are checked against vLLM's, then the method gets vLLM's
         the_method = _with_vllm_inputs(the_method, embeds, signals)
-    vtprune.apply(model, the_method, BUDGET, budget_mode="retained", positions="reindex")
+    vtprune.apply(model, the_method, hf_budget, budget_mode="retained", positions="reindex")
     try:
         with torch.no_grad():
             out = model.generate(
@@ -185,10 +238,16 @@ def test_vllm_output_equals_hf_path(engine, hf, record, method, options):
     finally:
         vtprune.remove(model)
     hf_ids = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
-    for b, seed in enumerate(seeds):
-        (event,) = run.samples[b].events
-        assert kept[seed]["keep_idx"] == event.keep_idx.tolist(), f"sample {b}: kept indices differ"
-        assert kept[seed]["inserted"] == sum(event.inserted)
+    seed_of = iter(seeds)
+    for b, ims in enumerate(images):
+        sample = run.samples[b]
+        (event,) = sample.events
+        offsets = sample.image_offsets
+        for i in range(len(ims)):
+            mine = event.keep_idx[(event.keep_idx >= offsets[i]) & (event.keep_idx < offsets[i + 1])] - offsets[i]
+            seed = next(seed_of)
+            assert kept[seed]["keep_idx"] == mine.tolist(), f"sample {b} image {i}: kept indices differ"
+            assert kept[seed]["inserted"] == event.inserted[i]
     assert vllm_ids == hf_ids
     # the chosen tokens' log-probabilities (raw logits) too: a far finer check of the positions than argmaxes
     hf_logprobs = torch.stack(out.logits, 1).log_softmax(-1).gather(-1, torch.tensor(hf_ids)[..., None])[..., 0]

