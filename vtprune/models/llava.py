@@ -106,6 +106,11 @@ class LlavaAdapter(ModelAdapter):
         """(k, C) -> (k, D) through `multi_modal_projector` (token-wise MLP)."""
         return self.model.model.multi_modal_projector(feats)
 
+    @staticmethod
+    def _cls_query(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The [CLS] query of one image, x (1, 1 + n, C) -> (1, H, 1, d_h) fp32."""
+        return attn.q_proj(x[:, :1]).view(1, 1, attn.num_heads, attn.head_dim).transpose(1, 2).float()
+
     def vision_signals(self, attn: nn.Module, x: torch.Tensor, kwargs: dict | None = None) -> dict[str, torch.Tensor]:
         """[CLS]→patch attention (head mean) and keys of the selected CLIP layer, or the projector's input.
 
@@ -116,10 +121,15 @@ class LlavaAdapter(ModelAdapter):
         if attn is self.model.model.multi_modal_projector:
             return {"vision_features": x}
         b, t, _ = x.shape
-        q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
         k_flat = attn.k_proj(x)
         k = k_flat.view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1)  # (b, H, 1, t)
+        # the [CLS] row's projection and scores image by image: the same kernels whatever the batch size (M = 1
+        # vs M = b GEMMs differ in the last bit on CPU, which flips near-tied rankings), so a batch equals each
+        # image alone; a loop over images, not tokens
+        keys_t = k.float().transpose(-1, -2)  # (b, H, d_h, t)
+        probs = torch.cat(
+            [((self._cls_query(attn, x[i : i + 1]) @ keys_t[i : i + 1]) * attn.scale).softmax(-1) for i in range(b)]
+        )  # (b, H, 1, t)
         start = 1 if self.model.config.vision_feature_select_strategy == "default" else 0
         return {
             "cls_attention": probs[:, :, 0, start:].mean(1),
