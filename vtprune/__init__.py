@@ -12,10 +12,7 @@ name that needs them (PEP 562 module `__getattr__`), so `vtprune --help` starts 
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
+from ._lazy import LazyPackage, lazy_exports
 from .errors import BudgetError, UnknownMethodError, UnsupportedInputError, UnsupportedModelError, VtpruneError
 
 __version__ = "0.1.0"
@@ -74,25 +71,7 @@ def _methods() -> list[str]:
 _methods.__name__ = _methods.__qualname__ = "methods"
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:  # a submodule not imported yet (`vtprune.engine`, `vtprune.measurement`, ...)
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":
-                raise
-        raise AttributeError(f"module 'vtprune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
-
-class _Package(types.ModuleType):
+class _Package(LazyPackage):
     """`vtprune.methods` is the function `vtprune.methods()` (as before the lazy imports), although the
     subpackage `vtprune.methods` has the same name: importing the subpackage (which the import system
     records as an attribute of its parent) must not replace the function. The subpackage stays reachable
@@ -107,4 +86,4 @@ class _Package(types.ModuleType):
         pass
 
 
-sys.modules[__name__].__class__ = _Package
+lazy_exports(__name__, _LAZY, _Package)
