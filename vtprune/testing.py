@@ -8,6 +8,18 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 IMAGE_TOKEN_ID = 250
 
 
+def _instantiate(model_class, config, attn: str, dtype: torch.dtype | None = None):
+    """A tiny test model of `model_class` from `config`: eval mode, attention `attn`, pad id 0, no EOS."""
+    config._attn_implementation = attn
+    model = model_class(config).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
 def tiny_llava(
     *,
     seed: int = 0,
@@ -47,12 +59,7 @@ def tiny_llava(
         ),
         image_token_id=IMAGE_TOKEN_ID,
     )
-    config._attn_implementation = attn
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _instantiate(LlavaForConditionalGeneration, config, attn, dtype)
 
 
 def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], *, seed: int = 0, images: int = 1) -> dict:
@@ -132,12 +139,7 @@ def tiny_qwen2_5_vl(
         bos_token_id=1,
         eos_token_id=2,
     )
-    config._attn_implementation = attn
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, config, attn, dtype)
 
 
 def qwen_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: list[tuple[int, int]], *, seed: int = 0):
@@ -232,12 +234,7 @@ def tiny_llava_next(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, image
         image_token_id=IMAGE_TOKEN_ID,
         image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
     )
-    config._attn_implementation = attn
-    model = LlavaNextForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _instantiate(LlavaNextForConditionalGeneration, config, attn)
 
 
 def llava_next_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: list[tuple[int, int]], *, seed=0):
@@ -321,12 +318,7 @@ def tiny_qwen3_vl(
         bos_token_id=1,
         eos_token_id=2,
     )
-    config._attn_implementation = attn
-    model = Qwen3VLForConditionalGeneration(config).to(dtype).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _instantiate(Qwen3VLForConditionalGeneration, config, attn, dtype)
 
 
 def qwen3_video_inputs(
@@ -421,12 +413,7 @@ def tiny_llava_onevision(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, 
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
-    config._attn_implementation = attn
-    model = LlavaOnevisionForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _instantiate(LlavaOnevisionForConditionalGeneration, config, attn)
 
 
 def llava_onevision_inputs(
@@ -533,12 +520,7 @@ def tiny_gemma3(*, seed: int = 0, attn: str = "sdpa", layers: int = 6, sliding_w
         eoi_token_index=GEMMA_EOI_ID,
         image_token_index=IMAGE_TOKEN_ID,
     )
-    config._attn_implementation = attn
-    model = Gemma3ForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _instantiate(Gemma3ForConditionalGeneration, config, attn)
 
 
 def gemma3_inputs(model, prompts: list[tuple[list[int], list[int]]], crops: list[int], *, seed: int = 0) -> dict:
@@ -599,12 +581,7 @@ def tiny_internvl(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, **kw):
         image_token_id=IMAGE_TOKEN_ID,
         image_seq_length=16,
     )
-    config._attn_implementation = attn
-    model = InternVLForConditionalGeneration(config).eval()
-    model.set_attn_implementation(attn)
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _instantiate(InternVLForConditionalGeneration, config, attn)
 
 
 def internvl_inputs(model, prompts: list[tuple[list[int], list[int]]], tiles: list[int], *, seed: int = 0) -> dict:
