@@ -30,7 +30,28 @@ ROW_FIELDS = {
 }
 
 
-@pytest.mark.parametrize("name", ARCH_NAMES)
+# text-model widths of the 2026 families from their public model configs (no spec constants exist for them):
+# (layers, hidden, intermediate, heads, kv heads, head_dim)
+PUBLISHED_LLM = {
+    "qwen3-vl-8b": (36, 4096, 12288, 32, 8, 128),
+    "llava-onevision-7b": (28, 3584, 18944, 28, 4, 128),  # Qwen2-7B
+    "gemma-3-4b": (34, 2560, 10240, 8, 4, 256),
+    "gemma-3-12b": (48, 3840, 15360, 16, 8, 256),
+    "internvl3-8b": (28, 3584, 18944, 28, 4, 128),  # Qwen2.5-7B
+}
+
+
+def test_every_bundled_config_has_reference_widths():
+    assert set(ARCH_NAMES) == set(LLM_PRESETS) | set(PUBLISHED_LLM)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_LLM))
+def test_bundled_2026_configs_have_the_published_widths(name):
+    assert full_dims(name) == LLMDims(*PUBLISHED_LLM[name])
+    assert arch_config(name, layers=2).get_text_config().num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("name", sorted(set(ARCH_NAMES) & set(LLM_PRESETS)))
 def test_bundled_configs_match_the_spec_constants(name):
     assert full_dims(name) == LLM_PRESETS[name]
     cfg = arch_config(name, layers=3)
