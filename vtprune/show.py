@@ -9,8 +9,17 @@ Where each kept index lands (indices into the image's candidates, as `vtprune.la
   to one tile); crop 1 = the unpadded tile area, one grid in packed raster order (as the adapter's
   `image_layout`), mapped through the processor's resize-to-pinpoint, centred padding and the model's
   `unpad_image` back onto the image; the two are drawn side by side ("base" | "tiles");
-- Qwen2.5-VL: merged 28-px cells (patch × spatial merge) over the image resized to the processor's
-  `image_grid_thw` size.
+- Qwen2.5-VL / Qwen3-VL: merged cells (patch × spatial merge) over the image resized to the processor's
+  `image_grid_thw` size;
+- LLaVA-OneVision: as NeXT (base view | unpadded AnyRes tile area, the same resize / centred padding /
+  `unpad_image`), and when the model's `anyres_max_N` bilinear down-sizing shrank the tile grid, each token
+  covers the rows/h × cols/w block of the unpadded grid it was interpolated from;
+- Gemma 3: side×side pooled soft tokens over the whole image (the processor squashes it to the square tile);
+  with pan-and-scan, each crop's side×side grid over the part of the image the processor cut it from (the
+  crops follow the image in the prompt, each its own engine image; drawn on a second view "crops");
+- InternVL: every dynamic tile's side×side grid (after the pixel shuffle) placed on the image at the tile's
+  place in the processor's cols×rows canvas (the image squashed onto it), then the thumbnail's grid over the
+  whole image: two views ("tiles" | "thumbnail"), several crops drawn on one view (`Layout.view_of`).
 
 Kept cells show the image as is with a green outline around each kept area; pruned cells are faded
 (`dim_colour`: half way to grey, so objects stay recognisable). Kept tokens that carry merged features get a
@@ -52,6 +61,11 @@ class Layout:
     views: list[Image.Image]  # background image per crop
     view_names: list[str]
     box: Callable[[int, int, int], Box]  # (crop, row, col) -> box in that view's pixels
+    view_of: list[int] | None = None  # crop -> the view it is drawn on (None: crop i on view i)
+
+    def view(self, crop: int) -> int:
+        """The view crop `crop` is drawn on."""
+        return crop if self.view_of is None else self.view_of[crop]
 
     @property
     def n(self) -> int:
@@ -201,13 +215,151 @@ def qwen_layout(model, image: Image.Image, inputs: dict) -> Layout:
     )
 
 
+def _original_view(image: Image.Image, size: Sequence[int] | None = None) -> Image.Image:
+    """The image in RGB, resized to `size` (H, W) when given and different."""
+    view = image.convert("RGB")
+    if size is not None and (view.height, view.width) != tuple(size):
+        view = view.resize((int(size[1]), int(size[0])), Image.BICUBIC)
+    return view
+
+
+def onevision_layout(model, image: Image.Image, inputs: dict) -> Layout:
+    """LLaVA-OneVision: base view (side×side over the whole image) and the AnyRes tile area (NeXT geometry; a grid
+    down-sized by `anyres_max_N` maps each token to the block of the unpadded grid it interpolates)."""
+    from vtprune.models.llava_onevision import LlavaOnevisionAdapter
+
+    size = [int(v) for v in inputs["image_sizes"][0]]
+    counts = inputs.get("batch_num_images")
+    patched = counts is None or int(counts[0]) == 1
+    grids = list(LlavaOnevisionAdapter(model)._image_layout(size, patched).grids)
+    geo = next_tile_geometry(model, size)
+    view = _original_view(image, size)
+    s, (w_img, h_img) = geo["side"], geo["image"]
+    (new_w, new_h), (px, py), p = geo["resized"], geo["paste"], geo["cell_px"]
+    sx, sy = w_img / new_w, h_img / new_h
+    if len(grids) > 1:
+        h, w = grids[1]
+        fr, fc = geo["rows"] / h, geo["cols"] / w  # unpadded cells per token (1 unless down-sized)
+
+    def box(crop: int, r: int, c: int) -> Box:
+        if crop == 0:
+            return c * w_img / s, r * h_img / s, (c + 1) * w_img / s, (r + 1) * h_img / s
+        x0 = ((c * fc + geo["col_off"]) * p - px) * sx
+        y0 = ((r * fr + geo["row_off"]) * p - py) * sy
+        x1, y1 = x0 + fc * p * sx, y0 + fr * p * sy
+        return (min(max(x0, 0.0), w_img), min(max(y0, 0.0), h_img), min(max(x1, 0.0), w_img),
+                min(max(y1, 0.0), h_img))  # fmt: skip
+
+    names = ["base view", "tiles"][: len(grids)]
+    return Layout("llava_onevision", grids, [view] * len(grids), names, box)
+
+
+def gemma3_crops(image_processor, image_size: Sequence[int]) -> list[Box]:
+    """Gemma 3 pan-and-scan crops of an image of `image_size` (H, W), as the processor cuts them -> their boxes
+    (x0, y0, x1, y1) on the image ([] when pan-and-scan is off or does not trigger)."""
+    if not getattr(image_processor, "do_pan_and_scan", False):
+        return []
+    h, w = (int(v) for v in image_size)
+    grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))  # (2, H, W): each pixel's (y, x)
+    crops = image_processor.pan_and_scan(
+        grid,
+        pan_and_scan_min_crop_size=image_processor.pan_and_scan_min_crop_size,
+        pan_and_scan_max_num_crops=image_processor.pan_and_scan_max_num_crops,
+        pan_and_scan_min_ratio_to_activate=image_processor.pan_and_scan_min_ratio_to_activate,
+    )
+    return [(float(c[1].min()), float(c[0].min()), float(c[1].max() + 1), float(c[0].max() + 1)) for c in crops]
+
+
+def gemma3_layout(model, image_processor, image: Image.Image, inputs: dict) -> Layout:
+    """Gemma 3: side×side pooled soft tokens over the whole image (squashed to the square tile by the processor),
+    then, with pan-and-scan, the same grid over each crop's part of the image (views "image" | "crops")."""
+    side = int(round(int(model.config.mm_tokens_per_image) ** 0.5))
+    view = _original_view(image)
+    crops = [(0.0, 0.0, float(view.width), float(view.height))]
+    crops += gemma3_crops(image_processor, (view.height, view.width))
+    got = int(inputs["pixel_values"].shape[0])
+    if got != len(crops):
+        from vtprune.errors import VtpruneError
+
+        raise VtpruneError(
+            f"Gemma 3 show: the inputs hold {got} images (image + pan-and-scan crops) but the image processor cuts "
+            f"{len(crops)}; pass the image processor that made the inputs"
+        )
+
+    def box(crop: int, r: int, c: int) -> Box:
+        x0, y0, x1, y1 = crops[crop]
+        cw, ch = (x1 - x0) / side, (y1 - y0) / side
+        return x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch
+
+    many = len(crops) > 1
+    views, names = ([view, view], ["image", f"pan-and-scan crops ({len(crops) - 1})"]) if many else ([view], ["image"])
+    return Layout("gemma3", [(side, side)] * len(crops), views, names, box, [0] + [1] * (len(crops) - 1))
+
+
+def internvl_canvas(image_processor, image_size: Sequence[int]) -> tuple[int, int, bool]:
+    """InternVL processor (GotOcr2) tiling of an image of `image_size` (H, W) -> (cols, rows, thumbnail)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    if not getattr(image_processor, "crop_to_patches", False):
+        return 1, 1, False
+    size = image_processor.size
+    tile = (int(size["height"]), int(size["width"])) if isinstance(size, dict) else (size.height, size.width)
+    lo, hi = int(image_processor.min_patches), int(image_processor.max_patches)
+    cols, rows = get_optimal_tiled_canvas(tuple(int(v) for v in image_size), tile, lo, hi)
+    return int(cols), int(rows), cols * rows != 1
+
+
+def internvl_layout(model, image_processor, image: Image.Image, inputs: dict) -> Layout:
+    """InternVL: each dynamic tile's side×side grid at its place on the image, then the thumbnail over the image."""
+    side = int(round(int(model.config.image_seq_length) ** 0.5))
+    view = _original_view(image)
+    w_img, h_img = view.width, view.height
+    cols, rows, thumb = internvl_canvas(image_processor, (h_img, w_img))
+    tiles = cols * rows
+    n_crops = tiles + int(thumb)
+    got = int(inputs["pixel_values"].shape[0])
+    if got != n_crops:
+        from vtprune.errors import VtpruneError
+
+        raise VtpruneError(
+            f"InternVL show: the processor made {got} tiles but its {cols}×{rows} canvas (+ thumbnail) gives "
+            f"{n_crops}; pass the image processor that made the inputs"
+        )
+    tw, th = w_img / cols, h_img / rows
+
+    def box(crop: int, r: int, c: int) -> Box:
+        if crop == tiles:  # the thumbnail: the whole image
+            cw, ch = w_img / side, h_img / side
+            return c * cw, r * ch, (c + 1) * cw, (r + 1) * ch
+        ox, oy = (crop % cols) * tw, (crop // cols) * th
+        cw, ch = tw / side, th / side
+        return ox + c * cw, oy + r * ch, ox + (c + 1) * cw, oy + (r + 1) * ch
+
+    views, names = [view], [f"tiles ({cols}x{rows})"]
+    if thumb:
+        views.append(view)
+        names.append("thumbnail")
+    return Layout("internvl", [(side, side)] * n_crops, views, names, box, [0] * tiles + [1] * int(thumb))
+
+
 def layout_for(loaded, image: Image.Image, inputs: dict) -> Layout:
     """The layout of the (single) image of `inputs` for the loaded model's family."""
-    if loaded.family == "llava":
+    family = loaded.family
+    if family == "llava":
         return llava_layout(loaded.model, loaded.image_processor, inputs)
-    if loaded.family == "llava_next":
+    if family == "llava_next":
         return llava_next_layout(loaded.model, image, inputs)
-    return qwen_layout(loaded.model, image, inputs)
+    if family == "llava_onevision":
+        return onevision_layout(loaded.model, image, inputs)
+    if family == "gemma3":
+        return gemma3_layout(loaded.model, loaded.image_processor, image, inputs)
+    if family == "internvl":
+        return internvl_layout(loaded.model, loaded.image_processor, image, inputs)
+    if family in ("qwen2_5_vl", "qwen3_vl"):
+        return qwen_layout(loaded.model, image, inputs)
+    from vtprune.errors import UnsupportedModelError
+
+    raise UnsupportedModelError(f"vtprune show has no layout for {family!r}")
 
 
 # --- drawing --------------------------------------------------------------------------------------------
@@ -344,7 +496,7 @@ def render(
     panel_w = sum(w for w, _ in sizes) + GAP * (len(sizes) - 1)
     panel_h = max(h for _, h in sizes)
     all_cells = layout.all_cells()
-    cell_boxes = [_ibox(layout.box(*c), scales[c[0]]) for c in all_cells]
+    cell_boxes = [_ibox(layout.box(*c), scales[layout.view(c[0])]) for c in all_cells]
     x_crop = [sum(w for w, _ in sizes[:i]) + GAP * i for i in range(len(sizes))]
 
     columns = []
@@ -428,13 +580,13 @@ def render(
                 draw.text((x, y + line), _fit(second, small, room), fill=NEUTRAL, font=small)
             y_img = y + caption_lines * line
             boxes: dict[Cell, tuple[int, int, int, int]] = {}
-            for crop, view in enumerate(layout.views):
-                mine = {c: b for c, b in zip(all_cells, cell_boxes, strict=True) if c[0] == crop}
-                wins = [w for w in windows or [] if w[0][0] == crop]
-                img = _draw_view(view, scales[crop], mine, kept, merged, covered, wins)
-                canvas.paste(img, (x + x_crop[crop], y_img))
+            for vi, view in enumerate(layout.views):
+                mine = {c: b for c, b in zip(all_cells, cell_boxes, strict=True) if layout.view(c[0]) == vi}
+                wins = [w for w in windows or [] if layout.view(w[0][0]) == vi]
+                img = _draw_view(view, scales[vi], mine, kept, merged, covered, wins)
+                canvas.paste(img, (x + x_crop[vi], y_img))
                 for c, (x0, y0, x1, y1) in mine.items():
-                    ox, oy = x + x_crop[crop], y_img
+                    ox, oy = x + x_crop[vi], y_img
                     boxes[c] = (x0 + ox, y0 + oy, x1 + ox, y1 + oy)
             panels.append(Panel(res["method"], budget, ei, str(ev["stage"]), kept_cells, merged_cells, boxes,
                                 covered, list(windows or [])))  # fmt: skip
