@@ -155,12 +155,35 @@ def test_onevision_tiles_cover_the_image_also_when_downsized(loaded):
         rows, cols = layout.grids[1]
         if (w, h) == (224, 224):
             assert rows * cols < geo["rows"] * geo["cols"]  # down-sized by the model
+        else:
+            assert (rows, cols) == (geo["rows"], geo["cols"])
         base = [layout.box(0, r, c) for r in range(layout.grids[0][0]) for c in range(layout.grids[0][1])]
         tiles = [layout.box(1, r, c) for r in range(rows) for c in range(cols)]
         _union_covers(base, w, h)
         _union_covers(tiles, w, h)
         n_tiles = sum(1 for _ in tiles)
         assert n_tiles + layout.grids[0][0] * layout.grids[0][1] == layout.n
+
+
+def test_onevision_tile_area_is_the_image_in_the_processor_canvas(loaded):
+    """The processor's tiles, put back together, hold the image where the layout's tile area says (its boxes'
+    union, in canvas pixels, is the resized image)."""
+    lm = loaded["llava_onevision"]
+    w, h = 90, 200
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (h, w, 3), dtype=np.uint8))
+    inputs = runner.build_inputs(lm, image, "w5")
+    geo = show.next_tile_geometry(lm.model, (h, w))
+    pix = inputs["pixel_values"][0]  # (1 + tiles, 3, tile, tile): base view, then the tiles in raster order
+    (new_w, new_h), (px, py) = geo["resized"], geo["paste"]
+    per_row = (geo["cols"] + 2 * geo["col_off"]) // geo["side"]  # tiles per canvas row
+    canvas = torch.cat([torch.cat(list(row), 2) for row in pix[1:].split(per_row)], 1)  # (3, ph, pw)
+    view = show._unnormalise(canvas, lm.image_processor)
+    assert _same_content(view.crop((px, py, px + new_w, py + new_h)), image)
+    layout = show.layout_for(lm, image, inputs)
+    rows_, cols_ = layout.grids[1]
+    boxes = [layout.box(1, r, c) for r in range(rows_) for c in range(cols_)]
+    assert min(b[0] for b in boxes) == pytest.approx(0, abs=w / new_w * geo["cell_px"])
+    assert max(b[2] for b in boxes) == pytest.approx(w, abs=w / new_w * geo["cell_px"])
 
 
 def test_internvl_tiles_sit_on_the_processor_canvas(loaded):
