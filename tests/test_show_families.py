@@ -239,3 +239,17 @@ def test_gemma3_pan_and_scan_crops_sit_where_the_processor_cut_them(loaded):
             assert (x0, y0, x1, y1) == pytest.approx((0, 0, w, h))
         pix = show._unnormalise(inputs["pixel_values"][k], lm.image_processor)
         assert _same_content(pix, image.crop((round(x0), round(y0), round(x1), round(y1)))), k
+
+
+def test_show_cli_on_saved_folders(loaded, tmp_path, capsys):
+    """`vtprune show --model DIR` loads each of the three families from its saved folder and writes the PNG."""
+    from vtprune.cli import main
+
+    image = tmp_path / "in.png"
+    Image.new("RGB", SIZE, COLOUR).save(image)
+    for family in ("llava_onevision", "gemma3", "internvl"):
+        out = tmp_path / f"{family}.png"
+        args = ["show", "--model", loaded[family].source, "--image", str(image), "--prompt", "w5 w6"]
+        assert main([*args, "--methods", "divprune", "--budget", "0.3", "--out", str(out)]) == 0, family
+        assert Image.open(out).format == "PNG"
+    assert "picture:" in capsys.readouterr().err
