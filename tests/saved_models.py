@@ -84,3 +84,39 @@ def save_tiny_families(root: Path, layers: int = 4) -> dict[str, Path]:
     tok.save_pretrained(root / "qwen")
     qwen_image_processor().save_pretrained(root / "qwen")
     return {"llava_next": root / "next", "qwen2_5_vl": root / "qwen"}
+
+
+def save_tiny_2026_families(root: Path) -> dict[str, Path]:
+    """Save a tiny LLaVA-OneVision, Gemma 3 and InternVL, each with a word-level tokenizer and its PIL image
+    processor (no processor object: their processors need torchvision) under `root`.  -> {family: dir}."""
+    import transformers as T
+
+    from vtprune import testing as tt
+
+    ov = tt.tiny_llava_onevision()
+    s = ov.config.vision_config.image_size
+    ov.save_pretrained(root / "ov")
+    word_tokenizer({tt.IMAGE_TOKEN_ID: "<image>"}).save_pretrained(root / "ov")
+    T.LlavaOnevisionImageProcessorPil(
+        size={"height": s, "width": s}, image_grid_pinpoints=ov.config.image_grid_pinpoints
+    ).save_pretrained(root / "ov")
+    g = tt.tiny_gemma3()
+    gs = g.config.vision_config.image_size
+    g.save_pretrained(root / "gemma")
+    word_tokenizer(
+        {
+            tt.IMAGE_TOKEN_ID: "<image_soft_token>",
+            tt.GEMMA_BOI_ID: "<start_of_image>",
+            tt.GEMMA_EOI_ID: "<end_of_image>",
+        }
+    ).save_pretrained(root / "gemma")
+    T.Gemma3ImageProcessorPil(size={"height": gs, "width": gs}).save_pretrained(root / "gemma")
+    iv = tt.tiny_internvl()
+    iv.save_pretrained(root / "ivl")
+    word_tokenizer(
+        {tt.IMAGE_TOKEN_ID: "<IMG_CONTEXT>", tt.INTERNVL_IMG_START_ID: "<img>", tt.INTERNVL_IMG_END_ID: "</img>"}
+    ).save_pretrained(root / "ivl")
+    T.GotOcr2ImageProcessorPil(size={"height": 112, "width": 112}, crop_to_patches=True, max_patches=6).save_pretrained(
+        root / "ivl"
+    )
+    return {"llava_onevision": root / "ov", "gemma3": root / "gemma", "internvl": root / "ivl"}

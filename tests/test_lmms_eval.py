@@ -420,3 +420,35 @@ def test_efficiency_summary_and_flat_metrics():
     assert summarize_efficiency([{}]) == {"samples": 0}
     samples = [{"doc_id": 7, "token_counts": [{"input_tokens": 1, "vtprune": records[0]}]}, {"doc_id": 8}]
     assert efficiency_of_samples(samples) == [{"doc_id": 7, **records[0]}]
+
+
+@pytest.fixture(scope="module")
+def dirs_2026(tmp_path_factory) -> dict:
+    from saved_models import save_tiny_2026_families
+
+    return save_tiny_2026_families(tmp_path_factory.mktemp("families-2026"))
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "gemma3", "internvl"])
+def test_plugin_accepts_the_2026_families(dirs_2026, family):
+    """The lmms-eval plugin loads LLaVA-OneVision / Gemma 3 / InternVL from a saved folder, prunes, and a batch of
+    prompts with different images generates what each prompt does alone."""
+    from vtprune.eval.lmms.model import VtpruneLMM
+
+    lm = VtpruneLMM(pretrained=str(dirs_2026[family]), method="pool", budget=0.5, batch_size=2, threads=1)
+    docs = _docs()
+    lm.task_dict = {"t": {"test": docs}}
+    assert lm.prompt(docs[0]["question"], 1).count(lm._image_token()) == 1
+    gen = {"max_new_tokens": 2, "until": [], "temperature": 0}
+    reqs = [
+        _instance("generate_until", (d["question"], dict(gen), _visual, i, "t", "test"), i) for i, d in enumerate(docs)
+    ]
+    batched = lm.generate_until(reqs)
+    lm.batch_size_per_gpu = 1
+    alone = lm.generate_until(reqs)
+    assert [r.text for r in batched] == [r.text for r in alone]
+    fields = [r.token_counts.to_dict()["vtprune"] for r in batched]
+    assert all(0 < f["retained_tokens"] < f["visual_tokens"] for f in fields)
+    assert [f["retained_tokens"] for f in fields] == [
+        r.token_counts.to_dict()["vtprune"]["retained_tokens"] for r in alone
+    ]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from saved_models import word_tokenizer
+from saved_models import save_tiny_2026_families
 
 import vtprune
 from vtprune import runner, show
@@ -30,33 +30,9 @@ def loaded(tmp_path_factory):
     import transformers as T
 
     root = tmp_path_factory.mktemp("show-families")
-    ov = tt.tiny_llava_onevision()
-    s = ov.config.vision_config.image_size
-    ov.save_pretrained(root / "ov")
-    word_tokenizer({tt.IMAGE_TOKEN_ID: "<image>"}).save_pretrained(root / "ov")
-    T.LlavaOnevisionImageProcessorPil(
-        size={"height": s, "width": s}, image_grid_pinpoints=ov.config.image_grid_pinpoints
-    ).save_pretrained(root / "ov")
-    g = tt.tiny_gemma3()
-    gs = g.config.vision_config.image_size
-    g.save_pretrained(root / "gemma")
-    word_tokenizer(
-        {
-            tt.IMAGE_TOKEN_ID: "<image_soft_token>",
-            tt.GEMMA_BOI_ID: "<start_of_image>",
-            tt.GEMMA_EOI_ID: "<end_of_image>",
-        }
-    ).save_pretrained(root / "gemma")
-    T.Gemma3ImageProcessorPil(size={"height": gs, "width": gs}).save_pretrained(root / "gemma")
-    iv = tt.tiny_internvl()
-    iv.save_pretrained(root / "ivl")
-    word_tokenizer(
-        {tt.IMAGE_TOKEN_ID: "<IMG_CONTEXT>", tt.INTERNVL_IMG_START_ID: "<img>", tt.INTERNVL_IMG_END_ID: "</img>"}
-    ).save_pretrained(root / "ivl")
-    T.GotOcr2ImageProcessorPil(size={"height": 112, "width": 112}, crop_to_patches=True, max_patches=6).save_pretrained(
-        root / "ivl"
-    )
-    gemma = runner.load(root / "gemma")
+    dirs = save_tiny_2026_families(root)
+    gs = tt.tiny_gemma3().config.vision_config.image_size
+    gemma = runner.load(dirs["gemma3"])
     pan = T.Gemma3ImageProcessorPil(
         size={"height": gs, "width": gs},
         do_pan_and_scan=True,
@@ -66,9 +42,9 @@ def loaded(tmp_path_factory):
     )
     return {
         "gemma3_pan": dataclasses.replace(gemma, image_processor=pan),
-        "llava_onevision": runner.load(root / "ov"),
-        "gemma3": runner.load(root / "gemma"),
-        "internvl": runner.load(root / "ivl"),
+        "llava_onevision": runner.load(dirs["llava_onevision"]),
+        "gemma3": gemma,
+        "internvl": runner.load(dirs["internvl"]),
     }
 
 
