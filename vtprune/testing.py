@@ -20,6 +20,23 @@ def _instantiate(model_class, config, attn: str, dtype: torch.dtype | None = Non
     return model
 
 
+def _tiny_qwen2_text(layers: int) -> dict:
+    """The tiny Qwen2 language model (64 wide, GQA 4/2) of the LLaVA-OneVision and InternVL test models."""
+    return dict(
+        model_type="qwen2",
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
 def tiny_llava(
     *,
     seed: int = 0,
@@ -394,19 +411,7 @@ def tiny_llava_onevision(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, 
             image_size=s,
             patch_size=14,
         ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        text_config=_tiny_qwen2_text(layers),
         image_token_index=IMAGE_TOKEN_ID,
         video_token_index=ONEVISION_VIDEO_TOKEN_ID,
         image_grid_pinpoints=pinpoints,
@@ -565,19 +570,7 @@ def tiny_internvl(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, **kw):
             image_size=[112, 112],
             patch_size=[14, 14],
         ),
-        text_config=dict(
-            model_type="qwen2",
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        ),
+        text_config=_tiny_qwen2_text(layers),
         image_token_id=IMAGE_TOKEN_ID,
         image_seq_length=16,
     )
