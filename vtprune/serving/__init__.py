@@ -1,7 +1,7 @@
 """vtprune inside vLLM: pre-LLM visual-token pruning as a `vllm.general_plugins` plugin.
 
 Install `vtprune[vllm]` and the entry point `vtprune = vtprune.serving:register` makes every vLLM process
-(also the spawned engine core) register vtprune's subclasses of vLLM's LLaVA and Qwen2.5-VL models. Pruning is
+(also the spawned engine core) register vtprune's subclasses of vLLM's LLaVA, Qwen2.5-VL and Qwen3-VL models. Pruning is
 switched on per model through vLLM's own config surface, e.g.
 
     vllm serve llava-hf/llava-1.5-7b-hf --hf-overrides '{"vtprune": {"method": "divprune", "budget": 64}}'
@@ -9,8 +9,8 @@ switched on per model through vLLM's own config surface, e.g.
 
 or, without any flag, a `"vtprune": {...}` key in the checkpoint's config.json. Keys: `method`, `budget` (int
 tokens per image or a ratio in (0, 1)), `options` (the method's options), `record` (a JSONL path that receives
-each pruned image's kept indices). Without a `vtprune` section the model is vLLM's own. Qwen2.5-VL also needs
-vLLM's multimodal-pruning path switched on (`--video-pruning-rate`, see `vtprune.serving.qwen2_5_vl`).
+each pruned image's kept indices). Without a `vtprune` section the model is vLLM's own. Qwen2.5-VL and Qwen3-VL
+also need vLLM's multimodal-pruning path switched on (`--video-pruning-rate`, see `vtprune.serving.qwen2_5_vl`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 MODELS = {
     "LlavaForConditionalGeneration": "vtprune.serving.llava:VtpruneLlavaForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration": "vtprune.serving.qwen2_5_vl:VtpruneQwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration": "vtprune.serving.qwen3_vl:VtpruneQwen3VLForConditionalGeneration",
 }
 
 

@@ -297,6 +297,16 @@ def layout_sources(plan: KeepPlan) -> torch.Tensor:
     return src if order is None else src[order.to(src.device)]
 
 
+def layout_rows(plan: KeepPlan, rows: torch.Tensor) -> torch.Tensor:
+    """Per-candidate extra rows (e.g. Qwen3-VL's DeepStack levels) laid out like `layout_tokens`: (n, C) ->
+    (K + E, C), a kept token's own row (merged tokens: their representative's), zeros for inserted tokens."""
+    out = rows[plan.keep_idx.to(rows.device)]
+    if plan.n_inserted:
+        out = torch.cat([out, out.new_zeros(plan.n_inserted, rows.shape[1])])
+    order = _layout_order(plan)
+    return out if order is None else out[order.to(out.device)]
+
+
 def _layout_order(plan: KeepPlan) -> torch.Tensor | None:
     """The permutation of [kept..., inserted...] tokens into LLM order, or None for the kept order."""
     if plan.order is not None:

@@ -28,7 +28,8 @@ Qwen2_5_VLDummyInputsBuilder}`, their methods `_process_image_input`, `_postproc
 patch_size}`; the ViT attention's `qkv`, `num_attention_heads_per_partition`, `hidden_size_per_attention_head`,
 `tp_size` and its forward keywords `rotary_pos_emb_cos` / `rotary_pos_emb_sin` (neox-style half-width cos/sin);
 the 4-column layout [t, h, w, text offset] of vLLM's EVS (`vllm.multimodal.video_prune.evs`), kept for its videos;
-`vllm.multimodal.processing.PromptReplacement`; `MULTIMODAL_REGISTRY.register_processor`;
+`vllm.multimodal.processing.PromptReplacement`; `MULTIMODAL_REGISTRY.register_processor`; `MultiModalFeatureSpec.{
+modality, mm_position.offset, mm_position.length, data["image_grid_thw"]}` (`unpruned_bases`);
 `vllm.v1.worker.cpu_model_runner.CPUModelRunner.load_model` and the runner attribute
 `is_multimodal_pruning_enabled`; `vllm.model_executor.models.interfaces.supports_multimodal_pruning`.
 """
@@ -104,6 +105,21 @@ def mrope_columns(sources: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     rows, cols = sources // w, sources % w
     after = torch.maximum(rows.max(), cols.max()) + 1
     return torch.stack([torch.zeros_like(rows), rows, cols, after.expand_as(rows)], dim=1)
+
+
+def unpruned_bases(n: int, mm_features, merge: int) -> torch.Tensor:
+    """(n,) int64 id of each prompt token in the unpruned M-RoPE numbering, with every row of an image's
+    (pruned) placeholder run holding the image's base id: text advances by 1, an image of merged grid (h, w) by
+    max(h, w) (its unpruned extent). Media other than images advance by their placeholder count."""
+    inc = torch.ones(n, dtype=torch.long)  # id(j + 1) - id(j)
+    for f in mm_features:
+        if f.modality != "image":
+            continue
+        off, k = int(f.mm_position.offset), int(f.mm_position.length)
+        h, w = merged_grid(f.data["image_grid_thw"].data, merge)
+        inc[off : off + k] = 0
+        inc[off + k - 1] = max(h, w)
+    return torch.cat([inc.new_zeros(1), inc[:-1].cumsum(0)])
 
 
 class VtpruneQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
@@ -187,12 +203,14 @@ class VtpruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
 
         vLLM's own version walks the images assuming N placeholders each, which breaks on a second image of
         K < N (negative text spans). With pruning the media ids and all ids after the first media are re-derived
-        from the kept tokens after encoding (`recompute_mrope_positions`), so plain 1-D ids are used until then
-        (exact for the text before the first image and for text-only requests)."""
+        from the kept tokens after encoding (`recompute_mrope_positions`); until then each token gets its id in
+        the *unpruned* numbering on all three rows (`unpruned_bases`): an image's K rows all hold the id of its
+        first token, which `recompute_mrope_positions` reads back as the image's base (spec §6: kept image
+        tokens keep their original 3-D ids, so a second image starts where it did unpruned)."""
         if self.vtprune is None:
             return super().get_mrope_input_positions(input_tokens, mm_features)
-        n = len(input_tokens)
-        return torch.arange(n).expand(3, n).clone(), 0
+        ids = unpruned_bases(len(input_tokens), mm_features, int(self.config.vision_config.spatial_merge_size))
+        return ids.expand(3, -1).clone(), 0
 
     def recompute_mrope_positions(self, input_ids, multimodal_embeddings, mrope_positions, num_computed_tokens):
         """Strips the four M-RoPE columns from this step's media rows and writes the request's positions.
@@ -227,11 +245,15 @@ class VtpruneQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGenerati
                     continue
                 first = int(media_rows[media_rows >= cursor][0])
                 start = int(run_start[first])
-                base = positions[-1, start - 1] + 1 if start > 0 else positions.new_zeros(())
+                if int(ids[start]) == int(self.config.image_token_id):  # the unpruned id of its first token
+                    base = positions[0, start].clone()  # (t = 0: kept there by earlier chunks' writes)
+                else:  # a video (vLLM's EVS): right after the token before its run
+                    base = positions[-1, start - 1] + 1 if start > 0 else positions.new_zeros(())
                 end = first + k
                 positions[:, first:end] = col[:3] + base
                 after = text_rank[end:] - text_rank[end - 1]  # text tokens after the item, 1, 2, ...
-                positions[:, end:] = after + col[3, 0] + base - 1
+                text_after = ~media[end:]  # later media rows keep their bases until their own step
+                positions[:, end:] = torch.where(text_after, after + col[3, 0] + base - 1, positions[:, end:])
                 cursor = end
             delta = int(positions.max()) + 1 - n
         return rows, positions, delta

@@ -1,10 +1,11 @@
-"""Tiny random LLaVA-1.5 and Qwen2.5-VL checkpoints that vLLM can load offline (tests, the serving benchmark).
+"""Tiny random LLaVA-1.5, Qwen2.5-VL and Qwen3-VL checkpoints that vLLM can load offline (tests, the serving benchmark).
 
 `save_llava(root)` writes config, safetensors weights, a word-level tokenizer (`w<id>` words, `<image>` at
 id 250) and a `LlavaProcessor` (CLIP preprocessing without torchvision). Prompts are text like
 "w5 w6 <image> w7 w8"; `<image>` expands to the model's placeholders.
 `save_qwen2_5_vl(root)` writes a tiny Qwen2.5-VL the same way; prompts are text like
-"w5 <|vision_start|><|image_pad|><|vision_end|> w7" (`QWEN_IMAGE` is the middle part).
+"w5 <|vision_start|><|image_pad|><|vision_end|> w7" (`QWEN_IMAGE` is the middle part); `save_qwen3_vl(root)`
+a tiny Qwen3-VL (DeepStack) with the same prompt format.
 """
 
 from __future__ import annotations
@@ -172,6 +173,99 @@ def save_qwen2_5_vl(
         image_processor=Qwen2VLImageProcessorPil(size=size),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(size=size),
+    )
+    processor.save_pretrained(root)
+    gen = root / "generation_config.json"
+    cfg = json.loads(gen.read_text()) if gen.exists() else {}
+    cfg.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": None})
+    gen.write_text(json.dumps(cfg, indent=2))
+    return root
+
+
+def save_qwen3_vl(
+    root: str | Path,
+    *,
+    seed: int = 0,
+    layers: int = 4,
+    hidden: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_hidden: int = 64,
+    vision_depth: int = 3,
+    deepstack: tuple[int, ...] = (0, 1),
+    vision_qk_scale: float = 1.0,
+) -> Path:
+    """Save a tiny random `Qwen3VLForConditionalGeneration` (+ processor, tokenizer) under `root`; -> root.
+
+    head_dim 32 (vLLM's CPU attention minimum) with interleaved M-RoPE sections (8, 4, 4); a `vision_depth`-block
+    full-attention ViT (patch 16, 2×2 merge: one LLM token per 32×32 px) with DeepStack levels from blocks
+    `deepstack` (added after decoder layers 0, 1, ...). The processor resizes to multiples of 32 px between 4 and
+    256 merged tokens. Prompts as for `save_qwen2_5_vl` (`QWEN_IMAGE`)."""
+    from transformers import (
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=256,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=hidden // heads,
+            max_position_embeddings=4096,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [8, 4, 4],
+                "mrope_interleaved": True,
+            },
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_heads=4,
+            out_hidden_size=hidden,
+            num_position_embeddings=64,
+            deepstack_visual_indexes=list(deepstack),
+        ),
+        image_token_id=QWEN_IMAGE_TOKEN_ID,
+        video_token_id=QWEN_VIDEO_TOKEN_ID,
+        vision_start_token_id=QWEN_VISION_START_ID,
+        vision_end_token_id=QWEN_VISION_END_ID,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    if vision_qk_scale != 1.0:
+        with torch.no_grad():
+            for block in model.model.visual.blocks:
+                width = block.attn.qkv.weight.shape[0] // 3
+                block.attn.qkv.weight[: 2 * width].mul_(vision_qk_scale)
+                block.attn.qkv.bias[: 2 * width].mul_(vision_qk_scale)
+    model.save_pretrained(root)
+    specials = {
+        QWEN_IMAGE_TOKEN_ID: "<|image_pad|>",
+        QWEN_VIDEO_TOKEN_ID: "<|video_pad|>",
+        QWEN_VISION_START_ID: "<|vision_start|>",
+        QWEN_VISION_END_ID: "<|vision_end|>",
+    }
+    size = {"shortest_edge": 4 * 32 * 32, "longest_edge": 256 * 32 * 32}
+    processor = Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessorPil(size=size, patch_size=16, merge_size=2),
+        tokenizer=word_tokenizer(specials),
+        video_processor=Qwen3VLVideoProcessor(size=size, patch_size=16, merge_size=2),
     )
     processor.save_pretrained(root)
     gen = root / "generation_config.json"
