@@ -122,6 +122,47 @@ def unpruned_bases(n: int, mm_features, merge: int) -> torch.Tensor:
     return torch.cat([inc.new_zeros(1), inc[:-1].cumsum(0)])
 
 
+def pruned_image_tokens(info, pruner, n: int, image_width: int, image_height: int, image_processor, mm_kwargs) -> int:
+    """`get_num_image_tokens` of a Qwen-VL processing info `info` under `pruner` (None: the unpruned n): K for
+    the image's merged grid."""
+    if pruner is None:
+        return n
+    hf_config = info.get_hf_config()
+    size, _ = info._get_vision_info(
+        image_width=image_width,
+        image_height=image_height,
+        num_frames=1,
+        image_processor=image_processor,
+        mm_kwargs=mm_kwargs,
+        modality="image",
+    )
+    vc = hf_config.vision_config
+    unit = int(vc.patch_size) * int(vc.spatial_merge_size)
+    grid = (size.height // unit, size.width // unit)
+    if grid[0] * grid[1] != n:
+        raise UnsupportedInputError(f"an image gives {n} tokens, expected its {grid[0]}×{grid[1]} grid")
+    return pruner.tokens_for([grid], int(hf_config.text_config.hidden_size))
+
+
+def pruned_prompt_updates(pruner, hf_config, updates, out_mm_kwargs) -> list:
+    """A Qwen-VL processor's prompt updates with each image's placeholder run made K tokens (from its
+    grid_thw) under `pruner` (None: unchanged)."""
+    if pruner is None:
+        return updates
+    merge = int(hf_config.vision_config.spatial_merge_size)
+    hidden = int(hf_config.text_config.hidden_size)
+    token = int(hf_config.image_token_id)
+
+    def image_tokens(item_idx: int) -> list[int]:
+        grid_thw = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
+        return [token] * pruner.tokens_for([merged_grid(grid_thw, merge)], hidden)
+
+    return [
+        PromptReplacement(modality="image", target=u.target, replacement=image_tokens) if u.modality == "image" else u
+        for u in updates
+    ]
+
+
 class VtpruneQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
     """K tokens per image (profiling, limits) when the config has a `vtprune` section."""
 
@@ -129,24 +170,8 @@ class VtpruneQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
         n = super().get_num_image_tokens(
             image_width=image_width, image_height=image_height, image_processor=image_processor, mm_kwargs=mm_kwargs
         )
-        hf_config = self.get_hf_config()
-        pruner = pruner_for(hf_config)
-        if pruner is None:
-            return n
-        size, _ = self._get_vision_info(
-            image_width=image_width,
-            image_height=image_height,
-            num_frames=1,
-            image_processor=image_processor,
-            mm_kwargs=mm_kwargs,
-            modality="image",
-        )
-        vc = hf_config.vision_config
-        unit = int(vc.patch_size) * int(vc.spatial_merge_size)
-        grid = (size.height // unit, size.width // unit)
-        if grid[0] * grid[1] != n:
-            raise UnsupportedInputError(f"an image gives {n} tokens, expected its {grid[0]}×{grid[1]} grid")
-        return pruner.tokens_for([grid], int(hf_config.text_config.hidden_size))
+        return pruned_image_tokens(self, pruner_for(self.get_hf_config()), n, image_width, image_height,
+                                   image_processor, mm_kwargs)  # fmt: skip
 
 
 class VtpruneQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
@@ -155,23 +180,7 @@ class VtpruneQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         hf_config = self.info.get_hf_config()
-        pruner = pruner_for(hf_config)
-        if pruner is None:
-            return updates
-        merge = int(hf_config.vision_config.spatial_merge_size)
-        hidden = int(hf_config.text_config.hidden_size)
-        token = int(hf_config.image_token_id)
-
-        def image_tokens(item_idx: int) -> list[int]:
-            grid_thw = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
-            return [token] * pruner.tokens_for([merged_grid(grid_thw, merge)], hidden)
-
-        return [
-            PromptReplacement(modality="image", target=u.target, replacement=image_tokens)
-            if u.modality == "image"
-            else u
-            for u in updates
-        ]
+        return pruned_prompt_updates(pruner_for(hf_config), hf_config, updates, out_mm_kwargs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -42,12 +42,18 @@ from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.processing import PromptReplacement
 
 from ..errors import UnsupportedInputError
 from ..models.qwen3_vl import Qwen3VLAdapter, qwen3_vision_signals
 from .pruner import ServingConfig, ServingPruner, config_section, layout_rows, layout_sources, pixel_seed
-from .qwen2_5_vl import VtpruneQwen2_5_VLForConditionalGeneration, merged_grid, mrope_columns, unpruned_bases
+from .qwen2_5_vl import (
+    VtpruneQwen2_5_VLForConditionalGeneration,
+    merged_grid,
+    mrope_columns,
+    pruned_image_tokens,
+    pruned_prompt_updates,
+    unpruned_bases,
+)
 
 #: Vision signals this model computes (the HF adapter's: last ViT block, per merged token).
 QWEN3_SIGNALS = frozenset(Qwen3VLAdapter.vision_signal_names)
@@ -87,24 +93,8 @@ class VtpruneQwen3VLProcessingInfo(Qwen3VLProcessingInfo):
         n = super().get_num_image_tokens(
             image_width=image_width, image_height=image_height, image_processor=image_processor, mm_kwargs=mm_kwargs
         )
-        hf_config = self.get_hf_config()
-        pruner = pruner_for(hf_config)
-        if pruner is None:
-            return n
-        size, _ = self._get_vision_info(
-            image_width=image_width,
-            image_height=image_height,
-            num_frames=1,
-            image_processor=image_processor,
-            mm_kwargs=mm_kwargs,
-            modality="image",
-        )
-        vc = hf_config.vision_config
-        unit = int(vc.patch_size) * int(vc.spatial_merge_size)
-        grid = (size.height // unit, size.width // unit)
-        if grid[0] * grid[1] != n:
-            raise UnsupportedInputError(f"an image gives {n} tokens, expected its {grid[0]}×{grid[1]} grid")
-        return pruner.tokens_for([grid], int(hf_config.text_config.hidden_size))
+        return pruned_image_tokens(self, pruner_for(self.get_hf_config()), n, image_width, image_height,
+                                   image_processor, mm_kwargs)  # fmt: skip
 
 
 class VtpruneQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
@@ -113,23 +103,7 @@ class VtpruneQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
     def _get_prompt_updates(self, mm_items, hf_processor_mm_kwargs, out_mm_kwargs):
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
         hf_config = self.info.get_hf_config()
-        pruner = pruner_for(hf_config)
-        if pruner is None:
-            return updates
-        merge = int(hf_config.vision_config.spatial_merge_size)
-        hidden = int(hf_config.text_config.hidden_size)
-        token = int(hf_config.image_token_id)
-
-        def image_tokens(item_idx: int) -> list[int]:
-            grid_thw = out_mm_kwargs["image"][item_idx]["image_grid_thw"].data
-            return [token] * pruner.tokens_for([merged_grid(grid_thw, merge)], hidden)
-
-        return [
-            PromptReplacement(modality="image", target=u.target, replacement=image_tokens)
-            if u.modality == "image"
-            else u
-            for u in updates
-        ]
+        return pruned_prompt_updates(pruner_for(hf_config), hf_config, updates, out_mm_kwargs)
 
 
 @MULTIMODAL_REGISTRY.register_processor(
