@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ..budget import largest_remainder_split
 from ..errors import VtpruneError
+from ..shipped import builtin_key
 from . import register
 from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option, stable_topk
 
@@ -285,8 +286,6 @@ def dcp_crop(
 
 def calibration_key_of(name: str) -> str:
     """Calibration-table key of a model's `name_or_path`: "builtin:NAME" for a shipped checkpoint."""
-    from ..testbed.builtin import builtin_key
-
     return builtin_key(name)
 
 

@@ -43,6 +43,8 @@ import torch
 from ..errors import BudgetError, UnsupportedInputError, UnsupportedModelError, VtpruneError
 from ..rcp.checkpoint import WEIGHTS_NAME, load_plugins
 from ..rcp.modules import RCPPlugins, table_coords
+from ..shipped import RCP_ASSETS as SHIPPED  # noqa: F401  (re-exported: the shipped-checkpoint root)
+from ..shipped import shipped_rcp_dir
 from . import register
 from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
@@ -64,19 +66,9 @@ class RCPConfig(MethodConfig):
     trim_earlier_caches: bool = option(False)
 
 
-#: trained checkpoints shipped for built-in models: `vtprune/assets/rcp/<NAME>/` for `builtin:NAME`
-SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "rcp"
-
-
 def shipped_checkpoint(model_name: str | None) -> Path | None:
     """The checkpoint shipped for a built-in model (`builtin:NAME` or its directory), else None."""
-    from ..testbed.builtin import BUILTIN_PREFIX, builtin_key
-
-    key = builtin_key(model_name) if model_name else ""
-    if not key.startswith(BUILTIN_PREFIX):
-        return None
-    path = SHIPPED / key[len(BUILTIN_PREFIX):]
-    return path if (path / WEIGHTS_NAME).exists() else None
+    return shipped_rcp_dir(model_name, WEIGHTS_NAME)
 
 
 def _round_half_up(x: float) -> int:

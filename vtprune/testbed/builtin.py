@@ -6,34 +6,9 @@ from pathlib import Path
 
 import torch
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN_PREFIX = "builtin:"
+from ..shipped import ASSETS, BUILTIN_PREFIX, builtin_key, builtin_names, builtin_path
 
-
-def builtin_names() -> list[str]:
-    """Names of the checkpoints shipped in `vtprune/assets/`."""
-    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").exists()) if ASSETS.exists() else []
-
-
-def builtin_path(name: str) -> Path:
-    """Directory of a shipped checkpoint."""
-    path = ASSETS / name
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"no built-in model {name!r} (available: {builtin_names()})")
-    return path
-
-
-def builtin_key(name_or_path: str) -> str:
-    """"builtin:NAME" when `name_or_path` (a model's `name_or_path`) is a shipped checkpoint's directory, else
-    `name_or_path` unchanged: the key of the per-model tables shipped beside the models (DCP-Prune's τ_κ,
-    RCP's default checkpoint)."""
-    try:
-        path = Path(name_or_path).resolve()
-        if path.parent == ASSETS.resolve() and (path / "config.json").exists():
-            return BUILTIN_PREFIX + path.name
-    except (OSError, ValueError):
-        pass
-    return name_or_path
+__all__ = ["ASSETS", "BUILTIN_PREFIX", "builtin_key", "builtin_names", "builtin_path", "load_builtin", "resolve_model"]
 
 
 def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):

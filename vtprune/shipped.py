@@ -1,0 +1,58 @@
+"""What the package ships beside the code: built-in model directories and the per-model tables keyed by them.
+
+Methods look shipped artefacts up here (DCP-Prune's τ_κ key, RCP's default checkpoint) instead of importing
+the testbed. This module imports nothing of vtprune, so any layer may use it.
+
+Layout of `vtprune/assets/`:
+    <NAME>/config.json ...        a built-in model, loaded as `builtin:NAME`
+    rcp/<NAME>/                   RCP plug-ins trained for `builtin:NAME`
+    dcp_tau.json                  DCP-Prune τ_κ per model key
+    published/, arch/             reference tables (validity instrument, FLOPs geometry)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+BUILTIN_PREFIX = "builtin:"
+#: RCP plug-ins shipped for built-in models: `assets/rcp/<NAME>/` for `builtin:NAME`
+RCP_ASSETS = ASSETS / "rcp"
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in models shipped in `vtprune/assets/`."""
+    if not ASSETS.exists():
+        return []
+    return sorted(p.name for p in ASSETS.iterdir() if (p / "config.json").exists())
+
+
+def builtin_path(name: str) -> Path:
+    """Directory of a built-in model; FileNotFoundError naming the available ones."""
+    path = ASSETS / name
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"no built-in model {name!r} (available: {builtin_names()})")
+    return path
+
+
+def builtin_key(name_or_path: str) -> str:
+    """"builtin:NAME" when `name_or_path` (a model's `name_or_path`) is a shipped model's directory (or already
+    "builtin:NAME"), else `name_or_path` unchanged: the key of the per-model tables shipped beside the models."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    try:
+        path = Path(name_or_path).resolve()
+        if path.parent == ASSETS.resolve() and (path / "config.json").exists():
+            return BUILTIN_PREFIX + path.name
+    except (OSError, ValueError):
+        pass
+    return name_or_path
+
+
+def shipped_rcp_dir(model_name: str | None, weights_name: str) -> Path | None:
+    """The RCP checkpoint directory shipped for a built-in model (`builtin:NAME` or its directory), else None."""
+    key = builtin_key(model_name) if model_name else ""
+    if not key.startswith(BUILTIN_PREFIX):
+        return None
+    path = RCP_ASSETS / key[len(BUILTIN_PREFIX):]
+    return path if (path / weights_name).exists() else None
