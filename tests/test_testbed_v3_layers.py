@@ -118,3 +118,66 @@ def test_engine_reaches_a_layer_averaged_64_on_the_v3_model(name, options, v3_mo
         per_layer = sample.visual_per_layer
         assert len(per_layer) == V3.text_layers and per_layer[-1] < per_layer[0]
         assert abs(sum(per_layer) / len(per_layer) - 64) <= 2, per_layer
+
+
+# --- ViTCoP at the paper budgets and the extreme ones (issue 22 item 3) ---------------------------------------
+# spec vitcop.md table for LLaVA-1.5-7B (32 layers, N = 576): n1 / R2 / R3 at L_s = 2, L_d = 22
+VITCOP_TABLE = {192: (288, 253, 51), 128: (230, 165, 33), 64: (172, 77, 15)}
+
+
+def _vitcop_counts(budget: int) -> list[int]:
+    method = build_method("vitcop", {})
+    method.bind(V3.text_layers)
+    return method.schedule(N, budget, "layer_avg", V3.text_layers)
+
+
+def test_vitcop_schedule_on_v3_reaches_paper_and_extreme_budgets():
+    """On the v3 decoder (32 layers, like LLaVA-1.5-7B) ViTCoP acts at llm:2 / llm:22 and realises the spec's
+    n̄ 192.06 / 127.81 / 63.56 with its n1 / R2 / R3; 32 and 16 are reached within half a token, 16 only through
+    the spec's fallback (v = 0.2 + 0.9ρ gives R2 < C + 1, so v is lowered); below the smallest feasible budget
+    the schedule refuses with a BudgetError that names it."""
+    from vtprune.methods.vitcop import cluster_count, realised_layer_avg
+
+    method = build_method("vitcop", {})
+    method.bind(V3.text_layers)
+    assert method.layers() == (2, 22)
+    for budget in BUDGETS:
+        n1, r2, r3 = _vitcop_counts(budget)
+        nbar = realised_layer_avg(n1, r2, r3, V3.text_layers, 2, 22)
+        assert nbar == _realised("vitcop", {}, V3.text_layers, budget)  # the engine-side layer walk agrees
+        assert abs(nbar - budget) <= 0.5, (budget, n1, r2, r3, nbar)
+        assert r2 >= cluster_count(N, n1) + 1 and r3 == round(r2 / 5 + 1e-9) and 1 <= r3 < r2 < n1 < N
+        if budget in VITCOP_TABLE:
+            assert (n1, r2, r3) == VITCOP_TABLE[budget]
+        rule_n1 = int((0.2 + 0.9 * budget / N) * N + 1e-9)  # Stage I keep of the spec's v rule
+        assert (n1 == rule_n1) == (budget != 16), (budget, n1, rule_n1)  # only 16 needs the fallback
+    smallest = next(b for b in range(1, N) if _realised("vitcop", {}, V3.text_layers, b) is not None)
+    assert smallest < 16
+    with pytest.raises(BudgetError, match=f"smallest feasible budget is {smallest}"):
+        method.schedule(N, smallest - 1, "layer_avg", V3.text_layers)
+
+
+@pytest.mark.parametrize("preset", ["default", "reference"])
+def test_vitcop_engine_realises_every_budget_on_the_v3_model(preset, v3_model):
+    """The engine runs ViTCoP on the (untrained) v3 model at 192 / 128 / 64 / 32 / 16, default preset and the
+    reference preset (with its per-stage positions): the visual tokens entering each of the 32 decoder layers are
+    n1 ×2, R2 ×20, R3 ×10 of the schedule, every stage prunes, and the reference ids are in the record."""
+    import vtprune
+    from vtprune.testbed.evaluate import evaluate
+    from vtprune.testbed.questions_v3 import answer_vocabulary
+
+    model, processor, samples = v3_model
+    positions = "reindex,keep,reindex" if preset == "reference" else "keep"
+    for budget in BUDGETS:
+        n1, r2, r3 = _vitcop_counts(budget)
+        vtprune.apply(model, "vitcop", budget, preset=preset, positions=positions)
+        try:
+            res = evaluate(model, processor, samples, batch_size=3, answers=answer_vocabulary())
+            run = vtprune.last_run(model)
+        finally:
+            vtprune.remove(model)
+        assert res["n"] == 3 and run.positions == positions
+        for sample in run.samples:
+            assert sample.n_visual == N
+            assert sample.visual_per_layer == [n1] * 2 + [r2] * 20 + [r3] * 10, (budget, sample.visual_per_layer)
+            assert [len(e.keep_idx) for e in sample.events] == [n1, r2, r3]

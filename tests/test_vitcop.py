@@ -19,7 +19,7 @@ import torch
 from families import check_oracles, family, grid_layout
 
 import vtprune
-from vtprune.engine import hf_compat as hf
+from vtprune import hf_compat as hf
 from vtprune.engine import signals as sig
 from vtprune.errors import BudgetError, VtpruneError
 from vtprune.methods import ImageTokens, build_method
@@ -211,8 +211,7 @@ def test_tile_grid_from_engine_tiles_matches_anyres_geometry():
         vtprune.remove(model)
     assert len(seen) == 2
     for (coords, crop, grids, tile), size in zip(seen, inputs["image_sizes"].tolist(), strict=True):
-        if tile is None:
-            pytest.skip("the engine gives no image.tile")
+        assert tile is not None, "the engine must give LLaVA-NeXT candidates their CLIP view (image.tile)"
         s = grids[0][0]
         nph, npw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
         (h, w) = grids[1]
@@ -499,7 +498,7 @@ CASES = [
     ("llava", 0.3, {}),
     ("llava_next", 0.3, {}),
     ("qwen2_5_vl", 0.3, {"d_c": "auto"}),
-    ("llava", 0.3, {"preset": "reference", "positions": "reindex"}),
+    ("llava", 0.3, {"merge": "mean", "positions": "reindex"}),
     ("qwen2_5_vl", 0.5, {"d_c": "auto", "merge": "mean", "positions": "reindex"}),  # Stage II prunes nothing on 12
 ]
 
@@ -569,3 +568,149 @@ def test_density_cutoff_per_model_by_capability():
             assert vtprune.session_of(model).method.d_c == want
         with vtprune.pruned(model, "vitcop", 0.3, d_c=3.0):
             assert vtprune.session_of(model).method.d_c == 3.0
+
+
+# ------------------------------------------------------------------------- preset="reference" positions (§1/§6)
+
+REFERENCE = "reindex,keep,reindex"  # Stage I contiguous, Stage II kept (post-Stage-I) ids, Stage III contiguous
+
+
+def test_reference_preset_needs_its_per_stage_position_policy():
+    assert build_method("vitcop", {"preset": "reference"}).required_positions() == REFERENCE
+    assert build_method("vitcop", {"stage3_positions": "code"}).required_positions() == "keep,keep,reindex"
+    assert build_method("vitcop", {}).required_positions() is None
+    model = family("llava").models["sdpa"]
+    for options, needle in (
+        ({"preset": "reference"}, "positions='reindex,keep,reindex'"),
+        ({"preset": "reference", "positions": "reindex"}, "positions='reindex,keep,reindex'"),
+        ({"stage3_positions": "code"}, "positions='keep,keep,reindex'"),
+        ({"positions": "keep,reindex"}, "one rule per stage"),
+        ({"positions": "keep,shift,keep"}, "positions must be one of"),
+    ):
+        with pytest.raises(VtpruneError, match=needle):
+            vtprune.apply(model, "vitcop", 0.3, **options)
+        assert vtprune.session_of(model) is None
+
+
+def _run_groups(model, inputs, positions, options, plans=None):
+    """Prefill (cached) under `positions` with `plans` replayed (recorded when None), then a 2-token generate.
+
+    -> (prefill groups [(ids, seq_index, mask2d, next_pos, cos)], ids of the first decode step per group, plans,
+    session)."""
+    from families import recorded_plans, replayed_plans
+
+    vtprune.apply(model, "vitcop", 0.3, positions=positions, **options)
+    try:
+        session = vtprune.session_of(model)
+        with torch.no_grad():
+            if plans is None:
+                with recorded_plans(model) as plans:
+                    out = model(**inputs)
+            else:
+                with replayed_plans(model, plans):
+                    out = model(**inputs)
+            fw = session._decode[hf.output_cache(out)]
+            groups = [
+                (
+                    g.positions.clone(),
+                    g.seq_index.clone(),
+                    g.mask2d.bool(),
+                    g.next_pos.clone(),
+                    g.pos_emb[None][0].clone() if g.in_llm else None,
+                )
+                for g in fw.groups
+            ]
+            with replayed_plans(model, plans):
+                gen = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+            steps = [g.step_positions.clone() for g in session._decode[gen.past_key_values].groups]
+        rope = [session.adapter.rotary(torch.zeros(1), ids)[0] for ids, *_ in groups]
+    finally:
+        vtprune.remove(model)
+    return groups, steps, plans, rope
+
+
+def test_reference_positions_differ_from_default_exactly_where_the_spec_says():
+    """Same keep/merge plans (the default run's, replayed): under `keep` every group carries the unpruned ids and
+    decodes at the unpruned length + t; under the reference preset group 0 (layers 0..L_s−1) is numbered 0, 1, …
+    over the post-Stage-I sequence, group 1 (L_s..L_d−1) carries each row's post-Stage-I id (gaps where Stage II
+    dropped rows), group 2 (L_d..) is numbered 0, 1, … again, and every layer decodes at the post-Stage-I length.
+    Each in-LLM group's RoPE table is the one of those ids."""
+    f = family("llava")
+    model, inputs = f.models["sdpa"], f.batches[2]
+    default, d_steps, plans, d_rope = _run_groups(model, inputs, "keep", {})
+    ref, r_steps, _, r_rope = _run_groups(model, inputs, REFERENCE, {"preset": "reference"}, plans)
+    mask = inputs["attention_mask"]
+    unpruned = (mask.cumsum(1) - 1).clamp(min=0) * mask
+    n_full = mask.sum(1)
+    assert len(default) == len(ref) == 3
+    for b in range(2):
+        (_, seq0, valid0, _, _), (_, seq1, valid1, _, _), (_, seq2, valid2, _, _) = ref
+        len1 = int(valid0[b].sum())
+        rank1 = torch.searchsorted(seq0[b][valid0[b]], seq1[b][valid1[b]])  # post-Stage-I id of each group-1 row
+        want = [torch.arange(len1), rank1, torch.arange(int(valid2[b].sum()))]
+        for gi, ((d_ids, d_seq, d_valid, d_next, _), (r_ids, r_seq, r_valid, r_next, _)) in enumerate(
+            zip(default, ref, strict=True)
+        ):
+            assert torch.equal(d_seq, r_seq) and torch.equal(d_valid, r_valid)  # same rows, only the ids differ
+            src = d_seq[b][d_valid[b]]
+            assert torch.equal(d_ids[b][d_valid[b]], unpruned[b, src])  # keep: original ids everywhere
+            assert torch.equal(r_ids[b][r_valid[b]], want[gi]), f"group {gi}"
+            assert int(d_next[b]) == int(n_full[b]) and int(r_next[b]) == len1
+            assert int(d_steps[gi][b, 0]) == int(n_full[b]) and int(r_steps[gi][b, 0]) == len1
+            # where the ids differ: groups 0 and 2 from the first row after a dropped one (contiguous ids);
+            # group 1 exactly at rows preceded by a row Stage I dropped (Stage II's own drops leave gaps)
+            prompt_rows = mask[b].bool().nonzero().flatten()
+            if gi == 1:
+                dropped = prompt_rows[~torch.isin(prompt_rows, seq0[b][valid0[b]])]
+            else:
+                dropped = prompt_rows[~torch.isin(prompt_rows, src)]
+            moved = torch.searchsorted(dropped, src) > 0
+            differs = d_ids[b][d_valid[b]] != r_ids[b][r_valid[b]]
+            assert bool(moved.any()) and torch.equal(differs, moved), f"group {gi}"
+    for (_, _, valid, _, cos), table in zip(ref + default, r_rope + d_rope, strict=True):
+        if cos is not None:
+            assert torch.allclose(cos[valid], table.expand_as(cos)[valid], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "fam,options,positions",
+    [
+        ("llava", {"preset": "reference"}, REFERENCE),
+        ("llava_next", {"preset": "reference"}, REFERENCE),
+        ("qwen2_5_vl", {"preset": "reference"}, REFERENCE),
+        ("llava", {"stage3_positions": "code"}, "keep,keep,reindex"),  # the Stage-III rule alone
+    ],
+)
+def test_reference_cached_decode_equals_uncached_replay(fam, options, positions):
+    """Spec §11.5 under the reference preset: cached decoding (every layer at post-Stage-I length + t) equals an
+    uncached forward over prompt + generated ids with the same plans, where the generated rows keep those ids at
+    Stage III (`generation_start`); renumbering them with the prompt (no `generation_start`) gives other logits."""
+    from families import STEPS, TOL, _extend, _input_rows, recorded_plans, replayed_plans
+    from oracles import generate_logits
+
+    f = family(fam)
+    model, inputs = f.models["sdpa"], f.batches[2]
+    vtprune.apply(model, "vitcop", 0.3, positions=positions, **options)
+    try:
+        session = vtprune.session_of(model)
+        with recorded_plans(model) as plans:
+            tokens, step_logits = generate_logits(model, inputs, STEPS)
+        assert vtprune.last_run(model).positions == positions
+        assert len(plans) == 3 * 2  # every stage pruned both images
+        prompt = inputs["input_ids"].shape[1]
+        replay = _extend(inputs, tokens[:, :-1])
+        rows = range(prompt - 1, prompt - 1 + STEPS)
+        session.generation_start = prompt - 1
+        try:
+            with replayed_plans(model, plans), torch.no_grad():
+                full = model(**replay, use_cache=False).logits
+        finally:
+            session.generation_start = None
+        full = _input_rows(full, vtprune.last_run(model).sequence_index, rows)
+        assert (full - step_logits).abs().max() <= TOL, "cached decode != uncached replay"
+        with replayed_plans(model, plans), torch.no_grad():
+            renumbered = model(**replay, use_cache=False).logits
+        renumbered = _input_rows(renumbered, vtprune.last_run(model).sequence_index, rows)
+        assert (renumbered[:, 1:] - step_logits[:, 1:]).abs().max() > TOL  # the oracle sees the ids
+    finally:
+        vtprune.remove(model)

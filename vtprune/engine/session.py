@@ -130,8 +130,11 @@ class PruningSession:
         positions: str = "keep",
         tokenizer=None,
     ):
-        if positions not in POSITION_POLICIES:
-            raise VtpruneError(f"positions must be one of {POSITION_POLICIES}, got {positions!r}")
+        if not isinstance(positions, str) or any(r not in POSITION_POLICIES for r in positions.split(",")):
+            raise VtpruneError(
+                f"positions must be one of {POSITION_POLICIES} or one of them per stage, comma-separated "
+                f"(e.g. 'reindex,keep,reindex'), got {positions!r}"
+            )
         self.model, self.adapter, self.method = model, adapter, method
         self.budget, self.positions = budget, positions
         self._tokenizer = tokenizer
@@ -161,10 +164,22 @@ class PruningSession:
         needed = method.required_positions()
         if needed is not None and needed != positions:
             raise VtpruneError(
-                f"method {method.name!r} with preset={getattr(method.config, 'preset', None)!r} emits a reference "
-                f"token order whose ids need positions={needed!r} (got positions={positions!r}): pass "
+                f"method {method.name!r} with preset={getattr(method.config, 'preset', None)!r} reproduces reference "
+                f"position ids that need positions={needed!r} (got positions={positions!r}): pass "
                 f"vtprune.apply(..., positions={needed!r})"
             )
+        rules = positions.split(",")  # one rule per stage ("keep"/"reindex" alone: the same rule at every stage)
+        if len(rules) not in (1, len(self.stages)):
+            raise VtpruneError(
+                f"positions={positions!r} names {len(rules)} rules but method {method.name!r} has "
+                f"{len(self.stages)} stages ({', '.join(map(str, self.stages))}): give one rule per stage"
+            )
+        #: position rule of the event that starts each group (layer 0 for a vision/pre_llm stage). A per-stage list
+        #: decodes from layer 0's next id in every layer (as the stock model computes it); only "reindex" alone
+        #: decodes each layer from its own length.
+        self._rule_at = {
+            (0 if s.before_llm else s.layer): rules[min(i, len(rules) - 1)] for i, s in enumerate(self.stages)
+        }
         self.pre_stage = 0 if self.stages and self.stages[0].before_llm else None
         self._kind_of = [adapter.layer_kind(i) for i in range(adapter.num_layers)]  # see ModelAdapter.layer_kind
         self._kinds = tuple(dict.fromkeys(self._kind_of))
@@ -190,7 +205,8 @@ class PruningSession:
         #: sample; an int g = every row whose *input* index is >= g (the uncached replay of prompt + generated
         #: ids sets it to the prompt length − 1 so that the same rows are repaired as in cached decoding). When
         #: set, the question span also ends at input row g (the last prompt row), so prompt + generated ids give
-        #: the same in-LLM signals as the prompt alone.
+        #: the same in-LLM signals as the prompt alone; under per-stage position rules, rows after g keep layer 0's
+        #: ids at in-LLM "reindex" events, as cached decoding gives them.
         self.generation_start: int | None = None
         self.needs_vision = any(method.signals(i) & sig.VISION_SIGNALS for i in range(len(self.stages)))
         missing = frozenset().union(*(method.signals(i) for i in range(len(self.stages)))) & (
@@ -828,7 +844,7 @@ class PruningSession:
         hidden = gather_rows(hidden, gather)
         here = self._kind_of[idx]
         for kind in self._kinds:  # one (cos, sin) and mask per layer kind (one kind for most models)
-            if self.positions == "keep" and (group.in_llm or kind == here):  # the rows' own (cos, sin), gathered
+            if self._rule_at[idx] == "keep" and (group.in_llm or kind == here):  # the rows' own (cos, sin), gathered
                 source = group.pos_emb[kind] if group.in_llm else kwargs["position_embeddings"]
                 cos, sin = (t.expand(gather.shape[0], *t.shape[1:]) for t in source)
                 new.pos_emb[kind] = (gather_rows(cos, gather), gather_rows(sin, gather))
@@ -853,9 +869,16 @@ class PruningSession:
         old = fw.groups[-1]
         positions = gather_positions(old.positions, gather)
         visual = gather_rows(old.vis_image, gather).masked_fill(~valid, -1)
-        if self.positions == "reindex":
-            positions = self.adapter.reindex_positions(positions, valid, visual >= 0)
-            next_pos = next_positions(positions, valid)
+        if self._rule_at[start] == "reindex":
+            ids = self.adapter.reindex_positions(positions, valid, visual >= 0)
+            if self.positions == "reindex" or start == 0:
+                next_pos = next_positions(ids, valid)
+            else:  # per-stage rules, in-LLM: decoding keeps layer 0's ids, so do generated rows of an uncached replay
+                next_pos = old.next_pos
+                if self.generation_start is not None:
+                    generated = gather_rows(old.seq_index, gather) > self.generation_start
+                    ids = torch.where(generated if ids.dim() == 2 else generated[None], positions, ids)
+            positions = ids
         else:
             positions = positions * (valid if positions.dim() == 2 else valid[None])
             next_pos = old.next_pos
@@ -907,7 +930,7 @@ class PruningSession:
             return
         here = self._kind_of[idx]
         for kind in self._kinds:
-            if self.positions == "keep" and kind == here:
+            if self.positions != "reindex" and kind == here:  # every group decodes at layer 0's ids
                 group.pos_emb[kind] = kwargs["position_embeddings"]
             else:
                 group.pos_emb[kind] = self.adapter.rotary(hidden, group.step_positions, kind)

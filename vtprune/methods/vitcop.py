@@ -43,16 +43,18 @@ Deviations (see the report):
 - When Stage I keeps everything (n1 = N, v = 1 at large budgets) the engine skips Stage I's `select`;
   Stage II then runs VIC itself on `vision_keys`, which is why stage 1 also asks for that signal.
 
-Positions (`preset="reference"` = `merge="code"`, `stage3_positions="code"`): position ids are the
-engine's business (`vtprune.apply(..., positions="keep"|"reindex")`, one policy for the whole run);
-`stage3_positions` only records which policy the run is meant to reproduce. Default `"orig"` with
-`positions="keep"`: every kept or merged token has its (representative's) original id at every stage,
-decoding at unpruned length + t. The reference (`"code"`) used contiguous ids after Stage I, the
-representatives' post-Stage-I ids with gaps in layers L_s..L_d − 1, ids overwritten by the current
-sequence index from L_d on, and decoding at post-Stage-I length + t in every layer. With
-`positions="reindex"` the Stage-I and Stage-III ids are reproduced exactly; layers L_s..L_d − 1 get
-contiguous ids instead of gapped ones, and each layer decodes at its own cache length + t; these two
-cannot be expressed with one engine policy. The reference's fp16 VIC is not reproduced (fp32 always).
+Positions (spec §1/§6): `required_positions()` names the engine policy a configuration needs.
+- Default (`stage3_positions="orig"`, any policy): with `positions="keep"` every kept or merged token has its
+  (representative's) original id at every stage, decoding at unpruned length + t in every layer.
+- `preset="reference"` (= `merge="code"` + `stage3_positions="code"`) needs `positions="reindex,keep,reindex"`
+  (one rule per stage): contiguous ids after Stage I (the shortened image block), the representatives'
+  post-Stage-I ids with gaps in layers L_s..L_d − 1, ids overwritten by the current sequence index from L_d on,
+  and decoding at post-Stage-I length + t in every layer (the engine's per-stage rule decodes from layer 0's
+  next id) — the reference column exactly.
+- `stage3_positions="code"` with `preset="default"` needs `positions="keep,keep,reindex"`: only the Stage-III
+  bug on top of original ids (decoding at unpruned length + t).
+`positions="reindex"` alone stays available (contiguous at every stage, each layer decoding from its own
+length). The reference's fp16 VIC is not reproduced (fp32 always).
 
 Cost: one [CLS] row per crop and the keys of one ViT layer (engine signals); VIC O(n1²·C) for the
 distances (≈ 85 MFLOP at n1 = 288, C = 1024) + O(n1²) density/δ + a few vectorised label sweeps;
@@ -95,8 +97,8 @@ class ViTCoPConfig(MethodConfig):
     #: Shallow / deep layers; None = 2 and max(L_s + 1, round(22·L/32)) (22 on 32 layers, 19 on 28).
     l_s: int | None = option(None, ge=1)
     l_d: int | None = option(None, ge=1)
-    #: Which Stage-III position rule the run reproduces: "orig" (gathered original ids) or "code"
-    #: (reference bug: contiguous ids); informational, the engine option `positions` applies it.
+    #: Stage-III position rule: "orig" (gathered original ids, any engine policy) or "code" (reference bug:
+    #: contiguous ids; needs positions="keep,keep,reindex", or "reindex,keep,reindex" under preset="reference").
     stage3_positions: str = option("orig", choices=("orig", "code"))
 
 
@@ -465,6 +467,12 @@ class ViTCoP(PruningMethod):
             value = getattr(c, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise VtpruneError(f"vitcop {name} must be a positive int or None, got {value!r}")
+
+    def required_positions(self) -> str | None:
+        """Per-stage engine position rules (Stage I, II, III) of the reference column (spec §1/§6), or None."""
+        if self.config.preset == "reference":
+            return "reindex,keep,reindex"
+        return "keep,keep,reindex" if self.config.stage3_positions == "code" else None
 
     def bind(self, num_layers: int) -> None:
         super().bind(num_layers)
