@@ -1,5 +1,5 @@
 """ResPrune (spec resprune.md): Step A text relevance, Step B greedy residual-energy selection (single and
-batched), every "Properties a test can check" item, the no-spaCy noun fallback, the engine's
+batched), every "Properties a test can check" item, the no-spaCy noun tagger, the engine's
 `noun_embeddings` path with an offline WordPiece tokenizer, and the shared oracles on the three families.
 
 Spec property -> test:
@@ -29,7 +29,7 @@ from vtprune.methods import ImageTokens, build_method, method_class
 from vtprune.methods.base import Stage
 from vtprune.methods.resprune import ResPrune, residual_greedy, residual_greedy_batched, text_relevance
 from vtprune.testing import IMAGE_TOKEN_ID, llava_inputs
-from vtprune.text import STOP_WORDS, question_nouns
+from vtprune.text import extract_nouns, question_nouns, spacy_available
 
 torch.set_num_threads(1)
 
@@ -111,25 +111,20 @@ def test_low_precision_features_are_selected_in_fp32():
 @pytest.mark.parametrize(
     "question,nouns",
     [
-        ("What color is the car parked next to the red bus?", ["car", "parked", "next", "red", "bus"]),
-        ("How many dogs are there in the picture? Answer the question using a single word or phrase.", ["dogs"]),
-        ("Is the woman holding an umbrella? Is the umbrella open?", ["woman", "holding", "umbrella", "open"]),
-        ("Describe the image in detail.", []),
-        ("What's on the table, and who is sitting at it?", ["table", "sitting"]),
+        ("What color is the car parked next to the red bus?", ["color", "car", "bus"]),
+        ("How many dogs are there in the picture? Answer the question using a single word or phrase.", ["dog"]),
+        ("Is the woman holding an umbrella? Is the umbrella open?", ["woman", "umbrella"]),
+        ("Describe the image in detail.", ["detail"]),
+        ("What's on the table, and who is sitting at it?", ["table"]),
     ],
 )
-def test_noun_fallback_without_spacy(question, nouns):
-    """Spec Step A.1 fallback: alphabetic words of length >= 3, not stop words, lower-cased, de-duplicated."""
+def test_nouns_without_spacy(question, nouns):
+    """Spec Step A.1 without spaCy (issue #22): the built-in tagger keeps nouns only (no "parked", "red",
+    "holding"), lemmatised, and never the instruction's words; more in tests/test_resprune_nouns.py."""
     got = question_nouns(question, use_spacy=False)
     assert got == nouns
-    assert all(w.isalpha() and len(w) >= 3 and w not in STOP_WORDS and w == w.lower() for w in got)
-    try:
-        import spacy  # noqa: F401
-
-        has_spacy = True
-    except ImportError:
-        has_spacy = False
-    if not has_spacy:  # this machine: the default path is the fallback
+    assert all(w.isalpha() and w == w.lower() for w in got)
+    if not spacy_available():  # this machine: the default path is the rule-based tagger
         assert question_nouns(question) == nouns
 
 
@@ -301,9 +296,9 @@ def test_registration_signals_schedule_and_options():
     c = m.config
     assert (c.alpha, c.relevance_floor, c.rank_tol, c.refresh) == (1.0, 0.05, 1e-6, 32)
     assert m.stages() == (Stage("pre_llm"),) and not m.merges
-    assert m.signals(0) == frozenset({"noun_embeddings"})
+    assert m.signals(0) == frozenset({"noun_embeddings", "question_text"})
     assert build_method("resprune", {"alpha": 0.0}).signals(0) == frozenset()
-    assert build_method("resprune", {"alpha": 0.5}).signals(0) == frozenset({"noun_embeddings"})
+    assert build_method("resprune", {"alpha": 0.5}).signals(0) == frozenset({"noun_embeddings", "question_text"})
     assert m.schedule(576, 128, "retained", 32) == [128] and m.schedule(576, 128, "layer_avg", 32) == [128]
     for bad in (
         {"alpha": -1.0},
@@ -394,15 +389,23 @@ def test_engine_noun_embeddings_are_mean_subword_rows(tok):
         vtprune.remove(model)
     ((image, k, plan),) = seen
     E = model.get_input_embeddings().weight.detach().float()
-    # nouns of "where is the doghouse and the tree and the dogs ?": doghouse = dog + ##house, tree, dogs = dog + ##s
-    want = torch.stack([E[[8, 14]].mean(0), E[10], E[[8, 15]].mean(0)])
-    assert question_nouns("where is the doghouse and the tree and the dogs?") == ["doghouse", "tree", "dogs"]
+    # nouns of "where is the doghouse and the tree and the dogs ?": doghouse = dog + ##house, tree, dog (lemma)
+    want = torch.stack([E[[8, 14]].mean(0), E[10], E[8]])
+    question = "where is the doghouse and the tree and the dogs?"  # as the tokenizer decodes the span
+    assert question_nouns(question) == ["doghouse", "tree", "dog"]
     assert torch.allclose(image.signals["noun_embeddings"], want, atol=0, rtol=0)
     assert k == 64 and image.n == 576 and "question_embeddings" not in image.signals
     w = text_relevance(image.features, want, 1.0, 0.05)
     assert torch.equal(plan.keep_idx, residual_greedy(image.features, w, 64)[0])
     assert torch.equal(rec.samples[0].events[0].keep_idx, plan.keep_idx.cpu())
     assert rec.samples[0].retained_tokens == 64
+    # last_run names the extractor and the words that conditioned the selection, per sample (one image here)
+    found = extract_nouns(question)
+    assert image.question == question
+    assert rec.samples[0].method_info == [
+        {"noun_extractor": found.extractor, "nouns": ["doghouse", "tree", "dog"], "question": question}
+    ]
+    assert found.extractor == ("spacy" if spacy_available() else "rules")
 
 
 def test_alpha0_needs_no_tokenizer_and_alpha1_without_one_fails():

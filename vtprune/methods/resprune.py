@@ -4,6 +4,11 @@ Step A — text relevance `w` (N,): `c_ik = cos(v_i, t_k)` between the visual to
 merger outputs, LLM input space) and the question nouns' mean sub-word input embeddings T (n_nouns, d)
 (engine signal `noun_embeddings`, built with `vtprune.text.question_nouns`); `r_i = max_k c_ik`, min–max
 normalised over the image (range < 1e-6 → r ≡ 1); `w_i = max(r_i, floor)^α`. No nouns (or α = 0): w ≡ 1.
+The nouns come from the user question with its answer-format instruction removed
+(`vtprune.text.instructions`), tagged by spaCy `en_core_web_sm` when installed, else by the built-in
+rule-based tagger (`vtprune.text.nouns`). `select` records per image, in `ImageTokens.memo["record"]`
+(→ `vtprune.last_run(model).samples[b].method_info`): {"noun_extractor": "spacy" | "rules", "nouns": [...],
+"question": the text tagged}; with α = 0: {"noun_extractor": None, "nouns": []}.
 
 Step B — greedy residual-energy subspace expansion (pivoted Gram–Schmidt, fp32): residuals R = V,
 energies e = ‖R_i‖²; each step picks `j = argmax w·e` over unpicked tokens (ties → lower index), adds the
@@ -25,6 +30,15 @@ it can be captured in a CUDA graph; `refresh=0` disables the exact refresh.
 Cost: K steps of one mat-vec and one rank-1 update, ≈ 2·K·N·d MACs (4.5·10⁸ at K = 192, N = 576,
 d = 4096); Step A is one (N, d)×(d, n_nouns) product. `residual_greedy_batched` runs B samples in one
 loop of max K steps with `bmm` and per-sample masks for variable N and K.
+
+Default path (measured, d = 4096, one CPU thread, niced, next to a busy core; ms, best of 2):
+| N, K | gram | batched (B = 1) | blocked |
+|---|---|---|---|
+| 576, 16 / 64 / 192 | 17 / 44 / 188 | 36 / 79 / 235 | 17 / 52 / 131 |
+| 2880, 16 / 64 / 192 | 173 / 309 / 1211 | 342 / 789 / 2427 | 133 / 450 / 1518 |
+The method contract hands one image per `select`, so the batched loop runs with B = 1 and is 1.3–2.6× slower
+than `residual_greedy_gram` at every size: the CPU default stays `residual_greedy_gram` (accelerators:
+`residual_greedy_blocked`); all three give identical keep sets (tests/test_resprune_nouns.py).
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import VtpruneError
+from ..text import extract_nouns
 from . import register
 from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
@@ -287,6 +302,7 @@ def residual_greedy_gram(
         order[rank:] = torch.sort(key, descending=True, stable=True).indices[: k - rank]
     return order.sort().values, order
 
+
 def residual_greedy_batched(
     V: torch.Tensor,
     w: torch.Tensor,
@@ -372,11 +388,20 @@ class ResPrune(PruningMethod):
         return (Stage("pre_llm"),)
 
     def signals(self, stage_index: int) -> frozenset[str]:
-        return frozenset({"noun_embeddings"}) if self.config.alpha != 0 else frozenset()
+        # question_text: the method records which nouns (and which extractor) conditioned the selection
+        return frozenset({"noun_embeddings", "question_text"}) if self.config.alpha != 0 else frozenset()
 
     def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
         c = self.config
         V = image.features
+        if c.alpha != 0:
+            # the engine embedded `question_nouns(image.question)`; the same cached call names them here
+            found = extract_nouns(image.question or "")
+            image.memo["record"] = {
+                "noun_extractor": found.extractor, "nouns": list(found.words), "question": found.question
+            }
+        else:
+            image.memo["record"] = {"noun_extractor": None, "nouns": []}
         w = text_relevance(V, image.signals.get("noun_embeddings"), c.alpha, c.relevance_floor)
         # same picks as `residual_greedy`: Gram columns on demand on CPU (memory-bound mat-vecs avoided),
         # delayed deflation without host syncs on accelerators

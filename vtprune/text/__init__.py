@@ -4,19 +4,26 @@ Our decisions (spec README §3, resprune.md Step A):
 - The *question span* of a sample is the text after its last image span up to the last prompt token.
 - The *user-question tokens* are that span without special tokens and, when a tokenizer is known,
   without the trailing generation header of the chat template (`ASSISTANT:`, `assistant\\n`, ...).
-- Nouns: spaCy `en_core_web_sm` (NOUN/PROPN lemmas) when installed, else alphabetic words of length
-  >= 3 that are not in `STOP_WORDS`; lower-cased, de-duplicated, in order of first appearance.
+- Nouns (`extract_nouns`, `vtprune.text.nouns`): the answer-format instruction is removed first
+  (`vtprune.text.instructions`); then spaCy `en_core_web_sm` (NOUN/PROPN lemmas) when spaCy and that model
+  are installed, else the built-in rule-based tagger; lower-cased, de-duplicated, in order of first appearance.
 """
 
 from __future__ import annotations
 
 import re
-from functools import lru_cache
 
-#: Role words of chat templates: never a noun of the question.
-ROLE_WORDS = frozenset({"user", "assistant", "system", "human", "gpt", "im_start", "im_end"})
+from .instructions import INSTRUCTION_PATTERNS, strip_instructions
+from .lexicon import META_NOUNS, ROLE_WORDS
+from .nouns import EXTRACTORS, Nouns, extract_nouns, rule_nouns, spacy_available
 
-#: English function words, frequent verbs/adjectives of VQA prompts and answer-format instructions.
+__all__ = [
+    "EXTRACTORS", "INSTRUCTION_PATTERNS", "META_NOUNS", "ROLE_WORDS", "STOP_WORDS", "Nouns", "extract_nouns",
+    "question_nouns", "rule_nouns", "spacy_available", "strip_generation_header", "strip_instructions",
+]
+
+#: English function words, frequent verbs/adjectives of VQA prompts and answer-format instructions (kept for
+#: callers that filter words; the noun extractor uses `vtprune.text.lexicon`).
 STOP_WORDS = ROLE_WORDS | frozenset(
     """
     a about above after again against all also am an and any are aren as at be because been before being
@@ -54,23 +61,6 @@ def strip_generation_header(pieces: list[str]) -> int:
     return len(pieces)
 
 
-@lru_cache(maxsize=1)
-def _spacy_model():
-    try:
-        import spacy  # noqa: PLC0415
-
-        return spacy.load("en_core_web_sm", disable=["parser", "ner"])
-    except Exception:  # spaCy or its English model is not installed: use the fallback
-        return None
-
-
 def question_nouns(text: str, *, use_spacy: bool = True) -> list[str]:
-    """Nouns of a question, lower-cased, de-duplicated, in order of first appearance."""
-    nlp = _spacy_model() if use_spacy else None
-    if nlp is not None:
-        words = [t.lemma_.lower() for t in nlp(text) if t.pos_ in ("NOUN", "PROPN")]
-        words = [w for w in words if w.isalpha() and w not in ROLE_WORDS]
-    else:
-        words = [w.lower() for w in re.findall(r"[A-Za-z]+", text)]
-        words = [w for w in words if len(w) >= 3 and w not in STOP_WORDS]
-    return list(dict.fromkeys(words))
+    """Nouns of a question (`extract_nouns(text).words`; `use_spacy=False` forces the rule-based tagger)."""
+    return list(extract_nouns(text, "auto" if use_spacy else "rules").words)
