@@ -13,9 +13,9 @@ from families import check_oracles, family, grid_layout
 
 import vtprune
 from vtprune.budget import largest_remainder_split
+from vtprune.calibration import dcp as cal
 from vtprune.errors import VtpruneError
 from vtprune.methods import ImageTokens, build_method, method_class
-from vtprune.methods import _dcp_calibration as cal
 from vtprune.methods.base import Stage
 from vtprune.methods.dcp_prune import (
     FALLBACK_TAU,
@@ -59,9 +59,10 @@ def _dcp(tau=None, **kw):
 # ------------------------------------------------------------------------------------- naive references
 
 
-def _naive_acgr(z, s, keys, pos, ka, temperature=0.1, edges=4):
+def _naive_acgr(z, s, keys, pos, ka, temperature=0.1, edges=4, recovery="uniform", cap=0.35):
     """dcp_prune.md Step 1 with Python loops (float64): anchors, recovered, w, and the (K_a, N) coefficient
-    matrix C with recovered = C @ z (row i: the weights of z_i and of its context tokens)."""
+    matrix C with recovered = C @ z (row i: the weights of z_i and of its context tokens). recovery "uniform":
+    the original rule; "mass": the amended rule written literally (anchor self-mass μ_i, capped weights W')."""
     z, s, keys, pos = z.double(), s.double(), keys.double(), pos.double()
     n = len(z)
     order = sorted(range(n), key=lambda i: (-float(s[i]), i))
@@ -71,7 +72,7 @@ def _naive_acgr(z, s, keys, pos, ka, temperature=0.1, edges=4):
     num = torch.zeros(ka, n, dtype=torch.float64)
     w = torch.ones(ka, dtype=torch.float64)
     for a, i in enumerate(anchors):
-        num[a, i] = 1.0
+        num[a, i] = 1.0 if recovery == "uniform" else float(s[i]) / float(s.mean())
     mean_s = float(s.mean())
     for j in context:
         logits = [
@@ -84,6 +85,15 @@ def _naive_acgr(z, s, keys, pos, ka, temperature=0.1, edges=4):
             wj = e / sum(ex)
             num[a, j] += wj * float(s[j]) / mean_s
             w[a] += wj
+    if recovery == "mass":
+        for a, i in enumerate(anchors):
+            mu_i = float(num[a, i])
+            m_i = float(num[a].sum()) - mu_i
+            if m_i > 0 and m_i / (mu_i + m_i) > cap:  # scale the context weights: share exactly λ_ctx
+                scale = cap * mu_i / ((1 - cap) * m_i)
+                own = num[a, i].clone()
+                num[a] *= scale
+                num[a, i] = own
     coef = num / num.sum(1, keepdim=True)
     return anchors, coef @ z, w, coef
 
@@ -153,6 +163,8 @@ def test_registered_name_alias_stage_signals_options():
         "preset",
         "tau_kappa",
         "calibration_key",
+        "recovery",
+        "context_cap",
         "semantic_temperature",
         "edges",
         "pool_factor",
@@ -162,6 +174,7 @@ def test_registered_name_alias_stage_signals_options():
         "eps",
     ]
     c = DCPPruneConfig()
+    assert (c.recovery, c.context_cap) == ("mass", 0.35)
     assert (
         c.tau_kappa,
         c.calibration_key,
@@ -181,6 +194,9 @@ def test_registered_name_alias_stage_signals_options():
         {"eps": 0.0},
         {"shrinkage": -1.0},
         {"preset": "reference"},
+        {"recovery": "sum"},
+        {"context_cap": 1.5},
+        {"context_cap": -0.1},
     ):
         with pytest.raises(VtpruneError):
             build_method("dcp_prune", bad)
@@ -194,7 +210,8 @@ def test_tau_resolution_explicit_shipped_fallback():
     assert _dcp(calibration_key="builtin:shapes-llava").tau == shipped
     assert _dcp(0.7, calibration_key="builtin:shapes-llava").tau == 0.7
     assert _dcp(INF).tau == INF
-    with pytest.warns(UserWarning, match="no calibrated tau_kappa"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # constructing never warns: `apply` does (test_dcp_amended.py)
         assert _dcp(calibration_key="no/such-model").tau == FALLBACK_TAU
 
 
@@ -262,12 +279,13 @@ def test_bf16_features_fp32_math():
 # ----------------------------------------------------------------------------------------- properties 2, 3
 
 
+@pytest.mark.parametrize("recovery", ["uniform", "mass"])
 @pytest.mark.parametrize("seed,ka,edges", [(0, 5, 4), (1, 16, 4), (2, 3, 4), (3, 1, 4), (4, 20, 2), (5, 47, 4)])
-def test_acgr_matches_naive_and_is_convex(seed, ka, edges):
+def test_acgr_matches_naive_and_is_convex(seed, ka, edges, recovery):
     img = _image(((6, 8),), seed=seed)
     z, s, keys, pos, _ = _crop_args(img)
-    anchors, rec, w = acgr(z, s, keys, pos, ka, 0.1, edges)
-    n_anchors, n_rec, n_w, coef = _naive_acgr(z, s, keys, pos, ka, 0.1, edges)
+    anchors, rec, w = acgr(z, s, keys, pos, ka, 0.1, edges, recovery)
+    n_anchors, n_rec, n_w, coef = _naive_acgr(z, s, keys, pos, ka, 0.1, edges, recovery)
     assert anchors.tolist() == n_anchors
     assert (rec.double() - n_rec).abs().max() < 1e-5 and (w.double() - n_w).abs().max() < 1e-5
     assert abs(float(w.sum()) - img.n) < 1e-4  # property 2: Σ w = N_c
@@ -282,10 +300,11 @@ def test_acgr_matches_naive_and_is_convex(seed, ka, edges):
     assert torch.equal(rec[lonely], z[anchors][lonely])  # anchor with no incoming edge: unchanged
 
 
-def test_acgr_some_anchor_without_edges_unchanged():
+@pytest.mark.parametrize("recovery", ["uniform", "mass"])
+def test_acgr_some_anchor_without_edges_unchanged(recovery):
     img = _image(((24, 24),), seed=3)
     z, s, keys, pos, _ = _crop_args(img)
-    anchors, rec, w = acgr(z, s, keys, pos, 300, 0.1, 1)
+    anchors, rec, w = acgr(z, s, keys, pos, 300, 0.1, 1, recovery)
     lonely = w == 1
     assert lonely.any() and torch.equal(rec[lonely], z[anchors][lonely])
     assert not torch.equal(rec[~lonely], z[anchors][~lonely])
@@ -541,7 +560,7 @@ def test_write_read_tau_round_trip(tmp_path):
 @pytest.mark.slow
 def test_shipped_builtin_tau_reproduces():
     """The shipped value = 90th percentile of κ_A over 256 eval-stream scenes at ρ = 1/9 (≈ 35 s)."""
-    assert cal.calibrate_builtin() == pytest.approx(cal.read_tau("builtin:shapes-llava"), rel=1e-5)
+    assert cal.calibrate_builtin_v2() == pytest.approx(cal.read_tau("builtin:shapes-llava"), rel=1e-5)
 
 
 def test_calibrate_cli_writes_the_value(tmp_path, capsys):

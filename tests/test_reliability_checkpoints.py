@@ -303,7 +303,7 @@ def test_pack_round_trips_optimizer_and_rng_state_exactly():
 
 # --- finding 8: calibrate-dcp --write --------------------------------------------------------------------------
 def test_tau_writes_go_to_the_user_table_and_never_into_the_package(tmp_path, monkeypatch):
-    from vtprune.methods import _dcp_calibration as cal
+    from vtprune.calibration import dcp as cal
     from vtprune.methods.dcp_prune import TAU_TABLE, DCPPrune, DCPPruneConfig, load_tau_table
 
     user = tmp_path / "cfg" / "dcp_tau.json"

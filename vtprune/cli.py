@@ -562,7 +562,7 @@ def _calibrate_dcp(args: argparse.Namespace) -> int:
     check_path(args.images, "image folder", "dir")
     import torch
 
-    from vtprune.methods._dcp_calibration import calibrate_folder, model_key, write_tau
+    from vtprune.calibration.dcp import calibrate_folder, model_key, write_tau
     from vtprune.runner import load
 
     torch.set_num_threads(args.threads)

@@ -35,6 +35,9 @@ class SampleRecord:
     events: list[PruningEvent] = field(default_factory=list)
     #: Offsets of each image's tokens in the sample's visual-token list (len = images + 1).
     image_offsets: list[int] = field(default_factory=list)
+    #: Per image of the sample: what the method stored in `ImageTokens.memo["record"]` during this prefill
+    #: (e.g. DCP-Prune's κ_A and branch), None where it stored nothing or did not run.
+    method_info: list[dict | None] = field(default_factory=list)
 
     @property
     def retained_tokens(self) -> int:
@@ -62,6 +65,8 @@ class RunRecord:
     dims: LLMDims
     bytes_per_elem: int
     sequence_index: torch.Tensor | None = None
+    #: Run-level facts the method reports (`method.record_info()`, e.g. DCP-Prune's τ_κ and its source), or None.
+    method_info: dict | None = None
 
     @property
     def flops(self) -> dict[str, float]:

@@ -1074,7 +1074,8 @@ class PruningSession:
                 idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
                 inserted = [sum(im.inserted.get(t, 0) for t in range(s + 1)) for im in mine]
                 events.append(PruningEvent(str(stage), idx, any(s in im.merged for im in mine), inserted))
-            samples.append(SampleRecord(n, int(text[b]), per_layer[b], events, [im.offset for im in mine] + [n]))
+            notes = [im.memo.get("record") for im in mine]
+            samples.append(SampleRecord(n, int(text[b]), per_layer[b], events, [im.offset for im in mine] + [n], notes))
         self.last = RunRecord(
             self.method.name,
             str(self.budget),
@@ -1083,6 +1084,7 @@ class PruningSession:
             self.dims,
             _bytes_per_elem(self.model),
             fw.groups[-1].seq_index,
+            _method_info(self.method),
         )
 
     def _record_passthrough(self, n_visual: list[int], images: list[_Image], mask2d: torch.Tensor) -> None:
@@ -1093,9 +1095,11 @@ class PruningSession:
         for b, n in enumerate(n_visual):
             offsets = [im.offset for im in images if im.sample == b] + [n]
             events = [PruningEvent(str(s), torch.arange(n), False, [0] * (len(offsets) - 1)) for s in self.stages]
-            samples.append(SampleRecord(n, int(valid[b]) - n, [n] * self.adapter.num_layers, events, offsets))
+            samples.append(SampleRecord(n, int(valid[b]) - n, [n] * self.adapter.num_layers, events, offsets,
+                                        [None] * (len(offsets) - 1)))
         self.last = RunRecord(
-            self.method.name, str(self.budget), self.positions, samples, self.dims, _bytes_per_elem(self.model), None
+            self.method.name, str(self.budget), self.positions, samples, self.dims, _bytes_per_elem(self.model), None,
+            _method_info(self.method),
         )
 
 
@@ -1103,6 +1107,12 @@ def _is_visual(input_ids: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:
     """(B, L) bool: rows holding one of the adapter's visual placeholder ids."""
     ids = torch.tensor(adapter.visual_token_ids, dtype=input_ids.dtype, device=input_ids.device)
     return torch.isin(input_ids, ids)
+
+
+def _method_info(method) -> dict | None:
+    """The method's run-level record (`record_info()`, optional on a method), or None."""
+    info = getattr(method, "record_info", None)
+    return info() if callable(info) else None
 
 
 def _bytes_per_elem(model: nn.Module) -> int:

@@ -6,8 +6,16 @@ Per crop c (per-crop quotas, README §8) with N_c candidates and quota K, all ma
 1. ACGR(K_a): anchors = top-K_a of `cls_attention` s (stable ties), context = the rest; for a context token j
    and anchor i, `logit_ji = (k̂_j·k̂_i)/semantic_temperature − ‖p_j − p_i‖²/(2σ²)`, σ² = N_c/K_a (k̂ = L2-
    normalised `vision_head_keys`, p = grid (row, col)); each context token keeps its `edges` largest logits
-   (stable ties), `W_ji` = softmax over them; mass `μ_j = s_j/mean(s)`; recovered anchor
-   `z̃_i = (z_i + Σ_j W_ji μ_j z_j)/(1 + Σ_j W_ji μ_j)`, tokens represented `w_i = 1 + Σ_j W_ji`.
+   (stable ties), `W_ji` = softmax over them; masses `μ = s/mean(s)` (anchors and context alike); tokens
+   represented `w_i = 1 + Σ_j W_ji` (used by κ, whatever the recovery). Recovery (option `recovery`, spec step 1.5
+   amended 2026-12):
+   - "mass" (default): context mass `m_i = Σ_j W_ji μ_j`, share `c_i = m_i/(μ_i + m_i)` capped at λ_ctx =
+     `context_cap` (the capped weights W' = W·λμ_i/((1−λ)m_i) make the share exactly λ), and
+     `z̃_i = (μ_i z_i + Σ_j W'_ji μ_j z_j)/(μ_i + Σ_j W'_ji μ_j)`, computed as `(1 − c'_i) z_i + c'_i z̄_i` with
+     c'_i = min(c_i, λ) and z̄_i = Σ_j W_ji μ_j z_j / m_i (the same value; an anchor without context mass,
+     m_i = 0, keeps its own feature);
+   - "none": the anchors' own features (the ablation row every report shows);
+   - "uniform": the original rule `z̃_i = (z_i + Σ_j W_ji μ_j z_j)/(1 + Σ_j W_ji μ_j)` (earlier numbers).
 2. κ(Z, Z', w) = mean_d KL(N(μ_f, σ²_f) ‖ N(μ_k, σ²_k)) on unit-normalised rows, kept moments weighted by w,
    `σ²_k ← K/(K+shrinkage)·σ²_k + shrinkage/(K+shrinkage)·σ²_f`, then `eps` added to both variances.
 3. Trigger: Z_A = ACGR(K); κ_A ≤ τ_κ ⇒ output Z_A.
@@ -19,12 +27,17 @@ Per crop c (per-crop quotas, README §8) with N_c candidates and quota K, all ma
    cluster. Guard: Z_T only if κ_T < κ_A, else Z_A.
 Output: exactly K tokens per image in ascending representative index (`keep` positions, README §6).
 
-Threshold τ_κ: option `tau_kappa`; None looks up `calibration_key` (e.g. "builtin:shapes-llava" or a HF model
-id) in the shipped table `vtprune/assets/dcp_tau.json` (written by `vtprune.methods._dcp_calibration`) and
-falls back to 0.3 when there is no entry. A method never sees the model, so the caller passes the key.
+Threshold τ_κ (spec, amended 2026-12): option `tau_kappa` (source "user"); None looks up `calibration_key`, else
+the attached model's key (`vtprune.shipped.builtin_key` of its `name_or_path`), in the shipped table
+`vtprune/assets/dcp_tau.json` overlaid with the per-user table (source "calibrated"; written by
+`vtprune calibrate-dcp` / `vtprune.calibration.dcp`); with no entry it uses 0.3 (source "fallback") and `apply`
+warns once per model key, naming `vtprune calibrate-dcp`.
 
-Diagnostics: `method.decisions` (a bounded deque, newest last) gets one list of `CropDecision` (κ_A, κ_T,
-branch) per `select` call, i.e. per image in engine order. It is never read by the method itself.
+Records: `vtprune.last_run(model).method_info` = {tau_kappa, tau_source, calibration_key, recovery,
+context_cap}; `SampleRecord.method_info[image]` = {kappa_a, branch ("ACGR" | "TATCS"), kappa_t, crops: [...]}
+(per crop: crop, n, k, kappa_a, kappa_t, branch, guard); with several crops (LLaVA-NeXT views) the image's
+kappa_a is the largest crop κ_A and its branch "TATCS" when any crop's output came from TATCS. `method.decisions`
+(a bounded deque, newest last) keeps one list of `CropDecision` per `select` call for diagnostics.
 
 Deviations / engine-imposed choices:
 - LLaVA-NeXT: a "crop" is one vision view (`ImageTokens.view_members`): the base view and each CLIP tile
@@ -52,6 +65,11 @@ from ..shipped import builtin_key
 from . import register
 from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option, stable_topk
 
+#: Recovery rules of ACGR step 1.5 (spec, amended 2026-12).
+RECOVERIES = ("mass", "none", "uniform")
+#: Keys already warned about a missing calibration (one warning per model key and process).
+_WARNED: set[str] = set()
+
 #: Shipped calibrated thresholds: {"version": 1, "values": {key: {"tau_kappa": float, ...}}}.
 TAU_TABLE = Path(__file__).resolve().parent.parent / "assets" / "dcp_tau.json"
 #: τ_κ when neither `tau_kappa` nor a calibrated value for `calibration_key` is available (spec).
@@ -62,12 +80,20 @@ MAX_DECISIONS = 10_000
 TIE_TOL = 1e-6
 
 
+class CalibrationWarning(UserWarning):
+    """DCP-Prune runs with the fallback τ_κ because the model has no calibrated value."""
+
+
 @dataclass
 class DCPPruneConfig(MethodConfig):
-    #: Trigger threshold τ_κ; None = the shipped calibrated value for `calibration_key`, else 0.3.
+    #: Trigger threshold τ_κ; None = the calibrated value for `calibration_key` / the model, else 0.3 (warned).
     tau_kappa: float | None = option(None, ge=0.0, allow_inf=True)
-    #: Key of the shipped calibration table (e.g. "builtin:shapes-llava", "llava-hf/llava-1.5-7b-hf").
+    #: Key of the calibration table (e.g. "builtin:shapes-llava", "llava-hf/llava-1.5-7b-hf"); None: the model's.
     calibration_key: str | None = option(None)
+    #: ACGR recovery: "mass" (capped mass-weighted, default), "none" (anchors only), "uniform" (original rule).
+    recovery: str = option("mass", choices=RECOVERIES)
+    #: λ_ctx: the largest share of a recovered anchor that may come from its context tokens ("mass" only).
+    context_cap: float = option(0.35, ge=0.0, le=1.0)
     #: Temperature of the semantic (key cosine) term of the context→anchor logits.
     semantic_temperature: float = option(0.1, gt=0.0)
     #: Context→anchor edges kept per context token.
@@ -126,12 +152,17 @@ def acgr(
     k_a: int,
     temperature: float = 0.1,
     edges: int = 4,
+    recovery: str = "mass",
+    context_cap: float = 0.35,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Anchor-Context Graph Recovery on one crop.
 
-    z (n, D), s (n,), keys (n, d) L2-normalised, pos (n, 2) grid coordinates, 1 ≤ k_a ≤ n.
+    z (n, D), s (n,), keys (n, d) L2-normalised, pos (n, 2) grid coordinates, 1 ≤ k_a ≤ n; recovery in
+    `RECOVERIES`, context_cap = λ_ctx in [0, 1] ("mass" only).
     -> anchors (k_a,) int64 sorted ascending, recovered (k_a, D) fp32, w (k_a,) fp32 tokens represented.
     """
+    if recovery not in RECOVERIES:
+        raise VtpruneError(f"dcp_prune recovery must be one of {RECOVERIES}, got {recovery!r}")
     z = z.float()
     n = z.shape[0]
     anchors = stable_topk(s, k_a)
@@ -149,16 +180,28 @@ def acgr(
     top = torch.sort(logit, dim=1, descending=True, stable=True)
     W = top.values[:, :e].softmax(dim=1)  # (|C|, e)
     slot = top.indices[:, :e]  # anchor slots
+    rows = torch.arange(len(ctx), device=z.device)[:, None].expand(-1, e)
+    wmat = torch.zeros(k_a, len(ctx), device=z.device)
+    wmat[slot, rows] = W  # each (anchor, context) pair appears at most once per row
+    w = 1.0 + wmat.sum(1)
+    z_a = z[anchors]
+    if recovery == "none":
+        return anchors, z_a.clone(), w
     sp = s.float().clamp(min=0.0)
     mean_s = sp.mean()
-    mu = sp[ctx] / mean_s if float(mean_s) > 0 else torch.ones(len(ctx), device=z.device)
-    rows = torch.arange(len(ctx), device=z.device)[:, None].expand(-1, e)
-    coef = torch.zeros(k_a, len(ctx), device=z.device)
-    coef[slot, rows] = W * mu[:, None]  # each (anchor, context) pair appears at most once per row
-    wmat = torch.zeros(k_a, len(ctx), device=z.device)
-    wmat[slot, rows] = W
-    recovered = (z[anchors] + coef @ z[ctx]) / (1.0 + coef.sum(1))[:, None]
-    return anchors, recovered, 1.0 + wmat.sum(1)
+    mu = sp / mean_s if float(mean_s) > 0 else torch.ones(n, device=z.device)  # (n,) masses
+    coef = wmat * mu[ctx][None, :]  # (K_a, |C|): W_ji μ_j
+    mass = coef.sum(1)  # (K_a,) m_i
+    pushed = coef @ z[ctx]  # (K_a, D): Σ_j W_ji μ_j z_j
+    if recovery == "uniform":
+        return anchors, (z_a + pushed) / (1.0 + mass)[:, None], w
+    own = mu[anchors]  # (K_a,) μ_i
+    total = own + mass
+    share = torch.where(total > 0, mass / total.clamp(min=1e-30), torch.zeros_like(mass))
+    share = share.clamp(max=context_cap)  # c'_i = min(c_i, λ_ctx)
+    mean_ctx = pushed / mass.clamp(min=1e-30)[:, None]  # z̄_i (any value where m_i = 0: its share is 0)
+    recovered = torch.where((share > 0)[:, None], (1.0 - share)[:, None] * z_a + share[:, None] * mean_ctx, z_a)
+    return anchors, recovered, w
 
 
 def kappa(
@@ -267,12 +310,12 @@ def dcp_crop(
             torch.ones(n, device=z.device),
             {"kappa_a": 0.0, "kappa_t": None, "branch": "all"},
         )
-    t, e = cfg.semantic_temperature, cfg.edges
-    anchors, z_a, w_a = acgr(z, s, keys, pos, k, t, e)
+    t, e, rec, cap = cfg.semantic_temperature, cfg.edges, cfg.recovery, cfg.context_cap
+    anchors, z_a, w_a = acgr(z, s, keys, pos, k, t, e, rec, cap)
     kappa_a = float(kappa(z, z_a, w_a, cfg.shrinkage, cfg.eps))
     if kappa_a <= tau:
         return anchors, z_a, w_a, {"kappa_a": kappa_a, "kappa_t": None, "branch": "acgr"}
-    pool, z_c, w_c = acgr(z, s, keys, pos, min(n, cfg.pool_factor * k), t, e)
+    pool, z_c, w_c = acgr(z, s, keys, pos, min(n, cfg.pool_factor * k), t, e, rec, cap)
     reps, mass, _, _ = tatcs(z_c, w_c, s.float()[pool], text, k, cfg.gamma, cfg.gamma_r)
     z_t = z_c[reps]
     kappa_t = float(kappa(z, z_t, mass, cfg.shrinkage, cfg.eps))
@@ -308,26 +351,55 @@ class DCPPrune(PruningMethod):
             raise VtpruneError(f"dcp_prune edges and pool_factor must be >= 1, got {c.edges}, {c.pool_factor}")
         if c.shrinkage < 0 or not c.eps > 0:
             raise VtpruneError(f"dcp_prune needs shrinkage >= 0 and eps > 0, got {c.shrinkage}, {c.eps}")
-        self.tau = self._resolve_tau(c.calibration_key, warn=c.calibration_key is not None)
+        if c.recovery not in RECOVERIES:
+            raise VtpruneError(f"dcp_prune recovery must be one of {RECOVERIES}, got {c.recovery!r}")
+        if not 0.0 <= c.context_cap <= 1.0:
+            raise VtpruneError(f"dcp_prune context_cap must be in [0, 1], got {c.context_cap}")
+        #: Table key τ_κ was looked up under (None before `bind` when no `calibration_key` was given).
+        self.tau_key: str | None = c.calibration_key
+        self.tau, self.tau_source = self._resolve_tau(self.tau_key)
         #: Diagnostics only: one list of `CropDecision` per `select` call (per image), newest last.
         self.decisions: deque[list[CropDecision]] = deque(maxlen=MAX_DECISIONS)
 
-    def _resolve_tau(self, key: str | None, warn: bool) -> float:
+    def _resolve_tau(self, key: str | None) -> tuple[float, str]:
+        """(τ_κ, source): the user's value, the calibrated one for `key`, or the fallback."""
         if self.config.tau_kappa is not None:
-            return float(self.config.tau_kappa)
-        shipped = shipped_tau_kappa(key)
-        if shipped is None and warn:
-            warnings.warn(
-                f"dcp_prune: no calibrated tau_kappa for {key!r} in {TAU_TABLE.name}; using {FALLBACK_TAU}",
-                stacklevel=3,
-            )
-        return FALLBACK_TAU if shipped is None else shipped
+            return float(self.config.tau_kappa), "user"
+        calibrated = shipped_tau_kappa(key)
+        return (FALLBACK_TAU, "fallback") if calibrated is None else (calibrated, "calibrated")
 
     def bind(self, num_layers: int) -> None:
-        """Without `tau_kappa` or `calibration_key`, look the attached model up in the shipped table."""
+        """At `apply`: resolve τ_κ for `calibration_key` or the attached model; warn once per model key when it
+        has no calibrated value."""
         super().bind(num_layers)
-        if self.config.tau_kappa is None and self.config.calibration_key is None and self.model_name:
-            self.tau = self._resolve_tau(calibration_key_of(self.model_name), warn=False)
+        if self.config.tau_kappa is not None:
+            return
+        key = self.config.calibration_key
+        if key is None and self.model_name:
+            key = calibration_key_of(self.model_name)
+        self.tau_key = key
+        self.tau, self.tau_source = self._resolve_tau(key)
+        seen = key or "<unnamed model>"
+        if self.tau_source == "fallback" and seen not in _WARNED:
+            _WARNED.add(seen)
+            warnings.warn(
+                f"dcp_prune: no calibrated tau_kappa for {seen!r}; using the fallback {FALLBACK_TAU} (TATCS then "
+                f"fires on an arbitrary share of images). Calibrate it once: vtprune calibrate-dcp --model MODEL "
+                f"--images DIR --write (or pass tau_kappa=...)",
+                CalibrationWarning,
+                stacklevel=4,  # bind <- PruningSession <- vtprune.apply <- the caller
+            )
+
+    def record_info(self) -> dict:
+        """Run-level facts for `vtprune.last_run(model).method_info`."""
+        c = self.config
+        return {
+            "tau_kappa": self.tau,
+            "tau_source": self.tau_source,
+            "calibration_key": self.tau_key,
+            "recovery": c.recovery,
+            "context_cap": c.context_cap,
+        }
 
     def stages(self) -> tuple[Stage, ...]:
         return (Stage("vision"),)
@@ -354,7 +426,36 @@ class DCPPrune(PruningMethod):
             weights.append(wp)
             decisions.append(CropDecision(c, len(idx), q, **info))
         self.decisions.append(decisions)
+        image.memo["record"] = image_record(decisions)
         keep_idx = torch.cat(keep)
         order = keep_idx.argsort()
         new = torch.cat(feats)[order].to(image.features.dtype)
         return KeepPlan(keep_idx[order], new, torch.cat(weights)[order])
+
+
+_BRANCH = {"acgr": "ACGR", "guard": "ACGR", "tatcs": "TATCS", "all": "all"}
+
+
+def image_record(decisions: list[CropDecision]) -> dict:
+    """One image's `last_run` entry: κ_A and branch ("ACGR" / "TATCS"; several crops: the largest κ_A, "TATCS"
+    when any crop's output came from TATCS) plus per-crop details (`guard`: TATCS ran, its κ_T lost)."""
+    crops = [
+        {
+            "crop": d.crop,
+            "n": d.n,
+            "k": d.k,
+            "kappa_a": d.kappa_a,
+            "kappa_t": d.kappa_t,
+            "branch": _BRANCH[d.branch],
+            "guard": d.branch == "guard",
+        }  # fmt: skip
+        for d in decisions
+    ]
+    pruned = [c for c in crops if c["branch"] != "all"] or crops
+    tatcs_out = [c for c in pruned if c["branch"] == "TATCS"]
+    return {
+        "kappa_a": max(c["kappa_a"] for c in pruned),
+        "branch": "TATCS" if tatcs_out else "ACGR",
+        "kappa_t": tatcs_out[0]["kappa_t"] if len(pruned) == 1 and tatcs_out else None,
+        "crops": crops,
+    }

@@ -2,17 +2,22 @@
 consistency of ACGR's output at the reference budget ρ_ref = 1/9 (K = round(ρ·N) per image), over a set of
 images with a fixed prompt (spec: 256 COCO val2017 images with the lowest ids, "Describe this image briefly.").
 
-    from vtprune.methods._dcp_calibration import calibrate_folder, model_key, write_tau
+    from vtprune.calibration.dcp import calibrate_folder, model_key, write_tau
     tau = calibrate_folder(model, processor, "coco/val2017", n_images=256)
     write_tau(model_key(model), tau, n_images=256)      # or keep it and pass tau_kappa=tau to vtprune.apply
 
-κ_A is measured through the real engine: `vtprune.apply(model, DCPPrune(tau_kappa=inf), ρ, budget_mode=
-"retained")`, one forward per batch, reading the method's per-crop decisions (LLaVA-NeXT: one κ_A per crop,
-all crops pooled; crops kept whole are skipped). κ_A does not depend on the prompt text.
+κ_A is measured through the real engine: `vtprune.apply(model, DCPPrune(tau_kappa=inf, ...), ρ,
+budget_mode="retained")`, one forward per batch, reading the method's per-crop decisions (LLaVA-NeXT: one κ_A per
+crop, all crops pooled; crops kept whole are skipped). κ_A does not depend on the prompt text, but it does depend on
+the recovery rule (`recovery`, `context_cap`): calibrate with the options the method will run with.
 
-The shipped value for the built-in benchmark (`calibrate_builtin`) uses 256 of its own images (scenes 0..255 of
-the testbed's eval stream `EVAL_SEED`, disjoint from the held-out evaluation set) and the prompt
+Built-in benchmark v3 (`calibrate_builtin`, the shipped `builtin:shapes-v3-llava` entry): scenes 0..255 of the
+**calibration split** (`vtprune.testbed.splits`; the held-out test split is refused with `SplitError`), prompt
 "what number is in the box ?" (the testbed vocabulary has no words for "Describe this image briefly.").
+`calibrate_builtin_v2` reproduces the older `builtin:shapes-llava` entry (v2 eval stream, no splits).
+
+This module is an application: it runs models and reads the testbed. The method only reads the table
+(`vtprune.methods._dcp_tau`).
 """
 
 from __future__ import annotations
@@ -23,12 +28,17 @@ from pathlib import Path
 
 import torch
 
-from .dcp_prune import TAU_TABLE, DCPPrune, DCPPruneConfig, calibration_key_of, shipped_tau_kappa
+from ..methods._dcp_tau import user_tau_path, write_tau_table
+from ..methods.dcp_prune import TAU_TABLE, DCPPrune, DCPPruneConfig, calibration_key_of, shipped_tau_kappa
+from ..testbed.splits import Split, calibration_routine, calibration_split, require_calibration
 
 #: The spec's calibration prompt (wrapped in the processor's chat template when it has one).
 DEFAULT_PROMPT = "Describe this image briefly."
 #: Prompt used for the built-in benchmark (its word-level vocabulary cannot spell DEFAULT_PROMPT).
 BUILTIN_PROMPT = "what number is in the box ?"
+#: The built-in benchmark v3 model and its table key.
+BUILTIN_V3 = "shapes-v3-llava"
+BUILTIN_V3_KEY = "builtin:" + BUILTIN_V3
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -84,7 +94,7 @@ def _encode(processor, images, prompt, device, dtype) -> dict:
 def kappa_values(model, batches: Iterable[dict], budget_ratio: float = 1 / 9, **options) -> list[float]:
     """κ_A of ACGR at K = round(budget_ratio·N) for every crop of every image in `batches` (model inputs).
 
-    options: DCP-Prune options (e.g. `semantic_temperature`), except `tau_kappa` (forced to +inf).
+    options: DCP-Prune options (e.g. `recovery`, `context_cap`), except `tau_kappa` (forced to +inf).
     """
     import vtprune
 
@@ -101,6 +111,13 @@ def kappa_values(model, batches: Iterable[dict], budget_ratio: float = 1 / 9, **
     finally:
         vtprune.remove(model)
     return values
+
+
+def percentile_of(values: list[float], percentile: float = 90.0) -> float:
+    """The `percentile`-th percentile (linear interpolation) of κ_A values; ValueError when there are none."""
+    if not values:
+        raise ValueError("no κ_A values: no image was pruned at this budget ratio")
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), percentile / 100.0))
 
 
 def calibrate_tau_kappa(
@@ -126,10 +143,7 @@ def calibrate_tau_kappa(
         batches = image_batches(processor, images, prompt or chat_prompt(processor), batch_size, device, dtype)
     else:
         batches = processor_or_inputs
-    values = kappa_values(model, batches, budget_ratio, **options)
-    if not values:
-        raise ValueError("no κ_A values: no image was pruned at this budget ratio")
-    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), percentile / 100.0))
+    return percentile_of(kappa_values(model, batches, budget_ratio, **options), percentile)
 
 
 def folder_images(folder: str | Path, n_images: int = 256) -> list[Path]:
@@ -164,14 +178,56 @@ def calibrate_folder(
     )
 
 
+def split_images(split: Split, n_images: int) -> Iterator:
+    """PIL renderings of scenes 0..n_images−1 of a v3 split (a calibration routine's images)."""
+    from ..testbed.scenes_v3 import render
+
+    require_calibration(split, "split_images")
+    return (render(split.scene(i)) for i in range(n_images))
+
+
+@calibration_routine
 def calibrate_builtin(
+    split: Split | None = None,
+    name: str = BUILTIN_V3,
+    n_images: int = 256,
+    budget_ratio: float = 1 / 9,
+    percentile: float = 90.0,
+    batch_size: int = 16,
+    model=None,
+    processor=None,
+    **options,
+) -> float:
+    """τ_κ of a built-in v3 model on scenes 0..n_images−1 of `split` (default: the calibration split; the test
+    split raises `SplitError`). name: `builtin:NAME`'s NAME or a model directory; or pass `model`/`processor`.
+    options: DCP-Prune options the method will run with (`recovery`, `context_cap`, ...)."""
+    from ..testbed.builtin import resolve_model
+    from ..testbed.tokenizer import prompt
+
+    split = require_calibration(split if split is not None else calibration_split(), "calibrate_builtin")
+    if model is None:
+        model, processor = resolve_model(name if Path(name).is_dir() else "builtin:" + name)
+    return calibrate_tau_kappa(
+        model,
+        processor,
+        budget_ratio,
+        percentile,
+        images=split_images(split, n_images),
+        prompt=prompt(BUILTIN_PROMPT),
+        batch_size=batch_size,
+        **options,
+    )
+
+
+def calibrate_builtin_v2(
     name: str = "shapes-llava",
     n_images: int = 256,
     budget_ratio: float = 1 / 9,
     percentile: float = 90.0,
     batch_size: int = 16,
 ) -> float:
-    """τ_κ of a shipped testbed checkpoint on scenes 0..n_images−1 of the testbed's eval stream."""
+    """The older v2 entry (`builtin:shapes-llava`): scenes 0..n_images−1 of the v2 eval stream (`EVAL_SEED`,
+    disjoint from the v2 held-out set; v2 has no splits)."""
     from ..testbed import load_builtin, make_scene, prompt, render
     from ..testbed.data import EVAL_SEED
 
@@ -183,13 +239,16 @@ def calibrate_builtin(
 
 
 def write_tau(key: str, tau: float, path: str | Path | None = None, *, package_asset: bool = False, **meta) -> Path:
-    """Store τ_κ for `key` (plus metadata such as n_images) in a calibration table; returns its path.
+    """Store τ_κ for `key` (plus metadata such as n_images) in a calibration table (atomic replace); -> its path.
     path None: the per-user table (`_dcp_tau.user_tau_path()`, read by the τ lookup); a path inside the installed
     package is refused unless `package_asset` (the maintainers' re-calibration of the shipped table)."""
-    from ._dcp_tau import user_tau_path, write_tau_table
-
     p = Path(path) if path is not None else user_tau_path()
     return write_tau_table(p, key, tau, allow_package=package_asset, **meta)
+
+
+def write_shipped_tau(key: str, tau: float, **meta) -> Path:
+    """Maintainers only: store τ_κ for `key` in the table shipped with vtprune (`vtprune/assets/dcp_tau.json`)."""
+    return write_tau(key, tau, TAU_TABLE, package_asset=True, **meta)
 
 
 def read_tau(key: str, path: str | Path | None = None) -> float | None:
@@ -197,16 +256,14 @@ def read_tau(key: str, path: str | Path | None = None) -> float | None:
     return shipped_tau_kappa(key, path)
 
 
-if __name__ == "__main__":  # python -m vtprune.methods._dcp_calibration  (re-computes the shipped value)
+if __name__ == "__main__":  # python -m vtprune.calibration.dcp  (re-computes the shipped v2 value)
     torch.set_num_threads(1)
-    value = calibrate_builtin()
+    value = calibrate_builtin_v2()
     print(value)
     print(
-        write_tau(
+        write_shipped_tau(
             "builtin:shapes-llava",
             value,
-            TAU_TABLE,
-            package_asset=True,
             n_images=256,
             budget_ratio=round(1 / 9, 6),
             percentile=90,
