@@ -3,7 +3,7 @@
     python benchmarks/adapter_prefill_cpu.py [--layers 2] [--rounds 5] [--dtype bfloat16] [--methods random]
         [--features random|tower] [--json out.json]
 
-Models: `arch:llava-next-7b` and `arch:qwen2.5-vl-7b` (`vtprune.measurement.arch.build_arch`: real widths,
+Models: `arch:llava-next-7b` and `arch:qwen2.5-vl-7b` (`vtprune.loading.arch.build_arch`: real widths,
 random weights, decoder truncated to `--layers`), bf16 like the LLaVA-1.5 CPU table in BENCHMARKS.md.
 Inputs, batch 1: 32 random text ids, one image, 32 random text ids (64 text tokens, as `vtprune bench`):
 - LLaVA-NeXT: a 672×672 image = base view 576 + 2×2 tiles 2304 = N_img 2880 visual tokens (+ 48 newlines);
@@ -36,7 +36,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import vtprune
-from vtprune.measurement.arch import build_arch
+from vtprune.loading.arch import build_arch
 from vtprune.measurement.timing import PrefillTimer
 from vtprune.models import adapter_for
 

@@ -12,7 +12,7 @@ Stages, in priority order (each is written to OUT_DIR as soon as it finishes; a 
 2. `arch:llava-next-7b` (672×672: 2880 visual tokens) and `arch:qwen2.5-vl-7b` (672×672: 576 tokens), batch 1,
    SDPA, every method at 64 tokens and at 1/9 of N;
 3. stage 1 at batch 1 with FlashAttention-2, when `flash_attn` imports.
-Per row (see `vtprune.measurement.bench`): LM prefill ms, TTFT ms (the whole first forward: vision tower,
+Per row (see `vtprune.bench.core`): LM prefill ms, TTFT ms (the whole first forward: vision tower,
 selection, LLM, LM head), decode ms/token, peak CUDA memory, measured KV bytes, the FLOPs bound, and the
 stock-equivalent ratio (the stock language model timed at each layer's realised length in the same rounds).
 Methods that need per-method options run in their own interleaved group (each with its own unpruned row):
@@ -36,7 +36,7 @@ import time
 import torch
 
 from vtprune.errors import VtpruneError
-from vtprune.measurement.bench import BenchConfig, load_bench_model, run_bench
+from vtprune.bench.core import BenchConfig, load_bench_model, run_bench
 from vtprune.methods import build_method, method_names
 
 #: options a method needs to run on an `arch:` / `tiny:` model (no external models, any budget)

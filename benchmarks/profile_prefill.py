@@ -23,7 +23,7 @@ import time
 import torch
 
 import vtprune
-from vtprune.measurement.bench import BenchConfig, load_bench_model, make_inputs
+from vtprune.bench.core import BenchConfig, load_bench_model, make_inputs
 
 LINEAR = ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::_mkldnn_linear")
 

@@ -30,7 +30,7 @@ import time
 import torch
 
 from vtprune.errors import VtpruneError
-from vtprune.measurement.arch import full_dims
+from vtprune.loading.arch import full_dims
 from vtprune.measurement.flops import prefill_flops
 from vtprune.methods import ImageTokens, build_method, method_names
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vtprune.cli import main
-from vtprune.measurement.arch import ARCH_NAMES, arch_config, build_arch, full_dims
+from vtprune.loading.arch import ARCH_NAMES, arch_config, build_arch, full_dims
 from vtprune.measurement.flops import LLM_PRESETS, LLMDims, prefill_flops
 
 ROW_FIELDS = {
@@ -135,7 +135,7 @@ def test_bench_flops_bound_is_the_analytic_ratio(bench_json):
 
 def test_bench_runs_text_reading_methods_on_models_without_a_tokenizer(tmp_path):
     """`tiny:`/`arch:` models have no tokenizer: the bench's id-word stand-in lets ResPrune read its nouns."""
-    from vtprune.measurement.bench import IdWordTokenizer
+    from vtprune.bench.core import IdWordTokenizer
 
     tok = IdWordTokenizer()
     assert tok.decode([5, 17]) == "w5 w17" and tok(" w17")["input_ids"] == [17] and tok("the")["input_ids"] == []

@@ -19,6 +19,7 @@ import vtprune
 from vtprune import runner, show
 from vtprune.api import session_of
 from vtprune.cli import main
+from vtprune.loading import wrap_synthetic
 from vtprune.testbed import builtin_names
 
 torch.set_num_threads(1)
@@ -105,7 +106,7 @@ def test_run_one_matches_last_run_and_chat_template(model_dirs, loaded):
 def test_placeholder_tokenizer_path_runs(loaded):
     """`arch:` models get a placeholder tokenizer (tested here on a tiny NeXT model instead of a 7B build)."""
     model = loaded["llava_next"].model
-    lp = runner._placeholder_loaded(model)
+    lp = wrap_synthetic(model)
     assert "placeholder tokenizer" in lp.note
     assert lp.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
     res = runner.run_one(lp, _image((160, 100)), "what is this ?", "divprune", 0.5, max_new_tokens=2)
@@ -210,17 +211,20 @@ def test_layout_next_tile_area_matches_the_model():
     """The NeXT tile grid show draws equals the model's packed (unpadded) feature grid for odd image sizes."""
     from types import SimpleNamespace
 
-    from vtprune.measurement.arch import arch_config
+    from vtprune.loading.arch import arch_config
+    from vtprune.models.display import anyres_tile_geometry
+    from vtprune.models.llava_next import LlavaNextAdapter
 
     cfg = arch_config("llava-next-7b")
     model = SimpleNamespace(config=cfg)
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     for h, w in [(300, 500), (1000, 200), (799, 1203), (336, 336)]:
-        geo = show.next_tile_geometry(model, (h, w))
+        geo = anyres_tile_geometry(cfg, (h, w))
         nph, npw = get_anyres_image_grid_shape([h, w], cfg.image_grid_pinpoints, 336)
         assert (geo["rows"], geo["cols"]) == tuple(unpad_image(torch.empty(1, nph * 24, npw * 24), [h, w]).shape[1:])
-        layout = show.llava_next_layout(model, _image((w, h)), {"image_sizes": torch.tensor([[h, w]])})
+        inputs = {"image_sizes": torch.tensor([[h, w]])}
+        layout = LlavaNextAdapter(model).display_layout(_image((w, h)), inputs, None)
         boxes = [layout.box(1, r, c) for r in range(geo["rows"]) for c in range(geo["cols"])]
         cell = geo["cell_px"] * w / geo["resized"][0]
         assert min(b[0] for b in boxes) < cell and max(b[2] for b in boxes) > w - cell

@@ -10,7 +10,7 @@ import torch
 
 from vtprune import testing
 from vtprune.api import session_of
-from vtprune.measurement.bench import StockEquivalent, layer_lengths, length_segments
+from vtprune.bench.core import StockEquivalent, layer_lengths, length_segments
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,6 +17,8 @@ import vtprune
 from vtprune import runner, show
 from vtprune import testing as tt
 from vtprune.api import session_of
+from vtprune.models.display import anyres_tile_geometry, unnormalise
+from vtprune.models.internvl import internvl_canvas
 
 torch.set_num_threads(1)
 
@@ -127,7 +129,7 @@ def test_onevision_tiles_cover_the_image_also_when_downsized(loaded):
         image = Image.new("RGB", (w, h), COLOUR)
         inputs = runner.build_inputs(lm, image, "w5")
         layout = show.layout_for(lm, image, inputs)
-        geo = show.next_tile_geometry(lm.model, (h, w))
+        geo = anyres_tile_geometry(lm.model.config, (h, w))
         rows, cols = layout.grids[1]
         if (w, h) == (224, 224):
             assert rows * cols < geo["rows"] * geo["cols"]  # down-sized by the model
@@ -148,12 +150,12 @@ def test_onevision_tile_area_is_the_image_in_the_processor_canvas(loaded):
     w, h = 90, 200
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (h, w, 3), dtype=np.uint8))
     inputs = runner.build_inputs(lm, image, "w5")
-    geo = show.next_tile_geometry(lm.model, (h, w))
+    geo = anyres_tile_geometry(lm.model.config, (h, w))
     pix = inputs["pixel_values"][0]  # (1 + tiles, 3, tile, tile): base view, then the tiles in raster order
     (new_w, new_h), (px, py) = geo["resized"], geo["paste"]
     per_row = (geo["cols"] + 2 * geo["col_off"]) // geo["side"]  # tiles per canvas row
     canvas = torch.cat([torch.cat(list(row), 2) for row in pix[1:].split(per_row)], 1)  # (3, ph, pw)
-    view = show._unnormalise(canvas, lm.image_processor)
+    view = unnormalise(canvas, lm.image_processor)
     assert _same_content(view.crop((px, py, px + new_w, py + new_h)), image)
     layout = show.layout_for(lm, image, inputs)
     rows_, cols_ = layout.grids[1]
@@ -171,7 +173,7 @@ def test_internvl_tiles_sit_on_the_processor_canvas(loaded):
     image = Image.fromarray(arr)
     inputs = runner.build_inputs(lm, image, "w5")
     layout = show.layout_for(lm, image, inputs)
-    cols, rows, thumb = show.internvl_canvas(lm.image_processor, (h, w))
+    cols, rows, thumb = internvl_canvas(lm.image_processor, (h, w))
     assert thumb and len(layout.grids) == cols * rows + 1 == inputs["pixel_values"].shape[0]
     side = layout.grids[0][0]
     for t in range(cols * rows):
@@ -181,7 +183,7 @@ def test_internvl_tiles_sit_on_the_processor_canvas(loaded):
         assert (x0, y0, x1, y1) == pytest.approx(((t % cols) * w / cols, (t // cols) * h / rows,
                                                   (t % cols + 1) * w / cols, (t // cols + 1) * h / rows))  # fmt: skip
         # the processor's tile t is the canvas-resized image's block t (a box shifted by a few pixels fails)
-        tile = show._unnormalise(inputs["pixel_values"][t], lm.image_processor)
+        tile = unnormalise(inputs["pixel_values"][t], lm.image_processor)
         assert _same_content(tile, image.crop((round(x0), round(y0), round(x1), round(y1)))), t
     thumb_boxes = [layout.box(cols * rows, r, c) for r in range(side) for c in range(side)]
     _union_covers(thumb_boxes, w, h)
@@ -213,7 +215,7 @@ def test_gemma3_pan_and_scan_crops_sit_where_the_processor_cut_them(loaded):
         x1, y1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
         if k == 0:
             assert (x0, y0, x1, y1) == pytest.approx((0, 0, w, h))
-        pix = show._unnormalise(inputs["pixel_values"][k], lm.image_processor)
+        pix = unnormalise(inputs["pixel_values"][k], lm.image_processor)
         assert _same_content(pix, image.crop((round(x0), round(y0), round(x1), round(y1)))), k
 
 

@@ -421,7 +421,7 @@ def _load_for_run(args: argparse.Namespace):
     check_path(args.image, "image", "file")
     import torch
 
-    from vtprune.runner import load
+    from vtprune.loading import load
 
     torch.set_num_threads(args.threads)
     return load(args.model, device=args.device, dtype=getattr(torch, args.dtype), layers=args.layers)
@@ -431,7 +431,7 @@ def _run(args: argparse.Namespace) -> int:
     check_methods([args.method])
     options = options_by_method(_parse_options(args.option), [args.method])[args.method]
     loaded = _load_for_run(args)
-    from vtprune.runner import run_one
+    from vtprune.single import run_one
     from vtprune.tables import ResultTable
 
     result = run_one(
@@ -563,7 +563,7 @@ def _calibrate_dcp(args: argparse.Namespace) -> int:
     import torch
 
     from vtprune.calibration.dcp import calibrate_folder, model_key, write_tau
-    from vtprune.runner import load
+    from vtprune.loading import load
 
     torch.set_num_threads(args.threads)
     loaded = load(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -729,7 +729,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the registered methods and their stages")
     add_format(m)
     m.set_defaults(func=_methods)
-    from vtprune.measurement.cli import register as register_bench
+    from vtprune.bench.cli import register as register_bench
     from vtprune.rcp.cli import add_parser as register_train_rcp
     from vtprune.testbed.cli import register as register_testbed
     from vtprune.testbed.cli import run as run_testbed

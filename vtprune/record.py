@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,46 @@ class PruningEvent:
     #: tokens inserted before the LLM (e.g. VisionZip's [CLS]) per image of the sample, up to this event;
     #: they are no candidates, so `keep_idx` never names them.
     inserted: list[int] = field(default_factory=list)
+    #: (M,) int64 sorted: the kept indices (as `keep_idx`) whose features are merges, i.e. a plan's `new_feats` row
+    #: differed from the candidate's own features at this event or an earlier one.
+    merged_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+
+@dataclass
+class SelectCall:
+    """One `method.select` call of a prefill: the sample, the image (its index in the sample), the stage index and
+    the call's time (`ms`; CUDA events are read, with one synchronisation, on first access)."""
+
+    stage: int
+    sample: int = -1
+    image: int = -1
+    _ms: float | None = None
+    _events: tuple | None = None
+
+    @classmethod
+    def start(cls, stage: int, device: torch.device) -> SelectCall:
+        call = cls(stage)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            call._events = (begin, end)
+        else:
+            call._ms = -time.perf_counter()
+        return call
+
+    def stop(self) -> None:
+        if self._events is not None:
+            self._events[1].record()
+        else:
+            self._ms = (self._ms + time.perf_counter()) * 1e3
+
+    @property
+    def ms(self) -> float:
+        if self._events is not None:
+            begin, end = self._events
+            end.synchronize()
+            self._ms, self._events = float(begin.elapsed_time(end)), None
+        return float(self._ms)
 
 
 @dataclass
@@ -65,6 +106,13 @@ class RunRecord:
     dims: LLMDims
     bytes_per_elem: int
     sequence_index: torch.Tensor | None = None
+    #: every `method.select` call of the prefill, in call order (none when nothing was pruned)
+    selections: list[SelectCall] = field(default_factory=list)
+
+    @property
+    def selection_ms(self) -> float:
+        """Total time of the method's `select` calls in this prefill (ms)."""
+        return sum(c.ms for c in self.selections)
     #: Run-level facts the method reports (`method.record_info()`, e.g. DCP-Prune's τ_κ and its source), or None.
     method_info: dict | None = None
 

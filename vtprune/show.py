@@ -1,25 +1,11 @@
 """`vtprune show`: the kept visual tokens of one image drawn over it, one column per method, one panel per
 pruning event (PIL only, no matplotlib).
 
-Where each kept index lands (indices into the image's candidates, as `vtprune.last_run(model)` gives them):
-
-- LLaVA-1.5: cell (row, col) of the side×side grid (24×24) over the square the model sees, i.e. the
-  processor's resized and center-cropped image (recovered exactly from `pixel_values`);
-- LLaVA-NeXT: crop 0 = the base view, side×side cells over the whole image (the model sees it squashed
-  to one tile); crop 1 = the unpadded tile area, one grid in packed raster order (as the adapter's
-  `image_layout`), mapped through the processor's resize-to-pinpoint, centred padding and the model's
-  `unpad_image` back onto the image; the two are drawn side by side ("base" | "tiles");
-- Qwen2.5-VL / Qwen3-VL: merged cells (patch × spatial merge) over the image resized to the processor's
-  `image_grid_thw` size;
-- LLaVA-OneVision: as NeXT (base view | unpadded AnyRes tile area, the same resize / centred padding /
-  `unpad_image`), and when the model's `anyres_max_N` bilinear down-sizing shrank the tile grid, each token
-  covers the rows/h × cols/w block of the unpadded grid it was interpolated from;
-- Gemma 3: side×side pooled soft tokens over the whole image (the processor squashes it to the square tile);
-  with pan-and-scan, each crop's side×side grid over the part of the image the processor cut it from (the
-  crops follow the image in the prompt, each its own engine image; drawn on a second view "crops");
-- InternVL: every dynamic tile's side×side grid (after the pixel shuffle) placed on the image at the tile's
-  place in the processor's cols×rows canvas (the image squashed onto it), then the thumbnail's grid over the
-  whole image: two views ("tiles" | "thumbnail"), several crops drawn on one view (`Layout.view_of`).
+Where each kept index lands (indices into the image's candidates, as `vtprune.last_run(model)` gives them) is
+the adapter's `display_layout` (`vtprune.models.display.Layout`: one background view per crop, a box per
+(crop, row, col)); e.g. LLaVA-1.5: cells of the processed square; LLaVA-NeXT / OneVision: base view | the
+unpadded AnyRes tile area mapped back onto the image; Qwen: merged cells over the resized image; Gemma 3:
+the image and its pan-and-scan crops; InternVL: dynamic tiles | thumbnail.
 
 Kept cells show the image as is with a green outline around each kept area; pruned cells are faded
 (`dim_colour`: half way to grey, so objects stay recognisable). Kept tokens that carry merged features get a
@@ -33,7 +19,7 @@ tests (and users) can check the picture against the record.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,49 +27,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from vtprune.models.display import Box, Cell, Layout
+
 DIM = 0.5  # pruned cells: DIM · pixel + (1 − DIM) · FADE
 FADE = 128
 MERGED = (255, 0, 255)
 KEPT_EDGE = (0, 190, 0)
 RIGHT, WRONG, NEUTRAL = (0, 130, 0), (200, 0, 0), (60, 60, 60)
 GAP, PAD, MIN_SIDE, MAX_SIDE = 6, 12, 320, 768
-
-Cell = tuple[int, int, int]  # (crop, row, col)
-Box = tuple[float, float, float, float]  # (x0, y0, x1, y1), x1/y1 exclusive
-
-
-@dataclass
-class Layout:
-    """Where an image's candidate tokens lie: one background view per crop and a box per (crop, row, col)."""
-
-    family: str
-    grids: list[tuple[int, int]]  # (rows, cols) per crop, candidates in crop order, raster order within
-    views: list[Image.Image]  # background image per crop
-    view_names: list[str]
-    box: Callable[[int, int, int], Box]  # (crop, row, col) -> box in that view's pixels
-    view_of: list[int] | None = None  # crop -> the view it is drawn on (None: crop i on view i)
-
-    def view(self, crop: int) -> int:
-        """The view crop `crop` is drawn on."""
-        return crop if self.view_of is None else self.view_of[crop]
-
-    @property
-    def n(self) -> int:
-        return sum(h * w for h, w in self.grids)
-
-    def cell(self, index: int) -> Cell:
-        """Candidate index -> (crop, row, col)."""
-        for crop, (h, w) in enumerate(self.grids):
-            if index < h * w:
-                return crop, index // w, index % w
-            index -= h * w
-        raise IndexError(f"index beyond the {self.n} candidates")
-
-    def cells(self, indices: Sequence[int] | torch.Tensor) -> list[Cell]:
-        return [self.cell(int(i)) for i in indices]
-
-    def all_cells(self) -> list[Cell]:
-        return [(c, r, q) for c, (h, w) in enumerate(self.grids) for r in range(h) for q in range(w)]
 
 
 @dataclass
@@ -115,251 +66,10 @@ class ShowResult:
     layout: Layout
 
 
-# --- layouts --------------------------------------------------------------------------------------------
-def _unnormalise(pixels: torch.Tensor, image_processor) -> Image.Image:
-    """(3, H, W) processor output -> the RGB image the model sees."""
-    x = pixels.detach().float().cpu()
-    if getattr(image_processor, "do_normalize", True):
-        mean = torch.tensor(image_processor.image_mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(image_processor.image_std, dtype=torch.float32)[:, None, None]
-        x = x * std + mean
-    if getattr(image_processor, "do_rescale", True):
-        x = x / float(getattr(image_processor, "rescale_factor", 1 / 255))
-    arr = x.clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr)
-
-
-def llava_layout(model, image_processor, inputs: dict) -> Layout:
-    """LLaVA-1.5: side×side cells over the processed square (from `pixel_values[0]`)."""
-    vc = model.config.vision_config
-    side = int(vc.image_size) // int(vc.patch_size)
-    view = _unnormalise(inputs["pixel_values"][0], image_processor)
-    cw, ch = view.width / side, view.height / side
-    return Layout(
-        "llava",
-        [(side, side)],
-        [view],
-        ["model input"],
-        lambda crop, r, c: (c * cw, r * ch, (c + 1) * cw, (r + 1) * ch),
-    )
-
-
-def next_tile_geometry(model, image_size: Sequence[int]) -> dict:
-    """LLaVA-NeXT tile area of one image of `image_size` (H, W): the unpadded grid (rows, cols), its offset in
-    the full tile grid, and the processor's resize/paste of the image into the pinpoint canvas."""
-    from transformers.image_processing_utils import select_best_resolution
-
-    cfg = model.config
-    tile = int(cfg.vision_config.image_size)
-    side = tile // int(cfg.vision_config.patch_size)
-    h_img, w_img = (int(v) for v in image_size)
-    ph, pw = select_best_resolution((h_img, w_img), cfg.image_grid_pinpoints)
-    # processor: resize keeping the aspect ratio (get_patch_output_size), paste centred
-    scale_w, scale_h = pw / w_img, ph / h_img
-    if scale_w < scale_h:
-        new_w, new_h = pw, min(math.ceil(h_img * scale_w), ph)
-    else:
-        new_h, new_w = ph, min(math.ceil(w_img * scale_h), pw)
-    paste_x, paste_y = (pw - new_w) // 2, (ph - new_h) // 2
-    # model: feature grid of (ph/tile·side) × (pw/tile·side), then unpad_image
-    fh, fw = ph // tile * side, pw // tile * side
-    row_off = col_off = 0
-    rows, cols = fh, fw
-    if w_img / h_img > fw / fh:
-        pad = (fh - int(round(h_img * (fw / w_img), 7))) // 2
-        row_off, rows = pad, fh - 2 * pad
-    else:
-        pad = (fw - int(round(w_img * (fh / h_img), 7))) // 2
-        col_off, cols = pad, fw - 2 * pad
-    return {
-        "side": side, "rows": rows, "cols": cols, "row_off": row_off, "col_off": col_off,
-        "cell_px": tile / side, "paste": (paste_x, paste_y), "resized": (new_w, new_h), "image": (w_img, h_img),
-    }  # fmt: skip
-
-
-def llava_next_layout(model, image: Image.Image, inputs: dict) -> Layout:
-    """LLaVA-NeXT: base view (side×side over the whole image) and the unpadded tile grid over the image."""
-    size = [int(v) for v in inputs["image_sizes"][0]]
-    geo = next_tile_geometry(model, size)
-    view = image.convert("RGB")
-    if (view.height, view.width) != tuple(size):
-        view = view.resize((size[1], size[0]), Image.BICUBIC)
-    s, (w_img, h_img) = geo["side"], geo["image"]
-    (new_w, new_h), (px, py), p = geo["resized"], geo["paste"], geo["cell_px"]
-    sx, sy = w_img / new_w, h_img / new_h
-
-    def box(crop: int, r: int, c: int) -> Box:
-        if crop == 0:
-            return c * w_img / s, r * h_img / s, (c + 1) * w_img / s, (r + 1) * h_img / s
-        x0 = ((c + geo["col_off"]) * p - px) * sx
-        y0 = ((r + geo["row_off"]) * p - py) * sy
-        x0c, y0c = min(max(x0, 0.0), w_img), min(max(y0, 0.0), h_img)
-        return x0c, y0c, min(max(x0 + p * sx, 0.0), w_img), min(max(y0 + p * sy, 0.0), h_img)
-
-    return Layout("llava_next", [(s, s), (geo["rows"], geo["cols"])], [view, view], ["base view", "tiles"], box)
-
-
-def qwen_layout(model, image: Image.Image, inputs: dict) -> Layout:
-    """Qwen2.5-VL: merged (patch·merge)-px cells over the image resized to `image_grid_thw`."""
-    vc = model.config.vision_config
-    _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
-    m, p = int(vc.spatial_merge_size), int(vc.patch_size)
-    view = image.convert("RGB").resize((gw * p, gh * p), Image.BICUBIC)
-    cell = p * m
-    return Layout(
-        "qwen2_5_vl",
-        [(gh // m, gw // m)],
-        [view],
-        ["resized"],
-        lambda crop, r, c: (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell),
-    )
-
-
-def _original_view(image: Image.Image, size: Sequence[int] | None = None) -> Image.Image:
-    """The image in RGB, resized to `size` (H, W) when given and different."""
-    view = image.convert("RGB")
-    if size is not None and (view.height, view.width) != tuple(size):
-        view = view.resize((int(size[1]), int(size[0])), Image.BICUBIC)
-    return view
-
-
-def onevision_layout(model, image: Image.Image, inputs: dict) -> Layout:
-    """LLaVA-OneVision: base view (side×side over the whole image) and the AnyRes tile area (NeXT geometry; a grid
-    down-sized by `anyres_max_N` maps each token to the block of the unpadded grid it interpolates)."""
-    from vtprune.models.llava_onevision import LlavaOnevisionAdapter
-
-    size = [int(v) for v in inputs["image_sizes"][0]]
-    counts = inputs.get("batch_num_images")
-    patched = counts is None or int(counts[0]) == 1
-    grids = list(LlavaOnevisionAdapter(model)._image_layout(size, patched).grids)
-    geo = next_tile_geometry(model, size)
-    view = _original_view(image, size)
-    s, (w_img, h_img) = geo["side"], geo["image"]
-    (new_w, new_h), (px, py), p = geo["resized"], geo["paste"], geo["cell_px"]
-    sx, sy = w_img / new_w, h_img / new_h
-    if len(grids) > 1:
-        h, w = grids[1]
-        fr, fc = geo["rows"] / h, geo["cols"] / w  # unpadded cells per token (1 unless down-sized)
-
-    def box(crop: int, r: int, c: int) -> Box:
-        if crop == 0:
-            return c * w_img / s, r * h_img / s, (c + 1) * w_img / s, (r + 1) * h_img / s
-        x0 = ((c * fc + geo["col_off"]) * p - px) * sx
-        y0 = ((r * fr + geo["row_off"]) * p - py) * sy
-        x1, y1 = x0 + fc * p * sx, y0 + fr * p * sy
-        return (min(max(x0, 0.0), w_img), min(max(y0, 0.0), h_img), min(max(x1, 0.0), w_img),
-                min(max(y1, 0.0), h_img))  # fmt: skip
-
-    names = ["base view", "tiles"][: len(grids)]
-    return Layout("llava_onevision", grids, [view] * len(grids), names, box)
-
-
-def gemma3_crops(image_processor, image_size: Sequence[int]) -> list[Box]:
-    """Gemma 3 pan-and-scan crops of an image of `image_size` (H, W), as the processor cuts them -> their boxes
-    (x0, y0, x1, y1) on the image ([] when pan-and-scan is off or does not trigger)."""
-    if not getattr(image_processor, "do_pan_and_scan", False):
-        return []
-    h, w = (int(v) for v in image_size)
-    grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))  # (2, H, W): each pixel's (y, x)
-    crops = image_processor.pan_and_scan(
-        grid,
-        pan_and_scan_min_crop_size=image_processor.pan_and_scan_min_crop_size,
-        pan_and_scan_max_num_crops=image_processor.pan_and_scan_max_num_crops,
-        pan_and_scan_min_ratio_to_activate=image_processor.pan_and_scan_min_ratio_to_activate,
-    )
-    return [(float(c[1].min()), float(c[0].min()), float(c[1].max() + 1), float(c[0].max() + 1)) for c in crops]
-
-
-def gemma3_layout(model, image_processor, image: Image.Image, inputs: dict) -> Layout:
-    """Gemma 3: side×side pooled soft tokens over the whole image (squashed to the square tile by the processor),
-    then, with pan-and-scan, the same grid over each crop's part of the image (views "image" | "crops")."""
-    side = int(round(int(model.config.mm_tokens_per_image) ** 0.5))
-    view = _original_view(image)
-    crops = [(0.0, 0.0, float(view.width), float(view.height))]
-    crops += gemma3_crops(image_processor, (view.height, view.width))
-    got = int(inputs["pixel_values"].shape[0])
-    if got != len(crops):
-        from vtprune.errors import VtpruneError
-
-        raise VtpruneError(
-            f"Gemma 3 show: the inputs hold {got} images (image + pan-and-scan crops) but the image processor cuts "
-            f"{len(crops)}; pass the image processor that made the inputs"
-        )
-
-    def box(crop: int, r: int, c: int) -> Box:
-        x0, y0, x1, y1 = crops[crop]
-        cw, ch = (x1 - x0) / side, (y1 - y0) / side
-        return x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch
-
-    many = len(crops) > 1
-    views, names = ([view, view], ["image", f"pan-and-scan crops ({len(crops) - 1})"]) if many else ([view], ["image"])
-    return Layout("gemma3", [(side, side)] * len(crops), views, names, box, [0] + [1] * (len(crops) - 1))
-
-
-def internvl_canvas(image_processor, image_size: Sequence[int]) -> tuple[int, int, bool]:
-    """InternVL processor (GotOcr2) tiling of an image of `image_size` (H, W) -> (cols, rows, thumbnail)."""
-    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
-
-    if not getattr(image_processor, "crop_to_patches", False):
-        return 1, 1, False
-    size = image_processor.size
-    tile = (int(size["height"]), int(size["width"])) if isinstance(size, dict) else (size.height, size.width)
-    lo, hi = int(image_processor.min_patches), int(image_processor.max_patches)
-    cols, rows = get_optimal_tiled_canvas(tuple(int(v) for v in image_size), tile, lo, hi)
-    return int(cols), int(rows), cols * rows != 1
-
-
-def internvl_layout(model, image_processor, image: Image.Image, inputs: dict) -> Layout:
-    """InternVL: each dynamic tile's side×side grid at its place on the image, then the thumbnail over the image."""
-    side = int(round(int(model.config.image_seq_length) ** 0.5))
-    view = _original_view(image)
-    w_img, h_img = view.width, view.height
-    cols, rows, thumb = internvl_canvas(image_processor, (h_img, w_img))
-    tiles = cols * rows
-    n_crops = tiles + int(thumb)
-    got = int(inputs["pixel_values"].shape[0])
-    if got != n_crops:
-        from vtprune.errors import VtpruneError
-
-        raise VtpruneError(
-            f"InternVL show: the processor made {got} tiles but its {cols}×{rows} canvas (+ thumbnail) gives "
-            f"{n_crops}; pass the image processor that made the inputs"
-        )
-    tw, th = w_img / cols, h_img / rows
-
-    def box(crop: int, r: int, c: int) -> Box:
-        if crop == tiles:  # the thumbnail: the whole image
-            cw, ch = w_img / side, h_img / side
-            return c * cw, r * ch, (c + 1) * cw, (r + 1) * ch
-        ox, oy = (crop % cols) * tw, (crop // cols) * th
-        cw, ch = tw / side, th / side
-        return ox + c * cw, oy + r * ch, ox + (c + 1) * cw, oy + (r + 1) * ch
-
-    views, names = [view], [f"tiles ({cols}x{rows})"]
-    if thumb:
-        views.append(view)
-        names.append("thumbnail")
-    return Layout("internvl", [(side, side)] * n_crops, views, names, box, [0] * tiles + [1] * int(thumb))
-
-
+# --- layout -------------------------------------------------------------------------------------------
 def layout_for(loaded, image: Image.Image, inputs: dict) -> Layout:
-    """The layout of the (single) image of `inputs` for the loaded model's family."""
-    family = loaded.family
-    if family == "llava":
-        return llava_layout(loaded.model, loaded.image_processor, inputs)
-    if family == "llava_next":
-        return llava_next_layout(loaded.model, image, inputs)
-    if family == "llava_onevision":
-        return onevision_layout(loaded.model, image, inputs)
-    if family == "gemma3":
-        return gemma3_layout(loaded.model, loaded.image_processor, image, inputs)
-    if family == "internvl":
-        return internvl_layout(loaded.model, loaded.image_processor, image, inputs)
-    if family in ("qwen2_5_vl", "qwen3_vl"):
-        return qwen_layout(loaded.model, image, inputs)
-    from vtprune.errors import UnsupportedModelError
-
-    raise UnsupportedModelError(f"vtprune show has no layout for {family!r}")
+    """The layout of the (single) image of `inputs`: the adapter's `display_layout`."""
+    return loaded.adapter.display_layout(image, inputs, loaded.image_processor)
 
 
 # --- drawing --------------------------------------------------------------------------------------------
@@ -645,7 +355,8 @@ def show(
     """
     from vtprune.cli import options_by_method
     from vtprune.errors import VtpruneError
-    from vtprune.runner import build_inputs, run_one
+    from vtprune.loading import build_inputs
+    from vtprune.single import run_one
 
     if not isinstance(image, Image.Image):
         image = Image.open(image)

@@ -37,7 +37,7 @@ from ..errors import UnsupportedInputError, VtpruneError
 from ..measurement.flops import LLMDims
 from ..methods.base import ImageTokens, KeepPlan, PruningMethod, Stage
 from ..models.base import ModelAdapter
-from ..record import PruningEvent, RunRecord, SampleRecord
+from ..record import PruningEvent, RunRecord, SampleRecord, SelectCall
 from ..text import question_nouns, strip_generation_header
 from . import guards
 from . import hf_compat as hf
@@ -76,6 +76,8 @@ class _Image:
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> kept original indices (cpu)
     merged: set[int] = field(default_factory=set)  # stages whose kept rows carry merged features
     inserted: dict[int, int] = field(default_factory=dict)  # stage -> tokens the plan inserted (not candidates)
+    merged_rows: dict[int, torch.Tensor] = field(default_factory=dict)  # stage -> original indices given merged rows
+    selections: list[SelectCall] = field(default_factory=list)  # this image's `select` calls (timed)
 
 
 @dataclass
@@ -355,6 +357,7 @@ class PruningSession:
         fw = self._forward
         if fw is not None and fw.prefill:
             self._finish_record(fw)
+            self.last.selections = _selections(fw)
             cache = hf.output_cache(output)
             cache = fw.cache if cache is None else cache
             if cache is not None:
@@ -527,7 +530,7 @@ class PruningSession:
                 img.tile,
                 project,
             )
-            plan = self._checked_plan(0, view, k)
+            plan = self._checked_plan(0, view, k, img)
             keep[img.sample, rows[plan.keep_idx]] = True
             tokens = plan.new_feats.to(visual.dtype) if plan.new_feats is not None else visual[plan.keep_idx]
             default = None
@@ -821,7 +824,7 @@ class PruningSession:
                 img.question,
                 None if img.tile is None else img.tile[orig],
             )
-            plan = self._checked_plan(stage, view, k)
+            plan = self._checked_plan(stage, view, k, img)
             kept_rows = rows[plan.keep_idx]
             keep[img.sample, kept_rows] = True
             if plan.new_feats is not None:
@@ -996,8 +999,11 @@ class PruningSession:
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
     # --- helpers ---------------------------------------------------------------------------------
-    def _checked_plan(self, stage: int, view: ImageTokens, k: int) -> KeepPlan:
+    def _checked_plan(self, stage: int, view: ImageTokens, k: int, img: _Image) -> KeepPlan:
+        call = SelectCall.start(stage, view.features.device)
         plan = self.method.select(stage, view, k)
+        call.stop()
+        img.selections.append(call)
         idx = plan.keep_idx
         n = view.n
         if idx.dim() != 1 or idx.dtype != torch.long:
@@ -1046,6 +1052,9 @@ class PruningSession:
             ):
                 raise VtpruneError(f"{name}: order must be a permutation of the {total} output tokens")
             plan.order = order.to(device)
+        if plan.new_feats is not None:  # which kept tokens carry merged features (the record's `merged_idx`)
+            differs = (plan.new_feats != view.features[plan.keep_idx].to(plan.new_feats.dtype)).any(-1)
+            img.merged_rows[stage] = view.original_index[plan.keep_idx][differs]
         return plan
 
     def _note_kept(self, img: _Image, stage: int, kept: torch.Tensor, inserted: int = 0) -> None:
@@ -1073,7 +1082,8 @@ class PruningSession:
                     parts.append(prev + im.offset)
                 idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
                 inserted = [sum(im.inserted.get(t, 0) for t in range(s + 1)) for im in mine]
-                events.append(PruningEvent(str(stage), idx, any(s in im.merged for im in mine), inserted))
+                merged_idx = torch.cat([_merged_kept(im, s) for im in mine]) if mine else idx[:0]
+                events.append(PruningEvent(str(stage), idx, any(s in im.merged for im in mine), inserted, merged_idx))
             notes = [im.memo.get("record") for im in mine]
             samples.append(SampleRecord(n, int(text[b]), per_layer[b], events, [im.offset for im in mine] + [n], notes))
         self.last = RunRecord(
@@ -1101,6 +1111,27 @@ class PruningSession:
             self.method.name, str(self.budget), self.positions, samples, self.dims, _bytes_per_elem(self.model), None,
             _method_info(self.method),
         )
+
+
+def _selections(fw: _Forward) -> list[SelectCall]:
+    """The prefill's `select` calls, each with its sample and image index in the sample."""
+    out, per_sample = [], {}
+    for im in fw.images:
+        index = per_sample[im.sample] = per_sample.get(im.sample, -1) + 1
+        for call in im.selections:
+            call.sample, call.image = im.sample, index
+            out.append(call)
+    return out
+
+
+def _merged_kept(im: _Image, stage: int) -> torch.Tensor:
+    """(M,) sorted sample-level indices of the image's tokens kept after `stage` whose rows are merges (a plan
+    gave them new features at `stage` or before)."""
+    merged = [im.merged_rows[t].cpu() for t in range(stage + 1) if t in im.merged_rows]
+    if not merged:
+        return torch.zeros(0, dtype=torch.long)
+    kept = next((im.kept[t] for t in range(stage, -1, -1) if t in im.kept), torch.arange(im.n))
+    return kept[torch.isin(kept, torch.cat(merged))] + im.offset
 
 
 def _is_visual(input_ids: torch.Tensor, adapter: ModelAdapter) -> torch.Tensor:

@@ -329,3 +329,66 @@ class ModelAdapter(ABC):
         groups = q.shape[1] // keys.shape[1]
         keys = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
         return q, keys, float(attn.scaling)
+
+    # --- family facts for applications (loading, prompts, inputs, display, RCP training) ------------------
+    #: HF `model_type`s served (how a saved directory's config.json finds its adapter and model class).
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: True when the HF processor object builds this family's inputs (`prepare_inputs`); False when vtprune
+    #: builds them from the tokenizer + a PIL image processor (processors that need torchvision).
+    uses_processor: ClassVar[bool] = False
+    #: Special tokens of the placeholder tokenizer of a model without one (`arch:`): config attribute -> text.
+    placeholder_tokens: ClassVar[dict[str, str]] = {"image_token_id": "<image>"}
+    #: True when RCP's mask route (`vtprune.rcp.mask_route`, training) supports this family.
+    rcp_mask_route: ClassVar[bool] = False
+
+    @property
+    def family(self) -> str:
+        """The family's name (its HF `model_type`, e.g. "llava_next")."""
+        return str(self.model.config.model_type)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The model without its LM head (vision tower + projector + language model)."""
+        return self.model.model
+
+    def image_token_text(self, tokenizer) -> str:
+        """The tokenizer's text of the image placeholder (one per image in a prompt)."""
+        return tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    def default_prompt(self, tokenizer, text: str, n_images: int = 1) -> str:
+        """The prompt for a processor / tokenizer without a chat template: `n_images` placeholders, then `text`.
+        Default (LLaVA): `USER: <image>\\n{text} ASSISTANT:`."""
+        return "USER: " + f"{self.image_token_text(tokenizer)}\n" * n_images + f"{text} ASSISTANT:"
+
+    def make_processor(self, tokenizer, image_processor):
+        """The HF processor object built from a tokenizer and an image processor (families with
+        `uses_processor`), else None."""
+        return None
+
+    def default_image_processor(self):
+        """A PIL image processor for a model saved without one (`arch:` models), from the model's config."""
+        raise UnsupportedInputError(f"{type(self.model).__name__}: no default image processor")
+
+    def prepare_inputs(self, texts: list[str], images: list, tokenizer, image_processor, processor=None) -> dict:
+        """Texts (one placeholder per image, `prompt` gives them) + PIL images (in order, sample after sample)
+        -> left-padded model inputs on the CPU: {input_ids (B, L), attention_mask (B, L), pixel_values, ...}.
+        Default: the HF processor (families with `uses_processor`), the tokenizer alone without images."""
+        if not images:
+            return dict(tokenizer(texts, return_tensors="pt", padding=True))
+        if processor is None:
+            processor = self.make_processor(tokenizer, image_processor)
+        if processor is None:
+            raise UnsupportedInputError(f"{type(self.model).__name__}: building inputs needs the model's processor")
+        return dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+
+    def synthetic_inputs(
+        self, prompts: list[tuple[list[int], list[int]]], image_size: tuple[int, int] | None = None, seed: int = 0
+    ) -> dict:
+        """Random pixels and one image between each (prefix ids, suffix ids) prompt (`vtprune bench`).
+        image_size: (W, H) px where the family's token count depends on it (None: the family's default)."""
+        raise UnsupportedInputError(f"{type(self.model).__name__}: no synthetic inputs (vtprune bench)")
+
+    def display_layout(self, image, inputs: dict, image_processor):
+        """Where the candidates of the single image of `inputs` lie on that image (`vtprune show`):
+        a `vtprune.models.display.Layout`."""
+        raise UnsupportedInputError(f"{type(self.model).__name__}: no display layout for vtprune show")

@@ -36,6 +36,7 @@ from .base import ModelAdapter, apply_rope
 
 class Gemma3Adapter(ModelAdapter):
     model_classes = ("Gemma3ForConditionalGeneration",)
+    model_types = ("gemma3",)
     image_kwargs = ("pixel_values",)
     vision_signal_names = frozenset({"cls_attention", "vision_keys", "vision_head_keys"})
 
@@ -170,3 +171,80 @@ class Gemma3Adapter(ModelAdapter):
             "vision_keys": pool(k_flat),
             "vision_head_keys": pool(k.mean(1)),
         }
+
+    # --- family facts for applications -------------------------------------------------------------------
+    def default_image_processor(self):
+        """The PIL Gemma 3 image processor at the tower's size."""
+        import transformers
+
+        vc = self.model.config.vision_config
+        size = vc.image_size if isinstance(vc.image_size, int) else int(vc.image_size[0])
+        return transformers.Gemma3ImageProcessorPil(size={"height": size, "width": size})
+
+    def prepare_inputs(self, texts: list[str], images: list, tokenizer, image_processor, processor=None) -> dict:
+        """`<start_of_image>` + `mm_tokens_per_image` soft tokens + `<end_of_image>` per image and per pan-and-scan
+        crop (`num_crops`); `token_type_ids` = 1 on soft tokens."""
+        if not images:
+            return super().prepare_inputs(texts, images, tokenizer, image_processor, processor)
+        from .family_inputs import expand_placeholders, tokenize_with_images
+
+        cfg = self.model.config
+        image_id = self.image_token_id
+        token_ids = tokenize_with_images(tokenizer, texts, image_id, len(images))
+        pix = image_processor(images=images, return_tensors="pt")
+        crops = [int(c) for c in pix.get("num_crops", [0] * len(images))]
+        one = [int(cfg.boi_token_index)] + [image_id] * int(cfg.mm_tokens_per_image) + [int(cfg.eoi_token_index)]
+        out = expand_placeholders(token_ids, image_id, [one * (1 + c) for c in crops])
+        out["pixel_values"] = pix["pixel_values"]
+        out["token_type_ids"] = (out["input_ids"] == image_id).long()
+        return out
+
+    def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
+        """One image per prompt: `mm_tokens_per_image` (256) soft tokens."""
+        from vtprune import testing
+
+        return testing.gemma3_inputs(self.model, prompts, [1] * len(prompts), seed=seed)
+
+    def display_layout(self, image, inputs: dict, image_processor):
+        """side×side pooled soft tokens over the whole image (squashed to the square tile by the processor), then,
+        with pan-and-scan, the same grid over each crop's part of the image (views "image" | "crops")."""
+        from .display import Layout, original_view
+
+        side = self.side
+        view = original_view(image)
+        crops = [(0.0, 0.0, float(view.width), float(view.height))]
+        crops += gemma3_crops(image_processor, (view.height, view.width))
+        got = int(inputs["pixel_values"].shape[0])
+        if got != len(crops):
+            raise UnsupportedInputError(
+                f"Gemma 3 show: the inputs hold {got} images (image + pan-and-scan crops) but the image processor cuts "
+                f"{len(crops)}; pass the image processor that made the inputs"
+            )
+
+        def box(crop: int, r: int, c: int):
+            x0, y0, x1, y1 = crops[crop]
+            cw, ch = (x1 - x0) / side, (y1 - y0) / side
+            return x0 + c * cw, y0 + r * ch, x0 + (c + 1) * cw, y0 + (r + 1) * ch
+
+        views, names = [view], ["image"]
+        if len(crops) > 1:
+            views, names = [view, view], ["image", f"pan-and-scan crops ({len(crops) - 1})"]
+        return Layout("gemma3", [(side, side)] * len(crops), views, names, box, [0] + [1] * (len(crops) - 1))
+
+
+def gemma3_crops(image_processor, image_size) -> list[tuple[float, float, float, float]]:
+    """Gemma 3 pan-and-scan crops of an image of `image_size` (H, W), as the processor cuts them -> their boxes
+    (x0, y0, x1, y1) on the image ([] when pan-and-scan is off or does not trigger)."""
+    import numpy as np
+
+    if not getattr(image_processor, "do_pan_and_scan", False):
+        return []
+    h, w = (int(v) for v in image_size)
+    grid = np.stack(np.meshgrid(np.arange(h), np.arange(w), indexing="ij"))  # (2, H, W): each pixel's (y, x)
+    crops = image_processor.pan_and_scan(
+        grid,
+        pan_and_scan_min_crop_size=image_processor.pan_and_scan_min_crop_size,
+        pan_and_scan_max_num_crops=image_processor.pan_and_scan_max_num_crops,
+        pan_and_scan_min_ratio_to_activate=image_processor.pan_and_scan_min_ratio_to_activate,
+    )
+    return [(float(c[1].min()), float(c[0].min()), float(c[1].max() + 1), float(c[0].max() + 1)) for c in crops]

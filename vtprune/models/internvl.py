@@ -26,6 +26,7 @@ from .base import ModelAdapter
 
 class InternVLAdapter(ModelAdapter):
     model_classes = ("InternVLForConditionalGeneration",)
+    model_types = ("internvl",)
     image_kwargs = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy")
     vision_signal_names = frozenset({"cls_attention", "vision_keys", "vision_head_keys"})
 
@@ -136,3 +137,82 @@ class InternVLAdapter(ModelAdapter):
                 f"{sum(self._tiles)} (beam search / num_return_sequences with vision-stage methods is unsupported)"
             )
         return [{name: [p.flatten(0, 1) for p in v.split(self._tiles)] for name, v in tiles.items()}]
+
+    # --- family facts for applications -------------------------------------------------------------------
+    def default_image_processor(self):
+        """The PIL GotOcr2 (InternVL) image processor at the tower's tile size, dynamic tiles on."""
+        import transformers
+
+        vc = self.model.config.vision_config
+        size = vc.image_size if isinstance(vc.image_size, int) else int(vc.image_size[0])
+        return transformers.GotOcr2ImageProcessorPil(size={"height": size, "width": size}, crop_to_patches=True)
+
+    def prepare_inputs(self, texts: list[str], images: list, tokenizer, image_processor, processor=None) -> dict:
+        """`image_seq_length` · tiles context tokens per image (tiles = the image processor's `num_patches`: dynamic
+        tiles + thumbnail), inside `<img>` … `</img>` when the tokenizer knows those tokens."""
+        if not images:
+            return super().prepare_inputs(texts, images, tokenizer, image_processor, processor)
+        from .family_inputs import expand_placeholders, special_token, tokenize_with_images
+
+        image_id = self.image_token_id
+        token_ids = tokenize_with_images(tokenizer, texts, image_id, len(images))
+        pix = image_processor(images=images, return_tensors="pt")
+        tiles = [int(t) for t in pix.get("num_patches", [1] * len(images))]
+        tok = getattr(tokenizer, "tokenizer", tokenizer)
+        start, end = special_token(tok, "<img>"), special_token(tok, "</img>")
+        wrap = (lambda s: [start, *s, end]) if start is not None and end is not None else (lambda s: s)
+        out = expand_placeholders(token_ids, image_id, [wrap([image_id] * (self.per_tile * t)) for t in tiles])
+        out["pixel_values"] = pix["pixel_values"]
+        return out
+
+    def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
+        """One tile (no thumbnail) per prompt: `image_seq_length` (256) tokens."""
+        from vtprune import testing
+
+        return testing.internvl_inputs(self.model, prompts, [1] * len(prompts), seed=seed)
+
+    def display_layout(self, image, inputs: dict, image_processor):
+        """Each dynamic tile's side×side grid at its place on the image, then the thumbnail over the whole image:
+        views "tiles" | "thumbnail", several crops drawn on one view."""
+        from .display import Layout, original_view
+
+        side = self.side
+        view = original_view(image)
+        w_img, h_img = view.width, view.height
+        cols, rows, thumb = internvl_canvas(image_processor, (h_img, w_img))
+        tiles = cols * rows
+        n_crops = tiles + int(thumb)
+        got = int(inputs["pixel_values"].shape[0])
+        if got != n_crops:
+            raise UnsupportedInputError(
+                f"InternVL show: the processor made {got} tiles but its {cols}×{rows} canvas (+ thumbnail) gives "
+                f"{n_crops}; pass the image processor that made the inputs"
+            )
+        tw, th = w_img / cols, h_img / rows
+
+        def box(crop: int, r: int, c: int):
+            if crop == tiles:  # the thumbnail: the whole image
+                cw, ch = w_img / side, h_img / side
+                return c * cw, r * ch, (c + 1) * cw, (r + 1) * ch
+            ox, oy = (crop % cols) * tw, (crop // cols) * th
+            cw, ch = tw / side, th / side
+            return ox + c * cw, oy + r * ch, ox + (c + 1) * cw, oy + (r + 1) * ch
+
+        views, names = [view], [f"tiles ({cols}x{rows})"]
+        if thumb:
+            views.append(view)
+            names.append("thumbnail")
+        return Layout("internvl", [(side, side)] * n_crops, views, names, box, [0] * tiles + [1] * int(thumb))
+
+
+def internvl_canvas(image_processor, image_size) -> tuple[int, int, bool]:
+    """InternVL processor (GotOcr2) tiling of an image of `image_size` (H, W) -> (cols, rows, thumbnail)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    if not getattr(image_processor, "crop_to_patches", False):
+        return 1, 1, False
+    size = image_processor.size
+    tile = (int(size["height"]), int(size["width"])) if isinstance(size, dict) else (size.height, size.width)
+    lo, hi = int(image_processor.min_patches), int(image_processor.max_patches)
+    cols, rows = get_optimal_tiled_canvas(tuple(int(v) for v in image_size), tile, lo, hi)
+    return int(cols), int(rows), cols * rows != 1

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 from ..errors import UnsupportedInputError
 from .base import ModelAdapter
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
 
 class LlavaAdapter(ModelAdapter):
     """LLaVA-1.5: one fixed grid per image (e.g. 24×24 = 576), [CLS] dropped, feature layer −2."""
 
     model_classes = ("LlavaForConditionalGeneration",)
+    model_types = ("llava",)
+    uses_processor = True
+    rcp_mask_route = True
     image_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
 
     @property
@@ -136,3 +144,49 @@ class LlavaAdapter(ModelAdapter):
             "vision_keys": k_flat[:, start:],
             "vision_head_keys": k.mean(1)[:, start:],
         }
+
+    # --- family facts for applications -------------------------------------------------------------------
+    #: the HF processor class that expands the image placeholders (`make_processor`)
+    processor_class: ClassVar[str] = "LlavaProcessor"
+
+    def make_processor(self, tokenizer, image_processor):
+        """`LlavaProcessor` over the tokenizer + image processor, with the model's patch size and placeholder."""
+        import transformers
+
+        cfg = self.model.config
+        return getattr(transformers, self.processor_class)(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=int(cfg.vision_config.patch_size),
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+            image_token=self.image_token_text(tokenizer),
+        )
+
+    def _clip_processor_kwargs(self) -> dict:
+        side = int(self.model.config.vision_config.image_size)
+        return dict(
+            size={"shortest_edge": side},
+            crop_size={"height": side, "width": side},
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+        )
+
+    def default_image_processor(self):
+        """CLIP preprocessing at the tower's size: resize the short side, centre crop, CLIP mean / std."""
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil(do_center_crop=True, **self._clip_processor_kwargs())
+
+    def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
+        """One fixed-size image per prompt (the token count does not depend on its size)."""
+        from vtprune import testing
+
+        return testing.llava_inputs(self.model, prompts, seed=seed)
+
+    def display_layout(self, image, inputs: dict, image_processor):
+        """side×side cells over the processed square the model sees (recovered from `pixel_values[0]`)."""
+        from .display import square_grid_layout, unnormalise
+
+        view = unnormalise(inputs["pixel_values"][0], image_processor)
+        return square_grid_layout("llava", view, self.grid_size[0], "model input")

@@ -32,6 +32,8 @@ from .llava import LlavaAdapter
 
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration",)
+    model_types = ("llava_next",)
+    processor_class = "LlavaNextProcessor"
     image_kwargs = ("pixel_values", "image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
     layout_kwargs = ("image_sizes",)
 
@@ -147,3 +149,28 @@ class LlavaNextAdapter(LlavaAdapter):
             if [int(t.shape[0]) for t in out[name]] != n:
                 raise UnsupportedInputError(f"re-packed vision signals do not match the candidate counts {n}")
         return [out]
+
+    # --- family facts for applications -------------------------------------------------------------------
+    def default_image_processor(self):
+        """CLIP preprocessing per tile with the model's AnyRes pinpoints."""
+        from transformers import LlavaNextImageProcessorPil
+
+        return LlavaNextImageProcessorPil(
+            image_grid_pinpoints=self.model.config.image_grid_pinpoints, **self._clip_processor_kwargs()
+        )
+
+    def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
+        """One image of `image_size` (W, H) per prompt; default 2×2 tiles' worth."""
+        from vtprune import testing
+
+        w, h = image_size or (2 * self.model.config.vision_config.image_size,) * 2
+        return testing.llava_next_inputs(self.model, prompts, [(h, w)] * len(prompts), seed=seed)
+
+    def display_layout(self, image, inputs: dict, image_processor):
+        """Base view (side×side over the whole image) and the unpadded tile grid mapped onto the image."""
+        from .display import anyres_layout, anyres_tile_geometry
+
+        size = [int(v) for v in inputs["image_sizes"][0]]
+        geo = anyres_tile_geometry(self.model.config, size)
+        s = geo["side"]
+        return anyres_layout("llava_next", self.model.config, image, size, [(s, s), (geo["rows"], geo["cols"])])

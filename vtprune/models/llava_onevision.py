@@ -47,6 +47,7 @@ class _Layout:
 
 class LlavaOnevisionAdapter(ModelAdapter):
     model_classes = ("LlavaOnevisionForConditionalGeneration",)
+    model_types = ("llava_onevision",)
     image_kwargs = (
         "pixel_values",
         "image_sizes",
@@ -310,3 +311,52 @@ class LlavaOnevisionAdapter(ModelAdapter):
             for name in out:
                 out[name].append(per_kind[lay.kind][name][j])
         return [out]
+
+    # --- family facts for applications -------------------------------------------------------------------
+    def default_image_processor(self):
+        """The PIL LLaVA-OneVision image processor at the tower's tile size with the model's pinpoints."""
+        import transformers
+
+        vc = self.model.config.vision_config
+        size = vc.image_size if isinstance(vc.image_size, int) else int(vc.image_size[0])
+        return transformers.LlavaOnevisionImageProcessorPil(
+            size={"height": size, "width": size}, image_grid_pinpoints=self.model.config.image_grid_pinpoints
+        )
+
+    def prepare_inputs(self, texts: list[str], images: list, tokenizer, image_processor, processor=None) -> dict:
+        """Each placeholder expanded to the packed feature count of `pack_image_features` (AnyRes for a lone image
+        in its sample, the base view for several; newlines included), with `image_sizes` and `batch_num_images`."""
+        if not images:
+            return super().prepare_inputs(texts, images, tokenizer, image_processor, processor)
+        from .family_inputs import expand_placeholders, tokenize_with_images
+
+        image_id = self.image_token_id
+        token_ids = tokenize_with_images(tokenizer, texts, image_id, len(images))
+        per_sample = [sum(int(i == image_id) for i in ids) for ids in token_ids]
+        pix = image_processor(images=images, return_tensors="pt")
+        sizes = pix["image_sizes"].tolist()
+        patched = [n == 1 for n in per_sample for _ in range(n)]
+        spans = [[image_id] * self._image_layout(s, p).span for s, p in zip(sizes, patched, strict=True)]
+        out = expand_placeholders(token_ids, image_id, spans)
+        out.update(
+            pixel_values=pix["pixel_values"], image_sizes=pix["image_sizes"], batch_num_images=torch.tensor(per_sample)
+        )
+        return out
+
+    def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
+        """One AnyRes image of `image_size` (W, H) per prompt (default one tile's size: base + 1 tile + newlines)."""
+        from vtprune import testing
+
+        w, h = image_size or (self.model.config.vision_config.image_size,) * 2
+        return testing.llava_onevision_inputs(self.model, prompts, [[(h, w)]] * len(prompts), seed=seed)
+
+    def display_layout(self, image, inputs: dict, image_processor):
+        """As LLaVA-NeXT (base view | unpadded AnyRes tile area); a grid shrunk by `anyres_max_N` maps each token to
+        the block of the unpadded grid it interpolates."""
+        from .display import anyres_layout
+
+        size = [int(v) for v in inputs["image_sizes"][0]]
+        counts = inputs.get("batch_num_images")
+        patched = counts is None or int(counts[0]) == 1
+        grids = list(self._image_layout(size, patched).grids)
+        return anyres_layout("llava_onevision", self.model.config, image, size, grids)

@@ -60,6 +60,13 @@ class _Entry:
 
 class Qwen2_5_VLAdapter(ModelAdapter):
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
+    model_types = ("qwen2_5_vl",)
+    placeholder_tokens = {
+        "image_token_id": "<|image_pad|>",
+        "video_token_id": "<|video_pad|>",
+        "vision_start_token_id": "<|vision_start|>",
+        "vision_end_token_id": "<|vision_end|>",
+    }
     vision_signal_names = frozenset({"cls_attention", "vision_keys", "vision_head_keys"})
     dynamic_resolution = True
     position_rows = 3
@@ -306,6 +313,57 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     )
                 out[name].append(values[j])
         return [out]
+
+    # --- family facts for applications -------------------------------------------------------------------
+    def default_prompt(self, tokenizer, text: str, n_images: int = 1) -> str:
+        """`<|vision_start|><|image_pad|><|vision_end|>` per image, a space, then the text."""
+        cfg = self.model.config
+        start = tokenizer.convert_ids_to_tokens(int(cfg.vision_start_token_id))
+        end = tokenizer.convert_ids_to_tokens(int(cfg.vision_end_token_id))
+        return f"{start}{self.image_token_text(tokenizer)}{end}" * n_images + (" " if n_images else "") + text
+
+    def default_image_processor(self):
+        """The PIL Qwen2-VL image processor with the tower's patch and merge sizes."""
+        from .qwen_inputs import qwen_image_processor
+
+        vc = self.model.config.vision_config
+        return qwen_image_processor(patch_size=int(vc.patch_size), merge_size=int(vc.spatial_merge_size))
+
+    def prepare_inputs(self, texts: list[str], images: list, tokenizer, image_processor, processor=None) -> dict:
+        """Tokenizer + PIL image processor (the stock processor needs torchvision), `mm_token_type_ids` included."""
+        if not images:
+            enc = dict(tokenizer(texts, return_tensors="pt", padding=True))
+            enc["mm_token_type_ids"] = torch.zeros_like(enc["input_ids"])
+            return enc
+        from .qwen_inputs import qwen_processor_inputs
+
+        return qwen_processor_inputs(self.model.config, tokenizer, texts, images, image_processor)
+
+    def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
+        """One image of `image_size` (W, H) per prompt; default 576 tokens (24×24 merged patches)."""
+        from vtprune import testing
+
+        side = 24 * self.merge * int(self.model.config.vision_config.patch_size)
+        w, h = image_size or (side, side)
+        return testing.qwen_inputs(self.model, prompts, [(h, w)] * len(prompts), seed=seed)
+
+    def display_layout(self, image, inputs: dict, image_processor):
+        """Merged (patch·merge)-px cells over the image resized to `image_grid_thw`."""
+        from PIL import Image
+
+        from .display import Layout
+
+        _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
+        m, p = self.merge, int(self.model.config.vision_config.patch_size)
+        view = image.convert("RGB").resize((gw * p, gh * p), Image.BICUBIC)
+        cell = p * m
+        return Layout(
+            self.family,
+            [(gh // m, gw // m)],
+            [view],
+            ["resized"],
+            lambda crop, r, c: (c * cell, r * cell, (c + 1) * cell, (r + 1) * cell),
+        )
 
 
 def _grid_of(kind: str, pos: torch.Tensor) -> tuple[int, int, int]:

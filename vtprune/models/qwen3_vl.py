@@ -47,6 +47,7 @@ def _deepstack_output(pooler: list[torch.Tensor], deepstack: list[list[torch.Ten
 
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     model_classes = ("Qwen3VLForConditionalGeneration",)
+    model_types = ("qwen3_vl",)
     image_kwargs = (
         "pixel_values",
         "image_grid_thw",

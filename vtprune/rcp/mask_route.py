@@ -19,9 +19,9 @@ plug-ins driven by per-instance hooks.
 - `mask_route_forward`: the inference-mode route (eval masks, no noise, DRA on the last prompt token) that
   returns logits and the masks c per pruning layer: the physical route must reproduce it (spec property 8).
 
-Families: LLaVA-1.5 and LLaVA-NeXT (newline rows are structural: never slots, their key columns keep weight
-1). Qwen2.5-VL is refused (`UnsupportedModelError`): its M-RoPE inputs and processor are not covered here.
-One image per sample.
+Families: those whose adapter sets `rcp_mask_route` (LLaVA-1.5 and LLaVA-NeXT; newline rows are structural:
+never slots, their key columns keep weight 1). Others are refused (`UnsupportedModelError`; Qwen2.5-VL: its
+M-RoPE inputs and processor are not covered here). One image per sample.
 """
 
 from __future__ import annotations
@@ -34,12 +34,17 @@ import torch
 from torch import nn
 
 from ..engine import hf_compat as hf
+from .. import models
 from ..errors import UnsupportedInputError, UnsupportedModelError
 from ..models import adapter_for
 from .modules import RCPPlugins, table_coords
 
 ATTENTION_PREFIX = "vtprune_rcp_"
-SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
+
+def supported_classes() -> tuple[str, ...]:
+    """HF model classes whose adapter supports the mask route (`ModelAdapter.rcp_mask_route`)."""
+    return tuple(name for a in models.ADAPTERS if a.rcp_mask_route for name in a.model_classes)
 
 
 # --- explicit attention with column multipliers --------------------------------------------------------
@@ -172,9 +177,13 @@ class RouteBatch:
 
 def _check_model(model) -> None:
     name = type(model).__name__
-    if name not in SUPPORTED:
+    try:
+        supported = adapter_for(model).rcp_mask_route
+    except UnsupportedModelError:
+        supported = False
+    if not supported:
         raise UnsupportedModelError(
-            f"RCP's mask route (training) supports {', '.join(SUPPORTED)}, not {name} "
+            f"RCP's mask route (training) supports {', '.join(supported_classes())}, not {name} "
             "(Qwen2.5-VL: M-RoPE inputs are not covered by the training route yet)"
         )
     if getattr(model, "_vtprune", None) is not None:
@@ -358,7 +367,7 @@ def _hooks(model, plugins: RCPPlugins, rb: RouteBatch, state: RouteState, step_k
 
 def _backbone(model, rb: RouteBatch):
     adapter = adapter_for(model)
-    return model.model(
+    return adapter.base_model(
         input_ids=rb.input_ids,
         attention_mask=rb.attention_mask,
         position_ids=rb.position_ids,

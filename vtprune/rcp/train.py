@@ -363,7 +363,7 @@ def train(
     process's `RCPPlugins` into the summary under "plugins"."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    from ..runner import load
+    from ..loading import load
 
     cfg = cfg or RCPTrainConfig()
     out = Path(out)

@@ -9,9 +9,10 @@ available), `dtype` (`auto` = bfloat16 on GPU, float32 on CPU), `attn_implementa
 `chat_template` (overrides the processor's), `max_new_tokens` (default when a task sets none: 1024),
 `threads` (torch CPU threads), `revision`; every other key is a method option (e.g. `k=3`).
 
-LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL checkpoints (loaded by `vtprune.runner.load`). The prompt is the task's
-context after the images, in the chat template of the processor (or tokenizer); a processor without one
-gets the family default (`USER: <image>\\n{text} ASSISTANT:` for LLaVA).
+Every family vtprune has an adapter for (loaded by `vtprune.loading.load`). The prompt is the task's context
+after the images, in the chat template of the processor (or tokenizer); a processor without one gets the
+adapter's default (`USER: <image>\\n{text} ASSISTANT:` for LLaVA); inputs are built by the adapter
+(`vtprune.loading.prepare_inputs`).
 
 - `generate_until`: batched, left-padded `model.generate` (greedy unless the task asks for sampling), the
   text cut at the first `until` string.
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
@@ -59,17 +59,6 @@ class VtpruneTokenCounts(TokenCounts):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "vtprune": self.vtprune_fields}
-
-
-def resolve_pretrained(pretrained: str, revision: str | None = None) -> str:
-    """`builtin:` / `arch:` ids and local directories as they are; a hub id -> its local snapshot directory
-    (downloaded unless `HF_HUB_OFFLINE=1`, then read from the cache)."""
-    s = str(pretrained)
-    if s.startswith(("builtin:", "arch:")) or Path(s).expanduser().is_dir():
-        return str(Path(s).expanduser()) if Path(s).expanduser().is_dir() else s
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(s, revision=revision)
 
 
 def _dtype(name, device: torch.device) -> torch.dtype:
@@ -123,7 +112,7 @@ class VtpruneLMM(lmms):
         super().__init__()
         from accelerate import Accelerator
 
-        from vtprune.runner import load
+        from vtprune.loading import load
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -136,11 +125,9 @@ class VtpruneLMM(lmms):
         self._rank = accelerator.process_index
         self._world_size = accelerator.num_processes
         self.loaded = load(
-            resolve_pretrained(pretrained, revision),
-            device=str(self._device),
-            dtype=_dtype(dtype, self._device),
-            attn=attn_implementation,
-        )
+            pretrained, device=str(self._device), dtype=_dtype(dtype, self._device), attn=attn_implementation,
+            revision=revision,
+        )  # fmt: skip
         self._model = self.loaded.model
         self.pretrained = str(pretrained)
         tok = self.loaded.tokenizer
@@ -193,64 +180,22 @@ class VtpruneLMM(lmms):
 
     # --- prompts and inputs ------------------------------------------------------------------------------
     def _image_token(self) -> str:
-        return self.tokenizer.convert_ids_to_tokens(int(self._model.config.image_token_id))
+        return self.loaded.adapter.image_token_text(self.tokenizer)
 
     def prompt(self, text: str, n_images: int) -> str:
-        """The context after `n_images` images, in the chat template (or the family default)."""
-        loaded, image_token = self.loaded, self._image_token()
+        """The context after `n_images` images, in the chat template (or the adapter's default)."""
+        from vtprune.loading import prompt_text
+
+        image_token = self._image_token()
         if image_token in text:  # some task texts carry the placeholder themselves
             text = text.replace(image_token, "").strip()
-        template = self.chat_template or loaded.chat_template
-        if template:
-            content = [{"type": "image"}] * n_images + [{"type": "text", "text": text}]
-            owner = loaded.processor if loaded.processor is not None else loaded.tokenizer
-            try:
-                out = owner.apply_chat_template(
-                    [{"role": "user", "content": content}],
-                    chat_template=template,
-                    add_generation_prompt=True,
-                    tokenize=False,
-                )
-                if isinstance(out, str) and out.count(image_token) == n_images:
-                    return out
-            except Exception:  # a text-only template: the default below
-                pass
-        if loaded.family in _qwen_families():
-            cfg = self._model.config
-            start = self.tokenizer.convert_ids_to_tokens(int(cfg.vision_start_token_id))
-            end = self.tokenizer.convert_ids_to_tokens(int(cfg.vision_end_token_id))
-            return f"{start}{image_token}{end}" * n_images + (" " if n_images else "") + text
-        return "USER: " + f"{image_token}\n" * n_images + f"{text} ASSISTANT:"
+        return prompt_text(self.loaded, text, n_images, chat_template=self.chat_template)
 
     def inputs(self, prompts: list[str], images: list[list]) -> dict:
         """Left-padded model inputs for prompts with their images (PIL), on the model's device."""
-        flat = [im.convert("RGB") for ims in images for im in ims]
-        loaded = self.loaded
-        if loaded.family in _qwen_families():
-            from vtprune.models.qwen_inputs import qwen_processor_inputs
+        from vtprune.loading import prepare_inputs
 
-            if flat:
-                enc = qwen_processor_inputs(self._model.config, self.tokenizer, prompts, flat, loaded.image_processor)
-            else:
-                enc = dict(self.tokenizer(prompts, return_tensors="pt", padding=True))
-                enc["mm_token_type_ids"] = torch.zeros_like(enc["input_ids"])
-        elif flat and loaded.processor is None:  # LLaVA-OneVision / Gemma 3 / InternVL: no processor object
-            from vtprune.models.family_inputs import family_inputs
-
-            enc = family_inputs(self._model, self.tokenizer, prompts, flat, loaded.image_processor)
-        elif flat:
-            enc = dict(loaded.processor(images=flat, text=prompts, return_tensors="pt", padding=True))
-        else:
-            enc = dict(self.tokenizer(prompts, return_tensors="pt", padding=True))
-        dtype = self._model.dtype
-        out = {}
-        for k, v in enc.items():
-            if torch.is_tensor(v):
-                v = v.to(self._device)
-                if v.is_floating_point():
-                    v = v.to(dtype)
-            out[k] = v
-        return out
+        return prepare_inputs(self.loaded, prompts, [im for ims in images for im in ims])
 
     def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
         if doc_to_visual is None:
@@ -283,7 +228,7 @@ class VtpruneLMM(lmms):
                 eos_token_id=None,
                 min_new_tokens=None,
             )
-        with torch.inference_mode(), PrefillTimer(self._model.model.language_model) as timer:
+        with torch.inference_mode(), PrefillTimer(self.loaded.language_model) as timer:
             t0 = time.perf_counter()
             out = self._model.generate(**inputs, **kwargs)
             if self._device.type == "cuda":
@@ -495,10 +440,3 @@ class VtpruneLMM(lmms):
             vtprune.remove(self._model)
         self.loaded.model = None  # let lmms-eval's clean free the weights (e.g. before an LLM judge)
         super().clean()
-
-
-def _qwen_families() -> tuple[str, ...]:
-    """`vtprune.runner.QWEN_FAMILIES` (imported lazily, as `load` is)."""
-    from vtprune.runner import QWEN_FAMILIES
-
-    return QWEN_FAMILIES

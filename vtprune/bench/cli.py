@@ -1,4 +1,4 @@
-"""`vtprune bench`: the argument parser; the logic is in `vtprune.measurement.bench`."""
+"""`vtprune bench`: the argument parser; the logic is in `vtprune.bench.core`."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     shared = option_sets[0]
     import torch
 
-    from vtprune.measurement.bench import BenchConfig, bench_table, run_bench
+    from vtprune.bench.core import BenchConfig, bench_table, run_bench
     from vtprune.tables import from_rich, to_json
 
     torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ after warm-up, on random pixel values and ids with the right placeholder counts:
 - ``forward_prefill_ms``: the whole first forward of ``generate`` (vision tower, pre-LLM selection, LLM,
   LM head on the last row);
 - ``decode_ms_per_token``: median whole-model decode step; ``e2e_ms``: ``generate`` of T new tokens;
-- ``selection_ms``: the method's own ``select`` calls (wrapped on the instance for the run);
+- ``selection_ms``: the method's own ``select`` calls of the prefill (the run record's ``selection_ms``);
 - ``stock_equiv_ms``: the *stock* language model (no vtprune session, no hooks) run directly on random
   hidden states at each decoder layer's realised length (one stock forward over each run of layers with the
   same length: pre-LLM methods are one forward at n_text + K rows; an in-LLM cut at layer k is layers
@@ -39,14 +39,16 @@ from dataclasses import dataclass, field
 import torch
 
 import vtprune
+from vtprune import hf_compat as hf
 from vtprune.api import session_of
 from vtprune.budget import Budget
-from vtprune.engine import hf_compat as hf
-from vtprune.errors import VtpruneError
+from vtprune.errors import UnsupportedInputError, VtpruneError
+from vtprune.loading import TINY_MODELS, load, to_model
 from vtprune.measurement.flops import LLMDims, prefill_flops_all, tokens_per_layer
 from vtprune.measurement.timing import interleaved
+from vtprune.models import adapter_for
 
-TINY_MODELS = ("llava", "llava-next", "qwen2.5-vl")
+__all__ = ["TINY_MODELS", "BenchConfig", "bench_table", "load_bench_model", "make_inputs", "run_bench"]
 UNPRUNED = "none"
 
 
@@ -74,42 +76,28 @@ class BenchConfig:
 
 # --- model and inputs -------------------------------------------------------------------------------------
 def load_bench_model(cfg: BenchConfig) -> tuple[torch.nn.Module, LLMDims | None]:
-    """`arch:NAME`, `tiny:llava|llava-next|qwen2.5-vl`, `builtin:NAME` or a directory -> (model, full dims).
+    """`arch:NAME`, `tiny:KIND`, `builtin:NAME`, a directory or a hub id (`vtprune.loading.load`) -> (model, full dims).
 
-    full dims: the full-depth `LLMDims` when an `arch:` model was built with fewer layers, else None.
+    full dims: the full-depth `LLMDims` when an `arch:` model was built with fewer layers, else None. Models with
+    random weights carry `IdWordTokenizer` for text-reading methods (`model._bench_tokenizer`); checkpoints
+    generate without EOS (every call produces `new_tokens`).
     """
-    from .arch import build_arch, full_dims, parse_arch_id
+    from vtprune.loading.arch import full_dims
 
-    dtype = getattr(torch, cfg.dtype)
-    name = parse_arch_id(cfg.model)
-    if name is not None:
-        model = build_arch(name, cfg.layers, dtype=dtype, device=cfg.device, attn=cfg.attn, seed=cfg.seed)
+    loaded = load(cfg.model, device=cfg.device, dtype=getattr(torch, cfg.dtype), layers=cfg.layers, attn=cfg.attn,
+                  seed=cfg.seed)  # fmt: skip
+    model = loaded.model
+    if loaded.synthetic:
         model._bench_tokenizer = IdWordTokenizer()
-        dims = full_dims(name)
-        return model, (dims if dims.num_layers != model.config.text_config.num_hidden_layers else None)
-    if cfg.model.startswith("tiny:"):
-        from vtprune import testing
-
-        kind = cfg.model[5:]
-        kw = {"attn": cfg.attn, "layers": cfg.layers or 4, "seed": cfg.seed}
-        if kind == "llava":
-            model = testing.tiny_llava(**kw)
-        elif kind == "llava-next":
-            model = testing.tiny_llava_next(**kw)
-        elif kind in ("qwen2.5-vl", "qwen"):
-            model = testing.tiny_qwen2_5_vl(**kw)
-        else:
-            raise VtpruneError(f"unknown tiny model {kind!r}; choose one of {TINY_MODELS}")
-        model._bench_tokenizer = IdWordTokenizer()
-        return model.to(device=cfg.device, dtype=dtype), None
-    from vtprune.testbed import resolve_model
-
-    model, _ = resolve_model(cfg.model, dtype=dtype, device=cfg.device)
-    model.set_attn_implementation(cfg.attn)
-    model.generation_config.eos_token_id = None
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = 0
-    return model.eval(), None
+    else:
+        model.set_attn_implementation(cfg.attn)
+        model.generation_config.eos_token_id = None
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = 0
+    if loaded.arch is None:
+        return model.eval(), None
+    dims = full_dims(loaded.arch)
+    return model, (dims if dims.num_layers != model.config.text_config.num_hidden_layers else None)
 
 
 def _text_id_limit(config) -> int:
@@ -119,44 +107,21 @@ def _text_id_limit(config) -> int:
 
 
 def make_inputs(model, cfg: BenchConfig) -> dict:
-    """Random ids (`text_tokens` text tokens around one image per sample) and random pixel values."""
-    from vtprune import testing
-
-    config = model.config
+    """Random ids (`text_tokens` text tokens around one image per sample) and random pixel values (the adapter's
+    `synthetic_inputs`), on the model's device."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    high = _text_id_limit(config)
+    high = _text_id_limit(model.config)
     n_pre = cfg.text_tokens // 2
     prompts = []
     for _ in range(cfg.batch):
         ids = torch.randint(3, high, (cfg.text_tokens,), generator=gen).tolist()
         prompts.append((ids[:n_pre], ids[n_pre:]))
-    kind = config.model_type
-    if kind == "llava":
-        inputs = testing.llava_inputs(model, prompts, seed=cfg.seed)
-    elif kind == "llava_next":
-        w, h = cfg.image_size or (2 * config.vision_config.image_size,) * 2
-        inputs = testing.llava_next_inputs(model, prompts, [(h, w)] * cfg.batch, seed=cfg.seed)
-    elif kind in ("qwen2_5_vl", "qwen3_vl"):  # 576 tokens by default: 24×24 merged patches of 28 / 32 px
-        side = 24 * 2 * int(config.vision_config.patch_size)
-        w, h = cfg.image_size or (side, side)
-        inputs = testing.qwen_inputs(model, prompts, [(h, w)] * cfg.batch, seed=cfg.seed)
-    elif kind == "llava_onevision":  # one AnyRes image (default: one tile's size: base + 1 tile + newlines)
-        w, h = cfg.image_size or (config.vision_config.image_size,) * 2
-        inputs = testing.llava_onevision_inputs(model, prompts, [[(h, w)]] * cfg.batch, seed=cfg.seed)
-    elif kind == "gemma3":  # one image: mm_tokens_per_image (256) soft tokens
-        inputs = testing.gemma3_inputs(model, prompts, [1] * cfg.batch, seed=cfg.seed)
-    elif kind == "internvl":  # one tile (no thumbnail): image_seq_length (256) tokens
-        inputs = testing.internvl_inputs(model, prompts, [1] * cfg.batch, seed=cfg.seed)
-    else:
-        raise VtpruneError(f"vtprune bench does not know how to build inputs for model_type {kind!r}")
-    out = {}
-    for k, v in inputs.items():
-        if torch.is_tensor(v):
-            v = v.to(cfg.device)
-            if v.is_floating_point():
-                v = v.to(model.dtype)
-        out[k] = v
-    return out
+    try:
+        adapter = adapter_for(model)
+        inputs = adapter.synthetic_inputs(prompts, cfg.image_size, seed=cfg.seed)
+    except UnsupportedInputError as err:
+        raise VtpruneError(f"vtprune bench cannot build inputs for {type(model).__name__}: {err}") from None
+    return to_model(inputs, model)
 
 
 # --- timing hooks -----------------------------------------------------------------------------------------
@@ -178,7 +143,7 @@ class _PhaseTimer:
 
     def __init__(self, model, device: torch.device):
         self.model, self.device = model, device
-        self.lm = model.model.language_model
+        self.lm = adapter_for(model).language_model
         self.reset()
 
     def reset(self) -> None:
@@ -222,43 +187,6 @@ class _PhaseTimer:
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
-
-
-class _SelectTimer:
-    """Wraps `session.method.select` on the instance; sums the time of every call of one run."""
-
-    def __init__(self, model, device: torch.device):
-        self.device = device
-        self.session = session_of(model)
-        self.ms = 0.0
-        self.calls = 0
-        self._events: list = []
-        if self.session is not None:
-            method = self.session.method
-            original = method.select
-
-            def timed(*args, **kwargs):
-                if device.type == "cuda":
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    out = original(*args, **kwargs)
-                    end.record()
-                    self._events.append((start, end))
-                else:
-                    t0 = time.perf_counter()
-                    out = original(*args, **kwargs)
-                    self.ms += (time.perf_counter() - t0) * 1e3
-                self.calls += 1
-                return out
-
-            method.select = timed
-
-    def total_ms(self) -> float:
-        if self._events:
-            _sync(self.device)
-            self.ms += sum(s.elapsed_time(e) for s, e in self._events)
-            self._events.clear()
-        return self.ms
 
 
 # --- analytic ------------------------------------------------------------------------------------------
@@ -429,7 +357,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True, built: tuple | None = Non
                 case.row = _analytic_row(case, cfg, rec, sess, dims, full, _cache_bytes(hf.output_cache(out)))
                 case.row["layer_lengths"] = layer_lengths(rec)
                 if cfg.stock:
-                    lm = model.model.language_model
+                    lm = adapter_for(model).language_model
                     case.stock = StockEquivalent(lm, case.row["layer_lengths"], cfg.batch, pool=stock_inputs)
                 del out
             except VtpruneError as err:
@@ -444,7 +372,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True, built: tuple | None = Non
         def make_fn(case: _Case) -> Callable[[], None]:
             def fn() -> None:
                 _apply(model, case, cfg)
-                sel = _SelectTimer(model, device)
                 try:
                     if device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(device)
@@ -461,7 +388,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True, built: tuple | None = Non
                     s.setdefault("forward_prefill_ms", []).append(sum(timer.forward_prefill))
                     if timer.decode:
                         s.setdefault("decode_ms_per_token", []).append(statistics.median(timer.decode))
-                    s.setdefault("selection_ms", []).append(sel.total_ms())
+                    sess = session_of(model)  # None for the stock model
+                    rec = sess.last if sess is not None else None
+                    s.setdefault("selection_ms", []).append(rec.selection_ms if rec is not None else 0.0)
                     if device.type == "cuda":
                         s.setdefault("peak_mem_bytes", []).append(float(torch.cuda.max_memory_allocated(device)))
                 finally:

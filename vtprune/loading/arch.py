@@ -24,7 +24,7 @@ from importlib import resources
 import torch
 from torch import nn
 
-from .flops import LLMDims
+from ..measurement.flops import LLMDims
 
 __all__ = ["ARCH_NAMES", "arch_config", "build_arch", "full_dims", "parse_arch_id"]
 
