@@ -106,6 +106,8 @@ class RunRecord:
     dims: LLMDims
     bytes_per_elem: int
     sequence_index: torch.Tensor | None = None
+    #: Run-level facts the method reports (`method.record_info()`, e.g. DCP-Prune's τ_κ and its source), or None.
+    method_info: dict | None = None
     #: every `method.select` call of the prefill, in call order (none when nothing was pruned)
     selections: list[SelectCall] = field(default_factory=list)
 
@@ -113,8 +115,6 @@ class RunRecord:
     def selection_ms(self) -> float:
         """Total time of the method's `select` calls in this prefill (ms)."""
         return sum(c.ms for c in self.selections)
-    #: Run-level facts the method reports (`method.record_info()`, e.g. DCP-Prune's τ_κ and its source), or None.
-    method_info: dict | None = None
 
     @property
     def flops(self) -> dict[str, float]:
