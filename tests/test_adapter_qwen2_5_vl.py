@@ -11,7 +11,7 @@ from families import SignalProbe
 from oracles import generate_logits
 
 import vtprune
-from vtprune.engine import hf_compat as hf
+from vtprune import hf_compat as hf
 from vtprune.errors import UnsupportedInputError
 from vtprune.testing import QWEN_VIDEO_TOKEN_ID, qwen_inputs, qwen_video_inputs, tiny_qwen2_5_vl
 

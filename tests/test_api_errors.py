@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
 
 import vtprune
-from vtprune.engine import hf_compat as hf
+from vtprune import hf_compat as hf
 from vtprune.testing import llava_inputs
 
 

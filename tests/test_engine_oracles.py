@@ -8,7 +8,7 @@ import torch
 from oracles import generate_logits, masked_reference_logits
 
 import vtprune
-from vtprune.engine import hf_compat as hf
+from vtprune import hf_compat as hf
 from vtprune.methods import KeepPlan, PruningMethod, Stage
 from vtprune.methods.pool import pool_grid, pooled_shape
 

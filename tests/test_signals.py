@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.engine import hf_compat as hf
+from vtprune import hf_compat as hf
 from vtprune.engine import signals as sig
 from vtprune.errors import VtpruneError
 from vtprune.methods import KeepPlan, PruningMethod, Stage

@@ -14,7 +14,7 @@ from test_rcp_inference import _plugins, _save
 from transformers import StaticCache
 
 import vtprune
-from vtprune.engine import hf_compat as hf
+from vtprune import hf_compat as hf
 
 PRE_LLM = ("random", "pool", "divprune", "visionzip")
 IN_LLM = ("fastv", "pdrop", "sparsevlm", "vitcop")

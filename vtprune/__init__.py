@@ -25,11 +25,13 @@ _LAZY = {
     "remove": "api",
     "session_of": "api",
     "Budget": "budget",
-    "KeepPlan": "methods",
-    "MethodConfig": "methods",
-    "PruningMethod": "methods",
-    "Stage": "methods",
-    "register": "methods",
+    "ImageTokens": "contract",
+    "KeepPlan": "contract",
+    "MethodConfig": "contract",
+    "PruningMethod": "contract",
+    "Stage": "contract",
+    "method_names": "registry",
+    "register": "registry",
     "supported_model_classes": "models",
     "PruningEvent": "record",
     "RunRecord": "record",
@@ -39,6 +41,7 @@ _LAZY = {
 __all__ = [
     "Budget",
     "BudgetError",
+    "ImageTokens",
     "KeepPlan",
     "MethodConfig",
     "PruningEvent",
@@ -52,6 +55,7 @@ __all__ = [
     "VtpruneError",
     "apply",
     "last_run",
+    "method_names",
     "methods",
     "pruned",
     "register",
@@ -61,28 +65,48 @@ __all__ = [
 ]
 
 
-def _methods() -> list[str]:
-    """Names of the registered pruning methods."""
-    from .api import methods as registered
+class _MethodsAttribute:
+    """`vtprune.methods`: call it for the registered method names (`vtprune.methods()`, as
+    `vtprune.method_names()`), or use it as the subpackage `vtprune.methods` (`vtprune.methods.downsample`,
+    `vtprune.methods.PruningMethod`): attribute access goes to the subpackage, imported on first use."""
 
-    return registered()
+    __name__ = "methods"
+    __qualname__ = "methods"
+
+    def __call__(self) -> list[str]:
+        """Names of the registered pruning methods."""
+        from .registry import method_names
+
+        return method_names()
+
+    def __getattr__(self, name: str):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.methods"), name)
+
+    def __dir__(self) -> list[str]:
+        import importlib
+
+        return dir(importlib.import_module(f"{__name__}.methods"))
+
+    def __repr__(self) -> str:
+        return "<vtprune.methods: call for the registered method names; attributes are the subpackage's>"
 
 
-_methods.__name__ = _methods.__qualname__ = "methods"
+_methods = _MethodsAttribute()
 
 
 class _Package(LazyPackage):
-    """`vtprune.methods` is the function `vtprune.methods()` (as before the lazy imports), although the
-    subpackage `vtprune.methods` has the same name: importing the subpackage (which the import system
-    records as an attribute of its parent) must not replace the function. The subpackage stays reachable
-    as `sys.modules["vtprune.methods"]` and through `from vtprune.methods import ...`."""
+    """`vtprune.methods` is both the function `vtprune.methods()` and the subpackage's namespace (see
+    `_MethodsAttribute`): the import system setting the subpackage as an attribute of its parent must not
+    replace it."""
 
     @property
     def methods(self):
         return _methods
 
     @methods.setter
-    def methods(self, value) -> None:  # the import system setting the subpackage: keep the function
+    def methods(self, value) -> None:  # the import system setting the subpackage: keep the proxy
         pass
 
 

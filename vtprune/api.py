@@ -8,11 +8,12 @@ from contextlib import contextmanager
 from torch import nn
 
 from .budget import Budget
+from .contract.method import MethodConfig, PruningMethod
 from .engine.session import PruningSession
 from .errors import VtpruneError
-from .methods import MethodConfig, PruningMethod, build_method, method_names
 from .models import adapter_for
 from .record import RunRecord
+from .registry import build_method, method_names
 
 _ATTR = "_vtprune"
 

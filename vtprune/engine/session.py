@@ -32,15 +32,15 @@ from functools import partial
 import torch
 from torch import nn
 
+from .. import hf_compat as hf
 from ..budget import Budget, image_budgets
+from ..contract.method import ImageTokens, KeepPlan, PruningMethod, Stage
 from ..errors import UnsupportedInputError, VtpruneError
 from ..measurement.flops import LLMDims
-from ..methods.base import ImageTokens, KeepPlan, PruningMethod, Stage
 from ..models.base import ModelAdapter
 from ..record import PruningEvent, RunRecord, SampleRecord, SelectCall
 from ..text import question_nouns, strip_generation_header
 from . import guards
-from . import hf_compat as hf
 from . import signals as sig
 from .sequence import (
     compact_rows,

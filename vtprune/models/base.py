@@ -2,7 +2,7 @@
 
 The engine is written once against this interface and the transformers 5.x contracts (decoder-layer
 call signature, `create_causal_mask(layer_idx=)`, `DynamicCache` layers, `mm_encoder_outputs`), reached through
-`vtprune.engine.hf_compat` wherever they differ between transformers releases.
+`vtprune.hf_compat` wherever they differ between transformers releases.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..engine import hf_compat as hf
+from .. import hf_compat as hf
 from ..errors import UnsupportedInputError
 
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..engine import hf_compat as hf
+from .. import hf_compat as hf
 from ..errors import UnsupportedInputError
 from .base import ModelAdapter, apply_rope
 

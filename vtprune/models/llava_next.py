@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine import hf_compat as hf
-from ..engine.signals import VIEW_SIGNALS
+from .. import hf_compat as hf
+from ..contract.signals import VIEW_SIGNALS
 from ..errors import UnsupportedInputError
 from .llava import LlavaAdapter
 

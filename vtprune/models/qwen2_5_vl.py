@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from ..engine import hf_compat as hf
+from .. import hf_compat as hf
 from ..errors import UnsupportedInputError
 from .base import ModelAdapter, RotarySpec
 

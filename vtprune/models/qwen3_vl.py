@@ -33,7 +33,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from ..engine import hf_compat as hf
+from .. import hf_compat as hf
 from ..errors import UnsupportedInputError
 from .base import RotarySpec, apply_rope
 from .qwen2_5_vl import Qwen2_5_VLAdapter, _Entry, _grid_of

@@ -33,7 +33,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..engine import hf_compat as hf
+from .. import hf_compat as hf
 from .. import models
 from ..errors import UnsupportedInputError, UnsupportedModelError
 from ..models import adapter_for

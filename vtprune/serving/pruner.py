@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..budget import Budget
+from ..contract.method import ImageTokens, KeepPlan, PruningMethod
 from ..engine import signals as sig
 from ..errors import BudgetError, UnsupportedInputError, VtpruneError
-from ..methods import build_method, method_class
-from ..methods.base import ImageTokens, KeepPlan, PruningMethod
+from ..registry import build_method, method_class
 
 #: The keys accepted in the `vtprune` section of the model config (`hf_overrides={"vtprune": {...}}`).
 CONFIG_KEYS = ("method", "budget", "options", "record")
