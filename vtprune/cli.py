@@ -260,7 +260,7 @@ def check_model(model: str) -> None:
         from vtprune.testbed.builtin import builtin_names
 
         if model[len("builtin:") :] not in builtin_names():
-            raise UsageError(f"model not found: {model} (built-in models: {', '.join(builtin_names()) or 'none'})")
+            raise UsageError(missing_builtin(model[len("builtin:") :]))
         return
     p = Path(model)
     if not p.is_dir():
@@ -270,6 +270,23 @@ def check_model(model: str) -> None:
         )
     if not (p / "config.json").is_file():
         raise UsageError(f"model directory has no config.json: {model}")
+
+
+def missing_builtin(name: str) -> str:
+    """One line for a `builtin:NAME` that is not shipped: the built-in models that exist and, for the default
+    model (`vtprune.shipped.DEFAULT_BUILTIN`), the commands that create it."""
+    from vtprune.shipped import DEFAULT_BUILTIN, DEFAULT_BUILTIN_RECIPE, builtin_names
+
+    have = ", ".join(builtin_names()) or "none"
+    how = f"; create it with: {DEFAULT_BUILTIN_RECIPE}" if name == DEFAULT_BUILTIN else ""
+    return f"model not found: builtin:{name} (built-in models: {have}{how})"
+
+
+def default_model() -> str:
+    """`builtin:` + the default built-in model (`vtprune.shipped.DEFAULT_BUILTIN`)."""
+    from vtprune.shipped import BUILTIN_PREFIX, DEFAULT_BUILTIN
+
+    return BUILTIN_PREFIX + DEFAULT_BUILTIN
 
 
 def print_result(text: str) -> None:
@@ -311,21 +328,30 @@ def _methods(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from vtprune.demo import run_demo
 
-    return run_demo(quick=args.quick, out=args.out, n_per_type=args.n, fmt=args.format)
+    if args.model is not None:
+        check_model(args.model)
+    return run_demo(quick=args.quick, out=args.out, n_per_type=args.n, fmt=args.format, model=args.model,
+                    jobs=args.jobs)  # fmt: skip
 
 
-def _load_samples_checked(args: argparse.Namespace):
-    from vtprune.eval.shapes import load_samples
+def _read_data_checked(args: argparse.Namespace):
+    """--data (an exported JSONL), read and checked before any model is loaded -> (samples, image root); None
+    without --data."""
+    from vtprune.eval.shapes import read_samples
 
+    if args.data is None:
+        return None
+    if args.test_seeds is not None or args.seed is not None:
+        raise UsageError("give either --data or --seed / --test-seeds (questions generated from seeds), not both")
     check_path(args.data, "data file", "file")
     try:
-        samples, root = load_samples(args.n, args.seed, args.data)
+        samples, root = read_samples(args.data, args.n)
     except VtpruneError:
         raise
     except ValueError as err:  # a line that is not JSON (the reader names the line where it can)
         raise UsageError(f"cannot read {args.data}: {one_line(err)} (expected one JSON object per line)") from None
     if not samples:
-        raise UsageError(f"no questions to score in {args.data or 'the generated set'} (an empty input is refused)")
+        raise UsageError(f"no questions to score in {args.data} (an empty input is refused)")
     need = ("image", "question", "answer", "type")
     for i, s in enumerate(samples, 1):
         missing = [k for k in need if not isinstance(s, dict) or k not in s]
@@ -334,20 +360,43 @@ def _load_samples_checked(args: argparse.Namespace):
     return samples, root
 
 
+def _load_samples_checked(args: argparse.Namespace, benchmark: str, data=None):
+    """The questions of `eval` / `compare` for a model of `benchmark` (`vtprune.eval.benchmark.benchmark_of`):
+    `data` (from `_read_data_checked`), else generated: v3, the test split at --test-seeds; v2, the held-out
+    --seed. The other benchmark's seed option is refused in one line."""
+    from vtprune.eval.benchmark import V3, parse_seeds
+    from vtprune.eval.shapes import load_benchmark_samples
+
+    if data is not None:
+        return data
+    seeds = None
+    if benchmark == V3:
+        if args.seed is not None:
+            raise UsageError(f"--seed is the v2 held-out seed; {args.model} is a shapes-v3 model: use --test-seeds "
+                             "(held-out test split seeds, default 30000,30001,30002)")
+        seeds = parse_seeds(args.test_seeds) if args.test_seeds is not None else None
+    elif args.test_seeds is not None:
+        raise UsageError(f"--test-seeds applies to shapes-v3 models; {args.model} answers the v2 benchmark "
+                         "(use --seed, default 10002)")
+    return load_benchmark_samples(benchmark, args.n, args.seed, None, seeds)
+
+
 def _eval(args: argparse.Namespace) -> int:
-    check_model(args.model)
     check_methods([args.method])
     options = options_by_method(_parse_options(args.option), [args.method])[args.method]
     import torch
 
+    from vtprune.eval.benchmark import benchmark_of, per_seed_accuracy, seed_spread
     from vtprune.eval.compare import time_prefill
     from vtprune.eval.intervals import wilson
     from vtprune.eval.report import eval_table
     from vtprune.eval.shapes import load_model, run_eval
 
+    data = _read_data_checked(args)
+    check_model(args.model)
     torch.set_num_threads(args.threads)
-    samples, root = _load_samples_checked(args)
     model, processor = load_model(args.model, device=args.device)
+    samples, root = _load_samples_checked(args, benchmark_of(processor), data)
     result = run_eval(
         model,
         processor,
@@ -364,12 +413,19 @@ def _eval(args: argparse.Namespace) -> int:
     k = sum(bool(r["correct"]) for r in result["records"])
     result["correct"] = k
     result["accuracy_ci95"] = list(wilson(k, result["n"]))
+    result["per_seed"] = per_seed_accuracy([bool(r["correct"]) for r in result["records"]], samples)
+    result["seed_mean"], result["seed_sd"] = seed_spread(result["per_seed"])
     cell = {"method": args.method, "budget": args.budget, "options": options}
     timing = time_prefill(model, processor, samples, [cell], rounds=args.rounds, batch_size=args.batch,
                           image_root=root, budget_mode=args.budget_mode, positions=args.positions)  # fmt: skip
     result["prefill_ms_per_sample"] = timing[0]
     title = f"{args.model}: {_label(args.method, args.budget)}, {result['n']} questions"
-    print_result(eval_table([result], title=title).render(args.format))
+    table = eval_table([result], title=title)
+    if result["per_seed"]:
+        table.footer.append("per held-out test seed: " + ", ".join(f"{seed} {100 * a:.1f} %" for seed, a in
+                            result["per_seed"].items()) + (f" (mean {100 * result['seed_mean']:.1f}, sd "
+                            f"{100 * result['seed_sd']:.1f} points)" if result["seed_sd"] is not None else ""))
+    print_result(table.render(args.format))
     if args.json:
         write_json(args.json, {"model": args.model, **result})
     return 0
@@ -382,19 +438,29 @@ def _label(method: str, budget) -> str:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    check_model(args.model)
     methods = args.methods
     if methods is not None:
         check_methods(methods)
+    from vtprune.eval.benchmark import V3, benchmark_of
     from vtprune.eval.compare import default_methods, run_compare_report
     from vtprune.eval.shapes import load_model
 
     options = options_by_method(_parse_options(args.option), methods or default_methods())
     import torch
 
+    data = _read_data_checked(args)
+    check_model(args.model)
     torch.set_num_threads(args.threads)
-    samples, root = _load_samples_checked(args)
     model, processor = load_model(args.model, device=args.device)
+    benchmark = benchmark_of(processor)
+    samples, root = _load_samples_checked(args, benchmark, data)
+    if args.jobs > 1 and (args.device != "cpu" or root is not None):
+        raise UsageError("--jobs > 1 runs cells in CPU worker processes on generated questions: drop --jobs, "
+                         "or --device / --data")
+    seeds = sorted({s["split"] for s in samples if isinstance(s, dict) and s.get("split")})
+    meta = {"model": args.model, "benchmark": benchmark, "command": "vtprune " + " ".join(sys.argv[1:]),
+            "test_seeds": [int(t.split(":")[1]) for t in seeds] if benchmark == V3 and args.data is None else [],
+            "n_per_type": _n_per_type(samples), "batch": args.batch, "rounds": args.rounds}  # fmt: skip
     report = run_compare_report(
         model,
         processor,
@@ -403,17 +469,28 @@ def _compare(args: argparse.Namespace) -> int:
         args.budgets,
         args.out,
         "compare",
-        f"{args.model} on the shapes benchmark",
+        f"{args.model} on the {benchmark} benchmark",
         batch_size=args.batch,
         image_root=root,
         options=options,
         rounds=args.rounds,
         fmt=args.format,
+        jobs=args.jobs,
+        model_source=args.model,
+        meta=meta,
     )
     if report.failed:
         raise PartialResults(f"{len(report.failed)} of {report.asked} cells did not run ({', '.join(report.failed)}); "
                              f"the others are in {report.json_path}")  # fmt: skip
     return 0
+
+
+def _n_per_type(samples: list[dict]) -> int | None:
+    """Questions per type (and seed, for v3 test samples) when every group has the same count, else None."""
+    from collections import Counter
+
+    counts = set(Counter((s.get("split"), s.get("type")) for s in samples).values())
+    return counts.pop() if len(counts) == 1 else None
 
 
 def _load_for_run(args: argparse.Namespace):
@@ -633,12 +710,17 @@ def _add_one_image_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
-    p.add_argument("--benchmark", default="shapes", choices=["shapes"], help="benchmark (built-in: shapes)")
+    p.add_argument("--model", default=default_model(),
+                   help=f"builtin:NAME or a model directory (default {default_model()}, the v3 model)")
+    p.add_argument("--benchmark", default="shapes", choices=["shapes"],
+                   help="benchmark (built-in: shapes; v2 or v3 questions follow the model's vocabulary)")
     p.add_argument("--data", default=None, help="exported JSONL (default: the generated held-out set)")
     p.add_argument("--n", type=positive_int, default=None,
-                   help="questions per type (generated set, default 50) or in total (JSONL)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=10_002, help="seed of the generated held-out set")
+                   help="questions per type: v3 per type and test seed (default 20: the full compare table in "
+                        "about 40 min on one core), v2 (default 50); with --data: in total")  # fmt: skip
+    p.add_argument("--test-seeds", default=None,
+                   help="v3 models: held-out test split seeds, comma-separated (default 30000,30001,30002)")
+    p.add_argument("--seed", type=int, default=None, help="v2 models: seed of the generated held-out set (10002)")
     p.add_argument("--batch", type=positive_int, default=16, help="batch size")
     p.add_argument("--rounds", type=positive_int, default=3,
                    help="timing: interleaved prefill rounds per cell on one batch (min and median per sample)")
@@ -659,7 +741,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="prune a model with several methods and budgets; print the table")
     d.add_argument("--quick", action="store_true", help="fewer budgets and questions")
     d.add_argument("--out", default=f"{OUT_ROOT}/demo", help="folder for the table (JSON) and the plots")
-    d.add_argument("--n", type=positive_int, default=20, help="questions per type")
+    d.add_argument("--model", default=None,
+                   help=f"builtin:NAME or a model directory (default {default_model()}; when it is not installed, "
+                        "builtin:shapes-llava, else a random model)")
+    d.add_argument("--n", type=positive_int, default=None, help="questions per type (default: v3 10, v2 20)")
+    d.add_argument("--jobs", type=positive_int, default=1,
+                   help="worker processes for the cells (v3 model; 2 helps only on an otherwise idle machine)")
     add_format(d)
     d.set_defaults(func=_demo)
     e = sub.add_parser("eval", help="accuracy of one method and budget on the built-in benchmark")
@@ -674,7 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--methods", type=names_arg, default=None, help="comma-separated (default: every registered method)")
     c.add_argument("--budgets", type=budgets_arg, default=[576, 192, 128, 64, 32, 16], help="comma-separated")
-    c.add_argument("--out", default=f"{OUT_ROOT}/compare", help="folder for compare.json and compare.png")
+    c.add_argument("--out", default=f"{OUT_ROOT}/compare",
+                   help="folder for compare.json / .png / .md / -meta.json / -validity.json")
+    c.add_argument("--jobs", type=positive_int, default=1,
+                   help="run the cells in this many processes (one thread each; timing rounds after, in one)")
     c.set_defaults(func=_compare)
     r = sub.add_parser("run", help="one image + prompt through a pruned model: answer, tokens, FLOPs, timing")
     _add_one_image_args(r)

@@ -1,9 +1,13 @@
 """`vtprune demo`: what pruning buys and costs, offline, in a few minutes on 2 CPU cores.
 
-With the shipped `builtin:shapes-llava` model: a short `compare` on the built-in benchmark (accuracy per
-method and budget, tokens, FLOPs, prefill time), printed as a table and drawn as a plot.
-Without it (a checkout that has no trained checkpoint yet): the same table on a random
-LLaVA-1.5-geometry model, where next-token agreement with the unpruned model stands in for accuracy.
+With the default built-in model (`vtprune.shipped.DEFAULT_BUILTIN`, the v3 model with a 32-layer decoder): a
+short `compare` on held-out test questions with in-LLM (FastV, PDrop, ViTCoP) and pre-LLM (DivPrune,
+VisionZip, pooling) methods side by side at 192 and 64 tokens (accuracy with its 95 % interval, tokens, FLOPs,
+prefill time), printed as a table and drawn as a plot, plus one image with the kept tokens of four methods.
+When that model is not installed: the same on the v2 model `builtin:shapes-llava` (pre-LLM methods only: its
+3-layer decoder leaves the in-LLM methods no feasible budget), after one line saying how to create the v3 one;
+without any built-in model, a random LLaVA-1.5-geometry model, where next-token agreement with the unpruned
+model stands in for accuracy.
 """
 
 from __future__ import annotations
@@ -24,44 +28,78 @@ CASES = [
 QUICK = 4
 
 
-# Pre-LLM methods only: the built-in decoder has 3 layers, where in-LLM methods (FastV, PDrop, SparseVLM,
+# v2 model: pre-LLM methods only: its decoder has 3 layers, where in-LLM methods (FastV, PDrop, SparseVLM,
 # ViTCoP) cannot reach a layer-averaged budget of 192 or less (docs/testbed.md, the compare table).
 DEMO_METHODS = ("random", "pool", "divprune", "visionzip", "vispruner", "resprune", "dcp_prune")
+# v3 model (32 layers, LLaVA-1.5-7B's depth): in-LLM and pre-LLM methods side by side, every one feasible at
+# 192 and 64 (FastV / PDrop cannot reach 32 or 16: compare shows why).
+DEMO_V3_METHODS = ("fastv", "pdrop", "vitcop", "divprune", "visionzip", "pool")
+DEMO_V3_BUDGETS = (192, 64)
+# the picture: two pre-LLM and two in-LLM methods at 64 tokens
+SHOW_V3 = ("pool", "divprune", "fastv", "vitcop")
 
 
-def run_demo(
-    quick: bool = False, out: str | Path = "vtprune-out/demo", n_per_type: int = 20, fmt: str = "table"
-) -> int:
-    """The demo: exit status 0 when every cell ran, 1 when some could not (results written, failures listed)."""
-    from vtprune.testbed import builtin_names
+def run_demo(quick: bool = False, out: str | Path = "vtprune-out/demo", n_per_type: int | None = None,
+             fmt: str = "table", model: str | None = None, jobs: int = 1) -> int:
+    """The demo: exit status 0 when every cell ran, 1 when some could not (results written, failures listed).
+    `model`: builtin:NAME or a directory (default: the default built-in model, see the module docstring)."""
+    from vtprune.shipped import BUILTIN_PREFIX, DEFAULT_BUILTIN, builtin_names
 
-    if "shapes-llava" in builtin_names():
-        return run_builtin_demo(quick, out, n_per_type, fmt)
-    return run_random_demo(quick, out, fmt)
+    if model is None:
+        if DEFAULT_BUILTIN in builtin_names():
+            model = BUILTIN_PREFIX + DEFAULT_BUILTIN
+        else:
+            from vtprune.cli import missing_builtin
+
+            fallback = "builtin:shapes-llava" if "shapes-llava" in builtin_names() else "a random model"
+            print(f"vtprune demo: {missing_builtin(DEFAULT_BUILTIN)}; running on {fallback}", file=sys.stderr)
+            if fallback != "builtin:shapes-llava":
+                return run_random_demo(quick, out, fmt)
+            model = fallback
+    return run_builtin_demo(quick, out, n_per_type, fmt, model=model, jobs=jobs)
 
 
-def run_builtin_demo(quick: bool, out: str | Path, n_per_type: int, fmt: str = "table") -> int:
-    """Short comparison on the shipped model: a few methods × budgets (192, 64, 16) on held-out questions, and
-    one image with the kept tokens of four methods (`show.png`, question, expected and given answers)."""
+def run_builtin_demo(quick: bool, out: str | Path, n_per_type: int | None = None, fmt: str = "table",
+                     model: str = "builtin:shapes-llava", jobs: int = 1) -> int:
+    """Short comparison on a built-in (or saved testbed) model: v3, in-LLM and pre-LLM methods at 192 / 64
+    (quick: 64) on test seed 30000 (cells in `jobs` processes; two timing rounds on a batch of 8); v2, pre-LLM
+    methods at 192 / 64 / 16 on the held-out set. Then one image with the kept tokens of four methods at 64 (`show.png`,
+    question, expected and given answers)."""
     import torch
 
     import vtprune
+    from vtprune.eval.benchmark import V3, V3_DEMO_N_PER_TYPE, benchmark_of, heldout_seeds
     from vtprune.eval.compare import run_compare_report
-    from vtprune.eval.shapes import load_model, load_samples
+    from vtprune.eval.shapes import load_benchmark_samples, load_model
 
     torch.set_num_threads(1)
-    model, processor = load_model("builtin:shapes-llava")
-    samples, _ = load_samples(max(1, n_per_type // 2) if quick else n_per_type)
-    methods = [m for m in DEMO_METHODS if m in vtprune.methods()]
-    budgets = (64,) if quick else (192, 64, 16)
-    report = run_compare_report(model, processor, samples, methods, budgets, out, "demo", "builtin:shapes-llava, CPU",
-                                rounds=2 if quick else 3, fmt=fmt)  # fmt: skip
+    m, processor = load_model(model)
+    benchmark = benchmark_of(processor)
+    if benchmark == V3:
+        n = n_per_type or V3_DEMO_N_PER_TYPE
+        samples, _ = load_benchmark_samples(V3, max(1, n // 2) if quick else n, test_seeds=heldout_seeds()[:1])
+        methods = [x for x in DEMO_V3_METHODS if x in vtprune.methods()]
+        budgets = (64,) if quick else DEMO_V3_BUDGETS
+        shown = [x for x in SHOW_V3 if x in methods]
+        meta = {"model": model, "benchmark": V3, "test_seeds": list(heldout_seeds()[:1]), "command": "vtprune demo"}
+        rounds, batch = 2, 8  # timing rounds on a batch of 8: a third of the demo's time with 3 rounds of 16
+    else:
+        n = n_per_type or 20
+        samples, _ = load_benchmark_samples(benchmark, max(1, n // 2) if quick else n)
+        methods = [x for x in DEMO_METHODS if x in vtprune.methods()]
+        budgets = (64,) if quick else (192, 64, 16)
+        shown = [x for x in ("pool", "divprune", "visionzip", "vispruner") if x in methods]
+        meta, jobs = {"model": model, "benchmark": benchmark, "command": "vtprune demo"}, 1
+        rounds, batch = (2 if quick else 3), 16
+    report = run_compare_report(m, processor, samples, methods, budgets, out, "demo", f"{model}, CPU",
+                                batch_size=batch, rounds=rounds, fmt=fmt, jobs=jobs, model_source=model,
+                                meta=meta)  # fmt: skip
     from vtprune.runner import wrap
     from vtprune.show import show
 
-    s, shown = samples[0], [m for m in ("pool", "divprune", "visionzip", "vispruner") if m in methods]
-    pic = show(wrap(model, processor, "builtin:shapes-llava"), s["image"], s["question"], shown, 64,
-               Path(out) / "show.png", max_new_tokens=1, expected=s["answer"])  # fmt: skip
+    s = samples[0]
+    pic = show(wrap(m, processor, model), s["image"], s["question"], shown, 64, Path(out) / "show.png",
+               max_new_tokens=1, expected=s["answer"])  # fmt: skip
     print(f"kept tokens of {', '.join(shown)} at 64 on one image: {pic.path}", file=sys.stderr)
     if report.failed:
         print(f"vtprune demo: {len(report.failed)} of {report.asked} cells did not run: {', '.join(report.failed)}",

@@ -21,8 +21,10 @@ import torch
 import vtprune
 from vtprune.errors import VtpruneError
 
+from .benchmark import per_seed_accuracy, seed_spread
 from .intervals import wilson
 from .shapes import run_eval
+from .significance import add_significance, bits_of
 
 DEFAULT_BUDGETS = (576, 192, 128, 64, 32, 16)
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p", "d", "8")
@@ -57,37 +59,42 @@ def compare(
     progress=None,
     options: dict[str, dict] | None = None,
     rounds: int = 3,
+    jobs: int = 1,
+    model_source: str | None = None,
 ) -> list[dict]:
     """Rows for the full model and every (method, budget < N) (see the module docstring).
 
-    options: {method: {option: value}}. progress(i, n, what) is called before each cell.
-    Row keys: method, budget, accuracy, accuracy_ci95 [lo, hi], correct, n, per_type, retained_tokens,
-    layer_avg_tokens, flops, prefill_ms_per_sample {min, median, rounds, batch}; or `infeasible` / `error`
-    (a one-line reason) instead of the scores. Budgets >= N are not cells (see `skipped_budgets`).
+    options: {method: {option: value}}. progress(i, n, what) is called before each cell (with `jobs` > 1: as
+    cells finish). jobs > 1 runs the cells in that many worker processes, each loading `model_source` (the
+    `builtin:NAME` or directory `model` was loaded from) with one thread; the timing rounds always run here,
+    after the cells, so that no two measurements overlap.
+    Row keys: method, budget, accuracy, accuracy_ci95 [lo, hi], correct, n, correct_bits (per question "1"/"0",
+    in sample order), per_seed {seed: accuracy} / seed_mean / seed_sd (v3 test seeds), per_type,
+    retained_tokens, layer_avg_tokens, flops, prefill_ms_per_sample {min, median, rounds, batch}, and the paired
+    tests of `significance.add_significance` (p_vs_full, p_vs, tied_best); or `infeasible` / `error` (a one-line
+    reason) instead of the scores. Budgets >= N are not cells (see `skipped_budgets`).
     """
     methods = list(methods) if methods else default_methods()
     options = options or {}
+    samples = list(samples)
     n_vis = visual_tokens(model)
     cells = [("none", n_vis)] + [(m, b) for m in methods for b in budgets if not _bypassed(b, n_vis)]
-    rows = []
+    cells = [(m, b, dict(options.get(m, {}))) for m, b in cells]
     steps = len(cells) + 1 + rounds  # cells, then the timing rounds (one warm-up)
-    for i, (method, budget) in enumerate(cells):
-        if progress is not None:
-            progress(i, steps, _key(method, budget))
-        opts = dict(options.get(method, {}))
-        try:
-            row = run_eval(
-                model, processor, samples, method, budget, batch_size=batch_size, image_root=image_root, options=opts
-            )
-            records = row.pop("records")
-            row["correct"] = sum(bool(r["correct"]) for r in records)
-            row["accuracy_ci95"] = list(wilson(row["correct"], row["n"]))
-        except VtpruneError as err:  # infeasible budget, or the method cannot act on this model
-            row = {"method": method, "budget": budget, "options": opts, "infeasible": _one_line(err)}
-        except Exception as err:  # noqa: BLE001 - a failed cell must not lose the others; it is reported
-            row = {"method": method, "budget": budget, "options": opts, "error": f"{type(err).__name__}: "
-                   f"{_one_line(err)}"}  # fmt: skip
-        rows.append(row)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise VtpruneError(f"jobs must be an int >= 1, got {jobs!r}")
+    if jobs > 1 and model_source is None:
+        raise VtpruneError("compare(jobs > 1) needs model_source (the builtin:NAME or directory of the model), "
+                           "which each worker process loads")
+    if jobs > 1 and len(cells) > 1:
+        rows = _run_cells_parallel(model_source, samples, cells, jobs, batch_size, image_root, progress, steps)
+    else:
+        rows = []
+        for i, (method, budget, opts) in enumerate(cells):
+            if progress is not None:
+                progress(i, steps, _key(method, budget))
+            rows.append(run_cell(model, processor, samples, method, budget, opts, batch_size, image_root))
+    add_significance(rows)
     ran = [r for r in rows if "accuracy" in r]
 
     def on_round(r: int, total: int) -> None:
@@ -101,6 +108,74 @@ def compare(
     if progress is not None:
         progress(steps, steps, "done")
     return rows
+
+
+def run_cell(model, processor, samples: list[dict], method: str, budget, options: dict, batch_size: int = 16,
+             image_root=None) -> dict:
+    """One cell of `compare`: `run_eval`'s row without per-sample records, plus correct / accuracy_ci95 /
+    correct_bits / per_seed / seed_mean / seed_sd; or {method, budget, options, infeasible | error}."""
+    try:
+        row = run_eval(model, processor, samples, method, budget, batch_size=batch_size, image_root=image_root,
+                       options=dict(options))  # fmt: skip
+        records = row.pop("records")
+        correct = [bool(r["correct"]) for r in records]
+        row["correct"] = sum(correct)
+        row["accuracy_ci95"] = list(wilson(row["correct"], row["n"]))
+        row["correct_bits"] = bits_of(correct)
+        row["per_seed"] = per_seed_accuracy(correct, samples)
+        row["seed_mean"], row["seed_sd"] = seed_spread(row["per_seed"])
+    except VtpruneError as err:  # infeasible budget, or the method cannot act on this model
+        row = {"method": method, "budget": budget, "options": dict(options), "infeasible": _one_line(err)}
+    except Exception as err:  # noqa: BLE001 - a failed cell must not lose the others; it is reported
+        row = {"method": method, "budget": budget, "options": dict(options),
+               "error": f"{type(err).__name__}: {_one_line(err)}"}  # fmt: skip
+    return row
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(model_source: str, samples: list[dict], image_root) -> None:
+    """A `compare --jobs` worker: one thread, its own copy of the model, the samples once."""
+    torch.set_num_threads(1)
+    from .shapes import load_model
+
+    model, processor = load_model(model_source)
+    _WORKER.update(model=model, processor=processor, samples=samples, image_root=image_root)
+
+
+def _worker_cell(method: str, budget, options: dict, batch_size: int) -> dict:
+    w = _WORKER
+    return run_cell(w["model"], w["processor"], w["samples"], method, budget, options, batch_size, w["image_root"])
+
+
+def _run_cells_parallel(model_source: str, samples: list[dict], cells: list, jobs: int, batch_size: int,
+                        image_root, progress, steps: int) -> list[dict]:
+    """`run_cell` for every cell in `jobs` spawned processes; rows in cell order. The full model's cell and the
+    costliest (largest) budgets go first so that the last cells to finish are short ones."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    def cost(i: int) -> float:
+        method, budget, _ = cells[i]
+        return float("inf") if method == "none" else float(budget)
+
+    order = sorted(range(len(cells)), key=cost, reverse=True)
+    rows: list[dict | None] = [None] * len(cells)
+    done = 0
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                             initargs=(model_source, samples, image_root)) as pool:  # fmt: skip
+        futures = {pool.submit(_worker_cell, *cells[i][:2], cells[i][2], batch_size): i for i in order}
+        if progress is not None:
+            progress(0, steps, f"{len(cells)} cells in {jobs} processes")
+        for fut in as_completed(futures):
+            i = futures[fut]
+            rows[i] = fut.result()
+            done += 1
+            if progress is not None:
+                progress(done, steps, _key(*cells[i][:2]))
+    return [r for r in rows if r is not None]
 
 
 def _bypassed(budget, n_vis: int) -> bool:
@@ -331,17 +406,25 @@ def run_compare_report(
     rounds: int = 3,
     fmt: str = "table",
     console=None,
+    jobs: int = 1,
+    model_source: str | None = None,
+    meta: dict | None = None,
 ) -> CompareReport:
-    """`compare` with progress (stderr), then print the table (stdout, `fmt`) and write `OUT/NAME.json` and
-    `OUT/NAME.png` (the rows that ran, and why the others did not)."""
+    """`compare` with progress (stderr), then print the table (stdout, `fmt`) and write in `OUT/`: NAME.json (the
+    rows that ran, and why the others did not), NAME.png (the plot), NAME-meta.json (`meta` plus wall time and
+    machine), NAME.md (the budget table with intervals and significance, `v3_report.report_markdown`) and
+    NAME-validity.json (Spearman ρ against the published ranking at 64 and 128 tokens, also printed on stderr)."""
     import sys
+    import time
 
     from vtprune.progress import Progress
     from vtprune.tables import write_json
 
     from .report import compare_table
+    from .v3_report import report_markdown, validity
 
     methods = list(methods) if methods else default_methods()
+    t0 = time.perf_counter()
     with Progress() as bar:
         task = bar.add_task(name, total=None)
         rows = compare(
@@ -354,8 +437,11 @@ def run_compare_report(
             image_root=image_root,
             options=options,
             rounds=rounds,
+            jobs=jobs,
+            model_source=model_source,
             progress=lambda i, n, what: bar.update(task, completed=i, total=n, description=f"{name}: {what}"),
         )
+    wall = time.perf_counter() - t0
     skipped = skipped_budgets(budgets, model)
     n_vis = visual_tokens(model)
     table = compare_table(rows, title=f"{title}, {len(samples)} questions", skipped=skipped, n_visual=n_vis)
@@ -365,6 +451,16 @@ def run_compare_report(
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{name}.json"
     write_json(json_path, rows)
+    run_meta = {**(meta or {}), "methods": methods, "budgets_run": [b for b in budgets if b not in skipped],
+                "n_questions": len(samples), "jobs": jobs, "threads": torch.get_num_threads(),
+                "wall_s": round(wall, 1), "machine": _machine()}  # fmt: skip
+    write_json(out / f"{name}-meta.json", run_meta)
+    val = validity(rows)
+    write_json(out / f"{name}-validity.json", val)
+    for v in val:
+        print(f"validity at {v['budget']} tokens: " + (f"Spearman rho = {v['rho']:.3f} over n = {v['n']} methods "
+              f"({', '.join(v['methods'])}), published protocol {v['protocol']!r}" if "error" not in v
+              else f"not computed: {v['error']}"), file=sys.stderr)  # fmt: skip
     plot_path = None
     if any("accuracy" in r for r in rows):
         if plotting_available():
@@ -372,6 +468,27 @@ def run_compare_report(
                                      n=len(samples))  # fmt: skip
         else:
             print(f"no {name}.png: matplotlib is not installed (pip install 'vtprune[plot]')", file=sys.stderr)
-    print(f"wrote {json_path}" + (f" and {plot_path}" if plot_path else ""), file=sys.stderr)
+    if any("accuracy" in r for r in rows) and any(r["method"] == "none" and "accuracy" in r for r in rows):
+        md = report_markdown(rows, run_meta, plot_path.name if plot_path else None,
+                             budgets=run_meta["budgets_run"])  # fmt: skip
+        (out / f"{name}.md").write_text(md)
+    print(f"wrote {json_path}" + (f" and {plot_path}" if plot_path else "") + f" ({name}.md, {name}-meta.json, "
+          f"{name}-validity.json beside it)", file=sys.stderr)  # fmt: skip
     failed = [_key(r["method"], r["budget"]) for r in rows if "accuracy" not in r]
     return CompareReport(rows, json_path, plot_path, failed, len(rows))
+
+
+def _machine() -> str:
+    """CPU model and core count, for the record of a run."""
+    import os
+    import platform
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu or platform.processor() or platform.machine()}, {os.cpu_count()} cores"

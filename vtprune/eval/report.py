@@ -100,6 +100,13 @@ def compare_table(
         Col("ms_min", "ms min", fmt=ms),
         Col("ms_med", "ms med", fmt=ms),
     ]
+    seeds = any(r.get("seed_sd") is not None for r in rows)
+    paired = any("p_vs_full" in r for r in rows)
+    if seeds:
+        cols.insert(4, Col("seed_sd", "± seeds", fmt=lambda v: f"{100 * v:.1f}"))
+    if paired:
+        cols[-2:-2] = [Col("p_vs_full", "p full", fmt=lambda v: f"{v:.3f}"),
+                       Col("tied_best", "≈ best", fmt=lambda v: "yes" if v else "no")]  # fmt: skip
     table = ResultTable(title, cols)
     for r in rows:
         base = {"method": r["method"], "budget": _budget(r)}
@@ -117,6 +124,9 @@ def compare_table(
             "flops_pct": 100 * r["flops"]["exact"] / full["flops"]["exact"] if full else None,
             "ms_min": _timing(r, "min"),
             "ms_med": _timing(r, "median"),
+            "seed_sd": r.get("seed_sd"),
+            "p_vs_full": r.get("p_vs_full"),
+            "tied_best": r.get("tied_best"),
         }
         table.add(row, note=_realised_note(r))
     n = full["n"] if full else None
@@ -124,6 +134,15 @@ def compare_table(
         f"acc %: accuracy on {n} questions; 95% CI: its Wilson score interval; Δ full: accuracy minus the full "
         "model's, in points; n̄: layer-averaged visual tokens; FLOPs %: LLM prefill FLOPs (exact) of the full model's."
     )
+    if seeds:
+        per_seed = full.get("per_seed") if full else None
+        table.footer.append(f"± seeds: standard deviation of the accuracy over the {len(per_seed or {}) or 'test'} "
+                            "held-out test seeds (points).")
+    if paired:
+        from .significance import ALPHA, TEST_NAME
+
+        table.footer.append(f"p full: {TEST_NAME} against the full model; ≈ best: not significantly worse than the "
+                            f"best method at the same budget (p >= {ALPHA}, no multiple-comparison correction).")
     if footer := _timing_footer(rows):
         table.footer.append(footer)
     if skipped:

@@ -23,6 +23,21 @@ def load_samples(n: int | None = None, seed: int = HELDOUT_SEED, data: str | Pat
     return balanced_samples(seed, n or 50), None
 
 
+def load_benchmark_samples(benchmark: str, n: int | None = None, seed: int | None = None,
+                           data: str | Path | None = None, test_seeds=None) -> tuple[list[dict], Path | None]:
+    """The questions `eval` / `compare` score on `benchmark` (`benchmark.benchmark_of(processor)`): an exported
+    JSONL (`data`, `n` in total), else generated: v3, the held-out test split, `n` per type (default
+    `V3_N_PER_TYPE`) for each of `test_seeds` (default 30000 / 30001 / 30002); v2, the held-out seed `seed`
+    (default 10002), `n` per type (default 50).  -> (samples, image root or None)."""
+    from .benchmark import V2_N_PER_TYPE, V3, V3_N_PER_TYPE, v3_test_samples
+
+    if data is not None:
+        return read_samples(data, n)
+    if benchmark == V3:
+        return v3_test_samples(n or V3_N_PER_TYPE, test_seeds), None
+    return balanced_samples(HELDOUT_SEED if seed is None else seed, n or V2_N_PER_TYPE), None
+
+
 def read_samples(data: str | Path, n: int | None = None) -> tuple[list[dict], Path]:
     """An exported JSONL (`vtprune testbed export`): every row checked (strict JSON object with string id,
     image, question, answer, type; the image exists and has a readable header of bounded size), the first `n`
@@ -54,13 +69,18 @@ def run_eval(
     batch_size: int = 16,
     image_root=None,
     progress: bool = False,
+    answers: list[str] | None = None,
 ) -> dict:
-    """Evaluate `method` at `budget` on `samples`.
+    """Evaluate `method` at `budget` on `samples` (`answers`: the words the prediction is restricted to; default
+    those of the benchmark the model's processor speaks, `benchmark.benchmark_of`).
 
     -> {method, budget, accuracy, per_type, n, retained_tokens, layer_avg_tokens, flops (mean per sample,
     three conventions), prefill_ms (median LLM prefill per batch), records (per sample, with its counts)}.
     """
+    from .benchmark import answer_words, benchmark_of
+
     options = options or {}
+    answers = list(answers) if answers is not None else answer_words(benchmark_of(processor))
     per_sample: list[dict] = []
     dims = None
 
@@ -88,6 +108,7 @@ def run_eval(
                 image_root=image_root,
                 progress=progress,
                 on_batch=on_batch,
+                answers=answers,
             )
     finally:
         vtprune.remove(model)

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..shipped import ASSETS, BUILTIN_PREFIX, builtin_key, builtin_names, builtin_path
+from ..shipped import ASSETS, BUILTIN_PREFIX, DEFAULT_BUILTIN, builtin_key, builtin_names, builtin_path
 
-__all__ = ["ASSETS", "BUILTIN_PREFIX", "builtin_key", "builtin_names", "builtin_path", "load_builtin", "resolve_model"]
+__all__ = ["ASSETS", "BUILTIN_PREFIX", "DEFAULT_BUILTIN", "builtin_key", "builtin_names", "builtin_path",
+           "load_builtin", "resolve_model"]
 
 
 def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -26,6 +27,7 @@ def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, 
     return model.to(device).eval(), processor
 
 
-def load_builtin(name: str = "shapes-llava", dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, processor) of a shipped checkpoint, e.g. `load_builtin("shapes-llava")`."""
+def load_builtin(name: str = DEFAULT_BUILTIN, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, processor) of a shipped checkpoint: the default one (`vtprune.shipped.DEFAULT_BUILTIN`, the v3
+    model) or a named one, e.g. `load_builtin("shapes-llava")` (the v2 model)."""
     return resolve_model(BUILTIN_PREFIX + name, dtype=dtype, device=device)
