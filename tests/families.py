@@ -16,11 +16,24 @@ batches of one and two prompts; `check_oracles(...)` runs on one (family, method
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 
 import torch
+from factories import (
+    GEMMA_CROPS,
+    INTERNVL_TILES,
+    NEXT_SIZES,
+    ONEVISION_SIZES,
+    PROMPTS,
+    QWEN3_SIZES,
+    QWEN_SIZES,
+    tiny,
+)
+from factories import (
+    grid_layout as grid_layout,  # re-exported: the method tests import it from here
+)
 from oracles import generate_logits, masked_reference_logits
 
 import vtprune
@@ -32,24 +45,9 @@ from vtprune.testing import (
     llava_next_inputs,
     llava_onevision_inputs,
     qwen_inputs,
-    tiny_gemma3,
-    tiny_internvl,
-    tiny_llava,
-    tiny_llava_next,
-    tiny_llava_onevision,
-    tiny_qwen2_5_vl,
-    tiny_qwen3_vl,
 )
 
 FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
-PROMPTS = [([1, 5, 6], [7, 8, 9, 10]), ([1, 2], [17, 18, 19, 20, 21, 22, 23])]
-NEXT_SIZES = [(100, 160), (112, 60)]  # 64 and 48 visual tokens (+ 6 and 8 newlines)
-QWEN_SIZES = [(112, 168), (84, 112)]  # 24 and 12 visual tokens
-QWEN3_SIZES = [(128, 192), (96, 128)]  # 24 and 12 visual tokens (32 px per token)
-# OneVision: 16 + 8×12 (+ 8 newlines) and 16 + 12×12 after anyres_max_9 shrinks 16×16 (+ 12 newlines)
-ONEVISION_SIZES = [[(100, 160)], [(224, 224)]]
-INTERNVL_TILES = [1, 3]  # tiles per image (2 dynamic tiles + thumbnail), 16 tokens each
-GEMMA_CROPS = [1, 3]  # images per prompt (an image + 2 pan-and-scan crops), 16 soft tokens each
 STEPS = 3
 TOL = 1e-4
 BYPASS = 10**6  # a budget above every image's token count
@@ -95,69 +93,55 @@ class Family:
         return out
 
 
+#: family -> (model options, inputs of a batch of one, inputs of the batch of two)
+_SETUPS = {
+    "llava": ({}, lambda m: llava_inputs(m, PROMPTS[:1], seed=1), lambda m: llava_inputs(m, PROMPTS, seed=2)),
+    "llava_next": (
+        {},
+        lambda m: llava_next_inputs(m, PROMPTS[:1], NEXT_SIZES[:1], seed=1),
+        lambda m: llava_next_inputs(m, PROMPTS, NEXT_SIZES, seed=2),
+    ),
+    "qwen2_5_vl": (
+        {},
+        lambda m: qwen_inputs(m, PROMPTS[:1], QWEN_SIZES[:1], seed=1),
+        lambda m: qwen_inputs(m, PROMPTS, QWEN_SIZES, seed=2),
+    ),
+    # not in FAMILIES: tests/test_adapter_<family>.py run their oracle suites
+    "qwen3_vl": (
+        {},
+        lambda m: qwen_inputs(m, PROMPTS[:1], QWEN3_SIZES[:1], seed=1),
+        lambda m: qwen_inputs(m, PROMPTS, QWEN3_SIZES, seed=2),
+    ),
+    "llava_onevision": (
+        {},
+        lambda m: llava_onevision_inputs(m, PROMPTS[:1], ONEVISION_SIZES[:1], seed=1),
+        lambda m: llava_onevision_inputs(m, PROMPTS, ONEVISION_SIZES, seed=2),
+    ),
+    "gemma3": (
+        {"sliding_window": 80},
+        lambda m: gemma3_inputs(m, PROMPTS[:1], GEMMA_CROPS[:1], seed=1),
+        lambda m: gemma3_inputs(m, PROMPTS, GEMMA_CROPS, seed=2),
+    ),
+    "internvl": (
+        {},
+        lambda m: internvl_inputs(m, PROMPTS[:1], INTERNVL_TILES[:1], seed=1),
+        lambda m: internvl_inputs(m, PROMPTS, INTERNVL_TILES, seed=2),
+    ),
+}
+
+
 @cache
 def family(name: str) -> Family:
-    torch.set_num_threads(1)
-    fam = Family(name)
-    if name == "llava":
-        fam.models = {a: tiny_llava(attn=a, layers=6) for a in ("sdpa", "eager")}
-        m = fam.models["sdpa"]
-        fam.batches = {1: llava_inputs(m, PROMPTS[:1], seed=1), 2: llava_inputs(m, PROMPTS, seed=2)}
-    elif name == "llava_next":
-        fam.models = {a: tiny_llava_next(attn=a, layers=6) for a in ("sdpa", "eager")}
-        m = fam.models["sdpa"]
-        fam.batches = {
-            1: llava_next_inputs(m, PROMPTS[:1], NEXT_SIZES[:1], seed=1),
-            2: llava_next_inputs(m, PROMPTS, NEXT_SIZES, seed=2),
-        }
-    elif name == "qwen2_5_vl":
-        fam.models = {a: tiny_qwen2_5_vl(attn=a, layers=6) for a in ("sdpa", "eager")}
-        m = fam.models["sdpa"]
-        fam.batches = {
-            1: qwen_inputs(m, PROMPTS[:1], QWEN_SIZES[:1], seed=1),
-            2: qwen_inputs(m, PROMPTS, QWEN_SIZES, seed=2),
-        }
-    elif name == "qwen3_vl":  # not in FAMILIES: tests/test_adapter_qwen3_vl.py runs its oracle suite
-        fam.models = {a: tiny_qwen3_vl(attn=a, layers=6) for a in ("sdpa", "eager")}
-        m = fam.models["sdpa"]
-        fam.batches = {
-            1: qwen_inputs(m, PROMPTS[:1], QWEN3_SIZES[:1], seed=1),
-            2: qwen_inputs(m, PROMPTS, QWEN3_SIZES, seed=2),
-        }
-    elif name == "llava_onevision":  # not in FAMILIES: tests/test_adapter_llava_onevision.py runs its suite
-        fam.models = {a: tiny_llava_onevision(attn=a, layers=6) for a in ("sdpa", "eager")}
-        m = fam.models["sdpa"]
-        fam.batches = {
-            1: llava_onevision_inputs(m, PROMPTS[:1], ONEVISION_SIZES[:1], seed=1),
-            2: llava_onevision_inputs(m, PROMPTS, ONEVISION_SIZES, seed=2),
-        }
-    elif name == "gemma3":  # not in FAMILIES: tests/test_adapter_gemma3.py runs its suite
-        fam.models = {a: tiny_gemma3(attn=a, layers=6, sliding_window=80) for a in ("sdpa", "eager")}
-        m = fam.models["sdpa"]
-        fam.batches = {
-            1: gemma3_inputs(m, PROMPTS[:1], GEMMA_CROPS[:1], seed=1),
-            2: gemma3_inputs(m, PROMPTS, GEMMA_CROPS, seed=2),
-        }
-    elif name == "internvl":  # not in FAMILIES: tests/test_adapter_internvl.py runs its suite
-        fam.models = {a: tiny_internvl(attn=a, layers=6) for a in ("sdpa", "eager")}
-        m = fam.models["sdpa"]
-        fam.batches = {
-            1: internvl_inputs(m, PROMPTS[:1], INTERNVL_TILES[:1], seed=1),
-            2: internvl_inputs(m, PROMPTS, INTERNVL_TILES, seed=2),
-        }
-    else:
+    """The family's shared 6-layer fp32 models (sdpa and eager, `factories.tiny`) and its batches of one and two
+    prompts (`factories.PROMPTS` and the family's image sizes), built once per test session."""
+    if name not in _SETUPS:
         raise ValueError(f"unknown family {name!r}; one of {FAMILIES}, qwen3_vl, llava_onevision, gemma3, internvl")
+    options, one, two = _SETUPS[name]
+    fam = Family(name)
+    fam.models = {a: tiny(name, attn=a, layers=6, **options) for a in ("sdpa", "eager")}
+    m = fam.models["sdpa"]
+    fam.batches = {1: one(m), 2: two(m)}
     return fam
-
-
-def grid_layout(grids) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Raster coordinates (n, 2) and crop ids (n,) of candidates on crops of the given (h, w) grids, and n."""
-    coords, crop = [], []
-    for c, (h, w) in enumerate(grids):
-        r = torch.arange(h * w)
-        coords.append(torch.stack([r // w, r % w], 1))
-        crop.append(torch.full((h * w,), c, dtype=torch.long))
-    return torch.cat(coords), torch.cat(crop), sum(h * w for h, w in grids)
 
 
 def apply(model, method, budget, options: dict | None = None, **extra):
@@ -288,13 +272,10 @@ def check_oracles(
         # O3: uncached forward over prompt + generated ids with the same plans replayed
         prompt = inputs["input_ids"].shape[1]
         session = vtprune.session_of(model)
-        if session.repair_layers:  # a repairing method (RCP): every row from the last prompt row on is generation
-            session.generation_start = prompt - 1
-        try:
-            with replayed_plans(model, plans), torch.no_grad():
-                full = model(**_extend(inputs, tokens[:, :-1]), use_cache=False).logits
-        finally:
-            session.generation_start = None
+        # a repairing method (RCP): every row from the last prompt row on is generation
+        replay = session.generated_rows_from(prompt - 1) if session.plan.repair_layers else nullcontext()
+        with replay, replayed_plans(model, plans), torch.no_grad():
+            full = model(**_extend(inputs, tokens[:, :-1]), use_cache=False).logits
         full = _input_rows(full, vtprune.last_run(model).sequence_index, range(prompt - 1, prompt - 1 + steps))
         assert (full - step_logits).abs().max() <= TOL, "cached decode != uncached replay"
         # §11.6: each sample alone

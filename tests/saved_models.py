@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from factories import tiny
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, PreTrainedTokenizerFast
 
@@ -18,8 +19,6 @@ from vtprune.testing import (
     QWEN_VIDEO_TOKEN_ID,
     QWEN_VISION_END_ID,
     QWEN_VISION_START_ID,
-    tiny_llava_next,
-    tiny_qwen2_5_vl,
 )
 
 QWEN_TEMPLATE = (
@@ -53,7 +52,7 @@ def word_tokenizer(specials: dict[int, str]) -> PreTrainedTokenizerFast:
 def save_tiny_families(root: Path, layers: int = 4) -> dict[str, Path]:
     """Save a tiny LLaVA-NeXT (+ LlavaNextProcessor) and Qwen2.5-VL (+ tokenizer and image processor) under
     `root`.  -> {"llava_next": dir, "qwen2_5_vl": dir}."""
-    nxt = tiny_llava_next(layers=layers)
+    nxt = tiny("llava_next", layers=layers)
     tile = nxt.config.vision_config.image_size
     proc = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
@@ -70,7 +69,7 @@ def save_tiny_families(root: Path, layers: int = 4) -> dict[str, Path]:
     )
     nxt.save_pretrained(root / "next")
     proc.save_pretrained(root / "next")
-    qwen = tiny_qwen2_5_vl(layers=layers)
+    qwen = tiny("qwen2_5_vl", layers=layers)
     tok = word_tokenizer(
         {
             QWEN_IMAGE_TOKEN_ID: "<|image_pad|>",
@@ -93,14 +92,14 @@ def save_tiny_2026_families(root: Path) -> dict[str, Path]:
 
     from vtprune import testing as tt
 
-    ov = tt.tiny_llava_onevision()
+    ov = tiny("llava_onevision")
     s = ov.config.vision_config.image_size
     ov.save_pretrained(root / "ov")
     word_tokenizer({tt.IMAGE_TOKEN_ID: "<image>"}).save_pretrained(root / "ov")
     T.LlavaOnevisionImageProcessorPil(
         size={"height": s, "width": s}, image_grid_pinpoints=ov.config.image_grid_pinpoints
     ).save_pretrained(root / "ov")
-    g = tt.tiny_gemma3()
+    g = tiny("gemma3")
     gs = g.config.vision_config.image_size
     g.save_pretrained(root / "gemma")
     word_tokenizer(
@@ -111,7 +110,7 @@ def save_tiny_2026_families(root: Path) -> dict[str, Path]:
         }
     ).save_pretrained(root / "gemma")
     T.Gemma3ImageProcessorPil(size={"height": gs, "width": gs}).save_pretrained(root / "gemma")
-    iv = tt.tiny_internvl()
+    iv = tiny("internvl")
     iv.save_pretrained(root / "ivl")
     word_tokenizer(
         {tt.IMAGE_TOKEN_ID: "<IMG_CONTEXT>", tt.INTERNVL_IMG_START_ID: "<img>", tt.INTERNVL_IMG_END_ID: "</img>"}

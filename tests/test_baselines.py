@@ -9,31 +9,17 @@ import math
 
 import pytest
 import torch
-from families import grid_layout
+from factories import image_tokens
 from oracles import generate_logits, masked_reference_logits
 from test_engine_oracles import _pool_replacements
 
 import vtprune
 from vtprune.errors import VtpruneError
-from vtprune.methods import ImageTokens, build_method, stable_topk
+from vtprune.methods import build_method, stable_topk
 from vtprune.methods.divprune import divprune_order
 from vtprune.methods.pool import Pool2D
 from vtprune.methods.uniform import uniform_lattice
 from vtprune.methods.vispruner import vispruner_crop
-
-
-def _image(n=576, grids=((24, 24),), d=16, seed=0, signals=None, feats=None):
-    g = torch.Generator().manual_seed(seed)
-    coords, crop, n = grid_layout(grids)
-    return ImageTokens(
-        feats if feats is not None else torch.randn(n, d, generator=g),
-        coords,
-        crop,
-        list(grids),
-        torch.arange(n),
-        signals or {},
-        seed,
-    )
 
 
 def _vision_signals(n, c=32, seed=0):
@@ -88,15 +74,15 @@ def test_uniform_matches_naive_and_is_exact(h, w):
 def test_uniform_square_lattice_evenly_spaced_and_deterministic():
     method = build_method("uniform", {})
     for g in (4, 6, 8, 12):
-        keep = method.select(0, _image(seed=1), g * g).keep_idx
-        assert torch.equal(keep, method.select(0, _image(seed=2), g * g).keep_idx)  # content-free
+        keep = method.select(0, image_tokens(seed=1), g * g).keep_idx
+        assert torch.equal(keep, method.select(0, image_tokens(seed=2), g * g).keep_idx)  # content-free
         rows, cols = sorted(set((keep // 24).tolist())), sorted(set((keep % 24).tolist()))
         assert len(rows) == len(cols) == g
         assert len({b - a for a, b in zip(rows, rows[1:], strict=False)}) == 1 and rows == cols
 
 
 def test_uniform_per_crop_quotas_multi_grid():
-    img = _image(grids=((24, 24), (24, 24), (12, 24)))
+    img = image_tokens(grids=((24, 24), (24, 24), (12, 24)))
     keep = build_method("uniform", {}).select(0, img, 160).keep_idx
     _check_plan(build_method("uniform", {}).select(0, img, 160), 160, img.n)
     counts = [int(((keep >= a) & (keep < b)).sum()) for a, b in ((0, 576), (576, 1152), (1152, 1440))]
@@ -111,7 +97,7 @@ def test_uniform_per_crop_quotas_multi_grid():
 def test_downsample_is_pool_on_llava():
     method = build_method("downsample", {"mode": "avg"})
     assert isinstance(method, Pool2D) and method.merges and not method.exact_count
-    img = _image()
+    img = image_tokens()
     for k in (192, 128, 64):
         a, b = method.select(0, img, k), build_method("pool", {}).select(0, img, k)
         assert torch.equal(a.keep_idx, b.keep_idx) and torch.equal(a.new_feats, b.new_feats)
@@ -140,7 +126,7 @@ def test_divprune_matches_naive_greedy(seed):
     feats = torch.randn(40, 6, generator=torch.Generator().manual_seed(seed))
     order, _ = divprune_order(feats, 15)
     assert order.tolist() == _naive_divprune(feats, 15)
-    plan = build_method("divprune", {}).select(0, _image(40, ((5, 8),), feats=feats), 15)
+    plan = build_method("divprune", {}).select(0, image_tokens(((5, 8),), feats=feats), 15)
     assert plan.keep_idx.tolist() == sorted(order.tolist()) and plan.new_feats is None
 
 
@@ -153,7 +139,7 @@ def test_divprune_first_pick_and_monotone_scores():
     assert int(order[0]) == int(nn.argmax())  # the most isolated token
     # achieved min-distance to the chosen set is non-increasing from the second pick on
     assert (achieved[2:] <= achieved[1:-1] + 1e-6).all()
-    _check_plan(build_method("divprune", {}).select(0, _image(feats=feats), 64), 64, 576)
+    _check_plan(build_method("divprune", {}).select(0, image_tokens(feats=feats), 64), 64, 576)
 
 
 def test_divprune_invariances():
@@ -244,7 +230,7 @@ def test_vispruner_iterations_remove_only_from_a():
 
 def test_vispruner_special_cases_and_invariances():
     g = torch.Generator().manual_seed(4)
-    img = _image(signals=_vision_signals(576))
+    img = image_tokens(signals=_vision_signals(576))
     scores = img.signals["cls_attention"]
     fast = build_method("vispruner", {"important_ratio": 1.0}).select(0, img, 64).keep_idx
     assert torch.equal(fast, stable_topk(scores, 64))  # r = 1: FasterVLM
@@ -260,7 +246,7 @@ def test_vispruner_special_cases_and_invariances():
     assert torch.equal(vispruner_crop(img.features * (torch.rand(576, 1, generator=g) + 0.1), scores, 64, 0.5), base)
     perm = torch.randperm(576, generator=g)
     assert torch.equal(perm[vispruner_crop(img.features[perm], scores[perm], 64, 0.5)].sort().values, base)
-    multi = _image(grids=((24, 24), (12, 24)), signals=_vision_signals(864))
+    multi = image_tokens(grids=((24, 24), (12, 24)), signals=_vision_signals(864))
     keep = build_method("vispruner", {}).select(0, multi, 96).keep_idx
     assert int((keep < 576).sum()) == 64 and int((keep >= 576).sum()) == 32
     with pytest.raises(VtpruneError):

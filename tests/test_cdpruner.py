@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from families import check_oracles, family, grid_layout
+from factories import image_tokens
+from families import check_oracles, family
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     CLIPConfig,
@@ -23,7 +24,7 @@ from transformers import (
 import vtprune
 from vtprune.budget import largest_remainder_split
 from vtprune.errors import UnsupportedInputError, VtpruneError
-from vtprune.methods import ImageTokens, Stage, build_method
+from vtprune.methods import Stage, build_method
 from vtprune.methods.cdpruner import (
     alpha,
     cdpruner_select,
@@ -36,21 +37,6 @@ from vtprune.methods.cdpruner import (
 )
 
 torch.set_num_threads(1)
-
-
-def _image(grids=((6, 6),), d=16, seed=0, signals=None, feats=None, question=None):
-    g = torch.Generator().manual_seed(seed)
-    coords, crop, n = grid_layout(grids)
-    return ImageTokens(
-        feats if feats is not None else torch.randn(n, d, generator=g),
-        coords,
-        crop,
-        list(grids),
-        torch.arange(n),
-        signals or {},
-        seed,
-        question=question,
-    )
 
 
 def _naive_greedy_logdet(kernel: torch.Tensor, k: int) -> list[int]:
@@ -78,7 +64,7 @@ def _rand(n, d, seed):
 # ------------------------------------------------------------------------------ spec properties 1–6
 @pytest.mark.parametrize("k", [1, 5, 18, 35])
 def test_p1_keep_idx_is_k_sorted_unique(k):
-    img = _image(signals={"question_embeddings": _rand(5, 16, 9)})
+    img = image_tokens(((6, 6),), signals={"question_embeddings": _rand(5, 16, 9)})
     plan = build_method("cdpruner", {"relevance": "llm"}).select(0, img, k)
     idx = plan.keep_idx
     assert idx.dtype == torch.long and len(idx) == k and plan.new_feats is None
@@ -107,7 +93,7 @@ def test_p3_constant_relevance_is_plain_dpp_and_scale_invariant():
     for c in (0.1, 3.0, 40.0):
         assert torch.equal(cdpruner_select(feats, c * r, 10), base)
     # through the method: no question tokens (q undefined) or a constant q give r ≡ 1, i.e. the plain DPP
-    img = _image(feats=feats, grids=((5, 6),), signals={"question_embeddings": torch.zeros(0, 24)})
+    img = image_tokens(feats=feats, grids=((5, 6),), signals={"question_embeddings": torch.zeros(0, 24)})
     assert build_method("cdpruner", {"relevance": "llm"}).select(0, img, 8).keep_idx.tolist() == plain
 
 
@@ -201,7 +187,7 @@ def test_theta_weighting():
     r = torch.tensor([0.0, 0.5, 1.0])
     assert torch.equal(theta_weight(r, None), r)
     assert torch.allclose(theta_weight(r, 0.5), torch.exp(0.5 * r))
-    img = _image(signals={"question_embeddings": _rand(3, 16, 1)})
+    img = image_tokens(((6, 6),), signals={"question_embeddings": _rand(3, 16, 1)})
     q = llm_relevance(img.features, img.signals["question_embeddings"])
     want = cdpruner_select(img.features, torch.exp(0.5 * minmax_relevance(q)), 9)
     assert torch.equal(build_method("cdpruner", {"relevance": "llm", "theta": 0.5}).select(0, img, 9).keep_idx, want)
@@ -213,7 +199,7 @@ def test_theta_weighting():
 def test_per_crop_quotas_and_per_crop_relevance():
     """LLaVA-NeXT-like image: base view 6×6 + tile area 5×7; quotas by largest remainder; r normalised per crop."""
     q_emb = _rand(4, 16, 7)
-    img = _image(grids=((6, 6), (5, 7)), signals={"question_embeddings": q_emb}, seed=3)
+    img = image_tokens(grids=((6, 6), (5, 7)), signals={"question_embeddings": q_emb}, seed=3)
     k = 20
     keep = build_method("cdpruner", {"relevance": "llm"}).select(0, img, k).keep_idx
     quotas = largest_remainder_split(k, [36, 35])
@@ -234,10 +220,10 @@ def test_stage_signals_options_and_reference_preset():
         build_method("cdpruner", {"relevance": "text"})
     with pytest.raises(VtpruneError, match="preset"):
         build_method("cdpruner", {"preset": "paper"})
-    one = _image(signals={"question_embeddings": _rand(3, 16, 1)})
+    one = image_tokens(((6, 6),), signals={"question_embeddings": _rand(3, 16, 1)})
     ref = build_method("cdpruner", {"relevance": "llm", "preset": "reference"})
     assert torch.equal(ref.select(0, one, 7).keep_idx, m.select(0, one, 7).keep_idx)
-    two = _image(grids=((4, 4), (3, 4)), signals={"question_embeddings": _rand(3, 16, 1)})
+    two = image_tokens(grids=((4, 4), (3, 4)), signals={"question_embeddings": _rand(3, 16, 1)})
     with pytest.raises(VtpruneError, match="multi-crop"):
         ref.select(0, two, 7)
 
@@ -352,7 +338,7 @@ def test_clip_relevance_matches_reference_code(tiny_clip, text):
     assert segments == (1 if len(text) < 20 else 3)  # the long text is cut into 77-token rows
     assert rel.text_embeds(text, "cpu").shape == (segments, 16)
     assert torch.allclose(rel.relevance(feats, text), want, atol=1e-5)
-    img = _image(feats=_rand(36, 12, 2), signals={"vision_features": feats}, question=text)
+    img = image_tokens(((6, 6),), feats=_rand(36, 12, 2), signals={"vision_features": feats}, question=text)
     keep = build_method("cdpruner", {"clip_model": str(path)}).select(0, img, 9).keep_idx
     assert torch.equal(keep, cdpruner_select(img.features, minmax_relevance(want), 9))
     with pytest.raises(VtpruneError, match="width"):

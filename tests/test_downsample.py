@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import tiny
 from PIL import Image
 
 import vtprune
 from vtprune.errors import BudgetError, UnsupportedInputError, VtpruneError
 from vtprune.methods.downsample import downsample_image, downsampled_size
 from vtprune.models.qwen_inputs import qwen_image_processor
-from vtprune.testing import tiny_qwen2_5_vl
 
 
 def _tokens(processor, image) -> int:
@@ -44,7 +44,7 @@ def test_ratio_rule_and_bad_input():
 
 
 def test_refused_as_a_hook_on_dynamic_resolution_models():
-    model = tiny_qwen2_5_vl(layers=2)
+    model = tiny("qwen2_5_vl", layers=2)
     with pytest.raises(UnsupportedInputError, match="downsample_image"):
         vtprune.apply(model, "downsample", 0.25)
     assert vtprune.session_of(model) is None

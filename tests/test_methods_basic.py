@@ -4,43 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import image_tokens
 from scipy.stats import chisquare
 
 import vtprune
 from vtprune.measurement.flops import LLMDims, prefill_flops_all
-from vtprune.methods import ImageTokens, build_method, stable_topk
+from vtprune.methods import build_method, stable_topk
 from vtprune.methods.base import one_cut_keep
 from vtprune.methods.pool import cell_bounds, pool_grid, pooled_shape
 
 
-def _image(n=576, h=24, w=24, d=8, seed=0, signals=None):
-    g = torch.Generator().manual_seed(seed)
-    r = torch.arange(n)
-    return ImageTokens(
-        torch.randn(n, d, generator=g),
-        torch.stack([r // w, r % w], 1),
-        torch.zeros(n, dtype=torch.long),
-        [(h, w)],
-        r,
-        signals or {},
-        seed,
-    )
-
-
 def test_random_sorted_unique_deterministic_and_uniform():
     method = build_method("random", {})
-    a = method.select(0, _image(seed=1), 64).keep_idx
-    assert torch.equal(a, method.select(0, _image(seed=1), 64).keep_idx)
-    assert not torch.equal(a, method.select(0, _image(seed=2), 64).keep_idx)
+    a = method.select(0, image_tokens(d=8, seed=1), 64).keep_idx
+    assert torch.equal(a, method.select(0, image_tokens(d=8, seed=1), 64).keep_idx)
+    assert not torch.equal(a, method.select(0, image_tokens(d=8, seed=2), 64).keep_idx)
     assert torch.equal(a, a.unique()) and len(a) == 64
     counts = torch.zeros(576)
     for s in range(1500):
-        counts[method.select(0, _image(seed=s), 64).keep_idx] += 1
+        counts[method.select(0, image_tokens(d=8, seed=s), 64).keep_idx] += 1
     assert chisquare(counts.numpy()).pvalue > 1e-3  # every index chosen with frequency ≈ K/N
 
 
 def test_random_per_crop_quotas():
-    img = _image()
+    img = image_tokens(d=8)
     img.crop = (torch.arange(576) >= 400).long()
     img.grids = [(20, 20), (11, 16)]
     keep = build_method("random", {}).select(0, img, 100).keep_idx
@@ -71,10 +58,10 @@ def test_pool_cells_are_means_and_identity():
 
 
 def test_pool_method_realised_count_and_merges():
-    plan = build_method("pool", {}).select(0, _image(), 192)
+    plan = build_method("pool", {}).select(0, image_tokens(d=8), 192)
     assert len(plan.keep_idx) == 196 and plan.new_feats.shape == (196, 8)
     assert plan.weights.sum() >= 576  # PyTorch adaptive cells overlap when 14 does not divide 24
-    assert build_method("pool", {}).select(0, _image(), 64).weights.sum() == 576  # 8×8 cells of 3×3
+    assert build_method("pool", {}).select(0, image_tokens(d=8), 64).weights.sum() == 576  # 8×8 cells of 3×3
     assert torch.equal(plan.keep_idx, plan.keep_idx.sort().values)
 
 
@@ -92,7 +79,8 @@ def test_fastv_budget_mapping_matches_spec_table():
 
 
 def test_fastv_keeps_the_highest_attention_tokens():
-    img = _image(signals={"last_token_attention": torch.rand(576, generator=torch.Generator().manual_seed(3))})
+    attention = torch.rand(576, generator=torch.Generator().manual_seed(3))
+    img = image_tokens(d=8, signals={"last_token_attention": attention})
     keep = build_method("fastv", {}).select(0, img, 30).keep_idx
     assert set(keep.tolist()) == set(img.signals["last_token_attention"].topk(30).indices.tolist())
 

@@ -8,15 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from factories import tiny
 from oracles import generate_logits
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (
-    LlavaNextImageProcessorPil,
-    LlavaNextProcessor,
-    PreTrainedTokenizerFast,
-    Qwen2VLImageProcessorPil,
-)
+from saved_models import word_tokenizer
+from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor, Qwen2VLImageProcessorPil
 
 import vtprune
 from vtprune.models.qwen_inputs import image_placeholder_count, qwen_processor_inputs
@@ -26,27 +22,11 @@ from vtprune.testing import (
     QWEN_VIDEO_TOKEN_ID,
     QWEN_VISION_END_ID,
     QWEN_VISION_START_ID,
-    tiny_llava_next,
-    tiny_qwen2_5_vl,
 )
 
 torch.set_num_threads(1)
 
 STEPS = 3
-
-
-def _tokenizer(specials: dict[int, str]) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over "w0".."w255" with the given special tokens at their ids (notes §9)."""
-    base = {0: "<pad>", 1: "<s>", 2: "</s>", 3: "<unk>", **specials}
-    vocab = {base.get(i, f"w{i}"): i for i in range(256)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        padding_side="left",
-    )
-    fast.add_special_tokens({"additional_special_tokens": list(specials.values())})
-    return fast
 
 
 def _images(sizes, seed=0):
@@ -64,8 +44,8 @@ def _prompt_rows(inputs, image_id):
 
 @pytest.fixture(scope="module")
 def next_setup():
-    model = tiny_llava_next(layers=4)
-    tok = _tokenizer({IMAGE_TOKEN_ID: "<image>"})
+    model = tiny("llava_next", layers=4)
+    tok = word_tokenizer({IMAGE_TOKEN_ID: "<image>"})
     tile = model.config.vision_config.image_size
     proc = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
@@ -112,8 +92,8 @@ def test_next_pruned_generate_from_processor_inputs(next_setup, method, budget, 
 
 @pytest.fixture(scope="module")
 def qwen_setup():
-    model = tiny_qwen2_5_vl(layers=4)
-    tok = _tokenizer({
+    model = tiny("qwen2_5_vl", layers=4)
+    tok = word_tokenizer({
         QWEN_IMAGE_TOKEN_ID: "<|image_pad|>", QWEN_VIDEO_TOKEN_ID: "<|video_pad|>",
         QWEN_VISION_START_ID: "<|vision_start|>", QWEN_VISION_END_ID: "<|vision_end|>",
     })

@@ -17,13 +17,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from factories import tiny
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from oracles import masked_reference_logits
 
 import vtprune
 from vtprune.errors import BudgetError, VtpruneError
-from vtprune.testing import tiny_llava
 
 #: hypothesis examples per test in the default suite; VTPRUNE_HYPOTHESIS_SCALE=10 runs ten times as many
 SCALE = int(os.environ.get("VTPRUNE_HYPOTHESIS_SCALE", "1"))
@@ -40,7 +40,7 @@ def _settings(name: str):
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llava(layers=LAYERS, image_size=56)
+    return tiny("llava", layers=LAYERS, image_size=56)
 
 
 def _inputs(model, samples: list[tuple[int, int, int]], seed: int) -> dict:
@@ -205,9 +205,7 @@ def test_batch_mix_contract(model, samples, case, budget, seed):
 # --- image sizes (dynamic resolution) ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def qwen():
-    from vtprune.testing import tiny_qwen2_5_vl
-
-    return tiny_qwen2_5_vl(layers=LAYERS)
+    return tiny("qwen2_5_vl", layers=LAYERS)
 
 
 @_settings("sizes")

@@ -10,18 +10,17 @@ import threading
 import numpy as np
 import pytest
 import torch
+from factories import PROMPTS, tiny
 
 import vtprune
 from vtprune.errors import BudgetError, UnsupportedInputError, VtpruneError
-from vtprune.testing import llava_inputs, tiny_llava
-
-PROMPTS = [([1, 5, 6], [7, 8, 9, 10]), ([1, 11], [12, 13, 14, 15, 16, 17])]
+from vtprune.testing import IMAGE_TOKEN_ID, llava_inputs
 
 
 @pytest.fixture(scope="module")
 def small():
     """A 4-layer LLaVA with 4×4 = 16 visual tokens per image and a left-padded batch of 2."""
-    model = tiny_llava(layers=4, image_size=56)
+    model = tiny("llava", layers=4, image_size=56)
     return model, llava_inputs(model, PROMPTS, seed=1)
 
 
@@ -158,7 +157,7 @@ def test_train_rcp_budget_uses_the_apply_rule():
         with pytest.raises(argparse.ArgumentTypeError):
             _budget(text)
     with pytest.raises(BudgetError, match="must lie in"):
-        target_ratio(1.5, tiny_llava(layers=4, image_size=56))
+        target_ratio(1.5, tiny("llava", layers=4, image_size=56))
 
 
 # --- finding 9: [CLS]-ranked methods on a tower without [CLS] -----------------------------------------------
@@ -175,7 +174,7 @@ def _siglip_llava():
             vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, pad_token_id=0,
         ),
-        image_token_id=tiny_llava(layers=1, image_size=56).config.image_token_id,
+        image_token_id=IMAGE_TOKEN_ID,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )

@@ -13,12 +13,13 @@ import math
 
 import pytest
 import torch
+from factories import image_tokens
 from families import FAMILIES, check_oracles, family
 
 import vtprune
 from vtprune.engine.signals import LLM_SIGNALS, rope_gravity
 from vtprune.errors import BudgetError, UnsupportedInputError, VtpruneError
-from vtprune.methods import ImageTokens, build_method, stable_topk
+from vtprune.methods import build_method, stable_topk
 from vtprune.methods.sparsevlm import (
     ROWS,
     ROWS_V2,
@@ -54,22 +55,15 @@ def _rhu(x: float) -> int:
 
 # ----------------------------------------------------------------------------------- helpers
 def _image(n=576, d=16, t=6, seed=0, feats=None):
+    """n candidates on a 24×24 grid with SparseVLM's text signals (t text rows) drawn before the features."""
     g = torch.Generator().manual_seed(seed)
-    r = torch.arange(n)
     signals = {
         "suffix_attention": torch.rand(t, n, generator=g) / n,
         "suffix_embeddings": torch.randn(t, d, generator=g),
         "visual_embeddings": torch.randn(n, d, generator=g),
     }
-    return ImageTokens(
-        feats if feats is not None else torch.randn(n, d, generator=g),
-        torch.stack([r // 24, r % 24], 1),
-        torch.zeros(n, dtype=torch.long),
-        [(24, 24)],
-        r,
-        signals,
-        seed,
-    )
+    feats = feats if feats is not None else torch.randn(n, d, generator=g)
+    return image_tokens(n=n, feats=feats, signals=signals, seed=seed)
 
 
 def _naive_dpc_knn(x: torch.Tensor, c: int):

@@ -22,13 +22,14 @@ from contextlib import contextmanager
 import pytest
 import torch
 import torch.nn.functional as F
-from families import FAMILIES, check_oracles, family, grid_layout, recorded_plans
+from factories import grid_layout, image_tokens
+from families import FAMILIES, check_oracles, family, recorded_plans
 from oracles import generate_logits
 
 import vtprune
 from vtprune.engine.sequence import compact_rows, copy_rank
 from vtprune.errors import VtpruneError
-from vtprune.methods import ImageTokens, KeepPlan, PruningMethod, Stage, build_method, stable_topk
+from vtprune.methods import KeepPlan, PruningMethod, Stage, build_method, stable_topk
 from vtprune.methods.visionzip import split_budget, visionzip_crop
 from vtprune.methods.vispruner import vispruner_crop
 from vtprune.models import adapter_for
@@ -40,7 +41,7 @@ torch.set_num_threads(1)
 def _image(grids=((24, 24),), c=12, d=16, dh=5, seed=0, tiles=None, clip=True):
     """Hand-built ImageTokens with every VisionZip signal; `project` is a fixed random token-wise MLP C -> D."""
     g = torch.Generator().manual_seed(seed)
-    coords, crop, n = grid_layout(grids)
+    _, crop, n = grid_layout(grids)
     tile = None if tiles is None else torch.tensor(tiles)
     views = int((tile if tile is not None else crop).max()) + 1
     w1, w2 = torch.randn(c, d, generator=g), torch.randn(d, d, generator=g)
@@ -57,7 +58,7 @@ def _image(grids=((24, 24),), c=12, d=16, dh=5, seed=0, tiles=None, clip=True):
         feats = project(vis)
     else:
         feats = torch.randn(n, d, generator=g)
-    return ImageTokens(feats, coords, crop, list(grids), torch.arange(n), signals, seed, tile=tile, project=project)
+    return image_tokens(grids, feats=feats, signals=signals, seed=seed, tile=tile, project=project)
 
 
 def _naive_crop(feats, metric, scores, n_dom, k_ctx, merge="reference"):

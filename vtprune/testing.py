@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 IMAGE_TOKEN_ID = 250
+
+
+def _keywords_checked(factory):
+    """A `tiny_*` factory that refuses positional arguments and unknown keywords with a TypeError naming the
+    keywords it accepts (a misspelt or unsupported size must not silently give the default model)."""
+    accepted = [n for n, p in inspect.signature(factory).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+    @functools.wraps(factory)
+    def checked(*args, **kw):
+        unknown = [k for k in kw if k not in accepted]
+        if args or unknown:
+            what = f"unknown keyword argument(s) {', '.join(map(repr, unknown))}" if unknown else "positional arguments"
+            raise TypeError(f"{factory.__name__}() got {what}; it accepts the keywords {', '.join(accepted)}")
+        return factory(**kw)
+
+    return checked
 
 
 def _instantiate(model_class, config, attn: str, dtype: torch.dtype | None = None):
@@ -20,16 +39,18 @@ def _instantiate(model_class, config, attn: str, dtype: torch.dtype | None = Non
     return model
 
 
-def _tiny_qwen2_text(layers: int) -> dict:
-    """The tiny Qwen2 language model (64 wide, GQA 4/2) of the LLaVA-OneVision and InternVL test models."""
+def _tiny_qwen2_text(
+    layers: int, hidden: int = 64, heads: int = 4, kv_heads: int = 2, intermediate: int = 128, vocab: int = 256
+) -> dict:
+    """The tiny Qwen2 language model (64 wide, GQA 4/2 by default) of the LLaVA-OneVision and InternVL test models."""
     return dict(
         model_type="qwen2",
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         pad_token_id=0,
         bos_token_id=1,
@@ -37,6 +58,7 @@ def _tiny_qwen2_text(layers: int) -> dict:
     )
 
 
+@_keywords_checked
 def tiny_llava(
     *,
     seed: int = 0,
@@ -103,6 +125,7 @@ def llava_inputs(model, prompts: list[tuple[list[int], list[int]]], *, seed: int
 QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_START_ID, QWEN_VISION_END_ID = 250, 251, 252, 253
 
 
+@_keywords_checked
 def tiny_qwen2_5_vl(
     *,
     seed: int = 0,
@@ -223,7 +246,22 @@ def qwen_video_inputs(
 
 
 # --- LLaVA-NeXT ----------------------------------------------------------------------------------------
-def tiny_llava_next(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, image_size: int = 56, **kw):
+@_keywords_checked
+def tiny_llava_next(
+    *,
+    seed: int = 0,
+    attn: str = "sdpa",
+    layers: int = 4,
+    image_size: int = 56,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 128,
+    vocab: int = 256,
+    vision_hidden: int = 32,
+    vision_layers: int = 3,
+    dtype: torch.dtype | None = None,
+):
     """A random `LlavaNextForConditionalGeneration`: 4×4-token tiles (56 px, patch 14), pinpoints up to 2×2 tiles."""
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
@@ -231,27 +269,27 @@ def tiny_llava_next(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, image
     s = image_size
     config = LlavaNextConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_hidden_layers=vision_layers,
             num_attention_heads=4,
             image_size=s,
             patch_size=14,
         ),
         text_config=LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
             num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
             pad_token_id=0,
             max_position_embeddings=4096,
         ),
         image_token_id=IMAGE_TOKEN_ID,
         image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s]],
     )
-    return _instantiate(LlavaNextForConditionalGeneration, config, attn)
+    return _instantiate(LlavaNextForConditionalGeneration, config, attn, dtype)
 
 
 def llava_next_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: list[tuple[int, int]], *, seed=0):
@@ -278,6 +316,7 @@ def llava_next_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: 
 
 
 # --- Qwen3-VL ------------------------------------------------------------------------------------------
+@_keywords_checked
 def tiny_qwen3_vl(
     *,
     seed: int = 0,
@@ -392,7 +431,18 @@ def qwen3_video_inputs(
 ONEVISION_VIDEO_TOKEN_ID = 251
 
 
-def tiny_llava_onevision(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, image_size: int = 56, **kw):
+@_keywords_checked
+def tiny_llava_onevision(
+    *,
+    seed: int = 0,
+    attn: str = "sdpa",
+    layers: int = 4,
+    image_size: int = 56,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    dtype: torch.dtype | None = None,
+):
     """A random `LlavaOnevisionForConditionalGeneration`: SigLIP tiles of 4×4 tokens (56 px, patch 14, no [CLS]),
     `vision_feature_select_strategy="full"`, a Qwen2 decoder, AnyRes pinpoints up to 4×4 tiles so that large
     images exceed `anyres_max_9` (9 tiles' worth of tokens) and get the model's bilinear down-sizing."""
@@ -411,14 +461,14 @@ def tiny_llava_onevision(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, 
             image_size=s,
             patch_size=14,
         ),
-        text_config=_tiny_qwen2_text(layers),
+        text_config=_tiny_qwen2_text(layers, hidden, heads, kv_heads, 2 * hidden),
         image_token_index=IMAGE_TOKEN_ID,
         video_token_index=ONEVISION_VIDEO_TOKEN_ID,
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
     )
-    return _instantiate(LlavaOnevisionForConditionalGeneration, config, attn)
+    return _instantiate(LlavaOnevisionForConditionalGeneration, config, attn, dtype)
 
 
 def llava_onevision_inputs(
@@ -487,7 +537,15 @@ def image_size_to_num_patches_onevision(model, image_size) -> int:
 GEMMA_BOI_ID, GEMMA_EOI_ID = 252, 253
 
 
-def tiny_gemma3(*, seed: int = 0, attn: str = "sdpa", layers: int = 6, sliding_window: int = 512, **kw):
+@_keywords_checked
+def tiny_gemma3(
+    *,
+    seed: int = 0,
+    attn: str = "sdpa",
+    layers: int = 6,
+    sliding_window: int = 512,
+    dtype: torch.dtype | None = None,
+):
     """A random `Gemma3ForConditionalGeneration`: SigLIP on 112 px (8×8 patches) average-pooled to 4×4 = 16
     soft tokens per image / pan-and-scan crop, a decoder whose layers alternate sliding (window
     `sliding_window`) and full attention (pattern 2: odd layers full), per-type RoPE, q/k norms."""
@@ -525,7 +583,7 @@ def tiny_gemma3(*, seed: int = 0, attn: str = "sdpa", layers: int = 6, sliding_w
         eoi_token_index=GEMMA_EOI_ID,
         image_token_index=IMAGE_TOKEN_ID,
     )
-    return _instantiate(Gemma3ForConditionalGeneration, config, attn)
+    return _instantiate(Gemma3ForConditionalGeneration, config, attn, dtype)
 
 
 def gemma3_inputs(model, prompts: list[tuple[list[int], list[int]]], crops: list[int], *, seed: int = 0) -> dict:
@@ -555,7 +613,17 @@ def gemma3_inputs(model, prompts: list[tuple[list[int], list[int]]], crops: list
 INTERNVL_IMG_START_ID, INTERNVL_IMG_END_ID = 252, 253
 
 
-def tiny_internvl(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, **kw):
+@_keywords_checked
+def tiny_internvl(
+    *,
+    seed: int = 0,
+    attn: str = "sdpa",
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    dtype: torch.dtype | None = None,
+):
     """A random `InternVLForConditionalGeneration`: InternViT tiles of 112 px (8×8 patches + [CLS]), pixel
     shuffle 0.5 -> 4×4 = 16 tokens per tile, Qwen2 decoder."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
@@ -570,11 +638,11 @@ def tiny_internvl(*, seed: int = 0, attn: str = "sdpa", layers: int = 4, **kw):
             image_size=[112, 112],
             patch_size=[14, 14],
         ),
-        text_config=_tiny_qwen2_text(layers),
+        text_config=_tiny_qwen2_text(layers, hidden, heads, kv_heads, 2 * hidden),
         image_token_id=IMAGE_TOKEN_ID,
         image_seq_length=16,
     )
-    return _instantiate(InternVLForConditionalGeneration, config, attn)
+    return _instantiate(InternVLForConditionalGeneration, config, attn, dtype)
 
 
 def internvl_inputs(model, prompts: list[tuple[list[int], list[int]]], tiles: list[int], *, seed: int = 0) -> dict:

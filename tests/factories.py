@@ -1,0 +1,93 @@
+"""The one place for the tests' shared factories: tiny models, prompts, image sizes, hand-built `ImageTokens`.
+
+Tiny models: `tiny(kind, **options)` builds each (kind, options) once per test session and hands every later
+caller the same instance (the `models` / `batches` fixtures of conftest.py and `families.family(...)` come from
+it too). A test that uses a shared model must leave it as it found it: patch it only through `vtprune.apply` /
+`vtprune.pruned` and remove the patch (also on failure), and never change its dtype, attention implementation,
+config or weights. A test that has to change the model builds its own with `vtprune.testing` directly.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from vtprune import testing
+from vtprune.methods import ImageTokens
+
+#: kind -> the `vtprune.testing` builder
+BUILDERS = {
+    "llava": testing.tiny_llava,
+    "llava_next": testing.tiny_llava_next,
+    "qwen2_5_vl": testing.tiny_qwen2_5_vl,
+    "qwen3_vl": testing.tiny_qwen3_vl,
+    "llava_onevision": testing.tiny_llava_onevision,
+    "gemma3": testing.tiny_gemma3,
+    "internvl": testing.tiny_internvl,
+}
+
+
+def tiny(kind: str, **options):
+    """The session's shared tiny model of `kind` built with `options` (keywords of its `vtprune.testing` builder,
+    which refuses unknown ones): one instance per (kind, options) per test session. See the module docstring
+    for what a test may do with it."""
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown tiny model kind {kind!r}; one of {tuple(BUILDERS)}")
+    return _build(kind, tuple(sorted(options.items())))
+
+
+@cache
+def _build(kind: str, options: tuple):
+    torch.set_num_threads(1)
+    return BUILDERS[kind](**dict(options))
+
+
+# --- prompts and image sizes ------------------------------------------------------------------------------
+#: two (prefix ids, suffix ids) prompts of different lengths (the batch of two is left padded); a batch of one
+#: is PROMPTS[:1]
+PROMPTS = [([1, 5, 6], [7, 8, 9, 10]), ([1, 2], [17, 18, 19, 20, 21, 22, 23])]
+NEXT_SIZES = [(100, 160), (112, 60)]  # LLaVA-NeXT: 16 base + 6×8 = 64 and 16 + 8×4 = 48 (+ 6 and 8 newlines)
+QWEN_SIZES = [(112, 168), (84, 112)]  # Qwen2.5-VL: merged grids 4×6 = 24 and 3×4 = 12 tokens
+QWEN3_SIZES = [(128, 192), (96, 128)]  # Qwen3-VL: 24 and 12 visual tokens (32 px per token)
+# OneVision: 16 + 8×12 (+ 8 newlines) and 16 + 12×12 after anyres_max_9 shrinks 16×16 (+ 12 newlines)
+ONEVISION_SIZES = [[(100, 160)], [(224, 224)]]
+INTERNVL_TILES = [1, 3]  # tiles per image (2 dynamic tiles + thumbnail), 16 tokens each
+GEMMA_CROPS = [1, 3]  # images per prompt (an image + 2 pan-and-scan crops), 16 soft tokens each
+
+
+# --- hand-built ImageTokens (method unit tests) -------------------------------------------------------------
+def grid_layout(grids) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Raster coordinates (n, 2) and crop ids (n,) of candidates on crops of the given (h, w) grids, and n."""
+    coords, crop = [], []
+    for c, (h, w) in enumerate(grids):
+        r = torch.arange(h * w)
+        coords.append(torch.stack([r // w, r % w], 1))
+        crop.append(torch.full((h * w,), c, dtype=torch.long))
+    return torch.cat(coords), torch.cat(crop), sum(h * w for h, w in grids)
+
+
+def image_tokens(
+    grids=((24, 24),),
+    *,
+    n: int | None = None,
+    d: int = 16,
+    seed: int = 0,
+    feats: torch.Tensor | None = None,
+    signals: dict | None = None,
+    **extra,
+) -> ImageTokens:
+    """`ImageTokens` of one image whose candidates fill the crops `grids` in raster order (crop ids 0, 1, ...),
+    features `feats` or, when None, (n, d) normal draws from a generator seeded with `seed` (the image's seed
+    too), `signals` as given; `extra` goes to `ImageTokens` (tile=, project=, question=, ...).
+
+    n: a candidate count on one crop that need not fill it: the first n raster positions of grids[0] (rows of
+    its width; the grid is recorded as given)."""
+    if n is None:
+        coords, crop, n = grid_layout(grids)
+    else:
+        (_, w), r = grids[0], torch.arange(n)
+        coords, crop = torch.stack([r // w, r % w], 1), torch.zeros(n, dtype=torch.long)
+    if feats is None:
+        feats = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+    return ImageTokens(feats, coords, crop, list(grids), torch.arange(n), signals or {}, seed, **extra)
