@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import tiny
 
 import vtprune
 from vtprune import hf_compat as hf
@@ -11,12 +12,12 @@ from vtprune.engine import signals as sig
 from vtprune.errors import VtpruneError
 from vtprune.methods import KeepPlan, PruningMethod, Stage
 from vtprune.models import adapter_for
-from vtprune.testing import llava_inputs, qwen_inputs, tiny_llava, tiny_qwen2_5_vl
+from vtprune.testing import llava_inputs, qwen_inputs
 
 
 @pytest.fixture(scope="module")
 def eager_run():
-    model = tiny_llava(attn="eager", layers=4)
+    model = tiny("llava", attn="eager", layers=4)
     inputs = llava_inputs(model, [([1, 5, 6], [7, 8, 9]), ([1], [7, 8, 9, 10, 11])], seed=5)
     captured = {}
 
@@ -77,7 +78,7 @@ def test_key_norms_of_head_mean_keys(eager_run):
 
 
 def test_clip_cls_attention_and_keys_equal_eager():
-    model = tiny_llava(attn="eager", layers=2)
+    model = tiny("llava", attn="eager", layers=2)
     ad = adapter_for(model)
     pixels = torch.randn(2, 3, 336, 336, generator=torch.Generator().manual_seed(0))
     got = {}
@@ -131,11 +132,11 @@ def test_suffix_attention_and_embeddings_equal_stock(family):
     """suffix_attention rows == eager attention of layer k−1 (question-span rows × candidate columns);
     suffix/question/visual embeddings == the model's own input embeddings; memo persists across stages."""
     if family == "llava":
-        model = tiny_llava(attn="eager", layers=4)
+        model = tiny("llava", attn="eager", layers=4)
         inputs = llava_inputs(model, [([1, 5, 6], [7, 8, 9]), ([1], [7, 8, 9, 10, 11])], seed=5)
         feats = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
     else:
-        model = tiny_qwen2_5_vl(attn="eager", layers=4)
+        model = tiny("qwen2_5_vl", attn="eager", layers=4)
         inputs = qwen_inputs(model, [([1, 5, 6], [7, 8, 9]), ([1], [7, 8, 9, 10, 11])], [(56, 84), (84, 56)], seed=5)
         feats = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
     attentions = _eager_attentions(model, inputs)
@@ -182,7 +183,7 @@ def test_suffix_attention_and_embeddings_equal_stock(family):
 
 
 def test_vision_head_keys_and_projector_features():
-    model = tiny_llava(attn="sdpa", layers=2)
+    model = tiny("llava", layers=2)
     inputs = llava_inputs(model, [([1, 5], [7, 8])], seed=3)
     method = _Capture((Stage("vision"),), [{"vision_keys", "vision_head_keys", "vision_features"}])
     vtprune.apply(model, method, 64)
@@ -200,7 +201,7 @@ def test_vision_head_keys_and_projector_features():
 
 
 def test_noun_embeddings_need_a_tokenizer():
-    model = tiny_llava(layers=2)
+    model = tiny("llava", layers=2)
     method = _Capture((Stage("pre_llm"),), [{"noun_embeddings"}])
     with pytest.raises(VtpruneError, match="tokenizer"):
         vtprune.apply(model, method, 64)
