@@ -538,7 +538,7 @@ def test_positions_are_original_ids_of_representatives(fam):
         session = vtprune.session_of(model)
         with torch.no_grad():
             out = model(**inputs)
-        fw = session._decode[hf.output_cache(out)]
+        fw = session.state_for(hf.output_cache(out))
         record = vtprune.last_run(model)
         full = session.adapter.original_positions(inputs["input_ids"], inputs["attention_mask"], dict(inputs))
     finally:
@@ -609,7 +609,7 @@ def _run_groups(model, inputs, positions, options, plans=None):
             else:
                 with replayed_plans(model, plans):
                     out = model(**inputs)
-            fw = session._decode[hf.output_cache(out)]
+            fw = session.state_for(hf.output_cache(out))
             groups = [
                 (
                     g.positions.clone(),
@@ -622,7 +622,7 @@ def _run_groups(model, inputs, positions, options, plans=None):
             ]
             with replayed_plans(model, plans):
                 gen = model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-            steps = [g.step_positions.clone() for g in session._decode[gen.past_key_values].groups]
+            steps = [g.step_positions.clone() for g in session.state_for(gen.past_key_values).groups]
         rope = [session.adapter.rotary(torch.zeros(1), ids)[0] for ids, *_ in groups]
     finally:
         vtprune.remove(model)
@@ -684,7 +684,7 @@ def test_reference_positions_differ_from_default_exactly_where_the_spec_says():
 def test_reference_cached_decode_equals_uncached_replay(fam, options, positions):
     """Spec §11.5 under the reference preset: cached decoding (every layer at post-Stage-I length + t) equals an
     uncached forward over prompt + generated ids with the same plans, where the generated rows keep those ids at
-    Stage III (`generation_start`); renumbering them with the prompt (no `generation_start`) gives other logits."""
+    Stage III (`session.generated_rows_from`); renumbering them with the prompt (without it) gives other logits."""
     from families import STEPS, TOL, _extend, _input_rows, recorded_plans, replayed_plans
     from oracles import generate_logits
 
@@ -700,12 +700,8 @@ def test_reference_cached_decode_equals_uncached_replay(fam, options, positions)
         prompt = inputs["input_ids"].shape[1]
         replay = _extend(inputs, tokens[:, :-1])
         rows = range(prompt - 1, prompt - 1 + STEPS)
-        session.generation_start = prompt - 1
-        try:
-            with replayed_plans(model, plans), torch.no_grad():
-                full = model(**replay, use_cache=False).logits
-        finally:
-            session.generation_start = None
+        with session.generated_rows_from(prompt - 1), replayed_plans(model, plans), torch.no_grad():
+            full = model(**replay, use_cache=False).logits
         full = _input_rows(full, vtprune.last_run(model).sequence_index, rows)
         assert (full - step_logits).abs().max() <= TOL, "cached decode != uncached replay"
         with replayed_plans(model, plans), torch.no_grad():

@@ -45,7 +45,9 @@ def apply(
     adapter = adapter_for(model)
     the_budget = Budget.parse(budget, budget_mode)
     the_method = build_method(method, options)
-    session = PruningSession(model, adapter, the_method, the_budget, positions, tokenizer)  # validates, no hooks yet
+    session = PruningSession(  # validates, no hooks yet
+        model=model, adapter=adapter, method=the_method, budget=the_budget, positions=positions, tokenizer=tokenizer
+    )
     try:
         session.install()
         model.__dict__[_ATTR] = session

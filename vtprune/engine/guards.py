@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch import nn
 
 from ..errors import UnsupportedInputError
 
@@ -90,13 +91,12 @@ class _Guarded:
             g.exit()
 
 
-def install_thread_guard(session) -> ThreadGuard:
-    """Guard the session's model: its forward (pre-hook first, a forward hook that always runs) and its
-    instance `generate`. Handles go into `session._handles` (removed by `session.remove()`)."""
+def install_thread_guard(model: nn.Module, handles: list) -> ThreadGuard:
+    """Guard a patched model: its forward (pre-hook first, a forward hook that always runs) and its instance
+    `generate`. The hook handles are appended to `handles` (the session removes them)."""
     guard = ThreadGuard()
-    model = session.model
-    session._handles.append(model.register_forward_pre_hook(guard.pre_hook, prepend=True, with_kwargs=True))
-    session._handles.append(model.register_forward_hook(guard.post_hook, with_kwargs=True, always_call=True))
+    handles.append(model.register_forward_pre_hook(guard.pre_hook, prepend=True, with_kwargs=True))
+    handles.append(model.register_forward_hook(guard.post_hook, with_kwargs=True, always_call=True))
     gen = model.__dict__.get("generate")
     if gen is not None:
         model.__dict__["generate"] = _Guarded(guard, gen)

@@ -1,0 +1,126 @@
+"""The per-image selection step, shared by the `vision`/`pre_llm` path and the `llm:k` path.
+
+`select_image` builds the method's `ImageTokens` view of one image, calls `method.select` (timed, a
+`SelectCall` on the image), checks the returned `KeepPlan` against the contract (`check_plan`), notes which kept
+tokens carry merged features and records the kept original indices on the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..contract.method import ImageTokens, KeepPlan, PruningMethod
+from ..errors import VtpruneError
+from ..record import SelectCall
+from .state import ImageState
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selector:
+    """A session's method with the rules its plans must follow."""
+
+    method: PruningMethod
+    before_llm: tuple[bool, ...]  # per stage: it acts before the LLM (inserted tokens are allowed there)
+    reindex_all: bool  # the position policy is "reindex" alone (a plan's output `order` needs it)
+
+
+def select_image(
+    selector: Selector,
+    *,
+    stage: int,
+    image: ImageState,
+    features: torch.Tensor,
+    k: int,
+    signals: dict[str, torch.Tensor],
+    original_index: torch.Tensor | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> KeepPlan:
+    """Ask the method for one image's plan at `stage` and record it on `image`.
+
+    features (n, D): the image's current candidates (projector outputs before the LLM, hidden states at `llm:k`);
+    original_index (n,) int64: each candidate's index among the image's original tokens (None: all n, in order);
+    signals: the view's signals, already per candidate. -> the checked plan (tensors on the features' device);
+    `image.kept[stage]` holds the kept original indices, `image.merged_rows[stage]` those given merged rows."""
+    whole = original_index is None
+    orig = torch.arange(image.n, device=image.coords.device) if whole else original_index
+    view = ImageTokens(
+        features=features,
+        coords=image.coords if whole else image.coords[orig],
+        crop=image.crop if whole else image.crop[orig],
+        grids=image.grids,
+        original_index=orig,
+        signals=signals,
+        seed=image.seed,
+        memo=image.memo,
+        question=image.question,
+        tile=None if image.tile is None else image.tile if whole else image.tile[orig],
+        project=project,
+    )
+    call = SelectCall.start(stage, features.device)
+    plan = selector.method.select(stage, view, k)
+    call.stop()
+    image.selections.append(call)
+    plan = check_plan(selector, stage=stage, view=view, k=k, plan=plan)
+    if plan.new_feats is not None:  # which kept tokens carry merged features (the record's `merged_idx`)
+        differs = (plan.new_feats != view.features[plan.keep_idx].to(plan.new_feats.dtype)).any(-1)
+        image.merged_rows[stage] = view.original_index[plan.keep_idx][differs]
+    kept = orig[plan.keep_idx]
+    image.kept[stage] = kept.detach().to("cpu", torch.long).sort().values  # rows may be in a reference order
+    if plan.n_inserted:
+        image.inserted[stage] = plan.n_inserted
+    if selector.method.merges:
+        image.merged.add(stage)
+    return plan
+
+
+def check_plan(selector: Selector, *, stage: int, view: ImageTokens, k: int, plan: KeepPlan) -> KeepPlan:
+    """Refuse a plan that breaks the contract (`KeepPlan`); moves its index tensors to the features' device."""
+    name = selector.method.name
+    idx = plan.keep_idx
+    n = view.n
+    if idx.dim() != 1 or idx.dtype != torch.long:
+        raise VtpruneError(f"{name}: keep_idx must be a 1-D int64 tensor")
+    if idx.numel() and (idx[0] < 0 or idx[-1] >= n or (idx[1:] <= idx[:-1]).any()):
+        raise VtpruneError(f"{name}: keep_idx must be sorted, unique and within [0, {n})")
+    extra = plan.n_inserted
+    if selector.method.exact_count and idx.numel() + extra != k:
+        more = f" + {extra} inserted" if extra else ""
+        raise VtpruneError(f"{name}: returned {idx.numel()}{more} tokens, scheduled {k}")
+    if plan.new_feats is not None and plan.new_feats.shape[0] != idx.numel():
+        raise VtpruneError(f"{name}: new_feats has {plan.new_feats.shape[0]} rows for {idx.numel()}")
+    device = view.features.device
+    plan.keep_idx = idx.to(device)
+    if plan.inserted is not None:
+        at = plan.insert_at
+        if not selector.method.inserts or not selector.before_llm[stage]:
+            raise VtpruneError(f"{name}: inserted tokens need a method with inserts = True at a vision/pre_llm stage")
+        if (
+            at is None
+            or at.dim() != 1
+            or at.dtype != torch.long
+            or at.numel() != extra
+            or plan.inserted.dim() != 2
+            or plan.inserted.shape[1] != view.features.shape[1]
+            or (extra and (at[0] < 0 or at[-1] >= n or (at[1:] < at[:-1]).any()))
+        ):
+            raise VtpruneError(
+                f"{name}: inserted must be (E, {view.features.shape[1]}) with insert_at (E,) int64 non-decreasing "
+                f"candidate indices in [0, {n})"
+            )
+        plan.insert_at = at.to(device)
+    if plan.order is not None:
+        total = idx.numel() + extra
+        order = plan.order
+        if not selector.reindex_all:
+            raise VtpruneError(f"{name}: an output `order` needs positions='reindex' (a reference order's ids)")
+        if (
+            order.dtype != torch.long
+            or order.shape != (total,)
+            or not torch.equal(order.sort().values.cpu(), torch.arange(total))
+        ):
+            raise VtpruneError(f"{name}: order must be a permutation of the {total} output tokens")
+        plan.order = order.to(device)
+    return plan
