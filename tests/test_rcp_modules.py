@@ -243,18 +243,22 @@ def test_property4_dra_only_touches_generation_positions():
 
 
 # --- losses and schedules --------------------------------------------------------------------------------
-def test_property5_repair_loss_zero_and_permutation_invariant():
+@pytest.mark.parametrize("norm", ["teacher_std", "none"])
+def test_property5_repair_loss_zero_and_permutation_invariant(norm):
     torch.manual_seed(0)
     h = torch.randn(30, 16)
-    assert float(moment_loss(h, h.clone())) == 0.0
+    assert float(moment_loss(h, h.clone(), norm=norm)) == 0.0
     o = torch.randn(25, 16) * 2 + 1
     perm = torch.randperm(30)
-    assert torch.allclose(moment_loss(h[perm], o), moment_loss(h, o), atol=1e-6)
-    mu = (h.mean(0) - o.mean(0)).square().mean()
-    var = ((h.var(0, unbiased=False) - o.var(0, unbiased=False)).square()).mean()
-    assert torch.allclose(moment_loss(h, o), mu + 3 * var, atol=1e-5)
-    both = repair_loss({4: h, 5: h * 2}, {4: o, 5: h * 2}, gather=False)
-    assert torch.allclose(both, moment_loss(h, o) / 2)
+    assert torch.allclose(moment_loss(h[perm], o, norm=norm), moment_loss(h, o, norm=norm), atol=1e-6)
+    assert torch.allclose(moment_loss(h, o[torch.randperm(25)], norm=norm), moment_loss(h, o, norm=norm), atol=1e-5)
+    sd = o.std(0, correction=0) + 1e-6 if norm == "teacher_std" else torch.ones(16)
+    hs, os_ = h / sd, o / sd
+    mu = (hs.mean(0) - os_.mean(0)).square().mean()
+    var = ((hs.var(0, unbiased=False) - os_.var(0, unbiased=False)).square()).mean()
+    assert torch.allclose(moment_loss(h, o, norm=norm), mu + 3 * var, atol=1e-5)
+    both = repair_loss({4: h, 5: h * 2}, {4: o, 5: h * 2}, gather=False, norm=norm)
+    assert torch.allclose(both, moment_loss(h, o, norm=norm) / 2)
 
 
 def test_task_loss_is_per_sample_mean_then_batch_mean():

@@ -294,7 +294,7 @@ def test_cli_train_rcp(setup, tmp_path, capsys):
     assert args.func(args) == 0
     assert '"steps_done": 1' in capsys.readouterr().out
     config = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert config["budget"] == pytest.approx(16) and config["pruning_layers"] == [0, 2, 5] and config["d_prime"] == 512
+    assert config["budget"] == pytest.approx(16) and config["pruning_layers"] == [0, 2, 5] and config["d_prime"] == 16
     with pytest.raises(SystemExit):
         parser.parse_args(["train-rcp", "--model", "x", "--data", "y", "--out", "z", "--resume", "--fresh"])
 

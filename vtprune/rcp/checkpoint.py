@@ -4,7 +4,11 @@
 Config keys: format, base_model {id, revision}, model_class, hidden_size, num_layers, n_visual, grid, d_prime,
 n_queries, heads, bottleneck, pos_dim, dropout, query_dropout, pruning_layers, repair_layers, source_map,
 budget (layer-averaged tokens), rho, loss_weights {task, repair, sparse}, alpha, tau_eval, theta, delta,
-steps, seed, vtprune_version, plus free-form `training` / `calibration` records.
+steps, seed, vtprune_version, plus free-form `training` / `calibration` records, and (since issue 22)
+`repair_norm`, `parameters` {plugins, model, ratio} and `convergence` {r_bar, r_k, rho, delta, rel_error,
+converged, criteria}.  `write_card` renders the config as OUT/README.md; a checkpoint whose `convergence.converged`
+is false says NOT CONVERGED there, and `load_plugins` (hence `vtprune.apply(..., "rcp", checkpoint=DIR)`) warns
+once per checkpoint with `RCPConvergenceWarning`.
 
 `load_checkpoint(dir, model)` refuses a checkpoint made for another architecture (model class, LLM hidden
 size or number of decoder layers differ) with an error naming both.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from .placement import Placement
 
 WEIGHTS_NAME = "rcp_plugins.safetensors"
 CONFIG_NAME = "rcp_config.json"
+CARD_NAME = "README.md"
 FORMAT = "vtprune-rcp/1"
 
 
@@ -48,10 +54,12 @@ MAX_WEIGHTS_BYTES = 2**34
 
 
 def model_signature(model) -> dict:
-    """{model_class, hidden_size, num_layers} of an HF vision-language model."""
-    from ..models import adapter_for
-
-    tc = adapter_for(model).text_config
+    """{model_class, hidden_size, num_layers} of an HF vision-language model (its `config.text_config`)."""
+    tc = getattr(getattr(model, "config", None), "text_config", None)
+    if tc is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no config.text_config: not a vision-language model RCP supports"
+        )
     return {
         "model_class": type(model).__name__,
         "hidden_size": int(tc.hidden_size),
@@ -148,7 +156,115 @@ def validate_config(cfg: object, file: Path) -> dict:
         )
     if "weights_sha256" in cfg and not isinstance(cfg["weights_sha256"], str):
         raise _bad(file, "weights_sha256", "a hex string", cfg["weights_sha256"])
+    conv = cfg.get("convergence")
+    if conv is not None and not (isinstance(conv, dict) and isinstance(conv.get("converged"), bool)):
+        raise _bad(file, "convergence", "null or an object with a boolean 'converged'", conv)
     return cfg
+
+
+class RCPConvergenceWarning(UserWarning):
+    """A checkpoint whose training did not reach its budget (spec rcp.md, amendment 2026-12)."""
+
+
+_WARNED: set[str] = set()
+
+
+def convergence_note(cfg: dict) -> str | None:
+    """One sentence on a checkpoint that did not reach its budget, else None (converged or not recorded)."""
+    conv = cfg.get("convergence")
+    if not isinstance(conv, dict) or conv.get("converged") is not False:
+        return None
+    if "r_bar" not in conv:
+        return f"NOT CONVERGED ({conv.get('reason', 'no record')})"
+    return (
+        f"NOT CONVERGED: training ended at r_bar {conv['r_bar']:.4f} for rho {conv['rho']:.4f} (relative error "
+        f"{conv['rel_error']:.1%}) with calibrated delta {conv['delta']:.3f}; the criteria are {conv['criteria']}"
+    )
+
+
+def warn_if_not_converged(cfg: dict, path: Path) -> None:
+    """`RCPConvergenceWarning` once per checkpoint folder when its config records a run that did not converge."""
+    note = convergence_note(cfg)
+    key = str(Path(path).resolve())
+    if note is None or key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(
+        f"RCP checkpoint {path}: {note}; its budget comes from the post-hoc offset, not from training "
+        "(continue training it, or report it as not converged)",
+        RCPConvergenceWarning,
+        stacklevel=3,
+    )
+
+
+def render_card(cfg: dict) -> str:
+    """The checkpoint card (markdown) of a config: model, plug-in sizes next to the model's, placement, recipe and
+    whether training reached its budget."""
+    conv = cfg.get("convergence") or {}
+    params = cfg.get("parameters") or {}
+    training = cfg.get("training") or {}
+    tcfg = training.get("config") or {}
+    base = (cfg.get("base_model") or {}).get("id", "?")
+    lines = [f"# RCP checkpoint for `{base}`: {cfg['budget']:g} layer-averaged tokens (rho = {cfg['rho']:.4f})", ""]
+    note = convergence_note(cfg)
+    if note is not None:
+        lines += [f"**{note}.** Continue training (the same command with more steps) or report it as such.", ""]
+    elif conv:
+        lines += [
+            f"Converged: training ended at r_bar {conv['r_bar']:.4f} for rho {conv['rho']:.4f} (relative error "
+            f"{conv['rel_error']:.1%}), calibrated delta {conv['delta']:.3f} ({conv['criteria']}).",
+            "",
+        ]
+    else:
+        lines += ["Convergence was not recorded (a checkpoint from before issue 22).", ""]
+    src = ", ".join(f"{r} (from {s})" for r, s in sorted(cfg["source_map"].items(), key=lambda kv: int(kv[0])))
+    rows = [
+        (
+            "model",
+            f"{cfg['model_class']}, d = {cfg['hidden_size']}, {cfg['num_layers']} decoder layers"
+            + (f", {params['model']:,} parameters" if "model" in params else ""),
+        ),
+        (
+            "plug-ins",
+            f"d' = {cfg['d_prime']}, b = {cfg['bottleneck']}, {cfg['n_queries']} queries, {cfg['heads']} heads"
+            + (f": {params['plugins']:,} parameters ({100 * params['ratio']:.2f} % of the model)" if params else ""),
+        ),
+        ("placement", f"pruning layers {cfg['pruning_layers']}; repair layers {src}"),
+        (
+            "losses",
+            f"weights {cfg.get('loss_weights')}, alpha {cfg.get('alpha')}, repair norm "
+            f"{cfg.get('repair_norm', 'none (before issue 22)')}",
+        ),
+        (
+            "recipe",
+            f"{cfg.get('steps')} steps of {tcfg.get('batch', '?')} x {tcfg.get('grad_accum', '?')} samples x "
+            f"{training.get('world_size', '?')} process(es), lr {tcfg.get('lr', '?')}, beta lr "
+            f"{tcfg.get('beta_lr', tcfg.get('lr', '?'))}, seed {cfg.get('seed')}, {training.get('n_train', '?')} "
+            f"training / {training.get('n_calibration', '?')} calibration samples, {training.get('precision', '?')}",
+        ),
+        (
+            "budget",
+            f"delta = {cfg.get('delta', 0.0):.4f}"
+            + (
+                f"; final r_bar {conv['r_bar']:.4f} (mean of the last {conv['window']} steps), keep per pruner "
+                f"{conv['r_k']}"
+                if "r_bar" in conv
+                else ""
+            )
+            + (f"; inference r_bar at delta 0: {conv['r_bar_eval_delta0']:.4f}" if "r_bar_eval_delta0" in conv else ""),
+        ),
+    ]
+    lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+    return "\n".join(lines)
+
+
+def write_card(path: str | Path) -> Path:
+    """Render the folder's `rcp_config.json` into `README.md` beside it.  -> the card's path."""
+    path = Path(path)
+    cfg = read_config(path)
+    card = path / CARD_NAME
+    card.write_text(render_card(cfg))
+    return card
 
 
 def read_config(path: str | Path) -> dict:
@@ -204,6 +320,7 @@ def load_plugins(path: str | Path) -> tuple[RCPPlugins, dict]:
     path = Path(path)
     cfg = read_config(path)
     file = (path if path.is_dir() else path.parent) / WEIGHTS_NAME
+    warn_if_not_converged(cfg, file.parent)
     cfg_file = file.parent / CONFIG_NAME
     if not file.exists():
         raise VtpruneError(f"no RCP checkpoint at {file.parent} (missing {WEIGHTS_NAME})")

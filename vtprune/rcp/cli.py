@@ -1,6 +1,7 @@
 """`vtprune train-rcp`: train RCP plug-ins on a JSONL of {image, question, answer} (see docs/rcp.md).
 
     vtprune train-rcp --model builtin:shapes-llava --data shapes/questions.jsonl --budget 64 --out rcp-64
+    vtprune train-rcp --model builtin:shapes-v3-llava --split calibration --per-type 300 --budget 64 --out rcp-v3
     accelerate launch --num_processes 4 -m vtprune.rcp.cli --model DIR --data vqa.jsonl --budget 64 --out run
 
 `add_parser(subparsers)` registers the command on an argparse subparsers object; `run(args)` executes it;
@@ -25,6 +26,19 @@ def _budget(text: str) -> int | float:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _beta_lr(text: str) -> float | None:
+    """A learning rate > 0, or "none" (β in the base group)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a learning rate > 0 or 'none', got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from vtprune.cli import positive_int
 
@@ -32,7 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     d = RCPTrainConfig()
     p.add_argument("--model", required=True, help="builtin:NAME or a local model directory (save_pretrained)")
-    p.add_argument("--data", required=True, help="JSONL: one {image, question, answer} per line (docs/rcp.md)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="JSONL: one {image, question, answer} per line (docs/rcp.md)")
+    src.add_argument(
+        "--split",
+        help="built-in benchmark v3 questions instead of --data: calibration[:SEED] (the only split RCP may be "
+        "trained on; written to OUT/data)",
+    )
+    p.add_argument("--per-type", type=positive_int, default=300, help="with --split: questions per question type (300)")
     p.add_argument(
         "--budget",
         type=_budget,
@@ -54,6 +75,20 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--lambda-repair", type=float, default=d.lambda_repair, help=f"repair weight ({d.lambda_repair})")
     p.add_argument("--lambda-sparse", type=float, default=d.lambda_sparse, help=f"sparsity weight ({d.lambda_sparse})")
     p.add_argument("--alpha", type=float, default=d.alpha, help=f"variance term weight in the repair loss ({d.alpha})")
+    p.add_argument(
+        "--repair-norm",
+        default=d.repair_norm,
+        choices=("teacher_std", "none"),
+        help="repair loss on states divided by the teacher's per-dimension std (default) or on raw states",
+    )
+    p.add_argument(
+        "--beta-lr",
+        type=_beta_lr,
+        default=d.beta_lr,
+        help=f"learning rate of the pruners' logit offsets β ({d.beta_lr}); 'none': the base lr, one group (the spec)",
+    )
+    p.add_argument("--d-prime", type=positive_int, default=None, help="pruner width d' (default: 512·d/4096)")
+    p.add_argument("--bottleneck", type=positive_int, default=None, help="DRA bottleneck b (default: 512·d/4096)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument(
         "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on GPU, fp32 on CPU"
@@ -103,6 +138,16 @@ def run(args: argparse.Namespace) -> int:
     check_path(args.calib_data, "calibration data file", "file")
     import torch
 
+    data = args.data
+    if args.split:
+        from pathlib import Path
+
+        from vtprune.testbed.splits import parse_split
+
+        from .testbed_data import calibration_jsonl
+
+        data = calibration_jsonl(parse_split(args.split), Path(args.out) / "data", args.per_type)
+
     from vtprune.tables import to_json
 
     from .train import RCPTrainConfig, train
@@ -121,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         lambda_repair=args.lambda_repair,
         lambda_sparse=args.lambda_sparse,
         alpha=args.alpha,
+        repair_norm=args.repair_norm,
+        beta_lr=args.beta_lr,
+        d_prime=args.d_prime,
+        bottleneck=args.bottleneck,
         precision=args.precision,
         max_length=args.max_length,
         suffix=args.suffix,
@@ -131,9 +180,7 @@ def run(args: argparse.Namespace) -> int:
         time_limit=args.time_limit,
     )
     resume = "require" if args.resume else "never" if args.fresh else "auto"
-    summary = train(
-        args.model, args.data, args.out, cfg, device=args.device, resume=resume, progress=not args.no_progress
-    )
+    summary = train(args.model, data, args.out, cfg, device=args.device, resume=resume, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(to_json(summary), end="")
     return 0
@@ -145,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     parser = Parser(
-        prog="vtprune train-rcp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="vtprune train-rcp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         populate=add_arguments,
     )
     return guarded(lambda: run(parser.parse_args(argv)), "vtprune train-rcp", debug)

@@ -4,7 +4,10 @@
 - `repair_loss`: per repair layer the generation-position states of the *global* batch are stacked
   (`gather_rows`: a differentiable all-gather across processes, a no-op with one process) into H_p
   (student, after the DRA) and H_o (teacher); L_r = mean_d (μ_p − μ_o)² + α·mean_d (v_p − v_o)² with
-  v = mean(h²) − μ² (clamped ≥ 0); averaged over repair layers.
+  v = mean(h²) − μ² (clamped ≥ 0); averaged over repair layers.  Amended 2026-12 (`norm="teacher_std"`, the
+  default): both row sets are first divided by the teacher's per-dimension standard deviation over the stacked
+  rows (detached, + 1e-6), so the loss has the same scale on any model (λ_repair = 3 means the same thing on
+  LLaVA-1.5-7B and on the built-in model); `norm="none"` is the reference's loss on the raw states.
 - `sparsity_loss`: |r̄ − r*| with r̄ = (ℓ_1 + Σ_k n_k r_k)/L (`Placement.layer_average`).
 
 Under DDP every rank computes the same global moments; `gather_rows`' backward sums the row gradients
@@ -64,9 +67,33 @@ def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     return _GatherRows.apply(x, group)
 
 
-def moment_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 3.0) -> torch.Tensor:
-    """Mean/variance matching of two row sets (T_p, d) and (T_o, d).  -> scalar (fp32)."""
+REPAIR_NORMS = ("teacher_std", "none")
+STD_EPS = 1e-6
+
+
+def check_repair_norm(norm: str) -> str:
+    """`norm` if it is a known repair normalisation, else a one-line ValueError naming the accepted ones."""
+    if norm not in REPAIR_NORMS:
+        raise ValueError(f"repair_norm must be one of {', '.join(REPAIR_NORMS)}, got {norm!r}")
+    return norm
+
+
+def teacher_scale(teacher: torch.Tensor) -> torch.Tensor:
+    """Per-dimension standard deviation of the teacher rows (T_o, d) over the rows (population, two-pass), + 1e-6,
+    detached.  -> (d,) fp32."""
+    ho = teacher.detach().float()
+    return ho.std(0, correction=0) + STD_EPS
+
+
+def moment_loss(
+    student: torch.Tensor, teacher: torch.Tensor, alpha: float = 3.0, norm: str = "teacher_std"
+) -> torch.Tensor:
+    """Mean/variance matching of two row sets (T_p, d) and (T_o, d).  norm: "teacher_std" divides both by
+    `teacher_scale(teacher)` first (spec amendment 2026-12), "none" uses the raw states.  -> scalar (fp32)."""
     hp, ho = student.float(), teacher.float()
+    if check_repair_norm(norm) == "teacher_std":
+        scale = teacher_scale(ho)
+        hp, ho = hp / scale, ho / scale
     mu_p, mu_o = hp.mean(0), ho.mean(0)
     v_p = (hp.square().mean(0) - mu_p.square()).clamp_min(0)
     v_o = (ho.square().mean(0) - mu_o.square()).clamp_min(0)
@@ -74,16 +101,22 @@ def moment_loss(student: torch.Tensor, teacher: torch.Tensor, alpha: float = 3.0
 
 
 def repair_loss(
-    student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor], alpha: float = 3.0, gather: bool = True
+    student: dict[int, torch.Tensor],
+    teacher: dict[int, torch.Tensor],
+    alpha: float = 3.0,
+    gather: bool = True,
+    norm: str = "teacher_std",
 ) -> torch.Tensor:
     """student/teacher: repair layer -> (M, d) generation-position rows of this process; gathered across
-    processes when `gather`.  -> scalar, the mean of `moment_loss` over the repair layers."""
+    processes when `gather` (the teacher's std is then taken over the global rows, the same on every rank).
+    -> scalar, the mean of `moment_loss(…, norm)` over the repair layers."""
+    check_repair_norm(norm)
     losses = []
     for r in sorted(student):
         hp, ho = student[r], teacher[r].detach()
         if gather:
             hp, ho = gather_rows(hp), gather_rows(ho)
-        losses.append(moment_loss(hp, ho, alpha))
+        losses.append(moment_loss(hp, ho, alpha, norm))
     return torch.stack(losses).mean()
 
 

@@ -359,3 +359,24 @@ class RCPPlugins(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+#: The spec's plug-in widths (d' = b = 512) are for LLaVA-1.5-7B's 4096-wide decoder.
+REFERENCE_HIDDEN = 4096
+REFERENCE_WIDTH = 512
+MIN_WIDTH = 16
+
+
+def scaled_width(hidden_size: int, heads: int = 4, reference: int = REFERENCE_WIDTH, floor: int = MIN_WIDTH) -> int:
+    """Plug-in width (d' or the DRA bottleneck b) proportional to the decoder width d (Amended 2026-12, issue 22):
+    `reference · d / 4096` rounded to a multiple of the pruner's `heads`, at least `floor` (Our decision: 16, so
+    each of the 4 heads keeps 4 dimensions).  d = 4096 -> 512 (the spec),
+    3584 (Qwen2.5-VL-7B) -> 448, 160 -> 20, 64 -> 16."""
+    if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+        raise ValueError(f"hidden size must be an int >= 1, got {hidden_size!r}")
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads!r}")
+    raw = reference * hidden_size / REFERENCE_HIDDEN
+    width = max(heads, int(round(raw / heads)) * heads)
+    low = -(-floor // heads) * heads  # the floor, rounded up to a multiple of heads
+    return max(width, low)

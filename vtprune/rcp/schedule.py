@@ -5,6 +5,8 @@
 - Sparsity target r*: cosine-annealed from 1 to ρ over the first 10 % of the steps, then ρ.
 - Learning rate: linear warm-up over the first 10 % of the steps (from lr/W at t = 0 to lr), then cosine
   from lr to the floor 0.1·lr at the last step.
+- β's learning rate (deviation, issue 22; `train.param_groups`): the same warm-up, then constant (`beta_lr_factor`),
+  so the logit offset can still follow the budget in the last 20 % of the steps, when the noise is off.
 """
 
 from __future__ import annotations
@@ -44,3 +46,9 @@ def lr_factor(step: int, total: int, warmup: float = 0.1, floor: float = 0.1) ->
     span = max(total - w - 1, 1)
     progress = min((step - w) / span, 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def beta_lr_factor(step: int, total: int, warmup: float = 0.1) -> float:
+    """Multiplier of β's learning rate: `lr_factor`'s linear warm-up, then 1."""
+    w = max(1, int(round(warmup * max(total, 1))))
+    return (step + 1) / w if step < w else 1.0

@@ -12,8 +12,21 @@
 - Data order: a seeded permutation per epoch; optimiser step t, micro-step j, rank r takes global samples
   ((t·A + j)·W + r)·B … +B. Gumbel noise and query-row dropout come from per-sample generators seeded by
   (seed, sample id, epoch) (spec README §10); the MLP dropout uses the torch RNG (saved in checkpoints).
-- AdamW (lr 5e-5, wd 0.01, one group), cosine LR with 10 % warm-up and floor 0.1·lr; bf16 autocast on GPU
-  (`precision="auto"`), fp32 or bf16 on CPU; no gradient clipping; seed 42.
+- AdamW (lr 5e-5, wd 0.01), cosine LR with 10 % warm-up and floor 0.1·lr; bf16 autocast on GPU
+  (`precision="auto"`), fp32 or bf16 on CPU; no gradient clipping; seed 42.  Deviation (issue 22): the pruners'
+  scalar logit offsets β form a second group with their own learning rate `beta_lr` (0.05, no weight decay, constant
+  after the warm-up: `schedule.beta_lr_factor`).
+  Adam moves every parameter by about its learning rate per step, so at lr 5e-5 a scalar can travel at most
+  ~0.06 logits in 1 250 steps (the shipped built-in run's β stayed at 2.000 ± 0.002): β could not act as the
+  budget offset it is. `beta_lr=None` restores the spec's single group.
+- Repair loss normalised by the teacher's per-dimension std (`repair_norm="teacher_std"`, spec amendment
+  2026-12); `"none"` is the reference's raw loss.
+- Plug-in widths d' and b default to 512·d/4096 (`modules.scaled_width`: 512 on LLaVA-1.5-7B, 16 on the
+  64-wide built-in v3 decoder); the trainable and the model's parameter counts are logged and recorded.
+- Reaching the budget (spec amendment 2026-12): r̄ against r* and the per-pruner keep rates are logged (step log
+  and a line every `log_every` steps); the config records `convergence` {r_bar (mean of the last 10 % of the
+  steps), rho, delta, converged = |r̄ − ρ|/ρ ≤ 0.10 and |δ| ≤ 1.0}; OUT/README.md (the card) says NOT CONVERGED
+  when it is not, and loading such a checkpoint warns (`checkpoint.RCPConvergenceWarning`).
 - Resumable checkpoints in OUT/state/ (plug-ins, optimiser, scheduler, step, per-rank RNG); per-step log
   OUT/train_log.jsonl (losses, r̄, r_k, r*, τ, noise, lr); final artefacts OUT/rcp_plugins.safetensors +
   OUT/rcp_config.json after the δ calibration (binary search on a held-out slice, spec "Calibration").
@@ -39,11 +52,11 @@ from .. import checkpointing as cpt
 from ..errors import BudgetError, VtpruneError
 from . import checkpoint as ckpt
 from .data import VQA_SUFFIX, Collator, Example, read_examples
-from .losses import repair_loss, sparsity_loss, task_loss
+from .losses import check_repair_norm, repair_loss, sparsity_loss, task_loss
 from .mask_route import RouteBatch, prepare_batch, student_forward, teacher_states
-from .modules import RCPPlugins, count_parameters
+from .modules import RCPPlugins, count_parameters, scaled_width
 from .placement import Placement, placement_for
-from .schedule import gumbel_schedule, lr_factor, sparsity_target
+from .schedule import beta_lr_factor, gumbel_schedule, lr_factor, sparsity_target
 
 NEXT_REFERENCE_TOKENS = 2880  # LLaVA-NeXT: token budgets are fractions of 2880 (spec table)
 
@@ -72,10 +85,15 @@ class RCPTrainConfig:
     sparsity_warm: float = 0.1
     tau_eval: float = 0.2
     theta: float = 0.5
-    d_prime: int = 512
+    d_prime: int | None = None  # None: scaled to the model, 512·d/4096 (modules.scaled_width)
     n_queries: int = 16
     heads: int = 4
-    bottleneck: int = 512
+    bottleneck: int | None = None  # None: scaled like d_prime
+    repair_norm: str = "teacher_std"  # teacher_std (spec amendment 2026-12) | none (the reference's raw loss)
+    beta_lr: float | None = 0.05  # lr of the pruners' β (own group, no decay, constant after warm-up); None: lr
+    converge_tol: float = 0.10  # converged: |r̄ − ρ|/ρ <= converge_tol ...
+    delta_tol: float = 1.0  # ... and |δ| <= delta_tol
+    log_every: int | None = None  # a progress line every N steps (None: 20 lines per run)
     dropout: float = 0.2
     query_dropout: float = 0.2
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
@@ -93,6 +111,99 @@ class RCPTrainConfig:
 
 
 # --- helpers --------------------------------------------------------------------------------------------
+def check_config(cfg: RCPTrainConfig) -> None:
+    """One-line `VtpruneError` for option values the trainer cannot use."""
+    try:
+        check_repair_norm(cfg.repair_norm)
+    except ValueError as err:
+        raise VtpruneError(str(err)) from None
+    for name in ("d_prime", "bottleneck"):
+        v = getattr(cfg, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise VtpruneError(f"{name} must be an int >= 1 or None (scaled to the model), got {v!r}")
+    if cfg.d_prime is not None and cfg.d_prime % cfg.heads:
+        raise VtpruneError(f"d_prime ({cfg.d_prime}) must be a multiple of heads ({cfg.heads})")
+    if cfg.beta_lr is not None and not (isinstance(cfg.beta_lr, (int, float)) and cfg.beta_lr > 0):
+        raise VtpruneError(f"beta_lr must be a number > 0 or None (the base lr), got {cfg.beta_lr!r}")
+    if not 0 < cfg.converge_tol or not 0 <= cfg.delta_tol:
+        raise VtpruneError("converge_tol must be > 0 and delta_tol >= 0")
+
+
+def plugin_widths(cfg: RCPTrainConfig, hidden_size: int) -> tuple[int, int]:
+    """(d', b): the configured ones, or 512·d/4096 scaled to the decoder width (`scaled_width`)."""
+    d_prime = cfg.d_prime if cfg.d_prime is not None else scaled_width(hidden_size, cfg.heads)
+    bottleneck = cfg.bottleneck if cfg.bottleneck is not None else scaled_width(hidden_size, cfg.heads)
+    return d_prime, bottleneck
+
+
+def build_plugins(cfg: RCPTrainConfig, hidden_size: int, placement: Placement) -> RCPPlugins:
+    """The initial plug-ins of a run: the torch RNG is seeded with `cfg.seed` right before they are built, so the
+    same config always gives the same initial weights (`initial_plugins` rebuilds them from a checkpoint)."""
+    d_prime, bottleneck = plugin_widths(cfg, hidden_size)
+    torch.manual_seed(cfg.seed)
+    return RCPPlugins(
+        hidden_size,
+        placement,
+        d_prime=d_prime,
+        n_queries=cfg.n_queries,
+        heads=cfg.heads,
+        bottleneck=bottleneck,
+        dropout=cfg.dropout,
+        query_dropout=cfg.query_dropout,
+    )
+
+
+def initial_plugins(config: dict) -> RCPPlugins:
+    """The plug-ins a checkpoint's training run started from (same sizes, placement and seed), in eval mode."""
+    cfg = RCPTrainConfig(
+        seed=int(config["seed"]),
+        d_prime=int(config["d_prime"]),
+        bottleneck=int(config["bottleneck"]),
+        n_queries=int(config["n_queries"]),
+        heads=int(config["heads"]),
+        dropout=float(config["dropout"]),
+        query_dropout=float(config["query_dropout"]),
+    )
+    plugins = build_plugins(cfg, int(config["hidden_size"]), Placement.from_dict(config))
+    return plugins.eval()
+
+
+def param_groups(plugins: RCPPlugins, cfg: RCPTrainConfig) -> list[dict]:
+    """AdamW groups: everything at (lr, weight_decay); with `beta_lr`, the pruners' β alone at (beta_lr, 0)."""
+    if cfg.beta_lr is None:
+        return [{"params": list(plugins.parameters())}]
+    betas = [p for name, p in plugins.named_parameters() if name.startswith("pruner.") and name.endswith(".beta")]
+    ids = {id(p) for p in betas}
+    rest = [p for p in plugins.parameters() if id(p) not in ids]
+    return [{"params": rest}, {"params": betas, "lr": float(cfg.beta_lr), "weight_decay": 0.0}]
+
+
+def convergence(records: list[dict], rho: float, delta: float, cfg: RCPTrainConfig, delta_calibrated: bool) -> dict:
+    """Did training reach its budget (spec amendment 2026-12)?  records: the step log; r̄ and the per-pruner keep
+    rates are averaged over the last 10 % of the steps (at least one).  -> {r_bar, r_k, window, rho, delta,
+    rel_error, converged, criteria, delta_calibrated}."""
+    steps = sorted((r for r in records if isinstance(r.get("r_bar"), (int, float))), key=lambda r: r["step"])
+    if not steps:
+        return {"converged": False, "reason": "no training steps logged", "rho": rho, "delta": delta}
+    window = max(1, math.ceil(0.1 * len(steps)))
+    tail = steps[-window:]
+    r_bar = sum(r["r_bar"] for r in tail) / window
+    r_k = [sum(r["r_k"][i] for r in tail) / window for i in range(len(tail[0]["r_k"]))]
+    rel = abs(r_bar - rho) / rho
+    ok = rel <= cfg.converge_tol and abs(delta) <= cfg.delta_tol
+    return {
+        "r_bar": round(r_bar, 5),
+        "r_k": [round(x, 5) for x in r_k],
+        "window": window,
+        "rho": rho,
+        "delta": float(delta),
+        "rel_error": round(rel, 5),
+        "converged": bool(ok),
+        "criteria": f"|r_bar - rho|/rho <= {cfg.converge_tol:g} and |delta| <= {cfg.delta_tol:g}",
+        "delta_calibrated": bool(delta_calibrated),
+    }
+
+
 def target_ratio(budget: float, model) -> tuple[float, int]:
     """(ρ, reference N): token budgets divide by the nominal N (576), LLaVA-NeXT by 2880.  The budget follows
     `vtprune.apply`'s rule (`Budget.parse`): an int is a token count, a float a ratio in (0, 1)."""
@@ -180,7 +291,7 @@ class TrainStep(nn.Module):
         targets = batch["targets"].to(device)[rb.gen]
         sample = rb.gen.nonzero()[:, 0]
         l_task = task_loss(logits, targets, sample, rb.gen.shape[0])
-        l_rep = repair_loss(st.repair, teacher, cfg.alpha)
+        l_rep = repair_loss(st.repair, teacher, cfg.alpha, norm=cfg.repair_norm)
         r_k = torch.stack([st.ratios[ell].mean() for ell in placement.pruning_layers])
         r_bar = placement.layer_average(list(r_k))
         l_sp = sparsity_loss(r_bar, r_target)
@@ -334,6 +445,10 @@ def _fingerprint(cfg: RCPTrainConfig, total: int, world: int, n_train: int, mode
         "lambda_repair",
         "lambda_sparse",
         "alpha",
+        "repair_norm",
+        "beta_lr",
+        "d_prime",
+        "bottleneck",
     )
     return {
         **{k: getattr(cfg, k) for k in keys},
@@ -366,6 +481,7 @@ def train(
     from ..loading import load
 
     cfg = cfg or RCPTrainConfig()
+    check_config(cfg)
     out = Path(out)
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     precision = cfg.precision if cfg.precision != "auto" else ("fp32" if cpu else "bf16")
@@ -396,18 +512,14 @@ def train(
     per_step = cfg.batch * cfg.grad_accum * world
     total = cfg.steps or max(1, len(train_set) // per_step)
 
-    plugins = RCPPlugins(
-        sig["hidden_size"],
-        placement,
-        d_prime=cfg.d_prime,
-        n_queries=cfg.n_queries,
-        heads=cfg.heads,
-        bottleneck=cfg.bottleneck,
-        dropout=cfg.dropout,
-        query_dropout=cfg.query_dropout,
-    ).to(accelerator.device)
-    optimizer = torch.optim.AdamW(plugins.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg.warmup, cfg.lr_floor))
+    plugins = build_plugins(cfg, sig["hidden_size"], placement).to(accelerator.device)
+    n_plugins = count_parameters(plugins)
+    n_model = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(param_groups(plugins, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    factors = [lambda s: lr_factor(s, total, cfg.warmup, cfg.lr_floor)]
+    if cfg.beta_lr is not None:  # β's group: warm-up, then constant
+        factors.append(lambda s: beta_lr_factor(s, total, cfg.warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     step_module = TrainStep(model, plugins, cfg, rho)
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     core = accelerator.unwrap_model(step_module)
@@ -469,12 +581,16 @@ def train(
             shutil.rmtree(stage, ignore_errors=True)
         accelerator.wait_for_everyone()
 
+    dims = core.plugins.dims
     say(
         f"RCP: {sig['model_class']} L={placement.num_layers} d={sig['hidden_size']}; pruning "
-        f"{list(placement.pruning_layers)}, repair {placement.source_map}; rho={rho:.4f}; "
-        f"{count_parameters(core.plugins):,} trainable parameters; {len(train_set)} training / {len(calib_set)} "
-        f"calibration samples; {total} steps of {per_step} samples on {world} process(es), {precision}"
+        f"{list(placement.pruning_layers)}, repair {placement.source_map}; rho={rho:.4f}; d'={dims['d_prime']} "
+        f"b={dims['bottleneck']}: {n_plugins:,} trainable parameters next to the model's {n_model:,} "
+        f"({100 * n_plugins / n_model:.2f} %); repair loss {cfg.repair_norm}; beta lr {cfg.beta_lr or cfg.lr:g}; "
+        f"{len(train_set)} training / {len(calib_set)} calibration samples; {total} steps of {per_step} samples on "
+        f"{world} process(es), {precision}"
     )
+    log_every = cfg.log_every or max(1, total // 20)
 
     perms: dict = {}
     bar = None
@@ -533,11 +649,19 @@ def train(
             if main:
                 with open(log_path, "a") as f:
                     f.write(cpt.dumps_strict(record) + "\n")  # strict JSON: a NaN loss is written as null
+            keep = "/".join(f"{x:.2f}" for x in record["r_k"])
             if bar is not None:
                 bar.update(
                     task,
                     completed=step,
-                    info=f"loss {record['loss']:.3f} r̄ {record['r_bar']:.3f}→{r_target:.3f} τ {tau:.2f}",
+                    info=f"loss {record['loss']:.3f} r̄ {record['r_bar']:.3f}→{r_target:.3f} keep {keep} τ {tau:.2f}",
+                )
+            elif step % log_every == 0 or step == total:
+                say(
+                    f"step {step}/{total}: r̄ {record['r_bar']:.4f} (r* {r_target:.4f}); keep per pruner "
+                    f"{dict(zip(placement.pruning_layers, record['r_k'], strict=True))}; loss {record['loss']:.4f} "
+                    f"(task {record['task']:.4f}, repair {record['repair']:.4f}, sparse {record['sparse']:.4f}); "
+                    f"τ {tau:.2f}; β {[round(p.beta.detach().item(), 4) for p in core.plugins.pruner.values()]}"
                 )
             over_time = cfg.time_limit is not None and time.time() - t0 > cfg.time_limit
             flag = torch.tensor([1.0 if over_time else 0.0], device=accelerator.device)
@@ -556,7 +680,8 @@ def train(
         "total_steps": total,
         "rho": rho,
         "placement": placement.to_dict(),
-        "trainable_parameters": count_parameters(core.plugins),
+        "trainable_parameters": n_plugins,
+        "model_parameters": n_model,
         "wall_s": round(time.time() - t0, 1),
     }
     if return_plugins:
@@ -574,7 +699,18 @@ def train(
             routes.append(batch_to_route(model, b, accelerator.device))
         with accelerator.autocast():
             calibration = calibrate_delta(model, core.plugins, routes, rho, cfg, log=say)
+    conv = None
     if main:
+        records = [json.loads(ln) for ln in _log_lines_before(log_path, total)]
+        conv = convergence(records, rho, float(calibration["delta"]), cfg, not calibration.get("skipped", False))
+        if "evaluations" in calibration and calibration["evaluations"]:  # δ = 0 is always evaluated first
+            first = calibration["evaluations"][0]
+            conv["r_bar_eval_delta0"] = round(first["kept"] / calibration["target"] * rho, 5)
+        verdict = "converged" if conv["converged"] else "NOT CONVERGED"
+        say(
+            f"budget: final r̄ {conv.get('r_bar')} for ρ {rho:.4f} (relative error {conv.get('rel_error')}), "
+            f"δ {conv['delta']:.3f}: {verdict} ({conv.get('criteria', '')})"
+        )
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.save_dtype]
         config = {
             **sig,
@@ -591,18 +727,24 @@ def train(
             "seed": cfg.seed,
             "vtprune_version": _version(),
             "calibration": {k: v for k, v in calibration.items() if k != "evaluations"},
+            "repair_norm": cfg.repair_norm,
+            "convergence": conv,
+            "parameters": {"plugins": n_plugins, "model": n_model, "ratio": n_plugins / n_model},
             "training": {
                 "config": asdict(cfg),
                 "world_size": world,
                 "precision": precision,
                 "n_train": len(train_set),
                 "n_calibration": len(calib_set),
+                "data": str(Path(data).resolve()),
             },
         }
         ckpt.save_checkpoint(out, core.plugins, config, dtype=dtype)
-        say(f"wrote {out / ckpt.WEIGHTS_NAME} and {out / ckpt.CONFIG_NAME}")
+        ckpt.write_card(out)
+        say(f"wrote {out / ckpt.WEIGHTS_NAME}, {out / ckpt.CONFIG_NAME} and {out / ckpt.CARD_NAME}")
     accelerator.wait_for_everyone()
     summary["calibration"] = {k: v for k, v in calibration.items() if k != "evaluations"}
+    summary["convergence"] = conv
     return summary
 
 
