@@ -59,9 +59,21 @@ def pruned_record(fw: ForwardState, ctx: RecordContext) -> RunRecord:
             idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
             inserted = [sum(im.inserted.get(t, 0) for t in range(s + 1)) for im in mine]
             merged_idx = torch.cat([_merged_kept(im, s) for im in mine]) if mine else idx[:0]
-            events.append(PruningEvent(str(stage), idx, any(s in im.merged for im in mine), inserted, merged_idx))
+            merged = any(s in im.merged for im in mine)
+            events.append(
+                PruningEvent(stage=str(stage), keep_idx=idx, merged=merged, inserted=inserted, merged_idx=merged_idx)
+            )
         notes = [im.memo.get("record") for im in mine]
-        samples.append(SampleRecord(n, int(text[b]), per_layer[b], events, [im.offset for im in mine] + [n], notes))
+        samples.append(
+            SampleRecord(
+                n_visual=n,
+                n_text=int(text[b]),
+                visual_per_layer=per_layer[b],
+                events=events,
+                image_offsets=[im.offset for im in mine] + [n],
+                method_info=notes,
+            )
+        )
     record = ctx.run(samples, fw.groups[-1].seq_index)
     record.selections = _selections(fw)
     return record
@@ -75,9 +87,17 @@ def passthrough_record(
     samples = []
     for b, n in enumerate(n_visual):
         offsets = [im.offset for im in images if im.sample == b] + [n]
-        events = [PruningEvent(str(s), torch.arange(n), False, [0] * (len(offsets) - 1)) for s in ctx.stages]
+        n_images = len(offsets) - 1
+        events = [PruningEvent(stage=str(s), keep_idx=torch.arange(n), inserted=[0] * n_images) for s in ctx.stages]
         samples.append(
-            SampleRecord(n, int(valid[b]) - n, [n] * ctx.num_layers, events, offsets, [None] * (len(offsets) - 1))
+            SampleRecord(
+                n_visual=n,
+                n_text=int(valid[b]) - n,
+                visual_per_layer=[n] * ctx.num_layers,
+                events=events,
+                image_offsets=offsets,
+                method_info=[None] * n_images,
+            )
         )
     return ctx.run(samples, None)
 
