@@ -35,8 +35,8 @@ import time
 
 import torch
 
-from vtprune.errors import VtpruneError
 from vtprune.bench.core import BenchConfig, load_bench_model, run_bench
+from vtprune.errors import VtpruneError
 from vtprune.methods import build_method, method_names
 
 #: options a method needs to run on an `arch:` / `tiny:` model (no external models, any budget)

@@ -44,7 +44,8 @@ class VipLlavaAdapter(ModelAdapter):
 
     def image_layout(self, image_index: int, n: int):
         r = torch.arange(n)
-        return [(self.side, self.side)], torch.stack([r // self.side, r % self.side], 1), torch.zeros(n, dtype=torch.long)
+        coords = torch.stack([r // self.side, r % self.side], 1)
+        return [(self.side, self.side)], coords, torch.zeros(n, dtype=torch.long)
 
     def make_processor(self, tokenizer, image_processor):
         from transformers import LlavaProcessor

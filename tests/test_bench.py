@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -71,12 +70,9 @@ def test_bundled_configs_match_the_spec_constants(name):
         assert cfg.vision_config.image_size == 336 and cfg.vision_config.patch_size == 14
 
 
-def test_build_arch_llava_7b_real_widths_one_layer_fast():
-    t0 = time.perf_counter()
+def test_build_arch_llava_7b_real_widths_one_layer():
     model = build_arch("llava-1.5-7b", layers=1, dtype=torch.bfloat16)
-    elapsed = time.perf_counter() - t0
-    # 5-12 s measured on the shared 2-core host (first touch of 0.8 B parameters); generous bound.
-    assert elapsed < 30, elapsed
+    assert sum(p.numel() for p in model.parameters()) == 789_542_912  # CLIP-L/336 + projector + 1 Vicuna layer + head
     lm = model.model.language_model
     assert len(lm.layers) == 1 and lm.config.hidden_size == 4096
     w = lm.layers[0].mlp.up_proj.weight

@@ -96,7 +96,6 @@ def test_console_entry_point_prints_no_traceback(files):
     assert proc.stderr.strip() == f"vtprune: error: image not found: {files / 'gone.png'}"
 
 
-@pytest.mark.skipif(not HAS_BUILTIN, reason="builtin:shapes-llava is not shipped in this checkout")
 def test_missing_image_in_jsonl_is_a_user_error(files, capsys):
     assert main(["eval", "--data", str(files / "noimage.jsonl"), "--batch", "1"]) == 2
     err = capsys.readouterr().err

@@ -7,15 +7,11 @@ import io
 import re
 from pathlib import Path
 
-import pytest
 import torch
-
-from vtprune.testbed import builtin_names
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.skipif("shapes-llava" not in builtin_names(), reason="builtin:shapes-llava is not shipped")
 def test_readme_builtin_example_runs_offline():
     text = README.read_text()
     use = text[text.index("## Use") :]

@@ -34,8 +34,8 @@ def model_dirs(tmp_path_factory):
         "llava_next": (str(root / "next"), "w5 w6 w7", (160, 100), "pool,visionzip,divprune,fastv@0.7"),
         "qwen2_5_vl": (str(root / "qwen"), "w5 w6 w7", (160, 100), "pool,visionzip,divprune,fastv@0.7"),
     }
-    if "shapes-llava" in builtin_names():
-        dirs["llava"] = ("builtin:shapes-llava", "what colour is the cross ?", (400, 300), "pool,visionzip,fastv@400")
+    assert "shapes-llava" in builtin_names(), "builtin:shapes-llava is missing from vtprune/assets/ (shipped)"
+    dirs["llava"] = ("builtin:shapes-llava", "what colour is the cross ?", (400, 300), "pool,visionzip,fastv@400")
     return dirs
 
 
@@ -49,8 +49,6 @@ def _image(size, colour=COLOUR) -> Image.Image:
 
 
 def _family(model_dirs, name):
-    if name not in model_dirs:
-        pytest.skip("builtin:shapes-llava is not shipped in this checkout")
     return model_dirs[name]
 
 

@@ -10,8 +10,8 @@ import json
 
 import pytest
 
-from vtprune.eval.intervals import wilson
 from vtprune.eval.report import compare_table, eval_table
+from vtprune.stats import wilson
 from vtprune.tables import Col, ResultTable, si
 
 LONG = "a_method_with_a_really_long_registered_name"

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from vtprune.errors import VtpruneError
-from vtprune.eval.intervals import wilson
 from vtprune.eval.significance import add_significance
 from vtprune.eval.v3_report import (
     DOC_MARKERS,
@@ -23,6 +22,7 @@ from vtprune.eval.v3_report import (
     summary_table,
     validity,
 )
+from vtprune.stats import wilson
 from vtprune.testbed.published import published_scores
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,6 +9,7 @@ import torch
 from vtprune.calibration.dcp_v3 import BUILTIN_V3, BUILTIN_V3_KEY, CREATE_V3, score, tau_for
 from vtprune.methods.dcp_prune import DCPPruneConfig, load_tau_table
 from vtprune.shipped import builtin_names
+from vtprune.testbed.data_v3 import balanced_samples
 from vtprune.testbed.splits import Split
 
 needs_v3 = pytest.mark.skipif(
@@ -37,7 +38,7 @@ def test_default_recovery_not_below_anchors_only(budget):
 
     torch.set_num_threads(1)
     model, processor = load_builtin(BUILTIN_V3)
-    samples = Split("test", 30_000).samples(15)
+    samples = balanced_samples(Split("test", 30_000), 15)
     cap = DCPPruneConfig().context_cap
     acc = {}
     for recovery in ("mass", "none"):

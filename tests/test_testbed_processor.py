@@ -6,11 +6,11 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
 from vtprune.testbed.data import Packing, encode_conversation, pixels
+from vtprune.testbed.features import vision_features
 from vtprune.testbed.model import TINY, build_config, build_model
 from vtprune.testbed.questions import Question, answer_vocabulary, question_words
 from vtprune.testbed.scenes import make_scene, render
 from vtprune.testbed.tokenizer import build_processor, build_tokenizer, prompt, vocabulary
-from vtprune.testbed.train import vision_features
 
 
 def test_tokenizer_round_trip():

@@ -111,8 +111,9 @@ def test_a_type_listed_twice_is_asked_about_twice_as_often():
 
 def test_visual_token_curriculum_helpers():
     from vtprune.testbed.data import Packing, question_batch
+    from vtprune.testbed.features import vision_features
     from vtprune.testbed.model import build_model
-    from vtprune.testbed.train import keep_at, lm_loss, shorten, vision_features
+    from vtprune.testbed.train import keep_at, lm_loss, shorten
 
     assert [keep_at("5:8,9:32", s) for s in (0, 4, 5, 8, 9, 100)] == [8, 8, 32, 32, None, None]
     assert keep_at("", 0) is None
@@ -180,8 +181,9 @@ def test_probe_projector_column_code_rows_scale_and_fit():
 def test_feature_cache_and_question_salt(tmp_path):
     """Stage B's feature cache equals the live vision forward; salt draws other questions on the same scenes."""
     from vtprune.testbed.data import Packing, question_batch
+    from vtprune.testbed.features import vision_features
     from vtprune.testbed.model import build_model
-    from vtprune.testbed.train import feature_cache, vision_features
+    from vtprune.testbed.train import feature_cache
 
     model = build_model(TINY).eval()
     cache = feature_cache(model, 1, 3, "cpu", tmp_path / "f.pt", log=lambda _: None)

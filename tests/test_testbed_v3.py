@@ -120,7 +120,7 @@ def test_splits_are_disjoint_streams():
 def test_calibration_routines_refuse_the_test_split():
     @calibration_routine
     def fit_threshold(model, split: Split, n: int = 4) -> int:
-        return len(split.samples(n))
+        return len(data_v3.balanced_samples(split, n))
 
     assert fit_threshold(None, calibration_split(), n=1) == len(questions_v3.QUESTION_TYPES)
     with pytest.raises(SplitError, match="held-out test split"):
@@ -132,10 +132,10 @@ def test_calibration_routines_refuse_the_test_split():
     def fit_on_samples(samples: list[dict]) -> int:
         return len(samples)
 
-    test_samples = heldout_splits()[1].samples(1, types=("number",))
+    test_samples = data_v3.balanced_samples(heldout_splits()[1], 1, types=("number",))
     with pytest.raises(SplitError):
         fit_on_samples(test_samples)
-    assert fit_on_samples(calibration_split().samples(1, types=("number",))) == 1
+    assert fit_on_samples(data_v3.balanced_samples(calibration_split(), 1, types=("number",))) == 1
     with pytest.raises(SplitError):
         require_calibration(parse_split("test:30002"))
     assert require_calibration(parse_split("calibration")).seed == 20_000
@@ -145,7 +145,7 @@ def test_calibration_routines_refuse_the_test_split():
 
 
 def test_balanced_samples_and_batches_have_v2_layouts():
-    samples = calibration_split().samples(10)
+    samples = data_v3.balanced_samples(calibration_split(), 10)
     assert Counter(s["type"] for s in samples) == dict.fromkeys(questions_v3.QUESTION_TYPES, 10)
     assert all(s["split"] == "calibration:20000" for s in samples)
     for t in ("colour", "count", "relation"):

@@ -91,11 +91,11 @@ def test_shallower_decoders_would_not_do():
 def v3_model():
     import torch
 
-    from vtprune.testbed.data_v3 import build_model, build_processor
+    from vtprune.testbed.data_v3 import balanced_samples, build_model, build_processor
     from vtprune.testbed.splits import calibration_split
 
     torch.manual_seed(0)
-    return build_model().eval(), build_processor(), calibration_split().samples(1)[:3]
+    return build_model().eval(), build_processor(), balanced_samples(calibration_split(), 1)[:3]
 
 
 @pytest.mark.parametrize(("name", "options"), CONFIGS)

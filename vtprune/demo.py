@@ -49,7 +49,7 @@ def run_demo(quick: bool = False, out: str | Path = "vtprune-out/demo", n_per_ty
         if DEFAULT_BUILTIN in builtin_names():
             model = BUILTIN_PREFIX + DEFAULT_BUILTIN
         else:
-            from vtprune.cli import missing_builtin
+            from vtprune.commands.common import missing_builtin
 
             fallback = "builtin:shapes-llava" if "shapes-llava" in builtin_names() else "a random model"
             print(f"vtprune demo: {missing_builtin(DEFAULT_BUILTIN)}; running on {fallback}", file=sys.stderr)

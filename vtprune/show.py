@@ -197,7 +197,7 @@ def render(
 
     title: first header line (e.g. the model); question / expected: printed under it, and each column's answer is
     green when it matches `expected` (case and punctuation ignored), red when it does not."""
-    from vtprune.cli import answers_match
+    from vtprune.commands.common import answers_match
 
     font, small = _font(14), _font(12)
     line = 18
@@ -353,7 +353,7 @@ def show(
     chosen method has is a `VtpruneError`). expected: the right answer, if known (answers drawn green / red).
     A method that cannot run (e.g. an infeasible budget) gets a column saying why.
     """
-    from vtprune.cli import options_by_method
+    from vtprune.commands.common import options_by_method
     from vtprune.errors import VtpruneError
     from vtprune.loading import build_inputs
     from vtprune.single import run_one

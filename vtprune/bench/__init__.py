@@ -3,7 +3,7 @@ to the FLOPs bound (`core`), and its command-line parser (`cli`)."""
 
 from .._lazy import lazy_exports
 
-# public name -> submodule (imported on first access: `vtprune.bench.cli` stays cheap for the CLI)
+# public name -> submodule (imported on first access: `vtprune.commands.bench` stays cheap for the CLI)
 _LAZY = {
     "BenchConfig": "core",
     "IdWordTokenizer": "core",

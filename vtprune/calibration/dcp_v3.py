@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from ..eval.intervals import wilson
 from ..methods.dcp_prune import DCPPrune, DCPPruneConfig, shipped_tau_kappa
+from ..stats import wilson
+from ..testbed.data_v3 import balanced_samples
 from ..testbed.splits import Split, calibration_routine, calibration_split, heldout_splits, parse_split
 from .dcp import BUILTIN_PROMPT, BUILTIN_V3, BUILTIN_V3_KEY, calibrate_builtin, model_key, write_shipped_tau, write_tau
 
@@ -127,7 +128,7 @@ def sweep(model, processor, key: str, split: Split, per_type: int = 30, budgets=
           recoveries=SWEEP_RECOVERIES, n_images: int = 256, batch: int = 16, log=print) -> dict:
     """λ_ctx × recovery on the calibration split: every configuration with its own τ_κ (calibrated on the same
     split), accuracy at each budget. "none" and "uniform" do not read λ_ctx and run once. -> JSON-able dict."""
-    samples = split.samples(per_type)
+    samples = balanced_samples(split, per_type)
     configs = [(r, c) for r in recoveries for c in (caps if r == "mass" else (DCPPruneConfig().context_cap,))]
     rows = []
     for recovery, cap in configs:
@@ -160,7 +161,7 @@ def report(model, processor, key: str, splits: tuple[Split, ...], per_type: int 
         log(f"tau_kappa[{r}] = {t:.6g} ({src})")
     rows = []
     for split in splits:
-        samples = split.samples(per_type)
+        samples = balanced_samples(split, per_type)
         for b in ([None] if full else []) + list(budgets):
             for r in (["full"] if b is None else recoveries):
                 if b is None:

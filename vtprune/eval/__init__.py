@@ -8,7 +8,6 @@ _LAZY = {
     "plot_compare": "compare",
     "load_samples": "shapes",
     "run_eval": "shapes",
-    "wilson": "intervals",
 }
 __all__ = sorted(_LAZY)
 

@@ -67,11 +67,12 @@ def parse_seeds(text: str) -> list[int]:
 def v3_test_samples(n_per_type: int, seeds: Iterable[int] | None = None) -> list[dict]:
     """Balanced questions of the held-out test split, `n_per_type` per type for each seed, seed after seed;
     every sample carries `split` ("test:SEED")."""
+    from vtprune.testbed.data_v3 import balanced_samples
     from vtprune.testbed.splits import Split
 
     if isinstance(n_per_type, bool) or not isinstance(n_per_type, int) or n_per_type < 1:
         raise VtpruneError(f"questions per type must be an int >= 1, got {n_per_type!r}")
-    return [s for seed in (seeds or heldout_seeds()) for s in Split("test", int(seed)).samples(n_per_type)]
+    return [s for seed in (seeds or heldout_seeds()) for s in balanced_samples(Split("test", int(seed)), n_per_type)]
 
 
 def sample_seed(sample: dict) -> int | None:

@@ -21,8 +21,8 @@ import torch
 import vtprune
 from vtprune.errors import VtpruneError
 
+from ..stats import wilson
 from .benchmark import per_seed_accuracy, seed_spread
-from .intervals import wilson
 from .shapes import run_eval
 from .significance import add_significance, bits_of
 

@@ -201,9 +201,9 @@ class Gemma3Adapter(ModelAdapter):
 
     def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
         """One image per prompt: `mm_tokens_per_image` (256) soft tokens."""
-        from vtprune import testing
+        from . import synthetic
 
-        return testing.gemma3_inputs(self.model, prompts, [1] * len(prompts), seed=seed)
+        return synthetic.gemma3_inputs(self.model, prompts, [1] * len(prompts), seed=seed)
 
     def display_layout(self, image, inputs: dict, image_processor):
         """side×side pooled soft tokens over the whole image (squashed to the square tile by the processor), then,

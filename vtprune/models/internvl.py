@@ -167,9 +167,9 @@ class InternVLAdapter(ModelAdapter):
 
     def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
         """One tile (no thumbnail) per prompt: `image_seq_length` (256) tokens."""
-        from vtprune import testing
+        from . import synthetic
 
-        return testing.internvl_inputs(self.model, prompts, [1] * len(prompts), seed=seed)
+        return synthetic.internvl_inputs(self.model, prompts, [1] * len(prompts), seed=seed)
 
     def display_layout(self, image, inputs: dict, image_processor):
         """Each dynamic tile's side×side grid at its place on the image, then the thumbnail over the whole image:

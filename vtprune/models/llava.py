@@ -180,9 +180,9 @@ class LlavaAdapter(ModelAdapter):
 
     def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
         """One fixed-size image per prompt (the token count does not depend on its size)."""
-        from vtprune import testing
+        from . import synthetic
 
-        return testing.llava_inputs(self.model, prompts, seed=seed)
+        return synthetic.llava_inputs(self.model, prompts, seed=seed)
 
     def display_layout(self, image, inputs: dict, image_processor):
         """side×side cells over the processed square the model sees (recovered from `pixel_values[0]`)."""

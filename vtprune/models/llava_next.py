@@ -161,10 +161,10 @@ class LlavaNextAdapter(LlavaAdapter):
 
     def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
         """One image of `image_size` (W, H) per prompt; default 2×2 tiles' worth."""
-        from vtprune import testing
+        from . import synthetic
 
         w, h = image_size or (2 * self.model.config.vision_config.image_size,) * 2
-        return testing.llava_next_inputs(self.model, prompts, [(h, w)] * len(prompts), seed=seed)
+        return synthetic.llava_next_inputs(self.model, prompts, [(h, w)] * len(prompts), seed=seed)
 
     def display_layout(self, image, inputs: dict, image_processor):
         """Base view (side×side over the whole image) and the unpadded tile grid mapped onto the image."""

@@ -345,10 +345,10 @@ class LlavaOnevisionAdapter(ModelAdapter):
 
     def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
         """One AnyRes image of `image_size` (W, H) per prompt (default one tile's size: base + 1 tile + newlines)."""
-        from vtprune import testing
+        from . import synthetic
 
         w, h = image_size or (self.model.config.vision_config.image_size,) * 2
-        return testing.llava_onevision_inputs(self.model, prompts, [[(h, w)]] * len(prompts), seed=seed)
+        return synthetic.llava_onevision_inputs(self.model, prompts, [[(h, w)]] * len(prompts), seed=seed)
 
     def display_layout(self, image, inputs: dict, image_processor):
         """As LLaVA-NeXT (base view | unpadded AnyRes tile area); a grid shrunk by `anyres_max_N` maps each token to

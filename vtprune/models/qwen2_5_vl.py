@@ -341,11 +341,11 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     def synthetic_inputs(self, prompts, image_size=None, seed: int = 0) -> dict:
         """One image of `image_size` (W, H) per prompt; default 576 tokens (24×24 merged patches)."""
-        from vtprune import testing
+        from . import synthetic
 
         side = 24 * self.merge * int(self.model.config.vision_config.patch_size)
         w, h = image_size or (side, side)
-        return testing.qwen_inputs(self.model, prompts, [(h, w)] * len(prompts), seed=seed)
+        return synthetic.qwen_inputs(self.model, prompts, [(h, w)] * len(prompts), seed=seed)
 
     def display_layout(self, image, inputs: dict, image_processor):
         """Merged (patch·merge)-px cells over the image resized to `image_grid_thw`."""

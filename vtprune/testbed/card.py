@@ -70,13 +70,14 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
 def _score_v3(model, processor, per_type: int) -> tuple[list[dict], dict, dict]:
     """Score on the v3 test splits (`per_type` questions per type and seed): (samples, pooled result, extras with
     the seeds, per-seed accuracy and Wilson 95 % intervals overall and per type)."""
-    from vtprune.eval.intervals import wilson
+    from vtprune.stats import wilson
 
+    from .data_v3 import balanced_samples
     from .questions_v3 import answer_vocabulary
     from .splits import heldout_splits
 
     splits = heldout_splits()
-    samples = [x for split in splits for x in split.samples(per_type)]
+    samples = [x for split in splits for x in balanced_samples(split, per_type)]
     res = evaluate(model, processor, samples, batch_size=16, answers=answer_vocabulary())
     recs = res["records"]
     per_seed = {}

@@ -26,7 +26,7 @@ import torch
 
 from ..models.llava import LlavaAdapter
 from .data import dense_batch
-from .train import vision_features
+from .features import vision_features
 
 
 def _tower(model):

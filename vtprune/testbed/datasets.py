@@ -55,7 +55,7 @@ def _v3() -> Dataset:
         build_model=lambda size, seed: data_v3.build_model(size, seed=seed),
         build_processor=data_v3.build_processor, dense_batch=data_v3.dense_batch,
         question_batch=data_v3.question_batch, scene_pixels=data_v3.scene_pixels,
-        watched_samples=lambda seed, n: splits.calibration_split(seed).samples(n))
+        watched_samples=lambda seed, n: data_v3.balanced_samples(splits.calibration_split(seed), n))
 
 
 _DATASETS: dict[str, Callable[[], Dataset]] = {"shapes-v2": _v2, "shapes-v3": _v3}

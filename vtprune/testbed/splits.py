@@ -57,12 +57,6 @@ class Split:
 
         return make_scene(self.code, self.seed, index)
 
-    def samples(self, n_per_type: int, types: tuple[str, ...] | None = None) -> list[dict]:
-        """Balanced questions of this split (`data_v3.balanced_samples`); every sample carries `split`."""
-        from .data_v3 import balanced_samples
-
-        return balanced_samples(self, n_per_type, types=types)
-
     def __str__(self) -> str:
         return f"{self.name}:{self.seed}"
 

@@ -49,7 +49,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,7 @@ from .. import checkpointing as cpt
 from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
+from .features import vision_features
 from .model import ModelSize
 from .questions import QUESTION_TYPES, TRAINING_TYPES
 from .scenes import COLOURS, SHAPES
@@ -152,25 +153,6 @@ class DenseHeads(nn.Module):
         grid = int(round(math.sqrt(feats.shape[1])))
         stats["xy_obj_cells"] = ((err.sqrt() * fg).sum() / fg.sum().clamp_min(1) * (grid - 1)).item()
         return total, stats
-
-
-@contextmanager
-def penultimate_only(vision_tower: nn.Module):
-    """Run the CLIP tower without its last layer: last_hidden_state == hidden_states[-2] of the full tower."""
-    enc = getattr(vision_tower, "vision_model", vision_tower).encoder
-    layers = enc.layers
-    enc.layers = layers[:-1]
-    try:
-        yield
-    finally:
-        enc.layers = layers
-
-
-def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Penultimate-layer patch features without [CLS]: [B, 3, 336, 336] -> [B, 576, Dv]."""
-    tower = model.model.vision_tower
-    with penultimate_only(tower):
-        return tower(pixel_values=pixel_values).last_hidden_state[:, 1:]
 
 
 def shorten(batch: dict[str, torch.Tensor], feats: torch.Tensor, keep: int,

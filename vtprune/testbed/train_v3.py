@@ -51,7 +51,8 @@ def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tup
     included (it is part of a Stage-A step); `stage_a=False` times Stage B only."""
     from .data import Packing
     from .datasets import get_dataset
-    from .train import DenseHeads, lm_loss, shorten, vision_features
+    from .features import vision_features
+    from .train import DenseHeads, lm_loss, shorten
 
     cfg = cfg or v3_config()
     torch.set_num_threads(threads)

@@ -10,15 +10,14 @@ import sys
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `testbed` command (sub-commands export, train, score) to a subparsers object whose parser class is
     `vtprune.cli.Parser`: its arguments are added when it is first used (their defaults import the testbed)."""
-    from vtprune.cli import add_lazy_parser
+    from vtprune.commands.common import add_lazy_parser
 
     return add_lazy_parser(subparsers, "testbed", _arguments, help="built-in offline benchmark (shapes-llava)")
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    from vtprune.cli import positive_int
-
-    from .data import HELDOUT_SEED
+    from vtprune.commands.common import positive_int
+    from vtprune.testbed.data import HELDOUT_SEED
 
     sub = p.add_subparsers(dest="testbed_command", required=True)
 
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_jsonl
+    from vtprune.testbed.export import export_jsonl
 
     if getattr(args, "lmms", False):
         from vtprune.eval.lmms.task import write_task
@@ -125,23 +124,23 @@ def _export(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from vtprune.cli import check_model
+    from vtprune.commands.common import check_model
 
     for init in (args.init, args.vision_init):
         if init is not None:
             check_model(init)
-    from .model import TINY
-    from .train import TrainConfig, train
+    from vtprune.testbed.model import TINY
+    from vtprune.testbed.train import TrainConfig, train
 
     if getattr(args, "preset", "v2") == "v3":
-        from .train_v3 import v3_config
+        from vtprune.testbed.train_v3 import v3_config
 
         cfg = v3_config(seed=args.seed)
         cfg.threads = args.threads
     else:
         cfg = TrainConfig(seed=args.seed, threads=args.threads)
     if args.tiny:
-        from .train_v3 import TINY_V3
+        from vtprune.testbed.train_v3 import TINY_V3
 
         cfg.size = TINY_V3 if cfg.data == "shapes-v3" else TINY
     overrides = {"steps_a": args.steps_a, "steps_b": args.steps_b or args.steps, "batch_a": args.batch_a,
@@ -167,8 +166,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    from .train import TrainConfig
-    from .train_v3 import estimate_chain_seconds, measure_step_costs, v3_config
+    from vtprune.testbed.train import TrainConfig
+    from vtprune.testbed.train_v3 import estimate_chain_seconds, measure_step_costs, v3_config
 
     cfg = v3_config() if args.preset == "v3" else TrainConfig()
     keep = (96, 192, None) if args.preset == "v3" else (None,)
@@ -180,12 +179,11 @@ def _measure(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from vtprune.cli import UsageError, check_model, check_path
-
-    from .builtin import resolve_model
-    from .data import balanced_samples
-    from .evaluate import evaluate, majority_baseline
-    from .export import read_jsonl
+    from vtprune.commands.common import UsageError, check_model, check_path
+    from vtprune.testbed.builtin import resolve_model
+    from vtprune.testbed.data import balanced_samples
+    from vtprune.testbed.evaluate import evaluate, majority_baseline
+    from vtprune.testbed.export import read_jsonl
 
     check_model(args.model)
     check_path(args.data, "data file", "file")
@@ -195,10 +193,11 @@ def _score(args: argparse.Namespace) -> int:
     if args.data:
         samples, root = read_jsonl(args.data)
     elif args.split:
-        from .questions_v3 import answer_vocabulary
-        from .splits import parse_split
+        from vtprune.testbed.data_v3 import balanced_samples
+        from vtprune.testbed.questions_v3 import answer_vocabulary
+        from vtprune.testbed.splits import parse_split
 
-        samples, root = parse_split(args.split).samples(args.per_type), None
+        samples, root = balanced_samples(parse_split(args.split), args.per_type), None
         answers = answer_vocabulary()
     else:
         samples, root = balanced_samples(args.seed, args.per_type, id_prefix="score"), None
@@ -219,8 +218,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point: `python -m vtprune.testbed.cli train --out DIR` (errors as `vtprune` reports them)."""
-    from vtprune.cli import Parser, guarded, split_debug
+    """Stand-alone entry point: `python -m vtprune.commands.testbed train --out DIR` (errors as `vtprune` reports)."""
+    from vtprune.commands.common import Parser, guarded, split_debug
 
     argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     parser = Parser(prog="vtprune")

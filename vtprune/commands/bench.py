@@ -10,13 +10,13 @@ def _list(text: str) -> list[str]:
 
 
 def _budgets(text: str) -> list[int | float]:
-    from vtprune.cli import budgets_arg
+    from vtprune.commands.common import budgets_arg
 
     return budgets_arg(text)
 
 
 def _methods(text: str) -> list[str]:
-    from vtprune.cli import names_arg
+    from vtprune.commands.common import names_arg
 
     return names_arg(text)
 
@@ -57,7 +57,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=_positive, default=64, help="random text tokens around the image")
     p.add_argument("--threads", type=_positive, default=1, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write one row per (method, budget) here")
-    from vtprune.cli import add_format
+    from vtprune.commands.common import add_format
 
     add_format(p)
     p.set_defaults(func=run)
@@ -65,13 +65,20 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def _positive(text: str) -> int:
-    from vtprune.cli import positive_int
+    from vtprune.commands.common import positive_int
 
     return positive_int(text)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vtprune.cli import _parse_options, check_methods, check_model, options_by_method, print_result, write_json
+    from vtprune.commands.common import (
+        _parse_options,
+        check_methods,
+        check_model,
+        options_by_method,
+        print_result,
+        write_json,
+    )
 
     check_model(args.model)
     check_methods(args.method)
