@@ -278,6 +278,7 @@ def run_seed(args: argparse.Namespace, log=print) -> dict:
                 "grad_accum",
                 "lr",
                 "beta_lr",
+                "beta_update",
                 "repair_norm",
                 "lambda_repair",
                 "lambda_sparse",

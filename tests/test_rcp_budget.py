@@ -23,7 +23,15 @@ from vtprune.rcp.losses import moment_loss, repair_loss, teacher_scale
 from vtprune.rcp.modules import RCPPlugins, count_parameters, scaled_width
 from vtprune.rcp.placement import placement_for
 from vtprune.rcp.schedule import beta_lr_factor, lr_factor
-from vtprune.rcp.train import RCPTrainConfig, TrainStep, convergence, param_groups, plugin_widths, train
+from vtprune.rcp.train import (
+    RCPTrainConfig,
+    TrainStep,
+    budget_step,
+    convergence,
+    param_groups,
+    plugin_widths,
+    train,
+)
 from vtprune.testbed.splits import Split, SplitError, calibration_split, heldout_splits, train_split
 
 torch.set_num_threads(1)
@@ -169,31 +177,51 @@ def test_beta_receives_gradient_at_every_pruner(tiny):
     assert all(torch.isfinite(p.beta.grad) and float(p.beta.grad) != 0 for p in plugins.pruner.values())
 
 
-def test_beta_has_its_own_learning_rate_group():
+def test_beta_update_modes_and_the_budget_controller():
     plugins = RCPPlugins(32, placement_for(6, RHO), d_prime=16, bottleneck=16)
-    groups = param_groups(plugins, RCPTrainConfig(beta_lr=0.05))
-    assert len(groups) == 2 and groups[1]["lr"] == 0.05 and groups[1]["weight_decay"] == 0.0
-    assert {id(p) for p in groups[1]["params"]} == {id(p.beta) for p in plugins.pruner.values()}
-    assert sum(p.numel() for g in groups for p in g["params"]) == count_parameters(plugins)
-    assert len(param_groups(plugins, RCPTrainConfig(beta_lr=None))) == 1  # the spec's single group
-    # β's rate: the same warm-up, then constant (the others decay to 0.1·lr)
+    betas = {id(p.beta) for p in plugins.pruner.values()}
+    n = count_parameters(plugins)
+    budget = param_groups(plugins, RCPTrainConfig())  # default: the controller moves β, AdamW the rest
+    assert len(budget) == 1 and not betas & {id(p) for p in budget[0]["params"]}
+    assert sum(p.numel() for p in budget[0]["params"]) == n - 3
+    loss = param_groups(plugins, RCPTrainConfig(beta_update="loss", beta_lr=0.05))
+    assert len(loss) == 2 and loss[1]["lr"] == 0.05 and loss[1]["weight_decay"] == 0.0
+    assert {id(p) for p in loss[1]["params"]} == betas
+    spec = param_groups(plugins, RCPTrainConfig(beta_update="loss", beta_lr=None))  # the spec's single group
+    assert len(spec) == 1 and sum(p.numel() for p in spec[0]["params"]) == n
+    # β ← β − step·sign(r̄ − r*)
+    budget_step(plugins, 0.5, RHO, 0.05)
+    assert all(p.beta.item() == pytest.approx(1.95) for p in plugins.pruner.values())
+    budget_step(plugins, 0.05, RHO, 0.2)
+    assert all(p.beta.item() == pytest.approx(2.15) for p in plugins.pruner.values())
+    budget_step(plugins, RHO, RHO, 0.2)
+    assert all(p.beta.item() == pytest.approx(2.15) for p in plugins.pruner.values())
+    # its step: the same warm-up as the learning rate, then constant (the learning rate decays to 0.1·lr)
     assert beta_lr_factor(0, 100) == lr_factor(0, 100) and beta_lr_factor(99, 100) == 1.0
     assert lr_factor(99, 100) == pytest.approx(0.1)
+    for bad, msg in (
+        ({"beta_update": "adam"}, "beta_update must be 'budget' or 'loss'"),
+        ({"beta_lr": None}, "needs a beta_lr > 0"),
+        ({"beta_lr": -1.0}, "beta_lr must be a number > 0"),
+    ):
+        with pytest.raises(VtpruneError, match=msg):
+            train("unused", "unused.jsonl", "/nonexistent", RCPTrainConfig(**bad))
 
 
 def test_beta_moves_beyond_the_base_learning_rate_bound(tiny, tmp_path):
     """Adam moves a parameter by about its learning rate per step: with the spec's single group β can travel at
-    most ~lr·steps; its own group lets it follow the budget."""
+    most ~lr·steps; the budget controller moves it by beta_lr per step towards the budget."""
     model_dir, data, loaded = tiny
     kw = dict(device="cpu", progress=False, loaded=loaded, return_plugins=True, log=lambda *_: None)
     base = dict(steps=4, batch=2, grad_accum=1, lr=1e-4, d_prime=16, bottleneck=16, calib_n=0, sparsity_warm=0.0)
-    own = train(str(model_dir), data, tmp_path / "own", RCPTrainConfig(beta_lr=0.05, **base), **kw)
-    one = train(str(model_dir), data, tmp_path / "one", RCPTrainConfig(beta_lr=None, **base), **kw)
+    own = train(str(model_dir), data, tmp_path / "own", RCPTrainConfig(**base), **kw)
+    one = train(str(model_dir), data, tmp_path / "one", RCPTrainConfig(beta_update="loss", beta_lr=None, **base), **kw)
     moved_own = [2.0 - p.beta.item() for p in own["plugins"].pruner.values()]
     moved_one = [2.0 - p.beta.item() for p in one["plugins"].pruner.values()]
     assert all(abs(m) <= 4 * 1e-4 * 1.5 for m in moved_one), moved_one
-    assert all(m > 0.1 for m in moved_own), moved_own  # down: r̄ starts far above r* = ρ
     log = [json.loads(x) for x in (tmp_path / "own" / "train_log.jsonl").read_text().splitlines()]
+    assert all(r["r_bar"] > RHO for r in log)  # untrained and 4 steps: above the budget throughout
+    assert moved_own == pytest.approx([4 * 0.05] * 3)  # down by beta_lr at each step (no warm-up at 4 steps)
     assert all(len(r["r_k"]) == 3 and "r_target" in r and "r_bar" in r for r in log)
 
 
@@ -313,3 +341,27 @@ def test_method_file_does_not_import_the_data_builder():
 
     imports = [ln for ln in open(method.__file__).read().splitlines() if ln.lstrip().startswith(("import ", "from "))]
     assert imports and not any("testbed" in ln or ".train" in ln or "ablations" in ln for ln in imports), imports
+
+
+def test_cli_split_option_refuses_the_test_split_and_parses_beta_lr(tiny, tmp_path):
+    import argparse
+
+    from vtprune.rcp.cli import add_parser
+
+    model_dir, _, _ = tiny
+    parser = argparse.ArgumentParser(prog="vtprune")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    common = ["train-rcp", "--model", str(model_dir), "--out", str(tmp_path / "o")]
+    args = parser.parse_args([*common, "--split", "test:30001", "--per-type", "1"])
+    with pytest.raises(SplitError, match="held-out test split"):
+        args.func(args)
+    assert not (tmp_path / "o" / "data").exists()
+    assert parser.parse_args([*common, "--data", "x.jsonl", "--beta-lr", "none"]).beta_lr is None
+    assert parser.parse_args([*common, "--data", "x.jsonl"]).beta_lr == RCPTrainConfig().beta_lr
+    parsed = parser.parse_args([*common, "--data", "x.jsonl", "--repair-norm", "none", "--d-prime", "32"])
+    assert parsed.repair_norm == "none" and parsed.d_prime == 32 and parsed.bottleneck is None
+    for bad in (["--beta-lr", "0"], ["--repair-norm", "std"], []):  # [] : neither --data nor --split
+        with pytest.raises(SystemExit):
+            parser.parse_args([*common, *(["--data", "x.jsonl"] if bad else []), *bad])
+    with pytest.raises(SystemExit):
+        parser.parse_args([*common, "--data", "x.jsonl", "--split", "calibration"])

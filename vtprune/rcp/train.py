@@ -13,12 +13,18 @@
   ((t·A + j)·W + r)·B … +B. Gumbel noise and query-row dropout come from per-sample generators seeded by
   (seed, sample id, epoch) (spec README §10); the MLP dropout uses the torch RNG (saved in checkpoints).
 - AdamW (lr 5e-5, wd 0.01), cosine LR with 10 % warm-up and floor 0.1·lr; bf16 autocast on GPU
-  (`precision="auto"`), fp32 or bf16 on CPU; no gradient clipping; seed 42.  Deviation (issue 22): the pruners'
-  scalar logit offsets β form a second group with their own learning rate `beta_lr` (0.05, no weight decay, constant
-  after the warm-up: `schedule.beta_lr_factor`).
-  Adam moves every parameter by about its learning rate per step, so at lr 5e-5 a scalar can travel at most
-  ~0.06 logits in 1 250 steps (the shipped built-in run's β stayed at 2.000 ± 0.002): β could not act as the
-  budget offset it is. `beta_lr=None` restores the spec's single group.
+  (`precision="auto"`), fp32 or bf16 on CPU; no gradient clipping; seed 42.
+- Deviation (issue 22), the pruners' scalar logit offsets β: `beta_update="budget"` (default) takes them out of
+  AdamW and moves them after every optimiser step by `β ← β − beta_lr·sign(r̄ − r*)` (beta_lr 0.05, the same
+  warm-up, then constant: `schedule.beta_lr_factor`; r̄ of the step's global batch), a dual-ascent controller
+  on the budget that the other loss terms do not move; the learned terms still see every loss. Why: under Adam a
+  parameter moves by about its learning rate per step, so at lr 5e-5 β could travel at most ~0.06 logits in
+  1 250 steps (the shipped built-in run's β stayed at 2.000 ± 0.002) and the budget came from the post-hoc δ;
+  and the straight-through gradient on β collapses by orders of magnitude when the Gumbel noise stops (last
+  20 % of the steps) while Adam's second moment remembers the earlier large ones for ~1 000 steps. Measured
+  on the 3-layer built-in model (100 steps of 2 samples): with β in an AdamW group at 0.05, r̄ reached 0.11
+  under noise, fell to 0.005 when the noise stopped and stayed there. `beta_update="loss"`: β in AdamW at
+  `beta_lr` (its own group, no decay; `beta_lr=None`: the spec's single group).
 - Repair loss normalised by the teacher's per-dimension std (`repair_norm="teacher_std"`, spec amendment
   2026-12); `"none"` is the reference's raw loss.
 - Plug-in widths d' and b default to 512·d/4096 (`modules.scaled_width`: 512 on LLaVA-1.5-7B, 16 on the
@@ -90,7 +96,8 @@ class RCPTrainConfig:
     heads: int = 4
     bottleneck: int | None = None  # None: scaled like d_prime
     repair_norm: str = "teacher_std"  # teacher_std (spec amendment 2026-12) | none (the reference's raw loss)
-    beta_lr: float | None = 0.05  # lr of the pruners' β (own group, no decay, constant after warm-up); None: lr
+    beta_update: str = "budget"  # budget: β ← β − beta_lr·sign(r̄ − r*) each step | loss: β trained by AdamW
+    beta_lr: float | None = 0.05  # β's step (budget) or learning rate (loss; None: the base group, the spec's)
     converge_tol: float = 0.10  # converged: |r̄ − ρ|/ρ <= converge_tol ...
     delta_tol: float = 1.0  # ... and |δ| <= delta_tol
     log_every: int | None = None  # a progress line every N steps (None: 20 lines per run)
@@ -125,6 +132,10 @@ def check_config(cfg: RCPTrainConfig) -> None:
         raise VtpruneError(f"d_prime ({cfg.d_prime}) must be a multiple of heads ({cfg.heads})")
     if cfg.beta_lr is not None and not (isinstance(cfg.beta_lr, (int, float)) and cfg.beta_lr > 0):
         raise VtpruneError(f"beta_lr must be a number > 0 or None (the base lr), got {cfg.beta_lr!r}")
+    if cfg.beta_update not in ("budget", "loss"):
+        raise VtpruneError(f"beta_update must be 'budget' or 'loss', got {cfg.beta_update!r}")
+    if cfg.beta_update == "budget" and cfg.beta_lr is None:
+        raise VtpruneError("beta_update='budget' needs a beta_lr > 0 (the controller's step)")
     if not 0 < cfg.converge_tol or not 0 <= cfg.delta_tol:
         raise VtpruneError("converge_tol must be > 0 and delta_tol >= 0")
 
@@ -168,14 +179,29 @@ def initial_plugins(config: dict) -> RCPPlugins:
     return plugins.eval()
 
 
+def _betas(plugins: RCPPlugins) -> list[nn.Parameter]:
+    return [p for name, p in plugins.named_parameters() if name.startswith("pruner.") and name.endswith(".beta")]
+
+
 def param_groups(plugins: RCPPlugins, cfg: RCPTrainConfig) -> list[dict]:
-    """AdamW groups: everything at (lr, weight_decay); with `beta_lr`, the pruners' β alone at (beta_lr, 0)."""
+    """AdamW groups.  beta_update="budget": every parameter but the pruners' β (the controller moves those);
+    "loss": everything at (lr, weight_decay), with `beta_lr` the β alone in a group at (beta_lr, 0)."""
+    ids = {id(p) for p in _betas(plugins)}
+    rest = [p for p in plugins.parameters() if id(p) not in ids]
+    if cfg.beta_update == "budget":
+        return [{"params": rest}]
     if cfg.beta_lr is None:
         return [{"params": list(plugins.parameters())}]
-    betas = [p for name, p in plugins.named_parameters() if name.startswith("pruner.") and name.endswith(".beta")]
-    ids = {id(p) for p in betas}
-    rest = [p for p in plugins.parameters() if id(p) not in ids]
-    return [{"params": rest}, {"params": betas, "lr": float(cfg.beta_lr), "weight_decay": 0.0}]
+    return [{"params": rest}, {"params": _betas(plugins), "lr": float(cfg.beta_lr), "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def budget_step(plugins: RCPPlugins, r_bar: float, r_target: float, step_size: float) -> None:
+    """The budget controller (beta_update="budget"): every pruner's β ← β − step·sign(r̄ − r*)."""
+    sign = (r_bar > r_target) - (r_bar < r_target)
+    for beta in _betas(plugins):
+        beta.sub_(step_size * sign)
+        beta.grad = None  # not an optimiser parameter: its gradient is never used
 
 
 def convergence(records: list[dict], rho: float, delta: float, cfg: RCPTrainConfig, delta_calibrated: bool) -> dict:
@@ -447,11 +473,12 @@ def _fingerprint(cfg: RCPTrainConfig, total: int, world: int, n_train: int, mode
         "alpha",
         "repair_norm",
         "beta_lr",
+        "beta_update",
         "d_prime",
         "bottleneck",
     )
     return {
-        **{k: getattr(cfg, k) for k in keys},
+        **{k: list(v) if isinstance(v := getattr(cfg, k), tuple) else v for k in keys},  # JSON-comparable
         "total_steps": total,
         "world_size": world,
         "n_train": n_train,
@@ -517,7 +544,7 @@ def train(
     n_model = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(param_groups(plugins, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     factors = [lambda s: lr_factor(s, total, cfg.warmup, cfg.lr_floor)]
-    if cfg.beta_lr is not None:  # β's group: warm-up, then constant
+    if cfg.beta_update == "loss" and cfg.beta_lr is not None:  # β's group: warm-up, then constant
         factors.append(lambda s: beta_lr_factor(s, total, cfg.warmup))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     step_module = TrainStep(model, plugins, cfg, rho)
@@ -586,7 +613,8 @@ def train(
         f"RCP: {sig['model_class']} L={placement.num_layers} d={sig['hidden_size']}; pruning "
         f"{list(placement.pruning_layers)}, repair {placement.source_map}; rho={rho:.4f}; d'={dims['d_prime']} "
         f"b={dims['bottleneck']}: {n_plugins:,} trainable parameters next to the model's {n_model:,} "
-        f"({100 * n_plugins / n_model:.2f} %); repair loss {cfg.repair_norm}; beta lr {cfg.beta_lr or cfg.lr:g}; "
+        f"({100 * n_plugins / n_model:.2f} %); repair loss {cfg.repair_norm}; β by {cfg.beta_update} "
+        f"({cfg.beta_lr or cfg.lr:g}); "
         f"{len(train_set)} training / {len(calib_set)} calibration samples; {total} steps of {per_step} samples on "
         f"{world} process(es), {precision}"
     )
@@ -630,8 +658,11 @@ def train(
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
             stats = {k: accelerator.reduce(v, "mean") for k, v in sums.items()}
+            if cfg.beta_update == "budget":  # the same global r̄ on every rank: identical β everywhere
+                size = cfg.beta_lr * beta_lr_factor(step, total, cfg.warmup)
+                budget_step(core.plugins, float(stats["r_bar"]), r_target, size)
+            step += 1
             record = {
                 "step": step - 1,
                 "loss": float(stats["loss"]),
