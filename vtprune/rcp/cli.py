@@ -40,7 +40,7 @@ def _beta_lr(text: str) -> float | None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from vtprune.cli import positive_int
+    from vtprune.commands.common import positive_int
 
     from .train import RCPTrainConfig
 
@@ -116,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `train-rcp` on a subparsers object whose parser class is `vtprune.cli.Parser`: the arguments (their
     defaults come from the trainer's config) are added when the command is first used, not at `vtprune --help`."""
-    from vtprune.cli import add_lazy_parser
+    from vtprune.commands.common import add_lazy_parser
 
     p = add_lazy_parser(
         subparsers,
@@ -131,7 +131,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vtprune.cli import check_model, check_path
+    from vtprune.commands.common import check_model, check_path
 
     check_model(args.model)
     check_path(args.data, "data file", "file")
@@ -188,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry point; user errors as one line and exit status 2, like `vtprune`."""
-    from vtprune.cli import Parser, guarded, split_debug
+    from vtprune.commands.common import Parser, guarded, split_debug
 
     argv, debug = split_debug(sys.argv[1:] if argv is None else argv)
     parser = Parser(
