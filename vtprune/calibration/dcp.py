@@ -201,12 +201,12 @@ def calibrate_builtin(
     """τ_κ of a built-in v3 model on scenes 0..n_images−1 of `split` (default: the calibration split; the test
     split raises `SplitError`). name: `builtin:NAME`'s NAME or a model directory; or pass `model`/`processor`.
     options: DCP-Prune options the method will run with (`recovery`, `context_cap`, ...)."""
-    from ..testbed.builtin import resolve_model
+    from ..eval.shapes import load_model
     from ..testbed.tokenizer import prompt
 
     split = require_calibration(split if split is not None else calibration_split(), "calibrate_builtin")
     if model is None:
-        model, processor = resolve_model(name if Path(name).is_dir() else "builtin:" + name)
+        model, processor = load_model(name if Path(name).is_dir() else "builtin:" + name)
     return calibrate_tau_kappa(
         model,
         processor,

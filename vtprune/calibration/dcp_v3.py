@@ -58,11 +58,12 @@ def load_model(spec: str):
             raise SystemExit(f"unknown model {spec!r} (accepted: builtin:NAME, a directory, fresh:v3, fresh:tiny)")
         torch.manual_seed(0)
         return data_v3.build_model(size, seed=0).eval(), data_v3.build_processor(), spec
-    from ..testbed.builtin import resolve_model
+    from ..errors import VtpruneError
+    from ..eval.shapes import load_model
 
     try:
-        model, processor = resolve_model(spec)
-    except FileNotFoundError as err:  # a missing built-in asset: say what creates it
+        model, processor = load_model(spec)
+    except VtpruneError as err:  # e.g. a missing built-in asset: say what creates it
         raise SystemExit(f"{err}; create it with: {CREATE_V3}") from None
     return model, processor, model_key(model)
 

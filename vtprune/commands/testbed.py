@@ -180,7 +180,7 @@ def _measure(args: argparse.Namespace) -> int:
 
 def _score(args: argparse.Namespace) -> int:
     from vtprune.commands.common import UsageError, check_model, check_path
-    from vtprune.testbed.builtin import resolve_model
+    from vtprune.eval.shapes import load_model
     from vtprune.testbed.data import balanced_samples
     from vtprune.testbed.evaluate import evaluate, majority_baseline
     from vtprune.testbed.export import read_jsonl
@@ -203,7 +203,7 @@ def _score(args: argparse.Namespace) -> int:
         samples, root = balanced_samples(args.seed, args.per_type, id_prefix="score"), None
     if not samples:
         raise UsageError(f"no questions to score in {args.data} (an empty input is refused)")
-    model, processor = resolve_model(args.model)
+    model, processor = load_model(args.model)
     res = evaluate(model, processor, samples, batch_size=args.batch_size, image_root=root, progress=True,
                    answers=answers)
     res["majority"] = majority_baseline(samples)

@@ -12,7 +12,7 @@ import vtprune
 from vtprune.errors import VtpruneError
 from vtprune.measurement.flops import prefill_flops_all
 from vtprune.measurement.timing import PrefillTimer
-from vtprune.testbed import balanced_samples, evaluate, resolve_model
+from vtprune.testbed import balanced_samples, evaluate
 from vtprune.testbed.data import HELDOUT_SEED
 
 
@@ -131,5 +131,11 @@ def run_eval(
 
 
 def load_model(name_or_path: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """`builtin:NAME` or a directory -> (model, processor), offline."""
-    return resolve_model(name_or_path, dtype=dtype, device=device)
+    """`builtin:NAME` or a directory -> (model, processor) through the one loader (`vtprune.loading.load`)."""
+    from vtprune.loading import load
+
+    loaded = load(name_or_path, device=device, dtype=dtype)
+    if loaded.processor is None:
+        raise VtpruneError(f"{name_or_path}: no processor to build the benchmark's inputs (a LLaVA-1.5 checkpoint "
+                           "saved with its processor is expected)")
+    return loaded.model, loaded.processor
