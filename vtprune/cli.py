@@ -42,6 +42,7 @@ from vtprune.commands.common import (  # noqa: F401  (re-exported: the public he
     one_line,
     options_by_method,
     parse_budget,
+    positions_arg,
     positive_int,
     print_result,
     split_debug,
@@ -425,7 +426,8 @@ def _add_one_image_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the question (wrapped in the model's chat template)")
     p.add_argument("--budget", type=budget_arg, default=64, help="tokens (an int) or a ratio (0.25, 1/9)")
     p.add_argument("--budget-mode", default="layer_avg", choices=["layer_avg", "retained"])
-    p.add_argument("--positions", default="keep", choices=["keep", "reindex"])
+    p.add_argument("--positions", default="keep", type=positions_arg,
+                   help="keep | reindex | one per stage, e.g. reindex,keep,reindex")
     p.add_argument("--option", action="append", help="method option KEY=VALUE or METHOD.KEY=VALUE (repeatable)")
     p.add_argument("--max-new-tokens", type=positive_int, default=16)
     p.add_argument("--device", default="cpu")
@@ -480,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--method", default="none")
     e.add_argument("--budget", type=budget_arg, default=576, help="tokens (an int) or a ratio (0.25, 1/9)")
     e.add_argument("--budget-mode", default="layer_avg", choices=["layer_avg", "retained"])
-    e.add_argument("--positions", default="keep", choices=["keep", "reindex"])
+    e.add_argument("--positions", default="keep", type=positions_arg,
+                   help="keep | reindex | one per stage, e.g. reindex,keep,reindex")
     e.add_argument("--json", default=None, help="write the result with per-sample records here")
     e.set_defaults(func=_eval)
     c = sub.add_parser("compare", help="every method × budgets on the built-in benchmark: table and plot")

@@ -159,6 +159,17 @@ def budget_arg(text: str) -> int | float:
         raise argparse.ArgumentTypeError(one_line(err)) from None
 
 
+def positions_arg(text: str) -> str:
+    """`--positions`: "keep", "reindex", or one of them per pruning stage, comma-separated ("reindex,keep,reindex",
+    what ViTCoP's preset="reference" needs)."""
+    rules = text.split(",")
+    if not text or any(r not in ("keep", "reindex") for r in rules):
+        raise argparse.ArgumentTypeError(
+            f"expected keep, reindex, or one of them per stage, comma-separated (e.g. reindex,keep,reindex): {text!r}"
+        )
+    return text
+
+
 def budgets_arg(text: str) -> list[int | float]:
     """argparse type for comma-separated budgets."""
     items = [t.strip() for t in text.split(",") if t.strip()]
