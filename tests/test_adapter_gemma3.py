@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import tiny
 from families import apply, check_oracles, family
 from oracles import generate_logits, masked_reference_logits
 from test_method_oracles import CASES, NO_CASE, _selection_only
@@ -13,7 +14,7 @@ from test_method_oracles import CASES, NO_CASE, _selection_only
 import vtprune
 from vtprune.errors import UnsupportedInputError
 from vtprune.methods import method_class
-from vtprune.testing import gemma3_inputs, tiny_gemma3
+from vtprune.testing import gemma3_inputs
 
 FAM = "gemma3"
 #: (method, version) refused on Gemma 3, with the words of the refusal
@@ -91,7 +92,7 @@ def test_eager_attention():
 
 def test_sliding_window_limits_are_refused():
     """A prompt longer than the sliding window is refused at the prefill, a generation reaching it at decode."""
-    model = tiny_gemma3(layers=2, sliding_window=24)
+    model = tiny("gemma3", layers=2, sliding_window=24)
     long = gemma3_inputs(model, [([1, 5], [7, 8, 9])], [2], seed=1)  # 2 + 2·18 + 3 = 41 > 24
     with vtprune.pruned(model, "random", 0.5), pytest.raises(UnsupportedInputError, match="sliding window"):
         model(**long)
@@ -110,7 +111,7 @@ def test_from_pretrained_round_trip_with_processor(tmp_path):
 
     from vtprune.testing import GEMMA_BOI_ID, GEMMA_EOI_ID, IMAGE_TOKEN_ID
 
-    model = tiny_gemma3(layers=4)
+    model = tiny("gemma3", layers=4)
     side = model.config.vision_config.image_size
     proc = Gemma3ImageProcessorPil(size={"height": side, "width": side})
     tok = word_tokenizer(
@@ -154,7 +155,7 @@ def test_run_loads_a_saved_gemma3(tmp_path):
     from vtprune import runner
     from vtprune.testing import GEMMA_BOI_ID, GEMMA_EOI_ID, IMAGE_TOKEN_ID
 
-    model = tiny_gemma3(layers=4)
+    model = tiny("gemma3", layers=4)
     side = model.config.vision_config.image_size
     Gemma3ImageProcessorPil(size={"height": side, "width": side}).save_pretrained(tmp_path)
     specials = {IMAGE_TOKEN_ID: "<image_soft_token>", GEMMA_BOI_ID: "<start_of_image>", GEMMA_EOI_ID: "<end_of_image>"}

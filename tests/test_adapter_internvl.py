@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import tiny
 from families import SignalProbe, check_oracles, family
 from oracles import generate_logits
 from test_method_oracles import CASES, NO_CASE, _selection_only
 
 import vtprune
 from vtprune.methods import method_class
-from vtprune.testing import tiny_internvl
 
 FAM = "internvl"
 PARAMS = [
@@ -70,7 +70,7 @@ def test_from_pretrained_round_trip_with_processor(tmp_path):
 
     from vtprune.testing import IMAGE_TOKEN_ID, INTERNVL_IMG_END_ID, INTERNVL_IMG_START_ID
 
-    model = tiny_internvl(layers=4)
+    model = tiny("internvl", layers=4)
     side = model.config.vision_config.image_size[0]
     proc = GotOcr2ImageProcessorPil(
         size={"height": side, "width": side}, crop_to_patches=True, min_patches=1, max_patches=4
@@ -113,7 +113,7 @@ def test_run_loads_a_saved_internvl(tmp_path):
     from vtprune import runner
     from vtprune.testing import IMAGE_TOKEN_ID, INTERNVL_IMG_END_ID, INTERNVL_IMG_START_ID
 
-    model = tiny_internvl(layers=2)
+    model = tiny("internvl", layers=2)
     side = model.config.vision_config.image_size[0]
     GotOcr2ImageProcessorPil(size={"height": side, "width": side}, crop_to_patches=True, max_patches=4).save_pretrained(
         tmp_path

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import SignalProbe
+from factories import NEXT_SIZES as SIZES  # 16 + 6×8 = 64 and 16 + 8×4 = 48 tokens
+from families import SignalProbe, family
 from oracles import generate_logits, masked_reference_logits
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
@@ -16,24 +17,22 @@ from vtprune.methods import (
     ImageTokens,
     build_method,
 )
-from vtprune.testing import llava_next_inputs, tiny_llava_next
 
 torch.set_num_threads(1)
 
-PROMPTS = [([1, 5, 6], [7, 8, 9, 10]), ([1, 2], [17, 18, 19, 20, 21, 22])]
-SIZES = [(100, 160), (112, 60)]  # 16 base + 6×8 = 64 and 16 + 8×4 = 48 visual tokens; 6 and 8 newlines
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def nmodels():
-    return {attn: tiny_llava_next(attn=attn, layers=6) for attn in ("sdpa", "eager")}
+    """The session's shared 6-layer LLaVA-NeXT models (sdpa, eager): `families.family`."""
+    return family("llava_next").models
 
 
 @pytest.fixture(scope="module")
-def nbatches(nmodels):
-    m = nmodels["sdpa"]
-    return {1: llava_next_inputs(m, PROMPTS[:1], SIZES[:1], seed=1), 2: llava_next_inputs(m, PROMPTS, SIZES, seed=2)}
+def nbatches():
+    """Batches of one and two prompts (`factories.PROMPTS`) with images of `SIZES`."""
+    return family("llava_next").batches
 
 
 def test_layout_and_candidates(nmodels, nbatches):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from factories import tiny
 from families import BYPASS, SignalProbe, check_oracles, family, recorded_plans, replayed_plans
 from oracles import generate_logits, masked_reference_logits
 from test_method_oracles import CASES, NO_CASE, _selection_only
@@ -12,7 +13,7 @@ from test_method_oracles import CASES, NO_CASE, _selection_only
 import vtprune
 from vtprune.errors import UnsupportedInputError
 from vtprune.methods import method_class
-from vtprune.testing import llava_onevision_inputs, tiny_llava_onevision
+from vtprune.testing import llava_onevision_inputs
 
 FAM = "llava_onevision"
 # every method runs: [CLS]-signal methods use the spec §7 no-[CLS] rule (see the adapter docstring)
@@ -162,7 +163,7 @@ def test_from_pretrained_round_trip_with_processor(tmp_path):
 
     from vtprune.testing import IMAGE_TOKEN_ID, ONEVISION_VIDEO_TOKEN_ID
 
-    model = tiny_llava_onevision(layers=4)
+    model = tiny("llava_onevision", layers=4)
     tile = model.config.vision_config.image_size
     proc = LlavaOnevisionImageProcessorPil(
         size={"height": tile, "width": tile}, image_grid_pinpoints=model.config.image_grid_pinpoints
@@ -206,7 +207,7 @@ def test_run_loads_a_saved_onevision(tmp_path):
     from vtprune import runner
     from vtprune.testing import IMAGE_TOKEN_ID, ONEVISION_VIDEO_TOKEN_ID
 
-    model = tiny_llava_onevision(layers=2)
+    model = tiny("llava_onevision", layers=2)
     tile = model.config.vision_config.image_size
     LlavaOnevisionImageProcessorPil(
         size={"height": tile, "width": tile}, image_grid_pinpoints=model.config.image_grid_pinpoints

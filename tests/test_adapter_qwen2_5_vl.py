@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from families import SignalProbe
+from factories import PROMPTS
+from factories import QWEN_SIZES as SIZES  # merged grids 4×6 = 24 and 3×4 = 12 tokens
+from families import SignalProbe, family
 from oracles import generate_logits
 
 import vtprune
@@ -17,20 +19,19 @@ from vtprune.testing import QWEN_VIDEO_TOKEN_ID, qwen_inputs, qwen_video_inputs,
 
 torch.set_num_threads(1)
 
-PROMPTS = [([1, 5, 6], [7, 8, 9, 10]), ([1, 2], [17, 18, 19, 20, 21, 22, 23])]
-SIZES = [(112, 168), (84, 112)]  # merged grids 4×6 = 24 and 3×4 = 12 tokens
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def qmodels():
-    return {attn: tiny_qwen2_5_vl(attn=attn, layers=6) for attn in ("sdpa", "eager")}
+    """The session's shared 6-layer Qwen2.5-VL models (sdpa, eager): `families.family`."""
+    return family("qwen2_5_vl").models
 
 
 @pytest.fixture(scope="module")
-def qbatches(qmodels):
-    m = qmodels["sdpa"]
-    return {1: qwen_inputs(m, PROMPTS[:1], SIZES[:1], seed=1), 2: qwen_inputs(m, PROMPTS, SIZES, seed=2)}
+def qbatches():
+    """Batches of one and two prompts (`factories.PROMPTS`) with images of `SIZES`."""
+    return family("qwen2_5_vl").batches
 
 
 def _apply(model, method, budget, options):

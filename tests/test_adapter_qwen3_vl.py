@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from factories import tiny
 from families import BYPASS, check_oracles, family, recorded_plans, replayed_plans
 from oracles import generate_logits
 from test_method_oracles import CASES, NO_CASE, _selection_only
@@ -18,7 +19,7 @@ from vtprune.errors import UnsupportedInputError
 from vtprune.methods import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, method_class, register
 from vtprune.models import adapter_for
 from vtprune.models.base import apply_rope
-from vtprune.testing import qwen3_video_inputs, tiny_qwen3_vl
+from vtprune.testing import qwen3_video_inputs
 
 FAM = "qwen3_vl"
 #: refused on Qwen3-VL by design, with the words the refusal must contain
@@ -256,7 +257,7 @@ def test_from_pretrained_round_trip_with_processor(tmp_path):
     from vtprune.models.qwen_inputs import qwen_image_processor, qwen_processor_inputs
     from vtprune.testing import QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID
 
-    model = tiny_qwen3_vl(layers=4)
+    model = tiny("qwen3_vl", layers=4)
     tok = word_tokenizer(
         {
             QWEN_IMAGE_TOKEN_ID: "<|image_pad|>",
@@ -299,7 +300,7 @@ def saved_qwen3(tmp_path_factory):
     from vtprune.testing import QWEN_IMAGE_TOKEN_ID, QWEN_VIDEO_TOKEN_ID, QWEN_VISION_END_ID, QWEN_VISION_START_ID
 
     root = tmp_path_factory.mktemp("qwen3")
-    model = tiny_qwen3_vl(layers=4)
+    model = tiny("qwen3_vl", layers=4)
     tok = word_tokenizer(
         {
             QWEN_IMAGE_TOKEN_ID: "<|image_pad|>",

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from factories import tiny
 
 from vtprune.cli import main
 from vtprune.loading.arch import ARCH_NAMES, arch_config, build_arch, full_dims
@@ -118,9 +119,7 @@ def test_bench_json_has_every_field(bench_json):
 
 
 def test_bench_flops_bound_is_the_analytic_ratio(bench_json):
-    import vtprune.testing as testing
-
-    dims = LLMDims.from_config(testing.tiny_llava(layers=4).config.text_config)
+    dims = LLMDims.from_config(tiny("llava", layers=4).config.text_config)
     base = bench_json["rows"][0]
     full = prefill_flops([576] * 4, base["n_text"], dims, "exact")
     for r in bench_json["rows"][1:]:

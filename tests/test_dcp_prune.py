@@ -9,7 +9,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from families import check_oracles, family, grid_layout
+from factories import image_tokens
+from families import check_oracles, family
 
 import vtprune
 from vtprune.budget import largest_remainder_split
@@ -35,7 +36,7 @@ INF = math.inf
 
 def _image(grids=((24, 24),), d=32, dk=8, seed=0, text=3, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    coords, crop, n = grid_layout(grids)
+    n = sum(h * w for h, w in grids)
     feats = (torch.randn(n, d, generator=g) + 0.5 * torch.randn(1, d, generator=g)).to(dtype)
     signals = {
         "cls_attention": torch.rand(n, generator=g).pow(3).softmax(0),
@@ -43,7 +44,7 @@ def _image(grids=((24, 24),), d=32, dk=8, seed=0, text=3, dtype=torch.float32):
     }
     if text is not None:
         signals["question_embeddings"] = torch.randn(text, d, generator=g)
-    return ImageTokens(feats, coords, crop, list(grids), torch.arange(n), signals, seed)
+    return image_tokens(grids, feats=feats, signals=signals, seed=seed)
 
 
 def _crop_args(img):

@@ -19,13 +19,14 @@ import math
 import pytest
 import scipy.linalg
 import torch
+from factories import image_tokens
 from families import FAMILIES, check_oracles, family
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import vtprune
 from vtprune.errors import VtpruneError
-from vtprune.methods import ImageTokens, build_method, method_class
+from vtprune.methods import build_method, method_class
 from vtprune.methods.base import Stage
 from vtprune.methods.resprune import ResPrune, residual_greedy, residual_greedy_batched, text_relevance
 from vtprune.testing import IMAGE_TOKEN_ID, llava_inputs
@@ -36,11 +37,8 @@ torch.set_num_threads(1)
 
 def _image(feats, nouns=None):
     n = feats.shape[0]
-    r = torch.arange(n)
     signals = {} if nouns is None else {"noun_embeddings": nouns}
-    return ImageTokens(
-        feats, torch.stack([r // 24, r % 24], 1), torch.zeros(n, dtype=torch.long), [(n // 24 + 1, 24)], r, signals, 0
-    )
+    return image_tokens(((n // 24 + 1, 24),), n=n, feats=feats, signals=signals, seed=0)
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):

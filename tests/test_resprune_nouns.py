@@ -18,6 +18,7 @@ import re
 
 import pytest
 import torch
+from factories import image_tokens
 
 from vtprune.errors import VtpruneError
 from vtprune.methods.resprune import (
@@ -374,12 +375,10 @@ def test_default_path_equals_batched_greedy(n):
 
 
 def _image(feats, nouns):
-    from vtprune.methods import ImageTokens
-
     n = feats.shape[0]
-    idx = torch.arange(n)
-    return ImageTokens(feats, torch.stack([idx // 24, idx % 24], 1), torch.zeros(n, dtype=torch.long),
-                       [(n // 24 + 1, 24)], idx, {"noun_embeddings": nouns}, 0, question="Is there a dog?")
+    return image_tokens(
+        ((n // 24 + 1, 24),), n=n, feats=feats, signals={"noun_embeddings": nouns}, seed=0, question="Is there a dog?"
+    )
 
 
 def test_select_records_extractor_and_nouns():

@@ -10,12 +10,12 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from factories import tiny
 from PIL import Image
 from saved_models import save_tiny_2026_families
 
 import vtprune
 from vtprune import runner, show
-from vtprune import testing as tt
 from vtprune.api import session_of
 from vtprune.models.display import anyres_tile_geometry, unnormalise
 from vtprune.models.internvl import internvl_canvas
@@ -33,7 +33,7 @@ def loaded(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("show-families")
     dirs = save_tiny_2026_families(root)
-    gs = tt.tiny_gemma3().config.vision_config.image_size
+    gs = tiny("gemma3").config.vision_config.image_size
     gemma = runner.load(dirs["gemma3"])
     pan = T.Gemma3ImageProcessorPil(
         size={"height": gs, "width": gs},
