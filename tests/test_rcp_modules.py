@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from factories import PROMPTS
 
 from vtprune.errors import UnsupportedModelError
 from vtprune.rcp.losses import moment_loss, repair_loss, sparsity_loss, task_loss
@@ -32,7 +33,6 @@ from vtprune.rcp.schedule import gumbel_schedule, lr_factor, sparsity_target
 from vtprune.testing import llava_inputs, tiny_llava
 
 torch.set_num_threads(1)
-PROMPTS = [([1, 5, 6], [7, 8, 9, 10]), ([1, 2], [17, 18, 19, 20, 21, 22, 23])]
 
 
 def _slots(B=2, N=12, d=16, Lq=5, seed=0):
