@@ -94,17 +94,15 @@ def test_full_model_eval_equals_unpatched_scoring(tiny_dir):
 
 
 def test_demo_runs_offline(tmp_path, capsys):
-    """The README's main job on the default built-in model (v3: in-LLM and pre-LLM methods); while that is not
-    installed, one line saying how to create it, then the v2 model (pre-LLM methods)."""
+    """The README's main job on the default built-in model (shipped): on a v3 model in-LLM and pre-LLM methods, on
+    the v2 model pre-LLM methods; never a "model not found"."""
     from vtprune.demo import DEMO_METHODS, DEMO_V3_METHODS
     from vtprune.shipped import DEFAULT_BUILTIN, builtin_names
 
+    assert DEFAULT_BUILTIN in builtin_names()
     assert main(["demo", "--quick", "--n", "2", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "demo.json").read_text())
     err = capsys.readouterr().err
-    assert rows[0]["method"] == "none"
-    if DEFAULT_BUILTIN in builtin_names():
-        assert {r["method"] for r in rows[1:]} == set(DEMO_V3_METHODS) and "model not found" not in err
-    else:
-        assert f"model not found: builtin:{DEFAULT_BUILTIN}" in err and "vtprune.testbed.card" in err
-        assert {r["method"] for r in rows[1:]} == set(DEMO_METHODS)
+    assert rows[0]["method"] == "none" and "model not found" not in err
+    expected = DEMO_V3_METHODS if DEFAULT_BUILTIN == "shapes-v3-llava" else DEMO_METHODS
+    assert {r["method"] for r in rows[1:]} == set(expected)

@@ -1,6 +1,7 @@
-"""The default built-in model is the v3 one, named once (`vtprune.shipped.DEFAULT_BUILTIN`) and used by
-`load_builtin`, the `eval` / `compare` defaults and `vtprune demo`; a missing one is reported in one line naming
-the command that creates it and the built-in models that exist."""
+"""The default built-in model is named once (`vtprune.shipped.DEFAULT_BUILTIN`), ships with the package, and is
+used by `load_builtin`, the `eval` / `compare` defaults and `vtprune demo`; a missing built-in model is reported in
+one line naming the built-in models that exist and, when it has a recipe (the v3 model), the commands that create
+it."""
 
 from __future__ import annotations
 
@@ -13,24 +14,23 @@ from vtprune.cli import build_parser, main
 from vtprune.testbed import builtin
 
 
-def test_the_default_is_the_v3_model():
-    assert shipped.DEFAULT_BUILTIN == "shapes-v3-llava"
+def test_the_default_is_shipped_and_used_everywhere():
+    assert shipped.DEFAULT_BUILTIN in shipped.builtin_names()  # never a default the package cannot load
     assert inspect.signature(builtin.load_builtin).parameters["name"].default == shipped.DEFAULT_BUILTIN
     parser = build_parser()
     for command in (["eval"], ["compare"]):
-        assert parser.parse_args(command).model == "builtin:shapes-v3-llava", command
+        assert parser.parse_args(command).model == "builtin:" + shipped.DEFAULT_BUILTIN, command
     assert parser.parse_args(["demo"]).model is None  # run_demo picks DEFAULT_BUILTIN (test_eval_cli, demo)
 
 
 @pytest.mark.parametrize("command", [["eval", "--method", "pool"], ["compare", "--methods", "pool"]])
-def test_a_missing_default_model_is_one_line_with_the_recipe(monkeypatch, capsys, command):
-    monkeypatch.setattr(shipped, "DEFAULT_BUILTIN", "no-such-default")  # missing in any state of the checkout
-    monkeypatch.setattr(builtin, "builtin_names", lambda: ["shapes-llava"])
+def test_a_missing_model_with_a_recipe_is_one_line_with_the_recipe(monkeypatch, capsys, command):
+    monkeypatch.setattr(builtin, "builtin_names", lambda: ["shapes-llava"])  # the v3 model missing in any state
     monkeypatch.setattr(shipped, "builtin_names", lambda: ["shapes-llava"])
-    assert main([*command, "--model", "builtin:no-such-default"]) == 2
+    assert main([*command, "--model", "builtin:shapes-v3-llava"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1
-    assert "model not found: builtin:no-such-default (built-in models: shapes-llava;" in err[0]
+    assert "model not found: builtin:shapes-v3-llava (built-in models: shapes-llava;" in err[0]
     assert "create it with: vtprune testbed train --preset v3" in err[0] and "vtprune.testbed.card" in err[0]
 
 

@@ -439,7 +439,7 @@ def _add_one_image_args(p: argparse.ArgumentParser) -> None:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=default_model(),
-                   help=f"builtin:NAME or a model directory (default {default_model()}, the v3 model)")
+                   help=f"builtin:NAME or a model directory (default {default_model()})")
     p.add_argument("--benchmark", default="shapes", choices=["shapes"],
                    help="benchmark (built-in: shapes; v2 or v3 questions follow the model's vocabulary)")
     p.add_argument("--data", default=None, help="exported JSONL (default: the generated held-out set)")

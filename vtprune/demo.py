@@ -1,13 +1,13 @@
 """`vtprune demo`: what pruning buys and costs, offline, in a few minutes on 2 CPU cores.
 
-With the default built-in model (`vtprune.shipped.DEFAULT_BUILTIN`, the v3 model with a 32-layer decoder): a
-short `compare` on held-out test questions with in-LLM (FastV, PDrop, ViTCoP) and pre-LLM (DivPrune,
-VisionZip, pooling) methods side by side at 192 and 64 tokens (accuracy with its 95 % interval, tokens, FLOPs,
-prefill time), printed as a table and drawn as a plot, plus one image with the kept tokens of four methods.
-When that model is not installed: the same on the v2 model `builtin:shapes-llava` (pre-LLM methods only: its
-3-layer decoder leaves the in-LLM methods no feasible budget), after one line saying how to create the v3 one;
-without any built-in model, a random LLaVA-1.5-geometry model, where next-token agreement with the unpruned
-model stands in for accuracy.
+On a built-in model (default `vtprune.shipped.DEFAULT_BUILTIN`): a short `compare` on held-out questions with
+its 95 % intervals, tokens, FLOPs and prefill time, printed as a table and drawn as a plot, plus one image with the
+kept tokens of four methods. On a v3 model (`shapes-v3-llava`, 32-layer decoder, once shipped) in-LLM (FastV,
+PDrop, ViTCoP) and pre-LLM (DivPrune, VisionZip, pooling) methods run side by side at 192 and 64 tokens on test
+seed 30000; on the v2 model (`shapes-llava`, the default today) pre-LLM methods at 192 / 64 / 16 (its 3-layer
+decoder leaves the in-LLM methods no feasible budget). When the default model is missing: one line saying so,
+then the v2 model if it exists, else a random LLaVA-1.5-geometry model, where next-token agreement with the
+unpruned model stands in for accuracy.
 """
 
 from __future__ import annotations

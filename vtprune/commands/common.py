@@ -281,12 +281,12 @@ def check_model(model: str) -> None:
 
 
 def missing_builtin(name: str) -> str:
-    """One line for a `builtin:NAME` that is not shipped: the built-in models that exist and, for the default
-    model (`vtprune.shipped.DEFAULT_BUILTIN`), the commands that create it."""
-    from vtprune.shipped import DEFAULT_BUILTIN, DEFAULT_BUILTIN_RECIPE, builtin_names
+    """One line for a `builtin:NAME` that is not shipped: the built-in models that exist and, for a model with a
+    known recipe (`vtprune.shipped.BUILTIN_RECIPES`), the commands that create it."""
+    from vtprune.shipped import BUILTIN_RECIPES, builtin_names
 
     have = ", ".join(builtin_names()) or "none"
-    how = f"; create it with: {DEFAULT_BUILTIN_RECIPE}" if name == DEFAULT_BUILTIN else ""
+    how = f"; create it with: {BUILTIN_RECIPES[name]}" if name in BUILTIN_RECIPES else ""
     return f"model not found: builtin:{name} (built-in models: {have}{how})"
 
 
