@@ -85,6 +85,7 @@ def tiny_vipllava():
                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
                                 eos_token_id=2),
         image_token_index=IMAGE_ID, vision_feature_layer=[-2, -1], image_seq_length=64,
+        vision_feature_layers=[-2, -1],  # the key's name before transformers 5.2x (CI's oldest, 5.18, reads it)
     )  # fmt: skip
     model = VipLlavaForConditionalGeneration(config).eval()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None

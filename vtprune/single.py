@@ -19,6 +19,7 @@ import vtprune
 from vtprune.loading import Loaded, build_inputs, suppressed_ids
 from vtprune.measurement.flops import prefill_flops_all
 from vtprune.measurement.timing import PrefillTimer
+from vtprune.results import RunResult
 
 
 def run_one(
@@ -34,7 +35,7 @@ def run_one(
     max_new_tokens: int = 16,
     inputs: dict | None = None,
     keep_patched: bool = False,
-) -> dict:
+) -> RunResult:
     """Generate an answer with `method` at `budget`.
 
     -> {answer, method, budget, n_visual, n_text, retained_tokens, layer_avg_tokens, visual_per_layer,

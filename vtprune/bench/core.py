@@ -47,6 +47,7 @@ from vtprune.loading import TINY_MODELS, load, to_model
 from vtprune.measurement.flops import LLMDims, prefill_flops_all, tokens_per_layer
 from vtprune.measurement.timing import interleaved
 from vtprune.models import adapter_for
+from vtprune.results import BenchRow
 
 __all__ = ["TINY_MODELS", "BenchConfig", "bench_table", "load_bench_model", "make_inputs", "run_bench"]
 UNPRUNED = "none"
@@ -443,7 +444,7 @@ def _analytic_row(case, cfg, rec, sess, dims, full, kv_measured) -> dict:
     return row
 
 
-def _finish_row(case: _Case, cfg: BenchConfig, base: _Case, device: torch.device) -> dict:
+def _finish_row(case: _Case, cfg: BenchConfig, base: _Case, device: torch.device) -> BenchRow:
     common = {"device": str(device), "dtype": cfg.dtype, "attn": cfg.attn, "batch": cfg.batch}
     if case.error is not None:
         budget = case.budget if case.budget is not None else "all"

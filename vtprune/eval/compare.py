@@ -20,6 +20,7 @@ import torch
 
 import vtprune
 from vtprune.errors import VtpruneError
+from vtprune.models import adapter_for
 
 from ..stats import wilson
 from .benchmark import per_seed_accuracy, seed_spread
@@ -247,7 +248,7 @@ def time_prefill(
             vtprune.apply(model, cell["method"], cell["budget"], budget_mode=budget_mode, positions=positions,
                           **dict(cell.get("options") or {}))  # fmt: skip
             try:
-                with torch.inference_mode(), PrefillTimer(model.model.language_model) as timer:
+                with torch.inference_mode(), PrefillTimer(adapter_for(model).language_model) as timer:
                     model(**inputs)
             finally:
                 vtprune.remove(model)

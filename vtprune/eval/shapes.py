@@ -12,6 +12,8 @@ import vtprune
 from vtprune.errors import VtpruneError
 from vtprune.measurement.flops import prefill_flops_all
 from vtprune.measurement.timing import PrefillTimer
+from vtprune.models import adapter_for
+from vtprune.results import EvalResult
 from vtprune.testbed import balanced_samples, evaluate
 from vtprune.testbed.data import HELDOUT_SEED
 
@@ -70,7 +72,7 @@ def run_eval(
     image_root=None,
     progress: bool = False,
     answers: list[str] | None = None,
-) -> dict:
+) -> EvalResult:
     """Evaluate `method` at `budget` on `samples` (`answers`: the words the prediction is restricted to; default
     those of the benchmark the model's processor speaks, `benchmark.benchmark_of`).
 
@@ -99,7 +101,7 @@ def run_eval(
 
     vtprune.apply(model, method, budget, budget_mode=budget_mode, positions=positions, **options)
     try:
-        with PrefillTimer(model.model.language_model) as timer:
+        with PrefillTimer(adapter_for(model).language_model) as timer:
             result = evaluate(
                 model,
                 processor,
