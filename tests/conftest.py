@@ -21,3 +21,17 @@ def batches():
     from families import family
 
     return family("llava").batches
+
+
+@pytest.fixture(scope="session")
+def v3_dir(tmp_path_factory):
+    """A saved, untrained v3 model (the v3 geometry and vocabulary, a 32-layer decoder, every width tiny: fast to
+    score) with the v3 processor: a v3 checkpoint as the CLI sees one."""
+    from factories import tiny_testbed_size
+
+    from vtprune.testbed import data_v3
+
+    path = tmp_path_factory.mktemp("tiny-v3")
+    data_v3.build_model(tiny_testbed_size(text_layers=32), seed=0).save_pretrained(path)
+    data_v3.build_processor().save_pretrained(path)
+    return path

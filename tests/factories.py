@@ -91,3 +91,13 @@ def image_tokens(
     if feats is None:
         feats = torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
     return ImageTokens(feats, coords, crop, list(grids), torch.arange(n), signals or {}, seed, **extra)
+
+
+def tiny_testbed_size(text_layers: int, **widths):
+    """A built-in-benchmark model size with every width tiny (32, MLP 64, 2 heads, 2 vision layers) and
+    `text_layers` decoder layers; `widths` overrides any field of `vtprune.testbed.ModelSize`."""
+    from vtprune.testbed import ModelSize
+
+    tiny_widths = dict(vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64, text_width=32, text_heads=2,
+                       text_mlp=64)  # fmt: skip
+    return ModelSize(**{**tiny_widths, "text_layers": text_layers, **widths})

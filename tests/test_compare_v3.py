@@ -22,21 +22,6 @@ from vtprune.eval.benchmark import (
 )
 from vtprune.eval.significance import add_significance, mcnemar_exact, same_as_full
 
-# the v3 geometry (576 tokens, v3 vocabulary) with a 32-layer decoder, every width tiny: fast to score
-TINY_32 = dict(vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64,
-               text_width=32, text_layers=32, text_heads=2, text_mlp=64)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def v3_dir(tmp_path_factory):
-    from vtprune.testbed import data_v3
-    from vtprune.testbed.model import ModelSize
-
-    path = tmp_path_factory.mktemp("tiny-v3")
-    data_v3.build_model(ModelSize(**TINY_32), seed=0).save_pretrained(path)
-    data_v3.build_processor().save_pretrained(path)
-    return path
-
 
 # --- statistics --------------------------------------------------------------------------------------------
 def test_mcnemar_exact_known_values():

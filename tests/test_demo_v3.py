@@ -9,20 +9,6 @@ import pytest
 
 from vtprune.demo import DEMO_V3_METHODS, run_demo
 
-TINY_32 = dict(vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64,
-               text_width=32, text_layers=32, text_heads=2, text_mlp=64)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def v3_dir(tmp_path_factory):
-    from vtprune.testbed import data_v3
-    from vtprune.testbed.model import ModelSize
-
-    path = tmp_path_factory.mktemp("tiny-v3-demo")
-    data_v3.build_model(ModelSize(**TINY_32), seed=0).save_pretrained(path)
-    data_v3.build_processor().save_pretrained(path)
-    return path
-
 
 def test_demo_on_a_v3_model_shows_in_llm_and_pre_llm_methods(v3_dir, tmp_path, capsys):
     assert run_demo(quick=True, out=tmp_path, n_per_type=2, model=str(v3_dir)) == 0

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from factories import tiny_testbed_size
 
 from vtprune.errors import VtpruneError
 from vtprune.rcp.checkpoint import (
@@ -134,19 +135,10 @@ def test_plugin_widths_scale_with_the_decoder_width():
 def tiny(tmp_path_factory):
     """A 6-layer testbed model and a 12-question JSONL (v2 vocabulary, as in test_rcp_training)."""
     from vtprune.runner import load
-    from vtprune.testbed import ModelSize, build_model, build_processor, export_jsonl
+    from vtprune.testbed import build_model, build_processor, export_jsonl
 
     root = tmp_path_factory.mktemp("rcp-budget")
-    size = ModelSize(
-        vision_width=32,
-        vision_layers=2,
-        vision_heads=2,
-        vision_mlp=64,
-        text_width=32,
-        text_layers=6,
-        text_heads=2,
-        text_mlp=64,
-    )
+    size = tiny_testbed_size(text_layers=6)  # tiny widths, 6 decoder layers: room for 3 pruners + repair
     build_model(size, seed=0).save_pretrained(root / "model")
     build_processor().save_pretrained(root / "model")
     data = export_jsonl(root / "data", seed=5, n_per_type=2)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import tiny_testbed_size
 
 from vtprune.rcp.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_plugins, read_config
 from vtprune.shipped import RCP_ASSETS
@@ -43,18 +44,7 @@ def _save_v3(size, path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_v3(tmp_path_factory) -> Path:
-    from vtprune.testbed.model import ModelSize
-
-    size = ModelSize(
-        vision_width=32,
-        vision_layers=2,
-        vision_heads=2,
-        vision_mlp=64,
-        text_width=32,
-        text_layers=6,
-        text_heads=2,
-        text_mlp=64,
-    )
+    size = tiny_testbed_size(text_layers=6)  # tiny widths, 6 decoder layers: room for 3 pruners + repair
     return _save_v3(size, tmp_path_factory.mktemp("tiny-v3") / "model")
 
 

@@ -10,6 +10,7 @@ import socket
 
 import pytest
 import torch
+from factories import tiny_testbed_size
 
 from vtprune.errors import BudgetError, UnsupportedModelError
 from vtprune.rcp.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_checkpoint, model_signature
@@ -32,19 +33,10 @@ SMALL = dict(d_prime=32, bottleneck=32, calib_n=0)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 6-layer testbed-vocabulary LLaVA saved with its processor, and a 12-question exported JSONL."""
-    from vtprune.testbed import ModelSize, build_model, build_processor, export_jsonl
+    from vtprune.testbed import build_model, build_processor, export_jsonl
 
     root = tmp_path_factory.mktemp("rcp")
-    size = ModelSize(
-        vision_width=32,
-        vision_layers=2,
-        vision_heads=2,
-        vision_mlp=64,
-        text_width=32,
-        text_layers=6,
-        text_heads=2,
-        text_mlp=64,
-    )
+    size = tiny_testbed_size(text_layers=6)  # tiny widths, 6 decoder layers: room for 3 pruners + repair
     model_dir = root / "model"
     build_model(size, seed=0).save_pretrained(model_dir)
     build_processor().save_pretrained(model_dir)
