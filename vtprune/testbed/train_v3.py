@@ -30,16 +30,18 @@ TINY_V3 = replace(TINY, text_width=64, text_heads=2, text_mlp=128)
 
 
 def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
-    """The preset `--preset v3`: every option of a v3 run (override fields as usual). Stage B stops at 5,000
-    steps, when every type reaches 0.97 on the watched calibration set, or after 9,000 s of Stage-B steps, so
-    the whole chain stays within about 3 h on one CPU thread (docs/testbed.md, "v3")."""
+    """The preset `--preset v3`: every option of a v3 run (override fields as usual). Stage A runs 1,800 steps (the
+    first run's 600 left the tower at shape / digit 0.35 / 0.24 per object patch and Stage B at the answer prior;
+    600 + 900 reached 0.82 / 0.45: docs/testbed.md, "v3 training: first run"). Stage B stops at 5,000 steps, when
+    every type reaches 0.97 on the watched calibration set, or after 8,400 s of Stage-B steps, so the whole chain
+    stays within about 3 h on one CPU thread (Stage A ≈ 1,800 × 1.1 s on a quiet core)."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",
-        steps_a=600, batch_a=16, lr_a=2e-3,
+        steps_a=1800, batch_a=16, lr_a=2e-3,
         steps_b=5000, batch_b=8, lr_b=1e-3, questions_per_image=10,
         keep_schedule=V3_KEEP_SCHEDULE, type_schedule=V3_TYPE_SCHEDULE, training_types="",
         feature_cache=4000, column_code_scale=6.0, eval_every=250, eval_per_type=30,
-        eval_seed=CALIBRATION_SEED, cls_steps=100, time_limit_b=9000.0)
+        eval_seed=CALIBRATION_SEED, cls_steps=100, time_limit_b=8400.0)
 
 
 def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tuple[int | None, ...] = (None,),
