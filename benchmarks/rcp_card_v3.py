@@ -36,17 +36,9 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("full", "rcp", "rcp_delta0", "rcp_adapter_off", "rcp_untrained", "resprune", "divprune")
+from vtprune.rcp.card_rows import LABELS, ROWS
+
 SHARED_ROWS = ("full", "resprune", "divprune")  # independent of the training seed: scored once per OUT
-LABELS = {
-    "full": "full model (576 tokens)",
-    "rcp": "RCP, trained (calibrated δ)",
-    "rcp_delta0": "RCP, trained, δ = 0",
-    "rcp_adapter_off": "RCP, trained pruners, adapters off",
-    "rcp_untrained": "RCP, untrained pruner (own δ)",
-    "resprune": "ResPrune",
-    "divprune": "DivPrune",
-}
 SMOKE = dict(steps=2, batch=1, grad_accum=1, train_per_type=2, test_per_type=1, calib_n=2, calib_inner=0.05)
 
 

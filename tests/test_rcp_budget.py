@@ -338,7 +338,7 @@ def test_method_file_does_not_import_the_data_builder():
 def test_cli_split_option_refuses_the_test_split_and_parses_beta_lr(tiny, tmp_path):
     import argparse
 
-    from vtprune.rcp.cli import add_parser
+    from vtprune.commands.rcp import add_parser
 
     model_dir, _, _ = tiny
     parser = argparse.ArgumentParser(prog="vtprune")

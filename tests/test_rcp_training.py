@@ -254,7 +254,7 @@ def test_budget_feasibility_names_the_smallest_budget():
 
 
 def test_cli_train_rcp(setup, tmp_path, capsys):
-    from vtprune.rcp.cli import add_parser
+    from vtprune.commands.rcp import add_parser
 
     model_dir, data, _ = setup
     parser = argparse.ArgumentParser(prog="vtprune")

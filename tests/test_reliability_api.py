@@ -149,7 +149,7 @@ def test_numpy_budgets_equal_python_budgets(small):
 
 
 def test_train_rcp_budget_uses_the_apply_rule():
-    from vtprune.rcp.cli import _budget
+    from vtprune.commands.rcp import _budget
     from vtprune.rcp.train import target_ratio
 
     assert _budget("64") == 64 and _budget("0.25") == 0.25 and _budget("1/9") == pytest.approx(1 / 9)

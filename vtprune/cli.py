@@ -549,9 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_format(m)
     m.set_defaults(func=_methods)
     from vtprune.commands.bench import register as register_bench
+    from vtprune.commands.rcp import add_parser as register_train_rcp
     from vtprune.commands.testbed import register as register_testbed
     from vtprune.commands.testbed import run as run_testbed
-    from vtprune.rcp.cli import add_parser as register_train_rcp
 
     register_testbed(sub).set_defaults(func=run_testbed)
     register_bench(sub)

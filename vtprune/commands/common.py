@@ -1,7 +1,7 @@
 """What every `vtprune` subcommand shares: the parser class, error reporting, argument types and checks, and output.
 
-The command modules (`vtprune.cli` and the subcommand modules `vtprune.commands.testbed`,
-`vtprune.commands.bench`, `vtprune.rcp.cli`) import these from here, so no application module imports `vtprune.cli`.
+The command modules (`vtprune.cli` and the subcommand modules `vtprune.commands.testbed`, `vtprune.commands.bench`,
+`vtprune.commands.rcp`) import these from here, so no application module imports `vtprune.cli`.
 Conventions are listed in `vtprune.cli`'s docstring.
 """
 

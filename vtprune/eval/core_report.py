@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vtprune.errors import VtpruneError
+from vtprune.rcp.card_rows import LABELS as CARD_LABELS
 
 from .significance import ALPHA, TEST_NAME, bits_of, mcnemar_exact
 from .v3_report import read_results
@@ -469,15 +470,6 @@ def rcp_card_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-CARD_LABELS = {
-    "full": "full model (576 tokens)",
-    "rcp": "RCP, trained (calibrated δ)",
-    "rcp_delta0": "RCP, trained, δ = 0",
-    "rcp_adapter_off": "RCP, trained pruners, adapters off",
-    "rcp_untrained": "RCP, untrained pruner (own δ)",
-    "resprune": "ResPrune",
-    "divprune": "DivPrune",
-}
 
 
 def dcp_markdown(data: dict) -> str:

@@ -1,6 +1,6 @@
 """RCP trainer (spec rcp.md §E) on `accelerate`: the same code runs on one CPU, one GPU or several GPUs/nodes.
 
-    accelerate launch --num_processes 8 -m vtprune.rcp.cli --model DIR --data vqa.jsonl --budget 64 --out run/
+    accelerate launch --num_processes 8 -m vtprune.commands.rcp --model DIR --data vqa.jsonl --budget 64 --out run/
 
 - Frozen backbone (vision tower, projector, LLM) in eval mode; trainable: the `RCPPlugins` (fp32 weights).
 - Each micro-batch: images encoded once (no grad); the teacher pass (same model, all tokens, no plug-ins,

@@ -2,10 +2,10 @@
 
     vtprune train-rcp --model builtin:shapes-llava --data shapes/questions.jsonl --budget 64 --out rcp-64
     vtprune train-rcp --model builtin:shapes-v3-llava --split calibration --per-type 300 --budget 64 --out rcp-v3
-    accelerate launch --num_processes 4 -m vtprune.rcp.cli --model DIR --data vqa.jsonl --budget 64 --out run
+    accelerate launch --num_processes 4 -m vtprune.commands.rcp --model DIR --data vqa.jsonl --budget 64 --out run
 
 `add_parser(subparsers)` registers the command on an argparse subparsers object; `run(args)` executes it;
-`main()` is the stand-alone entry point (`python -m vtprune.rcp.cli ...`, also under `accelerate launch`).
+`main()` is the stand-alone entry point (`python -m vtprune.commands.rcp ...`, also under `accelerate launch`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import sys
 
 def _budget(text: str) -> int | float:
     """The same rule as `vtprune.apply` (`Budget.from_text`): "64" tokens, "0.25" or "1/9" a ratio."""
-    from ..budget import Budget
-    from ..errors import BudgetError
+    from vtprune.budget import Budget
+    from vtprune.errors import BudgetError
 
     try:
         return Budget.from_text(text).value
@@ -41,8 +41,7 @@ def _beta_lr(text: str) -> float | None:
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from vtprune.commands.common import positive_int
-
-    from .train import RCPTrainConfig
+    from vtprune.rcp.train import RCPTrainConfig
 
     d = RCPTrainConfig()
     p.add_argument("--model", required=True, help="builtin:NAME or a local model directory (save_pretrained)")
@@ -142,15 +141,13 @@ def run(args: argparse.Namespace) -> int:
     if args.split:
         from pathlib import Path
 
+        from vtprune.rcp.testbed_data import calibration_jsonl
         from vtprune.testbed.splits import parse_split
-
-        from .testbed_data import calibration_jsonl
 
         data = calibration_jsonl(parse_split(args.split), Path(args.out) / "data", args.per_type)
 
+    from vtprune.rcp.train import RCPTrainConfig, train
     from vtprune.tables import to_json
-
-    from .train import RCPTrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
