@@ -189,6 +189,11 @@ def test_feature_cache_and_question_salt(tmp_path):
     cache = feature_cache(model, 1, 3, "cpu", tmp_path / "f.pt", log=lambda _: None)
     assert cache.shape == (3, 576, TINY.vision_width) and cache.dtype == torch.float16
     assert torch.equal(feature_cache(model, 1, 3, "cpu", tmp_path / "f.pt", log=print), cache)  # reloaded
+    # a cache written by another tower is recomputed, never reused (its metadata carries the tower's fingerprint)
+    other = build_model(TINY, seed=1).eval()
+    recomputed = feature_cache(other, 1, 3, "cpu", tmp_path / "f.pt", log=lambda _: None)
+    assert not torch.equal(recomputed, cache)
+    assert torch.equal(feature_cache(other, 1, 3, "cpu", tmp_path / "f.pt", log=print), recomputed)
     live = question_batch(1, 0, 3, Packing(3))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         feats = vision_features(model, live["pixel_values"]).float()

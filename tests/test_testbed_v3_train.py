@@ -111,3 +111,61 @@ def test_v3_longer_smoke_learns_the_dense_targets(tmp_path):
     a_loss = [h["loss"] for h in history if h["stage"] == "A"]
     assert a_loss[-1] < a_loss[0]
     assert [h["step"] for h in history if h["stage"] == "B-eval"] == [20, 40]
+
+
+def test_single_question_phase_then_packing_and_resume(tmp_path):
+    """`single_steps`: Stage B's first steps read `single_batch` scenes with one question per sequence, later steps
+    the packed batches; the scene counter survives a resume, so no scene is skipped or repeated early."""
+    cfg = replace(_config(2), single_steps=1, single_batch=3, keep_schedule="", eval_every=10, cls_steps=0)
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path, cfg, progress=False, log=lambda _: None)
+        train(tmp_path, replace(cfg, steps_b=3), progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+    from vtprune import checkpointing as cpt
+
+    st = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")["st"]
+    assert int(st["scenes_b"]) == 3 + 2 + 2  # one single-question step of 3 scenes, then two packed steps of 2
+
+
+def test_shorten_keeps_object_centres_and_digits_first():
+    """v3 batches carry a priority map: every object's centre patch and every digit patch are kept before other
+    object patches, so a short sequence still shows every object a question can name."""
+    from vtprune.testbed import data_v3
+    from vtprune.testbed.data import Packing
+    from vtprune.testbed.scenes_v3 import CELL, GRID, key_patches
+    from vtprune.testbed.train import shorten
+
+    split = splits.train_split(1)
+    batch = data_v3.question_batch(split, 0, 4, Packing(2), with_pixels=False)
+    assert batch["priority"].shape == (4, 576)
+    assert torch.equal(batch["priority"] > 0, batch["informative"])  # priority only reorders informative patches
+    feats = torch.arange(576.0).view(1, 576, 1).expand(4, 576, 1).contiguous()
+    for b in range(4):
+        scene = split.scene(b)
+        _, lab, _ = data_v3.render_with_targets(scene, image=False)
+        key = key_patches(scene, lab["digit"])
+        for o in scene.objects:
+            assert key[min(GRID - 1, int(o.cy // CELL)) * GRID + min(GRID - 1, int(o.cx // CELL))]
+        assert key[(lab["digit"] > 0).reshape(-1)].all()
+        assert torch.equal(torch.from_numpy(key), batch["priority"][b] == 2)
+    n_key = int((batch["priority"] == 2).sum(1).max())
+    _, short = shorten(batch, feats, n_key, torch.Generator().manual_seed(0))
+    for b in range(4):
+        kept = set(short[b, :, 0].long().tolist())
+        assert set(torch.nonzero(batch["priority"][b] == 2).flatten().tolist()) <= kept
+
+
+def test_train_cli_takes_zero_stage_b_steps_and_the_single_question_phase(tmp_path, monkeypatch):
+    """`--steps-b 0` means no Stage B (it used to fall back to the preset's 5,000 steps)."""
+    import vtprune.testbed.train as train_module
+    from vtprune.cli import main
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda out, cfg, **kw: seen.append(cfg))
+    assert main(["testbed", "train", "--preset", "v3", "--out", str(tmp_path), "--steps-b", "0",
+                 "--single-steps", "5", "--single-batch", "32"]) == 0
+    assert (seen[0].steps_b, seen[0].single_steps, seen[0].single_batch) == (0, 5, 32)
+    assert main(["testbed", "train", "--preset", "v3", "--out", str(tmp_path)]) == 0
+    assert seen[1].steps_b == v3_config().steps_b

@@ -42,6 +42,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-a", type=int, default=None)
     t.add_argument("--batch-b", type=int, default=None)
     t.add_argument("--questions-per-image", type=int, default=None)
+    t.add_argument("--single-steps", type=int, default=None,
+                   help="Stage B steps with one question per sequence before packing (batch --single-batch)")
+    t.add_argument("--single-batch", type=int, default=None, help="images per step while --single-steps lasts")
     t.add_argument("--lr-a", type=float, default=None)
     t.add_argument("--lr-b", type=float, default=None)
     t.add_argument("--time-limit-b", type=float, default=None, help="seconds of Stage B before stopping")
@@ -143,8 +146,10 @@ def _train(args: argparse.Namespace) -> int:
         from vtprune.testbed.train_v3 import TINY_V3
 
         cfg.size = TINY_V3 if cfg.data == "shapes-v3" else TINY
-    overrides = {"steps_a": args.steps_a, "steps_b": args.steps_b or args.steps, "batch_a": args.batch_a,
+    steps_b = args.steps_b if args.steps_b is not None else args.steps  # 0 is a value: no Stage B
+    overrides = {"steps_a": args.steps_a, "steps_b": steps_b, "batch_a": args.batch_a,
                  "batch_b": args.batch_b, "questions_per_image": args.questions_per_image,
+                 "single_steps": args.single_steps, "single_batch": args.single_batch,
                  "time_limit_b": args.time_limit_b, "eval_every": args.eval_every,
                  "keep_schedule": args.keep_schedule, "lr_a": args.lr_a, "lr_b": args.lr_b}
     overrides.update({"vision_init": args.vision_init, "projector_init": args.projector_init,

@@ -12,7 +12,7 @@ from .data import Packing, pixels
 from .questions import Question
 from .questions_v3 import ANSWERS, QUESTION_TYPES, answer_vocabulary, candidates, question_words, sample_questions
 from .scenes import GRID
-from .scenes_v3 import _render, informative_patches, patch_labels
+from .scenes_v3 import _render, informative_patches, key_patches, patch_labels
 from .splits import Split, train_split
 from .tokenizer import NUM_IMAGE_TOKENS, SPECIAL_TOKENS, TEMPLATE_WORDS
 
@@ -98,9 +98,11 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
                    salt: int = 0, with_pixels: bool = True,
                    types: tuple[str, ...] = QUESTION_TYPES) -> dict[str, torch.Tensor]:
     """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
-    input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`)."""
+    input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
+    [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
+    order in which `train.shorten` keeps tokens."""
     split = _as_split(split)
-    ids, labs, images, informative = [], [], [], []
+    ids, labs, images, informative, priority = [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -114,15 +116,17 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         a, b = encode_conversation(list(qs.values())[: packing.questions_per_image], packing)
         ids.append(a)
         labs.append(b)
-        image, _, inf = render_with_targets(scene, with_pixels)
+        image, lab, inf = render_with_targets(scene, with_pixels)
         if with_pixels:
             images.append(image)
         informative.append(inf)
+        priority.append(np.where(key_patches(scene, lab["digit"]), 2.0, inf.astype(np.float32)))
     input_ids = torch.tensor(ids)
     out = {"pixel_values": pixels(images)} if with_pixels else {}
     return {**out, "input_ids": input_ids, "labels": torch.tensor(labs),
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
-            "informative": torch.from_numpy(np.stack(informative))}
+            "informative": torch.from_numpy(np.stack(informative)),
+            "priority": torch.from_numpy(np.stack(priority).astype(np.float32))}
 
 
 def balanced_samples(split: Split, n_per_type: int, types: tuple[str, ...] | None = None,

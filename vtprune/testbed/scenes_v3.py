@@ -359,6 +359,16 @@ def informative_patches(scene: Scene3, ids: np.ndarray | None = None) -> np.ndar
     return (cov[:, 1:len(scene.objects) + 1].sum(1) > 0) | (cov[:, BOX_ID:DIGIT_ID + 2].sum(1) > 0)
 
 
+def key_patches(scene: Scene3, digit: np.ndarray) -> np.ndarray:
+    """[576] bool: the patch holding each object's centre and every patch with digit ink (`digit`: the [24, 24]
+    digit labels of `patch_labels`). Stage B's short-sequence curriculum keeps these first, so that every object
+    a question can name and every digit stays visible when only a few tokens are kept."""
+    key = (np.asarray(digit) > 0).reshape(-1).copy()
+    for o in scene.objects:
+        key[min(GRID - 1, int(o.cy // CELL)) * GRID + min(GRID - 1, int(o.cx // CELL))] = True
+    return key
+
+
 def scene_statistics(scenes: list[Scene3]) -> dict[str, float]:
     """Means over scenes: objects, distractors, object side in patches, patches touched per object, share of
     informative patches, objects smaller than one patch, patches the number spans."""

@@ -43,6 +43,7 @@ computation minus the repeated rendering and vision forward).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -84,6 +85,10 @@ class TrainConfig:
     batch_b: int = 8
     lr_b: float = 1.5e-3
     questions_per_image: int = 10
+    # Stage B steps < single_steps: one question per sequence, `single_batch` images per step (the look-up is
+    # learned on short single-question sequences before packing; packed from the start, v3 never left the prior)
+    single_steps: int = 0
+    single_batch: int = 64
     warmup: int = 50
     weight_decay: float = 0.01
     eval_every: int = 250
@@ -157,13 +162,15 @@ class DenseHeads(nn.Module):
 
 def shorten(batch: dict[str, torch.Tensor], feats: torch.Tensor, keep: int,
             generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Curriculum helper: keep `keep` of the 576 visual tokens per sample (all informative ones plus random
-    background ones, raster order) with their original position ids, like a pre-LLM pruning.
+    """Curriculum helper: keep `keep` of the 576 visual tokens per sample (highest `priority` first when the batch
+    has it (v3: object centres and digits, then other informative patches), else all informative ones; then random
+    background ones; raster order) with their original position ids, like a pre-LLM pruning.
 
     feats [B, 576, Dv] -> [B, keep, Dv]; ids/labels/mask [B, T] -> [B, T - 576 + keep]; adds position_ids.
     """
     b, n = batch["informative"].shape
-    score = torch.rand(b, n, generator=generator) + 2.0 * batch["informative"].cpu().float()
+    order = batch["priority"] if "priority" in batch else batch["informative"]
+    score = torch.rand(b, n, generator=generator) + 2.0 * order.cpu().float()
     device = batch["input_ids"].device
     keep_idx = score.topk(keep, dim=1).indices.sort(dim=1).values.to(device)  # [B, keep]
     first = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0, 0])
@@ -310,19 +317,32 @@ def load_vision_tower(model, source: str) -> None:
 
 
 @torch.no_grad()
+def tower_fingerprint(model) -> str:
+    """SHA-1 of the vision tower's parameters and buffers (names, shapes, values)."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.model.vision_tower.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
 def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callable[[str], None],
                   scene_pixels: Callable | None = None) -> torch.Tensor:
-    """Frozen penultimate features [n, 576, Dv] (fp16) of scenes 0..n-1 of `seed`, cached in `path`."""
+    """Frozen penultimate features [n, 576, Dv] (fp16) of scenes 0..n-1 of `seed`, cached in `path`. The cache
+    records the tower's fingerprint: one made by another tower (e.g. before a longer Stage A) is recomputed."""
     from .data import pixels
     from .scenes import make_scene, render
 
+    tower = tower_fingerprint(model)
     if path.exists():  # safetensors only (never pickle); a damaged or foreign cache is recomputed
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                if meta.get("seed") == str(seed) and meta.get("n") == str(n) and list(f.keys()) == ["feats"]:
+                if (meta.get("seed") == str(seed) and meta.get("n") == str(n) and meta.get("tower") == tower
+                        and list(f.keys()) == ["feats"]):
                     return f.get_tensor("feats")
         except (SafetensorError, OSError, ValueError) as err:
             log(f"feature cache {path} unreadable ({err}); recomputing")
@@ -342,7 +362,7 @@ def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callab
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"feats": out}, str(tmp), metadata={"seed": str(seed), "n": str(n)})
+    save_file({"feats": out}, str(tmp), metadata={"seed": str(seed), "n": str(n), "tower": tower})
     tmp.replace(path)
     return out
 
@@ -510,6 +530,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             save()
         # ---- Stage B: frozen tower, projector + decoder on packed questions ----
         packing = Packing(cfg.questions_per_image)
+        single_packing = Packing(1)
         model.model.vision_tower.requires_grad_(False)
         model.train()
         model.model.vision_tower.eval()
@@ -542,14 +563,16 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         st["b_wall0"] = b_start_wall
         while st["step"] < cfg.steps_b and st["stage"] == "B":
             t0 = time.time()
-            first = st["step"] * cfg.batch_b
+            single = st["step"] < cfg.single_steps
+            size_b, pack = (cfg.single_batch, single_packing) if single else (cfg.batch_b, packing)
+            first = st.get("scenes_b", st["step"] * cfg.batch_b)  # Stage-B scenes read so far
             if cache is not None:  # cycle over the cached scenes, new questions on every pass
-                idx = [(first + i) % len(cache) for i in range(cfg.batch_b)]
-                batch = ds.question_batch(cfg.seed + 1, 0, 0, packing, indices=idx, salt=first // len(cache),
-                                       with_pixels=False, types=types(st["step"]))
+                idx = [(first + i) % len(cache) for i in range(size_b)]
+                batch = ds.question_batch(cfg.seed + 1, 0, 0, pack, indices=idx, salt=first // len(cache),
+                                          with_pixels=False, types=types(st["step"]))
             else:
-                batch = ds.question_batch(cfg.seed + 1, first, cfg.batch_b, packing,
-                                       types=types(st["step"]))
+                batch = ds.question_batch(cfg.seed + 1, first, size_b, pack, types=types(st["step"]))
+            st["scenes_b"] = first + size_b
             batch = {k: v.to(device) for k, v in batch.items()}
             for g in opt_b.param_groups:
                 g["lr"] = cfg.lr_b * _schedule(st["step"], cfg.steps_b, cfg.warmup)
