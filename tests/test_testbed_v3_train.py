@@ -17,7 +17,8 @@ from vtprune.testbed.train_v3 import TINY_V3, measure_step_costs, v3_config
 def _config(steps_b: int):
     return replace(v3_config(size=TINY_V3), steps_a=2, batch_a=2, steps_b=steps_b, batch_b=2, questions_per_image=3,
                    warmup=1, eval_every=2, eval_per_type=1, save_every=1, keep_schedule="1:32",
-                   type_schedule="1:colour", probe_scenes=4, feature_cache=4, cls_steps=1)
+                   type_schedule="1:colour", probe_scenes=4, feature_cache=4, cls_steps=1, single_steps=1,
+                   single_batch=2)
 
 
 def test_v3_chain_smoke_runs_resumes_and_never_reads_the_test_split(tmp_path, monkeypatch):
@@ -94,6 +95,7 @@ def test_v3_step_costs_are_measured():
     of each stage."""
     costs = measure_step_costs(v3_config(), steps=1, keep=(96, None))
     assert costs["stage_a_s_per_step"] > 0 and costs["stage_b_s_per_step_keep_576"] > 0
+    assert costs["stage_b_single_s_per_step_keep_16"] > 0  # the preset's single-question phase
 
 
 @pytest.mark.slow

@@ -20,28 +20,34 @@ from .model import TINY, V3, ModelSize
 from .splits import CALIBRATION_SEED
 from .train import TrainConfig
 
-# Stage B curricula of the preset: a short phase on the informative tokens (all object / number patches first,
-# then random background ones, `train.shorten`) before all 576; colour look-up first, then all seven types.
-V3_KEEP_SCHEDULE = "1500:96,1800:192"
-V3_TYPE_SCHEDULE = "400:colour,800:colour+shape+number"
+# Stage B curricula of the preset: single-question sequences (batch 64) on the 16 key tokens (every object's centre
+# patch and the digits first, `train.shorten`) until step 3,000, then packed questions on 96 tokens, then all 576;
+# every question type from the start (a colour-only phase gives about one distinct question per scene).
+V3_KEEP_SCHEDULE = "3000:16,4000:96"
+V3_TYPE_SCHEDULE = ""
 
 # Smoke-test size: TINY with a projector wide enough for the probe init's 25 + 23 column-code rows.
 TINY_V3 = replace(TINY, text_width=64, text_heads=2, text_mlp=128)
 
 
 def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
-    """The preset `--preset v3`: every option of a v3 run (override fields as usual). Stage A runs 1,800 steps (the
-    first run's 600 left the tower at shape / digit 0.35 / 0.24 per object patch and Stage B at the answer prior;
-    600 + 900 reached 0.82 / 0.45: docs/testbed.md, "v3 training: first run"). Stage B stops at 5,000 steps, when
-    every type reaches 0.97 on the watched calibration set, or after 8,400 s of Stage-B steps, so the whole chain
-    stays within about 3 h on one CPU thread (Stage A ≈ 1,800 × 1.1 s on a quiet core)."""
+    """The preset `--preset v3`: every option of a v3 run (override fields as usual).
+
+    Stage A runs 2,400 steps: the tower used by the second session's runs had 600 + 900 + 900 (three cosine
+    segments) and its linear read-outs reach colour / shape / digit 0.999 / 0.93 / 0.89 per patch (600 steps:
+    0.42 / 0.35 for shape / digit). Stage B starts with 3,000 single-question steps of 64 images each over a
+    16,000-scene feature cache (packed from the start, or with a colour-only phase, or over 4,000 scenes, the
+    decoder stayed at the answer prior or memorised the scenes: docs/testbed.md, "v3 training"), then packs ten
+    questions per image. Stage B stops at 8,000 steps, when every type reaches 0.97 on the watched calibration
+    set, or after 6,600 s of Stage-B steps, so that the whole chain stays near 3 h on one CPU thread. Not yet
+    shown to reach the target: docs/testbed.md says how far it got."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",
-        steps_a=1800, batch_a=16, lr_a=2e-3,
-        steps_b=5000, batch_b=8, lr_b=1e-3, questions_per_image=10,
+        steps_a=2400, batch_a=16, lr_a=2e-3,
+        steps_b=8000, batch_b=8, lr_b=1.5e-3, questions_per_image=10, single_steps=3000, single_batch=64,
         keep_schedule=V3_KEEP_SCHEDULE, type_schedule=V3_TYPE_SCHEDULE, training_types="",
-        feature_cache=4000, column_code_scale=6.0, eval_every=250, eval_per_type=30,
-        eval_seed=CALIBRATION_SEED, cls_steps=100, time_limit_b=8400.0)
+        feature_cache=16000, column_code_scale=6.0, eval_every=250, eval_per_type=30,
+        eval_seed=CALIBRATION_SEED, cls_steps=100, time_limit_b=6600.0)
 
 
 def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tuple[int | None, ...] = (None,),
@@ -54,7 +60,7 @@ def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tup
     from .data import Packing
     from .datasets import get_dataset
     from .features import vision_features
-    from .train import DenseHeads, lm_loss, shorten
+    from .train import DenseHeads, keep_at, lm_loss, shorten
 
     cfg = cfg or v3_config()
     torch.set_num_threads(threads)
@@ -84,24 +90,31 @@ def measure_step_costs(cfg: TrainConfig | None = None, steps: int = 3, keep: tup
     with torch.no_grad(), amp:
         pv = ds.scene_pixels(cfg.seed + 1, list(range(cfg.batch_b)))
         feats_all = vision_features(model, pv).float()
-    for k in keep:
+    phases = [(k, packing, cfg.batch_b, f"stage_b_s_per_step_keep_{k or 576}") for k in keep]
+    if cfg.single_steps > 0:  # the single-question phase: `single_batch` sequences of one question each
+        k1 = keep_at(cfg.keep_schedule, 0)
+        phases.insert(0, (k1, Packing(1), cfg.single_batch, f"stage_b_single_s_per_step_keep_{k1 or 576}"))
+        n_feats = max(cfg.batch_b, cfg.single_batch)
+        with torch.no_grad(), amp:
+            feats_all = vision_features(model, ds.scene_pixels(cfg.seed + 1, list(range(n_feats)))).float()
+    for k, pack, size_b, name in phases:
         times = []
         for i in range(steps + 1):
             t0 = time.perf_counter()
-            batch = ds.question_batch(cfg.seed + 1, 0, 0, packing, indices=list(range(cfg.batch_b)), salt=i + 1,
+            batch = ds.question_batch(cfg.seed + 1, 0, 0, pack, indices=list(range(size_b)), salt=i + 1,
                                       with_pixels=False, types=ds.question_types)
             with amp:
                 if k is None:
                     text = {n: batch[n] for n in ("input_ids", "labels", "attention_mask")}
-                    feats = feats_all
+                    feats = feats_all[:size_b]
                 else:
-                    text, feats = shorten(batch, feats_all, k, torch.Generator().manual_seed(i))
+                    text, feats = shorten(batch, feats_all[:size_b], k, torch.Generator().manual_seed(i))
                 loss, _ = lm_loss(model, feats, **text)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t0)
-        out[f"stage_b_s_per_step_keep_{k or 576}"] = sum(times[1:]) / steps
+        out[name] = sum(times[1:]) / steps
     return {name: round(v, 3) for name, v in out.items()}
 
 
@@ -115,6 +128,6 @@ def estimate_chain_seconds(costs: dict[str, float], cfg: TrainConfig | None = No
     total = cfg.steps_a * costs["stage_a_s_per_step"] + feature_cache_s + eval_s
     for step in range(cfg.steps_b):
         k = keep_at(cfg.keep_schedule, step)
-        key = f"stage_b_s_per_step_keep_{k or 576}"
+        key = f"stage_b_{'single_' if step < cfg.single_steps else ''}s_per_step_keep_{k or 576}"
         total += costs.get(key, costs["stage_b_s_per_step_keep_576"])
     return total
