@@ -86,7 +86,7 @@ class TrainConfig:
     lr_b: float = 1.5e-3
     questions_per_image: int = 10
     # Stage B steps < single_steps: one question per sequence, `single_batch` images per step (the look-up is
-    # learned on short single-question sequences before packing; packed from the start, v3 never left the prior)
+    # learned on short single-question sequences before packing; packed from the start, v3 stayed at the prior)
     single_steps: int = 0
     single_batch: int = 64
     warmup: int = 50
