@@ -169,8 +169,10 @@ def test_probe_projector_column_code_rows_scale_and_fit():
     one, _, stats = probed(1.0)
     three, _, _ = probed(3.0)
     assert 0.5 < stats["column_bits_acc"] <= 1.0  # the thresholds are read from the patch features
-    assert torch.allclose(one.weight[:25], plain.weight[:25], atol=1e-5)
-    assert torch.allclose(one.bias[:25], plain.bias[:25], atol=1e-5)
+    # the same rows up to float reductions, whose order varies with the BLAS thread count (a full-suite run once
+    # differed by 1.1e-5 at 0.34); a change of what the first rows hold moves them by ~0.1
+    assert torch.allclose(one.weight[:25], plain.weight[:25], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(one.bias[:25], plain.bias[:25], rtol=1e-4, atol=1e-4)
     assert torch.allclose(three.weight[25:48], 3 * one.weight[25:48], rtol=1e-4, atol=1e-4)
     assert not torch.equal(one.weight[25:48], before[25:48])
     assert torch.equal(one.weight[48:], before[48:])
