@@ -34,7 +34,7 @@ from vtprune.testbed.model import V3
 from vtprune.testbed.questions import Question
 from vtprune.testbed.questions_v3 import QUESTION_TYPES, answer_vocabulary
 from vtprune.testbed.scenes_v3 import GRID, key_patches
-from vtprune.testbed.train import _schedule, lm_loss, shorten, types_at
+from vtprune.testbed.train import _schedule, decoder_hidden, lm_loss, shorten, types_at
 
 N_PATCHES = GRID * GRID
 
@@ -88,12 +88,7 @@ class Watched:
             if keep < N_PATCHES:
                 text, f = shorten({**text, "priority": self.priority[sl], "informative": self.priority[sl] > 0}, f,
                                   keep, torch.Generator().manual_seed(0))
-            img = model.model.multi_modal_projector(f)
-            emb = model.model.language_model.get_input_embeddings()(text["input_ids"])
-            emb = emb.masked_scatter((text["input_ids"] == model.config.image_token_id).unsqueeze(-1),
-                                     img.to(emb.dtype))
-            h = model.model.language_model(inputs_embeds=emb, attention_mask=text["attention_mask"],
-                                           position_ids=text.get("position_ids")).last_hidden_state
+            h = decoder_hidden(model, f, text["input_ids"], text["attention_mask"], text.get("position_ids"))
             j = (text["labels"] != -100).float().argmax(1)  # [B] the answer's position
             rows = torch.arange(len(j))
             logits = model.lm_head(h[rows, j - 1]).float()

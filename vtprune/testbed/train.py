@@ -367,18 +367,25 @@ def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callab
     return out
 
 
-def lm_loss(model, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
-            attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-            image_feats: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
-    """Projector + decoder on image features [B, N, Dv] and packed ids [B, T] (N image tokens);
-    next-token CE on answers. `image_feats` [B, N, D]: the projector's output, if already computed."""
+def decoder_hidden(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   position_ids: torch.Tensor | None = None, image_feats: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoder output [B, T, D] for image features [B, N, Dv] placed at the N `<image>` ids of input_ids [B, T]
+    (projected here unless `image_feats` [B, N, D], the projector's output, is given)."""
     if image_feats is None:
         image_feats = model.model.multi_modal_projector(feats)
     embeds = model.model.language_model.get_input_embeddings()(input_ids)
     mask = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_feats.to(embeds.dtype))
-    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                        position_ids=position_ids).last_hidden_state
+    return model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                      position_ids=position_ids).last_hidden_state
+
+
+def lm_loss(model, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
+            attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+            image_feats: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """Projector + decoder on image features [B, N, Dv] and packed ids [B, T] (N image tokens);
+    next-token CE on answers. `image_feats` [B, N, D]: the projector's output, if already computed."""
+    hidden = decoder_hidden(model, feats, input_ids, attention_mask, position_ids, image_feats)
     target = labels[:, 1:]
     sel = target != -100
     logits = model.lm_head(hidden[:, :-1][sel]).float()
