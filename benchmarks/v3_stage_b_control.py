@@ -33,7 +33,7 @@ from vtprune.testbed.features import vision_features
 from vtprune.testbed.model import V3
 from vtprune.testbed.questions import Question
 from vtprune.testbed.questions_v3 import QUESTION_TYPES, answer_vocabulary
-from vtprune.testbed.scenes_v3 import GRID, key_patches
+from vtprune.testbed.scenes_v3 import GRID
 from vtprune.testbed.train import _schedule, decoder_hidden, lm_loss, shorten, types_at
 
 N_PATCHES = GRID * GRID
@@ -50,11 +50,7 @@ def ideal_features(scene, width: int) -> tuple[np.ndarray, np.ndarray]:
     f[r, 12 + lab["digit"].reshape(-1)] = 1
     f[r, 23 + r // GRID] = 1
     f[r, 47 + r % GRID] = 1
-    return (f - 0.1) * 3, priority(scene, lab, inf)
-
-
-def priority(scene, lab, inf) -> np.ndarray:
-    return np.where(key_patches(scene, lab["digit"]), 2.0, inf.astype(np.float32))
+    return (f - 0.1) * 3, data_v3.token_priority(scene, lab, inf)
 
 
 def decoder_size(text: str):
@@ -106,7 +102,7 @@ def real_feats_of(model):
         pri = []
         for s in samples:
             _, lab, inf = data_v3.render_with_targets(s["scene"], image=False)
-            pri.append(priority(s["scene"], lab, inf))
+            pri.append(data_v3.token_priority(s["scene"], lab, inf))
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             feats = torch.cat([vision_features(model, pixels([s["image"] for s in samples[i:i + 16]])).float()
                                for i in range(0, len(samples), 16)])
@@ -131,7 +127,7 @@ def train_control(args: argparse.Namespace) -> None:
         pri = []
         for i in range(len(cache)):
             _, lab, inf = data_v3.render_with_targets(split.scene(i), image=False)
-            pri.append(priority(split.scene(i), lab, inf))
+            pri.append(data_v3.token_priority(split.scene(i), lab, inf))
         pri_t = torch.from_numpy(np.stack(pri))
         watched = Watched(args.per_type, real_feats_of(model))
     else:

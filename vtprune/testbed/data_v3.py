@@ -57,6 +57,12 @@ def render_with_targets(scene, image: bool = True) -> tuple:
     return image, patch_labels(scene, ids), informative_patches(scene, ids)
 
 
+def token_priority(scene, labels: dict, informative: np.ndarray) -> np.ndarray:
+    """[576] float32: 2 for key patches (`scenes_v3.key_patches`: object centres, digit ink), 1 for other
+    informative patches, 0 for background; the order in which `train.shorten` keeps tokens."""
+    return np.where(key_patches(scene, labels["digit"]), 2.0, informative.astype(np.float32)).astype(np.float32)
+
+
 def dense_batch(split: Split | int, start: int, n: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Scenes start..start+n-1 of `split` (an int: the train split of that seed): pixels [n, 3, 336, 336],
     per-patch targets colour / shape / digit [n, 576] and xy [n, 576, 2] (the layout of `data.dense_batch`)."""
@@ -120,13 +126,13 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         if with_pixels:
             images.append(image)
         informative.append(inf)
-        priority.append(np.where(key_patches(scene, lab["digit"]), 2.0, inf.astype(np.float32)))
+        priority.append(token_priority(scene, lab, inf))
     input_ids = torch.tensor(ids)
     out = {"pixel_values": pixels(images)} if with_pixels else {}
     return {**out, "input_ids": input_ids, "labels": torch.tensor(labs),
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
             "informative": torch.from_numpy(np.stack(informative)),
-            "priority": torch.from_numpy(np.stack(priority).astype(np.float32))}
+            "priority": torch.from_numpy(np.stack(priority))}
 
 
 def balanced_samples(split: Split, n_per_type: int, types: tuple[str, ...] | None = None,
