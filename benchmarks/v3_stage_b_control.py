@@ -146,6 +146,13 @@ def train_control(args: argparse.Namespace) -> None:
             for layer in model.model.language_model.layers:
                 for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
                     w.mul_(0.0 if args.init == "zero" else (2 * size.text_layers) ** -0.5)
+    if args.qk_std or args.init_std:
+        gen = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for name, w in model.model.language_model.named_parameters():
+                std = args.qk_std if (args.qk_std and any(k in name for k in ("q_proj", "k_proj"))) else args.init_std
+                if std and w.dim() == 2:
+                    w.copy_(torch.randn(w.shape, generator=gen) * std)
     params = (list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
               + list(model.lm_head.parameters()))
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -160,7 +167,7 @@ def train_control(args: argparse.Namespace) -> None:
                                                                          QUESTION_TYPES, ()))
         for g in opt.param_groups:
             g["lr"] = args.lr * _schedule(step, args.steps, 50)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):
             text, f = shorten({**batch, "priority": pri_t[idx]}, cache[idx], args.keep,
                               torch.Generator().manual_seed(step))
             loss, acc = lm_loss(model, f, **text)
@@ -197,6 +204,10 @@ def main() -> None:
     t.add_argument("--decoder", default="32x64", help="LAYERSxWIDTH (heads of 32, MLP 3x width)")
     t.add_argument("--init", choices=("default", "zero", "scaled"), default="default",
                    help="residual output projections: HF init, zero, or scaled by 1/sqrt(2L)")
+    t.add_argument("--qk-std", type=float, default=0.0, help="re-initialise q/k projections with this std (0 = HF)")
+    t.add_argument("--init-std", type=float, default=0.0,
+                   help="re-initialise every other decoder matrix (embeddings included) with this std (0 = HF)")
+    t.add_argument("--fp32", action="store_true", help="no bf16 autocast (faster on CPUs without AVX512-BF16/AMX)")
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--questions-per-image", type=int, default=1)
     t.add_argument("--keep", type=int, default=16, help="visual tokens kept (key patches first)")

@@ -171,3 +171,41 @@ def test_train_cli_takes_zero_stage_b_steps_and_the_single_question_phase(tmp_pa
     assert (seen[0].steps_b, seen[0].single_steps, seen[0].single_batch) == (0, 5, 32)
     assert main(["testbed", "train", "--preset", "v3", "--out", str(tmp_path)]) == 0
     assert seen[1].steps_b == v3_config().steps_b
+
+
+def test_train_cli_precision_and_procs(tmp_path, monkeypatch):
+    """`--precision auto` follows the CPU's bf16 support (`fast_bf16`); `--procs N` hands the run to
+    `parallel.train_parallel`; a batch that `--procs` does not divide is a one-line usage error."""
+    import vtprune.testbed.parallel as parallel_module
+    import vtprune.testbed.train as train_module
+    from vtprune.cli import main
+
+    single, multi = [], []
+    monkeypatch.setattr(train_module, "train", lambda out, cfg, **kw: single.append(cfg))
+    monkeypatch.setattr(parallel_module, "train_parallel", lambda out, cfg, **kw: multi.append(cfg))
+    for precision, want in (("fp32", False), ("bf16", True), ("auto", train_module.fast_bf16("cpu"))):
+        assert main(["testbed", "train", "--preset", "v3", "--out", str(tmp_path), "--precision", precision]) == 0
+        assert single[-1].bf16 is want and single[-1].procs == 1
+    assert main(["testbed", "train", "--preset", "v3", "--out", str(tmp_path), "--procs", "2"]) == 0
+    assert multi[-1].procs == 2 and len(single) == 3
+    assert main(["testbed", "train", "--preset", "v3", "--out", str(tmp_path), "--procs", "3"]) == 2
+    assert len(multi) == 1
+
+
+def test_fast_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    from vtprune.testbed import train as train_module
+
+    assert train_module.fast_bf16("cuda:0")
+    info = tmp_path / "cpuinfo"
+    real_path = train_module.Path
+
+    def fake_path(p, *a):
+        return info if str(p) == "/proc/cpuinfo" else real_path(p, *a)
+
+    monkeypatch.setattr(train_module, "Path", fake_path)
+    info.write_text("flags : fpu avx512f avx512_vnni\n")
+    assert not train_module.fast_bf16("cpu")
+    info.write_text("flags : fpu avx512f avx512_bf16\n")
+    assert train_module.fast_bf16("cpu")
+    info.write_text("flags : fpu amx_bf16 amx_tile\n")
+    assert train_module.fast_bf16("cpu")

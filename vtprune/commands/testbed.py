@@ -80,6 +80,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--text-layers", type=int, default=None, help="decoder layers")
     t.add_argument("--text-width", type=int, default=None, help="decoder width (MLP 3x, head dim 32)")
     t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--procs", type=int, default=1,
+                   help="data-parallel processes (of --threads threads each) sharing each step's batch; e.g. 2 on "
+                        "a 2-core machine")
+    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)")
     t.add_argument("--tiny", action="store_true", help="tiny model (smoke tests)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(testbed_func=_train)
@@ -88,6 +93,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--preset", choices=("v2", "v3"), default="v3")
     m.add_argument("--steps", type=positive_int, default=3, help="timed steps per stage (after one warm-up)")
     m.add_argument("--threads", type=positive_int, default=1)
+    m.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     m.set_defaults(testbed_func=_measure)
 
     s = sub.add_parser("score", help="accuracy per question type of a model on a testbed set")
@@ -127,7 +133,7 @@ def _export(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from vtprune.commands.common import check_model
+    from vtprune.commands.common import UsageError, check_model
 
     for init in (args.init, args.vision_init):
         if init is not None:
@@ -142,6 +148,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg.threads = args.threads
     else:
         cfg = TrainConfig(seed=args.seed, threads=args.threads)
+    if args.procs < 1:
+        raise UsageError(f"--procs must be >= 1, got {args.procs}")
+    cfg.procs = args.procs
     if args.tiny:
         from vtprune.testbed.train_v3 import TINY_V3
 
@@ -161,13 +170,28 @@ def _train(args: argparse.Namespace) -> int:
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
+    cfg.bf16 = _bf16(args.precision, args.device)
     if args.text_layers is not None:
         cfg.size = replace(cfg.size, text_layers=args.text_layers)
     if args.text_width is not None:
         w = args.text_width
         cfg.size = replace(cfg.size, text_width=w, text_heads=max(1, w // 32), text_mlp=3 * w)
-    train(args.out, cfg, device=args.device, progress=not args.no_progress)
+    for name in ("batch_a", "batch_b", "single_batch"):
+        if getattr(cfg, name) % cfg.procs:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not divisible by --procs {cfg.procs}")
+    if cfg.procs > 1:
+        from vtprune.testbed.parallel import train_parallel
+
+        train_parallel(args.out, cfg, device=args.device)
+    else:
+        train(args.out, cfg, device=args.device, progress=not args.no_progress)
     return 0
+
+
+def _bf16(precision: str, device: str) -> bool:
+    from vtprune.testbed.train import fast_bf16
+
+    return fast_bf16(device) if precision == "auto" else precision == "bf16"
 
 
 def _measure(args: argparse.Namespace) -> int:
@@ -175,10 +199,12 @@ def _measure(args: argparse.Namespace) -> int:
     from vtprune.testbed.train_v3 import estimate_chain_seconds, measure_step_costs, v3_config
 
     cfg = v3_config() if args.preset == "v3" else TrainConfig()
+    cfg.bf16 = _bf16(args.precision, "cpu")
     keep = (96, 192, None) if args.preset == "v3" else (None,)
     costs = measure_step_costs(cfg, steps=args.steps, keep=keep, threads=args.threads)
     if args.preset == "v3":
         costs["chain_estimate_h_without_eval_and_cache"] = round(estimate_chain_seconds(costs, cfg) / 3600, 2)
+    costs["precision"] = "bf16 autocast" if cfg.bf16 else "fp32"
     print(json.dumps(costs, indent=1))
     return 0
 

@@ -4,7 +4,8 @@ Stage A trains the CLIP tower alone with dense per-patch targets (colour, shape,
 patch's normalised x/y) through a linear head on the penultimate layer, the feature LLaVA feeds to
 the projector. The head is training-only and is not saved with the model. Stage B freezes the tower
 (its forward runs under no_grad) and trains projector + Llama decoder on several questions packed
-into one conversation per image, padded to a fixed length. Both stages use bf16 autocast on CPU.
+into one conversation per image, padded to a fixed length. Both stages use bf16 autocast when `bf16` is set
+(the CLI's `--precision auto` sets it where the CPU has native bf16, `fast_bf16`).
 Checkpoints (`DIR/state/step-*`: safetensors + JSON, published atomically with a checked manifest, see
 `vtprune.checkpointing`) are written every `save_every` steps and a run resumes from them.
 Stage C (`cls_steps`, cls_saliency.py) then trains only the exported model's [CLS] embedding so that its
@@ -59,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpointing as cpt
+from . import parallel
 from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
@@ -101,6 +103,7 @@ class TrainConfig:
     target_min_type: float = 0.97  # Stage B stops early once every type reaches this on the eval set
     time_limit_b: float = 0.0  # seconds; 0 = no limit
     threads: int = 1
+    procs: int = 1  # data-parallel processes of `threads` threads each (parallel.py; the CLI's --procs)
     bf16: bool = True
     vision_init: str = ""  # "builtin:NAME" or a checkpoint dir whose vision tower is loaded before Stage A
     init: str = ""  # "builtin:NAME" or a checkpoint dir: start from its whole model (tower, projector, LLM)
@@ -328,7 +331,7 @@ def tower_fingerprint(model) -> str:
 
 @torch.no_grad()
 def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callable[[str], None],
-                  scene_pixels: Callable | None = None) -> torch.Tensor:
+                  scene_pixels: Callable | None = None, bf16: bool = True) -> torch.Tensor:
     """Frozen penultimate features [n, 576, Dv] (fp16) of scenes 0..n-1 of `seed`, cached in `path`. The cache
     records the tower's fingerprint: one made by another tower (e.g. before a longer Stage A) is recomputed."""
     from .data import pixels
@@ -352,7 +355,7 @@ def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callab
         idx = range(start, min(n, start + 16))
         pv = (scene_pixels(seed, list(idx)) if scene_pixels is not None
               else pixels([render(make_scene(seed, i)) for i in idx])).to(device)
-        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16):
+        with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             f = vision_features(model, pv).float().cpu().half()
         if out is None:
             out = torch.empty(n, *f.shape[1:], dtype=torch.float16)
@@ -436,6 +439,13 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     """Run (or resume) both stages into `out`; returns the final model. The best Stage-B model by
     (worst type, overall) on the held-out eval set is exported to `out/model` with the processor."""
     cfg = config or TrainConfig()
+    rank, world = parallel.rank_world()
+    if cfg.procs != world:
+        raise ValueError(f"procs={cfg.procs} but this process group has {world} process(es); "
+                         f"use parallel.train_parallel (the CLI's --procs) for procs > 1")
+    for name, size in (("batch_a", cfg.batch_a), ("batch_b", cfg.batch_b), ("single_batch", cfg.single_batch)):
+        if size % world:
+            raise ValueError(f"{name}={size} is not divisible by procs={world}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if device == "cpu":
@@ -494,8 +504,12 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         log(f"resumed: stage {st['stage']} step {st['step']}")
     (out / "train_config.json").write_text(cpt.dumps_strict(cfg.to_dict(), indent=2))
 
+    parallel.barrier()  # every process has read the latest state before rank 0 writes a newer one
+
     def save() -> None:
         nonlocal serial
+        if rank != 0:
+            return
         serial += 1
         state = {"model": model.state_dict(), "heads": heads.state_dict(), "opt_a": opt_a.state_dict(),
                  "opt_b": opt_b.state_dict(), "token_xy": token_xy.state_dict(), "opt_xy": opt_xy.state_dict(),
@@ -512,7 +526,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             task = bar.add_task("stage A", total=cfg.steps_a, completed=st["step"], info="") if bar else None
             while st["step"] < cfg.steps_a:
                 t0 = time.time()
-                pv, target = ds.dense_batch(cfg.seed, st["step"] * cfg.batch_a, cfg.batch_a)
+                per = cfg.batch_a // world  # this process's share of the step's scenes
+                pv, target = ds.dense_batch(cfg.seed, st["step"] * cfg.batch_a + rank * per, per)
                 pv, target = pv.to(device), {k: v.to(device) for k, v in target.items()}
                 for g in opt_a.param_groups:
                     g["lr"] = cfg.lr_a * _schedule(st["step"], cfg.steps_a, cfg.warmup)
@@ -520,6 +535,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     loss, stats = heads.loss(vision_features(model, pv), target, cfg.xy_object_weight)
                 opt_a.zero_grad(set_to_none=True)
                 loss.backward()
+                parallel.average_gradients(list(model.model.vision_tower.parameters()) + list(heads.parameters()))
                 torch.nn.utils.clip_grad_norm_(model.model.vision_tower.parameters(), 1.0)
                 opt_a.step()
                 st["step"] += 1
@@ -559,9 +575,13 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             elif cfg.projector_init != "standardize":
                 raise ValueError(f"unknown projector_init {cfg.projector_init!r}")
             st["projector_standardized"] = True
-        cache = (feature_cache(model, cfg.seed + 1, cfg.feature_cache, device, out / "features.safetensors", log,
-                               scene_pixels=ds.scene_pixels)
-                 if cfg.feature_cache > 0 else None)
+        parallel.broadcast_module(model)  # the data-dependent inits ran on every process: keep rank 0's
+        cache = None
+        for turn in (0, 1) if cfg.feature_cache > 0 else ():  # rank 0 computes and writes it, the others read it
+            if (rank == 0) == (turn == 0):
+                cache = feature_cache(model, cfg.seed + 1, cfg.feature_cache, device, out / "features.safetensors",
+                                      log, scene_pixels=ds.scene_pixels, bf16=cfg.bf16)
+            parallel.barrier()
         def types(step: int) -> tuple[str, ...]:
             return types_at(cfg.type_schedule, step, cfg.training_types, ds.question_types, ds.training_types)
 
@@ -572,13 +592,14 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             t0 = time.time()
             single = st["step"] < cfg.single_steps
             size_b, pack = (cfg.single_batch, single_packing) if single else (cfg.batch_b, packing)
+            per = size_b // world  # this process's share of the step's scenes
             first = st.get("scenes_b", st["step"] * cfg.batch_b)  # Stage-B scenes read so far
             if cache is not None:  # cycle over the cached scenes, new questions on every pass
-                idx = [(first + i) % len(cache) for i in range(size_b)]
+                idx = parallel.share(rank, per, [(first + i) % len(cache) for i in range(size_b)])
                 batch = ds.question_batch(cfg.seed + 1, 0, 0, pack, indices=idx, salt=first // len(cache),
                                           with_pixels=False, types=types(st["step"]))
             else:
-                batch = ds.question_batch(cfg.seed + 1, first, size_b, pack, types=types(st["step"]))
+                batch = ds.question_batch(cfg.seed + 1, first + rank * per, per, pack, types=types(st["step"]))
             st["scenes_b"] = first + size_b
             batch = {k: v.to(device) for k, v in batch.items()}
             for g in opt_b.param_groups:
@@ -592,7 +613,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 keep = keep_at(cfg.keep_schedule, st["step"])
                 short = keep is not None
                 if short:
-                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st["step"])
+                    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st["step"] + 7_919 * rank)
                     text, feats = shorten(batch, feats, keep, gen)
                     img0 = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0, 0])
                     patch_index = text["position_ids"][:, img0:img0 + keep] - img0  # [B, keep]
@@ -601,6 +622,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     patch_index = torch.arange(feats.shape[1], device=device).expand(feats.shape[0], -1)
                 image_feats = model.model.multi_modal_projector(feats)
                 loss, acc = lm_loss(model, feats, **text, image_feats=image_feats)
+                if world > 1:  # weigh by this process's share of the answer tokens: the mean gradient is the batch's
+                    answers = float((text["labels"][:, 1:] != -100).sum())
+                    loss = loss * (answers * world / parallel.total(answers))
                 if cfg.token_xy_weight > 0:
                     informative = batch["informative"].to(device).gather(1, patch_index)
                     xy_loss = token_xy.loss(image_feats, patch_index, informative)
@@ -608,6 +632,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             opt_b.zero_grad(set_to_none=True)
             opt_xy.zero_grad(set_to_none=True)
             loss.backward()
+            parallel.average_gradients(b_params + (list(token_xy.parameters()) if cfg.token_xy_weight > 0 else []))
             torch.nn.utils.clip_grad_norm_(b_params, 1.0)
             opt_b.step()
             if cfg.token_xy_weight > 0:
@@ -624,7 +649,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                                       "loss": round(loss.item(), 4), "token_acc": round(acc, 4)})
                 log(f"B {st['step']} {st['wall']:.0f}s {info}")
             over_time = cfg.time_limit_b > 0 and st["wall"] - b_start_wall > cfg.time_limit_b
-            if st["step"] % cfg.eval_every == 0 or st["step"] == cfg.steps_b or over_time:
+            (over_time,) = parallel.broadcast_flags(over_time)  # rank 0's clock decides for every process
+            if rank == 0 and (st["step"] % cfg.eval_every == 0 or st["step"] == cfg.steps_b or over_time):
                 res = evaluate(model, processor, eval_set, batch_size=16, answers=ds.answers)
                 model.train()
                 model.model.vision_tower.eval()
@@ -641,6 +667,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 if key[0] >= cfg.target_min_type:
                     log("target reached on the eval set; stopping Stage B")
                     st["stage"], st["target_reached"] = "done", True
+            if world > 1 and st["step"] % cfg.eval_every == 0:
+                (reached,) = parallel.broadcast_flags(st.get("target_reached", False))
+                if reached:
+                    st["stage"], st["target_reached"] = "done", True
             if st["step"] % cfg.save_every == 0 or st["stage"] == "done" or over_time:
                 save()
             if over_time:
@@ -648,6 +678,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 break
     st["stage"] = "done" if st["step"] >= cfg.steps_b else st["stage"]
     save()
+    if rank != 0:  # Stage C and the summary belong to rank 0 (the other processes' weights are the same)
+        return model
     if st["stage"] == "done" and cfg.cls_steps > 0 and not st.get("cls_done") and (out / "model").exists():
         # ---- Stage C: the exported best model's [CLS] embedding (cls_saliency.py) ----
         from .builtin import resolve_model
@@ -684,6 +716,19 @@ def export(model, processor, directory: str | Path, dtype: torch.dtype = torch.f
     m.save_pretrained(directory, safe_serialization=True)
     processor.tokenizer.backend_tokenizer.no_padding()
     processor.save_pretrained(directory)
+
+
+def fast_bf16(device: str = "cpu") -> bool:
+    """Whether bf16 autocast speeds training up on `device`: always on CUDA; on a CPU only with native bf16
+    instructions (AVX512-BF16 or AMX). Without them bf16 is emulated: on an AVX-512 Xeon without either, a
+    32 x 64 decoder step took 2.8x longer under bf16 autocast than in fp32 (docs/testbed.md)."""
+    if not device.startswith("cpu"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def machine() -> str:
