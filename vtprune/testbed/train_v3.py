@@ -40,7 +40,9 @@ def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
     decoder stayed at the answer prior or memorised the scenes: docs/testbed.md, "v3 training"), then packs ten
     questions per image. Stage B stops at 8,000 steps, when every type reaches 0.97 on the watched calibration
     set, or after 6,600 s of Stage-B steps, so that the whole chain stays near 3 h on one CPU thread. Not yet
-    shown to reach the target: docs/testbed.md says how far it got."""
+    shown to reach the target: docs/testbed.md says how far it got (third session: the single-question phase
+    reads the 16,000 cached scenes 12 times and the decoder memorises them; `feature_cache=0` renders fresh
+    scenes, ≈ 15 % slower per packed step)."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",
         steps_a=2400, batch_a=16, lr_a=2e-3,
