@@ -1,6 +1,6 @@
-"""Data-parallel training (`TrainConfig.procs`, testbed/parallel.py): two processes sharing each step's batch end
-with the weights of one process that sees the whole batch (gradients averaged, Stage-B losses weighted by answer
-tokens), and only rank 0 writes checkpoints."""
+"""Data-parallel training (`TrainConfig.procs`, testbed/parallel.py and parallel_launch.py): two processes
+sharing each step's batch end with the weights of one process that sees the whole batch (gradients averaged,
+Stage-B losses weighted by answer tokens), and only rank 0 writes checkpoints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 from vtprune import checkpointing as cpt
 from vtprune.testbed import data_v3
-from vtprune.testbed.parallel import train_parallel
+from vtprune.testbed.parallel_launch import train_parallel
 from vtprune.testbed.train import train
 from vtprune.testbed.train_v3 import TINY_V3, v3_config
 

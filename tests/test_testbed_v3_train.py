@@ -175,8 +175,8 @@ def test_train_cli_takes_zero_stage_b_steps_and_the_single_question_phase(tmp_pa
 
 def test_train_cli_precision_and_procs(tmp_path, monkeypatch):
     """`--precision auto` follows the CPU's bf16 support (`fast_bf16`); `--procs N` hands the run to
-    `parallel.train_parallel`; a batch that `--procs` does not divide is a one-line usage error."""
-    import vtprune.testbed.parallel as parallel_module
+    `parallel_launch.train_parallel`; a batch that `--procs` does not divide is a one-line usage error."""
+    import vtprune.testbed.parallel_launch as parallel_module
     import vtprune.testbed.train as train_module
     from vtprune.cli import main
 

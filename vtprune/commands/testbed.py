@@ -8,7 +8,7 @@ import sys
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `testbed` command (sub-commands export, train, score) to a subparsers object whose parser class is
+    """Add the `testbed` command (sub-commands export, train, grow, score) to a subparsers object whose parser class is
     `vtprune.cli.Parser`: its arguments are added when it is first used (their defaults import the testbed)."""
     from vtprune.commands.common import add_lazy_parser
 
@@ -96,6 +96,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
     m.set_defaults(testbed_func=_measure)
 
+    g = sub.add_parser("grow", help="deepen a trained model's decoder, computing exactly the same function")
+    g.add_argument("source", help="builtin:NAME or a model directory")
+    g.add_argument("--layers", type=positive_int, required=True, help="decoder layers of the grown model")
+    g.add_argument("--placement", choices=("spread", "front"), default="spread",
+                   help="where the trained layers go (spread: evenly; front: first); the rest are zero-output copies")
+    g.add_argument("--out", required=True, help="new model directory (must not exist)")
+    g.set_defaults(testbed_func=_grow)
+
     s = sub.add_parser("score", help="accuracy per question type of a model on a testbed set")
     s.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
     s.add_argument("--data", default=None,
@@ -180,7 +188,7 @@ def _train(args: argparse.Namespace) -> int:
         if getattr(cfg, name) % cfg.procs:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} is not divisible by --procs {cfg.procs}")
     if cfg.procs > 1:
-        from vtprune.testbed.parallel import train_parallel
+        from vtprune.testbed.parallel_launch import train_parallel
 
         train_parallel(args.out, cfg, device=args.device)
     else:
@@ -206,6 +214,40 @@ def _measure(args: argparse.Namespace) -> int:
         costs["chain_estimate_h_without_eval_and_cache"] = round(estimate_chain_seconds(costs, cfg) / 3600, 2)
     costs["precision"] = "bf16 autocast" if cfg.bf16 else "fp32"
     print(json.dumps(costs, indent=1))
+    return 0
+
+
+def _grow(args: argparse.Namespace) -> int:
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from vtprune.commands.common import UsageError, check_model
+    from vtprune.testbed.builtin import resolve_model
+    from vtprune.testbed.grow import grow_decoder
+    from vtprune.testbed.train import export
+
+    if args.source.startswith(("arch:", "tiny:")):
+        raise UsageError(f"grow takes builtin:NAME or a model directory, got {args.source!r}")
+    check_model(args.source)
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"--out {out} already exists (give a new directory)")
+    model, processor = resolve_model(args.source)
+    try:
+        grown = grow_decoder(model, args.layers, args.placement)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        export(grown, processor, tmp, dtype=next(model.parameters()).dtype)
+        tmp.rename(out)  # atomic: the directory appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    src_layers = model.config.text_config.num_hidden_layers
+    print(f"wrote {out}: decoder {src_layers} -> {args.layers} layers ({args.placement}), same outputs")
     return 0
 
 

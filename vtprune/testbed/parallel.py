@@ -1,4 +1,6 @@
-"""Data-parallel training of the built-in model on several CPU processes (`TrainConfig.procs`).
+"""Data-parallel training of the built-in model on several CPU processes (`TrainConfig.procs`): the
+process-group primitives `train.train` calls (a no-op outside a process group); `parallel_launch.train_parallel`
+starts the processes.
 
 A training step's batch is split between `procs` processes (one thread each, gloo over localhost); their
 gradients are averaged before the optimiser step, so every process holds the same weights after every step
@@ -14,11 +16,7 @@ with one), and it spreads the batch over more cores than one process can use wel
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Iterable
-from datetime import timedelta
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -85,34 +83,3 @@ def broadcast_flags(*flags: bool) -> tuple[bool, ...]:
     t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
     dist.broadcast(t, 0)
     return tuple(bool(v) for v in t.tolist())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, out: str, config, device: str) -> None:
-    from .train import train
-
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(hours=2))
-    try:
-        train(out, config, device=device, progress=False,
-              log=(lambda line: print(line, flush=True)) if rank == 0 else (lambda line: None))
-    finally:
-        dist.destroy_process_group()
-
-
-def train_parallel(out: str | Path, config, device: str = "cpu") -> None:
-    """Run `train.train(out, config)` in `config.procs` data-parallel processes (gloo on localhost); returns
-    when all have finished. The trained model is in `out/model` as with a single process."""
-    import torch.multiprocessing as mp
-
-    if config.procs < 2:
-        raise ValueError(f"train_parallel needs procs >= 2, got {config.procs}")
-    for name in ("batch_a", "batch_b", "single_batch"):
-        if getattr(config, name) % config.procs:
-            raise ValueError(f"{name}={getattr(config, name)} is not divisible by procs={config.procs}")
-    mp.spawn(_worker, args=(config.procs, _free_port(), str(out), config, device), nprocs=config.procs, join=True)

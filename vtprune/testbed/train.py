@@ -442,7 +442,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     rank, world = parallel.rank_world()
     if cfg.procs != world:
         raise ValueError(f"procs={cfg.procs} but this process group has {world} process(es); "
-                         f"use parallel.train_parallel (the CLI's --procs) for procs > 1")
+                         f"use parallel_launch.train_parallel (the CLI's --procs) for procs > 1")
     for name, size in (("batch_a", cfg.batch_a), ("batch_b", cfg.batch_b), ("single_batch", cfg.single_batch)):
         if size % world:
             raise ValueError(f"{name}={size} is not divisible by procs={world}")

@@ -1,0 +1,105 @@
+"""Depth growth of a built-in model's decoder: the grown model computes exactly what the shallow one did,
+and training then moves its new layers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vtprune.testbed import data_v3
+from vtprune.testbed.grow import grow_decoder, growth_plan
+from vtprune.testbed.train_v3 import TINY_V3
+
+
+def _model(layers: int = 2):
+    model = data_v3.build_model(replace(TINY_V3, text_layers=layers), seed=3)
+    with torch.no_grad():  # HF init leaves some projections tiny; random weights make every layer matter
+        for p in model.model.language_model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def _inputs(model, n: int = 2):
+    from vtprune.testbed.questions import Question
+    from vtprune.testbed.splits import calibration_split
+
+    split = calibration_split()
+    ids = [data_v3.encode_conversation([Question("colour", "what colour is the circle ?", "red")],
+                                       data_v3.Packing(1))[0] for _ in range(n)]
+    ids = torch.tensor(ids)
+    return {"input_ids": ids, "attention_mask": (ids != data_v3.vocabulary()["<pad>"]).long(),
+            "pixel_values": data_v3.scene_pixels(split, list(range(n)))}
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_growth_plan_places_trained_layers_and_rejects_bad_requests():
+    assert growth_plan(4, 32) == [(i // 8, i % 8 == 0) for i in range(32)]
+    assert growth_plan(2, 5, "front") == [(0, True), (1, True), (1, False), (1, False), (1, False)]
+    assert growth_plan(3, 3) == [(0, True), (1, True), (2, True)]
+    with pytest.raises(ValueError, match="need layers >= 4"):
+        growth_plan(4, 3)
+    with pytest.raises(ValueError, match="accepted: spread, front"):
+        growth_plan(2, 4, "middle")
+
+
+@pytest.mark.parametrize("placement", ["spread", "front"])
+def test_grown_model_computes_exactly_the_shallow_models_function(placement):
+    model = _model(2)
+    inputs = _inputs(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grown = grow_decoder(model, 6, placement)
+    assert grown.config.text_config.num_hidden_layers == 6 and model.config.text_config.num_hidden_layers == 2
+    assert torch.equal(_logits(grown, inputs), _logits(model, inputs))  # bit-exact, not approximately
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # source untouched
+    # cached greedy decoding agrees too (each new layer holds its own KV entries)
+    out_a = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    out_b = grown.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(out_a, out_b)
+
+
+def test_copies_without_zeroed_outputs_would_change_the_function():
+    """The oracle above can fail: the zeroed residual outputs are what makes the copies neutral."""
+    model = _model(2)
+    inputs = _inputs(model)
+    grown = grow_decoder(model, 4, "front")
+    with torch.no_grad():
+        grown.model.language_model.layers[3].self_attn.o_proj.weight.copy_(
+            model.model.language_model.layers[1].self_attn.o_proj.weight)
+    assert not torch.allclose(_logits(grown, inputs), _logits(model, inputs))
+
+
+def test_new_layers_receive_gradients_and_move():
+    model = _model(1)
+    grown = grow_decoder(model, 3, "spread").train()
+    inputs = _inputs(grown)
+    labels = inputs["input_ids"].clone()
+    loss = grown(**inputs, labels=labels).loss
+    loss.backward()
+    new = grown.model.language_model.layers[1]
+    assert new.self_attn.o_proj.weight.grad.abs().sum() > 0 and new.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_grow_cli_writes_a_loadable_deeper_checkpoint_atomically(tmp_path):
+    from vtprune.cli import main
+    from vtprune.testbed.builtin import resolve_model
+    from vtprune.testbed.train import export
+
+    model = _model(2)
+    export(model, data_v3.build_processor(), tmp_path / "src", dtype=torch.float32)
+    assert main(["testbed", "grow", str(tmp_path / "src"), "--layers", "5", "--out", str(tmp_path / "deep")]) == 0
+    deep, _ = resolve_model(tmp_path / "deep")
+    assert deep.config.text_config.num_hidden_layers == 5
+    inputs = _inputs(model)
+    assert torch.equal(_logits(deep, inputs), _logits(model, inputs))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "src"]  # no temporary directory left behind
+    # bad requests: one-line errors, nothing written
+    assert main(["testbed", "grow", str(tmp_path / "src"), "--layers", "1", "--out", str(tmp_path / "x")]) == 2
+    assert main(["testbed", "grow", str(tmp_path / "src"), "--layers", "4", "--out", str(tmp_path / "deep")]) == 2
+    assert main(["testbed", "grow", "tiny:llava", "--layers", "4", "--out", str(tmp_path / "y")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "src"]

@@ -1,0 +1,76 @@
+"""Function-preserving depth growth of a built-in model's decoder (progressive stacking).
+
+A shallow decoder learns the testbed's look-ups several times faster per step than a deep narrow one
+(docs/testbed.md, "v3 training"), while the v3 benchmark needs LLaVA-1.5-7B's 32 layers for the in-LLM
+methods' schedules. `grow_decoder` turns a trained L-layer model into a deeper one that computes exactly
+the same function: every new layer is a copy of a trained layer whose residual outputs (`self_attn.o_proj`,
+`mlp.down_proj`) are zero, so it adds 0 to the residual stream until training moves those projections.
+Their inputs are those of a trained layer, so the first gradients on them are informative.
+
+    grown = grow_decoder(model, layers=32)                  # trained layers at 0, 8, 16, 24 ("spread")
+    grown = grow_decoder(model, layers=32, placement="front")  # trained layers at 0..L-1
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+PLACEMENTS = ("spread", "front")
+_LAYER_KEY = re.compile(r"^(model\.language_model\.layers\.)(\d+)\.(.+)$")
+_RESIDUAL_OUTPUTS = ("self_attn.o_proj.", "mlp.down_proj.")
+
+
+def growth_plan(source_layers: int, layers: int, placement: str = "spread") -> list[tuple[int, bool]]:
+    """For each of `layers` new decoder layers: (source layer it copies, True if it is that trained layer,
+    False if a zero-output copy). "spread": trained layer s sits at floor(s * layers / source_layers), each
+    followed by zero-output copies of itself; "front": trained layers first, then copies of the last one."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r} (accepted: {', '.join(PLACEMENTS)})")
+    if source_layers < 1 or layers < source_layers:
+        raise ValueError(f"cannot grow a {source_layers}-layer decoder to {layers} layers (need layers >= "
+                         f"{source_layers})")
+    if placement == "front":
+        starts = list(range(source_layers))
+    else:
+        starts = [s * layers // source_layers for s in range(source_layers)]
+    plan: list[tuple[int, bool]] = []
+    for i in range(layers):
+        s = max(j for j, start in enumerate(starts) if start <= i)
+        plan.append((s, starts[s] == i))
+    return plan
+
+
+@torch.no_grad()
+def grow_decoder(model: LlavaForConditionalGeneration, layers: int,
+                 placement: str = "spread") -> LlavaForConditionalGeneration:
+    """A new `LlavaForConditionalGeneration` with a `layers`-deep decoder computing exactly what `model`
+    computes (same dtype; `model` is not modified). See `growth_plan` for where the trained layers go."""
+    if not isinstance(model, LlavaForConditionalGeneration):
+        raise TypeError(f"grow_decoder needs a LlavaForConditionalGeneration, got {type(model).__name__}")
+    source_layers = model.config.text_config.num_hidden_layers
+    plan = growth_plan(source_layers, layers, placement)
+    config = copy.deepcopy(model.config)
+    config.text_config.num_hidden_layers = layers
+    if getattr(config.text_config, "layer_types", None) is not None:  # one entry per layer in newer configs
+        config.text_config.layer_types = [config.text_config.layer_types[s] for s, _ in plan]
+    dtype = next(model.parameters()).dtype
+    grown = LlavaForConditionalGeneration(config).to(dtype)
+    by_layer: dict[int, dict[str, torch.Tensor]] = {}
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        m = _LAYER_KEY.match(key)
+        if m:
+            by_layer.setdefault(int(m.group(2)), {})[m.group(3)] = value
+        else:
+            state[key] = value.clone()
+    for i, (s, trained) in enumerate(plan):
+        for name, value in by_layer[s].items():
+            zero = not trained and name.startswith(_RESIDUAL_OUTPUTS)
+            state[f"model.language_model.layers.{i}.{name}"] = torch.zeros_like(value) if zero else value.clone()
+    grown.load_state_dict(state, strict=True)
+    grown.generation_config = copy.deepcopy(model.generation_config)
+    return grown.eval()
