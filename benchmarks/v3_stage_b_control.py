@@ -158,12 +158,13 @@ def train_control(args: argparse.Namespace) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     packing = Packing(args.questions_per_image)
     types = tuple(args.types.split("+")) if args.types else QUESTION_TYPES
+    schedule = args.type_schedule or f"100000:{'+'.join(types)}"
     model.train()
     t0 = time.time()
     for step in range(args.steps):
         idx = [(step * args.batch + i) % len(cache) for i in range(args.batch)]
         batch = data_v3.question_batch(split, 0, 0, packing, indices=idx, salt=step * args.batch // len(cache),
-                                       with_pixels=False, types=types_at(f"100000:{'+'.join(types)}", step, "",
+                                       with_pixels=False, types=types_at(schedule, step, "",
                                                                          QUESTION_TYPES, ()))
         for g in opt.param_groups:
             g["lr"] = args.lr * _schedule(step, args.steps, 50)
@@ -176,7 +177,7 @@ def train_control(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if (step + 1) % 50 == 0:
-            print(f"step {step + 1} {time.time() - t0:.0f}s loss {loss.item():.3f} token-acc {acc:.2f}", flush=True)
+            print(f"step {step + 1} {time.time() - t0:.0f}s loss {loss.item():.3f} answer-acc {acc:.2f}", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             print(f"watched step {step + 1} keep {args.keep}: {watched.score(model, args.keep)}", flush=True)
 
@@ -212,6 +213,8 @@ def main() -> None:
     t.add_argument("--questions-per-image", type=int, default=1)
     t.add_argument("--keep", type=int, default=16, help="visual tokens kept (key patches first)")
     t.add_argument("--types", default="", help='"+"-joined question types (default all seven)')
+    t.add_argument("--type-schedule", default="",
+                   help='"UNTIL:TYPES,...", e.g. "500:colour+shape,100000:exist+colour+shape" (overrides --types)')
     t.add_argument("--lr", type=float, default=1.5e-3)
     t.add_argument("--steps", type=int, default=600)
     t.add_argument("--scenes", type=int, default=2000, help="cached training scenes cycled over")

@@ -250,3 +250,37 @@ def test_token_xy_head_reads_the_cell_of_informative_tokens_only():
     wrong_object = exact.clone()
     wrong_object[0, 1, 0] += 0.5
     assert abs(head.loss(wrong_object, patch_index, informative).item() - 0.125) < 1e-6
+
+
+def test_lm_loss_accuracy_counts_answers_not_their_eos():
+    """The logged training accuracy is the answers' (teacher-forced argmax at each answer position, as the full
+    model's forward gives it), not lifted by the trivially predicted eos after every answer."""
+    from vtprune.testbed.data import Packing, question_batch
+    from vtprune.testbed.features import vision_features
+    from vtprune.testbed.model import build_model
+    from vtprune.testbed.train import lm_loss
+
+    model = build_model(TINY, seed=1).eval()
+    with torch.no_grad():  # random weights, so the argmax varies between positions
+        for p in model.model.language_model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    batch = question_batch(0, 0, 4, Packing(3))
+    eos = model.config.text_config.eos_token_id
+    with torch.no_grad():
+        feats = vision_features(model, batch["pixel_values"])
+        _, acc = lm_loss(model, feats, batch["input_ids"], batch["labels"], batch["attention_mask"])
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       attention_mask=batch["attention_mask"]).logits
+    target = batch["labels"][:, 1:]
+    pred = logits[:, :-1].argmax(-1)
+    answer = (target != -100) & (target != eos)
+    assert int(answer.sum()) == 4 * 3  # one answer token per question
+    assert acc == pytest.approx(float((pred[answer] == target[answer]).float().mean()))
+    # a model that always says eos gets every eos right and no answer: 0, where a token accuracy would say 0.5
+    hook = model.lm_head.register_forward_hook(lambda mod, inp, out: out + 100 * torch.nn.functional.one_hot(
+        torch.tensor(eos), out.shape[-1]).to(out.dtype))
+    try:
+        with torch.no_grad():
+            assert lm_loss(model, feats, batch["input_ids"], batch["labels"], batch["attention_mask"])[1] == 0.0
+    finally:
+        hook.remove()
