@@ -397,7 +397,7 @@ def lm_loss(model, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.T
     loss = F.cross_entropy(logits, target[sel])
     hit = logits.argmax(-1) == target[sel]
     answer = target[sel] != model.config.text_config.eos_token_id
-    return loss, (hit[answer].float().mean().item() if bool(answer.any()) else float("nan"))
+    return loss, hit[answer].float().mean().item()  # nan when the batch has no answer token
 
 
 class TokenXYHead(nn.Module):

@@ -43,8 +43,7 @@ def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
     shown to reach the target: docs/testbed.md says how far it got (about 0.5 on the watched set after 4,500
     steps with every type from the first step, whatever the decoder's shape; a colour + shape, then + exist,
     type schedule reached 0.66 in 40 minutes, relations and counting still weak: fourth session).
-    `feature_cache=0` renders fresh scenes instead
-    of cycling over the cache, ≈ 15 % slower per packed step."""
+    `feature_cache=0` renders fresh scenes instead of cycling over the cache, ≈ 15 % slower per packed step."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",
         steps_a=2400, batch_a=16, lr_a=2e-3,
