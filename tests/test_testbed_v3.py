@@ -103,6 +103,38 @@ def test_relation_and_leftof_answers_match_geometry(scenes):
             assert s.objects[j].cx < s.objects[names[name]].cx and s.objects[j].colour == q.answer
 
 
+def test_training_only_side_and_upper_follow_the_centre_and_keep_the_vocabulary(scenes):
+    vocab = data_v3.vocabulary()
+    middle = scenes_v3.IMAGE_SIZE / 2
+    seen = Counter()
+    for s in scenes:
+        names = dict((name, i) for i, name in questions_v3.references(s))
+        for qtype, word, axis in (("side", "left", "cx"), ("upper", "above", "cy")):
+            for q in questions_v3.candidates(s, qtype):
+                name = q.text[len("is the "):-len(f" {word} ?")]
+                centre = getattr(s.objects[names[name]], axis)
+                assert abs(centre - middle) >= questions_v3.HALF_MARGIN
+                assert (q.answer == "yes") == (centre < middle)
+                assert all(w in vocab for w in q.text.split())
+                seen[(qtype, q.answer)] += 1
+    assert min(seen[(t, a)] for t in ("side", "upper") for a in ("yes", "no")) > 10
+    assert not set(questions_v3.TRAINING_TYPES) & set(questions_v3.QUESTION_TYPES)
+    assert set(questions_v3.TRAINING_TYPES) <= set(questions_v3.ANSWERS)
+    assert set(data_v3.vocabulary()) == set(vocab)  # the training-only words were v3 words already
+    samples = data_v3.balanced_samples(calibration_split(), 4)  # never watched or scored
+    assert {x["type"] for x in samples} == set(questions_v3.QUESTION_TYPES)
+    batch = data_v3.question_batch(0, 0, 2, Packing(10), types=("side", "upper", "relation"))
+    assert (batch["labels"] != -100).sum() > 0
+    from vtprune.testbed.datasets import get_dataset
+    from vtprune.testbed.train import types_at
+
+    ds = get_dataset("shapes-v3")
+    assert types_at("", 5, "side+upper", ds.question_types, ds.training_types)[-2:] == ("side", "upper")
+    assert types_at("100:side+relation", 5, "", ds.question_types, ds.training_types) == ("side", "relation")
+    with pytest.raises(ValueError, match="unknown question types"):
+        types_at("100:digit", 5, "", ds.question_types, ds.training_types)
+
+
 def test_splits_are_disjoint_streams():
     def digest(split: Split, i: int) -> str:
         return hashlib.sha1(np.asarray(scenes_v3.render(split.scene(i))).tobytes()).hexdigest()

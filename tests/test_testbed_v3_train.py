@@ -89,6 +89,19 @@ def test_v3_preset_model_is_a_deep_llava():
     assert model.config.vision_config.image_size == 336 and model.config.vision_config.patch_size == 14
 
 
+def test_v3_preset_asks_the_look_ups_first_then_every_scored_type():
+    from vtprune.testbed.datasets import get_dataset
+    from vtprune.testbed.train import types_at
+
+    cfg, ds = v3_config(), get_dataset("shapes-v3")
+
+    def at(step: int) -> set[str]:
+        return set(types_at(cfg.type_schedule, step, cfg.training_types, ds.question_types, ds.training_types))
+
+    assert at(0) == {"colour", "shape"} and at(1000) == {"colour", "shape", "exist"}
+    assert at(cfg.single_steps) == set(ds.question_types)  # every scored type, no training-only one, by then
+
+
 @pytest.mark.slow
 def test_v3_step_costs_are_measured():
     """Seconds per step of the preset's stages (one thread); slow: builds the full v3 model and runs 2 steps

@@ -50,7 +50,8 @@ def _v3() -> Dataset:
     from . import data_v3, questions_v3, scenes_v3, splits
 
     return Dataset(
-        version=scenes_v3.DATA_VERSION, question_types=questions_v3.QUESTION_TYPES, training_types=(),
+        version=scenes_v3.DATA_VERSION, question_types=questions_v3.QUESTION_TYPES,
+        training_types=questions_v3.TRAINING_TYPES,
         answers=questions_v3.answer_vocabulary(),
         build_model=lambda size, seed: data_v3.build_model(size, seed=seed),
         build_processor=data_v3.build_processor, dense_batch=data_v3.dense_batch,

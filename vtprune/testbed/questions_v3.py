@@ -10,6 +10,11 @@
 | leftof | what colour is the object left of the yellow square ? | 6 colours |
 | number | what number is in the box ? | 10 .. 99 (one token) |
 
+Training-only types (asked when a training run lists them, never scored): `side` ("is the red circle left ?":
+is its centre in the image's left half) and `upper` ("is the triangle above ?": in the top half). Unlike
+relation they have a first-order signal (an object's own position decides the answer), a stepping stone to
+reading positions; their words are v3 question words, so the vocabulary stays the same.
+
 Objects are named by a unique shape ("the triangle"), a unique colour ("the red object") or a unique
 colour + shape pair ("the red circle"). Relations are asked only when the two centres differ by >= 2
 patches along the asked axis; "the object left of X" is asked only when exactly one object lies left of X
@@ -23,7 +28,7 @@ from collections import Counter
 import numpy as np
 
 from .questions import PLURAL, Question
-from .scenes import COLOURS, SHAPES
+from .scenes import COLOURS, IMAGE_SIZE, SHAPES
 from .scenes_v3 import CELL, MAX_COUNT, NUMBER_RANGE, Object3, Scene3
 
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "exist", "count", "relation", "leftof", "number")
@@ -35,8 +40,12 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "relation": ("yes", "no"),
     "leftof": tuple(COLOURS),
     "number": tuple(str(i) for i in range(NUMBER_RANGE[0], NUMBER_RANGE[1] + 1)),
+    "side": ("yes", "no"),  # training-only types (TRAINING_TYPES)
+    "upper": ("yes", "no"),
 }
+TRAINING_TYPES: tuple[str, ...] = ("side", "upper")
 RELATION_GAP = 2 * CELL  # pixels between the two centres along the asked axis
+HALF_MARGIN = CELL  # side / upper: pixels between an object's centre and the image's middle line
 
 
 def answer_vocabulary() -> tuple[str, ...]:
@@ -134,8 +143,15 @@ def candidates(scene: Scene3, qtype: str) -> list[Question]:
                 out.append(Question(qtype, f"what colour is the object left of the {name} ?", objs[j].colour))
     elif qtype == "number":
         out = [Question(qtype, "what number is in the box ?", str(scene.number))]
+    elif qtype in ("side", "upper"):
+        word = "left" if qtype == "side" else "above"
+        for i, name in references(scene):
+            centre = objs[i].cx if qtype == "side" else objs[i].cy
+            if abs(centre - IMAGE_SIZE / 2) >= HALF_MARGIN:
+                out.append(Question(qtype, f"is the {name} {word} ?", "yes" if centre < IMAGE_SIZE / 2 else "no"))
     else:
-        raise ValueError(f"unknown v3 question type {qtype!r} (known: {', '.join(QUESTION_TYPES)})")
+        raise ValueError(f"unknown v3 question type {qtype!r} "
+                         f"(known: {', '.join(QUESTION_TYPES + TRAINING_TYPES)})")
     return out
 
 

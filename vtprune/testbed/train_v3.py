@@ -21,10 +21,11 @@ from .splits import CALIBRATION_SEED
 from .train import TrainConfig
 
 # Stage B curricula of the preset: single-question sequences (batch 64) on the 16 key tokens (every object's centre
-# patch and the digits first, `train.shorten`) until step 3,000, then packed questions on 96 tokens, then all 576;
-# every question type from the start (a colour-only phase gives about one distinct question per scene).
+# patch and the digits first, `train.shorten`) until step 3,000, then packed questions on 96 tokens, then all 576.
 V3_KEEP_SCHEDULE = "3000:16,4000:96"
-V3_TYPE_SCHEDULE = ""
+# Colour + shape questions first, then + exist, then every type: the look-ups before the questions that have no
+# first-order signal (docs/testbed.md, "v3 training: fourth session": 0.66 vs about 0.5 without it).
+V3_TYPE_SCHEDULE = "600:colour+shape,1800:colour+shape+exist"
 
 # Smoke-test size: TINY with a projector wide enough for the probe init's 25 + 23 column-code rows.
 TINY_V3 = replace(TINY, text_width=64, text_heads=2, text_mlp=128)
@@ -38,11 +39,12 @@ def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
     0.42 / 0.35 for shape / digit). Stage B starts with 3,000 single-question steps of 64 images each over a
     16,000-scene feature cache (packed from the start, or with a colour-only phase, or over 4,000 scenes, the
     decoder stayed at the answer prior: docs/testbed.md, "v3 training"), then packs ten
-    questions per image. Stage B stops at 8,000 steps, when every type reaches 0.97 on the watched calibration
-    set, or after 6,600 s of Stage-B steps, so that the whole chain stays near 3 h on one CPU thread. Not yet
-    shown to reach the target: docs/testbed.md says how far it got (about 0.5 on the watched set after 4,500
-    steps with every type from the first step, whatever the decoder's shape; a colour + shape, then + exist,
-    type schedule reached 0.66 in 40 minutes, relations and counting still weak: fourth session).
+    questions per image. The first 1,800 steps ask only some types (`V3_TYPE_SCHEDULE`: colour + shape, then +
+    exist). Stage B stops at 8,000 steps, when every type reaches 0.97 on the watched calibration set, or after
+    6,600 s of Stage-B steps, so that the whole chain stays near 3 h on one CPU thread. Not yet shown to reach
+    the target: docs/testbed.md says how far it got (about 0.5 on the watched set after 4,500 steps with every
+    type from the first step, whatever the decoder's shape; this type schedule reached 0.66 in 40 minutes on a
+    4 x 64 decoder, and longer continuations stayed near 0.65-0.7: fourth and fifth sessions).
     `feature_cache=0` renders fresh scenes instead of cycling over the cache, ≈ 15 % slower per packed step."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",
