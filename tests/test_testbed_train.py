@@ -180,6 +180,36 @@ def test_probe_projector_column_code_rows_scale_and_fit():
         probed(1.0, width=32)
 
 
+def test_probe_projector_row_code_fills_the_rows_after_the_column_block():
+    """row_code_scale > 0 writes a row thermometer into rows 48.. (as many as the projector has, <= 23); on a
+    trained projector (column_code_only) only those rows change and linear_2 ignores them, so the model's output
+    is unchanged; with no room after the column block it is refused by name."""
+    from dataclasses import replace
+
+    from vtprune.testbed.model import build_model
+    from vtprune.testbed.train import probe_projector, standardize_projector
+
+    torch.manual_seed(0)
+    model = build_model(replace(TINY, text_width=64)).eval()
+    standardize_projector(model, 2, "cpu", n=2)
+    proj = model.model.multi_modal_projector
+    feats = torch.randn(2, 5, proj.linear_1.in_features)
+    out_before = proj(feats)
+    w1, b1, w2 = (t.detach().clone() for t in (proj.linear_1.weight, proj.linear_1.bias, proj.linear_2.weight))
+    stats = probe_projector(model, 0, "cpu", n=4, background=4, iters=20, column_code_only=True, row_code_scale=6.0)
+    assert 0.5 < stats["row_bits_acc"] <= 1.0 and "column_bits_acc" not in stats
+    assert torch.equal(proj.linear_1.weight[:48], w1[:48]) and torch.equal(proj.linear_1.bias[:48], b1[:48])
+    assert not torch.equal(proj.linear_1.weight[48:], w1[48:])  # 16 row-code rows
+    assert (proj.linear_2.weight[:, 48:] == 0).all() and torch.equal(proj.linear_2.weight[:, :48], w2[:, :48])
+    mask = torch.zeros_like(w2, dtype=torch.bool)
+    mask[:, 48:] = True
+    assert torch.allclose(proj(feats), out_before - torch.nn.functional.linear(
+        proj.act(torch.nn.functional.linear(feats, w1, b1)), w2 * mask), atol=1e-5)  # old row-code units removed
+    with pytest.raises(ValueError, match="too narrow for a row code"):
+        narrow = build_model(replace(TINY, text_width=48)).eval()
+        probe_projector(narrow, 0, "cpu", n=4, background=4, iters=20, row_code_scale=1.0, column_code_scale=1.0)
+
+
 def test_feature_cache_and_question_salt(tmp_path):
     """Stage B's feature cache equals the live vision forward; salt draws other questions on the same scenes."""
     from vtprune.testbed.data import Packing, question_batch

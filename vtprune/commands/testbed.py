@@ -61,6 +61,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="data-dependent projector init (default probe: standardise + per-patch read-outs)")
     t.add_argument("--column-code-scale", type=float, default=None,
                    help="probe init: scale of 23 extra column-thermometer rows (default 0 = none)")
+    t.add_argument("--row-code-scale", type=float, default=None,
+                   help="probe init: scale of a row thermometer in the projector rows after the column code "
+                        "(default 0 = none); with --init only the code rows are written")
     t.add_argument("--feature-cache", type=int, default=None,
                    help="Stage B cycles over the frozen features of this many cached scenes (0: live)")
     t.add_argument("--type-schedule", default=None,
@@ -173,6 +176,7 @@ def _train(args: argparse.Namespace) -> int:
                       "feature_cache": args.feature_cache, "type_schedule": args.type_schedule,
                       "xy_object_weight": args.xy_object_weight, "token_xy_weight": args.token_xy_weight,
                       "column_code_scale": args.column_code_scale, "init": args.init,
+                      "row_code_scale": args.row_code_scale,
                       "training_types": args.training_types, "cls_steps": args.cls_steps,
                       "cls_lr": args.cls_lr})
     for k, v in overrides.items():

@@ -30,11 +30,13 @@ Left/right needs each object's column in its visual token: Stage A weighs object
 training-only (x, y) read-out on the projected informative tokens in Stage B (`TokenXYHead`).
 `column_code_scale` > 0 makes the probe init also write a 23-row column thermometer (docs/testbed.md:
 the one-object "is the X left ?" question left chance on real features only with it, at scale 6).
+`row_code_scale` > 0 writes a row thermometer into the projector rows after it (v3's "above" questions:
+the activation loses the one-number y read-out).
 
-`init` starts from every weight of an existing checkpoint (a fine-tune; with `column_code_scale` > 0 only
-the column rows are rewritten), and `training_types` adds unscored question types to Stage B: the
-default "side" ("is the X left ?") is what made the shapes-v2 spatial question learnable in the
-shipped fine-tune (docs/testbed.md).
+`init` starts from every weight of an existing checkpoint (a fine-tune; with `column_code_scale` or
+`row_code_scale` > 0 only those code rows are rewritten), and `training_types` adds unscored question types
+to Stage B: the default "side" ("is the X left ?") is what made the shapes-v2 spatial question learnable in
+the shipped fine-tune (docs/testbed.md).
 
 `vision_init` loads the vision tower of an existing checkpoint (e.g. "builtin:shapes-llava") instead
 of training it, and `feature_cache` precomputes the frozen features of N Stage-B scenes once and cycles
@@ -110,6 +112,7 @@ class TrainConfig:
     projector_init: str = "probe"  # "standardize" | "probe" (see the module docstring)
     probe_scenes: int = 400  # Stage-A-seed scenes the probe init is fitted on
     column_code_scale: float = 0.0  # probe init: scale of the column-thermometer rows (0 = none)
+    row_code_scale: float = 0.0  # probe init: scale of the row-thermometer rows after them (0 = none)
     xy_object_weight: float = 20.0  # Stage A: weight of object/digit patches in the xy regression
     token_xy_weight: float = 0.0  # Stage B: weight of the training-only TokenXYHead loss (0 = off)
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
@@ -232,7 +235,7 @@ def standardize_projector(model, seed: int, device: str, n: int = 16, dense: Cal
 
 @torch.no_grad()
 def probe_projector(model, seed: int, device: str, n: int = 400, background: int = 16, iters: int = 300,
-                    column_code_scale: float = 0.0, column_code_only: bool = False,
+                    column_code_scale: float = 0.0, column_code_only: bool = False, row_code_scale: float = 0.0,
                     dense: Callable = dense_batch) -> dict:
     """Write linear per-patch read-outs of the frozen features into the first projector layer.
 
@@ -245,6 +248,10 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
     can pick up (with the 2-number x read-out alone, left/right stayed at chance; docs/testbed.md).
     `column_code_only` (a trained model, `TrainConfig.init`) writes only the column rows 25..47 and
     zeroes the matching input columns of `linear_2`, so the new units start silent for the decoder.
+    `row_code_scale` > 0 writes a row thermometer the same way into the rows after the column block
+    (25 + grid-1 on; as many thresholds, evenly spread, as the projector has rows left, at most grid-1): the
+    projector's activation loses the 1-number y read-out (docs/testbed.md, "fifth session"). With
+    `column_code_only` it is written alone, its `linear_2` inputs zeroed, and the column rows are kept.
     Returns the probes' training accuracies.
     """
     lin = model.model.multi_modal_projector.linear_1
@@ -291,14 +298,29 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
     rows = len(w)
     if rows > lin.weight.shape[0]:
         raise ValueError(f"projector too narrow for the probe init ({lin.weight.shape[0]} < {rows})")
-    if column_code_only and column_code_scale <= 0:
-        raise ValueError("column_code_only needs column_code_scale > 0")
-    first = 25 if column_code_only else 0
-    w, b, mu, sd = (t.to(lin.weight) for t in (w[first:], b[first:], mu, sd))
-    lin.weight[first:rows] = w / sd
-    lin.bias[first:rows] = b - (w / sd) @ mu
-    if column_code_only:
-        model.model.multi_modal_projector.linear_2.weight[:, first:rows] = 0
+    if column_code_only and column_code_scale <= 0 and row_code_scale <= 0:
+        raise ValueError("column_code_only needs column_code_scale > 0 or row_code_scale > 0")
+    writes = [(0, w, b)] if not column_code_only else [(25, w[25:], b[25:])] if column_code_scale > 0 else []
+    if row_code_scale > 0:
+        start = 25 + grid - 1  # after the column block, written now or not
+        n_rows = min(grid - 1, lin.weight.shape[0] - start)
+        if n_rows < 1:
+            raise ValueError(f"projector too narrow for a row code ({lin.weight.shape[0]} rows; accepted: more than "
+                             f"{start}, the end of the column block)")
+        thresholds = torch.linspace(1, grid - 1, n_rows).round()  # [R]
+        row = torch.round((xy[:, 1] + 2) / 4 * (grid - 1))  # [N]
+        bits = (thresholds.unsqueeze(0) <= row.unsqueeze(1)).float() * 2 - 1  # [N, R]
+        sol_r = torch.linalg.lstsq(a, bits).solution  # [Dv + 1, R]
+        stats["row_bits_acc"] = round(((a @ sol_r).sign() == bits).float().mean().item(), 4)
+        writes.append((start, sol_r[:-1].T * row_code_scale, sol_r[-1] * row_code_scale))
+    mu, sd = mu.to(lin.weight), sd.to(lin.weight)
+    for at, w_new, b_new in writes:  # standardised-feature weights -> raw-feature weights
+        w_new, b_new = w_new.to(lin.weight), b_new.to(lin.weight)
+        end = at + len(w_new)
+        lin.weight[at:end] = w_new / sd
+        lin.bias[at:end] = b_new - (w_new / sd) @ mu
+        if column_code_only:  # new units start silent for the trained decoder
+            model.model.multi_modal_projector.linear_2.weight[:, at:end] = 0
     return stats
 
 
@@ -562,18 +584,20 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         model.train()
         model.model.vision_tower.eval()
         if not st.get("projector_standardized") and cfg.init:
-            if cfg.column_code_scale > 0:  # a trained projector: only add the column code
+            if cfg.column_code_scale > 0 or cfg.row_code_scale > 0:  # a trained projector: only add the codes
                 stats = probe_projector(model, cfg.seed, device, n=cfg.probe_scenes,
                                         column_code_scale=cfg.column_code_scale, column_code_only=True,
+                                        row_code_scale=cfg.row_code_scale,
                                         dense=ds.dense_batch)
                 st["history"].append({"stage": "probe", "step": 0, "wall": round(st["wall"], 1), **stats})
-                log(f"projector column code: {stats}")
+                log(f"projector code rows (column / row thermometers): {stats}")
             st["projector_standardized"] = True
         if not st.get("projector_standardized"):
             standardize_projector(model, cfg.seed + 2, device, dense=ds.dense_batch)
             if cfg.projector_init == "probe":
                 stats = probe_projector(model, cfg.seed, device, n=cfg.probe_scenes,
-                                        column_code_scale=cfg.column_code_scale, dense=ds.dense_batch)
+                                        column_code_scale=cfg.column_code_scale,
+                                        row_code_scale=cfg.row_code_scale, dense=ds.dense_batch)
                 st["history"].append({"stage": "probe", "step": 0, "wall": round(st["wall"], 1), **stats})
                 log(f"projector probe init: {stats}")
             elif cfg.projector_init != "standardize":

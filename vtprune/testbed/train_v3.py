@@ -44,7 +44,7 @@ def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
     6,600 s of Stage-B steps, so that the whole chain stays near 3 h on one CPU thread. Not yet shown to reach
     the target: docs/testbed.md says how far it got (about 0.5 on the watched set after 4,500 steps with every
     type from the first step, whatever the decoder's shape; this type schedule reached 0.66 in 40 minutes on a
-    4 x 64 decoder, and longer continuations stayed near 0.65-0.7: fourth and fifth sessions).
+    4 x 64 decoder, and a 2 h continuation 0.69 on fresh calibration questions: fourth and fifth sessions).
     `feature_cache=0` renders fresh scenes instead of cycling over the cache, ≈ 15 % slower per packed step."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",
