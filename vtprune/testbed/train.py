@@ -251,7 +251,8 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
     `row_code_scale` > 0 writes a row thermometer the same way into the rows after the column block
     (25 + grid-1 on; as many thresholds, evenly spread, as the projector has rows left, at most grid-1): the
     projector's activation loses the 1-number y read-out (docs/testbed.md, "fifth session"). With
-    `column_code_only` it is written alone, its `linear_2` inputs zeroed, and the column rows are kept.
+    `column_code_only` its `linear_2` inputs are zeroed too; the column rows are kept unless
+    `column_code_scale` > 0.
     Returns the probes' training accuracies.
     """
     lin = model.model.multi_modal_projector.linear_1
