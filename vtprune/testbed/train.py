@@ -233,6 +233,14 @@ def standardize_projector(model, seed: int, device: str, n: int = 16, dense: Cal
     lin.bias.sub_(lin.weight @ mu)
 
 
+def _thermometer_readout(a: torch.Tensor, cell: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Least-squares read-out [Dv + 1, T] of a +-1 thermometer (bit j = +1 where cell >= thresholds[j]) from the
+    standardised features with a bias column a [N, Dv + 1] (cell [N]), and its sign accuracy on them."""
+    bits = (thresholds.unsqueeze(0) <= cell.unsqueeze(1)).float() * 2 - 1  # [N, T]
+    sol = torch.linalg.lstsq(a, bits).solution  # [Dv + 1, T]
+    return sol, round(((a @ sol).sign() == bits).float().mean().item(), 4)
+
+
 @torch.no_grad()
 def probe_projector(model, seed: int, device: str, n: int = 400, background: int = 16, iters: int = 300,
                     column_code_scale: float = 0.0, column_code_only: bool = False, row_code_scale: float = 0.0,
@@ -289,11 +297,9 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
     stats["xy_mae_cells"] = round(((a @ sol - xy).abs().mean() * (grid - 1) / 4).item(), 3)
     w = torch.cat([heads[k].weight for k in ("colour", "shape", "digit")] + [sol[:-1].T])  # [25, Dv]
     b = torch.cat([heads[k].bias for k in ("colour", "shape", "digit")] + [sol[-1]])
+    cells = torch.round((xy + 2) / 4 * (grid - 1))  # [N, 2] column, row
     if column_code_scale > 0:
-        col = torch.round((xy[:, 0] + 2) / 4 * (grid - 1))  # [N]
-        bits = (torch.arange(1, grid).unsqueeze(0) <= col.unsqueeze(1)).float() * 2 - 1  # [N, grid-1]
-        sol_c = torch.linalg.lstsq(a, bits).solution  # [Dv + 1, grid-1]
-        stats["column_bits_acc"] = round(((a @ sol_c).sign() == bits).float().mean().item(), 4)
+        sol_c, stats["column_bits_acc"] = _thermometer_readout(a, cells[:, 0], torch.arange(1, grid))
         w = torch.cat([w, sol_c[:-1].T * column_code_scale])  # [25 + grid-1, Dv]
         b = torch.cat([b, sol_c[-1] * column_code_scale])
     rows = len(w)
@@ -309,10 +315,7 @@ def probe_projector(model, seed: int, device: str, n: int = 400, background: int
             raise ValueError(f"projector too narrow for a row code ({lin.weight.shape[0]} rows; accepted: more than "
                              f"{start}, the end of the column block)")
         thresholds = torch.linspace(1, grid - 1, n_rows).round()  # [R]
-        row = torch.round((xy[:, 1] + 2) / 4 * (grid - 1))  # [N]
-        bits = (thresholds.unsqueeze(0) <= row.unsqueeze(1)).float() * 2 - 1  # [N, R]
-        sol_r = torch.linalg.lstsq(a, bits).solution  # [Dv + 1, R]
-        stats["row_bits_acc"] = round(((a @ sol_r).sign() == bits).float().mean().item(), 4)
+        sol_r, stats["row_bits_acc"] = _thermometer_readout(a, cells[:, 1], thresholds)
         writes.append((start, sol_r[:-1].T * row_code_scale, sol_r[-1] * row_code_scale))
     mu, sd = mu.to(lin.weight), sd.to(lin.weight)
     for at, w_new, b_new in writes:  # standardised-feature weights -> raw-feature weights
