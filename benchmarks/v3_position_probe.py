@@ -1,12 +1,16 @@
 """Where does a v3 model lose an object's position? Linear (x, y) read-outs at object patches, stage by stage.
 
-    python benchmarks/v3_position_probe.py runs/c4x64/model runs/k3/model [--scenes 48]
+    python benchmarks/v3_position_probe.py runs/c4x64/model runs/k3/model [--scenes 48] [--questions 150]
 
 For each model: ridge read-outs of the patch's (x, y) (grid position scaled to [0, 1]) from the frozen
 penultimate features, from the projector's first layer before and after its activation, and from the projector's
 output (what the decoder sees), fitted on the object patches of the first half of the scenes and scored (R², per
-axis) on the second half. Scenes: calibration split 20001 (never the test split). One CPU thread, a few seconds
-per model. docs/testbed.md ("v3 training: fifth session") lists what it measured.
+axis) on the second half. With `--questions N` it also asks N balanced training-only `side` and `upper` questions
+("is the red circle left ?") and reads, at the answer position of every decoder layer's residual stream, the named
+object's centre (x, y) (R², 4-fold) and the answer (yes / no, ridge on ±1, 4-fold accuracy): whether the decoder
+fetched the object's position at all, or fetched it and failed to use it. Scenes: calibration split 20001 (never
+the test split). One CPU thread, a few seconds per model (about 20 s per 100 questions).
+docs/testbed.md ("v3 training: fifth session", "sixth session") lists what it measured.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ import argparse
 import torch
 
 from vtprune.testbed.builtin import resolve_model
-from vtprune.testbed.data_v3 import dense_batch
+from vtprune.testbed.data_v3 import balanced_samples, dense_batch
 from vtprune.testbed.features import vision_features
+from vtprune.testbed.questions_v3 import references
+from vtprune.testbed.scenes_v3 import IMAGE_SIZE
 from vtprune.testbed.splits import calibration_split
+from vtprune.testbed.tokenizer import prompt
 
 
 def held_out_r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, ridge: float = 1e-3) -> list[float]:
@@ -33,10 +40,61 @@ def held_out_r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, ridge: fl
     return [round(float(v), 3) for v in 1 - res / tot]
 
 
+def folds_r2(x: torch.Tensor, y: torch.Tensor, folds: int = 4, ridge: float = 10.0) -> list[float]:
+    """Mean held-out R² per column of y [N, K] over `folds` interleaved folds (x standardised on each fold's
+    training rows)."""
+    scores = []
+    for f in range(folds):
+        test = torch.zeros(len(x), dtype=torch.bool)
+        test[f::folds] = True
+        mu, sd = x[~test].mean(0), x[~test].std(0) + 1e-6
+        scores.append(held_out_r2((x - mu) / sd, y, ~test, ridge))
+    return [round(sum(col) / folds, 3) for col in zip(*scores, strict=True)]
+
+
+def answer_position(model, processor, n: int) -> None:
+    """Per decoder layer: the named object's centre and the yes/no answer read from the answer position."""
+    for qtype in ("side", "upper"):
+        samples = balanced_samples(calibration_split(20001), n, types=(qtype,))
+        hidden, target = [], []
+        for start in range(0, len(samples), 16):
+            chunk = samples[start:start + 16]
+            inputs = processor(images=[s["image"] for s in chunk], text=[prompt(s["question"]) for s in chunk],
+                               return_tensors="pt", padding=True)  # left padding: the last position answers
+            out = model(**inputs, output_hidden_states=True)
+            hidden.append(torch.stack([h[:, -1] for h in out.hidden_states], 1))  # [B, layers + 1, D]
+            for s in chunk:
+                name = s["question"].split("the ", 1)[1].rsplit(" ", 2)[0]
+                obj = s["scene"].objects[next(i for i, nm in references(s["scene"]) if nm == name)]
+                target.append([obj.cx / IMAGE_SIZE, obj.cy / IMAGE_SIZE, 1.0 if s["answer"] == "yes" else -1.0])
+        h, t = torch.cat(hidden).double(), torch.tensor(target, dtype=torch.double)  # [N, L + 1, D], [N, 3]
+        rows = []
+        for layer in range(h.shape[1]):
+            (r2x, r2y, _), acc = folds_r2(h[:, layer], t), answer_accuracy(h[:, layer], t[:, 2])
+            rows.append(f"{layer}: x {r2x} y {r2y} answer {acc}")
+        print(f"  {qtype} ({len(t)} questions), answer position by layer (0 = embeddings):", " | ".join(rows))
+
+
+def answer_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 4, ridge: float = 10.0) -> float:
+    """4-fold accuracy of the sign of a ridge fit of y [N] (±1) on x [N, D]."""
+    hits = 0
+    for f in range(folds):
+        test = torch.zeros(len(x), dtype=torch.bool)
+        test[f::folds] = True
+        mu, sd = x[~test].mean(0), x[~test].std(0) + 1e-6
+        a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        w = torch.linalg.solve(a[~test].T @ a[~test] + ridge * torch.eye(a.shape[1], dtype=x.dtype),
+                               a[~test].T @ y[~test])
+        hits += int(((a[test] @ w).sign() == y[test]).sum())
+    return round(hits / len(x), 3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="model directories (or builtin:NAME) of the same vision tower")
     ap.add_argument("--scenes", type=int, default=48)
+    ap.add_argument("--questions", type=int, default=0, help="side / upper questions per type for the answer-position "
+                    "read-out (0: skip it)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     pv, target = dense_batch(calibration_split(20001), 0, args.scenes)
@@ -47,13 +105,15 @@ def main() -> None:
     print(f"{int(objects.sum())} object patches in {args.scenes} calibration scenes; held-out R² (x, y)")
     with torch.no_grad():
         for path in args.models:
-            model, _ = resolve_model(path)
+            model, processor = resolve_model(path)
             feats = vision_features(model, pv).float()[objects]  # [P, Dv]
             proj = model.model.multi_modal_projector
             pre = proj.linear_1(feats)
             stages = {"frozen features": feats, "projector linear_1": pre, "after its activation": proj.act(pre),
                       "projector output": proj(feats)}
             print(path, " | ".join(f"{k} {held_out_r2(v, xy, train)}" for k, v in stages.items()))
+            if args.questions:
+                answer_position(model, processor, args.questions)
 
 
 if __name__ == "__main__":

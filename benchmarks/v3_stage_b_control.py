@@ -10,7 +10,8 @@
     python benchmarks/v3_stage_b_control.py score RUN --keep 16,576
 
 Every number is teacher-forced answer accuracy (argmax over the answer vocabulary at the answer position) on
-the calibration split (30 questions per type by default), one question per sequence, the kept tokens chosen
+the calibration split (30 questions per type by default; the training-only types `side` / `upper` are watched too
+when `--type-schedule` asks them), one question per sequence, the kept tokens chosen
 as in training (`train.shorten`: object centres and digits first). docs/testbed.md ("v3 training: second
 session") lists the runs made with it. One CPU thread; bf16 autocast in training.
 """
@@ -32,7 +33,7 @@ from vtprune.testbed.data import Packing, pixels
 from vtprune.testbed.features import vision_features
 from vtprune.testbed.model import V3
 from vtprune.testbed.questions import Question
-from vtprune.testbed.questions_v3 import QUESTION_TYPES, answer_vocabulary
+from vtprune.testbed.questions_v3 import QUESTION_TYPES, TRAINING_TYPES, answer_vocabulary
 from vtprune.testbed.scenes_v3 import GRID
 from vtprune.testbed.train import _schedule, decoder_hidden, lm_loss, shorten, types_at
 
@@ -61,8 +62,8 @@ def decoder_size(text: str):
 class Watched:
     """Calibration questions (one per sequence) with their features and priority maps."""
 
-    def __init__(self, per_type: int, feats_of) -> None:
-        self.samples = data_v3.balanced_samples(splits.calibration_split(), per_type)
+    def __init__(self, per_type: int, feats_of, types: tuple[str, ...] = QUESTION_TYPES) -> None:
+        self.samples = data_v3.balanced_samples(splits.calibration_split(), per_type, types=types)
         enc = [data_v3.encode_conversation([Question(s["type"], s["question"], s["answer"])], Packing(1))
                for s in self.samples]
         self.ids = torch.tensor([e[0] for e in enc])
@@ -115,6 +116,8 @@ def train_control(args: argparse.Namespace) -> None:
     size = decoder_size(args.decoder)
     model = data_v3.build_model(size, seed=args.seed)
     split = splits.train_split(1)  # the Stage-B scenes of training seed 0
+    schedule_types = {t for part in filter(None, args.type_schedule.split(",")) for t in part.split(":")[1].split("+")}
+    watch = QUESTION_TYPES + tuple(t for t in TRAINING_TYPES if t in schedule_types)  # training-only types watched too
     t0 = time.time()
     if args.features == "real":
         saved = cpt.load_state(Path(args.state), "state", "cpu")["model"]
@@ -129,7 +132,7 @@ def train_control(args: argparse.Namespace) -> None:
             _, lab, inf = data_v3.render_with_targets(split.scene(i), image=False)
             pri.append(data_v3.token_priority(split.scene(i), lab, inf))
         pri_t = torch.from_numpy(np.stack(pri))
-        watched = Watched(args.per_type, real_feats_of(model))
+        watched = Watched(args.per_type, real_feats_of(model), watch)
     else:
         made = [ideal_features(split.scene(i), size.vision_width) for i in range(args.scenes)]
         cache = torch.from_numpy(np.stack([m[0] for m in made]))
@@ -139,7 +142,7 @@ def train_control(args: argparse.Namespace) -> None:
             made = [ideal_features(s["scene"], size.vision_width) for s in samples]
             return torch.from_numpy(np.stack([m[0] for m in made])), torch.from_numpy(np.stack([m[1] for m in made]))
 
-        watched = Watched(args.per_type, feats_of)
+        watched = Watched(args.per_type, feats_of, watch)
     print(f"features of {len(cache)} scenes ready in {time.time() - t0:.0f}s", flush=True)
     if args.init in ("zero", "scaled"):
         with torch.no_grad():
@@ -165,7 +168,7 @@ def train_control(args: argparse.Namespace) -> None:
         idx = [(step * args.batch + i) % len(cache) for i in range(args.batch)]
         batch = data_v3.question_batch(split, 0, 0, packing, indices=idx, salt=step * args.batch // len(cache),
                                        with_pixels=False, types=types_at(schedule, step, "",
-                                                                         QUESTION_TYPES, ()))
+                                                                         QUESTION_TYPES, TRAINING_TYPES))
         for g in opt.param_groups:
             g["lr"] = args.lr * _schedule(step, args.steps, 50)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.fp32):

@@ -99,7 +99,10 @@ def test_v3_preset_asks_the_look_ups_first_then_every_scored_type():
         return set(types_at(cfg.type_schedule, step, cfg.training_types, ds.question_types, ds.training_types))
 
     assert at(0) == {"colour", "shape"} and at(1000) == {"colour", "shape", "exist"}
-    assert at(cfg.single_steps) == set(ds.question_types)  # every scored type, no training-only one, by then
+    # by then every scored type, plus the position questions that are never scored
+    assert at(cfg.single_steps) == set(ds.question_types) | {"side", "upper"}
+    assert {"side", "upper"} <= set(ds.training_types) and not {"side", "upper"} & set(ds.question_types)
+    assert cfg.column_code_scale > 0 and cfg.row_code_scale > 0  # both position codes from the probe init
 
 
 @pytest.mark.slow

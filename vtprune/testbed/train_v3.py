@@ -26,8 +26,14 @@ V3_KEEP_SCHEDULE = "3000:16,4000:96"
 # Colour + shape questions first, then + exist, then every type: the look-ups before the questions that have no
 # first-order signal (docs/testbed.md, "v3 training: fourth session": 0.66 vs about 0.5 without it).
 V3_TYPE_SCHEDULE = "600:colour+shape,1800:colour+shape+exist"
+# After the schedule the training-only position questions ("is the red circle left ?", "is the square above ?") are
+# asked beside every scored type: the only questions whose answer is one named object's position, which relation
+# and leftof build on (docs/testbed.md, "sixth session": with them and a fresh column code a continuation learned to
+# fetch the column, side 0.90; on ideal tokens a fresh decoder had not after 2,100 steps).
+V3_TRAINING_TYPES = "side+upper"
 
-# Smoke-test size: TINY with a projector wide enough for the probe init's 25 + 23 column-code rows.
+# Smoke-test size: TINY with a projector wide enough for the probe init's 25 read-out rows, the 23 column-code rows and
+# 16 row-code rows.
 TINY_V3 = replace(TINY, text_width=64, text_heads=2, text_mlp=128)
 
 
@@ -40,18 +46,22 @@ def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
     16,000-scene feature cache (packed from the start, or with a colour-only phase, or over 4,000 scenes, the
     decoder stayed at the answer prior: docs/testbed.md, "v3 training"), then packs ten
     questions per image. The first 1,800 steps ask only some types (`V3_TYPE_SCHEDULE`: colour + shape, then +
-    exist). Stage B stops at 8,000 steps, when every type reaches 0.97 on the watched calibration set, or after
+    exist); later steps add the training-only `side` / `upper` questions (`V3_TRAINING_TYPES`). The probe init
+    writes a column and a row thermometer (6x) after the 25 read-out rows: the projector's activation drops the
+    one-number y read-out, and the decoder learned "above" only with the row code (docs/testbed.md, fifth
+    session). Stage B stops at 8,000 steps, when every type reaches 0.97 on the watched calibration set, or after
     6,600 s of Stage-B steps, so that the whole chain stays near 3 h on one CPU thread. Not yet shown to reach
-    the target: docs/testbed.md says how far it got (about 0.5 on the watched set after 4,500 steps with every
-    type from the first step, whatever the decoder's shape; this type schedule reached 0.66 in 40 minutes on a
-    4 x 64 decoder, and a 2 h continuation 0.69 on fresh calibration questions: fourth and fifth sessions).
+    the target, and not yet run end to end with the position codes and questions: docs/testbed.md says how far
+    each piece got (about 0.5 on the watched set after 4,500 steps with every type from the first step; this
+    type schedule 0.66 in 40 minutes on a 4 x 64 decoder; continuations 0.69, then with both codes and the
+    position questions 0.71 on fresh calibration questions: fourth to sixth sessions).
     `feature_cache=0` renders fresh scenes instead of cycling over the cache, ≈ 15 % slower per packed step."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",
         steps_a=2400, batch_a=16, lr_a=2e-3,
         steps_b=8000, batch_b=8, lr_b=1.5e-3, questions_per_image=10, single_steps=3000, single_batch=64,
-        keep_schedule=V3_KEEP_SCHEDULE, type_schedule=V3_TYPE_SCHEDULE, training_types="",
-        feature_cache=16000, column_code_scale=6.0, eval_every=250, eval_per_type=30,
+        keep_schedule=V3_KEEP_SCHEDULE, type_schedule=V3_TYPE_SCHEDULE, training_types=V3_TRAINING_TYPES,
+        feature_cache=16000, column_code_scale=6.0, row_code_scale=6.0, eval_every=250, eval_per_type=30,
         eval_seed=CALIBRATION_SEED, cls_steps=100, time_limit_b=6600.0)
 
 
