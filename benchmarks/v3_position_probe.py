@@ -28,28 +28,33 @@ from vtprune.testbed.splits import calibration_split
 from vtprune.testbed.tokenizer import prompt
 
 
+def ridge_predict(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Predictions [T, K] for the rows not in `train` [P] bool from a ridge fit of y [P, K] on x [P, D] (+ bias)."""
+    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
+    a, b = x[train], y.double()[train]
+    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(x.shape[1], dtype=torch.double), a.T @ b)  # [D + 1, K]
+    return x[~train] @ w
+
+
+def r2(pred: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """R² per column of y [T, K]."""
+    y = y.double()
+    return [round(float(v), 3) for v in 1 - ((pred - y) ** 2).sum(0) / ((y - y.mean(0)) ** 2).sum(0)]
+
+
 def held_out_r2(x: torch.Tensor, y: torch.Tensor, train: torch.Tensor, ridge: float = 1e-3) -> list[float]:
     """R² per column of y [P, 2] from a ridge fit of x [P, D] (+ bias) on rows `train` [P] bool, scored on the rest."""
-    x = torch.cat([x.double(), torch.ones(len(x), 1, dtype=torch.double)], 1)
-    y = y.double()
-    a, b = x[train], y[train]
-    w = torch.linalg.solve(a.T @ a + ridge * torch.eye(x.shape[1], dtype=torch.double), a.T @ b)  # [D + 1, 2]
-    test = ~train
-    res = ((x[test] @ w - y[test]) ** 2).sum(0)
-    tot = ((y[test] - y[test].mean(0)) ** 2).sum(0)
-    return [round(float(v), 3) for v in 1 - res / tot]
+    return r2(ridge_predict(x, y, train, ridge), y[~train])
 
 
-def folds_r2(x: torch.Tensor, y: torch.Tensor, folds: int = 4, ridge: float = 10.0) -> list[float]:
-    """Mean held-out R² per column of y [N, K] over `folds` interleaved folds (x standardised on each fold's
-    training rows)."""
-    scores = []
+def fold_predictions(x: torch.Tensor, y: torch.Tensor, folds: int = 4, ridge: float = 10.0):
+    """(test rows [N] bool, their predictions [T, K]) for each of `folds` interleaved folds, x [N, D] standardised on
+    the fold's training rows, y [N, K]."""
     for f in range(folds):
         test = torch.zeros(len(x), dtype=torch.bool)
         test[f::folds] = True
         mu, sd = x[~test].mean(0), x[~test].std(0) + 1e-6
-        scores.append(held_out_r2((x - mu) / sd, y, ~test, ridge))
-    return [round(sum(col) / folds, 3) for col in zip(*scores, strict=True)]
+        yield test, ridge_predict((x - mu) / sd, y, ~test, ridge)
 
 
 def answer_position(model, processor, n: int) -> None:
@@ -70,23 +75,13 @@ def answer_position(model, processor, n: int) -> None:
         h, t = torch.cat(hidden).double(), torch.tensor(target, dtype=torch.double)  # [N, L + 1, D], [N, 3]
         rows = []
         for layer in range(h.shape[1]):
-            (r2x, r2y, _), acc = folds_r2(h[:, layer], t), answer_accuracy(h[:, layer], t[:, 2])
-            rows.append(f"{layer}: x {r2x} y {r2y} answer {acc}")
+            scores, hits = [], 0
+            for test, pred in fold_predictions(h[:, layer], t):
+                scores.append(r2(pred[:, :2], t[test, :2]))  # the centre's (x, y)
+                hits += int((pred[:, 2].sign() == t[test, 2]).sum())  # the answer's sign
+            r2x, r2y = (round(sum(col) / len(scores), 3) for col in zip(*scores, strict=True))
+            rows.append(f"{layer}: x {r2x} y {r2y} answer {round(hits / len(t), 3)}")
         print(f"  {qtype} ({len(t)} questions), answer position by layer (0 = embeddings):", " | ".join(rows))
-
-
-def answer_accuracy(x: torch.Tensor, y: torch.Tensor, folds: int = 4, ridge: float = 10.0) -> float:
-    """4-fold accuracy of the sign of a ridge fit of y [N] (±1) on x [N, D]."""
-    hits = 0
-    for f in range(folds):
-        test = torch.zeros(len(x), dtype=torch.bool)
-        test[f::folds] = True
-        mu, sd = x[~test].mean(0), x[~test].std(0) + 1e-6
-        a = torch.cat([(x - mu) / sd, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        w = torch.linalg.solve(a[~test].T @ a[~test] + ridge * torch.eye(a.shape[1], dtype=x.dtype),
-                               a[~test].T @ y[~test])
-        hits += int(((a[test] @ w).sign() == y[test]).sum())
-    return round(hits / len(x), 3)
 
 
 def main() -> None:
