@@ -103,6 +103,7 @@ def test_v3_preset_asks_the_look_ups_first_then_every_scored_type():
     assert at(cfg.single_steps) == set(ds.question_types) | {"side", "upper"}
     assert {"side", "upper"} <= set(ds.training_types) and not {"side", "upper"} & set(ds.question_types)
     assert cfg.column_code_scale > 0 and cfg.row_code_scale > 0  # both position codes from the probe init
+    assert cfg.fetch_weight > 0 and cfg.fetch_layer == 0  # the answer-position read-out, at half the depth
 
 
 @pytest.mark.slow

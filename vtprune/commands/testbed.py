@@ -76,6 +76,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="Stage A: weight of object/digit patches in the xy regression (default 20)")
     t.add_argument("--token-xy-weight", type=float, default=None,
                    help="Stage B: weight of the training-only (x, y) read-out on projected object tokens (0 = off)")
+    t.add_argument("--fetch-weight", type=float, default=None,
+                   help="Stage B (shapes-v3): weight of the training-only read-out of the asked objects' centres "
+                        "at each answer position (0 = off, the default)")
+    t.add_argument("--fetch-layer", type=int, default=None,
+                   help="decoder layer after which --fetch-weight reads the named object's centre "
+                        "(default 0: half the decoder's depth)")
     t.add_argument("--cls-steps", type=int, default=None,
                    help="Stage C: steps training the [CLS] embedding's attention on the exported model "
                         "(default 100; 0 = skip)")
@@ -178,7 +184,8 @@ def _train(args: argparse.Namespace) -> int:
                       "column_code_scale": args.column_code_scale, "init": args.init,
                       "row_code_scale": args.row_code_scale,
                       "training_types": args.training_types, "cls_steps": args.cls_steps,
-                      "cls_lr": args.cls_lr})
+                      "cls_lr": args.cls_lr, "fetch_weight": args.fetch_weight,
+                      "fetch_layer": args.fetch_layer})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

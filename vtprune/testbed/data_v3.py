@@ -10,8 +10,16 @@ import torch
 
 from .data import Packing, pixels
 from .questions import Question
-from .questions_v3 import ANSWERS, QUESTION_TYPES, answer_vocabulary, candidates, question_words, sample_questions
-from .scenes import GRID
+from .questions_v3 import (
+    ANSWERS,
+    QUESTION_TYPES,
+    answer_vocabulary,
+    candidates,
+    fetched_objects,
+    question_words,
+    sample_questions,
+)
+from .scenes import GRID, IMAGE_SIZE
 from .scenes_v3 import _render, informative_patches, key_patches, patch_labels
 from .splits import Split, train_split
 from .tokenizer import NUM_IMAGE_TOKENS, SPECIAL_TOKENS, TEMPLATE_WORDS
@@ -106,9 +114,9 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
-    order in which `train.shorten` keeps tokens."""
+    order in which `train.shorten` keeps tokens, and fetch [n, questions_per_image, 4] (`fetch_targets`)."""
     split = _as_split(split)
-    ids, labs, images, informative, priority = [], [], [], [], []
+    ids, labs, images, informative, priority, fetch = [], [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -119,7 +127,9 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
                 qs.setdefault(q.text, q)
             if len(qs) >= packing.questions_per_image:
                 break
-        a, b = encode_conversation(list(qs.values())[: packing.questions_per_image], packing)
+        asked = list(qs.values())[: packing.questions_per_image]
+        a, b = encode_conversation(asked, packing)
+        fetch.append(fetch_targets(scene, asked, packing.questions_per_image))
         ids.append(a)
         labs.append(b)
         image, lab, inf = render_with_targets(scene, with_pixels)
@@ -132,7 +142,21 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     return {**out, "input_ids": input_ids, "labels": torch.tensor(labs),
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
             "informative": torch.from_numpy(np.stack(informative)),
-            "priority": torch.from_numpy(np.stack(priority))}
+            "priority": torch.from_numpy(np.stack(priority)),
+            "fetch": torch.from_numpy(np.stack(fetch))}
+
+
+def fetch_targets(scene, questions: list[Question], slots: int) -> np.ndarray:
+    """[slots, 4] float32: per asked question (in order), the centre (x, y) of the object it names and of its second
+    object (`questions_v3.fetched_objects`), scaled to [-1, 1]; NaN where a question has no such object or the slot
+    is unused. The targets of the training-only answer-position read-out (`answer_readout.py`)."""
+    out = np.full((slots, 4), np.nan, np.float32)
+    for k, q in enumerate(questions[:slots]):
+        for m, i in enumerate(fetched_objects(scene, q)):
+            if i is not None:
+                o = scene.objects[i]
+                out[k, 2 * m: 2 * m + 2] = (2 * o.cx / IMAGE_SIZE - 1, 2 * o.cy / IMAGE_SIZE - 1)
+    return out
 
 
 def balanced_samples(split: Split, n_per_type: int, types: tuple[str, ...] | None = None,

@@ -23,6 +23,7 @@ within X's row band and no other object is near that band's edge.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 import numpy as np
@@ -153,6 +154,34 @@ def candidates(scene: Scene3, qtype: str) -> list[Question]:
         raise ValueError(f"unknown v3 question type {qtype!r} "
                          f"(known: {', '.join(QUESTION_TYPES + TRAINING_TYPES)})")
     return out
+
+
+_NAMED = {
+    "colour": re.compile(r"what colour is the (.+) \?"),
+    "shape": re.compile(r"what shape is the (.+) \?"),
+    "side": re.compile(r"is the (.+) left \?"),
+    "upper": re.compile(r"is the (.+) above \?"),
+    "relation": re.compile(r"is the (.+) (?:left of|above) the (.+) \?"),
+    "leftof": re.compile(r"what colour is the object left of the (.+) \?"),
+}
+
+
+def fetched_objects(scene: Scene3, question: Question) -> tuple[int | None, int | None]:
+    """Indices of the objects whose place the answer depends on: (the named object, the second one: a relation's
+    other named object or leftof's left neighbour); None where a type has none (exist, count, number)."""
+    pattern = _NAMED.get(question.type)
+    if pattern is None:
+        return None, None
+    match = pattern.fullmatch(question.text)
+    if match is None:
+        raise ValueError(f"not a {question.type} question of this benchmark: {question.text!r}")
+    index = {name: i for i, name in references(scene)}
+    first = index[match.group(1)]
+    if question.type == "relation":
+        return first, index[match.group(2)]
+    if question.type == "leftof":
+        return first, left_neighbour(scene, first)
+    return first, None
 
 
 def sample_question(scene: Scene3, qtype: str, rng: np.random.Generator) -> Question | None:

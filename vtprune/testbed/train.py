@@ -31,7 +31,9 @@ training-only (x, y) read-out on the projected informative tokens in Stage B (`T
 `column_code_scale` > 0 makes the probe init also write a 23-row column thermometer (docs/testbed.md:
 the one-object "is the X left ?" question left chance on real features only with it, at scale 6).
 `row_code_scale` > 0 writes a row thermometer into the projector rows after it (v3's "above" questions:
-the activation loses the one-number y read-out).
+the activation loses the one-number y read-out). `fetch_weight` > 0 (shapes-v3) adds a training-only read-out
+of the asked objects' centres at each answer position (`answer_readout.py`), a direct gradient for the fetch
+that relations and "the object left of X" need.
 
 `init` starts from every weight of an existing checkpoint (a fine-tune; with `column_code_scale` or
 `row_code_scale` > 0 only those code rows are rewritten), and `training_types` adds unscored question types
@@ -63,6 +65,7 @@ from torch import nn
 
 from .. import checkpointing as cpt
 from . import parallel
+from .answer_readout import AnswerReadout
 from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
@@ -115,6 +118,11 @@ class TrainConfig:
     row_code_scale: float = 0.0  # probe init: scale of the row-thermometer rows after them (0 = none)
     xy_object_weight: float = 20.0  # Stage A: weight of object/digit patches in the xy regression
     token_xy_weight: float = 0.0  # Stage B: weight of the training-only TokenXYHead loss (0 = off)
+    # Stage B: weight of the training-only answer-position read-out of the asked objects' centres
+    # (answer_readout.py; 0 = off; needs batches with "fetch" targets, i.e. shapes-v3) and the decoder layer
+    # after which the named object's centre is read (0: half the decoder's depth)
+    fetch_weight: float = 0.0
+    fetch_layer: int = 0
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B question-type curriculum "800:colour+shape": steps < 800 ask only these types; later all.
     # A type listed twice ("100000:count+count+colour+...") is asked about twice as often.
@@ -397,26 +405,36 @@ def feature_cache(model, seed: int, n: int, device: str, path: Path, log: Callab
 
 
 def decoder_hidden(model, feats: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   position_ids: torch.Tensor | None = None, image_feats: torch.Tensor | None = None) -> torch.Tensor:
+                   position_ids: torch.Tensor | None = None, image_feats: torch.Tensor | None = None,
+                   all_layers: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Decoder output [B, T, D] for image features [B, N, Dv] placed at the N `<image>` ids of input_ids [B, T]
-    (projected here unless `image_feats` [B, N, D], the projector's output, is given)."""
+    (projected here unless `image_feats` [B, N, D], the projector's output, is given). `all_layers`: the tuple
+    (embeddings, layer 1 output, ..., final norm output) instead, each [B, T, D]."""
     if image_feats is None:
         image_feats = model.model.multi_modal_projector(feats)
     embeds = model.model.language_model.get_input_embeddings()(input_ids)
     mask = input_ids == model.config.image_token_id
     embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_feats.to(embeds.dtype))
-    return model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                      position_ids=position_ids).last_hidden_state
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     position_ids=position_ids, output_hidden_states=all_layers)
+    return tuple(out.hidden_states) if all_layers else out.last_hidden_state
 
 
 def lm_loss(model, feats: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor,
             attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-            image_feats: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+            image_feats: torch.Tensor | None = None,
+            hidden_states: list | None = None) -> tuple[torch.Tensor, float]:
     """Projector + decoder on image features [B, N, Dv] and packed ids [B, T] (N image tokens);
     next-token CE on the labelled tokens (answers and their eos). `image_feats` [B, N, D]: the projector's
     output, if already computed. Returns (loss, accuracy on the answer tokens alone): each answer's eos is
-    trivially predicted and would lift a token accuracy halfway to 1 (0.75 for half the answers right)."""
-    hidden = decoder_hidden(model, feats, input_ids, attention_mask, position_ids, image_feats)
+    trivially predicted and would lift a token accuracy halfway to 1 (0.75 for half the answers right).
+    `hidden_states`: a list that receives every layer's hidden states (`decoder_hidden(all_layers=True)`)."""
+    if hidden_states is None:
+        hidden = decoder_hidden(model, feats, input_ids, attention_mask, position_ids, image_feats)
+    else:
+        hidden_states.extend(decoder_hidden(model, feats, input_ids, attention_mask, position_ids, image_feats,
+                                            all_layers=True))
+        hidden = hidden_states[-1]
     target = labels[:, 1:]
     sel = target != -100
     logits = model.lm_head(hidden[:, :-1][sel]).float()
@@ -505,6 +523,12 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 + list(model.model.language_model.parameters()) + list(model.lm_head.parameters()))
     opt_b = torch.optim.AdamW(b_params, lr=cfg.lr_b, weight_decay=cfg.weight_decay)
     opt_xy = torch.optim.AdamW(token_xy.parameters(), lr=cfg.lr_b, weight_decay=0.0)
+    fetch_layer = cfg.fetch_layer or max(1, cfg.size.text_layers // 2)
+    if cfg.fetch_weight > 0 and not 0 < fetch_layer <= cfg.size.text_layers:
+        raise ValueError(f"fetch_layer {cfg.fetch_layer} is not a decoder layer "
+                         f"(accepted: 1..{cfg.size.text_layers}, or 0 for half the depth)")
+    readout = AnswerReadout(cfg.size.text_width, fetch_layer).to(device)
+    opt_readout = torch.optim.AdamW(readout.parameters(), lr=cfg.lr_b, weight_decay=0.0)
     if legacy_state.exists():
         raise cpt.CheckpointError(
             f"{legacy_state} is a pickle checkpoint of an older vtprune, which is no longer loaded (unpickling can run "
@@ -522,6 +546,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if saved.get("token_xy") is not None:
                 token_xy.load_state_dict(saved["token_xy"])
                 opt_xy.load_state_dict(saved["opt_xy"])
+            if saved.get("readout") is not None:  # absent in states written before answer_readout.py
+                readout.load_state_dict(saved["readout"])
+                opt_readout.load_state_dict(saved["opt_readout"])
             st = saved["st"]
             st["stage"], st["step"] = str(st["stage"]), int(st["step"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
@@ -543,6 +570,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         serial += 1
         state = {"model": model.state_dict(), "heads": heads.state_dict(), "opt_a": opt_a.state_dict(),
                  "opt_b": opt_b.state_dict(), "token_xy": token_xy.state_dict(), "opt_xy": opt_xy.state_dict(),
+                 "readout": readout.state_dict(), "opt_readout": opt_readout.state_dict(),
                  "st": st}
         cpt.write(state_root, serial, cpt.state_files("state", state))
 
@@ -653,7 +681,11 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     text = {k: batch[k] for k in ("input_ids", "labels", "attention_mask")}
                     patch_index = torch.arange(feats.shape[1], device=device).expand(feats.shape[0], -1)
                 image_feats = model.model.multi_modal_projector(feats)
-                loss, acc = lm_loss(model, feats, **text, image_feats=image_feats)
+                fetching = cfg.fetch_weight > 0
+                if fetching and "fetch" not in batch:
+                    raise ValueError(f"fetch_weight > 0 needs batches with fetch targets ({cfg.data} has none)")
+                hidden: list | None = [] if fetching else None
+                loss, acc = lm_loss(model, feats, **text, image_feats=image_feats, hidden_states=hidden)
                 if world > 1:  # weigh by this process's share of the answer tokens: the mean gradient is the batch's
                     answers = float((text["labels"][:, 1:] != -100).sum())
                     loss = loss * (answers * world / parallel.total(answers))
@@ -661,19 +693,31 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     informative = batch["informative"].to(device).gather(1, patch_index)
                     xy_loss = token_xy.loss(image_feats, patch_index, informative)
                     loss = loss + cfg.token_xy_weight * xy_loss
+                if fetching:
+                    fetch_loss, fetch_cells, targets = readout.loss(hidden, text["labels"], batch["fetch"],
+                                                                       model.config.text_config.eos_token_id)
+                    if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
+                        fetch_loss = fetch_loss * (targets * world / max(parallel.total(targets), 1.0))
+                    loss = loss + cfg.fetch_weight * fetch_loss
             opt_b.zero_grad(set_to_none=True)
             opt_xy.zero_grad(set_to_none=True)
+            opt_readout.zero_grad(set_to_none=True)
             loss.backward()
-            parallel.average_gradients(b_params + (list(token_xy.parameters()) if cfg.token_xy_weight > 0 else []))
+            parallel.average_gradients(b_params + (list(token_xy.parameters()) if cfg.token_xy_weight > 0 else [])
+                                       + (list(readout.parameters()) if fetching else []))
             torch.nn.utils.clip_grad_norm_(b_params, 1.0)
             opt_b.step()
             if cfg.token_xy_weight > 0:
                 opt_xy.step()
+            if fetching:
+                opt_readout.step()
             st["step"] += 1
             st["wall"] += time.time() - t0
             info = f"loss {loss.item():.3f} answer-acc {acc:.2f}" + (f" keep {keep}" if short else "")
             if cfg.token_xy_weight > 0:
                 info += f" token-xy {xy_loss.item():.4f}"
+            if fetching:
+                info += f" fetch {fetch_loss.item():.4f} named-cells {fetch_cells:.2f}"
             if bar:
                 bar.update(task, completed=st["step"], info=info)
             if st["step"] % 25 == 0:

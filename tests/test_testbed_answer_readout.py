@@ -1,0 +1,163 @@
+"""The training-only answer-position read-out (`answer_readout.py`): the objects a question depends on, their
+targets in packed batches, the answer positions they attach to, and a trainer run that uses it and resumes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from vtprune.testbed import data_v3, questions_v3
+from vtprune.testbed.answer_readout import AnswerReadout, answer_positions
+from vtprune.testbed.data import Packing
+from vtprune.testbed.questions import Question
+from vtprune.testbed.scenes import IMAGE_SIZE
+from vtprune.testbed.splits import train_split
+
+TYPES = ("colour", "shape", "exist", "count", "relation", "leftof", "number", "side", "upper")
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [train_split(5).scene(i) for i in range(40)]
+
+
+def test_fetched_objects_are_the_named_ones_and_the_left_neighbour(scenes):
+    seen = set()
+    for s in scenes:
+        names = {name: i for i, name in questions_v3.references(s)}
+        for t in TYPES:
+            for q in questions_v3.candidates(s, t):
+                first, second = questions_v3.fetched_objects(s, q)
+                if t in ("exist", "count", "number"):
+                    assert (first, second) == (None, None)
+                    continue
+                assert q.text.count(s.objects[first].shape) + q.text.count(s.objects[first].colour) >= 1
+                assert first in names.values()
+                if t == "relation":
+                    oa, ob = s.objects[first], s.objects[second]
+                    left = " left of " in q.text
+                    assert (q.answer == "yes") == ((oa.cx < ob.cx) if left else (oa.cy < ob.cy))
+                elif t == "leftof":
+                    assert s.objects[second].colour == q.answer and s.objects[second].cx < s.objects[first].cx
+                else:
+                    assert second is None
+                    if t == "colour":
+                        assert s.objects[first].colour == q.answer
+                    if t == "side":
+                        assert (q.answer == "yes") == (s.objects[first].cx < IMAGE_SIZE / 2)
+                seen.add(t)
+    assert seen == {"colour", "shape", "relation", "leftof", "side", "upper"}
+    with pytest.raises(ValueError, match="not a colour question"):
+        questions_v3.fetched_objects(scenes[0], Question("colour", "how many red objects are there ?", "2"))
+
+
+def test_fetch_targets_follow_the_asked_questions_in_order(scenes):
+    s = next(x for x in scenes if questions_v3.candidates(x, "leftof"))
+    leftof = questions_v3.candidates(s, "leftof")[0]
+    count = questions_v3.candidates(s, "count")[0]
+    out = data_v3.fetch_targets(s, [count, leftof], slots=3)
+    assert out.shape == (3, 4) and np.isnan(out[0]).all() and np.isnan(out[2]).all()
+    a, b = questions_v3.fetched_objects(s, leftof)
+    want = [s.objects[a].cx, s.objects[a].cy, s.objects[b].cx, s.objects[b].cy]
+    np.testing.assert_allclose(out[1], [2 * v / IMAGE_SIZE - 1 for v in want], rtol=1e-6)
+    batch = data_v3.question_batch(train_split(5), 0, 3, Packing(4), with_pixels=False, types=TYPES)
+    assert batch["fetch"].shape == (3, 4, 4)
+    assert torch.isfinite(batch["fetch"]).any() and batch["fetch"][torch.isfinite(batch["fetch"])].abs().max() <= 1
+
+
+def test_answer_positions_index_each_rows_answers_in_order():
+    batch = data_v3.question_batch(train_split(5), 0, 3, Packing(4), with_pixels=False, types=TYPES)
+    eos = data_v3.vocabulary()["</s>"]
+    rows, pos, slot = answer_positions(batch["labels"], eos, 4)
+    labels = batch["labels"]
+    for r, p, k in zip(rows.tolist(), pos.tolist(), slot.tolist(), strict=True):
+        nxt = int(labels[r, p + 1])
+        assert nxt not in (-100, eos)  # the next token is an answer, the k-th of its row
+        answers = [t for t in labels[r].tolist() if t not in (-100, eos)]
+        assert answers[k] == nxt
+    assert len(rows) == int(((labels != -100) & (labels != eos)).sum())
+    assert answer_positions(batch["labels"], eos, 2)[2].max() == 1  # slots past the targets are dropped
+
+
+def test_readout_loss_uses_only_defined_targets_and_can_reach_zero():
+    torch.manual_seed(0)
+    head = AnswerReadout(8, first_layer=1)
+    labels = torch.full((2, 6), -100)
+    labels[0, 2], labels[0, 3], labels[1, 4], labels[1, 5] = 7, 2, 9, 2  # one answer (+ eos) per row
+    hidden = tuple(torch.randn(2, 6, 8) for _ in range(3))
+    fetch = torch.full((2, 1, 4), float("nan"))
+    fetch[0, 0] = torch.tensor([0.5, -0.5, 0.1, 0.2])  # row 1's question has no object: adds nothing
+    loss, cells, targets = head.loss(hidden, labels, fetch, eos_id=2)
+    assert targets == 6  # 2 + 4 defined coordinates of row 0's one question
+    early = head.named(hidden[1][0, 1])
+    late = head.both(hidden[2][0, 1])
+    want = (torch.cat([early - fetch[0, 0, :2], late - fetch[0, 0]]) ** 2).mean()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    assert cells == pytest.approx((early - fetch[0, 0, :2]).abs().mean().item() * 12, rel=1e-5)
+    none = torch.full((2, 1, 4), float("nan"))
+    zero, nan, no_targets = head.loss(hidden, labels, none, eos_id=2)
+    assert zero.item() == 0.0 and math.isnan(nan) and no_targets == 0
+
+
+def test_trainer_with_the_readout_trains_it_and_resumes(tmp_path):
+    from vtprune import checkpointing as cpt
+    from vtprune.testbed.train import train
+    from vtprune.testbed.train_v3 import TINY_V3, v3_config
+
+    cfg = replace(v3_config(size=TINY_V3), steps_a=1, batch_a=2, steps_b=2, batch_b=2, questions_per_image=3,
+                  warmup=1, eval_every=10, eval_per_type=1, save_every=1, keep_schedule="", probe_scenes=4,
+                  feature_cache=4, cls_steps=0, single_steps=0, type_schedule="", fetch_weight=1.0, fetch_layer=1)
+    logs: list[str] = []
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path, cfg, progress=False, log=logs.append)
+        state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
+        first = {k: v.clone() for k, v in state["readout"].items()}
+        train(tmp_path, replace(cfg, steps_b=3), progress=False, log=logs.append)
+    finally:
+        torch.set_num_threads(threads)
+    state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
+    assert any(not torch.equal(first[k], state["readout"][k]) for k in first)  # the resumed run kept training it
+    assert int(state["opt_readout"]["state"][0]["step"]) == 3  # its optimiser resumed too (fresh: 1)
+    assert int(state["st"]["step"]) == 3
+    with pytest.raises(ValueError, match="fetch_layer 9 is not a decoder layer"):
+        train(tmp_path / "bad", replace(cfg, fetch_layer=9), progress=False, log=lambda _: None)
+
+
+def test_attention_mass_of_uniform_attention_is_the_objects_share_of_the_patches():
+    """benchmarks/v3_attention_mass.py: with every query projection zeroed, each position attends evenly to all
+    earlier tokens, so the share of the image attention on an object is its patch count / 576 and the share of
+    all attention on the image is 576 / (prompt length)."""
+    import importlib.util
+    from pathlib import Path
+
+    from vtprune.testbed.data_v3 import balanced_samples, build_model, build_processor
+    from vtprune.testbed.scenes_v3 import id_map, patch_coverage
+    from vtprune.testbed.splits import calibration_split
+    from vtprune.testbed.tokenizer import prompt
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "v3_attention_mass.py"
+    spec = importlib.util.spec_from_file_location("v3_attention_mass", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model, processor = build_model(TINY_V3, seed=0).eval(), build_processor()
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.zero_()
+    model.set_attn_implementation("eager")
+    samples = balanced_samples(calibration_split(20001), 2, types=("relation", "leftof"))
+    out = module.attention_mass(model, processor, samples)
+    assert set(out) == {("relation", "A"), ("relation", "B"), ("leftof", "A"), ("leftof", "B")}
+    s = next(x for x in samples if x["type"] == "leftof")
+    a, b = questions_v3.fetched_objects(s["scene"], Question(s["type"], s["question"], s["answer"]))
+    patches = (patch_coverage(id_map(s["scene"]))[:, [a + 1, b + 1]] > 0).sum(0)
+    length = processor(images=[s["image"]], text=[prompt(s["question"])], return_tensors="pt")["input_ids"].shape[1]
+    first = 0  # s is the first leftof question, and every leftof question has both objects
+    np.testing.assert_allclose(out[("leftof", "A")][first, ..., 0], patches[0] / 576, rtol=1e-4)
+    np.testing.assert_allclose(out[("leftof", "B")][first, ..., 0], patches[1] / 576, rtol=1e-4)
+    np.testing.assert_allclose(out[("leftof", "A")][first, ..., 1], 576 / length, rtol=1e-4)
