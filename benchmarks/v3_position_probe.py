@@ -22,7 +22,8 @@ import torch
 from vtprune.testbed.builtin import resolve_model
 from vtprune.testbed.data_v3 import balanced_samples, dense_batch
 from vtprune.testbed.features import vision_features
-from vtprune.testbed.questions_v3 import references
+from vtprune.testbed.questions import Question
+from vtprune.testbed.questions_v3 import fetched_objects
 from vtprune.testbed.scenes_v3 import IMAGE_SIZE
 from vtprune.testbed.splits import calibration_split
 from vtprune.testbed.tokenizer import prompt
@@ -69,8 +70,8 @@ def answer_position(model, processor, n: int) -> None:
             out = model(**inputs, output_hidden_states=True)
             hidden.append(torch.stack([h[:, -1] for h in out.hidden_states], 1))  # [B, layers + 1, D]
             for s in chunk:
-                name = s["question"].split("the ", 1)[1].rsplit(" ", 2)[0]
-                obj = s["scene"].objects[next(i for i, nm in references(s["scene"]) if nm == name)]
+                named, _ = fetched_objects(s["scene"], Question(s["type"], s["question"], s["answer"]))
+                obj = s["scene"].objects[named]
                 target.append([obj.cx / IMAGE_SIZE, obj.cy / IMAGE_SIZE, 1.0 if s["answer"] == "yes" else -1.0])
         h, t = torch.cat(hidden).double(), torch.tensor(target, dtype=torch.double)  # [N, L + 1, D], [N, 3]
         rows = []
