@@ -82,6 +82,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--fetch-layer", type=int, default=None,
                    help="decoder layer after which --fetch-weight reads the named object's centre "
                         "(default 0: half the decoder's depth)")
+    t.add_argument("--count-weight", type=float, default=None,
+                   help="Stage B (shapes-v3): weight of the training-only count read-outs: per-patch object shares "
+                        "at the image tokens and the asked count at the answer position (0 = off, the default)")
+    t.add_argument("--count-layer", type=int, default=None,
+                   help="decoder layer after which --count-weight reads the object shares (default 0: the first)")
     t.add_argument("--cls-steps", type=int, default=None,
                    help="Stage C: steps training the [CLS] embedding's attention on the exported model "
                         "(default 100; 0 = skip)")
@@ -185,7 +190,8 @@ def _train(args: argparse.Namespace) -> int:
                       "row_code_scale": args.row_code_scale,
                       "training_types": args.training_types, "cls_steps": args.cls_steps,
                       "cls_lr": args.cls_lr, "fetch_weight": args.fetch_weight,
-                      "fetch_layer": args.fetch_layer})
+                      "fetch_layer": args.fetch_layer, "count_weight": args.count_weight,
+                      "count_layer": args.count_layer})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

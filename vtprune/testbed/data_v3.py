@@ -20,7 +20,7 @@ from .questions_v3 import (
     sample_questions,
 )
 from .scenes import GRID, IMAGE_SIZE
-from .scenes_v3 import _render, informative_patches, key_patches, patch_labels
+from .scenes_v3 import _render, informative_patches, key_patches, object_share, patch_labels
 from .splits import Split, train_split
 from .tokenizer import NUM_IMAGE_TOKENS, SPECIAL_TOKENS, TEMPLATE_WORDS
 
@@ -114,9 +114,10 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
-    order in which `train.shorten` keeps tokens, and fetch [n, questions_per_image, 4] (`fetch_targets`)."""
+    order in which `train.shorten` keeps tokens, fetch [n, questions_per_image, 4] (`fetch_targets`), share
+    [n, 576, C + S] (`scenes_v3.object_share`) and count [n, questions_per_image] (`count_targets`)."""
     split = _as_split(split)
-    ids, labs, images, informative, priority, fetch = [], [], [], [], [], []
+    ids, labs, images, informative, priority, fetch, share, count = [], [], [], [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -130,6 +131,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         asked = list(qs.values())[: packing.questions_per_image]
         a, b = encode_conversation(asked, packing)
         fetch.append(fetch_targets(scene, asked, packing.questions_per_image))
+        count.append(count_targets(asked, packing.questions_per_image))
+        share.append(object_share(scene))
         ids.append(a)
         labs.append(b)
         image, lab, inf = render_with_targets(scene, with_pixels)
@@ -143,7 +146,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
             "informative": torch.from_numpy(np.stack(informative)),
             "priority": torch.from_numpy(np.stack(priority)),
-            "fetch": torch.from_numpy(np.stack(fetch))}
+            "fetch": torch.from_numpy(np.stack(fetch)), "share": torch.from_numpy(np.stack(share)),
+            "count": torch.from_numpy(np.stack(count))}
 
 
 def fetch_targets(scene, questions: list[Question], slots: int) -> np.ndarray:
@@ -156,6 +160,16 @@ def fetch_targets(scene, questions: list[Question], slots: int) -> np.ndarray:
             if i is not None:
                 o = scene.objects[i]
                 out[k, 2 * m: 2 * m + 2] = (2 * o.cx / IMAGE_SIZE - 1, 2 * o.cy / IMAGE_SIZE - 1)
+    return out
+
+
+def count_targets(questions: list[Question], slots: int) -> np.ndarray:
+    """[slots] float32: per asked question (in order), the count a count question asks for; NaN for other types and
+    unused slots. The answer-position target of the training-only count read-out (`count_readout.py`)."""
+    out = np.full(slots, np.nan, np.float32)
+    for k, q in enumerate(questions[:slots]):
+        if q.type == "count":
+            out[k] = float(q.answer)
     return out
 
 

@@ -352,6 +352,25 @@ def patch_labels(scene: Scene3, ids: np.ndarray | None = None) -> dict[str, np.n
     return {k: v.reshape(GRID, GRID) for k, v in (("colour", colour), ("shape", shape), ("digit", digit))}
 
 
+def object_share(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
+    """[576, C + S] float32: each object's share of its own pixels in each patch, in the column of its colour
+    (first C = len(COLOURS)) and of its shape (last S = len(SHAPES)). Summed over the patches, a column is the
+    number of objects of that colour or shape (objects with no visible pixel count 0): the per-patch
+    decomposition of every count question (`count_readout.py`)."""
+    ids = id_map(scene) if ids is None else ids
+    cov = patch_coverage(ids)  # [576, 256]
+    out = np.zeros((GRID * GRID, len(COLOURS) + len(SHAPES)), np.float32)
+    n = len(scene.objects)
+    if n:
+        obj = cov[:, 1:n + 1].astype(np.float64)  # [576, n]
+        share = obj / np.maximum(obj.sum(0, keepdims=True), 1)  # [576, n]: columns sum to 1 (0 if invisible)
+        colour = np.asarray([list(COLOURS).index(o.colour) for o in scene.objects])
+        shape = len(COLOURS) + np.asarray([SHAPES.index(o.shape) for o in scene.objects])
+        np.add.at(out.T, colour, share.T.astype(np.float32))
+        np.add.at(out.T, shape, share.T.astype(np.float32))
+    return out
+
+
 def informative_patches(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
     """[576] bool: patches that show part of an object (any pixel) or of the number box."""
     ids = id_map(scene) if ids is None else ids

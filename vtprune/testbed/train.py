@@ -66,6 +66,7 @@ from torch import nn
 from .. import checkpointing as cpt
 from . import parallel
 from .answer_readout import AnswerReadout
+from .count_readout import CountReadout
 from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
@@ -123,6 +124,11 @@ class TrainConfig:
     # after which the named object's centre is read (0: half the decoder's depth)
     fetch_weight: float = 0.0
     fetch_layer: int = 0
+    # Stage B: weight of the training-only count read-outs (count_readout.py; 0 = off; needs batches with "share" /
+    # "count" targets, i.e. shapes-v3): per-patch object shares after decoder layer `count_layer` (0: the first)
+    # and the asked count at the answer position
+    count_weight: float = 0.0
+    count_layer: int = 0
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B question-type curriculum "800:colour+shape": steps < 800 ask only these types; later all.
     # A type listed twice ("100000:count+count+colour+...") is asked about twice as often.
@@ -529,6 +535,12 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                          f"(accepted: 1..{cfg.size.text_layers}, or 0 for half the depth)")
     readout = AnswerReadout(cfg.size.text_width, fetch_layer).to(device)
     opt_readout = torch.optim.AdamW(readout.parameters(), lr=cfg.lr_b, weight_decay=0.0)
+    count_layer = cfg.count_layer or 1
+    if cfg.count_weight > 0 and not 0 < count_layer <= cfg.size.text_layers:
+        raise ValueError(f"count_layer {cfg.count_layer} is not a decoder layer "
+                         f"(accepted: 1..{cfg.size.text_layers}, or 0 for the first)")
+    counter = CountReadout(cfg.size.text_width, len(COLOURS) + len(SHAPES), count_layer).to(device)
+    opt_counter = torch.optim.AdamW(counter.parameters(), lr=cfg.lr_b, weight_decay=0.0)
     if legacy_state.exists():
         raise cpt.CheckpointError(
             f"{legacy_state} is a pickle checkpoint of an older vtprune, which is no longer loaded (unpickling can run "
@@ -549,6 +561,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if saved.get("readout") is not None:  # absent in states written before answer_readout.py
                 readout.load_state_dict(saved["readout"])
                 opt_readout.load_state_dict(saved["opt_readout"])
+            if saved.get("counter") is not None:  # absent in states written before count_readout.py
+                counter.load_state_dict(saved["counter"])
+                opt_counter.load_state_dict(saved["opt_counter"])
             st = saved["st"]
             st["stage"], st["step"] = str(st["stage"]), int(st["step"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
@@ -571,6 +586,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         state = {"model": model.state_dict(), "heads": heads.state_dict(), "opt_a": opt_a.state_dict(),
                  "opt_b": opt_b.state_dict(), "token_xy": token_xy.state_dict(), "opt_xy": opt_xy.state_dict(),
                  "readout": readout.state_dict(), "opt_readout": opt_readout.state_dict(),
+                 "counter": counter.state_dict(), "opt_counter": opt_counter.state_dict(),
                  "st": st}
         cpt.write(state_root, serial, cpt.state_files("state", state))
 
@@ -684,7 +700,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 fetching = cfg.fetch_weight > 0
                 if fetching and "fetch" not in batch:
                     raise ValueError(f"fetch_weight > 0 needs batches with fetch targets ({cfg.data} has none)")
-                hidden: list | None = [] if fetching else None
+                counting = cfg.count_weight > 0
+                if counting and "share" not in batch:
+                    raise ValueError(f"count_weight > 0 needs batches with share / count targets ({cfg.data} has none)")
+                hidden: list | None = [] if fetching or counting else None
                 loss, acc = lm_loss(model, feats, **text, image_feats=image_feats, hidden_states=hidden)
                 if world > 1:  # weigh by this process's share of the answer tokens: the mean gradient is the batch's
                     answers = float((text["labels"][:, 1:] != -100).sum())
@@ -699,18 +718,29 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         fetch_loss = fetch_loss * (targets * world / max(parallel.total(targets), 1.0))
                     loss = loss + cfg.fetch_weight * fetch_loss
+                if counting:
+                    share_loss, count_loss, implied, counts = counter.loss(
+                        hidden, text["input_ids"], model.config.image_token_id, patch_index, text["labels"],
+                        batch["share"], batch["count"], model.config.text_config.eos_token_id)
+                    if world > 1:  # every process has the same number of scenes; count answers as the answer loss
+                        count_loss = count_loss * (counts * world / max(parallel.total(counts), 1.0))
+                    loss = loss + cfg.count_weight * (share_loss + count_loss)
             opt_b.zero_grad(set_to_none=True)
             opt_xy.zero_grad(set_to_none=True)
             opt_readout.zero_grad(set_to_none=True)
+            opt_counter.zero_grad(set_to_none=True)
             loss.backward()
             parallel.average_gradients(b_params + (list(token_xy.parameters()) if cfg.token_xy_weight > 0 else [])
-                                       + (list(readout.parameters()) if fetching else []))
+                                       + (list(readout.parameters()) if fetching else [])
+                                       + (list(counter.parameters()) if counting else []))
             torch.nn.utils.clip_grad_norm_(b_params, 1.0)
             opt_b.step()
             if cfg.token_xy_weight > 0:
                 opt_xy.step()
             if fetching:
                 opt_readout.step()
+            if counting:
+                opt_counter.step()
             st["step"] += 1
             st["wall"] += time.time() - t0
             info = f"loss {loss.item():.3f} answer-acc {acc:.2f}" + (f" keep {keep}" if short else "")
@@ -718,6 +748,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 info += f" token-xy {xy_loss.item():.4f}"
             if fetching:
                 info += f" fetch {fetch_loss.item():.4f} named-cells {fetch_cells:.2f}"
+            if counting:
+                info += f" share {share_loss.item():.4f} count {count_loss.item():.4f} implied-count-err {implied:.2f}"
             if bar:
                 bar.update(task, completed=st["step"], info=info)
             if st["step"] % 25 == 0:

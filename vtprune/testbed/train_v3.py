@@ -57,8 +57,8 @@ def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
     the target, and not yet run end to end with the position codes and questions: docs/testbed.md says how far
     each piece got (about 0.5 on the watched set after 4,500 steps with every type from the first step; this
     type schedule 0.66 in 40 minutes on a 4 x 64 decoder; continuations 0.69, then with both codes and the
-    position questions 0.71, with the answer-position read-out 0.79 on fresh calibration questions: fourth to
-    seventh sessions).
+    position questions 0.71, with the answer-position read-out 0.79, continued to 0.82 on fresh calibration
+    questions: fourth to eighth sessions; the count read-out, `count_weight`, left counting unchanged and is off).
     `feature_cache=0` renders fresh scenes instead of cycling over the cache, ≈ 15 % slower per packed step."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",

@@ -1,0 +1,66 @@
+"""Training-only read-outs for counting (Stage B, `count_weight` > 0).
+
+Counting on shapes-v3 stays approximate (testbed docs, sixth and seventh sessions: most wrong counts are off by one,
+counting by colour beats counting by shape): objects cover from under one to sixteen and more patches, so the number
+of patches of a colour is not the number of objects, and the answer loss (cross-entropy over the digit tokens) says
+nothing about how far a wrong count is. Two direct signals:
+
+- at every image token, after decoder layer `layer`, a linear map must give the patch's share of each object's pixels
+  (`scenes_v3.object_share`: [C + S] per patch, one column per colour and per shape); summed over the patches a column
+  is the count, so an answer position that adds up the shares of the asked colour's tokens counts objects, not area;
+- at each count question's answer position, a linear map of the decoder's output must give the count itself
+  (regression: an answer off by one costs less than one off by five).
+
+Both maps are dropped at export: the shipped model stays a stock `LlavaForConditionalGeneration`.
+Measured (testbed docs, eighth session): from the same training state, 5,900 steps with `count_weight=1` left
+counting at 0.60 on fresh calibration questions, as without it; the share read-out never became accurate after
+the first decoder layer. Off by default and not in the `--preset v3` recipe.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .answer_readout import answer_positions
+from .questions_v3 import MAX_COUNT
+
+
+class CountReadout(nn.Module):
+    """Linear read-outs of per-patch object shares (image tokens) and of the asked count (answer positions)."""
+
+    def __init__(self, width: int, channels: int, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.share = nn.Linear(width, channels)  # per image token: [C + S] object shares after `layer`
+        self.count = nn.Linear(width, 1)  # per count answer: the count / MAX_COUNT, from the decoder's output
+
+    def loss(self, hidden_states: tuple[torch.Tensor, ...], input_ids: torch.Tensor, image_token_id: int,
+             patch_index: torch.Tensor, labels: torch.Tensor, share: torch.Tensor, count: torch.Tensor,
+             eos_id: int) -> tuple[torch.Tensor, torch.Tensor, float, int]:
+        """(share loss, count loss, mean absolute error of the counts implied by the summed shares, number of count
+        targets). The share loss is the squared error summed over the channels, averaged over the tokens that show
+        an object and, separately, over the others (background tokens would otherwise dominate the mean); the
+        count loss the mean squared error of count / MAX_COUNT over the count answers (0 when there are none).
+
+        hidden_states: (embeddings, layer 1, ..., final norm output), each [B, T, D]; input_ids / labels [B, T];
+        patch_index [B, N]: which of the 576 patches each of the row's N image tokens is; share [B, 576, C + S]
+        (`scenes_v3.object_share`); count [B, Q] (`data_v3.count_targets`, NaN where a question is no count).
+        """
+        b = input_ids.shape[0]
+        image = hidden_states[self.layer][input_ids == image_token_id].view(b, patch_index.shape[1], -1)  # [B, N, D]
+        goal = share.float().gather(1, patch_index.unsqueeze(-1).expand(-1, -1, share.shape[-1]))  # [B, N, C + S]
+        pred = self.share(image.float())  # [B, N, C + S]
+        err = (pred - goal).square().sum(-1)  # [B, N]
+        shows = goal.sum(-1) > 0
+        share_loss = sum(err[m].mean() for m in (shows, ~shows) if m.any())
+        implied = (pred.sum(1) - goal.sum(1)).abs().mean().item()  # per scene and channel, in objects
+
+        rows, pos, slot = answer_positions(labels, eos_id, count.shape[1])
+        target = count[rows, slot].float()  # [K]
+        defined = ~torch.isnan(target)
+        if not defined.any():
+            return share_loss, pred.sum() * 0.0, implied, 0
+        said = self.count(hidden_states[-1][rows[defined], pos[defined]].float()).squeeze(-1)  # [K']
+        count_loss = ((said - target[defined]) / MAX_COUNT).square().mean()
+        return share_loss, count_loss, implied, int(defined.sum())
