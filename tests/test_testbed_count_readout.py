@@ -49,7 +49,8 @@ def test_count_targets_mark_only_count_questions():
                                                                             "3")]
     out = data_v3.count_targets(qs, slots=3)
     assert np.isnan(out[0]) and out[1] == 3.0 and np.isnan(out[2])
-    batch = data_v3.question_batch(train_split(5), 0, 3, Packing(4), with_pixels=False, types=TYPES)
+    assert "share" not in data_v3.question_batch(train_split(5), 0, 1, Packing(4), with_pixels=False, types=TYPES)
+    batch = data_v3.question_batch(train_split(5), 0, 3, Packing(4), with_pixels=False, types=TYPES, with_counts=True)
     assert batch["count"].shape == (3, 4) and batch["share"].shape == (3, 576, len(COLOURS) + len(SHAPES))
     for r in range(3):
         np.testing.assert_allclose(batch["share"][r].numpy(), object_share(train_split(5).scene(r)))
@@ -101,5 +102,7 @@ def test_trainer_with_the_count_readout_trains_it_and_resumes(tmp_path):
     state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
     assert any(not torch.equal(first[k], state["counter"][k]) for k in first)  # the resumed run kept training it
     assert int(state["opt_counter"]["state"][0]["step"]) == 3  # its optimiser resumed too (fresh: 1)
+    with pytest.raises(ValueError, match="count_weight > 0 needs shapes-v3 data"):
+        train(tmp_path / "v2", replace(cfg, data="shapes-v2"), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="count_layer 9 is not a decoder layer"):
         train(tmp_path / "bad", replace(cfg, count_layer=9), progress=False, log=lambda _: None)

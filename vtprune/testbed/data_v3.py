@@ -110,12 +110,13 @@ def encode_conversation(questions: list[Question], packing: Packing) -> tuple[li
 
 def question_batch(split: Split | int, start: int, n: int, packing: Packing, indices: list[int] | None = None,
                    salt: int = 0, with_pixels: bool = True,
-                   types: tuple[str, ...] = QUESTION_TYPES) -> dict[str, torch.Tensor]:
+                   types: tuple[str, ...] = QUESTION_TYPES, with_counts: bool = False) -> dict[str, torch.Tensor]:
     """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
-    order in which `train.shorten` keeps tokens, fetch [n, questions_per_image, 4] (`fetch_targets`), share
-    [n, 576, C + S] (`scenes_v3.object_share`) and count [n, questions_per_image] (`count_targets`)."""
+    order in which `train.shorten` keeps tokens, and fetch [n, questions_per_image, 4] (`fetch_targets`);
+    `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene) and count
+    [n, questions_per_image] (`count_targets`), the count read-out's targets."""
     split = _as_split(split)
     ids, labs, images, informative, priority, fetch, share, count = [], [], [], [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
@@ -131,8 +132,9 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         asked = list(qs.values())[: packing.questions_per_image]
         a, b = encode_conversation(asked, packing)
         fetch.append(fetch_targets(scene, asked, packing.questions_per_image))
-        count.append(count_targets(asked, packing.questions_per_image))
-        share.append(object_share(scene))
+        if with_counts:
+            count.append(count_targets(asked, packing.questions_per_image))
+            share.append(object_share(scene))
         ids.append(a)
         labs.append(b)
         image, lab, inf = render_with_targets(scene, with_pixels)
@@ -142,12 +144,13 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         priority.append(token_priority(scene, lab, inf))
     input_ids = torch.tensor(ids)
     out = {"pixel_values": pixels(images)} if with_pixels else {}
+    if with_counts:
+        out |= {"share": torch.from_numpy(np.stack(share)), "count": torch.from_numpy(np.stack(count))}
     return {**out, "input_ids": input_ids, "labels": torch.tensor(labs),
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
             "informative": torch.from_numpy(np.stack(informative)),
             "priority": torch.from_numpy(np.stack(priority)),
-            "fetch": torch.from_numpy(np.stack(fetch)), "share": torch.from_numpy(np.stack(share)),
-            "count": torch.from_numpy(np.stack(count))}
+            "fetch": torch.from_numpy(np.stack(fetch))}
 
 
 def fetch_targets(scene, questions: list[Question], slots: int) -> np.ndarray:

@@ -539,6 +539,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     if cfg.count_weight > 0 and not 0 < count_layer <= cfg.size.text_layers:
         raise ValueError(f"count_layer {cfg.count_layer} is not a decoder layer "
                          f"(accepted: 1..{cfg.size.text_layers}, or 0 for the first)")
+    if cfg.count_weight > 0 and cfg.data != "shapes-v3":
+        raise ValueError(f"count_weight > 0 needs shapes-v3 data (its batches carry the count targets), got {cfg.data}")
+    count_kwargs = {"with_counts": True} if cfg.count_weight > 0 else {}  # v2's question_batch has no such option
     counter = CountReadout(cfg.size.text_width, len(COLOURS) + len(SHAPES), count_layer).to(device)
     opt_counter = torch.optim.AdamW(counter.parameters(), lr=cfg.lr_b, weight_decay=0.0)
     if legacy_state.exists():
@@ -673,9 +676,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if cache is not None:  # cycle over the cached scenes, new questions on every pass
                 idx = parallel.share(rank, per, [(first + i) % len(cache) for i in range(size_b)])
                 batch = ds.question_batch(cfg.seed + 1, 0, 0, pack, indices=idx, salt=first // len(cache),
-                                          with_pixels=False, types=types(st["step"]))
+                                          with_pixels=False, types=types(st["step"]), **count_kwargs)
             else:
-                batch = ds.question_batch(cfg.seed + 1, first + rank * per, per, pack, types=types(st["step"]))
+                batch = ds.question_batch(cfg.seed + 1, first + rank * per, per, pack, types=types(st["step"]),
+                                          **count_kwargs)
             st["scenes_b"] = first + size_b
             batch = {k: v.to(device) for k, v in batch.items()}
             for g in opt_b.param_groups:
@@ -701,8 +705,6 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 if fetching and "fetch" not in batch:
                     raise ValueError(f"fetch_weight > 0 needs batches with fetch targets ({cfg.data} has none)")
                 counting = cfg.count_weight > 0
-                if counting and "share" not in batch:
-                    raise ValueError(f"count_weight > 0 needs batches with share / count targets ({cfg.data} has none)")
                 hidden: list | None = [] if fetching or counting else None
                 loss, acc = lm_loss(model, feats, **text, image_feats=image_feats, hidden_states=hidden)
                 if world > 1:  # weigh by this process's share of the answer tokens: the mean gradient is the batch's
