@@ -327,6 +327,13 @@ def patch_coverage(ids: np.ndarray) -> np.ndarray:
     return np.bincount(patch * 256 + ids.reshape(-1).astype(np.int64), minlength=GRID * GRID * 256).reshape(-1, 256)
 
 
+def _object_pixels(cov: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels of each of the n objects in each patch [576, n] (float64) and each object's share of its own
+    pixels there [576, n] (columns sum to 1; 0 for an object with no visible pixel), from `patch_coverage`."""
+    obj = cov[:, 1:n + 1].astype(np.float64)
+    return obj, obj / np.maximum(obj.sum(0, keepdims=True), 1)
+
+
 def patch_labels(scene: Scene3, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Dense per-patch targets [24, 24] (int64), the same classes as v2: colour / shape index + 1 and digit + 1
     (0 = none). A patch is labelled with the object covering most of it when that object covers >= 20 % of
@@ -338,8 +345,7 @@ def patch_labels(scene: Scene3, ids: np.ndarray | None = None) -> dict[str, np.n
     colour = np.zeros(GRID * GRID, np.int64)
     shape = np.zeros(GRID * GRID, np.int64)
     if n:
-        obj = cov[:, 1:n + 1].astype(np.float64)  # [576, n]
-        own = obj / np.maximum(obj.sum(0, keepdims=True), 1)
+        obj, own = _object_pixels(cov, n)  # [576, n] each
         ok = (obj >= 0.2 * CELL * CELL) | (own >= 0.4)
         best = np.where(ok, obj, -1).argmax(1)  # [576]
         has = ok.any(1)
@@ -362,8 +368,7 @@ def object_share(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
     out = np.zeros((GRID * GRID, len(COLOURS) + len(SHAPES)), np.float32)
     n = len(scene.objects)
     if n:
-        obj = cov[:, 1:n + 1].astype(np.float64)  # [576, n]
-        share = obj / np.maximum(obj.sum(0, keepdims=True), 1)  # [576, n]: columns sum to 1 (0 if invisible)
+        share = _object_pixels(cov, n)[1]  # [576, n]
         colour = np.asarray([list(COLOURS).index(o.colour) for o in scene.objects])
         shape = len(COLOURS) + np.asarray([SHAPES.index(o.shape) for o in scene.objects])
         np.add.at(out.T, colour, share.T.astype(np.float32))
