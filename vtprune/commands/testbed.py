@@ -87,6 +87,17 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                         "at the image tokens and the asked count at the answer position (0 = off, the default)")
     t.add_argument("--count-layer", type=int, default=None,
                    help="decoder layer after which --count-weight reads the object shares (default 0: the first)")
+    t.add_argument("--tower-lr", type=float, default=None,
+                   help="Stage B (shapes-v3): learning rate of the vision tower, trained end to end on the answers "
+                        "with Stage A's dense loss (default 0: frozen; > 0 needs --feature-cache 0)")
+    t.add_argument("--tower-dense-weight", type=float, default=None,
+                   help="weight of Stage A's dense per-patch loss while --tower-lr trains the tower (default 1)")
+    t.add_argument("--tower-share-weight", type=float, default=None,
+                   help="with --tower-lr: weight of a training-only per-patch regression of each object's pixel share "
+                        "on the tower's features (summed over a colour's patches: its count; default 0 = off)")
+    t.add_argument("--head-fit-steps", type=int, default=None,
+                   help="with --tower-lr and no Stage A in the run: steps fitting Stage A's heads on the frozen "
+                        "tower first (default 200)")
     t.add_argument("--cls-steps", type=int, default=None,
                    help="Stage C: steps training the [CLS] embedding's attention on the exported model "
                         "(default 100; 0 = skip)")
@@ -191,7 +202,9 @@ def _train(args: argparse.Namespace) -> int:
                       "training_types": args.training_types, "cls_steps": args.cls_steps,
                       "cls_lr": args.cls_lr, "fetch_weight": args.fetch_weight,
                       "fetch_layer": args.fetch_layer, "count_weight": args.count_weight,
-                      "count_layer": args.count_layer})
+                      "count_layer": args.count_layer, "tower_lr_b": args.tower_lr,
+                      "tower_dense_weight": args.tower_dense_weight, "head_fit_steps": args.head_fit_steps,
+                      "tower_share_weight": args.tower_share_weight})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

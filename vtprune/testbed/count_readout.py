@@ -11,7 +11,9 @@ nothing about how far a wrong count is. Two direct signals:
 - at each count question's answer position, a linear map of the decoder's output must give the count itself
   (regression: an answer off by one costs less than one off by five).
 
-Both maps are dropped at export: the shipped model stays a stock `LlavaForConditionalGeneration`.
+Both maps are dropped at export: the shipped model stays a stock `LlavaForConditionalGeneration`. The same share
+regression (`share_regression`) can also be asked of the vision tower itself when Stage B trains it
+(`TrainConfig.tower_share_weight`): its attention is bidirectional, so a patch can see the whole object it belongs to.
 Measured (testbed docs, eighth session): from the same training state, 5,900 steps with `count_weight=1` left
 counting at 0.60 on fresh calibration questions, as without it; the share read-out never became accurate after
 the first decoder layer. Off by default and not in the `--preset v3` recipe.
@@ -24,6 +26,17 @@ from torch import nn
 
 from .answer_readout import answer_positions
 from .questions_v3 import MAX_COUNT
+
+
+def share_regression(pred: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(loss, mean absolute error of the counts the summed shares imply, per scene and channel, in objects) of
+    predicted per-patch object shares pred [B, N, C + S] against goal [B, N, C + S] (`scenes_v3.object_share`): the
+    squared error summed over the channels, averaged over the tokens that show an object and, separately, over the
+    others (background tokens would otherwise dominate the mean)."""
+    err = (pred - goal).square().sum(-1)  # [B, N]
+    shows = goal.sum(-1) > 0
+    loss = sum(err[m].mean() for m in (shows, ~shows) if m.any())
+    return loss, (pred.sum(1) - goal.sum(1)).abs().mean().item()
 
 
 class CountReadout(nn.Module):
@@ -50,17 +63,13 @@ class CountReadout(nn.Module):
         b = input_ids.shape[0]
         image = hidden_states[self.layer][input_ids == image_token_id].view(b, patch_index.shape[1], -1)  # [B, N, D]
         goal = share.float().gather(1, patch_index.unsqueeze(-1).expand(-1, -1, share.shape[-1]))  # [B, N, C + S]
-        pred = self.share(image.float())  # [B, N, C + S]
-        err = (pred - goal).square().sum(-1)  # [B, N]
-        shows = goal.sum(-1) > 0
-        share_loss = sum(err[m].mean() for m in (shows, ~shows) if m.any())
-        implied = (pred.sum(1) - goal.sum(1)).abs().mean().item()  # per scene and channel, in objects
+        share_loss, implied = share_regression(self.share(image.float()), goal)
 
         rows, pos, slot = answer_positions(labels, eos_id, count.shape[1])
         target = count[rows, slot].float()  # [K]
         defined = ~torch.isnan(target)
         if not defined.any():
-            return share_loss, pred.sum() * 0.0, implied, 0
+            return share_loss, share_loss * 0.0, implied, 0
         said = self.count(hidden_states[-1][rows[defined], pos[defined]].float()).squeeze(-1)  # [K']
         count_loss = ((said - target[defined]) / MAX_COUNT).square().mean()
         return share_loss, count_loss, implied, int(defined.sum())

@@ -81,9 +81,14 @@ def dense_batch(split: Split | int, start: int, n: int) -> tuple[torch.Tensor, d
         images.append(image)
         labels.append(lab)
     out = {k: torch.from_numpy(np.stack([lab[k].reshape(-1) for lab in labels])) for k in labels[0]}
-    rr, cc = np.mgrid[0:GRID, 0:GRID].astype(np.float32) / (GRID - 1)
-    out["xy"] = torch.from_numpy(np.stack([cc.reshape(-1), rr.reshape(-1)], -1)).expand(n, -1, -1)
+    out["xy"] = _cell_xy().expand(n, -1, -1)
     return pixels(images), out
+
+
+def _cell_xy() -> torch.Tensor:
+    """[1, 576, 2] float32: each patch's (column, row) / (GRID - 1), Stage A's xy target."""
+    rr, cc = np.mgrid[0:GRID, 0:GRID].astype(np.float32) / (GRID - 1)
+    return torch.from_numpy(np.stack([cc.reshape(-1), rr.reshape(-1)], -1))[None]
 
 
 def scene_pixels(split: Split | int, indices: list[int]) -> torch.Tensor:
@@ -110,15 +115,18 @@ def encode_conversation(questions: list[Question], packing: Packing) -> tuple[li
 
 def question_batch(split: Split | int, start: int, n: int, packing: Packing, indices: list[int] | None = None,
                    salt: int = 0, with_pixels: bool = True,
-                   types: tuple[str, ...] = QUESTION_TYPES, with_counts: bool = False) -> dict[str, torch.Tensor]:
+                   types: tuple[str, ...] = QUESTION_TYPES, with_counts: bool = False,
+                   with_dense: bool = False) -> dict[str, torch.Tensor]:
     """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
     order in which `train.shorten` keeps tokens, and fetch [n, questions_per_image, 4] (`fetch_targets`);
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene) and count
-    [n, questions_per_image] (`count_targets`), the count read-out's targets."""
+    [n, questions_per_image] (`count_targets`), the count read-out's targets; `with_dense` adds Stage A's per-patch
+    targets of the same scenes, dense_colour / dense_shape / dense_digit [n, 576] int64 and dense_xy [n, 576, 2]
+    (`dense_batch`'s layout), for a Stage B that trains the tower (`TrainConfig.tower_lr_b`)."""
     split = _as_split(split)
-    ids, labs, images, informative, priority, fetch, share, count = [], [], [], [], [], [], [], []
+    ids, labs, images, informative, priority, fetch, share, count, dense = [], [], [], [], [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -142,10 +150,16 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
             images.append(image)
         informative.append(inf)
         priority.append(token_priority(scene, lab, inf))
+        if with_dense:
+            dense.append(lab)
     input_ids = torch.tensor(ids)
     out = {"pixel_values": pixels(images)} if with_pixels else {}
     if with_counts:
         out |= {"share": torch.from_numpy(np.stack(share)), "count": torch.from_numpy(np.stack(count))}
+    if with_dense:
+        out |= {f"dense_{k}": torch.from_numpy(np.stack([lab[k].reshape(-1) for lab in dense])).long()
+                for k in ("colour", "shape", "digit")}
+        out["dense_xy"] = _cell_xy().expand(len(dense), -1, -1)
     return {**out, "input_ids": input_ids, "labels": torch.tensor(labs),
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
             "informative": torch.from_numpy(np.stack(informative)),

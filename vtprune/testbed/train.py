@@ -33,7 +33,10 @@ the one-object "is the X left ?" question left chance on real features only with
 `row_code_scale` > 0 writes a row thermometer into the projector rows after it (v3's "above" questions:
 the activation loses the one-number y read-out). `fetch_weight` > 0 (shapes-v3) adds a training-only read-out
 of the asked objects' centres at each answer position (`answer_readout.py`), a direct gradient for the fetch
-that relations and "the object left of X" need.
+that relations and "the object left of X" need. `tower_lr_b` > 0 (shapes-v3) lets Stage B train the tower too,
+end to end on the answers, with Stage A's dense loss on the same scenes (`tower_dense_weight`) so that the
+channels the projector reads stay readable; Stage A's heads are fitted on the frozen tower first when the run
+has no Stage A of its own (`init`).
 
 `init` starts from every weight of an existing checkpoint (a fine-tune; with `column_code_scale` or
 `row_code_scale` > 0 only those code rows are rewritten), and `training_types` adds unscored question types
@@ -66,7 +69,7 @@ from torch import nn
 from .. import checkpointing as cpt
 from . import parallel
 from .answer_readout import AnswerReadout
-from .count_readout import CountReadout
+from .count_readout import CountReadout, share_regression
 from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
@@ -130,6 +133,16 @@ class TrainConfig:
     count_weight: float = 0.0
     count_layer: int = 0
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
+    # Stage B learning rate of the vision tower (0 = frozen, the default). > 0 trains the tower end to end on the
+    # answers, with Stage A's dense per-patch loss on the same scenes at weight `tower_dense_weight` (shapes-v3;
+    # the tower's features change, so they cannot be cached: needs feature_cache 0). Without a Stage A in the run
+    # (`init`), Stage A's heads are first fitted on the frozen features for `head_fit_steps` steps.
+    tower_lr_b: float = 0.0
+    tower_dense_weight: float = 1.0
+    # with tower_lr_b > 0: weight of a training-only per-patch regression of the object shares
+    # (`scenes_v3.object_share`, summed over a colour's or shape's patches: its count) on the tower's features
+    tower_share_weight: float = 0.0
+    head_fit_steps: int = 200
     # Stage B question-type curriculum "800:colour+shape": steps < 800 ask only these types; later all.
     # A type listed twice ("100000:count+count+colour+...") is asked about twice as often.
     type_schedule: str = ""
@@ -473,6 +486,34 @@ class TokenXYHead(nn.Module):
         return (err * w).sum() / w.sum().clamp_min(1)
 
 
+def fit_dense_heads(model, heads: DenseHeads, share_head: nn.Module | None, batches: Callable, cfg: TrainConfig,
+                    device: str, amp, world: int = 1, rank: int = 0) -> dict:
+    """Fit Stage A's training-only heads (and `share_head`, the tower's object-share read-out, when given) on the
+    frozen tower: `cfg.head_fit_steps` Adam steps, lr `cfg.lr_a`, on `cfg.batch_a` scenes of the Stage A seed per
+    step (the scenes after Stage A's), so that a Stage B that trains the tower (`tower_lr_b`) starts its dense losses
+    from read-outs that fit, not from random heads whose gradients would disturb the tower. `batches(start, n)`
+    gives pixel_values, dense_* and share (`data_v3.question_batch`'s keys). Returns the last step's statistics."""
+    params = list(heads.parameters()) + (list(share_head.parameters()) if share_head is not None else [])
+    opt = torch.optim.AdamW(params, lr=cfg.lr_a, weight_decay=0.0)
+    per = cfg.batch_a // world
+    stats: dict = {}
+    for step in range(cfg.head_fit_steps):
+        batch = batches((cfg.steps_a + step) * cfg.batch_a + rank * per, per)
+        with torch.no_grad(), amp:
+            feats = vision_features(model, batch["pixel_values"].to(device))
+        target = {k: batch[f"dense_{k}"].to(device) for k in ("colour", "shape", "digit", "xy")}
+        loss, stats = heads.loss(feats.float(), target, cfg.xy_object_weight)
+        if share_head is not None:
+            share_loss, stats["tower-count-err"] = share_regression(share_head(feats.float()),
+                                                                    batch["share"].to(device).float())
+            loss = loss + share_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        parallel.average_gradients(params)
+        opt.step()
+    return {k: round(v, 4) for k, v in stats.items()}
+
+
 def _schedule(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -541,9 +582,25 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                          f"(accepted: 1..{cfg.size.text_layers}, or 0 for the first)")
     if cfg.count_weight > 0 and cfg.data != "shapes-v3":
         raise ValueError(f"count_weight > 0 needs shapes-v3 data (its batches carry the count targets), got {cfg.data}")
-    count_kwargs = {"with_counts": True} if cfg.count_weight > 0 else {}  # v2's question_batch has no such option
+    # v2's question_batch has no such option
+    count_kwargs = {"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0 else {}
     counter = CountReadout(cfg.size.text_width, len(COLOURS) + len(SHAPES), count_layer).to(device)
     opt_counter = torch.optim.AdamW(counter.parameters(), lr=cfg.lr_b, weight_decay=0.0)
+    tuning = cfg.tower_lr_b > 0  # Stage B trains the tower too
+    if tuning and cfg.feature_cache > 0:
+        raise ValueError(f"tower_lr_b > 0 trains the tower in Stage B, so its features cannot be cached: "
+                         f"set feature_cache 0 (got {cfg.feature_cache}; the CLI's --feature-cache 0)")
+    if tuning and cfg.data != "shapes-v3":
+        raise ValueError(f"tower_lr_b > 0 needs shapes-v3 data (its batches carry the dense targets), got {cfg.data}")
+    if cfg.tower_share_weight > 0 and not tuning:
+        raise ValueError("tower_share_weight > 0 reads the tower's features while Stage B trains it: "
+                         "it needs tower_lr_b > 0")
+    tower_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+    opt_tower = torch.optim.AdamW(tower_params, lr=cfg.tower_lr_b or cfg.lr_a, weight_decay=cfg.weight_decay)
+    tower_share = nn.Linear(cfg.size.vision_width, len(COLOURS) + len(SHAPES)).to(device)  # training-only
+    opt_tower_share = torch.optim.AdamW(tower_share.parameters(), lr=cfg.tower_lr_b or cfg.lr_a, weight_decay=0.0)
+    if cfg.tower_share_weight > 0:
+        tower_params = tower_params + list(tower_share.parameters())  # averaged over processes with the tower's
     if legacy_state.exists():
         raise cpt.CheckpointError(
             f"{legacy_state} is a pickle checkpoint of an older vtprune, which is no longer loaded (unpickling can run "
@@ -567,6 +624,11 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if saved.get("counter") is not None:  # absent in states written before count_readout.py
                 counter.load_state_dict(saved["counter"])
                 opt_counter.load_state_dict(saved["opt_counter"])
+            if saved.get("opt_tower") is not None:  # absent in states written before tower_lr_b
+                opt_tower.load_state_dict(saved["opt_tower"])
+            if saved.get("tower_share") is not None:  # absent in states written before tower_share_weight
+                tower_share.load_state_dict(saved["tower_share"])
+                opt_tower_share.load_state_dict(saved["opt_tower_share"])
             st = saved["st"]
             st["stage"], st["step"] = str(st["stage"]), int(st["step"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
@@ -590,7 +652,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                  "opt_b": opt_b.state_dict(), "token_xy": token_xy.state_dict(), "opt_xy": opt_xy.state_dict(),
                  "readout": readout.state_dict(), "opt_readout": opt_readout.state_dict(),
                  "counter": counter.state_dict(), "opt_counter": opt_counter.state_dict(),
-                 "st": st}
+                 "opt_tower": opt_tower.state_dict(), "tower_share": tower_share.state_dict(),
+                 "opt_tower_share": opt_tower_share.state_dict(), "st": st}
         cpt.write(state_root, serial, cpt.state_files("state", state))
 
     eval_set = ds.watched_samples(cfg.eval_seed, cfg.eval_per_type)
@@ -627,13 +690,30 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 if st["step"] % cfg.save_every == 0:
                     save()
             st["stage"], st["step"] = "B", 0
+            st["heads_fitted"] = cfg.steps_a > 0  # Stage A trained them
             save()
-        # ---- Stage B: frozen tower, projector + decoder on packed questions ----
+        # ---- Stage B: projector + decoder on packed questions; the tower frozen unless tower_lr_b > 0 ----
         packing = Packing(cfg.questions_per_image)
         single_packing = Packing(1)
         model.model.vision_tower.requires_grad_(False)
         model.train()
         model.model.vision_tower.eval()
+        share_unfitted = cfg.tower_share_weight > 0 and not st.get("share_fitted")
+        if tuning and (not st.get("heads_fitted") or share_unfitted) and st["stage"] == "B":
+            share_head = tower_share if cfg.tower_share_weight > 0 else None
+            with_share = {"with_counts": True} if share_head is not None else {}
+
+            def fit_batches(start: int, n: int) -> dict:
+                return ds.question_batch(cfg.seed, start, n, Packing(1), with_dense=True, **with_share)
+
+            stats = fit_dense_heads(model, heads, share_head, fit_batches, cfg, device, amp, world, rank)
+            st["history"].append({"stage": "heads", "step": cfg.head_fit_steps, **stats})
+            log(f"Stage A heads fitted on the frozen tower for {cfg.head_fit_steps} steps: {stats}")
+            st["heads_fitted"] = True
+            st["share_fitted"] = share_head is not None
+        if tuning:
+            model.model.vision_tower.requires_grad_(True)
+            model.model.vision_tower.train()
         if not st.get("projector_standardized") and cfg.init:
             if cfg.column_code_scale > 0 or cfg.row_code_scale > 0:  # a trained projector: only add the codes
                 stats = probe_projector(model, cfg.seed, device, n=cfg.probe_scenes,
@@ -679,14 +759,26 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                                           with_pixels=False, types=types(st["step"]), **count_kwargs)
             else:
                 batch = ds.question_batch(cfg.seed + 1, first + rank * per, per, pack, types=types(st["step"]),
-                                          **count_kwargs)
+                                          **count_kwargs, **({"with_dense": True} if tuning else {}))
             st["scenes_b"] = first + size_b
             batch = {k: v.to(device) for k, v in batch.items()}
             for g in opt_b.param_groups:
                 g["lr"] = cfg.lr_b * _schedule(st["step"], cfg.steps_b, cfg.warmup)
+            for g in opt_tower.param_groups + opt_tower_share.param_groups:
+                g["lr"] = cfg.tower_lr_b * _schedule(st["step"], cfg.steps_b, cfg.warmup)
             with amp:
+                dense_loss = None
                 if cache is not None:
                     feats = cache[idx].to(device).float()
+                elif tuning:  # the tower trains: its features carry gradients, Stage A's loss keeps them readable
+                    feats = vision_features(model, batch["pixel_values"])
+                    dense_loss, dense_stats = heads.loss(
+                        feats, {k: batch[f"dense_{k}"] for k in ("colour", "shape", "digit", "xy")},
+                        cfg.xy_object_weight)
+                    if cfg.tower_share_weight > 0:
+                        tower_share_loss, dense_stats["tower-count-err"] = share_regression(
+                            tower_share(feats.float()), batch["share"].float())
+                        dense_loss = dense_loss + cfg.tower_share_weight * tower_share_loss
                 else:
                     with torch.no_grad():
                         feats = vision_features(model, batch["pixel_values"])
@@ -727,7 +819,11 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     if world > 1:  # every process has the same number of scenes; count answers as the answer loss
                         count_loss = count_loss * (counts * world / max(parallel.total(counts), 1.0))
                     loss = loss + cfg.count_weight * (share_loss + count_loss)
+                if dense_loss is not None:  # every process has the same number of scenes: the plain mean is right
+                    loss = loss + cfg.tower_dense_weight * dense_loss
             opt_b.zero_grad(set_to_none=True)
+            opt_tower.zero_grad(set_to_none=True)
+            opt_tower_share.zero_grad(set_to_none=True)
             opt_xy.zero_grad(set_to_none=True)
             opt_readout.zero_grad(set_to_none=True)
             opt_counter.zero_grad(set_to_none=True)
@@ -735,6 +831,12 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             parallel.average_gradients(b_params + (list(token_xy.parameters()) if cfg.token_xy_weight > 0 else [])
                                        + (list(readout.parameters()) if fetching else [])
                                        + (list(counter.parameters()) if counting else []))
+            if tuning:
+                parallel.average_gradients(tower_params)
+                torch.nn.utils.clip_grad_norm_(model.model.vision_tower.parameters(), 1.0)
+                opt_tower.step()
+                if cfg.tower_share_weight > 0:
+                    opt_tower_share.step()
             torch.nn.utils.clip_grad_norm_(b_params, 1.0)
             opt_b.step()
             if cfg.token_xy_weight > 0:
@@ -752,6 +854,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 info += f" fetch {fetch_loss.item():.4f} named-cells {fetch_cells:.2f}"
             if counting:
                 info += f" share {share_loss.item():.4f} count {count_loss.item():.4f} implied-count-err {implied:.2f}"
+            if dense_loss is not None:
+                info += f" dense {dense_loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in dense_stats.items())
             if bar:
                 bar.update(task, completed=st["step"], info=info)
             if st["step"] % 25 == 0:
@@ -763,7 +867,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if rank == 0 and (st["step"] % cfg.eval_every == 0 or st["step"] == cfg.steps_b or over_time):
                 res = evaluate(model, processor, eval_set, batch_size=16, answers=ds.answers)
                 model.train()
-                model.model.vision_tower.eval()
+                model.model.vision_tower.train(tuning)
                 rec = {"stage": "B-eval", "step": st["step"], "wall": round(st["wall"], 1),
                        "accuracy": round(res["accuracy"], 4),
                        "per_type": {k: round(v, 4) for k, v in res["per_type"].items()}}

@@ -59,6 +59,8 @@ def v3_config(seed: int = 0, size: ModelSize | None = None) -> TrainConfig:
     type schedule 0.66 in 40 minutes on a 4 x 64 decoder; continuations 0.69, then with both codes and the
     position questions 0.71, with the answer-position read-out 0.79, continued to 0.82 on fresh calibration
     questions: fourth to eighth sessions; the count read-out, `count_weight`, left counting unchanged and is off).
+    Training the tower in a later Stage B (`tower_lr_b`, ninth session) lifted shape and number reading of that
+    model (0.82 -> 0.88 on the same questions); it is not in this preset yet (never run inside the chain).
     `feature_cache=0` renders fresh scenes instead of cycling over the cache, ≈ 15 % slower per packed step."""
     return TrainConfig(
         seed=seed, size=size or V3, data="shapes-v3",

@@ -1,0 +1,100 @@
+"""Stage B that trains the vision tower too (`TrainConfig.tower_lr_b`): the dense targets packed batches carry are
+Stage A's, the tower changes only when asked, the heads are fitted first when the run has no Stage A, the run
+resumes with its optimiser, and the combinations that cannot work are refused up front."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vtprune.testbed import data_v3
+from vtprune.testbed.data import Packing
+from vtprune.testbed.splits import train_split
+
+
+def test_packed_batches_carry_stage_a_targets_of_the_same_scenes():
+    split = train_split(3)
+    pv, dense = data_v3.dense_batch(split, 4, 2)
+    batch = data_v3.question_batch(split, 4, 2, Packing(3), with_dense=True)
+    assert torch.equal(batch["pixel_values"], pv)
+    for k in ("colour", "shape", "digit", "xy"):
+        assert torch.equal(batch[f"dense_{k}"], dense[k]), k
+    assert (batch["dense_colour"] > 0).any() and (batch["dense_digit"] > 0).any()
+    assert not any(k.startswith("dense_") for k in data_v3.question_batch(split, 4, 1, Packing(3)))
+
+
+def _cfg(**kw):
+    from vtprune.testbed.train_v3 import TINY_V3, v3_config
+
+    base = dict(steps_a=0, batch_a=2, steps_b=2, batch_b=2, questions_per_image=3, warmup=1, eval_every=10,
+                eval_per_type=1, save_every=1, keep_schedule="", probe_scenes=4, feature_cache=0, cls_steps=0,
+                single_steps=0, type_schedule="", fetch_weight=0.0)
+    return replace(v3_config(size=TINY_V3), **(base | kw))
+
+
+def _tower(state: dict) -> dict:
+    return {k: v for k, v in state["model"].items() if "vision_tower" in k}
+
+
+def _run(out, cfg, logs=None):
+    from vtprune.testbed.train import train
+
+    threads = torch.get_num_threads()
+    try:
+        train(out, cfg, progress=False, log=(logs.append if logs is not None else lambda _: None))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_tower_trains_only_when_asked_and_resumes(tmp_path):
+    from vtprune import checkpointing as cpt
+
+    frozen, tuned = tmp_path / "frozen", tmp_path / "tuned"
+    _run(frozen, _cfg())
+    logs: list[str] = []
+    _run(tuned, _cfg(tower_lr_b=1e-3, head_fit_steps=2), logs)
+    first_frozen = cpt.load_state(cpt.latest(frozen / "state", ""), "state", "cpu")
+    first_tuned = cpt.load_state(cpt.latest(tuned / "state", ""), "state", "cpu")
+    a, b = _tower(first_frozen), _tower(first_tuned)
+    assert a.keys() == b.keys() and a  # same start (same seed, no Stage A), so any difference is the training
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert any("heads fitted on the frozen tower for 2 steps" in line for line in logs)
+    assert int(first_tuned["opt_tower"]["state"][0]["step"]) == 2
+    _run(tuned, _cfg(tower_lr_b=1e-3, head_fit_steps=2, steps_b=3))
+    again = cpt.load_state(cpt.latest(tuned / "state", ""), "state", "cpu")
+    assert int(again["opt_tower"]["state"][0]["step"]) == 3  # resumed its optimiser (fresh: 1), no second head fit
+    assert any(not torch.equal(b[k], _tower(again)[k]) for k in b)
+    assert sum(h["stage"] == "heads" for h in again["st"]["history"]) == 1
+
+
+def test_frozen_tower_stays_bit_identical(tmp_path):
+    from vtprune import checkpointing as cpt
+    from vtprune.testbed.data_v3 import build_model
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    _run(tmp_path, _cfg())
+    state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
+    cfg = _cfg()
+    torch.manual_seed(cfg.seed)
+    fresh = build_model(TINY_V3, cfg.seed).state_dict()
+    for k, v in _tower(state).items():
+        assert torch.equal(v, fresh[k]), k
+
+
+def test_impossible_combinations_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="features cannot be cached: set feature_cache 0"):
+        _run(tmp_path / "cache", _cfg(tower_lr_b=1e-3, feature_cache=4))
+    with pytest.raises(ValueError, match="tower_lr_b > 0 needs shapes-v3 data"):
+        _run(tmp_path / "v2", _cfg(tower_lr_b=1e-3, data="shapes-v2"))
+
+
+def test_tower_share_regression_trains_its_head_and_needs_the_tower_to_train(tmp_path):
+    from vtprune import checkpointing as cpt
+
+    _run(tmp_path, _cfg(tower_lr_b=1e-3, head_fit_steps=1, tower_share_weight=1.0))
+    state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
+    assert int(state["opt_tower_share"]["state"][0]["step"]) == 2
+    with pytest.raises(ValueError, match="tower_share_weight > 0 .* needs tower_lr_b > 0"):
+        _run(tmp_path / "frozen", _cfg(tower_share_weight=1.0))
