@@ -582,7 +582,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                          f"(accepted: 1..{cfg.size.text_layers}, or 0 for the first)")
     if cfg.count_weight > 0 and cfg.data != "shapes-v3":
         raise ValueError(f"count_weight > 0 needs shapes-v3 data (its batches carry the count targets), got {cfg.data}")
-    # v2's question_batch has no such option
+    # the count targets (share / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = {"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0 else {}
     counter = CountReadout(cfg.size.text_width, len(COLOURS) + len(SHAPES), count_layer).to(device)
     opt_counter = torch.optim.AdamW(counter.parameters(), lr=cfg.lr_b, weight_decay=0.0)
@@ -596,9 +596,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         raise ValueError("tower_share_weight > 0 reads the tower's features while Stage B trains it: "
                          "it needs tower_lr_b > 0")
     tower_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    opt_tower = torch.optim.AdamW(tower_params, lr=cfg.tower_lr_b or cfg.lr_a, weight_decay=cfg.weight_decay)
+    opt_tower = torch.optim.AdamW(tower_params, lr=cfg.tower_lr_b, weight_decay=cfg.weight_decay)
     tower_share = nn.Linear(cfg.size.vision_width, len(COLOURS) + len(SHAPES)).to(device)  # training-only
-    opt_tower_share = torch.optim.AdamW(tower_share.parameters(), lr=cfg.tower_lr_b or cfg.lr_a, weight_decay=0.0)
+    opt_tower_share = torch.optim.AdamW(tower_share.parameters(), lr=cfg.tower_lr_b, weight_decay=0.0)
     if cfg.tower_share_weight > 0:
         tower_params = tower_params + list(tower_share.parameters())  # averaged over processes with the tower's
     if legacy_state.exists():
