@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/gpu}"
 shift || true
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: torch sees no CUDA device')"
+"${PYTHON:-python3}" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu.sh: torch sees no CUDA device')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" python benchmarks/gpu_bench.py --out "$out" --time-budget 450 "$@"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python3}" benchmarks/gpu_bench.py --out "$out" --time-budget 450 "$@"

@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=None, help="untimed rounds (default 1; 0 with --tiny)")
     ap.add_argument("--new-tokens", type=int, default=None, help="generated tokens per call (default 8; 2 --tiny)")
     ap.add_argument("--time-budget", type=float, default=450.0, help="no stage starts after this many seconds")
+    ap.add_argument("--stages", default=None, help="comma-separated substrings: run only the stages whose name has one")
     ap.add_argument("--render", default=None, help="only re-render this gpu_bench.json as markdown")
     args = ap.parse_args(argv)
     if args.render:
@@ -289,7 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
     os.makedirs(args.out, exist_ok=True)
     data = {"env": environment(args.device), "args": {k: v for k, v in vars(args).items()}, "stages": []}
     start = time.perf_counter()
-    for stage in plan(args):
+    stages = plan(args)
+    if args.stages:
+        stages = [s for s in stages if any(k.strip().lower() in s["name"].lower() for k in args.stages.split(","))]
+    for stage in stages:
         elapsed = time.perf_counter() - start
         if elapsed > args.time_budget:
             data["stages"].append({**stage, "skipped": f"time budget: {elapsed:.0f} s > {args.time_budget:.0f} s"})

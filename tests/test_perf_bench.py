@@ -82,3 +82,37 @@ def test_gpu_script_tiny_mode_runs_every_stage_with_the_stock_column(tmp_path):
     assert timed >= 6
     md = (tmp_path / "gpu_bench.md").read_text()
     assert "÷ stock" in md and "tiny:qwen2.5-vl" in md
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_stage_filter_runs_only_the_named_stages(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        data = _gpu_bench().main(["--tiny", "--out", str(tmp_path), "--stages", "qwen"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [s["model"] for s in data["stages"]] == ["tiny:qwen2.5-vl"]
+
+
+def test_gpu_profile_script_tiny_mode(tmp_path):
+    data = _script("profile_gpu").main(["--tiny", "--batch", "2", "--methods", "fastv", "--out", str(tmp_path),
+                                        "--warmup", "1"])  # fmt: skip
+    assert list(data["runs"]) == ["none", "fastv"]
+    for run in data["runs"].values():
+        assert run["wall_ms"] > 0 and run["top_host"]
+    saved = json.loads((tmp_path / "profile_gpu.json").read_text())
+    assert set(saved["runs"]) == {"none", "fastv"}
+    assert "| fastv |" in (tmp_path / "profile_gpu.md").read_text()
+
+
+def test_select_batch_timing_script_on_cpu_finds_identical_plans():
+    rows = _script("select_batch_time").main(["--device", "cpu", "--batch", "3", "--n", "36", "--dim", "16",
+                                              "--budgets", "8", "--repeats", "1"])  # fmt: skip
+    assert [r["method"] for r in rows] == ["resprune", "divprune", "cdpruner", "vispruner"]
+    assert all(r["identical_keep_sets"] and r["loop_ms"] > 0 and r["batched_ms"] > 0 for r in rows)

@@ -37,6 +37,9 @@ class SelectCall:
     stage: int
     sample: int = -1
     image: int = -1
+    #: this image's share of the call's time: 1 for a per-image call, 1/B when B images were selected in one
+    #: `select_batch` call (its time split evenly, so the sum over the images is the call's time)
+    share: float = 1.0
     _ms: float | None = None
     _events: tuple | None = None
 
@@ -51,6 +54,11 @@ class SelectCall:
             call._ms = -time.perf_counter()
         return call
 
+    def split(self, parts: int) -> list[SelectCall]:
+        """The call of a batch of `parts` images, as one record per image with an even share of its time."""
+        return [SelectCall(self.stage, share=self.share / parts, _ms=self._ms, _events=self._events)
+                for _ in range(parts)]
+
     def stop(self) -> None:
         if self._events is not None:
             self._events[1].record()
@@ -63,7 +71,7 @@ class SelectCall:
             begin, end = self._events
             end.synchronize()
             self._ms, self._events = float(begin.elapsed_time(end)), None
-        return float(self._ms)
+        return float(self._ms) * self.share
 
 
 @dataclass

@@ -367,6 +367,15 @@ class PruningMethod(ABC):
     def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
         """Choose `k` of `image.n` candidates (k < n is guaranteed)."""
 
+    def select_batch(self, stage_index: int, images: list[ImageTokens], ks: list[int]) -> list[KeepPlan]:
+        """Plans for several images of one forward at the same stage (the engine calls this, never `select`).
+
+        images / ks: the images the stage prunes (each k < its n) -> one plan per image, in order. The default
+        calls `select` per image. A method overrides it only to score the images together (one loop for the
+        batch where per-image loops would be launch-bound on an accelerator); the plans must be the ones
+        `select` would give for each image alone (tests/test_select_batch.py checks every override)."""
+        return [self.select(stage_index, image, k) for image, k in zip(images, ks, strict=True)]
+
     def repair_layers(self) -> tuple[int, ...]:
         """Decoder layers whose *output* the method rewrites at generation positions (`repair`); default none."""
         return ()

@@ -19,7 +19,7 @@ from . import signals as sig
 from .decode import step_group
 from .llm_signals import LayerInput, llm_signals
 from .plan import HookPlan
-from .select import Selector, select_image
+from .select import Selector, SelectRequest, select_images
 from .sequence import compact_rows, gather_rows
 from .state import ForwardState, RowGroup, push_group
 
@@ -71,6 +71,7 @@ class InLLMPath:
         keep = group.mask2d.bool() & (group.vis_image < 0)
         replaced = None
         orders: dict[int, torch.Tensor] = {}  # image -> its plan's output order (a reference order)
+        pruned, rows_of, requests = [], {}, []
         for i, img in enumerate(fw.images):
             rows = (group.vis_image[img.sample] == i).nonzero().flatten()
             k = img.counts[stage]
@@ -93,16 +94,14 @@ class InLLMPath:
                     view_signals[name] = value[orig] if per_candidate else value
             if img.embeddings is not None:
                 view_signals["visual_embeddings"] = img.embeddings[orig]
-            kp = select_image(
-                self.selector,
-                stage=stage,
-                image=img,
-                features=hidden[img.sample, rows],
-                k=k,
-                signals=view_signals,
-                original_index=orig,
-            )
-            kept_rows = rows[kp.keep_idx]
+            pruned.append(i)
+            rows_of[i] = rows
+            requests.append(SelectRequest(image=img, features=hidden[img.sample, rows], k=k, signals=view_signals,
+                                          original_index=orig))  # fmt: skip
+        plans = select_images(self.selector, stage=stage, requests=requests)
+        for i, kp in zip(pruned, plans, strict=True):
+            img = fw.images[i]
+            kept_rows = rows_of[i][kp.keep_idx]
             keep[img.sample, kept_rows] = True
             if kp.new_feats is not None:
                 replaced = hidden.clone() if replaced is None else replaced

@@ -13,7 +13,7 @@ from ..errors import UnsupportedInputError
 from ..models.base import ModelAdapter
 from . import signals as sig
 from .plan import HookPlan
-from .select import Selector, select_image
+from .select import Selector, SelectRequest, select_images
 from .sequence import compact_rows, copy_rank
 from .state import ForwardState, push_group
 from .vision import VisionCapture
@@ -56,21 +56,28 @@ def prune_before_llm(
     new_feats: list[torch.Tensor] = []
     sources: list[torch.Tensor | None] = []  # per image: candidate behind each output token, −1 inserted
     orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image -> (default, plan) token orders
-    for i, img in enumerate(fw.images):
-        rows = (group.vis_image[img.sample] == i).nonzero().flatten()
-        k = img.counts[0]
-        if k >= img.n:
-            keep[img.sample, rows] = True
-            new_feats.append(feats[i])
-            sources.append(None)
-            continue
+    rows_of = [(group.vis_image[img.sample] == i).nonzero().flatten() for i, img in enumerate(fw.images)]
+    pruned = [i for i, img in enumerate(fw.images) if img.counts[0] < img.n]
+    requests = []
+    for i in pruned:
+        img = fw.images[i]
         if img.cand is not None:  # structural rows (e.g. newlines) go with the pruned image
             keep[img.sample, img.span[~img.cand]] = False
         visual = feats[i] if img.cand is None else feats[i][img.cand]
         signals = dict(img.signals)
         if "visual_embeddings" in plan.text_wanted:
             signals["visual_embeddings"] = visual.float()
-        kp = select_image(selector, stage=0, image=img, features=visual, k=k, signals=signals, project=project)
+        requests.append(SelectRequest(image=img, features=visual, k=img.counts[0], signals=signals, project=project))
+    plans = dict(zip(pruned, select_images(selector, stage=0, requests=requests), strict=True))
+    visuals = {i: r.features for i, r in zip(pruned, requests, strict=True)}
+    for i, img in enumerate(fw.images):
+        rows = rows_of[i]
+        if i not in plans:
+            keep[img.sample, rows] = True
+            new_feats.append(feats[i])
+            sources.append(None)
+            continue
+        kp, visual = plans[i], visuals[i]
         keep[img.sample, rows[kp.keep_idx]] = True
         tokens = kp.new_feats.to(visual.dtype) if kp.new_feats is not None else visual[kp.keep_idx]
         default = None

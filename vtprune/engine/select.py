@@ -1,8 +1,9 @@
 """The per-image selection step, shared by the `vision`/`pre_llm` path and the `llm:k` path.
 
-`select_image` builds the method's `ImageTokens` view of one image, calls `method.select` (timed, a
-`SelectCall` on the image), checks the returned `KeepPlan` against the contract (`check_plan`), notes which kept
-tokens carry merged features and records the kept original indices on the image.
+`select_images` builds the method's `ImageTokens` view of each image a stage prunes, calls
+`method.select_batch` once for them (timed; each image gets a `SelectCall` with its share of the time), checks each
+returned `KeepPlan` against the contract (`check_plan`), notes which kept tokens carry merged features and records
+the kept original indices on the image.
 """
 
 from __future__ import annotations
@@ -27,47 +28,69 @@ class Selector:
     reindex_all: bool  # the position policy is "reindex" alone (a plan's output `order` needs it)
 
 
-def select_image(
-    selector: Selector,
-    *,
-    stage: int,
-    image: ImageState,
-    features: torch.Tensor,
-    k: int,
-    signals: dict[str, torch.Tensor],
-    original_index: torch.Tensor | None = None,
-    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> KeepPlan:
-    """Ask the method for one image's plan at `stage` and record it on `image`.
+@dataclass(frozen=True, kw_only=True)
+class SelectRequest:
+    """One image to prune at a stage.
 
     features (n, D): the image's current candidates (projector outputs before the LLM, hidden states at `llm:k`);
     original_index (n,) int64: each candidate's index among the image's original tokens (None: all n, in order);
-    signals: the view's signals, already per candidate. -> the checked plan (tensors on the features' device);
-    `image.kept[stage]` holds the kept original indices, `image.merged_rows[stage]` those given merged rows."""
-    whole = original_index is None
-    orig = torch.arange(image.n, device=image.coords.device) if whole else original_index
-    view = ImageTokens(
-        features=features,
+    signals: the view's signals, already per candidate."""
+
+    image: ImageState
+    features: torch.Tensor
+    k: int
+    signals: dict[str, torch.Tensor]
+    original_index: torch.Tensor | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _view(req: SelectRequest) -> ImageTokens:
+    image, whole = req.image, req.original_index is None
+    orig = torch.arange(image.n, device=image.coords.device) if whole else req.original_index
+    return ImageTokens(
+        features=req.features,
         coords=image.coords if whole else image.coords[orig],
         crop=image.crop if whole else image.crop[orig],
         grids=image.grids,
         original_index=orig,
-        signals=signals,
+        signals=req.signals,
         seed=image.seed,
         memo=image.memo,
         question=image.question,
         tile=None if image.tile is None else image.tile if whole else image.tile[orig],
-        project=project,
+        project=req.project,
     )
-    call = SelectCall.start(stage, features.device)
-    plan = selector.method.select(stage, view, k)
+
+
+def select_images(selector: Selector, *, stage: int, requests: list[SelectRequest]) -> list[KeepPlan]:
+    """Ask the method for the plans of all images pruned at `stage` (one timed `select_batch` call) and record
+    each on its image. -> the checked plans, in order (tensors on each image's features' device);
+    `image.kept[stage]` holds the kept original indices, `image.merged_rows[stage]` those given merged rows."""
+    if not requests:
+        return []
+    views = [_view(r) for r in requests]
+    call = SelectCall.start(stage, requests[0].features.device)
+    plans = selector.method.select_batch(stage, views, [r.k for r in requests])
     call.stop()
+    if not isinstance(plans, list) or len(plans) != len(requests):
+        got = len(plans) if isinstance(plans, list) else type(plans).__name__
+        raise VtpruneError(f"{selector.method.name}: select_batch returned {got} plans for {len(requests)} images")
+    calls = call.split(len(requests)) if len(requests) > 1 else [call]
+    return [
+        _record(selector, stage, req, view, plan, c)
+        for req, view, plan, c in zip(requests, views, plans, calls, strict=True)
+    ]
+
+
+def _record(selector: Selector, stage: int, req: SelectRequest, view: ImageTokens, plan: KeepPlan,
+            call: SelectCall) -> KeepPlan:
+    image = req.image
     image.selections.append(call)
-    plan = check_plan(selector, stage=stage, view=view, k=k, plan=plan)
+    plan = check_plan(selector, stage=stage, view=view, k=req.k, plan=plan)
     if plan.new_feats is not None:  # which kept tokens carry merged features (the record's `merged_idx`)
         differs = (plan.new_feats != view.features[plan.keep_idx].to(plan.new_feats.dtype)).any(-1)
         image.merged_rows[stage] = view.original_index[plan.keep_idx][differs]
-    kept = orig[plan.keep_idx]
+    kept = view.original_index[plan.keep_idx]
     image.kept[stage] = kept.detach().to("cpu", torch.long).sort().values  # rows may be in a reference order
     if plan.n_inserted:
         image.inserted[stage] = plan.n_inserted

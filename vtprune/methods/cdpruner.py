@@ -146,6 +146,49 @@ def greedy_map(kernel: torch.Tensor, k: int, r: torch.Tensor) -> tuple[torch.Ten
     return picks, gains, t_fill
 
 
+def greedy_map_batched(feats: list[torch.Tensor], rs: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+    """`cdpruner_select` for several crops in one greedy loop (padded to the largest n): per crop c, feats
+    (n_c, D), weighted relevance r (n_c,), quota k_c <= n_c -> per crop the sorted kept indices (k_c,)."""
+    dev, n_max, bsz = feats[0].device, max(f.shape[0] for f in feats), len(feats)
+    kernel = torch.zeros(bsz, n_max, n_max, device=dev)  # (C, N, N), zero padding
+    r_pad = torch.zeros(bsz, n_max, device=dev)
+    valid = torch.zeros(bsz, n_max, dtype=torch.bool, device=dev)
+    for c, (f, r) in enumerate(zip(feats, rs, strict=True)):
+        n = f.shape[0]
+        kernel[c, :n, :n] = conditional_kernel(f, r)
+        r_pad[c, :n] = r.float()
+        valid[c, :n] = True
+    kmax = max(ks)
+    cis = torch.zeros(bsz, kmax, n_max, device=dev)
+    d2 = kernel.diagonal(dim1=1, dim2=2).clone()  # (C, N)
+    blocked = ~valid
+    rows = torch.arange(bsz, device=dev)
+    picks = torch.empty(bsz, kmax, dtype=torch.long, device=dev)
+    gains = torch.empty(bsz, kmax, device=dev)
+    for t in range(kmax):
+        j = d2.masked_fill(blocked, float("-inf")).argmax(1)  # (C,) first maximum: ties to the lower index
+        dj = d2[rows, j]
+        picks[:, t], gains[:, t] = j, dj
+        row = kernel[rows, j] - torch.einsum("ct,ctn->cn", cis[rows, :t, j], cis[:, :t])  # (C, N)
+        e = row / dj.clamp(min=EPS_D2).sqrt()[:, None]
+        cis[:, t] = e
+        d2 = d2 - e * e
+        blocked[rows, j] = True
+    in_k = torch.arange(kmax, device=dev)[None] < torch.tensor(ks, device=dev)[:, None]
+    bad = ((gains <= EPS_D2) | gains.isnan()) & in_k
+    out = []
+    for c, (k, exhausted) in enumerate(zip(ks, bad.any(1).tolist(), strict=True)):
+        p = picks[c, :k]
+        if exhausted:  # the fill rule where the crop's span was exhausted (rare)
+            t_fill = int(bad[c].int().argmax())
+            free = valid[c].clone()
+            free[p[:t_fill]] = False
+            order = torch.sort(r_pad[c].masked_fill(~free, float("-inf")), descending=True, stable=True).indices
+            p = torch.cat([p[:t_fill], order[: k - t_fill]])
+        out.append(p.sort().values)
+    return out
+
+
 def cdpruner_select(feats: torch.Tensor, r: torch.Tensor, k: int) -> torch.Tensor:
     """One crop: sorted indices of the k kept tokens.  feats (n, D), r (n,) weighted relevance -> (k,)."""
     picks, _, _ = greedy_map(conditional_kernel(feats, r), k, r)
@@ -283,22 +326,43 @@ class CDPruner(PruningMethod):
             raise VtpruneError("cdpruner relevance='clip' got no question text (signal 'question_text')")
         return self.clip.relevance(image.signals["vision_features"], image.question)
 
-    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
+    #: the batched loop on CPU too (tests); by default only accelerators batch (per-crop loops launch-bound)
+    batch_on_cpu: bool = False
+
+    def _crops(self, image: ImageTokens, k: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Per vision view with a non-zero quota: (candidate indices, weighted relevance r, quota)."""
         if self.config.preset == "reference" and len(image.grids) > 1:
             raise VtpruneError(
                 "cdpruner preset='reference' cannot reproduce the reference's multi-crop (LLaVA-NeXT) behaviour "
                 "(per-tile picks over padded positions, every newline kept on top of the budget): vtprune's "
                 "candidates are valid positions only and pre-LLM stages drop newlines; use preset='default'"
             )
+        q = self.raw_relevance(image)
+        members = image.view_members()  # per vision view: LLaVA-NeXT base view and each tile
+        quotas = largest_remainder_split(k, [len(m) for m in members])
+        crops = []
+        for idx, quota in zip(members, quotas, strict=True):
+            if quota == 0:
+                continue
+            r = minmax_relevance(q[idx]) if q is not None else torch.ones(len(idx), device=idx.device)
+            crops.append((idx, theta_weight(r, self.config.theta), quota))
+        return crops
+
+    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
         with torch.no_grad():
-            q = self.raw_relevance(image)
-            members = image.view_members()  # per vision view: LLaVA-NeXT base view and each tile
-            quotas = largest_remainder_split(k, [len(m) for m in members])
-            keep = []
-            for idx, quota in zip(members, quotas, strict=True):
-                if quota == 0:
-                    continue
-                r = minmax_relevance(q[idx]) if q is not None else torch.ones(len(idx), device=idx.device)
-                r = theta_weight(r, self.config.theta)
-                keep.append(idx[cdpruner_select(image.features[idx], r, quota)])
+            keep = [idx[cdpruner_select(image.features[idx], r, quota)] for idx, r, quota in self._crops(image, k)]
             return KeepPlan(torch.cat(keep).sort().values)
+
+    def select_batch(self, stage_index: int, images: list[ImageTokens], ks: list[int]) -> list[KeepPlan]:
+        """Every crop of every image in one greedy loop on accelerators (`greedy_map_batched`)."""
+        if len(images) < 2 or (images[0].features.device.type == "cpu" and not self.batch_on_cpu):
+            return super().select_batch(stage_index, images, ks)
+        with torch.no_grad():
+            crops = [(b, idx, r, quota) for b, (im, k) in enumerate(zip(images, ks, strict=True))
+                     for idx, r, quota in self._crops(im, k)]  # fmt: skip
+            kept = greedy_map_batched([images[b].features[idx] for b, idx, _, _ in crops], [c[2] for c in crops],
+                                      [c[3] for c in crops])  # fmt: skip
+            per_image: list[list[torch.Tensor]] = [[] for _ in images]
+            for (b, idx, _, _), sel in zip(crops, kept, strict=True):
+                per_image[b].append(idx[sel])
+            return [KeepPlan(torch.cat(keep).sort().values) for keep in per_image]

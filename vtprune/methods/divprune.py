@@ -76,6 +76,32 @@ def divprune_order(feats: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return order, achieved
 
 
+def divprune_order_batched(feats: list[torch.Tensor], ks: list[int]) -> list[torch.Tensor]:
+    """`divprune_order`'s picks for several images in one greedy loop (padded to the largest n).
+
+    feats: per image (n_b, D) on one device; ks: picks per image -> per image the picks (k_b,) in pick order.
+    Distances in one `bmm` (B, N, N); padding rows never count as a nearest neighbour and are never picked."""
+    dev, n_max, bsz = feats[0].device, max(f.shape[0] for f in feats), len(feats)
+    v = torch.zeros(bsz, n_max, feats[0].shape[1], device=dev)  # (B, N, D) unit rows, zero padding
+    valid = torch.zeros(bsz, n_max, dtype=torch.bool, device=dev)
+    for b, f in enumerate(feats):
+        v[b, : f.shape[0]] = F.normalize(f.float(), dim=1)
+        valid[b, : f.shape[0]] = True
+    dist = torch.bmm(v, v.transpose(1, 2)).neg_().add_(1.0)  # (B, N, N)
+    far = dist.masked_fill(~valid[:, :, None], float("inf"))  # padding rows are nobody's neighbour
+    score = far.topk(min(2, n_max), dim=1, largest=False).values[:, -1]  # (B, N) second-smallest per column
+    score = torch.where(valid.sum(1, keepdim=True) > 1, score, torch.zeros_like(score))
+    blocked = ~valid
+    rows = torch.arange(bsz, device=dev)
+    order = torch.empty(bsz, max(ks), dtype=torch.long, device=dev)
+    for t in range(max(ks)):
+        j = score.masked_fill(blocked, float("-inf")).argmax(1)  # (B,) first maximum: ties to the lower index
+        order[:, t] = j
+        blocked[rows, j] = True
+        score = dist[rows, j] if t == 0 else torch.minimum(score, dist[rows, j])
+    return [order[b, :k] for b, k in enumerate(ks)]
+
+
 @register
 class DivPrune(PruningMethod):
     """Max–min diversity selection on the projector outputs, before the LLM."""
@@ -99,6 +125,16 @@ class DivPrune(PruningMethod):
             return [min(n, max(1, math.floor(self.config.r * n + 0.5)))]
         return [min(budget, n)]
 
+    #: the batched loop on CPU too (tests); by default only accelerators batch (per-image loops launch-bound)
+    batch_on_cpu: bool = False
+
     def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
         order, _ = divprune_order(image.features, k)
         return KeepPlan(order.sort().values)
+
+    def select_batch(self, stage_index: int, images: list[ImageTokens], ks: list[int]) -> list[KeepPlan]:
+        """All images of a forward in one greedy loop on accelerators (`divprune_order_batched`)."""
+        if len(images) < 2 or (images[0].features.device.type == "cpu" and not self.batch_on_cpu):
+            return super().select_batch(stage_index, images, ks)
+        orders = divprune_order_batched([im.features for im in images], ks)
+        return [KeepPlan(o.sort().values) for o in orders]

@@ -36,9 +36,10 @@ Default path (measured, d = 4096, one CPU thread, niced, next to a busy core; ms
 |---|---|---|---|
 | 576, 16 / 64 / 192 | 17 / 44 / 188 | 36 / 79 / 235 | 17 / 52 / 131 |
 | 2880, 16 / 64 / 192 | 173 / 309 / 1211 | 342 / 789 / 2427 | 133 / 450 / 1518 |
-The method contract hands one image per `select`, so the batched loop runs with B = 1 and is 1.3–2.6× slower
-than `residual_greedy_gram` at every size: the CPU default stays `residual_greedy_gram` (accelerators:
-`residual_greedy_blocked`); all three give identical keep sets (tests/test_resprune_nouns.py).
+With B = 1 the batched loop is 1.3–2.6× slower than `residual_greedy_gram` at every size, so on CPU every
+image runs `residual_greedy_gram`; on accelerators `select_batch` runs all images of a forward in one batched
+loop (`residual_greedy_blocked` for a single image), where per-image loops are launch-bound (BENCHMARKS.md, GPU).
+All give identical keep sets (tests/test_resprune_nouns.py, tests/test_select_batch.py).
 """
 
 from __future__ import annotations
@@ -391,9 +392,13 @@ class ResPrune(PruningMethod):
         # question_text: the method records which nouns (and which extractor) conditioned the selection
         return frozenset({"noun_embeddings", "question_text"}) if self.config.alpha != 0 else frozenset()
 
-    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
+    #: the batched loop on CPU too (tests); by default only accelerators batch, where per-image loops are
+    #: launch-bound (on CPU the per-image Gram path is faster, module docstring)
+    batch_on_cpu: bool = False
+
+    def _relevance(self, image: ImageTokens) -> torch.Tensor:
+        """Step A for one image, recording the nouns in its memo.  -> w (N,)."""
         c = self.config
-        V = image.features
         if c.alpha != 0:
             # the engine embedded `question_nouns(image.question)`; the same cached call names them here
             found = extract_nouns(image.question or "")
@@ -402,9 +407,32 @@ class ResPrune(PruningMethod):
             }
         else:
             image.memo["record"] = {"noun_extractor": None, "nouns": []}
-        w = text_relevance(V, image.signals.get("noun_embeddings"), c.alpha, c.relevance_floor)
+        return text_relevance(image.features, image.signals.get("noun_embeddings"), c.alpha, c.relevance_floor)
+
+    def select(self, stage_index: int, image: ImageTokens, k: int) -> KeepPlan:
+        c = self.config
+        V = image.features
+        w = self._relevance(image)
         # same picks as `residual_greedy`: Gram columns on demand on CPU (memory-bound mat-vecs avoided),
         # delayed deflation without host syncs on accelerators
         fast = residual_greedy_gram if V.device.type == "cpu" else residual_greedy_blocked
         keep, _ = fast(V, w, k, c.rank_tol, c.refresh)
         return KeepPlan(keep)
+
+    def select_batch(self, stage_index: int, images: list[ImageTokens], ks: list[int]) -> list[KeepPlan]:
+        """All images of a forward in one `residual_greedy_batched` loop (padded to the largest N) on
+        accelerators: one loop of max K steps instead of one per image. Same picks as `select` per image."""
+        dev = images[0].features.device if images else torch.device("cpu")
+        if len(images) < 2 or (dev.type == "cpu" and not self.batch_on_cpu):
+            return super().select_batch(stage_index, images, ks)
+        c = self.config
+        ns = [im.n for im in images]
+        V = torch.zeros(len(images), max(ns), images[0].features.shape[1], device=dev)  # (B, N_max, d) fp32
+        w = torch.zeros(len(images), max(ns), device=dev)
+        valid = torch.zeros(len(images), max(ns), dtype=torch.bool, device=dev)
+        for b, im in enumerate(images):
+            V[b, : ns[b]] = im.features.float()
+            w[b, : ns[b]] = self._relevance(im).to(dev, torch.float32)
+            valid[b, : ns[b]] = True
+        keep, _ = residual_greedy_batched(V, w, valid, ks, c.rank_tol, c.refresh)
+        return [KeepPlan(keep[b, :k]) for b, k in enumerate(ks)]

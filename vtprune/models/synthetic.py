@@ -103,8 +103,10 @@ def llava_next_inputs(model, prompts: list[tuple[list[int], list[int]]], sizes: 
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randn(len(sizes), max(tiles), 3, s, s, generator=gen)
     image_sizes = torch.tensor(sizes)
+    device = next(model.parameters()).device  # the features are counted on the model's device; inputs stay on CPU
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixels, image_sizes=image_sizes).pooler_output
+        feats = model.model.get_image_features(pixel_values=pixels.to(device), image_sizes=image_sizes.to(device))
+        feats = feats.pooler_output
     rows = [pre + [cfg.image_token_id] * int(f.shape[0]) + post for (pre, post), f in zip(prompts, feats, strict=True)]
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
