@@ -20,7 +20,7 @@ from .decode import step_group
 from .llm_signals import LayerInput, llm_signals
 from .plan import HookPlan
 from .select import Selector, SelectRequest, select_images
-from .sequence import compact_rows, gather_rows
+from .sequence import compact_rows, gather_rows, rows_per_image
 from .state import ForwardState, RowGroup, push_group
 
 
@@ -72,8 +72,9 @@ class InLLMPath:
         replaced = None
         orders: dict[int, torch.Tensor] = {}  # image -> its plan's output order (a reference order)
         pruned, rows_of, requests = [], {}, []
+        image_rows = rows_per_image(group.vis_image, len(fw.images))
         for i, img in enumerate(fw.images):
-            rows = (group.vis_image[img.sample] == i).nonzero().flatten()
+            rows = image_rows[i]
             k = img.counts[stage]
             if k >= (img.n if adaptive else rows.numel()):
                 keep[img.sample, rows] = True

@@ -14,7 +14,7 @@ from ..models.base import ModelAdapter
 from . import signals as sig
 from .plan import HookPlan
 from .select import Selector, SelectRequest, select_images
-from .sequence import compact_rows, copy_rank
+from .sequence import compact_rows, copy_rank, rows_per_image
 from .state import ForwardState, push_group
 from .vision import VisionCapture
 
@@ -56,7 +56,7 @@ def prune_before_llm(
     new_feats: list[torch.Tensor] = []
     sources: list[torch.Tensor | None] = []  # per image: candidate behind each output token, −1 inserted
     orders: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image -> (default, plan) token orders
-    rows_of = [(group.vis_image[img.sample] == i).nonzero().flatten() for i, img in enumerate(fw.images)]
+    rows_of = rows_per_image(group.vis_image, len(fw.images))
     pruned = [i for i, img in enumerate(fw.images) if img.counts[0] < img.n]
     requests = []
     for i in pruned:

@@ -37,6 +37,7 @@ def find_images(
         refined = ad.begin_prefill(input_ids, mask2d, positions, split, kwargs)
         split = split if refined is None else refined
     index = 0
+    ids_host, mask_host = input_ids.cpu(), mask2d.bool().cpu()  # one copy each for every sample's seed
     for b, spans in enumerate(split):
         cands = [ad.candidate_mask(index + j, int(r.numel())) for j, r in enumerate(spans)]
         index += len(spans)
@@ -46,7 +47,7 @@ def find_images(
         if not sizes:
             continue
         budgets = image_budgets(budget.tokens_for(sum(sizes)), sizes, b)  # >= 1 token per image
-        sample_seed = hash(tuple(input_ids[b][mask2d[b].bool()].tolist()))
+        sample_seed = hash(tuple(ids_host[b][mask_host[b]].tolist()))
         offset = 0
         for j, (rows, n, k) in enumerate(zip(per_image, sizes, budgets, strict=True)):
             if k >= n or not n_stages:

@@ -76,44 +76,62 @@ def select_images(selector: Selector, *, stage: int, requests: list[SelectReques
         got = len(plans) if isinstance(plans, list) else type(plans).__name__
         raise VtpruneError(f"{selector.method.name}: select_batch returned {got} plans for {len(requests)} images")
     calls = call.split(len(requests)) if len(requests) > 1 else [call]
-    return [
+    name = selector.method.name
+    # the data checks of every plan in one host read (a read per plan stalls an accelerator's queue per image)
+    device = requests[0].features.device
+    flags = [check_plan_shape(selector, view=v, k=r.k, plan=p).to(device)
+             for r, v, p in zip(requests, views, plans, strict=True)]  # fmt: skip
+    bad = torch.stack(flags)
+    if bool(bad.any()):
+        view = views[int(bad.int().argmax())]
+        raise VtpruneError(f"{name}: keep_idx must be sorted, unique and within [0, {view.n})")
+    plans = [check_plan(selector, stage=stage, view=v, plan=p) for v, p in zip(views, plans, strict=True)]
+    for req, view, plan, c in zip(requests, views, plans, calls, strict=True):
         _record(selector, stage, req, view, plan, c)
-        for req, view, plan, c in zip(requests, views, plans, calls, strict=True)
-    ]
+    # the kept original indices of every image in one copy to the host (rows may be in a reference order)
+    kept = [view.original_index[plan.keep_idx].detach() for view, plan in zip(views, plans, strict=True)]
+    on_host = torch.cat([k.to(kept[0].device, torch.long) for k in kept]).to("cpu")
+    for req, part in zip(requests, on_host.split([k.numel() for k in kept]), strict=True):
+        req.image.kept[stage] = part.sort().values
+    return plans
 
 
 def _record(selector: Selector, stage: int, req: SelectRequest, view: ImageTokens, plan: KeepPlan,
-            call: SelectCall) -> KeepPlan:
+            call: SelectCall) -> None:
     image = req.image
     image.selections.append(call)
-    plan = check_plan(selector, stage=stage, view=view, k=req.k, plan=plan)
     if plan.new_feats is not None:  # which kept tokens carry merged features (the record's `merged_idx`)
         differs = (plan.new_feats != view.features[plan.keep_idx].to(plan.new_feats.dtype)).any(-1)
         image.merged_rows[stage] = view.original_index[plan.keep_idx][differs]
-    kept = view.original_index[plan.keep_idx]
-    image.kept[stage] = kept.detach().to("cpu", torch.long).sort().values  # rows may be in a reference order
     if plan.n_inserted:
         image.inserted[stage] = plan.n_inserted
     if selector.method.merges:
         image.merged.add(stage)
-    return plan
 
 
-def check_plan(selector: Selector, *, stage: int, view: ImageTokens, k: int, plan: KeepPlan) -> KeepPlan:
-    """Refuse a plan that breaks the contract (`KeepPlan`); moves its index tensors to the features' device."""
+def check_plan_shape(selector: Selector, *, view: ImageTokens, k: int, plan: KeepPlan) -> torch.Tensor:
+    """Refuse a plan whose keep_idx / new_feats have the wrong type or count (no host read); -> a 0-d bool tensor,
+    True when keep_idx is not sorted, unique and within [0, n) (read by the caller, once for all plans)."""
     name = selector.method.name
     idx = plan.keep_idx
-    n = view.n
-    if idx.dim() != 1 or idx.dtype != torch.long:
+    if not torch.is_tensor(idx) or idx.dim() != 1 or idx.dtype != torch.long:
         raise VtpruneError(f"{name}: keep_idx must be a 1-D int64 tensor")
-    if idx.numel() and (idx[0] < 0 or idx[-1] >= n or (idx[1:] <= idx[:-1]).any()):
-        raise VtpruneError(f"{name}: keep_idx must be sorted, unique and within [0, {n})")
     extra = plan.n_inserted
     if selector.method.exact_count and idx.numel() + extra != k:
         more = f" + {extra} inserted" if extra else ""
         raise VtpruneError(f"{name}: returned {idx.numel()}{more} tokens, scheduled {k}")
     if plan.new_feats is not None and plan.new_feats.shape[0] != idx.numel():
         raise VtpruneError(f"{name}: new_feats has {plan.new_feats.shape[0]} rows for {idx.numel()}")
+    if not idx.numel():
+        return torch.zeros((), dtype=torch.bool, device=idx.device)
+    return (idx[0] < 0) | (idx[-1] >= view.n) | (idx[1:] <= idx[:-1]).any()
+
+
+def check_plan(selector: Selector, *, stage: int, view: ImageTokens, plan: KeepPlan) -> KeepPlan:
+    """After `check_plan_shape`: moves the plan's index tensors to the features' device and refuses inserted
+    tokens or an output order that break the contract (`KeepPlan`)."""
+    name = selector.method.name
+    idx, n, extra = plan.keep_idx, view.n, plan.n_inserted
     device = view.features.device
     plan.keep_idx = idx.to(device)
     if plan.inserted is not None:

@@ -64,3 +64,14 @@ def step_positions(start: torch.Tensor, q: int, rows: int | None) -> torch.Tenso
     """Ids of q new tokens from per-sample `start` (B,): (B, q), or (rows, B, q) for M-RoPE."""
     pos = start[:, None] + torch.arange(q, device=start.device)[None]
     return pos if rows is None else pos[None].expand(rows, -1, -1).contiguous()
+
+
+def rows_per_image(vis_image: torch.Tensor, n_images: int) -> list[torch.Tensor]:
+    """The rows of each image in its sample, ascending, with two host reads for the whole batch.
+
+    vis_image (B, L) int64: the image index of each row, −1 for text and padding -> per image i < n_images, (n_i,)
+    int64 row indices (an image's rows all lie in one sample's row)."""
+    at = (vis_image >= 0).nonzero()  # (R, 2) (sample, row), row-major: rows ascending within each sample
+    ids = vis_image[at[:, 0], at[:, 1]]
+    rows = at[torch.sort(ids, stable=True).indices, 1]
+    return list(rows.split(torch.bincount(ids, minlength=n_images)[:n_images].tolist()))
