@@ -8,8 +8,9 @@ import sys
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `testbed` command (sub-commands export, train, grow, score) to a subparsers object whose parser class is
-    `vtprune.cli.Parser`: its arguments are added when it is first used (their defaults import the testbed)."""
+    """Add the `testbed` command (sub-commands export, train, chain, measure, grow, score) to a subparsers object
+    whose parser class is `vtprune.cli.Parser`: its arguments are added when it is first used (their defaults
+    import the testbed)."""
     from vtprune.commands.common import add_lazy_parser
 
     return add_lazy_parser(subparsers, "testbed", _arguments, help="built-in offline benchmark (shapes-llava)")
@@ -113,6 +114,22 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tiny", action="store_true", help="tiny model (smoke tests)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(testbed_func=_train)
+
+    c = sub.add_parser("chain", help="the v3 training chain in one resumable command (small decoder, tower, grow, "
+                                     "32 layers): about 3 h on one CPU thread")
+    c.add_argument("--out", required=True, help="chain directory (re-run the same command to resume)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--time-scale", type=float, default=1.0,
+                   help="multiplies every phase's Stage-B time limit (e.g. 0.5 on a machine twice as fast)")
+    c.add_argument("--vision-init", default="",
+                   help="a model whose vision tower replaces Stage A (e.g. benchmarks/checkpoints/shapes-v3-wip)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--threads", type=positive_int, default=1)
+    c.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)")
+    c.add_argument("--tiny", action="store_true", help="tiny model, a few steps per phase (smoke tests)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(testbed_func=_chain)
 
     m = sub.add_parser("measure", help="seconds per training step of each stage on this machine")
     m.add_argument("--preset", choices=("v2", "v3"), default="v3")
@@ -223,6 +240,21 @@ def _train(args: argparse.Namespace) -> int:
         train_parallel(args.out, cfg, device=args.device)
     else:
         train(args.out, cfg, device=args.device, progress=not args.no_progress)
+    return 0
+
+
+def _chain(args: argparse.Namespace) -> int:
+    from vtprune.commands.common import UsageError, check_model
+    from vtprune.testbed.chain_v3 import run_chain
+
+    if args.vision_init:
+        check_model(args.vision_init)
+    if not args.time_scale > 0:
+        raise UsageError(f"--time-scale must be > 0, got {args.time_scale}")
+    final = run_chain(args.out, seed=args.seed, time_scale=args.time_scale, tiny=args.tiny, threads=args.threads,
+                      bf16=_bf16(args.precision, args.device), device=args.device, vision_init=args.vision_init,
+                      progress=not args.no_progress)  # fmt: skip
+    print(f"chain done: {final}")
     return 0
 
 

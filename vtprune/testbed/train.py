@@ -147,6 +147,10 @@ class TrainConfig:
     # A type listed twice ("100000:count+count+colour+...") is asked about twice as often.
     type_schedule: str = ""
     training_types: str = "side"  # "+"-joined training-only question types asked with the scored ones
+    # Stage B hands over its final state (`out/model` written once when Stage B ends, by its step count or its time
+    # limit, which then also ends the run) instead of the best model on the watched set (`v3_chain`'s phases: with 30
+    # questions per type the watched set picks noise, docs/testbed.md "seventh session")
+    export_final: bool = False
     cls_steps: int = 100  # Stage C: Adam steps on the [CLS] embedding's attention (0 = skip; cls_saliency.py)
     cls_lr: float = 0.05
     data: str = "shapes-v2"  # benchmark version the run reads (datasets.py): "shapes-v2" or "shapes-v3"
@@ -635,7 +639,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             why = str(err)[:200]
             raise cpt.CheckpointError(f"{folder}: state does not fit this run ({why}); {fresh_hint}") from None
         serial = int(folder.name.split("-")[1])
-        if st["stage"] == "done" and st["step"] < cfg.steps_b and not st.get("target_reached"):
+        ended = st.get("target_reached") or (cfg.export_final and st.get("time_up"))
+        if st["stage"] == "done" and st["step"] < cfg.steps_b and not ended:
             st["stage"] = "B"  # resumed with a longer Stage B
             st["cls_done"] = False  # a new best export needs Stage C again
         log(f"resumed: stage {st['stage']} step {st['step']}")
@@ -876,8 +881,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 key = (min(res["per_type"].values()), res["accuracy"])
                 if st["best"] is None or key >= tuple(st["best"]["key"]):
                     st["best"] = {"key": list(key), "step": st["step"], **rec}
-                    export(model, processor, out / "model")
-                    log(f"exported best model at step {st['step']}")
+                    if not cfg.export_final:
+                        export(model, processor, out / "model")
+                        log(f"exported best model at step {st['step']}")
                 if key[0] >= cfg.target_min_type:
                     log("target reached on the eval set; stopping Stage B")
                     st["stage"], st["target_reached"] = "done", True
@@ -889,8 +895,13 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 save()
             if over_time:
                 log("Stage B time limit reached")
+                st["time_up"] = True
                 break
-    st["stage"] = "done" if st["step"] >= cfg.steps_b else st["stage"]
+    st["stage"] = "done" if st["step"] >= cfg.steps_b or (cfg.export_final and st.get("time_up")) else st["stage"]
+    if cfg.export_final and st["stage"] == "done" and rank == 0 and not st.get("final_exported"):
+        export(model, processor, out / "model")
+        st["final_exported"] = True
+        log(f"exported the final model at step {st['step']}")
     save()
     if rank != 0:  # Stage C and the summary belong to rank 0 (the other processes' weights are the same)
         return model

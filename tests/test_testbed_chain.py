@@ -1,0 +1,80 @@
+"""`vtprune testbed chain`: the v3 training chain in one resumable command (tiny sizes, a few steps per phase)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vtprune import checkpointing as cpt
+from vtprune.testbed.builtin import resolve_model
+from vtprune.testbed.chain_v3 import PHASE_SECONDS, phases, run_chain
+from vtprune.testbed.train import train
+
+
+def _config(folder) -> dict:
+    return json.loads((folder / "train_config.json").read_text())
+
+
+def test_chain_runs_every_phase_hands_over_and_resumes(tmp_path):
+    logs: list[str] = []
+    final = run_chain(tmp_path, tiny=True, progress=False, log=logs.append)
+    assert final == tmp_path / "deep" / "model"
+    for name in ("small", "tower", "grown", "deep"):
+        assert (tmp_path / name / "PHASE_DONE").exists()
+    small, tower, deep = (_config(tmp_path / n) for n in ("small", "tower", "deep"))
+    assert small["export_final"] and small["steps_a"] > 0 and small["tower_lr_b"] == 0
+    assert tower["init"] == str(tmp_path / "small" / "model") and tower["tower_lr_b"] > 0
+    assert tower["feature_cache"] == 0 and tower["steps_a"] == 0 and tower["column_code_scale"] == 0
+    assert deep["init"] == str(tmp_path / "grown") and deep["tower_lr_b"] == 0
+    assert (deep["size"]["text_layers"], small["size"]["text_layers"]) == (2, 1)
+    assert resolve_model(str(final))[0].config.text_config.num_hidden_layers == 2
+
+    again: list[str] = []
+    assert run_chain(tmp_path, tiny=True, progress=False, log=again.append) == final
+    assert again == [f"chain: {n} done" for n in ("small", "tower", "grown", "deep")]
+
+
+def test_grown_phase_computes_the_tower_phase_function(tmp_path):
+    run_chain(tmp_path, tiny=True, progress=False, log=lambda m: None)
+    tower, _ = resolve_model(str(tmp_path / "tower" / "model"))
+    grown, _ = resolve_model(str(tmp_path / "grown"))
+    assert grown.config.text_config.num_hidden_layers == 2 * tower.config.text_config.num_hidden_layers
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        a = tower(input_ids=ids).logits
+        b = grown(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_vision_init_replaces_stage_a_and_time_scale_scales_the_limits(tmp_path):
+    small = phases(vision_init="/some/tower", time_scale=0.5)[0].config("")
+    assert small.steps_a == 0 and small.vision_init == "/some/tower"
+    assert small.time_limit_b == PHASE_SECONDS["small"] * 0.5 and small.size.text_layers == 4
+    tower = phases()[1].config("/prev/model")
+    deep = phases()[3].config("/prev/grown")
+    assert (tower.size.text_layers, tower.fetch_layer, deep.size.text_layers, deep.fetch_layer) == (4, 2, 32, 16)
+
+
+def test_export_final_hands_over_the_last_state_and_a_time_limit_ends_the_run(tmp_path):
+    cfg = replace(phases(tiny=True)[0].config(""), steps_b=50, time_limit_b=1e-9, eval_every=1000)
+    train(tmp_path, cfg, progress=False, log=lambda m: None)
+    state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state")
+    assert state["st"]["stage"] == "done" and state["st"]["time_up"] and state["st"]["step"] < 50
+    exported, _ = resolve_model(str(tmp_path / "model"))
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, state["model"][name].to(torch.float16).to(value.dtype)), name  # exported fp16
+    logs: list[str] = []
+    train(tmp_path, cfg, progress=False, log=logs.append)  # a finished phase stays finished
+    assert cpt.load_state(cpt.latest(tmp_path / "state", ""), "state")["st"]["step"] == state["st"]["step"]
+
+
+@pytest.mark.parametrize("bad", ["0", "-1"])
+def test_cli_refuses_a_non_positive_time_scale(tmp_path, bad, capsys):
+    from vtprune.cli import main
+
+    assert main(["testbed", "chain", "--out", str(tmp_path / "c"), "--tiny", "--time-scale", bad]) == 2
+    assert "--time-scale must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
