@@ -368,7 +368,8 @@ class PruningMethod(ABC):
         """Choose `k` of `image.n` candidates (k < n is guaranteed)."""
 
     def select_batch(self, stage_index: int, images: list[ImageTokens], ks: list[int]) -> list[KeepPlan]:
-        """Plans for several images of one forward at the same stage (the engine calls this, never `select`).
+        """Plans for several images of one forward at the same stage (the HF engine calls this; the vLLM plugin,
+        which prunes each image as vLLM encodes it, calls `select`).
 
         images / ks: the images the stage prunes (each k < its n) -> one plan per image, in order. The default
         calls `select` per image. A method overrides it only to score the images together (one loop for the
