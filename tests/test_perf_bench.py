@@ -50,11 +50,16 @@ def test_stock_equivalent_runs_each_layer_at_its_length_without_vtprune():
     assert lm.layers is layers and session_of(model) is None
 
 
-def _gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu_bench.py")
+def _script(name: str):
+    """A script of benchmarks/ imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _gpu_bench():
+    return _script("gpu_bench")
 
 
 def test_gpu_script_tiny_mode_runs_every_stage_with_the_stock_column(tmp_path):
@@ -82,13 +87,6 @@ def test_gpu_script_tiny_mode_runs_every_stage_with_the_stock_column(tmp_path):
     assert timed >= 6
     md = (tmp_path / "gpu_bench.md").read_text()
     assert "÷ stock" in md and "tiny:qwen2.5-vl" in md
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_gpu_script_stage_filter_runs_only_the_named_stages(tmp_path):

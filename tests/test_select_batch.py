@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from factories import image_tokens
+from families import family
 from oracles import generate_logits
 
 import vtprune
@@ -80,12 +81,13 @@ def test_cpu_default_is_the_per_image_loop(name, options, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["divprune", "resprune"])
-def test_engine_batch_of_two_equals_each_alone_batched_path(models, batches, name, monkeypatch):
+def test_engine_batch_of_two_equals_each_alone_batched_path(name, monkeypatch):
     """The engine's single select_batch call on a batch of two (accelerator path forced) keeps, per sample, the
     tokens of that sample alone, and each image records half of the call's time."""
     cls = type(build_method(name, {}))
     monkeypatch.setattr(cls, "batch_on_cpu", True)
-    model, inputs = models["sdpa"], batches[2]
+    fam = family("llava")
+    model, inputs = fam.models["sdpa"], fam.batches[2]
     options = {"alpha": 0.0} if name == "resprune" else {}
     vtprune.apply(model, name, 64, **options)
     try:
@@ -95,13 +97,7 @@ def test_engine_batch_of_two_equals_each_alone_batched_path(models, batches, nam
         assert [c.share for c in run.selections] == [0.5, 0.5]
         assert run.selections[0].ms == run.selections[1].ms
         for b in range(2):
-            pad = int((inputs["attention_mask"][b] == 0).sum())
-            alone = {
-                "input_ids": inputs["input_ids"][b : b + 1, pad:],
-                "attention_mask": inputs["attention_mask"][b : b + 1, pad:],
-                "pixel_values": inputs["pixel_values"][b : b + 1],
-            }
-            t1, l1 = generate_logits(model, alone, 2)
+            t1, l1 = generate_logits(model, fam.alone(inputs, b), 2)
             assert torch.equal(vtprune.last_run(model).samples[0].events[-1].keep_idx, kept[b])
             assert [c.share for c in vtprune.last_run(model).selections] == [1.0]
             assert (l1[0] - logits[b]).abs().max() <= 1e-4
