@@ -5,7 +5,7 @@
 #   bash scripts/vllm_env.sh --build    # build only
 #   VTPRUNE_VLLM_VENV=/path bash scripts/vllm_env.sh
 #
-# The main environment is never touched: vLLM pins transformers < 5.20, vtprune's main env uses 5.24.
+# The main environment is never touched: vLLM pins transformers < 5.20, vtprune's main env uses the newest in range (5.25).
 # The venv is rebuilt only when it is missing or its stamp (the pins below) differs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -38,12 +38,14 @@ def test_installed_version_is_in_the_tested_range():
 def test_untested_version_warns_once(monkeypatch):
     monkeypatch.setattr(hf, "VERSION", Version("6.0.0"))
     monkeypatch.setattr(hf, "_warned", False)
-    with pytest.warns(hf.UntestedTransformersWarning, match=r"tested with transformers >=5\.18\.0,<5\.25\.0"):
+    with pytest.warns(hf.UntestedTransformersWarning, match=r"tested with transformers >=5\.18\.0,<5\.26\.0"):
         hf.check_version()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         hf.check_version()  # once only
     assert hf.version_supported(Version("5.24.0.dev0")) is True
+    assert hf.version_supported(Version("5.25.0")) is True
+    assert hf.version_supported(Version("5.26.0")) is False
     assert hf.version_supported(Version("5.17.0")) is False
 
 

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 TESTED_MIN = Version("5.18.0")
-TESTED_BELOW = Version("5.25.0")  # newest tested: 5.24.x
+TESTED_BELOW = Version("5.26.0")  # newest tested: 5.25.x
 TESTED_RANGE = f">={TESTED_MIN},<{TESTED_BELOW}"
 VERSION = Version(transformers.__version__)
 
