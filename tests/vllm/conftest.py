@@ -1,5 +1,6 @@
 """The vLLM plugin tests run only inside the vLLM virtualenv, through `bash scripts/vllm_env.sh`, which sets
-VTPRUNE_VLLM_TESTS=1. The default suite (main environment, the newest transformers in range) does not collect them; inside
+VTPRUNE_VLLM_TESTS=1. The default suite (main environment, the newest transformers in range) does not collect
+them; inside
 the venv a missing or broken vLLM is an error, never a skip."""
 
 import os
