@@ -66,8 +66,7 @@ def _host_reads(model, inputs) -> collections.Counter:
 def test_cut_host_reads_do_not_grow_with_the_batch(method, budget):
     fam = family("llava")
     model, batch = fam.models["sdpa"], fam.batches[2]
-    one = {k: v[:1] for k, v in batch.items()}
-    one["input_ids"], one["attention_mask"] = batch["input_ids"][1:], batch["attention_mask"][1:]  # unpadded row
+    one = fam.alone(batch, 1)
     vtprune.apply(model, method, budget)
     try:
         alone, both = _host_reads(model, one), _host_reads(model, batch)

@@ -58,14 +58,10 @@ def _script(name: str):
     return module
 
 
-def _gpu_bench():
-    return _script("gpu_bench")
-
-
 def test_gpu_script_tiny_mode_runs_every_stage_with_the_stock_column(tmp_path):
     threads = torch.get_num_threads()
     try:
-        data = _gpu_bench().main(["--tiny", "--out", str(tmp_path)])  # sets 1 torch thread, as every CPU bench
+        data = _script("gpu_bench").main(["--tiny", "--out", str(tmp_path)])  # sets 1 torch thread, as every CPU bench
     finally:
         torch.set_num_threads(threads)
     saved = json.loads((tmp_path / "gpu_bench.json").read_text())
@@ -92,7 +88,7 @@ def test_gpu_script_tiny_mode_runs_every_stage_with_the_stock_column(tmp_path):
 def test_gpu_script_stage_filter_runs_only_the_named_stages(tmp_path):
     threads = torch.get_num_threads()
     try:
-        data = _gpu_bench().main(["--tiny", "--out", str(tmp_path), "--stages", "qwen"])
+        data = _script("gpu_bench").main(["--tiny", "--out", str(tmp_path), "--stages", "qwen"])
     finally:
         torch.set_num_threads(threads)
     assert [s["model"] for s in data["stages"]] == ["tiny:qwen2.5-vl"]
