@@ -161,3 +161,18 @@ def test_attention_mass_of_uniform_attention_is_the_objects_share_of_the_patches
     np.testing.assert_allclose(out[("leftof", "A")][first, ..., 0], patches[0] / 576, rtol=1e-4)
     np.testing.assert_allclose(out[("leftof", "B")][first, ..., 0], patches[1] / 576, rtol=1e-4)
     np.testing.assert_allclose(out[("leftof", "A")][first, ..., 1], 576 / length, rtol=1e-4)
+
+
+def test_number_questions_fetch_the_centres_of_their_two_digits(scenes):
+    from vtprune.testbed.scenes_v3 import _number_rects, digit_centres
+
+    s = scenes[0]
+    number = questions_v3.candidates(s, "number")[0]
+    out = data_v3.fetch_targets(s, [number], slots=1)[0]
+    for pos, (cx, cy) in enumerate(digit_centres(s)):
+        half_w, half_h = 0.55 * s.digit_height / 2 + 1e-6, s.digit_height / 2 + 1e-6  # the digit's cell
+        for x0, y0, x1, y1 in (r for p, r in _number_rects(s) if p == pos):  # its drawn segments lie in the cell
+            assert cx - half_w <= x0 <= x1 <= cx + half_w and cy - half_h <= y0 <= y1 <= cy + half_h
+        np.testing.assert_allclose(out[2 * pos: 2 * pos + 2], [2 * cx / IMAGE_SIZE - 1, 2 * cy / IMAGE_SIZE - 1],
+                                   rtol=1e-6)
+    assert out[0] < out[2]  # tens left of units

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,3 +99,91 @@ def test_tower_share_regression_trains_its_head_and_needs_the_tower_to_train(tmp
     assert int(state["opt_tower_share"]["state"][0]["step"]) == 2
     with pytest.raises(ValueError, match="tower_share_weight > 0 .* needs tower_lr_b > 0"):
         _run(tmp_path / "frozen", _cfg(tower_share_weight=1.0))
+
+
+def test_object_centres_decompose_every_count_one_patch_per_object():
+    from vtprune.testbed.questions_v3 import PLURAL, candidates
+    from vtprune.testbed.scenes import COLOURS, SHAPES
+    from vtprune.testbed.scenes_v3 import object_centres
+
+    split = train_split(3)
+    for index in range(6):
+        scene = split.scene(index)
+        centre = object_centres(scene)  # [576, C + S]
+        assert centre.shape == (576, len(COLOURS) + len(SHAPES))
+        # every object counted once in its colour column and once in its shape column
+        assert centre[:, : len(COLOURS)].sum() == centre[:, len(COLOURS):].sum() == len(scene.objects)
+        for q in candidates(scene, "count"):  # "how many red objects are there ?" / "how many circles are there ?"
+            word = q.text.split()[2]
+            shape = {plural: name for name, plural in PLURAL.items()}.get(q.text.split()[2])
+            col = list(COLOURS).index(word) if word in COLOURS else len(COLOURS) + SHAPES.index(shape)
+            assert int(centre[:, col].sum()) == int(q.answer), q.text
+
+
+def test_centre_loss_is_low_only_for_the_right_patches():
+    from vtprune.testbed.count_readout import tower_count_loss
+
+    goal = torch.zeros(1, 576, 10)
+    goal[0, 17, 2] = goal[0, 17, 7] = 1.0  # one object: colour 2, shape 1, centre in patch 17
+    right = torch.where(goal > 0, 16.0, -16.0)
+    wrong = torch.where(goal.roll(1, dims=1) > 0, 16.0, -16.0)  # the same object one patch off
+    loss_right, err_right = tower_count_loss("centre", right, {"centre": goal})
+    loss_wrong, err_wrong = tower_count_loss("centre", wrong, {"centre": goal})
+    assert loss_right < 0.01 < 1.0 < loss_wrong
+    assert err_right < 0.01 and err_wrong < 0.01  # the count is right either way; the loss tells where
+    with pytest.raises(ValueError, match="tower count target 'area' is unknown; accepted: share, centre"):
+        tower_count_loss("area", right, {"centre": goal})
+
+
+def test_tower_centre_target_trains_the_head(tmp_path):
+    from vtprune import checkpointing as cpt
+
+    _run(tmp_path, _cfg(tower_lr_b=1e-3, head_fit_steps=1, tower_share_weight=1.0, tower_count_target="centre"))
+    state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
+    assert int(state["opt_tower_share"]["state"][0]["step"]) == 2
+    with pytest.raises(ValueError, match="tower_count_target 'area' is unknown"):
+        _run(tmp_path / "bad", _cfg(tower_lr_b=1e-3, tower_count_target="area"))
+
+
+def test_digit_place_labels_are_the_digit_with_its_place():
+    from vtprune.testbed.scenes_v3 import patch_labels
+
+    split = train_split(3)
+    for index in range(4):
+        scene = split.scene(index)
+        lab = patch_labels(scene)
+        digit, place = lab["digit"].reshape(-1), lab["place"].reshape(-1)
+        assert np.array_equal(place > 0, digit > 0)
+        assert np.array_equal((place[place > 0] - 1) % 10 + 1, digit[digit > 0])  # the same digit
+        tens, units = (int(c) for c in str(scene.number))
+        cols = np.nonzero(place.reshape(24, 24))[1]
+        tens_cols, unit_cols = cols[place[place > 0] <= 10], cols[place[place > 0] > 10]
+        assert set(place[(place > 0) & (place <= 10)] - 1) <= {tens} and set(place[place > 10] - 11) <= {units}
+        assert len(unit_cols) and len(tens_cols) and tens_cols.min() <= unit_cols.min()  # tens start further left
+
+
+def test_tower_place_target_trains_its_head(tmp_path):
+    from vtprune import checkpointing as cpt
+
+    _run(tmp_path, _cfg(tower_lr_b=1e-3, head_fit_steps=1, tower_place_weight=1.0))
+    state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
+    assert int(state["opt_tower_share"]["state"][2]["step"]) == 2 and state["st"]["place_fitted"]  # [2]: the place head
+    with pytest.raises(ValueError, match="tower_place_weight > 0 .* needs tower_lr_b > 0"):
+        _run(tmp_path / "frozen", _cfg(tower_place_weight=1.0))
+
+
+def test_export_latest_writes_the_newest_state_not_the_best_model(tmp_path):
+    from vtprune import checkpointing as cpt
+    from vtprune.testbed.builtin import resolve_model
+    from vtprune.testbed.train import export_latest
+
+    _run(tmp_path / "run", _cfg(steps_b=3))
+    state = cpt.load_state(cpt.latest(tmp_path / "run" / "state", ""), "state", "cpu")
+    assert export_latest(tmp_path / "run", tmp_path / "latest") == (int(state["st"]["step"]), str(state["st"]["stage"]))
+    model, _ = resolve_model(str(tmp_path / "latest"))
+    for k, v in model.state_dict().items():  # exported in float16
+        assert torch.equal(v.half(), state["model"][k].half()), k
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_latest(tmp_path / "run", tmp_path / "latest")
+    with pytest.raises(FileNotFoundError, match="is not a training run"):
+        export_latest(tmp_path / "latest", tmp_path / "again")

@@ -96,6 +96,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--tower-share-weight", type=float, default=None,
                    help="with --tower-lr: weight of a training-only per-patch regression of each object's pixel share "
                         "on the tower's features (summed over a colour's patches: its count; default 0 = off)")
+    t.add_argument("--tower-count-target", choices=("share", "centre"), default=None,
+                   help="what --tower-share-weight regresses: each object's pixel share per patch (share, the "
+                        "default) or the one patch holding its centre (centre)")
+    t.add_argument("--tower-place-weight", type=float, default=None,
+                   help="with --tower-lr: weight of a training-only per-patch classification of each digit with its "
+                        "place in the number (tens or units) on the tower's features (default 0 = off)")
     t.add_argument("--head-fit-steps", type=int, default=None,
                    help="with --tower-lr and no Stage A in the run: steps fitting Stage A's heads on the frozen "
                         "tower first (default 200)")
@@ -145,6 +151,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="where the trained layers go (spread: evenly; front: first); the rest are zero-output copies")
     g.add_argument("--out", required=True, help="new model directory (must not exist)")
     g.set_defaults(testbed_func=_grow)
+
+    x = sub.add_parser("export-state", help="write a training run's newest state (not its best watched model) as a "
+                                            "model directory, e.g. to score or continue it")
+    x.add_argument("run", help="the run's OUT directory (holds train_config.json and state/)")
+    x.add_argument("--out", required=True, help="new model directory (must not exist)")
+    x.set_defaults(testbed_func=_export_state)
 
     s = sub.add_parser("score", help="accuracy per question type of a model on a testbed set")
     s.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
@@ -221,7 +233,9 @@ def _train(args: argparse.Namespace) -> int:
                       "fetch_layer": args.fetch_layer, "count_weight": args.count_weight,
                       "count_layer": args.count_layer, "tower_lr_b": args.tower_lr,
                       "tower_dense_weight": args.tower_dense_weight, "head_fit_steps": args.head_fit_steps,
-                      "tower_share_weight": args.tower_share_weight})
+                      "tower_share_weight": args.tower_share_weight,
+                      "tower_count_target": args.tower_count_target,
+                      "tower_place_weight": args.tower_place_weight})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -276,6 +290,19 @@ def _measure(args: argparse.Namespace) -> int:
         costs["chain_estimate_h_without_eval_and_cache"] = round(estimate_chain_seconds(costs, cfg) / 3600, 2)
     costs["precision"] = "bf16 autocast" if cfg.bf16 else "fp32"
     print(json.dumps(costs, indent=1))
+    return 0
+
+
+def _export_state(args: argparse.Namespace) -> int:
+    from vtprune.checkpointing import CheckpointError
+    from vtprune.commands.common import UsageError
+    from vtprune.testbed.train import export_latest
+
+    try:
+        step, stage = export_latest(args.run, args.out)
+    except (FileExistsError, FileNotFoundError, CheckpointError) as err:
+        raise UsageError(str(err)) from None
+    print(f"wrote {args.out}: {args.run}'s state at stage {stage} step {step}")
     return 0
 
 

@@ -7,7 +7,8 @@ answer loss gives that fetch almost no gradient, and a fresh or continued decode
 answer's position (the token that predicts the answer), a linear map of the residual stream after decoder layer
 `first_layer` must give the named object's centre, and a linear map of the decoder's output the centres of the
 named and of the second object (a relation's other object, leftof's left neighbour;
-`questions_v3.fetched_objects`). Questions without such objects (exist, count, number) add nothing.
+`questions_v3.fetched_objects`; for a number question its tens and units digit). Questions without such objects
+(exist, count) add nothing.
 The two linear maps are not part of the shipped model, which stays a stock `LlavaForConditionalGeneration`.
 """
 

@@ -4,7 +4,7 @@
 
 1. `small` — `--preset v3` with a 4 × 64 decoder (the k-runs of the fifth to eighth sessions: half the Stage-B step
    cost of 32 layers): Stage A (tower), probe projector init, Stage B (single-question steps, packed questions, the
-   type curriculum, the answer-position read-out after layer 2), hand-over of its final state;
+   type curriculum then `SMALL_TYPES`, the answer-position read-out after layer 2), hand-over of its final state;
 2. `tower` — Stage B again from that model with the vision tower trained end to end (the ninth session's t3:
    decoder and tower lr 3e-4, Stage A's dense loss and the object-share regression on the tower, every scored type
    with leftof / count / number / relation weighted twice, `upper` three times);
@@ -16,7 +16,8 @@ checkpoint `benchmarks/checkpoints/shapes-v3-wip` holds 2,400 Stage-A steps: abo
 writes `DIR/<phase>/` (its own resumable trainer state) and `DIR/<phase>/PHASE_DONE` when finished; the
 last phase's model is `DIR/deep/model` (a stock `LlavaForConditionalGeneration`). Time limits (`PHASE_SECONDS`,
 scaled by `time_scale`) are set so that the chain takes about 3 h on one CPU thread (docs/testbed.md, "tenth
-session", states what it reached); each phase's Stage B ends at its limit and hands over its final state.
+session" and "eleventh session", state what it reached: 0.64, then 0.69 with `SMALL_TYPES` and the digits in the
+read-out, at `--time-scale` 0.6 / 0.75); each phase's Stage B ends at its limit and hands over its final state.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from .train_v3 import V3_TRAINING_TYPES, v3_config
 #: every scored type, the hard ones twice, `upper` three times (ninth session's t3, from k12's list)
 TOWER_TYPES = ("20000:colour+shape+exist+leftof+leftof+count+count+number+number+relation+relation+side"
                "+upper+upper+upper")
+#: the small phase's types: the preset's look-ups first, then k9's weighted list (eighth session: 0.80; number and
+#: count three times, relation three times, leftof and side twice): with number once among the types, chain1's small
+#: phase never started reading numbers (tenth session)
+SMALL_TYPES = ("600:colour+shape,1800:colour+shape+exist,20000:colour+shape+exist+leftof+leftof+count+count+count"
+               "+number+number+number+relation+relation+relation+side+side+upper")
 #: Stage-B seconds per phase on one CPU thread (Stage A, the feature cache and the evaluations come on top)
 PHASE_SECONDS = {"small": 3600.0, "tower": 2400.0, "deep": 1200.0}
 SMALL_LAYERS, DEEP_LAYERS = 4, 32
@@ -69,8 +75,8 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
 
     def small(_: str) -> TrainConfig:
         return replace(base, size=replace(base.size, text_layers=small_layers), fetch_layer=max(1, small_layers // 2),
-                       time_limit_b=limit("small"), export_final=True, cls_steps=0, vision_init=vision_init,
-                       steps_a=0 if vision_init else base.steps_a)  # fmt: skip
+                       type_schedule=SMALL_TYPES, time_limit_b=limit("small"), export_final=True, cls_steps=0,
+                       vision_init=vision_init, steps_a=0 if vision_init else base.steps_a)  # fmt: skip
 
     def continuation(init: str, layers: int) -> TrainConfig:
         """A Stage B continuing `init`: no Stage A, the trained projector and position codes kept, every type."""

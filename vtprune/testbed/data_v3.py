@@ -20,7 +20,15 @@ from .questions_v3 import (
     sample_questions,
 )
 from .scenes import GRID, IMAGE_SIZE
-from .scenes_v3 import _render, informative_patches, key_patches, object_share, patch_labels
+from .scenes_v3 import (
+    _render,
+    digit_centres,
+    informative_patches,
+    key_patches,
+    object_centres,
+    object_share,
+    patch_labels,
+)
 from .splits import Split, train_split
 from .tokenizer import NUM_IMAGE_TOKENS, SPECIAL_TOKENS, TEMPLATE_WORDS
 
@@ -121,12 +129,14 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
     order in which `train.shorten` keeps tokens, and fetch [n, questions_per_image, 4] (`fetch_targets`);
-    `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene) and count
-    [n, questions_per_image] (`count_targets`), the count read-out's targets; `with_dense` adds Stage A's per-patch
-    targets of the same scenes, dense_colour / dense_shape / dense_digit [n, 576] int64 and dense_xy [n, 576, 2]
-    (`dense_batch`'s layout), for a Stage B that trains the tower (`TrainConfig.tower_lr_b`)."""
+    `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
+    (`scenes_v3.object_centres`) and count [n, questions_per_image] (`count_targets`), the count read-outs' targets;
+    `with_dense` adds Stage A's per-patch targets of the same scenes, dense_colour / dense_shape / dense_digit /
+    dense_place [n, 576] int64 and dense_xy [n, 576, 2] (`dense_batch`'s layout), for a Stage B that trains the tower
+    (`TrainConfig.tower_lr_b`)."""
     split = _as_split(split)
-    ids, labs, images, informative, priority, fetch, share, count, dense = [], [], [], [], [], [], [], [], []
+    ids, labs, images, informative, priority, fetch = [], [], [], [], [], []
+    share, centre, count, dense = [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -143,6 +153,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         if with_counts:
             count.append(count_targets(asked, packing.questions_per_image))
             share.append(object_share(scene))
+            centre.append(object_centres(scene))
         ids.append(a)
         labs.append(b)
         image, lab, inf = render_with_targets(scene, with_pixels)
@@ -155,10 +166,11 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     input_ids = torch.tensor(ids)
     out = {"pixel_values": pixels(images)} if with_pixels else {}
     if with_counts:
-        out |= {"share": torch.from_numpy(np.stack(share)), "count": torch.from_numpy(np.stack(count))}
+        out |= {"share": torch.from_numpy(np.stack(share)), "centre": torch.from_numpy(np.stack(centre)),
+                "count": torch.from_numpy(np.stack(count))}
     if with_dense:
         out |= {f"dense_{k}": torch.from_numpy(np.stack([lab[k].reshape(-1) for lab in dense])).long()
-                for k in ("colour", "shape", "digit")}
+                for k in ("colour", "shape", "digit", "place")}
         out["dense_xy"] = _cell_xy().expand(len(dense), -1, -1)
     return {**out, "input_ids": input_ids, "labels": torch.tensor(labs),
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
@@ -169,10 +181,15 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
 
 def fetch_targets(scene, questions: list[Question], slots: int) -> np.ndarray:
     """[slots, 4] float32: per asked question (in order), the centre (x, y) of the object it names and of its second
-    object (`questions_v3.fetched_objects`), scaled to [-1, 1]; NaN where a question has no such object or the slot
-    is unused. The targets of the training-only answer-position read-out (`answer_readout.py`)."""
+    object (`questions_v3.fetched_objects`), for a number question the centres of its tens and units digit
+    (`scenes_v3.digit_centres`), scaled to [-1, 1]; NaN where a question has no such object or the slot is unused.
+    The targets of the training-only answer-position read-out (`answer_readout.py`)."""
     out = np.full((slots, 4), np.nan, np.float32)
     for k, q in enumerate(questions[:slots]):
+        if q.type == "number":  # the two digits' centres: tens, units
+            (tx, ty), (ux, uy) = digit_centres(scene)
+            out[k] = np.asarray([tx, ty, ux, uy], np.float32) * (2 / IMAGE_SIZE) - 1
+            continue
         for m, i in enumerate(fetched_objects(scene, q)):
             if i is not None:
                 o = scene.objects[i]

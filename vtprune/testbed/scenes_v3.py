@@ -254,6 +254,15 @@ def _draw_distractor(draws: list[ImageDraw.ImageDraw], fills: list, o: Distracto
             d.polygon([(o.cx, o.cy - r), (o.cx + r * 0.7, o.cy), (o.cx, o.cy + r), (o.cx - r * 0.7, o.cy)], fill=f)
 
 
+def digit_centres(scene: Scene3) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Pixel centres (x, y) of the framed number's tens and units digit (the layout `_number_rects` draws)."""
+    x0, y0 = scene.box[:2]
+    h = scene.digit_height
+    w = 0.55 * h
+    y = y0 + 3 + h / 2
+    return (x0 + 3 + w / 2, y), (x0 + 3 + w + 0.2 * h + w / 2, y)
+
+
 def _number_rects(scene: Scene3) -> list[tuple[int, tuple[float, float, float, float]]]:
     """(digit position, segment rectangle) of the framed number's seven-segment digits."""
     x0, y0 = scene.box[:2]
@@ -336,7 +345,8 @@ def _object_pixels(cov: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 def patch_labels(scene: Scene3, ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Dense per-patch targets [24, 24] (int64), the same classes as v2: colour / shape index + 1 and digit + 1
-    (0 = none). A patch is labelled with the object covering most of it when that object covers >= 20 % of
+    (0 = none), and place: the digit with its place in the number (1 + digit for the tens, 11 + digit for the units;
+    0 = none). A patch is labelled with the object covering most of it when that object covers >= 20 % of
     the patch or has >= 40 % of its own pixels in it (so an object smaller than a patch labels its patch);
     with the digit whose ink covers most of it when that is >= 6 pixels."""
     ids = id_map(scene) if ids is None else ids
@@ -355,7 +365,9 @@ def patch_labels(scene: Scene3, ids: np.ndarray | None = None) -> dict[str, np.n
     ink = cov[:, DIGIT_ID:DIGIT_ID + 2]  # [576, 2]
     digits = np.asarray([int(c) for c in str(scene.number)])
     digit = np.where(ink.max(1) >= 6, digits[ink.argmax(1)] + 1, 0)
-    return {k: v.reshape(GRID, GRID) for k, v in (("colour", colour), ("shape", shape), ("digit", digit))}
+    place = np.where(digit > 0, 10 * ink.argmax(1) + digit, 0)  # 1..10: a tens digit 0..9, 11..20: a units digit
+    return {k: v.reshape(GRID, GRID) for k, v in (("colour", colour), ("shape", shape), ("digit", digit),
+                                                  ("place", place))}
 
 
 def object_share(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
@@ -373,6 +385,18 @@ def object_share(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
         shape = len(COLOURS) + np.asarray([SHAPES.index(o.shape) for o in scene.objects])
         np.add.at(out.T, colour, share.T.astype(np.float32))
         np.add.at(out.T, shape, share.T.astype(np.float32))
+    return out
+
+
+def object_centres(scene: Scene3) -> np.ndarray:
+    """[576, C + S] float32: 1 at the patch that holds an object's centre, in the column of its colour (first C) and of
+    its shape (last S); summed over the patches, a column is the number of objects of that colour or shape. Unlike
+    `object_share` the decomposition is binary: one patch per object, wherever its area falls."""
+    out = np.zeros((GRID * GRID, len(COLOURS) + len(SHAPES)), np.float32)
+    for o in scene.objects:
+        patch = min(GRID - 1, int(o.cy // CELL)) * GRID + min(GRID - 1, int(o.cx // CELL))
+        out[patch, list(COLOURS).index(o.colour)] += 1
+        out[patch, len(COLOURS) + SHAPES.index(o.shape)] += 1
     return out
 
 

@@ -69,7 +69,7 @@ from torch import nn
 from .. import checkpointing as cpt
 from . import parallel
 from .answer_readout import AnswerReadout
-from .count_readout import CountReadout, share_regression
+from .count_readout import CountReadout, tower_count_loss
 from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
@@ -142,6 +142,12 @@ class TrainConfig:
     # with tower_lr_b > 0: weight of a training-only per-patch regression of the object shares
     # (`scenes_v3.object_share`, summed over a colour's or shape's patches: its count) on the tower's features
     tower_share_weight: float = 0.0
+    # the decomposition that regression learns: "share" (each object's pixel share per patch, `object_share`) or
+    # "centre" (one patch per object, the one holding its centre, `object_centres`, binary cross-entropy)
+    tower_count_target: str = "share"
+    # with tower_lr_b > 0: weight of a training-only per-patch classification of each digit with its place in the
+    # number (tens or units; `patch_labels`' "place") on the tower's features
+    tower_place_weight: float = 0.0
     head_fit_steps: int = 200
     # Stage B question-type curriculum "800:colour+shape": steps < 800 ask only these types; later all.
     # A type listed twice ("100000:count+count+colour+...") is asked about twice as often.
@@ -195,6 +201,18 @@ class DenseHeads(nn.Module):
         grid = int(round(math.sqrt(feats.shape[1])))
         stats["xy_obj_cells"] = ((err.sqrt() * fg).sum() / fg.sum().clamp_min(1) * (grid - 1)).item()
         return total, stats
+
+
+def place_classification(logits: torch.Tensor, place: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(loss, accuracy on digit patches) of per-patch logits [B, 576, 21] against place [B, 576] (`patch_labels`'
+    "place": 0 none, 1..10 a tens digit, 11..20 a units digit); digit patches weigh 20 times a background patch,
+    as in Stage A's heads."""
+    weight = torch.full((logits.shape[-1],), 20.0, device=logits.device)
+    weight[0] = 1.0
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), place.reshape(-1), weight=weight)
+    fg = place > 0
+    acc = (logits.argmax(-1)[fg] == place[fg]).float().mean().item() if fg.any() else float("nan")
+    return loss, acc
 
 
 def shorten(batch: dict[str, torch.Tensor], feats: torch.Tensor, keep: int,
@@ -491,13 +509,15 @@ class TokenXYHead(nn.Module):
 
 
 def fit_dense_heads(model, heads: DenseHeads, share_head: nn.Module | None, batches: Callable, cfg: TrainConfig,
-                    device: str, amp, world: int = 1, rank: int = 0) -> dict:
+                    device: str, amp, world: int = 1, rank: int = 0, place_head: nn.Module | None = None) -> dict:
     """Fit Stage A's training-only heads (and `share_head`, the tower's object-share read-out, when given) on the
     frozen tower: `cfg.head_fit_steps` Adam steps, lr `cfg.lr_a`, on `cfg.batch_a` scenes of the Stage A seed per
     step (the scenes after Stage A's), so that a Stage B that trains the tower (`tower_lr_b`) starts its dense losses
     from read-outs that fit, not from random heads whose gradients would disturb the tower. `batches(start, n)`
-    gives pixel_values, dense_* and share (`data_v3.question_batch`'s keys). Returns the last step's statistics."""
-    params = list(heads.parameters()) + (list(share_head.parameters()) if share_head is not None else [])
+    gives pixel_values, dense_* and share (`data_v3.question_batch`'s keys); `place_head`, the digit-place read-out,
+    is fitted too when given. Returns the last step's statistics."""
+    extra = [m for m in (share_head, place_head) if m is not None]
+    params = list(heads.parameters()) + [p for m in extra for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.lr_a, weight_decay=0.0)
     per = cfg.batch_a // world
     stats: dict = {}
@@ -508,9 +528,13 @@ def fit_dense_heads(model, heads: DenseHeads, share_head: nn.Module | None, batc
         target = {k: batch[f"dense_{k}"].to(device) for k in ("colour", "shape", "digit", "xy")}
         loss, stats = heads.loss(feats.float(), target, cfg.xy_object_weight)
         if share_head is not None:
-            share_loss, stats["tower-count-err"] = share_regression(share_head(feats.float()),
-                                                                    batch["share"].to(device).float())
+            share_loss, stats["tower-count-err"] = tower_count_loss(cfg.tower_count_target, share_head(feats.float()),
+                                                                    batch)
             loss = loss + share_loss
+        if place_head is not None:
+            place_loss, stats["digit-place"] = place_classification(place_head(feats.float()),
+                                                                    batch["dense_place"].to(device))
+            loss = loss + place_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         parallel.average_gradients(params)
@@ -596,15 +620,24 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                          f"set feature_cache 0 (got {cfg.feature_cache}; the CLI's --feature-cache 0)")
     if tuning and cfg.data != "shapes-v3":
         raise ValueError(f"tower_lr_b > 0 needs shapes-v3 data (its batches carry the dense targets), got {cfg.data}")
+    if cfg.tower_count_target not in ("share", "centre"):
+        raise ValueError(f"tower_count_target {cfg.tower_count_target!r} is unknown; accepted: share, centre")
+    if cfg.tower_place_weight > 0 and not tuning:
+        raise ValueError("tower_place_weight > 0 reads the tower's features while Stage B trains it: "
+                         "it needs tower_lr_b > 0")
     if cfg.tower_share_weight > 0 and not tuning:
         raise ValueError("tower_share_weight > 0 reads the tower's features while Stage B trains it: "
                          "it needs tower_lr_b > 0")
     tower_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt_tower = torch.optim.AdamW(tower_params, lr=cfg.tower_lr_b, weight_decay=cfg.weight_decay)
     tower_share = nn.Linear(cfg.size.vision_width, len(COLOURS) + len(SHAPES)).to(device)  # training-only
-    opt_tower_share = torch.optim.AdamW(tower_share.parameters(), lr=cfg.tower_lr_b, weight_decay=0.0)
+    tower_place = nn.Linear(cfg.size.vision_width, 21).to(device)  # training-only: digit and its place
+    place_params = list(tower_place.parameters()) if cfg.tower_place_weight > 0 else []
+    opt_tower_share = torch.optim.AdamW(list(tower_share.parameters()) + place_params, lr=cfg.tower_lr_b,
+                                        weight_decay=0.0)
     if cfg.tower_share_weight > 0:
         tower_params = tower_params + list(tower_share.parameters())  # averaged over processes with the tower's
+    tower_params = tower_params + place_params
     if legacy_state.exists():
         raise cpt.CheckpointError(
             f"{legacy_state} is a pickle checkpoint of an older vtprune, which is no longer loaded (unpickling can run "
@@ -633,6 +666,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if saved.get("tower_share") is not None:  # absent in states written before tower_share_weight
                 tower_share.load_state_dict(saved["tower_share"])
                 opt_tower_share.load_state_dict(saved["opt_tower_share"])
+            if saved.get("tower_place") is not None:  # absent in states written before tower_place_weight
+                tower_place.load_state_dict(saved["tower_place"])
             st = saved["st"]
             st["stage"], st["step"] = str(st["stage"]), int(st["step"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
@@ -658,7 +693,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                  "readout": readout.state_dict(), "opt_readout": opt_readout.state_dict(),
                  "counter": counter.state_dict(), "opt_counter": opt_counter.state_dict(),
                  "opt_tower": opt_tower.state_dict(), "tower_share": tower_share.state_dict(),
-                 "opt_tower_share": opt_tower_share.state_dict(), "st": st}
+                 "opt_tower_share": opt_tower_share.state_dict(), "tower_place": tower_place.state_dict(), "st": st}
         cpt.write(state_root, serial, cpt.state_files("state", state))
 
     eval_set = ds.watched_samples(cfg.eval_seed, cfg.eval_per_type)
@@ -704,18 +739,21 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         model.train()
         model.model.vision_tower.eval()
         share_unfitted = cfg.tower_share_weight > 0 and not st.get("share_fitted")
-        if tuning and (not st.get("heads_fitted") or share_unfitted) and st["stage"] == "B":
+        place_unfitted = cfg.tower_place_weight > 0 and not st.get("place_fitted")
+        if tuning and (not st.get("heads_fitted") or share_unfitted or place_unfitted) and st["stage"] == "B":
             share_head = tower_share if cfg.tower_share_weight > 0 else None
+            place_head = tower_place if cfg.tower_place_weight > 0 else None
             with_share = {"with_counts": True} if share_head is not None else {}
 
             def fit_batches(start: int, n: int) -> dict:
                 return ds.question_batch(cfg.seed, start, n, Packing(1), with_dense=True, **with_share)
 
-            stats = fit_dense_heads(model, heads, share_head, fit_batches, cfg, device, amp, world, rank)
+            stats = fit_dense_heads(model, heads, share_head, fit_batches, cfg, device, amp, world, rank, place_head)
             st["history"].append({"stage": "heads", "step": cfg.head_fit_steps, **stats})
             log(f"Stage A heads fitted on the frozen tower for {cfg.head_fit_steps} steps: {stats}")
             st["heads_fitted"] = True
             st["share_fitted"] = share_head is not None
+            st["place_fitted"] = place_head is not None
         if tuning:
             model.model.vision_tower.requires_grad_(True)
             model.model.vision_tower.train()
@@ -781,9 +819,13 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                         feats, {k: batch[f"dense_{k}"] for k in ("colour", "shape", "digit", "xy")},
                         cfg.xy_object_weight)
                     if cfg.tower_share_weight > 0:
-                        tower_share_loss, dense_stats["tower-count-err"] = share_regression(
-                            tower_share(feats.float()), batch["share"].float())
+                        tower_share_loss, dense_stats["tower-count-err"] = tower_count_loss(
+                            cfg.tower_count_target, tower_share(feats.float()), batch)
                         dense_loss = dense_loss + cfg.tower_share_weight * tower_share_loss
+                    if cfg.tower_place_weight > 0:
+                        place_loss, dense_stats["digit-place"] = place_classification(tower_place(feats.float()),
+                                                                                      batch["dense_place"])
+                        dense_loss = dense_loss + cfg.tower_place_weight * place_loss
                 else:
                     with torch.no_grad():
                         feats = vision_features(model, batch["pixel_values"])
@@ -840,7 +882,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 parallel.average_gradients(tower_params)
                 torch.nn.utils.clip_grad_norm_(model.model.vision_tower.parameters(), 1.0)
                 opt_tower.step()
-                if cfg.tower_share_weight > 0:
+                if cfg.tower_share_weight > 0 or cfg.tower_place_weight > 0:
                     opt_tower_share.step()
             torch.nn.utils.clip_grad_norm_(b_params, 1.0)
             opt_b.step()
@@ -924,6 +966,38 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                "question_types": list(ds.question_types)}
     (out / "train_summary.json").write_text(cpt.dumps_strict(summary, indent=2))
     return model
+
+
+def export_latest(run: str | Path, out: str | Path) -> tuple[int, str]:
+    """Write the newest training state of the run in `run` (its `state/` checkpoint, at whatever step, not the best
+    watched model that `run/model` holds) as a model directory `out` (must not exist; written atomically).
+    -> (the state's step, its stage)."""
+    import shutil
+    import tempfile
+
+    run, out = Path(run), Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists (give a new directory)")
+    config = run / "train_config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{run} is not a training run (no train_config.json)")
+    raw = json.loads(config.read_text())
+    folder = cpt.latest(run / "state", "train it first")
+    if folder is None:
+        raise cpt.CheckpointError(f"{run / 'state'} holds no training state")
+    ds = get_dataset(raw["data"])
+    model = ds.build_model(ModelSize(**raw["size"]), int(raw["seed"]))
+    saved = cpt.load_state(folder, "state", "cpu")
+    model.load_state_dict(saved["model"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        export(model, ds.build_processor(), tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return int(saved["st"]["step"]), str(saved["st"]["stage"])
 
 
 def export(model, processor, directory: str | Path, dtype: torch.dtype = torch.float16) -> None:
