@@ -307,14 +307,12 @@ def _export_state(args: argparse.Namespace) -> int:
 
 
 def _grow(args: argparse.Namespace) -> int:
-    import shutil
-    import tempfile
     from pathlib import Path
 
     from vtprune.commands.common import UsageError, check_model
     from vtprune.testbed.builtin import resolve_model
     from vtprune.testbed.grow import grow_decoder
-    from vtprune.testbed.train import export
+    from vtprune.testbed.train import export_atomic
 
     if args.source.startswith(("arch:", "tiny:")):
         raise UsageError(f"grow takes builtin:NAME or a model directory, got {args.source!r}")
@@ -327,14 +325,7 @@ def _grow(args: argparse.Namespace) -> int:
         grown = grow_decoder(model, args.layers, args.placement)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        export(grown, processor, tmp, dtype=next(model.parameters()).dtype)
-        tmp.rename(out)  # atomic: the directory appears complete or not at all
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    export_atomic(grown, processor, out, dtype=next(model.parameters()).dtype)
     src_layers = model.config.text_config.num_hidden_layers
     print(f"wrote {out}: decoder {src_layers} -> {args.layers} layers ({args.placement}), same outputs")
     return 0

@@ -23,13 +23,11 @@ read-out, at `--time-scale` 0.6 / 0.75); each phase's Stage B ends at its limit 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .train import TrainConfig, export, train
+from .train import TrainConfig, export_atomic, train
 from .train_v3 import V3_TRAINING_TYPES, v3_config
 
 #: every scored type, the hard ones twice, `upper` three times (ninth session's t3, from k12's list)
@@ -129,17 +127,7 @@ def _grow(source: Path, folder: Path, layers: int) -> None:
     from .grow import grow_decoder
 
     model, processor = resolve_model(str(source))
-    model = grow_decoder(model, layers, "spread")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        export(model, processor, tmp)
-        if folder.exists():  # an interrupted earlier attempt
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    export_atomic(grow_decoder(model, layers, "spread"), processor, folder, replace=True)  # replaces an interrupted try
 
 
 def _mark_done(done: Path) -> None:

@@ -254,26 +254,28 @@ def _draw_distractor(draws: list[ImageDraw.ImageDraw], fills: list, o: Distracto
             d.polygon([(o.cx, o.cy - r), (o.cx + r * 0.7, o.cy), (o.cx, o.cy + r), (o.cx - r * 0.7, o.cy)], fill=f)
 
 
-def digit_centres(scene: Scene3) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Pixel centres (x, y) of the framed number's tens and units digit (the layout `_number_rects` draws)."""
+def _digit_cell(scene: Scene3, pos: int) -> tuple[float, float, float, float]:
+    """(x, y, width, height) of the cell that digit `pos` (0: tens, 1: units) of the framed number is drawn in."""
     x0, y0 = scene.box[:2]
     h = scene.digit_height
     w = 0.55 * h
-    y = y0 + 3 + h / 2
-    return (x0 + 3 + w / 2, y), (x0 + 3 + w + 0.2 * h + w / 2, y)
+    return x0 + 3 + pos * (w + 0.2 * h), y0 + 3, w, h
+
+
+def digit_centres(scene: Scene3) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Pixel centres (x, y) of the framed number's tens and units digit cells."""
+    (tx, ty, w, h), (ux, uy, _, _) = (_digit_cell(scene, pos) for pos in (0, 1))
+    return (tx + w / 2, ty + h / 2), (ux + w / 2, uy + h / 2)
 
 
 def _number_rects(scene: Scene3) -> list[tuple[int, tuple[float, float, float, float]]]:
     """(digit position, segment rectangle) of the framed number's seven-segment digits."""
-    x0, y0 = scene.box[:2]
-    h = scene.digit_height
-    w = 0.55 * h
     out = []
     for pos, ch in enumerate(str(scene.number)):
-        ox = x0 + 3 + pos * (w + 0.2 * h)
+        ox, oy, w, h = _digit_cell(scene, pos)
         for seg in _DIGIT_SEGMENTS[int(ch)]:
             a, b, c, d = _SEG[seg]
-            out.append((pos, (ox + a * w, y0 + 3 + b * h, ox + c * w, y0 + 3 + d * h)))
+            out.append((pos, (ox + a * w, oy + b * h, ox + c * w, oy + d * h)))
     return out
 
 
@@ -394,10 +396,14 @@ def object_centres(scene: Scene3) -> np.ndarray:
     `object_share` the decomposition is binary: one patch per object, wherever its area falls."""
     out = np.zeros((GRID * GRID, len(COLOURS) + len(SHAPES)), np.float32)
     for o in scene.objects:
-        patch = min(GRID - 1, int(o.cy // CELL)) * GRID + min(GRID - 1, int(o.cx // CELL))
-        out[patch, list(COLOURS).index(o.colour)] += 1
-        out[patch, len(COLOURS) + SHAPES.index(o.shape)] += 1
+        out[centre_patch(o), list(COLOURS).index(o.colour)] += 1
+        out[centre_patch(o), len(COLOURS) + SHAPES.index(o.shape)] += 1
     return out
+
+
+def centre_patch(o: Object3) -> int:
+    """Index (row-major, of 576) of the patch that holds an object's centre."""
+    return min(GRID - 1, int(o.cy // CELL)) * GRID + min(GRID - 1, int(o.cx // CELL))
 
 
 def informative_patches(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
@@ -413,7 +419,7 @@ def key_patches(scene: Scene3, digit: np.ndarray) -> np.ndarray:
     a question can name and every digit stays visible when only a few tokens are kept."""
     key = (np.asarray(digit) > 0).reshape(-1).copy()
     for o in scene.objects:
-        key[min(GRID - 1, int(o.cy // CELL)) * GRID + min(GRID - 1, int(o.cx // CELL))] = True
+        key[centre_patch(o)] = True
     return key
 
 

@@ -186,14 +186,8 @@ class DenseHeads(nn.Module):
         feats = feats.float()
         total, stats = feats.new_zeros(()), {}
         for name in ("colour", "shape", "digit"):
-            logits = getattr(self, name)(feats)
-            k = logits.shape[-1]
-            weight = torch.full((k,), 20.0, device=feats.device)
-            weight[0] = 1.0  # background patches dominate; up-weight object patches
-            y = target[name]
-            total = total + F.cross_entropy(logits.reshape(-1, k), y.reshape(-1), weight=weight)
-            fg = y > 0
-            stats[name] = (logits.argmax(-1)[fg] == y[fg]).float().mean().item() if fg.any() else float("nan")
+            loss, stats[name] = patch_classification(getattr(self, name)(feats), target[name])
+            total = total + loss
         fg = ((target["colour"] > 0) | (target["digit"] > 0)).float()  # [B, 576]
         w = 1.0 + (xy_object_weight - 1.0) * fg
         err = (self.xy(feats) - target["xy"]).square().sum(-1)  # [B, 576]
@@ -203,15 +197,16 @@ class DenseHeads(nn.Module):
         return total, stats
 
 
-def place_classification(logits: torch.Tensor, place: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """(loss, accuracy on digit patches) of per-patch logits [B, 576, 21] against place [B, 576] (`patch_labels`'
-    "place": 0 none, 1..10 a tens digit, 11..20 a units digit); digit patches weigh 20 times a background patch,
-    as in Stage A's heads."""
-    weight = torch.full((logits.shape[-1],), 20.0, device=logits.device)
+def patch_classification(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(cross-entropy, accuracy on labelled patches) of per-patch logits [B, 576, K] against labels y [B, 576]
+    (0 = background): labelled patches weigh 20 times a background patch, which would otherwise dominate. Stage A's
+    heads and the tower's digit-place read-out (`patch_labels`' "place": 1..10 a tens digit, 11..20 a units digit)."""
+    k = logits.shape[-1]
+    weight = torch.full((k,), 20.0, device=logits.device)
     weight[0] = 1.0
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), place.reshape(-1), weight=weight)
-    fg = place > 0
-    acc = (logits.argmax(-1)[fg] == place[fg]).float().mean().item() if fg.any() else float("nan")
+    loss = F.cross_entropy(logits.float().reshape(-1, k), y.reshape(-1), weight=weight)
+    fg = y > 0
+    acc = (logits.argmax(-1)[fg] == y[fg]).float().mean().item() if fg.any() else float("nan")
     return loss, acc
 
 
@@ -532,7 +527,7 @@ def fit_dense_heads(model, heads: DenseHeads, share_head: nn.Module | None, batc
                                                                     batch)
             loss = loss + share_loss
         if place_head is not None:
-            place_loss, stats["digit-place"] = place_classification(place_head(feats.float()),
+            place_loss, stats["digit-place"] = patch_classification(place_head(feats.float()),
                                                                     batch["dense_place"].to(device))
             loss = loss + place_loss
         opt.zero_grad(set_to_none=True)
@@ -823,7 +818,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                             cfg.tower_count_target, tower_share(feats.float()), batch)
                         dense_loss = dense_loss + cfg.tower_share_weight * tower_share_loss
                     if cfg.tower_place_weight > 0:
-                        place_loss, dense_stats["digit-place"] = place_classification(tower_place(feats.float()),
+                        place_loss, dense_stats["digit-place"] = patch_classification(tower_place(feats.float()),
                                                                                       batch["dense_place"])
                         dense_loss = dense_loss + cfg.tower_place_weight * place_loss
                 else:
@@ -972,9 +967,6 @@ def export_latest(run: str | Path, out: str | Path) -> tuple[int, str]:
     """Write the newest training state of the run in `run` (its `state/` checkpoint, at whatever step, not the best
     watched model that `run/model` holds) as a model directory `out` (must not exist; written atomically).
     -> (the state's step, its stage)."""
-    import shutil
-    import tempfile
-
     run, out = Path(run), Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists (give a new directory)")
@@ -989,15 +981,30 @@ def export_latest(run: str | Path, out: str | Path) -> tuple[int, str]:
     model = ds.build_model(ModelSize(**raw["size"]), int(raw["seed"]))
     saved = cpt.load_state(folder, "state", "cpu")
     model.load_state_dict(saved["model"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    export_atomic(model, ds.build_processor(), out)
+    return int(saved["st"]["step"]), str(saved["st"]["stage"])
+
+
+def export_atomic(model, processor, directory: str | Path, dtype: torch.dtype = torch.float16,
+                  replace: bool = False) -> None:
+    """`export` into a temporary sibling, then renamed: `directory` appears complete or not at all. An existing
+    `directory` is replaced (`replace`, e.g. an interrupted earlier attempt) or refused (FileExistsError)."""
+    import shutil
+    import tempfile
+
+    directory = Path(directory)
+    if directory.exists() and not replace:
+        raise FileExistsError(f"{directory} already exists (give a new directory)")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        export(model, ds.build_processor(), tmp)
-        tmp.rename(out)
+        export(model, processor, tmp, dtype)
+        if directory.exists():
+            shutil.rmtree(directory)
+        tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return int(saved["st"]["step"]), str(saved["st"]["stage"])
 
 
 def export(model, processor, directory: str | Path, dtype: torch.dtype = torch.float16) -> None:
