@@ -88,6 +88,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                         "at the image tokens and the asked count at the answer position (0 = off, the default)")
     t.add_argument("--count-layer", type=int, default=None,
                    help="decoder layer after which --count-weight reads the object shares (default 0: the first)")
+    t.add_argument("--count-attention-weight", type=float, default=None,
+                   help="Stage B (shapes-v3): weight of a training-only attention target for counting: one head "
+                        "attends, at each count answer, uniformly to <s> and to the asked objects' centre tokens "
+                        "(0 = off, the default)")
+    t.add_argument("--count-attention-layer", type=int, default=None,
+                   help="decoder layer (1-based) of --count-attention-weight's head (default 0: the last but one)")
     t.add_argument("--tower-lr", type=float, default=None,
                    help="Stage B (shapes-v3): learning rate of the vision tower, trained end to end on the answers "
                         "with Stage A's dense loss (default 0: frozen; > 0 needs --feature-cache 0)")
@@ -232,6 +238,8 @@ def _train(args: argparse.Namespace) -> int:
                       "cls_lr": args.cls_lr, "fetch_weight": args.fetch_weight,
                       "fetch_layer": args.fetch_layer, "count_weight": args.count_weight,
                       "count_layer": args.count_layer, "tower_lr_b": args.tower_lr,
+                      "count_attention_weight": args.count_attention_weight,
+                      "count_attention_layer": args.count_attention_layer,
                       "tower_dense_weight": args.tower_dense_weight, "head_fit_steps": args.head_fit_steps,
                       "tower_share_weight": args.tower_share_weight,
                       "tower_count_target": args.tower_count_target,

@@ -35,9 +35,13 @@ TOWER_TYPES = ("20000:colour+shape+exist+leftof+leftof+count+count+number+number
                "+upper+upper+upper")
 #: the small phase's types: the preset's look-ups first, then k9's weighted list (eighth session: 0.80; number and
 #: count three times, relation three times, leftof and side twice): with number once among the types, chain1's small
-#: phase never started reading numbers (tenth session)
-SMALL_TYPES = ("600:colour+shape,1800:colour+shape+exist,20000:colour+shape+exist+leftof+leftof+count+count+count"
-               "+number+number+number+relation+relation+relation+side+side+upper")
+#: phase never started reading numbers (tenth session); exist twice: once in 17, chain2's small phase left it at its
+#: prior (eleventh session)
+SMALL_TYPES = ("600:colour+shape,1800:colour+shape+exist,20000:colour+shape+exist+exist+leftof+leftof+count+count"
+               "+count+number+number+number+relation+relation+relation+side+side+upper")
+#: the decoder layer (1-based) whose head 0 learns the count attention target (`count_attention.py`) in the 4-layer
+#: phases; growth ("spread") moves trained layer s to s * 32 / 4, so the deep phase's is its image
+COUNT_ATTENTION_LAYER = 3
 #: Stage-B seconds per phase on one CPU thread (Stage A, the feature cache and the evaluations come on top)
 PHASE_SECONDS = {"small": 3600.0, "tower": 2400.0, "deep": 1200.0}
 SMALL_LAYERS, DEEP_LAYERS = 4, 32
@@ -65,6 +69,11 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
                        eval_per_type=1, cls_steps=1, head_fit_steps=1, keep_schedule="1:16,2:96")  # fmt: skip
         small_layers, deep_layers = 1, 2
 
+    def _count_layer(layers: int) -> int:
+        """COUNT_ATTENTION_LAYER of the small decoder, where growth to `layers` layers puts it (1-based)."""
+        source = min(COUNT_ATTENTION_LAYER, small_layers)
+        return (source - 1) * layers // small_layers + 1
+
     def limit(name: str) -> float:
         return 0.0 if tiny else PHASE_SECONDS[name] * time_scale
 
@@ -74,6 +83,7 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
     def small(_: str) -> TrainConfig:
         return replace(base, size=replace(base.size, text_layers=small_layers), fetch_layer=max(1, small_layers // 2),
                        type_schedule=SMALL_TYPES, time_limit_b=limit("small"), export_final=True, cls_steps=0,
+                       count_attention_weight=1.0, count_attention_layer=_count_layer(small_layers),
                        vision_init=vision_init, steps_a=0 if vision_init else base.steps_a)  # fmt: skip
 
     def continuation(init: str, layers: int) -> TrainConfig:
@@ -81,7 +91,8 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
         return replace(base, size=replace(base.size, text_layers=layers), init=init, steps_a=0, single_steps=0,
                        keep_schedule="", column_code_scale=0.0, row_code_scale=0.0, lr_b=3e-4,
                        type_schedule=TOWER_TYPES, training_types=V3_TRAINING_TYPES, export_final=True,
-                       fetch_layer=max(1, layers // 2), feature_cache=0)  # fmt: skip
+                       fetch_layer=max(1, layers // 2), feature_cache=0, count_attention_weight=1.0,
+                       count_attention_layer=_count_layer(layers))  # fmt: skip
 
     def tower(init: str) -> TrainConfig:
         return replace(continuation(init, small_layers), steps_b=steps(3000), time_limit_b=limit("tower"),

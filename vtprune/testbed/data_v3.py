@@ -12,6 +12,7 @@ from .data import Packing, pixels
 from .questions import Question
 from .questions_v3 import (
     ANSWERS,
+    COUNT_CHANNELS,
     QUESTION_TYPES,
     answer_vocabulary,
     candidates,
@@ -130,13 +131,14 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
     order in which `train.shorten` keeps tokens, and fetch [n, questions_per_image, 4] (`fetch_targets`);
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
-    (`scenes_v3.object_centres`) and count [n, questions_per_image] (`count_targets`), the count read-outs' targets;
+    (`scenes_v3.object_centres`), count and count_channel [n, questions_per_image] (`count_targets`,
+    `count_channels`), the count read-outs' targets;
     `with_dense` adds Stage A's per-patch targets of the same scenes, dense_colour / dense_shape / dense_digit /
     dense_place [n, 576] int64 and dense_xy [n, 576, 2] (`dense_batch`'s layout), for a Stage B that trains the tower
     (`TrainConfig.tower_lr_b`)."""
     split = _as_split(split)
     ids, labs, images, informative, priority, fetch = [], [], [], [], [], []
-    share, centre, count, dense = [], [], [], []
+    share, centre, count, channel, dense = [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -152,6 +154,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         fetch.append(fetch_targets(scene, asked, packing.questions_per_image))
         if with_counts:
             count.append(count_targets(asked, packing.questions_per_image))
+            channel.append(count_channels(asked, packing.questions_per_image))
             share.append(object_share(scene))
             centre.append(object_centres(scene))
         ids.append(a)
@@ -167,7 +170,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     out = {"pixel_values": pixels(images)} if with_pixels else {}
     if with_counts:
         out |= {"share": torch.from_numpy(np.stack(share)), "centre": torch.from_numpy(np.stack(centre)),
-                "count": torch.from_numpy(np.stack(count))}
+                "count": torch.from_numpy(np.stack(count)), "count_channel": torch.from_numpy(np.stack(channel))}
     if with_dense:
         out |= {f"dense_{k}": torch.from_numpy(np.stack([lab[k].reshape(-1) for lab in dense])).long()
                 for k in ("colour", "shape", "digit", "place")}
@@ -204,6 +207,17 @@ def count_targets(questions: list[Question], slots: int) -> np.ndarray:
     for k, q in enumerate(questions[:slots]):
         if q.type == "count":
             out[k] = float(q.answer)
+    return out
+
+
+def count_channels(questions: list[Question], slots: int) -> np.ndarray:
+    """[slots] int64: per asked question (in order), the `scenes_v3.object_centres` column a count question counts
+    (colours first, then shapes); -1 for other types and unused slots. The key tokens of the training-only count
+    attention target (`count_attention.py`)."""
+    out = np.full(slots, -1, np.int64)
+    for k, q in enumerate(questions[:slots]):
+        if q.type == "count":
+            out[k] = COUNT_CHANNELS[q.text]
     return out
 
 

@@ -105,6 +105,12 @@ def _count_noun(attr: str, val: str) -> str:
     return f"{val} objects" if attr == "colour" else PLURAL[val]
 
 
+# the text of every count question -> the column it counts in `scenes_v3.object_centres` (colours, then shapes)
+COUNT_CHANNELS: dict[str, int] = {
+    f"how many {_count_noun(attr, v)} are there ?": offset + i
+    for attr, values, offset in (("colour", COLOURS, 0), ("shape", SHAPES, len(COLOURS))) for i, v in enumerate(values)}
+
+
 def candidates(scene: Scene3, qtype: str) -> list[Question]:
     """Every valid question of one type for a scene, with its answer."""
     objs: tuple[Object3, ...] = scene.objects

@@ -68,7 +68,8 @@ from torch import nn
 
 from .. import checkpointing as cpt
 from . import parallel
-from .answer_readout import AnswerReadout
+from .answer_readout import AnswerReadout, answer_positions
+from .count_attention import count_attention_loss
 from .count_readout import CountReadout, tower_count_loss
 from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
@@ -132,6 +133,11 @@ class TrainConfig:
     # and the asked count at the answer position
     count_weight: float = 0.0
     count_layer: int = 0
+    # Stage B: weight of the training-only attention target for counting (count_attention.py; 0 = off; shapes-v3):
+    # head 0 of decoder layer `count_attention_layer` (1-based; 0: the last but one) attends, at each count
+    # question's answer position, uniformly to <s> and to the asked colour's or shape's centre tokens
+    count_attention_weight: float = 0.0
+    count_attention_layer: int = 0
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B learning rate of the vision tower (0 = frozen, the default). > 0 trains the tower end to end on the
     # answers, with Stage A's dense per-patch loss on the same scenes at weight `tower_dense_weight` (shapes-v3;
@@ -606,7 +612,15 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     if cfg.count_weight > 0 and cfg.data != "shapes-v3":
         raise ValueError(f"count_weight > 0 needs shapes-v3 data (its batches carry the count targets), got {cfg.data}")
     # the count targets (share / count) only when a read-out uses them; v2's question_batch has no such option
-    count_kwargs = {"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0 else {}
+    count_attention_layer = cfg.count_attention_layer or max(1, cfg.size.text_layers - 1)
+    if cfg.count_attention_weight > 0 and not 0 < count_attention_layer <= cfg.size.text_layers:
+        raise ValueError(f"count_attention_layer {cfg.count_attention_layer} is not a decoder layer "
+                         f"(accepted: 1..{cfg.size.text_layers}, or 0 for the last but one)")
+    if cfg.count_attention_weight > 0 and cfg.data != "shapes-v3":
+        raise ValueError(f"count_attention_weight > 0 needs shapes-v3 data (its batches carry the centre targets), "
+                         f"got {cfg.data}")
+    count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
+                    or cfg.count_attention_weight > 0 else {})
     counter = CountReadout(cfg.size.text_width, len(COLOURS) + len(SHAPES), count_layer).to(device)
     opt_counter = torch.optim.AdamW(counter.parameters(), lr=cfg.lr_b, weight_decay=0.0)
     tuning = cfg.tower_lr_b > 0  # Stage B trains the tower too
@@ -839,7 +853,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 if fetching and "fetch" not in batch:
                     raise ValueError(f"fetch_weight > 0 needs batches with fetch targets ({cfg.data} has none)")
                 counting = cfg.count_weight > 0
-                hidden: list | None = [] if fetching or counting else None
+                attending = cfg.count_attention_weight > 0
+                hidden: list | None = [] if fetching or counting or attending else None
                 loss, acc = lm_loss(model, feats, **text, image_feats=image_feats, hidden_states=hidden)
                 if world > 1:  # weigh by this process's share of the answer tokens: the mean gradient is the batch's
                     answers = float((text["labels"][:, 1:] != -100).sum())
@@ -861,6 +876,16 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     if world > 1:  # every process has the same number of scenes; count answers as the answer loss
                         count_loss = count_loss * (counts * world / max(parallel.total(counts), 1.0))
                     loss = loss + cfg.count_weight * (share_loss + count_loss)
+                if attending:
+                    rows, pos, slot = answer_positions(text["labels"], model.config.text_config.eos_token_id,
+                                                       batch["count_channel"].shape[1])
+                    attention_loss, attention_mass, attention_n = count_attention_loss(
+                        model, count_attention_layer, 0, hidden[count_attention_layer - 1], text["input_ids"],
+                        text.get("position_ids"), rows, pos, batch["count_channel"][rows, slot], batch["centre"],
+                        patch_index)
+                    if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
+                        attention_loss = attention_loss * (attention_n * world / max(parallel.total(attention_n), 1.0))
+                    loss = loss + cfg.count_attention_weight * attention_loss
                 if dense_loss is not None:  # every process has the same number of scenes: the plain mean is right
                     loss = loss + cfg.tower_dense_weight * dense_loss
             opt_b.zero_grad(set_to_none=True)
@@ -896,6 +921,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 info += f" fetch {fetch_loss.item():.4f} named-cells {fetch_cells:.2f}"
             if counting:
                 info += f" share {share_loss.item():.4f} count {count_loss.item():.4f} implied-count-err {implied:.2f}"
+            if attending:
+                info += f" count-attention {attention_loss.item():.3f} on-target {attention_mass:.2f}"
             if dense_loss is not None:
                 info += f" dense {dense_loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in dense_stats.items())
             if bar:

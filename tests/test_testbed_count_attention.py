@@ -1,0 +1,100 @@
+"""The training-only attention target for counting (`count_attention.py`): the column each count question counts,
+the loss against the model's own eager attention, and a trainer run that uses it."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vtprune.testbed import data_v3, questions_v3
+from vtprune.testbed.answer_readout import answer_positions
+from vtprune.testbed.count_attention import count_attention_loss
+from vtprune.testbed.data import Packing
+from vtprune.testbed.scenes_v3 import object_centres
+from vtprune.testbed.splits import train_split
+
+
+def test_each_count_question_counts_its_centre_column():
+    seen = 0
+    for i in range(30):
+        scene = train_split(5).scene(i)
+        centres = object_centres(scene).sum(0)  # [C + S]
+        qs = questions_v3.candidates(scene, "count") + questions_v3.candidates(scene, "colour")[:1]
+        channels = data_v3.count_channels(qs, len(qs) + 2)
+        for q, ch in zip(qs, channels):
+            if q.type == "count":
+                assert centres[ch] == int(q.answer)
+                seen += 1
+            else:
+                assert ch == -1
+        assert (channels[len(qs):] == -1).all()
+    assert seen > 30
+    assert len(questions_v3.COUNT_CHANNELS) == len(set(questions_v3.COUNT_CHANNELS.values()))
+
+
+def test_loss_is_the_cross_entropy_of_the_models_own_attention():
+    """The head's distribution recomputed from the layer's input equals the eager attention's weights: the loss is
+    the cross-entropy of the target (uniform over <s> and the centre tokens) against the model's real attention."""
+    from vtprune.testbed.data_v3 import build_model
+    from vtprune.testbed.train import decoder_hidden, vision_features
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    torch.manual_seed(0)
+    model = build_model(replace(TINY_V3, text_layers=2), seed=0).eval()
+    model.set_attn_implementation("eager")
+    batch = data_v3.question_batch(train_split(3), 0, 6, Packing(questions_per_image=4), with_counts=True,
+                                   types=("count", "colour"))
+    eos = model.config.text_config.eos_token_id
+    rows, pos, slot = answer_positions(batch["labels"], eos, batch["count_channel"].shape[1])
+    channel = batch["count_channel"][rows, slot]
+    assert (channel >= 0).any() and (channel < 0).any()
+    patch_index = torch.arange(576).expand(6, -1)
+    with torch.no_grad():
+        feats = vision_features(model, batch["pixel_values"])
+        hidden = decoder_hidden(model, feats, batch["input_ids"], batch["attention_mask"], all_layers=True)
+        embeds = model.model.language_model.get_input_embeddings()(batch["input_ids"])
+        image = batch["input_ids"] == model.config.image_token_id
+        embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
+        attentions = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                                output_attentions=True).attentions
+        for layer in (1, 2):
+            loss, mass, n = count_attention_loss(model, layer, 0, hidden[layer - 1], batch["input_ids"], None, rows,
+                                                 pos, channel, batch["centre"], patch_index)
+            keep = channel >= 0
+            assert n == int(keep.sum())
+            probs = attentions[layer - 1][rows[keep], 0, pos[keep]]  # [K, T]
+            target = torch.zeros_like(probs)
+            target[:, 0] = 1.0
+            for k, (r, c) in enumerate(zip(rows[keep].tolist(), channel[keep].tolist())):
+                centre_patches = (batch["centre"][r, :, c] > 0).nonzero().squeeze(-1)
+                img0 = int(image[r].nonzero()[0])
+                target[k, img0 + centre_patches] = 1.0
+            target = target / target.sum(-1, keepdim=True)
+            ref = -(target * probs.clamp_min(1e-30).log()).sum(-1).mean()
+            torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(mass, float((probs * (target > 0)).sum(-1).mean()), rtol=1e-4, atol=1e-5)
+    empty = count_attention_loss(model, 1, 0, hidden[0], batch["input_ids"], None, rows, pos, channel * 0 - 1,
+                                 batch["centre"], patch_index)
+    assert empty[2] == 0 and float(empty[0]) == 0.0
+
+
+def test_trainer_with_the_count_attention_target_learns_it(tmp_path):
+    from vtprune.testbed.train import train
+    from vtprune.testbed.train_v3 import TINY_V3, v3_config
+
+    cfg = replace(v3_config(size=TINY_V3), steps_a=1, batch_a=2, steps_b=25, batch_b=2, questions_per_image=3,
+                  warmup=1, eval_every=25, eval_per_type=1, save_every=25, keep_schedule="", probe_scenes=4,
+                  feature_cache=4, cls_steps=0, single_steps=0, type_schedule="25:count", count_attention_weight=1.0)
+    logs: list[str] = []
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path, cfg, progress=False, log=logs.append)
+    finally:
+        torch.set_num_threads(threads)
+    lines = [x for x in logs if x.startswith("B ") and "count-attention" in x]
+    assert len(lines) == 1, logs  # logged every 25 steps
+    assert 0.0 <= float(lines[0].split("on-target ")[1].split()[0]) <= 1.0
+    with pytest.raises(ValueError, match="count_attention_layer 7 is not a decoder layer"):
+        train(tmp_path / "bad", replace(cfg, count_attention_layer=7), progress=False, log=lambda _: None)

@@ -1,0 +1,68 @@
+"""Training-only attention target for counting (Stage B, `count_attention_weight` > 0).
+
+Counting on shapes-v3 stayed at 0.3-0.5 with counts 2-8 mostly off by one or two (testbed docs, sixth to eleventh
+sessions) although the tower marks every object's centre patch (`TrainConfig.tower_count_target = "centre"`: its
+summed probabilities come within 0.3-0.5 objects of every count). Softmax attention averages, so an answer position
+that attends to the matching tokens alone learns what they show, not how many there are. A head counts when it
+attends equally to the k matching tokens and to one fixed token (the row's first, `<s>`): the weight on `<s>` is then
+1 / (k + 1), exact for every k, and a later layer reads it off. This module gives that head its target directly: at
+each count question's answer position, one head of decoder layer `layer` (1-based) must put its attention uniformly
+on `<s>` and on the image tokens holding the centre of an object of the asked colour or shape
+(`scenes_v3.object_centres`); cross-entropy against that distribution over the causal keys.
+
+Nothing here has parameters: it reads the layer's own query / key projections, so the shipped model stays a stock
+`LlavaForConditionalGeneration`. Llama-family decoders only (`q_proj`, `k_proj`, rotary position embeddings).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+
+def count_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor, input_ids: torch.Tensor,
+                         position_ids: torch.Tensor | None, answer_rows: torch.Tensor, answer_pos: torch.Tensor,
+                         channel: torch.Tensor, centre: torch.Tensor, patch_index: torch.Tensor
+                         ) -> tuple[torch.Tensor, float, int]:
+    """(loss, mean attention mass on the target tokens, number of count answers) for one head.
+
+    layer_input [B, T, D]: the input of decoder layer `layer` (1-based; `hidden_states[layer - 1]`); input_ids /
+    position_ids [B, T] (None: 0..T-1); answer_rows / answer_pos / channel [K]: each answer position's row, position
+    and counted `object_centres` column (-1: no count question, skipped); centre [B, 576, C + S]
+    (`scenes_v3.object_centres`); patch_index [B, N]: which of the 576 patches each of the row's N image tokens is.
+    """
+    keep = channel >= 0
+    rows, pos, chan = answer_rows[keep], answer_pos[keep], channel[keep]  # [K]
+    if rows.numel() == 0:
+        return layer_input.sum() * 0.0, float("nan"), 0
+    block = model.model.language_model.layers[layer - 1]
+    attn = block.self_attn
+    cfg = model.config.text_config
+    head_dim = getattr(attn, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    kv_head = head // (cfg.num_attention_heads // cfg.num_key_value_heads)
+    b, t, _ = layer_input.shape
+    x = block.input_layernorm(layer_input)  # [B, T, D]
+    if position_ids is None:
+        position_ids = torch.arange(t, device=x.device).expand(b, -1)
+    cos, sin = model.model.language_model.rotary_emb(x, position_ids)  # [B, T, hd] each
+    q = attn.q_proj(x[rows, pos]).view(-1, cfg.num_attention_heads, head_dim)[:, head]  # [K, hd]
+    k = attn.k_proj(x[rows]).view(rows.numel(), t, -1, head_dim)[:, :, kv_head]  # [K, T, hd]
+    q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[rows, pos][:, None], sin[rows, pos][:, None])
+    k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos[rows], sin[rows])
+    logits = (k[:, 0] @ q[:, 0, 0].unsqueeze(-1)).squeeze(-1).float() * head_dim ** -0.5  # [K, T]
+    causal = torch.arange(t, device=x.device)[None] <= pos[:, None]  # [K, T]
+    logits = logits.masked_fill(~causal, float("-inf"))
+
+    # target: <s> (position 0) and the image tokens at the asked column's centre patches
+    image = input_ids == model.config.image_token_id  # [B, T]
+    goal = torch.zeros(b, t, centre.shape[-1], device=x.device)
+    shown = centre.to(x.device).float().gather(1, patch_index.unsqueeze(-1).expand(-1, -1, centre.shape[-1]))
+    goal[image] = (shown > 0).float().reshape(-1, centre.shape[-1])  # [B, T, C + S]: image tokens only
+    target = goal[rows, :, chan]  # [K, T]
+    target[:, 0] = 1.0
+    target = target / target.sum(-1, keepdim=True)
+    logp = F.log_softmax(logits, -1)
+    loss = -(target * logp.nan_to_num(neginf=0.0)).sum(-1).mean()
+    mass = (logp.exp() * (target > 0)).sum(-1).mean().item()
+    return loss, mass, int(rows.numel())
