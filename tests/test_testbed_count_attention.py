@@ -23,7 +23,7 @@ def test_each_count_question_counts_its_centre_column():
         centres = object_centres(scene).sum(0)  # [C + S]
         qs = questions_v3.candidates(scene, "count") + questions_v3.candidates(scene, "colour")[:1]
         channels = data_v3.count_channels(qs, len(qs) + 2)
-        for q, ch in zip(qs, channels):
+        for q, ch in zip(qs, channels[:len(qs)], strict=True):
             if q.type == "count":
                 assert centres[ch] == int(q.answer)
                 seen += 1
@@ -67,7 +67,7 @@ def test_loss_is_the_cross_entropy_of_the_models_own_attention():
             probs = attentions[layer - 1][rows[keep], 0, pos[keep]]  # [K, T]
             target = torch.zeros_like(probs)
             target[:, 0] = 1.0
-            for k, (r, c) in enumerate(zip(rows[keep].tolist(), channel[keep].tolist())):
+            for k, (r, c) in enumerate(zip(rows[keep].tolist(), channel[keep].tolist(), strict=True)):
                 centre_patches = (batch["centre"][r, :, c] > 0).nonzero().squeeze(-1)
                 img0 = int(image[r].nonzero()[0])
                 target[k, img0 + centre_patches] = 1.0

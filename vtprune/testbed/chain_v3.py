@@ -4,7 +4,8 @@
 
 1. `small` — `--preset v3` with a 4 × 64 decoder (the k-runs of the fifth to eighth sessions: half the Stage-B step
    cost of 32 layers): Stage A (tower), probe projector init, Stage B (single-question steps, packed questions, the
-   type curriculum then `SMALL_TYPES`, the answer-position read-out after layer 2), hand-over of its final state;
+   type curriculum then `SMALL_TYPES`, the answer-position read-out after layer 2, the count attention target of
+   `count_attention.py` on layer 3), hand-over of its final state;
 2. `tower` — Stage B again from that model with the vision tower trained end to end (the ninth session's t3:
    decoder and tower lr 3e-4, Stage A's dense loss and the object-share regression on the tower, every scored type
    with leftof / count / number / relation weighted twice, `upper` three times);

@@ -10,6 +10,11 @@ each count question's answer position, one head of decoder layer `layer` (1-base
 on `<s>` and on the image tokens holding the centre of an object of the asked colour or shape
 (`scenes_v3.object_centres`); cross-entropy against that distribution over the causal keys.
 
+Measured (testbed docs, twelfth session): the head learns the target (its weight on `<s>` tracks 1 / (k + 1),
+correlation 0.97) but not yet precisely (read off directly, 0.51 of counts right); added to a decoder that already
+counted it left counting unchanged (0.39 vs 0.42), while in the chain's small phase, where the decoder learns every
+type from the start, counting rose from 0.26 to 0.48 on the same 100 calibration questions (p = 0.0007).
+
 Nothing here has parameters: it reads the layer's own query / key projections, so the shipped model stays a stock
 `LlavaForConditionalGeneration`. Llama-family decoders only (`q_proj`, `k_proj`, rotary position embeddings).
 """
