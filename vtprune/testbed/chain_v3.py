@@ -17,8 +17,9 @@ checkpoint `benchmarks/checkpoints/shapes-v3-wip` holds 2,400 Stage-A steps: abo
 writes `DIR/<phase>/` (its own resumable trainer state) and `DIR/<phase>/PHASE_DONE` when finished; the
 last phase's model is `DIR/deep/model` (a stock `LlavaForConditionalGeneration`). Time limits (`PHASE_SECONDS`,
 scaled by `time_scale`) are set so that the chain takes about 3 h on one CPU thread (docs/testbed.md, "tenth
-session" and "eleventh session", state what it reached: 0.64, then 0.69 with `SMALL_TYPES` and the digits in the
-read-out, at `--time-scale` 0.6 / 0.75); each phase's Stage B ends at its limit and hands over its final state.
+session" to "twelfth session", state what it reached: 0.64, then 0.69 with `SMALL_TYPES` and the digits in the
+read-out, then 0.74 with the count attention target, at `--time-scale` 0.6 / 0.75 / 0.75); each phase's Stage B
+ends at its limit and hands over its final state.
 """
 
 from __future__ import annotations
