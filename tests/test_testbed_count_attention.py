@@ -75,12 +75,23 @@ def test_loss_is_the_cross_entropy_of_the_models_own_attention():
             ref = -(target * probs.clamp_min(1e-30).log()).sum(-1).mean()
             torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(mass, float((probs * (target > 0)).sum(-1).mean()), rtol=1e-4, atol=1e-5)
+    # the target trains the head's own query / key projections and what feeds them, never a later layer
+    model.zero_grad(set_to_none=True)
+    layer_input = hidden[1].detach().requires_grad_(True)
+    loss, _, _ = count_attention_loss(model, 2, 0, layer_input, batch["input_ids"], None, rows, pos, channel,
+                                      batch["centre"], patch_index)
+    loss.backward()
+    layers = model.model.language_model.layers
+    assert layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
+    assert layer_input.grad.abs().sum() > 0
+    assert layers[1].self_attn.v_proj.weight.grad is None and layers[1].mlp.up_proj.weight.grad is None
     empty = count_attention_loss(model, 1, 0, hidden[0], batch["input_ids"], None, rows, pos, channel * 0 - 1,
                                  batch["centre"], patch_index)
     assert empty[2] == 0 and float(empty[0]) == 0.0
 
 
-def test_trainer_with_the_count_attention_target_learns_it(tmp_path):
+def test_trainer_logs_the_count_attention_target_and_checks_its_layer(tmp_path):
     from vtprune.testbed.train import train
     from vtprune.testbed.train_v3 import TINY_V3, v3_config
 

@@ -611,7 +611,6 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                          f"(accepted: 1..{cfg.size.text_layers}, or 0 for the first)")
     if cfg.count_weight > 0 and cfg.data != "shapes-v3":
         raise ValueError(f"count_weight > 0 needs shapes-v3 data (its batches carry the count targets), got {cfg.data}")
-    # the count targets (share / count) only when a read-out uses them; v2's question_batch has no such option
     count_attention_layer = cfg.count_attention_layer or max(1, cfg.size.text_layers - 1)
     if cfg.count_attention_weight > 0 and not 0 < count_attention_layer <= cfg.size.text_layers:
         raise ValueError(f"count_attention_layer {cfg.count_attention_layer} is not a decoder layer "
@@ -619,6 +618,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     if cfg.count_attention_weight > 0 and cfg.data != "shapes-v3":
         raise ValueError(f"count_attention_weight > 0 needs shapes-v3 data (its batches carry the centre targets), "
                          f"got {cfg.data}")
+    # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
     counter = CountReadout(cfg.size.text_width, len(COLOURS) + len(SHAPES), count_layer).to(device)
