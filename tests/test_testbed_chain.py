@@ -31,6 +31,11 @@ def test_chain_runs_every_phase_hands_over_and_resumes(tmp_path):
     assert deep["init"] == str(tmp_path / "grown") and deep["tower_lr_b"] == 0
     assert (deep["size"]["text_layers"], small["size"]["text_layers"]) == (2, 1)
     assert resolve_model(str(final))[0].config.text_config.num_hidden_layers == 2
+    assert small["anneal_by_time"] and tower["anneal_by_time"] and deep["anneal_by_time"]
+    # Stage C runs on the grown model before the deep Stage B, whose decoder then adapts to it
+    assert deep["cls_before_b"] and deep["cls_steps"] > 0 and tower["cls_steps"] == small["cls_steps"] == 0
+    stages = [h["stage"] for h in json.loads((tmp_path / "deep" / "train_summary.json").read_text())["history"]]
+    assert stages.count("C") == 1 and stages.index("C") < stages.index("B-eval")
 
     again: list[str] = []
     assert run_chain(tmp_path, tiny=True, progress=False, log=again.append) == final

@@ -4,6 +4,7 @@ the preset's model is a real LlavaForConditionalGeneration with a >= 12-layer de
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -226,3 +227,78 @@ def test_fast_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
     assert train_module.fast_bf16("cpu")
     info.write_text("flags : fpu amx_bf16 amx_tile\n")
     assert train_module.fast_bf16("cpu")
+
+
+
+def test_stage_c_before_stage_b_tunes_the_starting_model_and_the_frozen_tower_keeps_it(tmp_path, monkeypatch):
+    """`cls_before_b`: Stage C runs once, on the model Stage B starts from, before any Stage-B step (also across a
+    resume); Stage B leaves the tuned [CLS] embedding as it is (frozen tower) and nothing is tuned after it; with a
+    tower Stage B would train, the run is refused before any work."""
+    from vtprune.testbed import cls_saliency
+    from vtprune.testbed.builtin import resolve_model
+
+    def cls_embedding(model):
+        return cls_saliency._tower(model).embeddings.class_embedding.detach().float().clone()
+
+    tuned, logs = [], []
+    original = cls_saliency.tune_cls_embedding
+
+    def recording(model, *args, **kwargs):
+        logs.append("tune")
+        out = original(model, *args, **kwargs)
+        tuned.append(cls_embedding(model))
+        return out
+
+    monkeypatch.setattr(cls_saliency, "tune_cls_embedding", recording)
+    threads = torch.get_num_threads()
+    try:
+        train(tmp_path / "start", replace(_config(1), steps_a=1, cls_steps=0, eval_every=1), progress=False,
+              log=lambda _: None)
+        cfg = replace(_config(2), init=str(tmp_path / "start" / "model"), steps_a=0, single_steps=0, keep_schedule="",
+                      column_code_scale=0.0, row_code_scale=0.0, feature_cache=0, cls_steps=3, cls_before_b=True,
+                      export_final=True, eval_every=1)
+        train(tmp_path / "run", cfg, progress=False, log=logs.append)
+        train(tmp_path / "run", replace(cfg, steps_b=3), progress=False, log=logs.append)  # resumed, longer
+        with pytest.raises(ValueError, match="cls_before_b needs a frozen tower"):
+            train(tmp_path / "bad", replace(cfg, tower_lr_b=1e-4), progress=False, log=logs.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert logs.count("tune") == 1 and logs.index("tune") < min(i for i, m in enumerate(logs) if "B-eval" in m
+                                                               or m.startswith("exported"))
+    start, _ = resolve_model(tmp_path / "start" / "model")
+    final, _ = resolve_model(tmp_path / "run" / "model")
+    assert not torch.equal(cls_embedding(start), tuned[0])  # Stage C moved it ...
+    torch.testing.assert_close(cls_embedding(final), tuned[0].half().float())  # ... and Stage B kept it (fp16 export)
+    history = json.loads((tmp_path / "run" / "train_summary.json").read_text())["history"]
+    assert [h["stage"] for h in history].count("C") == 1
+    assert not (tmp_path / "bad" / "model").exists()
+
+
+def test_learning_rate_follows_the_time_limit_when_it_binds_first(tmp_path, monkeypatch):
+    """`anneal_by_time`: a Stage B its time limit ends (here after about 4 of 100 steps, on a fake clock) reaches the
+    cosine's floor by then; without it, it ends near its peak learning rate, as the chain's phases did."""
+    import types as pytypes
+
+    from vtprune import checkpointing as cpt
+    from vtprune.testbed import train as train_module
+
+    assert train_module._schedule(10, 100, 0, time_done=1.0) == pytest.approx(0.1)
+    assert train_module._schedule(10, 100, 0) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.1)))
+    assert train_module._schedule(0, 100, 5, time_done=1.0) == pytest.approx(0.2)  # warm-up first
+
+    def last_lr(folder, anneal):
+        clock = iter(range(0, 10**6))  # every reading of the clock: one more second
+        monkeypatch.setattr(train_module, "time", pytypes.SimpleNamespace(time=lambda: float(next(clock))))
+        cfg = replace(_config(100), steps_a=0, single_steps=0, warmup=0, eval_every=1000, cls_steps=0,
+                      feature_cache=0, keep_schedule="", time_limit_b=6.0, anneal_by_time=anneal, export_final=True)
+        threads = torch.get_num_threads()
+        try:
+            train(folder, cfg, progress=False, log=lambda _: None)
+        finally:
+            torch.set_num_threads(threads)
+        state = cpt.load_state(cpt.latest(folder / "state", ""), "state", "cpu")
+        assert 1 < state["st"]["step"] < 100  # the time limit ended Stage B
+        return state["opt_b"]["param_groups"][0]["lr"] / cfg.lr_b
+
+    assert last_lr(tmp_path / "annealed", True) < 0.3
+    assert last_lr(tmp_path / "steps", False) > 0.95

@@ -115,6 +115,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="Stage C: steps training the [CLS] embedding's attention on the exported model "
                         "(default 100; 0 = skip)")
     t.add_argument("--cls-lr", type=float, default=None, help="Stage C learning rate (default 0.05)")
+    t.add_argument("--anneal-by-time", action="store_true", default=None,
+                   help="with --time-limit-b: Stage B's cosine learning-rate schedule follows whichever of its steps "
+                        "and its time limit is further along, so a run the time limit ends still anneals")
+    t.add_argument("--cls-before-b", action="store_true", default=None,
+                   help="run Stage C on the starting model before Stage B (needs a frozen tower, no --tower-lr), so "
+                        "that Stage B's decoder adapts to the patch features it shifts")
     t.add_argument("--text-layers", type=int, default=None, help="decoder layers")
     t.add_argument("--text-width", type=int, default=None, help="decoder width (MLP 3x, head dim 32)")
     t.add_argument("--threads", type=int, default=1)
@@ -243,7 +249,8 @@ def _train(args: argparse.Namespace) -> int:
                       "tower_dense_weight": args.tower_dense_weight, "head_fit_steps": args.head_fit_steps,
                       "tower_share_weight": args.tower_share_weight,
                       "tower_count_target": args.tower_count_target,
-                      "tower_place_weight": args.tower_place_weight})
+                      "tower_place_weight": args.tower_place_weight, "cls_before_b": args.cls_before_b,
+                      "anneal_by_time": args.anneal_by_time})
     for k, v in overrides.items():
         if v is not None:
             setattr(cfg, k, v)

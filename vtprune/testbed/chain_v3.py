@@ -10,7 +10,10 @@
    decoder and tower lr 3e-4, Stage A's dense loss and the object-share regression on the tower, every scored type
    with leftof / count / number / relation weighted twice, `upper` three times);
 3. `grown` — the decoder grown to 32 layers computing the same function (`grow.grow_decoder`);
-4. `deep` — a brief Stage B at 32 layers (lr 3e-4, the read-out after layer 16, the tower frozen), then Stage C.
+4. `deep` — Stage C (the [CLS] embedding, `cls_saliency.py`), then a brief Stage B at 32 layers (lr 3e-4, the
+   read-out after layer 16, the tower frozen), in which the decoder adapts to the patch features Stage C shifted.
+
+Every phase's learning rate anneals by its time limit as well as by its step count (`TrainConfig.anneal_by_time`).
 
 `--vision-init DIR` takes the tower of an earlier Stage A instead of running one (the committed work-in-progress
 checkpoint `benchmarks/checkpoints/shapes-v3-wip` holds 2,400 Stage-A steps: about 45 minutes saved). Each phase
@@ -61,7 +64,7 @@ class Phase:
 def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_init: str = "") -> list[Phase]:
     """The chain's four links (tiny: the smoke-test size and a few steps each, seconds in all). vision_init: a model
     whose vision tower replaces Stage A (e.g. benchmarks/checkpoints/shapes-v3-wip: 2,400 Stage-A steps)."""
-    base = v3_config(seed=seed)
+    base = replace(v3_config(seed=seed), anneal_by_time=True)  # every phase ends at its time limit, annealed
     small_layers, deep_layers = SMALL_LAYERS, DEEP_LAYERS
     if tiny:
         from .train_v3 import TINY_V3
@@ -102,7 +105,7 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
 
     def deep(init: str) -> TrainConfig:
         return replace(continuation(init, deep_layers), steps_b=steps(800), time_limit_b=limit("deep"),
-                       eval_every=steps(200))  # fmt: skip
+                       eval_every=steps(200), cls_before_b=True)  # fmt: skip
 
     return [Phase("small", small), Phase("tower", tower), Phase("grown", grow_to=deep_layers), Phase("deep", deep)]
 

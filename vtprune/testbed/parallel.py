@@ -83,3 +83,12 @@ def broadcast_flags(*flags: bool) -> tuple[bool, ...]:
     t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
     dist.broadcast(t, 0)
     return tuple(bool(v) for v in t.tolist())
+
+
+def broadcast_value(value: float) -> float:
+    """Rank 0's `value` on every process (the value itself outside a process group)."""
+    if rank_world()[1] == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return float(t.item())

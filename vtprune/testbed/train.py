@@ -112,6 +112,10 @@ class TrainConfig:
     keep_schedule: str = "5400:8,5800:32"
     target_min_type: float = 0.97  # Stage B stops early once every type reaches this on the eval set
     time_limit_b: float = 0.0  # seconds; 0 = no limit
+    # with time_limit_b: Stage B's cosine follows whichever of its step count and its time limit is further along,
+    # so a Stage B its time limit ends still anneals (the chain's phases ended at up to their peak learning rate
+    # without it: testbed docs, thirteenth session)
+    anneal_by_time: bool = False
     threads: int = 1
     procs: int = 1  # data-parallel processes of `threads` threads each (parallel.py; the CLI's --procs)
     bf16: bool = True
@@ -165,6 +169,11 @@ class TrainConfig:
     export_final: bool = False
     cls_steps: int = 100  # Stage C: Adam steps on the [CLS] embedding's attention (0 = skip; cls_saliency.py)
     cls_lr: float = 0.05
+    # Stage C before Stage B instead of after it, on the model Stage B starts from (needs tower_lr_b == 0: the
+    # frozen tower keeps the tuned [CLS] attention, and Stage B's decoder adapts to the patch features Stage C
+    # shifted; tuned after Stage B, those shifts cost a trained v3 model 0.05 of its accuracy, testbed docs,
+    # thirteenth session)
+    cls_before_b: bool = False
     data: str = "shapes-v2"  # benchmark version the run reads (datasets.py): "shapes-v2" or "shapes-v3"
 
     def to_dict(self) -> dict:
@@ -543,10 +552,13 @@ def fit_dense_heads(model, heads: DenseHeads, share_head: nn.Module | None, batc
     return {k: round(v, 4) for k, v in stats.items()}
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
+def _schedule(step: int, total: int, warmup: int, time_done: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up, then a cosine from 1 to 0.1 over the steps after it, or over the time
+    budget when `time_done` (the share of it used) is further along."""
     if step < warmup:
         return (step + 1) / warmup
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    done = max(min(1.0, (step - warmup) / max(1, total - warmup)), min(1.0, time_done))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
 
 
 def _progress():
@@ -634,6 +646,11 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     if cfg.tower_place_weight > 0 and not tuning:
         raise ValueError("tower_place_weight > 0 reads the tower's features while Stage B trains it: "
                          "it needs tower_lr_b > 0")
+    if cfg.cls_before_b and tuning:
+        raise ValueError("cls_before_b needs a frozen tower in Stage B (tower_lr_b 0): training it would undo the "
+                         f"tuned [CLS] attention; got tower_lr_b {cfg.tower_lr_b}")
+    if cfg.cls_before_b and world > 1:
+        raise ValueError("cls_before_b runs Stage C in one process: use procs 1")
     if cfg.tower_share_weight > 0 and not tuning:
         raise ValueError("tower_share_weight > 0 reads the tower's features while Stage B trains it: "
                          "it needs tower_lr_b > 0")
@@ -686,7 +703,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         ended = st.get("target_reached") or (cfg.export_final and st.get("time_up"))
         if st["stage"] == "done" and st["step"] < cfg.steps_b and not ended:
             st["stage"] = "B"  # resumed with a longer Stage B
-            st["cls_done"] = False  # a new best export needs Stage C again
+            st["cls_done"] = cfg.cls_before_b and st.get("cls_done", False)  # a new best export needs Stage C again
         log(f"resumed: stage {st['stage']} step {st['step']}")
     (out / "train_config.json").write_text(cpt.dumps_strict(cfg.to_dict(), indent=2))
 
@@ -704,6 +721,16 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                  "opt_tower": opt_tower.state_dict(), "tower_share": tower_share.state_dict(),
                  "opt_tower_share": opt_tower_share.state_dict(), "tower_place": tower_place.state_dict(), "st": st}
         cpt.write(state_root, serial, cpt.state_files("state", state))
+
+    def stage_c(target, when: str) -> None:
+        """Stage C (cls_saliency.py): `target`'s [CLS] embedding trained in place, recorded in the history."""
+        from .cls_saliency import tune_cls_embedding
+
+        stats = tune_cls_embedding(target, cfg.cls_steps, cfg.cls_lr, seed=cfg.seed + 3, eval_seed=cfg.eval_seed,
+                                   device=device, log=log, dense=ds.dense_batch)
+        st["history"].append({"stage": "C", "step": cfg.cls_steps, **stats})
+        st["cls_done"] = True
+        log(f"Stage C ([CLS] attention){when}: {stats}")
 
     eval_set = ds.watched_samples(cfg.eval_seed, cfg.eval_per_type)
     bar = _progress() if progress else None
@@ -742,6 +769,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             st["heads_fitted"] = cfg.steps_a > 0  # Stage A trained them
             save()
         # ---- Stage B: projector + decoder on packed questions; the tower frozen unless tower_lr_b > 0 ----
+        if cfg.cls_before_b and cfg.cls_steps > 0 and not st.get("cls_done") and st["stage"] == "B":
+            stage_c(model, " before Stage B")  # ---- Stage C first: the starting model's [CLS] embedding ----
+            save()
         packing = Packing(cfg.questions_per_image)
         single_packing = Packing(1)
         model.model.vision_tower.requires_grad_(False)
@@ -814,10 +844,14 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                                           **count_kwargs, **({"with_dense": True} if tuning else {}))
             st["scenes_b"] = first + size_b
             batch = {k: v.to(device) for k, v in batch.items()}
+            time_done = 0.0
+            if cfg.anneal_by_time and cfg.time_limit_b > 0:  # rank 0's clock, as for the time limit itself
+                time_done = parallel.broadcast_value((st["wall"] - b_start_wall) / cfg.time_limit_b)
+            lr_factor = _schedule(st["step"], cfg.steps_b, cfg.warmup, time_done)
             for g in opt_b.param_groups:
-                g["lr"] = cfg.lr_b * _schedule(st["step"], cfg.steps_b, cfg.warmup)
+                g["lr"] = cfg.lr_b * lr_factor
             for g in opt_tower.param_groups + opt_tower_share.param_groups:
-                g["lr"] = cfg.tower_lr_b * _schedule(st["step"], cfg.steps_b, cfg.warmup)
+                g["lr"] = cfg.tower_lr_b * lr_factor
             with amp:
                 dense_loss = None
                 if cache is not None:
@@ -929,7 +963,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 bar.update(task, completed=st["step"], info=info)
             if st["step"] % 25 == 0:
                 st["history"].append({"stage": "B", "step": st["step"], "wall": round(st["wall"], 1),
-                                      "loss": round(loss.item(), 4), "answer_acc": round(acc, 4)})
+                                      "loss": round(loss.item(), 4), "answer_acc": round(acc, 4),
+                                      "lr": round(cfg.lr_b * lr_factor, 8)})
                 log(f"B {st['step']} {st['wall']:.0f}s {info}")
             over_time = cfg.time_limit_b > 0 and st["wall"] - b_start_wall > cfg.time_limit_b
             (over_time,) = parallel.broadcast_flags(over_time)  # rank 0's clock decides for every process
@@ -969,18 +1004,14 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     save()
     if rank != 0:  # Stage C and the summary belong to rank 0 (the other processes' weights are the same)
         return model
-    if st["stage"] == "done" and cfg.cls_steps > 0 and not st.get("cls_done") and (out / "model").exists():
+    if (st["stage"] == "done" and cfg.cls_steps > 0 and not cfg.cls_before_b and not st.get("cls_done")
+            and (out / "model").exists()):
         # ---- Stage C: the exported best model's [CLS] embedding (cls_saliency.py) ----
         from .builtin import resolve_model
-        from .cls_saliency import tune_cls_embedding
 
         best, _ = resolve_model(out / "model")
-        stats = tune_cls_embedding(best.to(device), cfg.cls_steps, cfg.cls_lr, seed=cfg.seed + 3,
-                                   eval_seed=cfg.eval_seed, device=device, log=log, dense=ds.dense_batch)
+        stage_c(best.to(device), "")
         export(best, processor, out / "model")
-        st["history"].append({"stage": "C", "step": cfg.cls_steps, **stats})
-        st["cls_done"] = True
-        log(f"Stage C ([CLS] attention): {stats}")
         save()
     summary = {"config": cfg.to_dict(), "history": st["history"], "best": st["best"],
                "train_wall_s": round(st["wall"], 1), "machine": machine(),
