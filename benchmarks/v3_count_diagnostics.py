@@ -89,6 +89,11 @@ def tower_counts(model, centre_head: nn.Module, questions: int) -> dict[str, np.
             "marked": (asked > 0.5).sum(1).numpy()}
 
 
+def _by_count(k: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(count, mask [K]) for every count 0..9 that some question has."""
+    return [(v, k == v) for v in range(10) if (k == v).any()]
+
+
 def _report_head(r: dict[str, np.ndarray]) -> None:
     k = r["count"]
     read = np.clip(np.round(1 / np.maximum(r["bos"], 1e-3) - 1), 0, 9)
@@ -98,13 +103,11 @@ def _report_head(r: dict[str, np.ndarray]) -> None:
     for part in PARTS:
         print(f"  {part:13s} {r[part].mean():.3f} (read right {r[part][right].mean():.3f}, wrong "
               f"{r[part][~right].mean() if (~right).any() else float('nan'):.3f})")
-    for v in range(10):
-        m = k == v
-        if m.any():
-            print(f"  k={v} n={m.sum():3d} <s> {r['bos'][m].mean():.3f} (even: {1 / (v + 1):.3f},"
-                  f" sd {r['bos'][m].std():.3f})"
-                  f" centres {r['centre'][m].mean():.3f} elsewhere {1 - r['bos'][m].mean() - r['centre'][m].mean():.3f}"
-                  f" read right {right[m].mean():.2f}")
+    for v, m in _by_count(k):
+        print(f"  k={v} n={m.sum():3d} <s> {r['bos'][m].mean():.3f} (even: {1 / (v + 1):.3f},"
+              f" sd {r['bos'][m].std():.3f})"
+              f" centres {r['centre'][m].mean():.3f} elsewhere {1 - r['bos'][m].mean() - r['centre'][m].mean():.3f}"
+              f" read right {right[m].mean():.2f}")
 
 
 def _report_tower(r: dict[str, np.ndarray]) -> None:
@@ -112,11 +115,9 @@ def _report_tower(r: dict[str, np.ndarray]) -> None:
     summed = np.round(r["summed"])
     print(f"tower: summed centre probabilities right {(summed == k).mean():.2f}, within one "
           f"{(np.abs(summed - k) <= 1).mean():.2f}; patches above 0.5 right {(r['marked'] == k).mean():.2f}")
-    for v in range(10):
-        m = k == v
-        if m.any():
-            print(f"  k={v} n={m.sum():3d} summed {r['summed'][m].mean():.2f} sd {r['summed'][m].std():.2f}"
-                  f" right {(summed[m] == v).mean():.2f}")
+    for v, m in _by_count(k):
+        print(f"  k={v} n={m.sum():3d} summed {r['summed'][m].mean():.2f} sd {r['summed'][m].std():.2f}"
+              f" right {(summed[m] == v).mean():.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
