@@ -703,7 +703,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         ended = st.get("target_reached") or (cfg.export_final and st.get("time_up"))
         if st["stage"] == "done" and st["step"] < cfg.steps_b and not ended:
             st["stage"] = "B"  # resumed with a longer Stage B
-            st["cls_done"] = cfg.cls_before_b and st.get("cls_done", False)  # a new best export needs Stage C again
+            # a new best export needs Stage C again; run before Stage B (cls_before_b), it stays done
+            st["cls_done"] = cfg.cls_before_b and st.get("cls_done", False)
         log(f"resumed: stage {st['stage']} step {st['step']}")
     (out / "train_config.json").write_text(cpt.dumps_strict(cfg.to_dict(), indent=2))
 
