@@ -53,11 +53,8 @@ def head_attention(model, layer: int, head: int, questions: int) -> dict[str, np
     (the parts sum to 1 per question). Needs eager attention (`model.set_attn_implementation("eager")`)."""
     batch, rows, pos, chan, count = count_batch(model, questions)
     image = batch["input_ids"] == model.config.image_token_id  # [B, T]
-    feats = vision_features(model, batch["pixel_values"])  # [B, 576, Dv]
-    embeds = model.model.language_model.get_input_embeddings()(batch["input_ids"])
-    embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats).to(embeds.dtype))
-    out = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                     output_attentions=True)
+    out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                attention_mask=batch["attention_mask"], output_attentions=True)  # the stock forward
     attn = out.attentions[layer - 1][rows, head, pos].float()  # [K, T]
     first = image.float().argmax(1)[rows]  # [K]: every row's image tokens are contiguous, all 576 shown
     idx = first[:, None] + torch.arange(576)[None]  # [K, 576]
