@@ -91,16 +91,47 @@ def test_readout_loss_uses_only_defined_targets_and_can_reach_zero():
     hidden = tuple(torch.randn(2, 6, 8) for _ in range(3))
     fetch = torch.full((2, 1, 4), float("nan"))
     fetch[0, 0] = torch.tensor([0.5, -0.5, 0.1, 0.2])  # row 1's question has no object: adds nothing
-    loss, cells, targets = head.loss(hidden, labels, fetch, eos_id=2)
+    loss, cells, targets, second_cells = head.loss(hidden, labels, fetch, eos_id=2)
     assert targets == 6  # 2 + 4 defined coordinates of row 0's one question
     early = head.named(hidden[1][0, 1])
     late = head.both(hidden[2][0, 1])
     want = (torch.cat([early - fetch[0, 0, :2], late - fetch[0, 0]]) ** 2).mean()
     assert loss.item() == pytest.approx(want.item(), rel=1e-5)
     assert cells == pytest.approx((early - fetch[0, 0, :2]).abs().mean().item() * 12, rel=1e-5)
+    assert math.isnan(second_cells)  # this read-out has no early map of the second object
     none = torch.full((2, 1, 4), float("nan"))
-    zero, nan, no_targets = head.loss(hidden, labels, none, eos_id=2)
+    zero, nan, no_targets, _ = head.loss(hidden, labels, none, eos_id=2)
     assert zero.item() == 0.0 and math.isnan(nan) and no_targets == 0
+
+
+def test_second_named_objects_are_read_early_only_where_the_question_names_them(scenes):
+    torch.manual_seed(0)
+    head = AnswerReadout(8, first_layer=1, second=True)
+    labels = torch.full((2, 8), -100)
+    labels[0, 2], labels[0, 3], labels[0, 5], labels[0, 6] = 7, 2, 8, 2  # row 0: two questions
+    labels[1, 4], labels[1, 5] = 9, 2  # row 1: one
+    hidden = tuple(torch.randn(2, 8, 8) for _ in range(3))
+    fetch = torch.tensor([[[0.5, -0.5, 0.1, 0.2], [0.3, 0.3, -0.2, 0.6]],
+                          [[0.1, 0.2, -0.7, 0.4], [float("nan")] * 4]])  # fmt: skip
+    named2 = torch.tensor([[True, False], [False, False]])  # only row 0's first question names its second object
+    loss, _, targets, second_cells = head.loss(hidden, labels, fetch, 2, named2)
+    assert targets == 3 * 6 + 2  # every question's 6 targets, plus row 0 question 0's second object early
+    early2 = head.second(hidden[1][0, 1])
+    assert second_cells == pytest.approx((early2 - fetch[0, 0, 2:]).abs().mean().item() * 12, rel=1e-5)
+    preds = [torch.cat([head.named(hidden[1][r, p]), head.both(hidden[2][r, p])]) for r, p in ((0, 1), (0, 4), (1, 3))]
+    goals = [torch.cat([fetch[r, k, :2], fetch[r, k]]) for r, k in ((0, 0), (0, 1), (1, 0))]
+    sq = torch.cat([(a - b) ** 2 for a, b in zip(preds, goals, strict=True)] + [(early2 - fetch[0, 0, 2:]) ** 2])
+    assert loss.item() == pytest.approx(sq.mean().item(), rel=1e-5)
+    with pytest.raises(ValueError, match="give second_named"):
+        head.loss(hidden, labels, fetch, 2)
+    # in real batches, exactly the relation questions name their second object
+    batch = data_v3.question_batch(train_split(5), 0, 6, Packing(4), with_pixels=False, types=TYPES)
+    assert batch["second_named"].shape == (6, 4) and batch["second_named"].dtype == torch.bool
+    s = next(x for x in scenes if questions_v3.candidates(x, "relation") and questions_v3.candidates(x, "leftof"))
+    assert questions_v3.names_second(questions_v3.candidates(s, "relation")[0])
+    assert not questions_v3.names_second(questions_v3.candidates(s, "leftof")[0])
+    assert batch["second_named"].any()
+    assert torch.isfinite(batch["fetch"][..., 2][batch["second_named"]]).all()  # a named second object has a place
 
 
 def test_trainer_with_the_readout_trains_it_and_resumes(tmp_path):
@@ -110,7 +141,8 @@ def test_trainer_with_the_readout_trains_it_and_resumes(tmp_path):
 
     cfg = replace(v3_config(size=TINY_V3), steps_a=1, batch_a=2, steps_b=2, batch_b=2, questions_per_image=3,
                   warmup=1, eval_every=10, eval_per_type=1, save_every=1, keep_schedule="", probe_scenes=4,
-                  feature_cache=4, cls_steps=0, single_steps=0, type_schedule="", fetch_weight=1.0, fetch_layer=1)
+                  feature_cache=4, cls_steps=0, single_steps=0, type_schedule="", fetch_weight=1.0, fetch_layer=1,
+                  fetch_second=True)
     logs: list[str] = []
     threads = torch.get_num_threads()
     try:
@@ -124,8 +156,11 @@ def test_trainer_with_the_readout_trains_it_and_resumes(tmp_path):
     assert any(not torch.equal(first[k], state["readout"][k]) for k in first)  # the resumed run kept training it
     assert int(state["opt_readout"]["state"][0]["step"]) == 3  # its optimiser resumed too (fresh: 1)
     assert int(state["st"]["step"]) == 3
+    assert "second.weight" in state["readout"]  # fetch_second's map is trained and saved with the rest
     with pytest.raises(ValueError, match="fetch_layer 9 is not a decoder layer"):
         train(tmp_path / "bad", replace(cfg, fetch_layer=9), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="fetch_second .* needs fetch_weight > 0"):
+        train(tmp_path / "bad2", replace(cfg, fetch_weight=0.0), progress=False, log=lambda _: None)
 
 
 def test_attention_mass_of_uniform_attention_is_the_objects_share_of_the_patches():

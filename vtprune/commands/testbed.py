@@ -83,6 +83,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--fetch-layer", type=int, default=None,
                    help="decoder layer after which --fetch-weight reads the named object's centre "
                         "(default 0: half the decoder's depth)")
+    t.add_argument("--fetch-attention-weight", type=float, default=None,
+                   help="attention target for fetching: the last head of --fetch-attention-layer attends, at each "
+                        "relation's answer, to its second object's patches (default 0: off)")
+    t.add_argument("--fetch-attention-layer", type=int, default=None,
+                   help="decoder layer (1-based) of --fetch-attention-weight's head (default 0: half the depth)")
+    t.add_argument("--fetch-second", action="store_true", default=None,
+                   help="with --fetch-weight: the read-out after --fetch-layer also gives a relation's second named "
+                        "object, so that both named objects are fetched by then")
     t.add_argument("--count-weight", type=float, default=None,
                    help="Stage B (shapes-v3): weight of the training-only count read-outs: per-patch object shares "
                         "at the image tokens and the asked count at the answer position (0 = off, the default)")
@@ -250,6 +258,9 @@ def _train(args: argparse.Namespace) -> int:
                       "tower_share_weight": args.tower_share_weight,
                       "tower_count_target": args.tower_count_target,
                       "tower_place_weight": args.tower_place_weight, "cls_before_b": args.cls_before_b,
+                      "fetch_second": args.fetch_second,
+                      "fetch_attention_weight": args.fetch_attention_weight,
+                      "fetch_attention_layer": args.fetch_attention_layer,
                       "anneal_by_time": args.anneal_by_time})
     for k, v in overrides.items():
         if v is not None:

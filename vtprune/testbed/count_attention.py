@@ -17,15 +17,14 @@ type from the start, counting rose from 0.26 to 0.48 on the same 100 calibration
 session: that chain's model, trained 3,000 more steps with the target, reads 0.76 of counts right off the head
 (`benchmarks/v3_count_diagnostics.py`) and answers 0.65 of them.
 
-Nothing here has parameters: it reads the layer's own query / key projections, so the shipped model stays a stock
-`LlavaForConditionalGeneration`. Llama-family decoders only (`q_proj`, `k_proj`, rotary position embeddings).
+Nothing here has parameters (`head_attention.py`), so the shipped model stays a stock `LlavaForConditionalGeneration`.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .head_attention import head_log_attention, image_token_values, target_cross_entropy
 
 
 def count_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor, input_ids: torch.Tensor,
@@ -43,33 +42,11 @@ def count_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor
     rows, pos, chan = answer_rows[keep], answer_pos[keep], channel[keep]  # [K]
     if rows.numel() == 0:
         return layer_input.sum() * 0.0, float("nan"), 0
-    block = model.model.language_model.layers[layer - 1]
-    attn = block.self_attn
-    cfg = model.config.text_config
-    head_dim = getattr(attn, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    kv_head = head // (cfg.num_attention_heads // cfg.num_key_value_heads)
-    b, t, _ = layer_input.shape
-    x = block.input_layernorm(layer_input)  # [B, T, D]
-    if position_ids is None:
-        position_ids = torch.arange(t, device=x.device).expand(b, -1)
-    cos, sin = model.model.language_model.rotary_emb(x, position_ids)  # [B, T, hd] each
-    q = attn.q_proj(x[rows, pos]).view(-1, cfg.num_attention_heads, head_dim)[:, head]  # [K, hd]
-    k = attn.k_proj(x[rows]).view(rows.numel(), t, -1, head_dim)[:, :, kv_head]  # [K, T, hd]
-    q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[rows, pos][:, None], sin[rows, pos][:, None])
-    k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos[rows], sin[rows])
-    logits = (k[:, 0] @ q[:, 0, 0].unsqueeze(-1)).squeeze(-1).float() * head_dim ** -0.5  # [K, T]
-    causal = torch.arange(t, device=x.device)[None] <= pos[:, None]  # [K, T]
-    logits = logits.masked_fill(~causal, float("-inf"))
-
+    logp = head_log_attention(model, layer, head, layer_input, position_ids, rows, pos)  # [K, T]
     # target: <s> (position 0) and the image tokens at the asked column's centre patches
-    image = input_ids == model.config.image_token_id  # [B, T]
-    goal = torch.zeros(b, t, centre.shape[-1], device=x.device)
-    shown = centre.to(x.device).float().gather(1, patch_index.unsqueeze(-1).expand(-1, -1, centre.shape[-1]))
-    goal[image] = (shown > 0).float().reshape(-1, centre.shape[-1])  # [B, T, C + S]: image tokens only
+    goal = image_token_values(centre > 0, input_ids, model.config.image_token_id, patch_index)  # [B, T, C + S]
     target = goal[rows, :, chan]  # [K, T]
     target[:, 0] = 1.0
     target = target / target.sum(-1, keepdim=True)
-    logp = F.log_softmax(logits, -1)
-    loss = -(target * logp.nan_to_num(neginf=0.0)).sum(-1).mean()
-    mass = (logp.exp() * (target > 0)).sum(-1).mean().item()
+    loss, mass = target_cross_entropy(logp, target)
     return loss, mass, int(rows.numel())

@@ -17,6 +17,7 @@ from .questions_v3 import (
     answer_vocabulary,
     candidates,
     fetched_objects,
+    names_second,
     question_words,
     sample_questions,
 )
@@ -24,10 +25,12 @@ from .scenes import GRID, IMAGE_SIZE
 from .scenes_v3 import (
     _render,
     digit_centres,
+    id_map,
     informative_patches,
     key_patches,
     object_centres,
     object_share,
+    patch_coverage,
     patch_labels,
 )
 from .splits import Split, train_split
@@ -125,11 +128,14 @@ def encode_conversation(questions: list[Question], packing: Packing) -> tuple[li
 def question_batch(split: Split | int, start: int, n: int, packing: Packing, indices: list[int] | None = None,
                    salt: int = 0, with_pixels: bool = True,
                    types: tuple[str, ...] = QUESTION_TYPES, with_counts: bool = False,
-                   with_dense: bool = False) -> dict[str, torch.Tensor]:
+                   with_dense: bool = False, with_fetch_cover: bool = False) -> dict[str, torch.Tensor]:
     """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
-    order in which `train.shorten` keeps tokens, and fetch [n, questions_per_image, 4] (`fetch_targets`);
+    order in which `train.shorten` keeps tokens, fetch [n, questions_per_image, 4] (`fetch_targets`) and
+    second_named [n, questions_per_image] bool (`questions_v3.names_second`; False for unused slots);
+    `with_fetch_cover` adds fetch_cover [n, questions_per_image, 2, 576] (`fetch_cover`, about 3 ms per scene with
+    a question naming an object), the fetch attention's targets;
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
     (`scenes_v3.object_centres`), count and count_channel [n, questions_per_image] (`count_targets`,
     `count_channels`), the count read-outs' targets;
@@ -137,8 +143,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     dense_place [n, 576] int64 and dense_xy [n, 576, 2] (`dense_batch`'s layout), for a Stage B that trains the tower
     (`TrainConfig.tower_lr_b`)."""
     split = _as_split(split)
-    ids, labs, images, informative, priority, fetch = [], [], [], [], [], []
-    share, centre, count, channel, dense = [], [], [], [], []
+    ids, labs, images, informative, priority, fetch, second_named = [], [], [], [], [], [], []
+    share, centre, count, channel, dense, cover = [], [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -152,6 +158,9 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         asked = list(qs.values())[: packing.questions_per_image]
         a, b = encode_conversation(asked, packing)
         fetch.append(fetch_targets(scene, asked, packing.questions_per_image))
+        second_named.append([names_second(q) for q in asked] + [False] * (packing.questions_per_image - len(asked)))
+        if with_fetch_cover:
+            cover.append(fetch_cover(scene, asked, packing.questions_per_image))
         if with_counts:
             count.append(count_targets(asked, packing.questions_per_image))
             channel.append(count_channels(asked, packing.questions_per_image))
@@ -171,6 +180,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     if with_counts:
         out |= {"share": torch.from_numpy(np.stack(share)), "centre": torch.from_numpy(np.stack(centre)),
                 "count": torch.from_numpy(np.stack(count)), "count_channel": torch.from_numpy(np.stack(channel))}
+    if with_fetch_cover:
+        out["fetch_cover"] = torch.from_numpy(np.stack(cover))
     if with_dense:
         out |= {f"dense_{k}": torch.from_numpy(np.stack([lab[k].reshape(-1) for lab in dense])).long()
                 for k in ("colour", "shape", "digit", "place")}
@@ -179,7 +190,27 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
             "informative": torch.from_numpy(np.stack(informative)),
             "priority": torch.from_numpy(np.stack(priority)),
-            "fetch": torch.from_numpy(np.stack(fetch))}
+            "fetch": torch.from_numpy(np.stack(fetch)), "second_named": torch.tensor(second_named)}
+
+
+def fetch_cover(scene, questions: list[Question], slots: int) -> np.ndarray:
+    """[slots, 2, 576] float32: per asked question (in order), the pixel share of its named object in each patch
+    ([:, 0]; `questions_v3.fetched_objects`' first: colour, shape, relation, leftof, side, upper) and of its second
+    object where the question names that too ([:, 1]; `questions_v3.names_second`: a relation's); each nonzero row
+    sums to 1; zero where a question has no such object, for unused slots and for an object with no visible pixel.
+    The targets of the training-only fetch attention (`fetch_attention.py`)."""
+    out = np.zeros((slots, 2, 576), np.float32)
+    cov = None
+    for k, q in enumerate(questions[:slots]):
+        first, second = fetched_objects(scene, q)
+        for m, obj in enumerate((first, second if names_second(q) else None)):
+            if obj is None:
+                continue
+            cov = patch_coverage(id_map(scene)) if cov is None else cov  # [576, 256]: drawn once per scene
+            pixels = cov[:, obj + 1].astype(np.float32)  # id i + 1 is object i
+            if pixels.sum() > 0:
+                out[k, m] = pixels / pixels.sum()
+    return out
 
 
 def fetch_targets(scene, questions: list[Question], slots: int) -> np.ndarray:

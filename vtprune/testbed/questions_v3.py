@@ -172,6 +172,12 @@ _NAMED = {
 }
 
 
+def names_second(question: Question) -> bool:
+    """Whether the question names its second fetched object (a relation's other object), so that it can be found
+    from the words alone, like the first; leftof's second object (the left neighbour) is found from the first."""
+    return question.type == "relation"
+
+
 def fetched_objects(scene: Scene3, question: Question) -> tuple[int | None, int | None]:
     """Indices of the objects whose place the answer depends on: (the named object, the second one: a relation's
     other named object or leftof's left neighbour); None where a type has none (exist, count, number)."""

@@ -75,6 +75,7 @@ from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
 from .features import vision_features
+from .fetch_attention import fetch_attention_loss
 from .model import ModelSize
 from .questions import QUESTION_TYPES, TRAINING_TYPES
 from .scenes import COLOURS, SHAPES
@@ -132,6 +133,9 @@ class TrainConfig:
     # after which the named object's centre is read (0: half the decoder's depth)
     fetch_weight: float = 0.0
     fetch_layer: int = 0
+    # with fetch_weight > 0: the read-out after `fetch_layer` also gives the second object where the question names
+    # it (a relation's other object), so that the decoder fetches both named objects by then
+    fetch_second: bool = False
     # Stage B: weight of the training-only count read-outs (count_readout.py; 0 = off; needs batches with "share" /
     # "count" targets, i.e. shapes-v3): per-patch object shares after decoder layer `count_layer` (0: the first)
     # and the asked count at the answer position
@@ -142,6 +146,11 @@ class TrainConfig:
     # question's answer position, uniformly to <s> and to the asked colour's or shape's centre tokens
     count_attention_weight: float = 0.0
     count_attention_layer: int = 0
+    # Stage B: weight of the training-only attention targets for fetching (fetch_attention.py; 0 = off; shapes-v3): in
+    # decoder layer `fetch_attention_layer` (1-based; 0: half the depth), at each answer position, head 0 attends to
+    # the named object's image tokens and the last head to a relation's second object's
+    fetch_attention_weight: float = 0.0
+    fetch_attention_layer: int = 0
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B learning rate of the vision tower (0 = frozen, the default). > 0 trains the tower end to end on the
     # answers, with Stage A's dense per-patch loss on the same scenes at weight `tower_dense_weight` (shapes-v3;
@@ -615,7 +624,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     if cfg.fetch_weight > 0 and not 0 < fetch_layer <= cfg.size.text_layers:
         raise ValueError(f"fetch_layer {cfg.fetch_layer} is not a decoder layer "
                          f"(accepted: 1..{cfg.size.text_layers}, or 0 for half the depth)")
-    readout = AnswerReadout(cfg.size.text_width, fetch_layer).to(device)
+    if cfg.fetch_second and cfg.fetch_weight <= 0:
+        raise ValueError("fetch_second adds a target to the fetch read-out: it needs fetch_weight > 0")
+    readout = AnswerReadout(cfg.size.text_width, fetch_layer, second=cfg.fetch_second).to(device)
     opt_readout = torch.optim.AdamW(readout.parameters(), lr=cfg.lr_b, weight_decay=0.0)
     count_layer = cfg.count_layer or 1
     if cfg.count_weight > 0 and not 0 < count_layer <= cfg.size.text_layers:
@@ -630,9 +641,18 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     if cfg.count_attention_weight > 0 and cfg.data != "shapes-v3":
         raise ValueError(f"count_attention_weight > 0 needs shapes-v3 data (its batches carry the centre targets), "
                          f"got {cfg.data}")
+    fetch_attention_layer = cfg.fetch_attention_layer or max(1, cfg.size.text_layers // 2)
+    if cfg.fetch_attention_weight > 0 and not 0 < fetch_attention_layer <= cfg.size.text_layers:
+        raise ValueError(f"fetch_attention_layer {cfg.fetch_attention_layer} is not a decoder layer "
+                         f"(accepted: 1..{cfg.size.text_layers}, or 0 for half the depth)")
+    if cfg.fetch_attention_weight > 0 and cfg.data != "shapes-v3":
+        raise ValueError(f"fetch_attention_weight > 0 needs shapes-v3 data (its batches carry the objects' patches), "
+                         f"got {cfg.data}")
     # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
+    if cfg.fetch_attention_weight > 0:
+        count_kwargs["with_fetch_cover"] = True
     counter = CountReadout(cfg.size.text_width, len(COLOURS) + len(SHAPES), count_layer).to(device)
     opt_counter = torch.optim.AdamW(counter.parameters(), lr=cfg.lr_b, weight_decay=0.0)
     tuning = cfg.tower_lr_b > 0  # Stage B trains the tower too
@@ -889,7 +909,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     raise ValueError(f"fetch_weight > 0 needs batches with fetch targets ({cfg.data} has none)")
                 counting = cfg.count_weight > 0
                 attending = cfg.count_attention_weight > 0
-                hidden: list | None = [] if fetching or counting or attending else None
+                seeking = cfg.fetch_attention_weight > 0
+                hidden: list | None = [] if fetching or counting or attending or seeking else None
                 loss, acc = lm_loss(model, feats, **text, image_feats=image_feats, hidden_states=hidden)
                 if world > 1:  # weigh by this process's share of the answer tokens: the mean gradient is the batch's
                     answers = float((text["labels"][:, 1:] != -100).sum())
@@ -899,8 +920,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     xy_loss = token_xy.loss(image_feats, patch_index, informative)
                     loss = loss + cfg.token_xy_weight * xy_loss
                 if fetching:
-                    fetch_loss, fetch_cells, targets = readout.loss(hidden, text["labels"], batch["fetch"],
-                                                                       model.config.text_config.eos_token_id)
+                    fetch_loss, fetch_cells, targets, second_cells = readout.loss(
+                        hidden, text["labels"], batch["fetch"], model.config.text_config.eos_token_id,
+                        batch.get("second_named"))
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         fetch_loss = fetch_loss * (targets * world / max(parallel.total(targets), 1.0))
                     loss = loss + cfg.fetch_weight * fetch_loss
@@ -921,6 +943,21 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         attention_loss = attention_loss * (attention_n * world / max(parallel.total(attention_n), 1.0))
                     loss = loss + cfg.count_attention_weight * attention_loss
+                if seeking:
+                    rows, pos, slot = answer_positions(text["labels"], model.config.text_config.eos_token_id,
+                                                       batch["fetch_cover"].shape[1])
+                    cover = batch["fetch_cover"][rows, slot]  # [K, 2, 576]: named object, named second object
+                    seek_loss, seek_n, seek_mass = 0.0, 0, []
+                    for which, head in ((0, 0), (1, cfg.size.text_heads - 1)):
+                        part, mass, n = fetch_attention_loss(
+                            model, fetch_attention_layer, head, hidden[fetch_attention_layer - 1], text["input_ids"],
+                            text.get("position_ids"), rows, pos, cover[:, which], patch_index)
+                        seek_loss, seek_n = seek_loss + part * n, seek_n + n
+                        seek_mass.append(mass)
+                    seek_loss = seek_loss / max(seek_n, 1)  # the mean over both heads' targets
+                    if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
+                        seek_loss = seek_loss * (seek_n * world / max(parallel.total(seek_n), 1.0))
+                    loss = loss + cfg.fetch_attention_weight * seek_loss
                 if dense_loss is not None:  # every process has the same number of scenes: the plain mean is right
                     loss = loss + cfg.tower_dense_weight * dense_loss
             opt_b.zero_grad(set_to_none=True)
@@ -954,10 +991,15 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 info += f" token-xy {xy_loss.item():.4f}"
             if fetching:
                 info += f" fetch {fetch_loss.item():.4f} named-cells {fetch_cells:.2f}"
+                if cfg.fetch_second:
+                    info += f" second-cells {second_cells:.2f}"
             if counting:
                 info += f" share {share_loss.item():.4f} count {count_loss.item():.4f} implied-count-err {implied:.2f}"
             if attending:
                 info += f" count-attention {attention_loss.item():.3f} on-target {attention_mass:.2f}"
+            if seeking:
+                info += (f" fetch-attention {seek_loss.item():.3f} on-named {seek_mass[0]:.2f}"
+                         f" on-second {seek_mass[1]:.2f}")
             if dense_loss is not None:
                 info += f" dense {dense_loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in dense_stats.items())
             if bar:
