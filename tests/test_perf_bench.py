@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
+from scripts import benchmark_script
 from vtprune import testing
 from vtprune.api import session_of
 from vtprune.bench.core import StockEquivalent, layer_lengths, length_segments
@@ -52,10 +52,7 @@ def test_stock_equivalent_runs_each_layer_at_its_length_without_vtprune():
 
 def _script(name: str):
     """A script of benchmarks/ imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script(name)
 
 
 def test_gpu_script_tiny_mode_runs_every_stage_with_the_stock_column(tmp_path):

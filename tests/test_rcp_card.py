@@ -9,7 +9,6 @@ v3 checkpoint's checks.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pytest
 import torch
 from factories import tiny_testbed_size
 
+from scripts import benchmark_script
 from vtprune.rcp.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_plugins, read_config
 from vtprune.shipped import RCP_ASSETS
 
@@ -28,10 +28,7 @@ CREATE = f"python benchmarks/rcp_card_v3.py --model builtin:{V3_NAME} --seed 42 
 
 
 def _driver():
-    spec = importlib.util.spec_from_file_location("rcp_card_v3", ROOT / "benchmarks" / "rcp_card_v3.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("rcp_card_v3")
 
 
 def _save_v3(size, path: Path) -> Path:

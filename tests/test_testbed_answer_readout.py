@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from scripts import benchmark_script
 from vtprune.testbed import data_v3, questions_v3
 from vtprune.testbed.answer_readout import AnswerReadout, answer_positions
 from vtprune.testbed.data import Packing
@@ -167,8 +168,6 @@ def test_attention_mass_of_uniform_attention_is_the_objects_share_of_the_patches
     """benchmarks/v3_attention_mass.py: with every query projection zeroed, each position attends evenly to all
     earlier tokens, so the share of the image attention on an object is its patch count / 576 and the share of
     all attention on the image is 576 / (prompt length)."""
-    import importlib.util
-    from pathlib import Path
 
     from vtprune.testbed.data_v3 import balanced_samples, build_model, build_processor
     from vtprune.testbed.scenes_v3 import id_map, patch_coverage
@@ -176,10 +175,7 @@ def test_attention_mass_of_uniform_attention_is_the_objects_share_of_the_patches
     from vtprune.testbed.tokenizer import prompt
     from vtprune.testbed.train_v3 import TINY_V3
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "v3_attention_mass.py"
-    spec = importlib.util.spec_from_file_location("v3_attention_mass", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("v3_attention_mass")
     model, processor = build_model(TINY_V3, seed=0).eval(), build_processor()
     with torch.no_grad():
         for layer in model.model.language_model.layers:

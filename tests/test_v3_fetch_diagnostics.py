@@ -1,23 +1,16 @@
 """benchmarks/v3_fetch_diagnostics.py on a tiny random v3 model."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import torch
 
+from scripts import benchmark_script
 from vtprune.testbed.answer_readout import AnswerReadout
 from vtprune.testbed.data_v3 import build_model
 from vtprune.testbed.train_v3 import TINY_V3
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "v3_fetch_diagnostics.py"
-
 
 def _module():
-    spec = importlib.util.spec_from_file_location("v3_fetch_diagnostics", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("v3_fetch_diagnostics")
 
 
 def test_readings_measure_the_readout_against_the_asked_objects():

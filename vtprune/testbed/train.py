@@ -579,6 +579,19 @@ def _progress():
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
 
 
+def _target_layer(cfg: TrainConfig, name: str, default: int, default_text: str, carries: str) -> int:
+    """The decoder layer (1-based) of the attention target `name` ("count_attention": `count_attention_weight` /
+    `count_attention_layer`, 0 meaning `default`); checked when its weight is on: a decoder layer, shapes-v3 data."""
+    layer = getattr(cfg, f"{name}_layer") or default
+    if getattr(cfg, f"{name}_weight") > 0:
+        if not 0 < layer <= cfg.size.text_layers:
+            raise ValueError(f"{name}_layer {getattr(cfg, f'{name}_layer')} is not a decoder layer "
+                             f"(accepted: 1..{cfg.size.text_layers}, or 0 for {default_text})")
+        if cfg.data != "shapes-v3":
+            raise ValueError(f"{name}_weight > 0 needs shapes-v3 data (its batches carry {carries}), got {cfg.data}")
+    return layer
+
+
 def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu",
           log: Callable[[str], None] = print, progress: bool = True):
     """Run (or resume) both stages into `out`; returns the final model. The best Stage-B model by
@@ -634,20 +647,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                          f"(accepted: 1..{cfg.size.text_layers}, or 0 for the first)")
     if cfg.count_weight > 0 and cfg.data != "shapes-v3":
         raise ValueError(f"count_weight > 0 needs shapes-v3 data (its batches carry the count targets), got {cfg.data}")
-    count_attention_layer = cfg.count_attention_layer or max(1, cfg.size.text_layers - 1)
-    if cfg.count_attention_weight > 0 and not 0 < count_attention_layer <= cfg.size.text_layers:
-        raise ValueError(f"count_attention_layer {cfg.count_attention_layer} is not a decoder layer "
-                         f"(accepted: 1..{cfg.size.text_layers}, or 0 for the last but one)")
-    if cfg.count_attention_weight > 0 and cfg.data != "shapes-v3":
-        raise ValueError(f"count_attention_weight > 0 needs shapes-v3 data (its batches carry the centre targets), "
-                         f"got {cfg.data}")
-    fetch_attention_layer = cfg.fetch_attention_layer or max(1, cfg.size.text_layers // 2)
-    if cfg.fetch_attention_weight > 0 and not 0 < fetch_attention_layer <= cfg.size.text_layers:
-        raise ValueError(f"fetch_attention_layer {cfg.fetch_attention_layer} is not a decoder layer "
-                         f"(accepted: 1..{cfg.size.text_layers}, or 0 for half the depth)")
-    if cfg.fetch_attention_weight > 0 and cfg.data != "shapes-v3":
-        raise ValueError(f"fetch_attention_weight > 0 needs shapes-v3 data (its batches carry the objects' patches), "
-                         f"got {cfg.data}")
+    count_attention_layer = _target_layer(cfg, "count_attention", max(1, cfg.size.text_layers - 1),
+                                          "the last but one", "the centre targets")
+    fetch_attention_layer = _target_layer(cfg, "fetch_attention", max(1, cfg.size.text_layers // 2),
+                                          "half the depth", "the objects' patches")
     # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
