@@ -116,3 +116,5 @@ def test_trainer_logs_the_fetch_attention_target_and_checks_its_layer(tmp_path):
         assert 0.0 <= float(lines[0].split(what + " ")[1].split()[0]) <= 1.0
     with pytest.raises(ValueError, match="fetch_attention_layer 7 is not a decoder layer"):
         train(tmp_path / "bad", replace(cfg, fetch_attention_layer=7), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="at least 2 heads, got 1"):
+        train(tmp_path / "bad1", replace(cfg, size=replace(TINY_V3, text_heads=1)), progress=False, log=lambda _: None)

@@ -651,6 +651,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                                           "the last but one", "the centre targets")
     fetch_attention_layer = _target_layer(cfg, "fetch_attention", max(1, cfg.size.text_layers // 2),
                                           "half the depth", "the objects' patches")
+    if cfg.fetch_attention_weight > 0 and cfg.size.text_heads < 2:
+        raise ValueError(f"fetch_attention_weight > 0 gives two heads of a layer different targets: it needs a decoder "
+                         f"with at least 2 heads, got {cfg.size.text_heads}")
     # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
