@@ -101,3 +101,27 @@ def tiny_testbed_size(text_layers: int, **widths):
     tiny_widths = dict(vision_width=32, vision_layers=2, vision_heads=2, vision_mlp=64, text_width=32, text_heads=2,
                        text_mlp=64)  # fmt: skip
     return ModelSize(**{**tiny_widths, "text_layers": text_layers, **widths})
+
+
+def tiny_v3_train_config(**overrides):
+    """A shapes-v3 `TrainConfig` for trainer smoke tests: the TINY_V3 size, one Stage-A step, batches of 2 scenes
+    with 3 questions each, no keep schedule, no Stage C; `overrides` sets the steps and the feature under test."""
+    from dataclasses import replace
+
+    from vtprune.testbed.train_v3 import TINY_V3, v3_config
+
+    smoke = dict(steps_a=1, batch_a=2, batch_b=2, questions_per_image=3, warmup=1, eval_per_type=1, keep_schedule="",
+                 probe_scenes=4, feature_cache=4, cls_steps=0, single_steps=0, type_schedule="")  # fmt: skip
+    return replace(v3_config(size=TINY_V3), **{**smoke, **overrides})
+
+
+def train_restoring_threads(out, cfg, log=lambda _: None):
+    """`vtprune.testbed.train.train(out, cfg)` without a progress bar, the test process's torch thread count restored
+    afterwards (the trainer sets its own)."""
+    from vtprune.testbed.train import train
+
+    threads = torch.get_num_threads()
+    try:
+        return train(out, cfg, progress=False, log=log)
+    finally:
+        torch.set_num_threads(threads)

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from factories import tiny_v3_train_config, train_restoring_threads
 
 from scripts import benchmark_script
 from vtprune.testbed import data_v3, questions_v3
@@ -138,21 +139,14 @@ def test_second_named_objects_are_read_early_only_where_the_question_names_them(
 def test_trainer_with_the_readout_trains_it_and_resumes(tmp_path):
     from vtprune import checkpointing as cpt
     from vtprune.testbed.train import train
-    from vtprune.testbed.train_v3 import TINY_V3, v3_config
 
-    cfg = replace(v3_config(size=TINY_V3), steps_a=1, batch_a=2, steps_b=2, batch_b=2, questions_per_image=3,
-                  warmup=1, eval_every=10, eval_per_type=1, save_every=1, keep_schedule="", probe_scenes=4,
-                  feature_cache=4, cls_steps=0, single_steps=0, type_schedule="", fetch_weight=1.0, fetch_layer=1,
-                  fetch_second=True)
+    cfg = tiny_v3_train_config(steps_b=2, eval_every=10, save_every=1, fetch_weight=1.0, fetch_layer=1,
+                               fetch_second=True)
     logs: list[str] = []
-    threads = torch.get_num_threads()
-    try:
-        train(tmp_path, cfg, progress=False, log=logs.append)
-        state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
-        first = {k: v.clone() for k, v in state["readout"].items()}
-        train(tmp_path, replace(cfg, steps_b=3), progress=False, log=logs.append)
-    finally:
-        torch.set_num_threads(threads)
+    train_restoring_threads(tmp_path, cfg, logs.append)
+    state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
+    first = {k: v.clone() for k, v in state["readout"].items()}
+    train_restoring_threads(tmp_path, replace(cfg, steps_b=3), logs.append)
     state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
     assert any(not torch.equal(first[k], state["readout"][k]) for k in first)  # the resumed run kept training it
     assert int(state["opt_readout"]["state"][0]["step"]) == 3  # its optimiser resumed too (fresh: 1)

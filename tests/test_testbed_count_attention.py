@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from factories import tiny_v3_train_config, train_restoring_threads
 
 from vtprune.testbed import data_v3, questions_v3
 from vtprune.testbed.answer_readout import answer_positions
@@ -93,17 +94,11 @@ def test_loss_is_the_cross_entropy_of_the_models_own_attention():
 
 def test_trainer_logs_the_count_attention_target_and_checks_its_layer(tmp_path):
     from vtprune.testbed.train import train
-    from vtprune.testbed.train_v3 import TINY_V3, v3_config
 
-    cfg = replace(v3_config(size=TINY_V3), steps_a=1, batch_a=2, steps_b=25, batch_b=2, questions_per_image=3,
-                  warmup=1, eval_every=25, eval_per_type=1, save_every=25, keep_schedule="", probe_scenes=4,
-                  feature_cache=4, cls_steps=0, single_steps=0, type_schedule="25:count", count_attention_weight=1.0)
+    cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:count",
+                               count_attention_weight=1.0)
     logs: list[str] = []
-    threads = torch.get_num_threads()
-    try:
-        train(tmp_path, cfg, progress=False, log=logs.append)
-    finally:
-        torch.set_num_threads(threads)
+    train_restoring_threads(tmp_path, cfg, logs.append)
     lines = [x for x in logs if x.startswith("B ") and "count-attention" in x]
     assert len(lines) == 1, logs  # logged every 25 steps
     assert 0.0 <= float(lines[0].split("on-target ")[1].split()[0]) <= 1.0

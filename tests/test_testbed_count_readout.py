@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from factories import tiny_v3_train_config, train_restoring_threads
 
 from vtprune.testbed import data_v3, questions_v3
 from vtprune.testbed.count_readout import CountReadout
@@ -85,20 +86,12 @@ def test_count_readout_loss_matches_a_hand_computed_reference():
 def test_trainer_with_the_count_readout_trains_it_and_resumes(tmp_path):
     from vtprune import checkpointing as cpt
     from vtprune.testbed.train import train
-    from vtprune.testbed.train_v3 import TINY_V3, v3_config
 
-    cfg = replace(v3_config(size=TINY_V3), steps_a=1, batch_a=2, steps_b=2, batch_b=2, questions_per_image=3,
-                  warmup=1, eval_every=10, eval_per_type=1, save_every=1, keep_schedule="", probe_scenes=4,
-                  feature_cache=4, cls_steps=0, single_steps=0, type_schedule="", fetch_weight=0.0,
-                  count_weight=1.0)
-    threads = torch.get_num_threads()
-    try:
-        train(tmp_path, cfg, progress=False, log=lambda _: None)
-        state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
-        first = {k: v.clone() for k, v in state["counter"].items()}
-        train(tmp_path, replace(cfg, steps_b=3), progress=False, log=lambda _: None)
-    finally:
-        torch.set_num_threads(threads)
+    cfg = tiny_v3_train_config(steps_b=2, eval_every=10, save_every=1, fetch_weight=0.0, count_weight=1.0)
+    train_restoring_threads(tmp_path, cfg)
+    state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
+    first = {k: v.clone() for k, v in state["counter"].items()}
+    train_restoring_threads(tmp_path, replace(cfg, steps_b=3))
     state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
     assert any(not torch.equal(first[k], state["counter"][k]) for k in first)  # the resumed run kept training it
     assert int(state["opt_counter"]["state"][0]["step"]) == 3  # its optimiser resumed too (fresh: 1)
