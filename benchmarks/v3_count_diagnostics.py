@@ -7,8 +7,9 @@ On count questions of the calibration split (seed 20001, never the test split), 
 - **head**: head `--head` of decoder layer `--layer` (1-based; the one `--count-attention-weight` trains) at the
   answer position. Its attention is split into `<s>`, the asked colour's / shape's centre patches
   (`scenes_v3.object_centres`), the other patches of those objects, patches of other objects, background and text;
-  the count read off its weight w on `<s>` is round(1 / w - 1) (a head that attends evenly to `<s>` and the k centres
-  has w = 1 / (k + 1)).
+  the count read off its weight m on `<s>` is round(w (1 - m) / m) (a head that attends to `<s>` with w times the
+  weight of each of the k centres has m = w / (w + k); w = `--sink-weight`, the run's `--count-sink-weight`, 1 by
+  default: m = 1 / (k + 1)).
 - **tower** (with `--state RUN`: the run's training-only centre classifier, `tower_share`, lives in its state): the
   count the tower's centre probabilities imply, summed over the 576 patches (and counted above 0.5), against the
   answer: the most any decoder could count from those marks.
@@ -91,9 +92,10 @@ def _by_count(k: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(v, k == v) for v in range(10) if (k == v).any()]
 
 
-def _report_head(r: dict[str, np.ndarray]) -> None:
+def _report_head(r: dict[str, np.ndarray], sink_weight: float = 1.0) -> None:
     k = r["count"]
-    read = np.clip(np.round(1 / np.maximum(r["bos"], 1e-3) - 1), 0, 9)
+    bos = np.maximum(r["bos"], 1e-3)
+    read = np.clip(np.round(sink_weight * (1 - bos) / bos), 0, 9)
     right = read == k
     near = (np.abs(read - k) <= 1).mean()
     print(f"head: count read off the <s> weight right {right.mean():.2f}, within one {near:.2f} ({len(k)} questions)")
@@ -101,7 +103,7 @@ def _report_head(r: dict[str, np.ndarray]) -> None:
         print(f"  {part:13s} {r[part].mean():.3f} (read right {r[part][right].mean():.3f}, wrong "
               f"{r[part][~right].mean() if (~right).any() else float('nan'):.3f})")
     for v, m in _by_count(k):
-        print(f"  k={v} n={m.sum():3d} <s> {r['bos'][m].mean():.3f} (even: {1 / (v + 1):.3f},"
+        print(f"  k={v} n={m.sum():3d} <s> {r['bos'][m].mean():.3f} (even: {sink_weight / (sink_weight + v):.3f},"
               f" sd {r['bos'][m].std():.3f})"
               f" centres {r['centre'][m].mean():.3f} elsewhere {1 - r['bos'][m].mean() - r['centre'][m].mean():.3f}"
               f" read right {right[m].mean():.2f}")
@@ -124,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--head", type=int, default=0)
     ap.add_argument("--state", default="", help="a training run's directory: load its latest state, report the tower")
     ap.add_argument("--questions", type=int, default=200)
+    ap.add_argument("--sink-weight", type=float, default=1.0,
+                    help="the run's --count-sink-weight: the target's weight on <s> relative to each centre")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     model, _ = resolve_model(args.model)
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
         centre_head = nn.Linear(w.shape[1], w.shape[0])
         centre_head.load_state_dict(saved["tower_share"])
     model.eval().set_attn_implementation("eager")
-    _report_head(head_attention(model, args.layer, args.head, args.questions))
+    _report_head(head_attention(model, args.layer, args.head, args.questions), args.sink_weight)
     if centre_head is not None:
         _report_tower(tower_counts(model, centre_head, args.questions))
 

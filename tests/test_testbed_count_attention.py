@@ -60,14 +60,14 @@ def test_loss_is_the_cross_entropy_of_the_models_own_attention():
         embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
         attentions = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                                 output_attentions=True).attentions
-        for layer in (1, 2):
+        for layer, sink in ((1, 1.0), (2, 1.0), (2, 4.0)):
             loss, mass, n = count_attention_loss(model, layer, 0, hidden[layer - 1], batch["input_ids"], None, rows,
-                                                 pos, channel, batch["centre"], patch_index)
+                                                 pos, channel, batch["centre"], patch_index, sink_weight=sink)
             keep = channel >= 0
             assert n == int(keep.sum())
             probs = attentions[layer - 1][rows[keep], 0, pos[keep]]  # [K, T]
             target = torch.zeros_like(probs)
-            target[:, 0] = 1.0
+            target[:, 0] = sink
             for k, (r, c) in enumerate(zip(rows[keep].tolist(), channel[keep].tolist(), strict=True)):
                 centre_patches = (batch["centre"][r, :, c] > 0).nonzero().squeeze(-1)
                 img0 = int(image[r].nonzero()[0])
@@ -104,3 +104,5 @@ def test_trainer_logs_the_count_attention_target_and_checks_its_layer(tmp_path):
     assert 0.0 <= float(lines[0].split("on-target ")[1].split()[0]) <= 1.0
     with pytest.raises(ValueError, match="count_attention_layer 7 is not a decoder layer"):
         train(tmp_path / "bad", replace(cfg, count_attention_layer=7), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="count_sink_weight must be > 0"):
+        train(tmp_path / "bad1", replace(cfg, count_sink_weight=0.0), progress=False, log=lambda _: None)

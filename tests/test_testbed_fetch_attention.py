@@ -113,3 +113,88 @@ def test_trainer_logs_the_fetch_attention_target_and_checks_its_layer(tmp_path):
         train(tmp_path / "bad", replace(cfg, fetch_attention_layer=7), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="at least 2 heads, got 1"):
         train(tmp_path / "bad1", replace(cfg, size=replace(TINY_V3, text_heads=1)), progress=False, log=lambda _: None)
+
+
+def test_name_offsets_point_at_the_last_word_of_each_named_object():
+    v = data_v3.vocabulary()
+    words = {i: w for w, i in v.items()}
+    batch = data_v3.question_batch(train_split(5), 0, 6, Packing(6), with_pixels=False,
+                                   types=questions_v3.QUESTION_TYPES + questions_v3.TRAINING_TYPES)
+    rows, pos, slot = answer_positions(batch["labels"], v["</s>"], 6)
+    offsets = batch["name_offsets"][rows, slot]  # [K, 2]
+    seen = {"first": 0, "second": 0, "none": 0}
+    for r, p, (a, b) in zip(rows.tolist(), pos.tolist(), offsets.tolist(), strict=True):
+        start = p - 1
+        while words[int(batch["input_ids"][r, start - 1])] not in (":", "<image>"):  # back to "user :" / the image
+            start -= 1
+        text = " ".join(words[int(t)] for t in batch["input_ids"][r, start:p - 1])  # the question (to its "?")
+        order = sorted(questions_v3._NAMED, key=lambda t: t != "leftof")  # "what colour is the object left of ..."
+        qtype = next((t for t in order if questions_v3._NAMED[t].fullmatch(text)), None)
+        if qtype is None:  # exist, count, number: nothing named to fetch
+            assert a == b == 0, text
+            seen["none"] += 1
+            continue
+        match = questions_v3._NAMED[qtype].fullmatch(text)
+        assert words[int(batch["input_ids"][r, p + a])] == match.group(1).split()[-1] and a < -2, text
+        seen["first"] += 1
+        if qtype == "relation":
+            assert words[int(batch["input_ids"][r, p + b])] == match.group(2).split()[-1] and a < b < -2, text
+            seen["second"] += 1
+        else:
+            assert b == 0, text
+    assert min(seen.values()) > 0, seen
+
+
+def test_relay_loss_is_the_cross_entropy_of_the_models_own_attention_on_the_name_ends():
+    from vtprune.testbed.data_v3 import build_model
+    from vtprune.testbed.fetch_attention import relay_attention_loss
+    from vtprune.testbed.train import decoder_hidden, vision_features
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    torch.manual_seed(0)
+    model = build_model(replace(TINY_V3, text_layers=2), seed=0).eval()
+    model.set_attn_implementation("eager")
+    batch = data_v3.question_batch(train_split(3), 0, 4, Packing(questions_per_image=3),
+                                   types=("relation", "colour", "count"))
+    rows, pos, slot = answer_positions(batch["labels"], model.config.text_config.eos_token_id, 3)
+    offsets = batch["name_offsets"][rows, slot]
+    sources = (pos[:, None] + offsets).masked_fill(offsets == 0, 0)  # [K, 2]
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        feats = vision_features(model, batch["pixel_values"])
+        hidden = decoder_hidden(model, feats, ids, mask, all_layers=True)
+        image = ids == model.config.image_token_id
+        embeds = model.model.language_model.get_input_embeddings()(ids)
+        embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
+        attentions = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                                output_attentions=True).attentions
+        head = model.config.text_config.num_attention_heads - 1
+        loss, mass, n = relay_attention_loss(model, 2, head, hidden[1], None, rows, pos, sources)
+    named = (offsets != 0).any(-1)
+    assert n == int(named.sum()) and 0 < n < len(rows)
+    probs = attentions[1][rows[named], head, pos[named]]  # [K', T]
+    target = torch.zeros_like(probs).scatter_add_(1, sources[named], (offsets[named] != 0).float())
+    target = target / target.sum(-1, keepdim=True)
+    assert ((target > 0).sum(-1) == 1 + (offsets[named, 1] != 0).long()).all()  # one or two name ends
+    ref = -(target * probs.clamp_min(1e-30).log()).sum(-1).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mass, float((probs * (target > 0)).sum(-1).mean()), rtol=1e-4, atol=1e-5)
+
+
+def test_trainer_with_the_targets_at_the_names(tmp_path):
+    from vtprune.testbed.train import train
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:relation+colour",
+                               fetch_attention_weight=1.0, fetch_attention_at="name", fetch_attention_layer=1,
+                               size=replace(TINY_V3, text_layers=2))
+    logs: list[str] = []
+    train_restoring_threads(tmp_path, cfg, logs.append)
+    lines = [x for x in logs if x.startswith("B ") and "fetch-attention" in x]
+    assert len(lines) == 1, logs
+    for what in ("on-named", "on-second", "on-names"):
+        assert 0.0 <= float(lines[0].split(what + " ")[1].split()[0]) <= 1.0
+    with pytest.raises(ValueError, match="relay target in the layer after fetch_attention_layer 2"):
+        train(tmp_path / "bad", replace(cfg, fetch_attention_layer=2), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="unknown fetch_attention_at 'words'"):
+        train(tmp_path / "bad1", replace(cfg, fetch_attention_at="words"), progress=False, log=lambda _: None)

@@ -42,3 +42,16 @@ def test_tower_counts_sum_the_centre_probabilities():
     out = diag.tower_counts(model, head, questions=4)
     np.testing.assert_allclose(out["summed"], 576 * torch.sigmoid(torch.tensor(-3.0)).item(), rtol=1e-5)
     np.testing.assert_array_equal(out["marked"], 0)
+
+
+def test_the_count_is_read_off_the_sink_weight_the_run_trained(capsys):
+    """A head at its target, w / (w + k) on `<s>`, is read right with the run's w, and wrong with another."""
+    diag = _module()
+    k = np.arange(10).repeat(2)
+    for w in (1.0, 4.0):
+        bos = w / (w + k)
+        r = {part: np.zeros(len(k)) for part in diag.PARTS} | {"count": k, "bos": bos, "centre": 1 - bos}
+        diag._report_head(r, w)
+        assert "right 1.00, within one 1.00" in capsys.readouterr().out
+    diag._report_head(r, 1.0)  # w = 4's attention read as if w were 1
+    assert "right 1.00" not in capsys.readouterr().out.splitlines()[0]

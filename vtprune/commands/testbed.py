@@ -84,10 +84,14 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="decoder layer after which --fetch-weight reads the named object's centre "
                         "(default 0: half the decoder's depth)")
     t.add_argument("--fetch-attention-weight", type=float, default=None,
-                   help="attention target for fetching: the last head of --fetch-attention-layer attends, at each "
-                        "relation's answer, to its second object's patches (default 0: off)")
+                   help="attention targets for fetching (default 0: off): in --fetch-attention-layer, at each answer "
+                        "position head 0 attends to the named object's patches and the last head to a relation's "
+                        "second object's (see --fetch-attention-at)")
     t.add_argument("--fetch-attention-layer", type=int, default=None,
-                   help="decoder layer (1-based) of --fetch-attention-weight's head (default 0: half the depth)")
+                   help="decoder layer (1-based) of --fetch-attention-weight's heads (default 0: half the depth)")
+    t.add_argument("--fetch-attention-at", choices=("answer", "name"), default=None,
+                   help="'name': head 0 fetches each named object at the name's last word in the question and the "
+                        "last head of the next layer, at the answer position, attends to those words (default: answer)")
     t.add_argument("--fetch-second", action="store_true", default=None,
                    help="with --fetch-weight: the read-out after --fetch-layer also gives a relation's second named "
                         "object, so that both named objects are fetched by then")
@@ -102,6 +106,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                         "(0 = off, the default)")
     t.add_argument("--count-attention-layer", type=int, default=None,
                    help="decoder layer (1-based) of --count-attention-weight's head (default 0: the last but one)")
+    t.add_argument("--count-sink-weight", type=float, default=None,
+                   help="--count-attention-weight's target weight on <s> relative to each counted object (default 1: "
+                        "<s> gets 1 / (k + 1); w: w / (w + k), wider steps between the high counts)")
     t.add_argument("--tower-lr", type=float, default=None,
                    help="Stage B (shapes-v3): learning rate of the vision tower, trained end to end on the answers "
                         "with Stage A's dense loss (default 0: frozen; > 0 needs --feature-cache 0)")
@@ -254,6 +261,7 @@ def _train(args: argparse.Namespace) -> int:
                       "count_layer": args.count_layer, "tower_lr_b": args.tower_lr,
                       "count_attention_weight": args.count_attention_weight,
                       "count_attention_layer": args.count_attention_layer,
+                      "count_sink_weight": args.count_sink_weight,
                       "tower_dense_weight": args.tower_dense_weight, "head_fit_steps": args.head_fit_steps,
                       "tower_share_weight": args.tower_share_weight,
                       "tower_count_target": args.tower_count_target,
@@ -261,6 +269,7 @@ def _train(args: argparse.Namespace) -> int:
                       "fetch_second": args.fetch_second,
                       "fetch_attention_weight": args.fetch_attention_weight,
                       "fetch_attention_layer": args.fetch_attention_layer,
+                      "fetch_attention_at": args.fetch_attention_at,
                       "anneal_by_time": args.anneal_by_time})
     for k, v in overrides.items():
         if v is not None:

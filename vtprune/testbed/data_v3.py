@@ -17,6 +17,7 @@ from .questions_v3 import (
     answer_vocabulary,
     candidates,
     fetched_objects,
+    name_ends,
     names_second,
     question_words,
     sample_questions,
@@ -133,7 +134,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
     order in which `train.shorten` keeps tokens, fetch [n, questions_per_image, 4] (`fetch_targets`) and
-    second_named [n, questions_per_image] bool (`questions_v3.names_second`; False for unused slots);
+    second_named [n, questions_per_image] bool (`questions_v3.names_second`; False for unused slots), name_offsets
+    [n, questions_per_image, 2] int64 (`name_offsets`: where the named objects' last words are);
     `with_fetch_cover` adds fetch_cover [n, questions_per_image, 2, 576] (`fetch_cover`, about 3 ms per scene with
     a question naming an object), the fetch attention's targets;
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
@@ -143,7 +145,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     dense_place [n, 576] int64 and dense_xy [n, 576, 2] (`dense_batch`'s layout), for a Stage B that trains the tower
     (`TrainConfig.tower_lr_b`)."""
     split = _as_split(split)
-    ids, labs, images, informative, priority, fetch, second_named = [], [], [], [], [], [], []
+    ids, labs, images, informative, priority, fetch, second_named, offsets = [], [], [], [], [], [], [], []
     share, centre, count, channel, dense, cover = [], [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
@@ -159,6 +161,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         a, b = encode_conversation(asked, packing)
         fetch.append(fetch_targets(scene, asked, packing.questions_per_image))
         second_named.append([names_second(q) for q in asked] + [False] * (packing.questions_per_image - len(asked)))
+        offsets.append(name_offsets(asked, packing.questions_per_image))
         if with_fetch_cover:
             cover.append(fetch_cover(scene, asked, packing.questions_per_image))
         if with_counts:
@@ -190,7 +193,22 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
             "attention_mask": (input_ids != vocabulary()["<pad>"]).long(),
             "informative": torch.from_numpy(np.stack(informative)),
             "priority": torch.from_numpy(np.stack(priority)),
-            "fetch": torch.from_numpy(np.stack(fetch)), "second_named": torch.tensor(second_named)}
+            "fetch": torch.from_numpy(np.stack(fetch)), "second_named": torch.tensor(second_named),
+            "name_offsets": torch.from_numpy(np.stack(offsets))}
+
+
+def name_offsets(questions: list[Question], slots: int) -> np.ndarray:
+    """[slots, 2] int64: per asked question (in order), the position of its first named object's last word and of
+    its named second object's (`questions_v3.name_ends`) relative to its answer position (the ':' after 'assistant',
+    `answer_readout.answer_positions`; `encode_conversation`'s layout puts the question's words just before
+    'assistant :'), so negative; 0 where the question names no such object and for unused slots."""
+    out = np.zeros((slots, 2), np.int64)
+    for k, q in enumerate(questions[:slots]):
+        words = len(q.text.split())
+        for m, end in enumerate(name_ends(q)):
+            if end >= 0:
+                out[k, m] = end - (words + 1)
+    return out
 
 
 def fetch_cover(scene, questions: list[Question], slots: int) -> np.ndarray:

@@ -12,6 +12,12 @@ patch holds (`data_v3.fetch_cover`), and the last head over a relation's second 
 that distribution. With the second head's target alone, both heads of the layer moved to the second object and the
 first was lost (fourteenth session), hence both.
 
+`TrainConfig.fetch_attention_at = "name"` places the targets where a language model fetches an entity: at the last
+word of each object's name in the question ("circle" and "cross" of "is the red circle left of the cross ?"), head 0
+of the layer attends to that object's patches (one head serves both names, at different positions), and at the
+answer position the last head of the next layer spreads its attention over those name ends (`relay_attention_loss`),
+so that each hop is a single-object look-up (fifteenth session).
+
 No parameters (`head_attention.py`): the shipped model stays a stock `LlavaForConditionalGeneration`.
 """
 
@@ -42,6 +48,28 @@ def fetch_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor
     rows, pos = answer_rows[keep], answer_pos[keep]  # [K']
     logp = head_log_attention(model, layer, head, layer_input, position_ids, rows, pos)  # [K', T]
     target = torch.zeros_like(logp).scatter_(1, token_of[rows], shown[keep])  # [K', T]
+    target = target / target.sum(-1, keepdim=True)
+    loss, mass = target_cross_entropy(logp, target)
+    return loss, mass, int(rows.numel())
+
+
+def relay_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor, position_ids: torch.Tensor | None,
+                         answer_rows: torch.Tensor, answer_pos: torch.Tensor,
+                         sources: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(loss, mean attention mass on the sources, number of targets) for the name-position variant's second hop: at
+    each answer position, head `head` of decoder layer `layer` spreads its attention evenly over the question's
+    name-end tokens, where the previous layer fetched the named objects.
+
+    layer_input [B, T, D]: `hidden_states[layer - 1]`; answer_rows / answer_pos [K]; sources [K, S] int64: positions
+    of the name ends in the answer's row (0: none; a question without any is skipped).
+    """
+    valid = sources > 0  # [K, S]
+    keep = valid.any(-1)
+    if not keep.any():
+        return layer_input.sum() * 0.0, float("nan"), 0
+    rows, pos, sources, valid = answer_rows[keep], answer_pos[keep], sources[keep], valid[keep]
+    logp = head_log_attention(model, layer, head, layer_input, position_ids, rows, pos)  # [K', T]
+    target = torch.zeros_like(logp).scatter_add_(1, sources, valid.float())  # [K', T]
     target = target / target.sum(-1, keepdim=True)
     loss, mass = target_cross_entropy(logp, target)
     return loss, mass, int(rows.numel())

@@ -178,6 +178,23 @@ def names_second(question: Question) -> bool:
     return question.type == "relation"
 
 
+def name_ends(question: Question) -> tuple[int, int]:
+    """Word indices (in `question.text.split()`) of the last word of the first named object and of the named second
+    object (a relation's; `names_second`), -1 where the question names none (exist, count, number; the second of
+    every type but relation). Where the training-only name-position fetch targets sit (`fetch_attention.py`)."""
+    pattern = _NAMED.get(question.type)
+    if pattern is None:
+        return -1, -1
+    match = pattern.fullmatch(question.text)
+    if match is None:
+        raise ValueError(f"not a {question.type} question of this benchmark: {question.text!r}")
+
+    def last_word(group: int) -> int:
+        return len(question.text[: match.end(group)].split()) - 1
+
+    return last_word(1), last_word(2) if names_second(question) else -1
+
+
 def fetched_objects(scene: Scene3, question: Question) -> tuple[int | None, int | None]:
     """Indices of the objects whose place the answer depends on: (the named object, the second one: a relation's
     other named object or leftof's left neighbour); None where a type has none (exist, count, number)."""

@@ -75,7 +75,7 @@ from .data import EVAL_SEED, Packing, dense_batch
 from .datasets import get_dataset
 from .evaluate import evaluate, majority_baseline
 from .features import vision_features
-from .fetch_attention import fetch_attention_loss
+from .fetch_attention import fetch_attention_loss, relay_attention_loss
 from .model import ModelSize
 from .questions import QUESTION_TYPES, TRAINING_TYPES
 from .scenes import COLOURS, SHAPES
@@ -146,11 +146,16 @@ class TrainConfig:
     # question's answer position, uniformly to <s> and to the asked colour's or shape's centre tokens
     count_attention_weight: float = 0.0
     count_attention_layer: int = 0
+    count_sink_weight: float = 1.0  # that target's weight on <s> relative to each centre token (count_attention.py)
     # Stage B: weight of the training-only attention targets for fetching (fetch_attention.py; 0 = off; shapes-v3): in
     # decoder layer `fetch_attention_layer` (1-based; 0: half the depth), at each answer position, head 0 attends to
     # the named object's image tokens and the last head to a relation's second object's
     fetch_attention_weight: float = 0.0
     fetch_attention_layer: int = 0
+    # where those targets sit: "answer" (above) or "name": head 0 of that layer at the last word of each named object
+    # in the question attends to that object's image tokens, and the last head of the next layer, at the answer
+    # position, to those name ends (fetch_attention.py)
+    fetch_attention_at: str = "answer"
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B learning rate of the vision tower (0 = frozen, the default). > 0 trains the tower end to end on the
     # answers, with Stage A's dense per-patch loss on the same scenes at weight `tower_dense_weight` (shapes-v3;
@@ -651,9 +656,19 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                                           "the last but one", "the centre targets")
     fetch_attention_layer = _target_layer(cfg, "fetch_attention", max(1, cfg.size.text_layers // 2),
                                           "half the depth", "the objects' patches")
-    if cfg.fetch_attention_weight > 0 and cfg.size.text_heads < 2:
+    if cfg.fetch_attention_at not in ("answer", "name"):
+        raise ValueError(f"unknown fetch_attention_at {cfg.fetch_attention_at!r} (accepted: answer, name)")
+    if cfg.fetch_attention_weight > 0 and cfg.fetch_attention_at == "answer" and cfg.size.text_heads < 2:
         raise ValueError(f"fetch_attention_weight > 0 gives two heads of a layer different targets: it needs a decoder "
                          f"with at least 2 heads, got {cfg.size.text_heads}")
+    if not cfg.count_sink_weight > 0:
+        raise ValueError(f"count_sink_weight must be > 0 (the count attention target's weight on <s>), "
+                         f"got {cfg.count_sink_weight}")
+    relaying = cfg.fetch_attention_weight > 0 and cfg.fetch_attention_at == "name"
+    if relaying and fetch_attention_layer >= cfg.size.text_layers:
+        raise ValueError(f"fetch_attention_at 'name' puts its relay target in the layer after fetch_attention_layer "
+                         f"{fetch_attention_layer}: accepted 1..{cfg.size.text_layers - 1} for {cfg.size.text_layers} "
+                         f"decoder layers")
     # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
@@ -945,7 +960,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     attention_loss, attention_mass, attention_n = count_attention_loss(
                         model, count_attention_layer, 0, hidden[count_attention_layer - 1], text["input_ids"],
                         text.get("position_ids"), rows, pos, batch["count_channel"][rows, slot], batch["centre"],
-                        patch_index)
+                        patch_index, cfg.count_sink_weight)
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         attention_loss = attention_loss * (attention_n * world / max(parallel.total(attention_n), 1.0))
                     loss = loss + cfg.count_attention_weight * attention_loss
@@ -954,10 +969,20 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                                                        batch["fetch_cover"].shape[1])
                     cover = batch["fetch_cover"][rows, slot]  # [K, 2, 576]: named object, named second object
                     seek_loss, seek_n, seek_mass = 0.0, 0, []
-                    for which, head in ((0, 0), (1, cfg.size.text_heads - 1)):
+                    by_name = cfg.fetch_attention_at == "name"
+                    sources = pos[:, None] + batch["name_offsets"].to(device)[rows, slot]  # [K, 2]: the name ends
+                    sources = sources.masked_fill(batch["name_offsets"].to(device)[rows, slot] == 0, 0)
+                    for which, head in ((0, 0), (1, 0 if by_name else cfg.size.text_heads - 1)):
                         part, mass, n = fetch_attention_loss(
                             model, fetch_attention_layer, head, hidden[fetch_attention_layer - 1], text["input_ids"],
-                            text.get("position_ids"), rows, pos, cover[:, which], patch_index)
+                            text.get("position_ids"), rows, sources[:, which] if by_name else pos, cover[:, which],
+                            patch_index)
+                        seek_loss, seek_n = seek_loss + part * n, seek_n + n
+                        seek_mass.append(mass)
+                    if by_name:  # the second hop: the answer position reads the name ends
+                        part, mass, n = relay_attention_loss(
+                            model, fetch_attention_layer + 1, cfg.size.text_heads - 1, hidden[fetch_attention_layer],
+                            text.get("position_ids"), rows, pos, sources)
                         seek_loss, seek_n = seek_loss + part * n, seek_n + n
                         seek_mass.append(mass)
                     seek_loss = seek_loss / max(seek_n, 1)  # the mean over both heads' targets
@@ -1006,6 +1031,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if seeking:
                 info += (f" fetch-attention {seek_loss.item():.3f} on-named {seek_mass[0]:.2f}"
                          f" on-second {seek_mass[1]:.2f}")
+                if len(seek_mass) > 2:  # the relay (fetch_attention_at "name")
+                    info += f" on-names {seek_mass[2]:.2f}"
             if dense_loss is not None:
                 info += f" dense {dense_loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in dense_stats.items())
             if bar:
