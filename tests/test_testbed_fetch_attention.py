@@ -185,7 +185,7 @@ def test_trainer_with_the_targets_at_the_names(tmp_path):
     from vtprune.testbed.train import train
     from vtprune.testbed.train_v3 import TINY_V3
 
-    cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:relation+colour",
+    cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:relation+colour+number",
                                fetch_attention_weight=1.0, fetch_attention_at="name", fetch_attention_layer=1,
                                size=replace(TINY_V3, text_layers=2))
     logs: list[str] = []
@@ -198,3 +198,37 @@ def test_trainer_with_the_targets_at_the_names(tmp_path):
         train(tmp_path / "bad", replace(cfg, fetch_attention_layer=2), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="unknown fetch_attention_at 'words'"):
         train(tmp_path / "bad1", replace(cfg, fetch_attention_at="words"), progress=False, log=lambda _: None)
+
+
+def test_a_number_questions_targets_are_its_tens_and_its_units_digits_ink():
+    from vtprune.testbed.scenes_v3 import DIGIT_ID
+
+    for i in range(5):
+        scene = train_split(6).scene(i)
+        qs = questions_v3.candidates(scene, "number")[:1] + questions_v3.candidates(scene, "count")[:1]
+        out = data_v3.fetch_cover(scene, qs, 2)
+        cov = patch_coverage(id_map(scene))
+        for place in (0, 1):
+            assert out[0, place].sum() == pytest.approx(1.0, rel=1e-5)
+            np.testing.assert_array_equal(out[0, place] > 0, cov[:, DIGIT_ID + place] > 0)
+        assert not out[1].any()
+
+
+def test_one_head_per_query_equals_each_heads_own_attention():
+    from vtprune.testbed.data_v3 import build_model
+    from vtprune.testbed.head_attention import head_log_attention
+    from vtprune.testbed.train import decoder_hidden, vision_features
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    torch.manual_seed(0)
+    model = build_model(replace(TINY_V3, text_heads=4, text_width=32), seed=0).eval()
+    batch = data_v3.question_batch(train_split(3), 0, 2, Packing(questions_per_image=3), types=("colour",))
+    rows, pos, _ = answer_positions(batch["labels"], model.config.text_config.eos_token_id, 3)
+    heads = torch.arange(len(rows)) % 4
+    with torch.no_grad():
+        hidden = decoder_hidden(model, vision_features(model, batch["pixel_values"]), batch["input_ids"],
+                                batch["attention_mask"], all_layers=True)
+        mixed = head_log_attention(model, 1, heads, hidden[0], None, rows, pos)
+        for h in range(4):
+            own = head_log_attention(model, 1, h, hidden[0], None, rows, pos)
+            torch.testing.assert_close(mixed[heads == h], own[heads == h])

@@ -24,6 +24,7 @@ from .questions_v3 import (
 )
 from .scenes import GRID, IMAGE_SIZE
 from .scenes_v3 import (
+    DIGIT_ID,
     _render,
     digit_centres,
     id_map,
@@ -214,12 +215,18 @@ def name_offsets(questions: list[Question], slots: int) -> np.ndarray:
 def fetch_cover(scene, questions: list[Question], slots: int) -> np.ndarray:
     """[slots, 2, 576] float32: per asked question (in order), the pixel share of its named object in each patch
     ([:, 0]; `questions_v3.fetched_objects`' first: colour, shape, relation, leftof, side, upper) and of its second
-    object where the question names that too ([:, 1]; `questions_v3.names_second`: a relation's); each nonzero row
-    sums to 1; zero where a question has no such object, for unused slots and for an object with no visible pixel.
+    object where the question names that too ([:, 1]; `questions_v3.names_second`: a relation's); for a number
+    question the ink of its tens digit ([:, 0]) and of its units digit ([:, 1]); each nonzero row sums to 1; zero
+    where a question has no such object, for unused slots and for an object with no visible pixel.
     The targets of the training-only fetch attention (`fetch_attention.py`)."""
     out = np.zeros((slots, 2, 576), np.float32)
     cov = None
     for k, q in enumerate(questions[:slots]):
+        if q.type == "number":  # tens and units: two heads, so that the digits' order is kept
+            cov = patch_coverage(id_map(scene)) if cov is None else cov
+            ink = cov[:, DIGIT_ID:DIGIT_ID + 2].T.astype(np.float32)  # [2, 576]
+            out[k] = ink / np.maximum(ink.sum(-1, keepdims=True), 1.0)
+            continue
         first, second = fetched_objects(scene, q)
         for m, obj in enumerate((first, second if names_second(q) else None)):
             if obj is None:

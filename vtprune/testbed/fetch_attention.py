@@ -28,16 +28,18 @@ import torch
 from .head_attention import head_log_attention, target_cross_entropy
 
 
-def fetch_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor, input_ids: torch.Tensor,
-                         position_ids: torch.Tensor | None, answer_rows: torch.Tensor, answer_pos: torch.Tensor,
-                         cover: torch.Tensor, patch_index: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """(loss, mean attention mass on the object's tokens, number of targets) for one head and one object.
+def fetch_attention_loss(model, layer: int, head: int | torch.Tensor, layer_input: torch.Tensor,
+                         input_ids: torch.Tensor, position_ids: torch.Tensor | None, answer_rows: torch.Tensor,
+                         answer_pos: torch.Tensor, cover: torch.Tensor, patch_index: torch.Tensor
+                         ) -> tuple[torch.Tensor, float, int]:
+    """(loss, mean attention mass on the object's tokens, number of targets) for one head (or one per query: head
+    [K]) and one object per query.
 
     layer_input [B, T, D]: `hidden_states[layer - 1]`; input_ids / position_ids [B, T] (None: 0..T-1);
-    answer_rows / answer_pos [K]: each answer position's row and position; cover [K, 576]: the object's pixel
-    share per patch for that question (`data_v3.fetch_cover`'s [:, m]; all zero: none, skipped); patch_index
-    [B, N]: which of the 576 patches each of the row's N image tokens is. A question whose object lies wholly in
-    dropped tokens is skipped.
+    answer_rows / answer_pos [K]: each query's row and position (the answer's, or a name's end); cover [K, 576]:
+    the object's pixel share per patch for that question (`data_v3.fetch_cover`'s [:, m]; all zero: none,
+    skipped); patch_index [B, N]: which of the 576 patches each of the row's N image tokens is. A question whose
+    object lies wholly in dropped tokens is skipped.
     """
     image = input_ids == model.config.image_token_id  # [B, T]
     token_of = image.nonzero()[:, 1].view(input_ids.shape[0], -1)  # [B, N]: position of each row's image tokens
@@ -46,6 +48,7 @@ def fetch_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor
     if not keep.any():
         return layer_input.sum() * 0.0, float("nan"), 0
     rows, pos = answer_rows[keep], answer_pos[keep]  # [K']
+    head = head[keep] if isinstance(head, torch.Tensor) else head
     logp = head_log_attention(model, layer, head, layer_input, position_ids, rows, pos)  # [K', T]
     target = torch.zeros_like(logp).scatter_(1, token_of[rows], shown[keep])  # [K', T]
     target = target / target.sum(-1, keepdim=True)

@@ -14,23 +14,26 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
-def head_log_attention(model, layer: int, head: int, layer_input: torch.Tensor, position_ids: torch.Tensor | None,
-                       rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """[K, T] log attention of head `head` of decoder layer `layer` (1-based) at each query (rows[k], pos[k]) over
-    its row's T keys (-inf past the query: causal). layer_input [B, T, D]: `hidden_states[layer - 1]`; position_ids
-    [B, T] (None: 0..T-1). Padding keys are not masked: every query comes before its row's padding."""
+def head_log_attention(model, layer: int, head: int | torch.Tensor, layer_input: torch.Tensor,
+                       position_ids: torch.Tensor | None, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[K, T] log attention of head `head` (one for every query, or [K]: one per query) of decoder layer `layer`
+    (1-based) at each query (rows[k], pos[k]) over its row's T keys (-inf past the query: causal). layer_input
+    [B, T, D]: `hidden_states[layer - 1]`; position_ids [B, T] (None: 0..T-1). Padding keys are not masked: every
+    query comes before its row's padding."""
     block = model.model.language_model.layers[layer - 1]
     attn = block.self_attn
     cfg = model.config.text_config
     head_dim = getattr(attn, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
-    kv_head = head // (cfg.num_attention_heads // cfg.num_key_value_heads)
+    heads = torch.as_tensor(head, device=layer_input.device).expand(rows.numel())  # [K]
+    kv_heads = heads // (cfg.num_attention_heads // cfg.num_key_value_heads)  # [K]
     b, t, _ = layer_input.shape
     x = block.input_layernorm(layer_input)  # [B, T, D]
     if position_ids is None:
         position_ids = torch.arange(t, device=x.device).expand(b, -1)
     cos, sin = model.model.language_model.rotary_emb(x, position_ids)  # [B, T, hd] each
-    q = attn.q_proj(x[rows, pos]).view(-1, cfg.num_attention_heads, head_dim)[:, head]  # [K, hd]
-    k = attn.k_proj(x[rows]).view(rows.numel(), t, -1, head_dim)[:, :, kv_head]  # [K, T, hd]
+    query = torch.arange(rows.numel(), device=x.device)
+    q = attn.q_proj(x[rows, pos]).view(-1, cfg.num_attention_heads, head_dim)[query, heads]  # [K, hd]
+    k = attn.k_proj(x[rows]).view(rows.numel(), t, -1, head_dim)[query, :, kv_heads]  # [K, T, hd]
     q, _ = apply_rotary_pos_emb(q[:, None, None], q[:, None, None], cos[rows, pos][:, None], sin[rows, pos][:, None])
     k, _ = apply_rotary_pos_emb(k[:, None], k[:, None], cos[rows], sin[rows])
     logits = (k[:, 0] @ q[:, 0, 0].unsqueeze(-1)).squeeze(-1).float() * head_dim ** -0.5  # [K, T]

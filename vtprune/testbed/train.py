@@ -970,13 +970,17 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     cover = batch["fetch_cover"][rows, slot]  # [K, 2, 576]: named object, named second object
                     seek_loss, seek_n, seek_mass = 0.0, 0, []
                     by_name = cfg.fetch_attention_at == "name"
-                    sources = pos[:, None] + batch["name_offsets"].to(device)[rows, slot]  # [K, 2]: the name ends
-                    sources = sources.masked_fill(batch["name_offsets"].to(device)[rows, slot] == 0, 0)
-                    for which, head in ((0, 0), (1, 0 if by_name else cfg.size.text_heads - 1)):
+                    offsets = batch["name_offsets"].to(device)[rows, slot]  # [K, 2]: the name ends, 0: none
+                    sources = (pos[:, None] + offsets).masked_fill(offsets == 0, 0)  # [K, 2]
+                    for which in (0, 1):
+                        # "name": head 0 at the name's end (a number's two digits: heads 0 and last at the answer)
+                        at = torch.where(offsets[:, which] != 0, sources[:, which], pos) if by_name else pos
+                        seek_heads = torch.full_like(pos, cfg.size.text_heads - 1 if which else 0)
+                        if by_name:
+                            seek_heads = seek_heads.masked_fill(offsets[:, which] != 0, 0)
                         part, mass, n = fetch_attention_loss(
-                            model, fetch_attention_layer, head, hidden[fetch_attention_layer - 1], text["input_ids"],
-                            text.get("position_ids"), rows, sources[:, which] if by_name else pos, cover[:, which],
-                            patch_index)
+                            model, fetch_attention_layer, seek_heads, hidden[fetch_attention_layer - 1],
+                            text["input_ids"], text.get("position_ids"), rows, at, cover[:, which], patch_index)
                         seek_loss, seek_n = seek_loss + part * n, seek_n + n
                         seek_mass.append(mass)
                     if by_name:  # the second hop: the answer position reads the name ends
