@@ -194,8 +194,10 @@ def test_trainer_with_the_targets_at_the_names(tmp_path):
     assert len(lines) == 1, logs
     for what in ("on-named", "on-second", "on-names"):
         assert 0.0 <= float(lines[0].split(what + " ")[1].split()[0]) <= 1.0
-    with pytest.raises(ValueError, match="relay target in the layer after fetch_attention_layer 2"):
+    with pytest.raises(ValueError, match="fetch_relay_layer 3 is not in 3..2"):
         train(tmp_path / "bad", replace(cfg, fetch_attention_layer=2), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="fetch_relay_layer 1 is not in 2..2"):
+        train(tmp_path / "bad2", replace(cfg, fetch_relay_layer=1), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="unknown fetch_attention_at 'words'"):
         train(tmp_path / "bad1", replace(cfg, fetch_attention_at="words"), progress=False, log=lambda _: None)
 

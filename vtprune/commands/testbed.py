@@ -92,6 +92,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--fetch-attention-at", choices=("answer", "name"), default=None,
                    help="'name': head 0 fetches each named object at the name's last word in the question and the "
                         "last head of the next layer, at the answer position, attends to those words (default: answer)")
+    t.add_argument("--fetch-relay-layer", type=int, default=None,
+                   help="with --fetch-attention-at name: the layer of the relay head (default 0: the next layer)")
     t.add_argument("--fetch-second", action="store_true", default=None,
                    help="with --fetch-weight: the read-out after --fetch-layer also gives a relation's second named "
                         "object, so that both named objects are fetched by then")
@@ -270,6 +272,7 @@ def _train(args: argparse.Namespace) -> int:
                       "fetch_attention_weight": args.fetch_attention_weight,
                       "fetch_attention_layer": args.fetch_attention_layer,
                       "fetch_attention_at": args.fetch_attention_at,
+                      "fetch_relay_layer": args.fetch_relay_layer,
                       "anneal_by_time": args.anneal_by_time})
     for k, v in overrides.items():
         if v is not None:

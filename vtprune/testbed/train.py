@@ -156,6 +156,7 @@ class TrainConfig:
     # in the question attends to that object's image tokens, and the last head of the next layer, at the answer
     # position, to those name ends (fetch_attention.py)
     fetch_attention_at: str = "answer"
+    fetch_relay_layer: int = 0  # the "name" variant's relay layer (1-based; 0: the one after fetch_attention_layer)
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B learning rate of the vision tower (0 = frozen, the default). > 0 trains the tower end to end on the
     # answers, with Stage A's dense per-patch loss on the same scenes at weight `tower_dense_weight` (shapes-v3;
@@ -664,11 +665,12 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     if not cfg.count_sink_weight > 0:
         raise ValueError(f"count_sink_weight must be > 0 (the count attention target's weight on <s>), "
                          f"got {cfg.count_sink_weight}")
-    relaying = cfg.fetch_attention_weight > 0 and cfg.fetch_attention_at == "name"
-    if relaying and fetch_attention_layer >= cfg.size.text_layers:
-        raise ValueError(f"fetch_attention_at 'name' puts its relay target in the layer after fetch_attention_layer "
-                         f"{fetch_attention_layer}: accepted 1..{cfg.size.text_layers - 1} for {cfg.size.text_layers} "
-                         f"decoder layers")
+    relay_layer = cfg.fetch_relay_layer or fetch_attention_layer + 1
+    if cfg.fetch_attention_weight > 0 and cfg.fetch_attention_at == "name" and not (
+            fetch_attention_layer < relay_layer <= cfg.size.text_layers):
+        raise ValueError(f"fetch_attention_at 'name' puts its relay target in a layer after fetch_attention_layer "
+                         f"{fetch_attention_layer}: fetch_relay_layer {relay_layer} is not in "
+                         f"{fetch_attention_layer + 1}..{cfg.size.text_layers} (0: the next layer)")
     # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
@@ -985,7 +987,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                         seek_mass.append(mass)
                     if by_name:  # the second hop: the answer position reads the name ends
                         part, mass, n = relay_attention_loss(
-                            model, fetch_attention_layer + 1, cfg.size.text_heads - 1, hidden[fetch_attention_layer],
+                            model, relay_layer, cfg.size.text_heads - 1, hidden[relay_layer - 1],
                             text.get("position_ids"), rows, pos, sources)
                         seek_loss, seek_n = seek_loss + part * n, seek_n + n
                         seek_mass.append(mass)
