@@ -130,7 +130,11 @@ def test_name_offsets_point_at_the_last_word_of_each_named_object():
         text = " ".join(words[int(t)] for t in batch["input_ids"][r, start:p - 1])  # the question (to its "?")
         order = sorted(questions_v3._NAMED, key=lambda t: t != "leftof")  # "what colour is the object left of ..."
         qtype = next((t for t in order if questions_v3._NAMED[t].fullmatch(text)), None)
-        if qtype is None:  # exist, count, number: nothing named to fetch
+        if text.startswith("is there a "):  # exist: the asked object's shape word, present or not
+            assert words[int(batch["input_ids"][r, p + a])] == text.split()[-2] and b == 0, text
+            seen["exist"] = seen.get("exist", 0) + 1
+            continue
+        if qtype is None:  # count, number: nothing named to fetch
             assert a == b == 0, text
             seen["none"] += 1
             continue
@@ -142,7 +146,7 @@ def test_name_offsets_point_at_the_last_word_of_each_named_object():
             seen["second"] += 1
         else:
             assert b == 0, text
-    assert min(seen.values()) > 0, seen
+    assert min(seen.values()) > 0 and "exist" in seen, seen
 
 
 def test_relay_loss_is_the_cross_entropy_of_the_models_own_attention_on_the_name_ends():
@@ -234,3 +238,53 @@ def test_one_head_per_query_equals_each_heads_own_attention():
         for h in range(4):
             own = head_log_attention(model, 1, h, hidden[0], None, rows, pos)
             torch.testing.assert_close(mixed[heads == h], own[heads == h])
+
+
+def test_an_exist_questions_target_is_the_asked_objects_or_the_first_token():
+    from vtprune.testbed.data_v3 import build_model
+    from vtprune.testbed.train import decoder_hidden, vision_features
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    seen = {"yes": 0, "no": 0}
+    for i in range(6):
+        scene = train_split(7).scene(i)
+        qs = questions_v3.candidates(scene, "exist")
+        out, sink = data_v3.fetch_cover(scene, qs, len(qs)), data_v3.fetch_sink(qs, len(qs))
+        cov = patch_coverage(id_map(scene))
+        for k, q in enumerate(qs):
+            matches = questions_v3.exist_matches(scene, q)
+            assert bool(matches) == (q.answer == "yes") == (not sink[k])
+            if matches:
+                np.testing.assert_array_equal(out[k, 0] > 0, cov[:, [m + 1 for m in matches]].sum(1) > 0)
+                assert out[k, 0].sum() == pytest.approx(1.0, rel=1e-5)
+            else:
+                assert not out[k].any()
+            seen[q.answer] += 1
+    assert min(seen.values()) > 5
+    # the loss: a sink query's target is <s> alone
+    torch.manual_seed(0)
+    model = build_model(TINY_V3, seed=0).eval()
+    model.set_attn_implementation("eager")
+    batch = data_v3.question_batch(train_split(7), 0, 4, Packing(questions_per_image=4), with_fetch_cover=True,
+                                   types=("exist",))
+    rows, pos, slot = answer_positions(batch["labels"], model.config.text_config.eos_token_id, 4)
+    cover, sink = batch["fetch_cover"][rows, slot, 0], batch["fetch_sink"][rows, slot]
+    assert sink.any() and (~sink).any()
+    patch_index = torch.arange(576).expand(4, -1)
+    with torch.no_grad():
+        feats = vision_features(model, batch["pixel_values"])
+        hidden = decoder_hidden(model, feats, batch["input_ids"], batch["attention_mask"], all_layers=True)
+        loss, _, n = fetch_attention_loss(model, 1, 0, hidden[0], batch["input_ids"], None, rows, pos, cover,
+                                          patch_index, sink)
+        image = batch["input_ids"] == model.config.image_token_id
+        embeds = model.model.language_model.get_input_embeddings()(batch["input_ids"])
+        embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
+        probs = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                           output_attentions=True).attentions[0][rows, 0, pos]  # [K, T]
+    assert n == len(rows)
+    img0 = int(image[0].nonzero()[0])
+    target = torch.zeros_like(probs)
+    target[:, img0:img0 + 576] = cover
+    target[sink, 0] = 1.0
+    ref = -(target * probs.clamp_min(1e-30).log()).sum(-1).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ from .questions_v3 import (
     QUESTION_TYPES,
     answer_vocabulary,
     candidates,
+    exist_matches,
     fetched_objects,
     name_ends,
     names_second,
@@ -138,7 +139,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     second_named [n, questions_per_image] bool (`questions_v3.names_second`; False for unused slots), name_offsets
     [n, questions_per_image, 2] int64 (`name_offsets`: where the named objects' last words are);
     `with_fetch_cover` adds fetch_cover [n, questions_per_image, 2, 576] (`fetch_cover`, about 3 ms per scene with
-    a question naming an object), the fetch attention's targets;
+    a question naming an object) and fetch_sink [n, questions_per_image] bool (`fetch_sink`), the fetch attention's
+    targets;
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
     (`scenes_v3.object_centres`), count and count_channel [n, questions_per_image] (`count_targets`,
     `count_channels`), the count read-outs' targets;
@@ -147,7 +149,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     (`TrainConfig.tower_lr_b`)."""
     split = _as_split(split)
     ids, labs, images, informative, priority, fetch, second_named, offsets = [], [], [], [], [], [], [], []
-    share, centre, count, channel, dense, cover = [], [], [], [], [], []
+    share, centre, count, channel, dense, cover, sink = [], [], [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -165,6 +167,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         offsets.append(name_offsets(asked, packing.questions_per_image))
         if with_fetch_cover:
             cover.append(fetch_cover(scene, asked, packing.questions_per_image))
+            sink.append(fetch_sink(asked, packing.questions_per_image))
         if with_counts:
             count.append(count_targets(asked, packing.questions_per_image))
             channel.append(count_channels(asked, packing.questions_per_image))
@@ -186,6 +189,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
                 "count": torch.from_numpy(np.stack(count)), "count_channel": torch.from_numpy(np.stack(channel))}
     if with_fetch_cover:
         out["fetch_cover"] = torch.from_numpy(np.stack(cover))
+        out["fetch_sink"] = torch.from_numpy(np.stack(sink))
     if with_dense:
         out |= {f"dense_{k}": torch.from_numpy(np.stack([lab[k].reshape(-1) for lab in dense])).long()
                 for k in ("colour", "shape", "digit", "place")}
@@ -216,12 +220,20 @@ def fetch_cover(scene, questions: list[Question], slots: int) -> np.ndarray:
     """[slots, 2, 576] float32: per asked question (in order), the pixel share of its named object in each patch
     ([:, 0]; `questions_v3.fetched_objects`' first: colour, shape, relation, leftof, side, upper) and of its second
     object where the question names that too ([:, 1]; `questions_v3.names_second`: a relation's); for a number
-    question the ink of its tens digit ([:, 0]) and of its units digit ([:, 1]); each nonzero row sums to 1; zero
+    question the ink of its tens digit ([:, 0]) and of its units digit ([:, 1]); for an exist question the asked
+    objects where the answer is yes ([:, 0]; where it is no, `fetch_sink`); each nonzero row sums to 1; zero
     where a question has no such object, for unused slots and for an object with no visible pixel.
     The targets of the training-only fetch attention (`fetch_attention.py`)."""
     out = np.zeros((slots, 2, 576), np.float32)
     cov = None
     for k, q in enumerate(questions[:slots]):
+        if q.type == "exist":  # the asked objects where present (else `fetch_sink`)
+            matches = exist_matches(scene, q)
+            if matches:
+                cov = patch_coverage(id_map(scene)) if cov is None else cov
+                pixels = cov[:, [i + 1 for i in matches]].sum(1).astype(np.float32)
+                out[k, 0] = pixels / max(pixels.sum(), 1.0)
+            continue
         if q.type == "number":  # tens and units: two heads, so that the digits' order is kept
             cov = patch_coverage(id_map(scene)) if cov is None else cov
             ink = cov[:, DIGIT_ID:DIGIT_ID + 2].T.astype(np.float32)  # [2, 576]
@@ -235,6 +247,15 @@ def fetch_cover(scene, questions: list[Question], slots: int) -> np.ndarray:
             pixels = cov[:, obj + 1].astype(np.float32)  # id i + 1 is object i
             if pixels.sum() > 0:
                 out[k, m] = pixels / pixels.sum()
+    return out
+
+
+def fetch_sink(questions: list[Question], slots: int) -> np.ndarray:
+    """[slots] bool: the questions whose fetch attention target is `<s>` (the row's first token) instead of patches:
+    an exist question whose object is absent (nothing to fetch; a head that finds no match rests on `<s>`)."""
+    out = np.zeros(slots, bool)
+    for k, q in enumerate(questions[:slots]):
+        out[k] = q.type == "exist" and q.answer == "no"
     return out
 
 

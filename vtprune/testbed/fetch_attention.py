@@ -16,7 +16,10 @@ first was lost (fourteenth session), hence both.
 word of each object's name in the question ("circle" and "cross" of "is the red circle left of the cross ?"), head 0
 of the layer attends to that object's patches (one head serves both names, at different positions), and at the
 answer position the last head of the next layer spreads its attention over those name ends (`relay_attention_loss`),
-so that each hop is a single-object look-up (fifteenth session).
+so that each hop is a single-object look-up (fifteenth session). Two more question types get targets: a number
+question's tens and units digit (head 0 and the last head, at the answer position: the order of the digits), and
+an exist question's asked object at the name's end ("is there a blue cross ?"), or `<s>` alone where it is absent
+(a head that finds no match rests on the row's first token; `data_v3.fetch_sink`).
 
 No parameters (`head_attention.py`): the shipped model stays a stock `LlavaForConditionalGeneration`.
 """
@@ -30,8 +33,8 @@ from .head_attention import head_log_attention, target_cross_entropy
 
 def fetch_attention_loss(model, layer: int, head: int | torch.Tensor, layer_input: torch.Tensor,
                          input_ids: torch.Tensor, position_ids: torch.Tensor | None, answer_rows: torch.Tensor,
-                         answer_pos: torch.Tensor, cover: torch.Tensor, patch_index: torch.Tensor
-                         ) -> tuple[torch.Tensor, float, int]:
+                         answer_pos: torch.Tensor, cover: torch.Tensor, patch_index: torch.Tensor,
+                         sink: torch.Tensor | None = None) -> tuple[torch.Tensor, float, int]:
     """(loss, mean attention mass on the object's tokens, number of targets) for one head (or one per query: head
     [K]) and one object per query.
 
@@ -39,18 +42,21 @@ def fetch_attention_loss(model, layer: int, head: int | torch.Tensor, layer_inpu
     answer_rows / answer_pos [K]: each query's row and position (the answer's, or a name's end); cover [K, 576]:
     the object's pixel share per patch for that question (`data_v3.fetch_cover`'s [:, m]; all zero: none,
     skipped); patch_index [B, N]: which of the 576 patches each of the row's N image tokens is. A question whose
-    object lies wholly in dropped tokens is skipped.
+    object lies wholly in dropped tokens is skipped. sink [K] bool (`data_v3.fetch_sink`): queries whose target is
+    `<s>` alone (an absent object).
     """
     image = input_ids == model.config.image_token_id  # [B, T]
     token_of = image.nonzero()[:, 1].view(input_ids.shape[0], -1)  # [B, N]: position of each row's image tokens
     shown = cover.to(input_ids.device).float().gather(1, patch_index[answer_rows])  # [K, N]: share per kept token
-    keep = shown.sum(-1) > 0
+    sink = torch.zeros_like(answer_rows, dtype=torch.bool) if sink is None else sink.to(input_ids.device)
+    keep = (shown.sum(-1) > 0) | sink
     if not keep.any():
         return layer_input.sum() * 0.0, float("nan"), 0
     rows, pos = answer_rows[keep], answer_pos[keep]  # [K']
     head = head[keep] if isinstance(head, torch.Tensor) else head
     logp = head_log_attention(model, layer, head, layer_input, position_ids, rows, pos)  # [K', T]
     target = torch.zeros_like(logp).scatter_(1, token_of[rows], shown[keep])  # [K', T]
+    target[:, 0] += sink[keep].float()  # <s>: an absent object's target
     target = target / target.sum(-1, keepdim=True)
     loss, mass = target_cross_entropy(logp, target)
     return loss, mass, int(rows.numel())

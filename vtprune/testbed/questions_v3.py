@@ -178,10 +178,24 @@ def names_second(question: Question) -> bool:
     return question.type == "relation"
 
 
+_EXIST = re.compile(r"is there a (\w+) (\w+) \?")
+
+
+def exist_matches(scene: Scene3, question: Question) -> list[int]:
+    """Indices of the objects an exist question asks about (its colour and shape; none when the answer is no)."""
+    match = _EXIST.fullmatch(question.text) if question.type == "exist" else None
+    if match is None:
+        raise ValueError(f"not an exist question of this benchmark: {question.text!r}")
+    return [i for i, o in enumerate(scene.objects) if (o.colour, o.shape) == match.groups()]
+
+
 def name_ends(question: Question) -> tuple[int, int]:
-    """Word indices (in `question.text.split()`) of the last word of the first named object and of the named second
-    object (a relation's; `names_second`), -1 where the question names none (exist, count, number; the second of
-    every type but relation). Where the training-only name-position fetch targets sit (`fetch_attention.py`)."""
+    """Word indices (in `question.text.split()`) of the last word of the first named object (an exist question's
+    asked object, present or not) and of the named second object (a relation's; `names_second`), -1 where the
+    question names none (count, number; the second of every type but relation). Where the training-only
+    name-position fetch targets sit (`fetch_attention.py`)."""
+    if question.type == "exist":
+        return len(question.text.split()) - 2, -1  # "is there a red circle ?"
     pattern = _NAMED.get(question.type)
     if pattern is None:
         return -1, -1

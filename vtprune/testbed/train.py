@@ -982,7 +982,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                             seek_heads = seek_heads.masked_fill(offsets[:, which] != 0, 0)
                         part, mass, n = fetch_attention_loss(
                             model, fetch_attention_layer, seek_heads, hidden[fetch_attention_layer - 1],
-                            text["input_ids"], text.get("position_ids"), rows, at, cover[:, which], patch_index)
+                            text["input_ids"], text.get("position_ids"), rows, at, cover[:, which], patch_index,
+                            None if which else batch["fetch_sink"][rows, slot])
                         seek_loss, seek_n = seek_loss + part * n, seek_n + n
                         seek_mass.append(mass)
                     if by_name:  # the second hop: the answer position reads the name ends
