@@ -972,7 +972,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     cover = batch["fetch_cover"][rows, slot]  # [K, 2, 576]: named object, named second object
                     seek_loss, seek_n, seek_mass = 0.0, 0, []
                     by_name = cfg.fetch_attention_at == "name"
-                    offsets = batch["name_offsets"].to(device)[rows, slot]  # [K, 2]: the name ends, 0: none
+                    offsets = batch["name_offsets"][rows, slot]  # [K, 2]: the name ends, 0: none
                     sources = (pos[:, None] + offsets).masked_fill(offsets == 0, 0)  # [K, 2]
                     for which in (0, 1):
                         # "name": head 0 at the name's end (a number's two digits: heads 0 and last at the answer)
