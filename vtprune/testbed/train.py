@@ -149,7 +149,8 @@ class TrainConfig:
     count_sink_weight: float = 1.0  # that target's weight on <s> relative to each centre token (count_attention.py)
     # Stage B: weight of the training-only attention targets for fetching (fetch_attention.py; 0 = off; shapes-v3): in
     # decoder layer `fetch_attention_layer` (1-based; 0: half the depth), at each answer position, head 0 attends to
-    # the named object's image tokens and the last head to a relation's second object's
+    # the named object's image tokens and the last head to a relation's second object's (a number's tens / units
+    # digit; an exist question's asked object, or <s> where it is absent)
     fetch_attention_weight: float = 0.0
     fetch_attention_layer: int = 0
     # where those targets sit: "answer" (above) or "name": head 0 of that layer at the last word of each named object
