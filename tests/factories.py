@@ -125,3 +125,14 @@ def train_restoring_threads(out, cfg, log=lambda _: None):
         return train(out, cfg, progress=False, log=log)
     finally:
         torch.set_num_threads(threads)
+
+
+def decoder_attentions(model, feats: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A testbed model's decoder attentions per layer ([B, H, T, T] each; the model set to eager attention) with
+    `feats` [B, N, Dv] (vision features) at the image tokens: the reference the attention targets are checked on."""
+    embeds = model.model.language_model.get_input_embeddings()(input_ids)
+    image = input_ids == model.config.image_token_id
+    embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
+    return model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                      output_attentions=True).attentions

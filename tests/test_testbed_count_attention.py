@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from factories import tiny_v3_train_config, train_restoring_threads
+from factories import decoder_attentions, tiny_v3_train_config, train_restoring_threads
 
 from vtprune.testbed import data_v3, questions_v3
 from vtprune.testbed.answer_readout import answer_positions
@@ -55,11 +55,8 @@ def test_loss_is_the_cross_entropy_of_the_models_own_attention():
     with torch.no_grad():
         feats = vision_features(model, batch["pixel_values"])
         hidden = decoder_hidden(model, feats, batch["input_ids"], batch["attention_mask"], all_layers=True)
-        embeds = model.model.language_model.get_input_embeddings()(batch["input_ids"])
         image = batch["input_ids"] == model.config.image_token_id
-        embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
-        attentions = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                                output_attentions=True).attentions
+        attentions = decoder_attentions(model, feats, batch["input_ids"], batch["attention_mask"])
         for layer, sink in ((1, 1.0), (2, 1.0), (2, 4.0)):
             loss, mass, n = count_attention_loss(model, layer, 0, hidden[layer - 1], batch["input_ids"], None, rows,
                                                  pos, channel, batch["centre"], patch_index, sink_weight=sink)

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from factories import tiny_v3_train_config, train_restoring_threads
+from factories import decoder_attentions, tiny_v3_train_config, train_restoring_threads
 
 from vtprune.testbed import data_v3, questions_v3
 from vtprune.testbed.answer_readout import answer_positions
@@ -76,10 +76,7 @@ def test_loss_is_the_cross_entropy_of_the_models_own_attention():
         mask = torch.ones_like(ids)
         pos = pos - 276
         hidden = decoder_hidden(model, feats, ids, mask, all_layers=True)
-        embeds = model.model.language_model.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
-        attentions = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                                output_attentions=True).attentions
+        attentions = decoder_attentions(model, feats, ids, mask)
         for layer in (1, 2):
             head = model.config.text_config.num_attention_heads - 1
             loss, mass, n = fetch_attention_loss(model, layer, head, hidden[layer - 1], ids, None, rows, pos,
@@ -167,11 +164,7 @@ def test_relay_loss_is_the_cross_entropy_of_the_models_own_attention_on_the_name
     with torch.no_grad():
         feats = vision_features(model, batch["pixel_values"])
         hidden = decoder_hidden(model, feats, ids, mask, all_layers=True)
-        image = ids == model.config.image_token_id
-        embeds = model.model.language_model.get_input_embeddings()(ids)
-        embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
-        attentions = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                                output_attentions=True).attentions
+        attentions = decoder_attentions(model, feats, ids, mask)
         head = model.config.text_config.num_attention_heads - 1
         loss, mass, n = relay_attention_loss(model, 2, head, hidden[1], None, rows, pos, sources)
     named = (offsets != 0).any(-1)
@@ -276,13 +269,9 @@ def test_an_exist_questions_target_is_the_asked_objects_or_the_first_token():
         hidden = decoder_hidden(model, feats, batch["input_ids"], batch["attention_mask"], all_layers=True)
         loss, _, n = fetch_attention_loss(model, 1, 0, hidden[0], batch["input_ids"], None, rows, pos, cover,
                                           patch_index, sink)
-        image = batch["input_ids"] == model.config.image_token_id
-        embeds = model.model.language_model.get_input_embeddings()(batch["input_ids"])
-        embeds = embeds.masked_scatter(image.unsqueeze(-1), model.model.multi_modal_projector(feats))
-        probs = model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
-                                           output_attentions=True).attentions[0][rows, 0, pos]  # [K, T]
+        probs = decoder_attentions(model, feats, batch["input_ids"], batch["attention_mask"])[0][rows, 0, pos]
     assert n == len(rows)
-    img0 = int(image[0].nonzero()[0])
+    img0 = int((batch["input_ids"][0] == model.config.image_token_id).nonzero()[0])
     target = torch.zeros_like(probs)
     target[:, img0:img0 + 576] = cover
     target[sink, 0] = 1.0
