@@ -977,7 +977,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     sources = (pos[:, None] + offsets).masked_fill(offsets == 0, 0)  # [K, 2]
                     for which in (0, 1):
                         # "name": head 0 at the name's end (a number's two digits: heads 0 and last at the answer)
-                        at = torch.where(offsets[:, which] != 0, sources[:, which], pos) if by_name else pos
+                        at = pos + offsets[:, which] if by_name else pos  # offset 0: the answer position
                         seek_heads = torch.full_like(pos, cfg.size.text_heads - 1 if which else 0)
                         if by_name:
                             seek_heads = seek_heads.masked_fill(offsets[:, which] != 0, 0)
@@ -993,7 +993,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                             text.get("position_ids"), rows, pos, sources)
                         seek_loss, seek_n = seek_loss + part * n, seek_n + n
                         seek_mass.append(mass)
-                    seek_loss = seek_loss / max(seek_n, 1)  # the mean over both heads' targets
+                    seek_loss = seek_loss / max(seek_n, 1)  # the mean over every target (both objects' and the relay's)
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         seek_loss = seek_loss * (seek_n * world / max(parallel.total(seek_n), 1.0))
                     loss = loss + cfg.fetch_attention_weight * seek_loss
