@@ -18,14 +18,14 @@ from vtprune.testbed.scenes_v3 import id_map, patch_coverage
 from vtprune.testbed.splits import train_split
 
 
-def test_fetch_cover_is_the_named_objects_pixel_share_and_a_relations_second():
-    seen = {"first": 0, "second": 0}
+def test_fetch_cover_is_the_named_objects_pixel_share_a_relations_second_and_a_leftofs_neighbour():
+    seen = {"first": 0, "second": 0, "neighbour": 0}
     for i in range(20):
         scene = train_split(5).scene(i)
         qs = (questions_v3.candidates(scene, "relation")[:2] + questions_v3.candidates(scene, "leftof")[:1]
               + questions_v3.candidates(scene, "count")[:1])
         out = data_v3.fetch_cover(scene, qs, len(qs) + 1)
-        assert out.shape == (len(qs) + 1, 2, 576) and not out[len(qs)].any()
+        assert out.shape == (len(qs) + 1, 3, 576) and not out[len(qs)].any()
         cov = patch_coverage(id_map(scene))
         for q, row in zip(qs, out, strict=False):
             first, second = questions_v3.fetched_objects(scene, q)
@@ -35,16 +35,20 @@ def test_fetch_cover_is_the_named_objects_pixel_share_and_a_relations_second():
             assert row[0].sum() == pytest.approx(1.0, rel=1e-5)
             np.testing.assert_array_equal(row[0] > 0, cov[:, first + 1] > 0)  # exactly the object's patches
             seen["first"] += 1
-            if q.type != "relation":  # leftof's second object is found, not named
+            if q.type != "relation":  # leftof's second object is found, not named: channel 2
                 assert not row[1].any()
+                assert row[2].sum() == pytest.approx(1.0, rel=1e-5)
+                np.testing.assert_array_equal(row[2] > 0, cov[:, second + 1] > 0)
+                seen["neighbour"] += 1
                 continue
+            assert not row[2].any()
             assert row[1].sum() == pytest.approx(1.0, rel=1e-5)
             np.testing.assert_array_equal(row[1] > 0, cov[:, second + 1] > 0)
             seen["second"] += 1
-    assert min(seen.values()) > 10
+    assert min(seen.values()) >= 10
     batch = data_v3.question_batch(train_split(5), 0, 4, Packing(3), with_pixels=False, with_fetch_cover=True,
                                    types=("relation", "colour", "count"))
-    assert batch["fetch_cover"].shape == (4, 3, 2, 576)
+    assert batch["fetch_cover"].shape == (4, 3, 3, 576)
     assert torch.equal(batch["fetch_cover"][:, :, 1].sum(-1) > 0, batch["second_named"])
 
 
@@ -195,8 +199,26 @@ def test_trainer_with_the_targets_at_the_names(tmp_path):
         train(tmp_path / "bad", replace(cfg, fetch_attention_layer=2), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="fetch_relay_layer 1 is not in 2..2"):
         train(tmp_path / "bad2", replace(cfg, fetch_relay_layer=1), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"fetch_neighbour_layer 2 needs .* \(accepted: 3..2, or 0 for none\)"):
+        train(tmp_path / "bad3", replace(cfg, fetch_neighbour_layer=2), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match=r"fetch_neighbour_layer 2 needs fetch_attention_weight > 0"):
+        train(tmp_path / "bad4", replace(cfg, fetch_attention_weight=0.0, fetch_neighbour_layer=2), progress=False,
+              log=lambda _: None)
     with pytest.raises(ValueError, match="unknown fetch_attention_at 'words'"):
         train(tmp_path / "bad1", replace(cfg, fetch_attention_at="words"), progress=False, log=lambda _: None)
+
+
+def test_trainer_with_the_left_neighbour_target_after_the_relay(tmp_path):
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:leftof+colour",
+                               fetch_attention_weight=1.0, fetch_attention_at="name", fetch_attention_layer=1,
+                               fetch_neighbour_layer=3, size=replace(TINY_V3, text_layers=3))
+    logs: list[str] = []
+    train_restoring_threads(tmp_path, cfg, logs.append)
+    lines = [x for x in logs if x.startswith("B ") and "fetch-attention" in x]
+    assert len(lines) == 1, logs
+    assert 0.0 < float(lines[0].split("on-neighbour ")[1].split()[0]) <= 1.0
 
 
 def test_a_number_questions_targets_are_its_tens_and_its_units_digits_ink():

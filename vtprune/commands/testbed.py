@@ -94,6 +94,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                         "last head of the next layer, at the answer position, attends to those words (default: answer)")
     t.add_argument("--fetch-relay-layer", type=int, default=None,
                    help="with --fetch-attention-at name: the layer of the relay head (default 0: the next layer)")
+    t.add_argument("--fetch-neighbour-layer", type=int, default=None,
+                   help="with --fetch-attention-weight: the last head of this layer attends, at each leftof "
+                        "question's answer position, to the left neighbour whose colour is asked (default 0: off)")
     t.add_argument("--fetch-second", action="store_true", default=None,
                    help="with --fetch-weight: the read-out after --fetch-layer also gives a relation's second named "
                         "object, so that both named objects are fetched by then")
@@ -273,6 +276,7 @@ def _train(args: argparse.Namespace) -> int:
                       "fetch_attention_layer": args.fetch_attention_layer,
                       "fetch_attention_at": args.fetch_attention_at,
                       "fetch_relay_layer": args.fetch_relay_layer,
+                      "fetch_neighbour_layer": args.fetch_neighbour_layer,
                       "anneal_by_time": args.anneal_by_time})
     for k, v in overrides.items():
         if v is not None:

@@ -138,7 +138,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     order in which `train.shorten` keeps tokens, fetch [n, questions_per_image, 4] (`fetch_targets`) and
     second_named [n, questions_per_image] bool (`questions_v3.names_second`; False for unused slots), name_offsets
     [n, questions_per_image, 2] int64 (`name_offsets`: where the named objects' last words are);
-    `with_fetch_cover` adds fetch_cover [n, questions_per_image, 2, 576] (`fetch_cover`, about 3 ms per scene with
+    `with_fetch_cover` adds fetch_cover [n, questions_per_image, 3, 576] (`fetch_cover`, about 3 ms per scene with
     a question naming an object) and fetch_sink [n, questions_per_image] bool (`fetch_sink`), the fetch attention's
     targets;
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
@@ -217,14 +217,15 @@ def name_offsets(questions: list[Question], slots: int) -> np.ndarray:
 
 
 def fetch_cover(scene, questions: list[Question], slots: int) -> np.ndarray:
-    """[slots, 2, 576] float32: per asked question (in order), the pixel share of its named object in each patch
-    ([:, 0]; `questions_v3.fetched_objects`' first: colour, shape, relation, leftof, side, upper) and of its second
-    object where the question names that too ([:, 1]; `questions_v3.names_second`: a relation's); for a number
+    """[slots, 3, 576] float32: per asked question (in order), the pixel share of its named object in each patch
+    ([:, 0]; `questions_v3.fetched_objects`' first: colour, shape, relation, leftof, side, upper), of its second
+    object where the question names that too ([:, 1]; `questions_v3.names_second`: a relation's) and of a leftof
+    question's left neighbour (the object whose colour is asked; [:, 2]); for a number
     question the ink of its tens digit ([:, 0]) and of its units digit ([:, 1]); for an exist question the asked
     objects where the answer is yes ([:, 0]; where it is no, `fetch_sink`); each nonzero row sums to 1; zero
     where a question has no such object, for unused slots and for an object with no visible pixel.
     The targets of the training-only fetch attention (`fetch_attention.py`)."""
-    out = np.zeros((slots, 2, 576), np.float32)
+    out = np.zeros((slots, 3, 576), np.float32)
     cov = None
     for k, q in enumerate(questions[:slots]):
         if q.type == "exist":  # the asked objects where present (else `fetch_sink`)
@@ -237,10 +238,11 @@ def fetch_cover(scene, questions: list[Question], slots: int) -> np.ndarray:
         if q.type == "number":  # tens and units: two heads, so that the digits' order is kept
             cov = patch_coverage(id_map(scene)) if cov is None else cov
             ink = cov[:, DIGIT_ID:DIGIT_ID + 2].T.astype(np.float32)  # [2, 576]
-            out[k] = ink / np.maximum(ink.sum(-1, keepdims=True), 1.0)
+            out[k, :2] = ink / np.maximum(ink.sum(-1, keepdims=True), 1.0)
             continue
         first, second = fetched_objects(scene, q)
-        for m, obj in enumerate((first, second if names_second(q) else None)):
+        named_second = second if names_second(q) else None
+        for m, obj in enumerate((first, named_second, second if q.type == "leftof" else None)):
             if obj is None:
                 continue
             cov = patch_coverage(id_map(scene)) if cov is None else cov  # [576, 256]: drawn once per scene

@@ -21,6 +21,11 @@ question's tens and units digit (head 0 and the last head, at the answer positio
 an exist question's asked object at the name's end ("is there a blue cross ?"), or `<s>` alone where it is absent
 (a head that finds no match rests on the row's first token; `data_v3.fetch_sink`).
 
+`TrainConfig.fetch_neighbour_layer` adds a third hop for "what colour is the object left of the yellow square ?":
+once the named object has reached the answer position (after the relay, or the answer-position fetch), the last
+head of that later layer attends there to the left neighbour whose colour is asked (`data_v3.fetch_cover`'s
+[:, 2]).
+
 No parameters (`head_attention.py`): the shipped model stays a stock `LlavaForConditionalGeneration`.
 """
 

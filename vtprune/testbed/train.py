@@ -158,6 +158,10 @@ class TrainConfig:
     # position, to those name ends (fetch_attention.py)
     fetch_attention_at: str = "answer"
     fetch_relay_layer: int = 0  # the "name" variant's relay layer (1-based; 0: the one after fetch_attention_layer)
+    # > 0 (with fetch_attention_weight > 0): at each leftof question's answer position, the last head of this decoder
+    # layer (1-based; after the named object reached the answer position: the relay's, or fetch_attention_layer's)
+    # attends to the left neighbour, whose colour is asked (fetch_attention.py)
+    fetch_neighbour_layer: int = 0
     feature_cache: int = 0  # > 0: Stage B cycles over the cached frozen features of this many scenes
     # Stage B learning rate of the vision tower (0 = frozen, the default). > 0 trains the tower end to end on the
     # answers, with Stage A's dense per-patch loss on the same scenes at weight `tower_dense_weight` (shapes-v3;
@@ -672,6 +676,12 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         raise ValueError(f"fetch_attention_at 'name' puts its relay target in a layer after fetch_attention_layer "
                          f"{fetch_attention_layer}: fetch_relay_layer {relay_layer} is not in "
                          f"{fetch_attention_layer + 1}..{cfg.size.text_layers} (0: the next layer)")
+    arrived = relay_layer if cfg.fetch_attention_at == "name" else fetch_attention_layer  # the named object's there
+    if cfg.fetch_neighbour_layer and not (cfg.fetch_attention_weight > 0
+                                          and arrived < cfg.fetch_neighbour_layer <= cfg.size.text_layers):
+        raise ValueError(f"fetch_neighbour_layer {cfg.fetch_neighbour_layer} needs fetch_attention_weight > 0 and a "
+                         f"layer after the one that brings the named object to the answer position (accepted: "
+                         f"{arrived + 1}..{cfg.size.text_layers}, or 0 for none)")
     # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
@@ -970,8 +980,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 if seeking:
                     rows, pos, slot = answer_positions(text["labels"], model.config.text_config.eos_token_id,
                                                        batch["fetch_cover"].shape[1])
-                    cover = batch["fetch_cover"][rows, slot]  # [K, 2, 576]: named object, named second object
-                    seek_loss, seek_n, seek_mass = 0.0, 0, []
+                    cover = batch["fetch_cover"][rows, slot]  # [K, 3, 576]: named, named second, left neighbour
+                    seek_loss, seek_n, seek_mass = 0.0, 0, {}
                     by_name = cfg.fetch_attention_at == "name"
                     offsets = batch["name_offsets"][rows, slot]  # [K, 2]: the name ends, 0: none
                     sources = (pos[:, None] + offsets).masked_fill(offsets == 0, 0)  # [K, 2]
@@ -986,13 +996,20 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                             text["input_ids"], text.get("position_ids"), rows, at, cover[:, which], patch_index,
                             None if which else batch["fetch_sink"][rows, slot])
                         seek_loss, seek_n = seek_loss + part * n, seek_n + n
-                        seek_mass.append(mass)
+                        seek_mass["on-second" if which else "on-named"] = mass
                     if by_name:  # the second hop: the answer position reads the name ends
                         part, mass, n = relay_attention_loss(
                             model, relay_layer, cfg.size.text_heads - 1, hidden[relay_layer - 1],
                             text.get("position_ids"), rows, pos, sources)
                         seek_loss, seek_n = seek_loss + part * n, seek_n + n
-                        seek_mass.append(mass)
+                        seek_mass["on-names"] = mass
+                    if cfg.fetch_neighbour_layer:  # leftof: from the named object to its left neighbour
+                        part, mass, n = fetch_attention_loss(
+                            model, cfg.fetch_neighbour_layer, cfg.size.text_heads - 1,
+                            hidden[cfg.fetch_neighbour_layer - 1], text["input_ids"], text.get("position_ids"), rows,
+                            pos, cover[:, 2], patch_index)
+                        seek_loss, seek_n = seek_loss + part * n, seek_n + n
+                        seek_mass["on-neighbour"] = mass
                     seek_loss = seek_loss / max(seek_n, 1)  # the mean over every target (both objects' and the relay's)
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         seek_loss = seek_loss * (seek_n * world / max(parallel.total(seek_n), 1.0))
@@ -1037,10 +1054,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             if attending:
                 info += f" count-attention {attention_loss.item():.3f} on-target {attention_mass:.2f}"
             if seeking:
-                info += (f" fetch-attention {seek_loss.item():.3f} on-named {seek_mass[0]:.2f}"
-                         f" on-second {seek_mass[1]:.2f}")
-                if len(seek_mass) > 2:  # the relay (fetch_attention_at "name")
-                    info += f" on-names {seek_mass[2]:.2f}"
+                info += f" fetch-attention {seek_loss.item():.3f} " + " ".join(
+                    f"{k} {v:.2f}" for k, v in seek_mass.items())
             if dense_loss is not None:
                 info += f" dense {dense_loss.item():.3f} " + " ".join(f"{k} {v:.2f}" for k, v in dense_stats.items())
             if bar:
