@@ -10,7 +10,8 @@ import torch
 
 from vtprune import checkpointing as cpt
 from vtprune.testbed.builtin import resolve_model
-from vtprune.testbed.chain_v3 import PHASE_SECONDS, phases, run_chain
+from vtprune.testbed.chain_v3 import PHASE_SECONDS, layer_image, phases, run_chain
+from vtprune.testbed.grow import growth_plan
 from vtprune.testbed.train import train
 
 
@@ -29,8 +30,12 @@ def test_chain_runs_every_phase_hands_over_and_resumes(tmp_path):
     assert tower["init"] == str(tmp_path / "small" / "model") and tower["tower_lr_b"] > 0
     assert tower["feature_cache"] == 0 and tower["steps_a"] == 0 and tower["column_code_scale"] == 0
     assert deep["init"] == str(tmp_path / "grown") and deep["tower_lr_b"] == 0
-    assert (deep["size"]["text_layers"], small["size"]["text_layers"]) == (2, 1)
-    assert resolve_model(str(final))[0].config.text_config.num_hidden_layers == 2
+    assert (deep["size"]["text_layers"], small["size"]["text_layers"]) == (4, 2)
+    assert resolve_model(str(final))[0].config.text_config.num_hidden_layers == 4
+    # the name targets' fetch (layer 1 of 2) and relay (layer 2) in every phase, at their images after growth
+    assert [(c["fetch_attention_layer"], c["fetch_relay_layer"], c["fetch_layer"]) for c in (small, tower, deep)] == [
+        (1, 2, 2), (1, 2, 2), (1, 3, 4)]
+    assert all(c["fetch_attention_at"] == "name" and c["fetch_attention_weight"] > 0 for c in (small, tower, deep))
     assert small["anneal_by_time"] and tower["anneal_by_time"] and deep["anneal_by_time"]
     # Stage C runs on the grown model before the deep Stage B, whose decoder then adapts to it
     assert deep["cls_before_b"] and deep["cls_steps"] > 0 and tower["cls_steps"] == small["cls_steps"] == 0
@@ -60,7 +65,17 @@ def test_vision_init_replaces_stage_a_and_time_scale_scales_the_limits(tmp_path)
     assert small.time_limit_b == PHASE_SECONDS["small"] * 0.5 and small.size.text_layers == 4
     tower = phases()[1].config("/prev/model")
     deep = phases()[3].config("/prev/grown")
-    assert (tower.size.text_layers, tower.fetch_layer, deep.size.text_layers, deep.fetch_layer) == (4, 2, 32, 16)
+    assert (tower.size.text_layers, tower.fetch_layer, deep.size.text_layers, deep.fetch_layer) == (4, 3, 32, 24)
+    # every attention target sits on the grown image of its small-decoder layer (growth "spread": s -> 8 (s - 1) + 1)
+    for cfg, (fetch, relay, count) in ((small, (2, 3, 3)), (tower, (2, 3, 3)), (deep, (9, 17, 17))):
+        assert (cfg.fetch_attention_layer, cfg.fetch_relay_layer, cfg.count_attention_layer) == (fetch, relay, count)
+        assert cfg.fetch_attention_at == "name" and cfg.fetch_attention_weight > 0 and cfg.count_attention_weight > 0
+
+
+@pytest.mark.parametrize("source_layers,layers", [(4, 32), (2, 4), (3, 12), (1, 5)])
+def test_layer_image_is_where_growth_puts_the_trained_layer(source_layers, layers):
+    trained = [i + 1 for i, (_, is_trained) in enumerate(growth_plan(source_layers, layers)) if is_trained]
+    assert [layer_image(s, source_layers, layers) for s in range(1, source_layers + 1)] == trained
 
 
 def test_export_final_hands_over_the_last_state_and_a_time_limit_ends_the_run(tmp_path):

@@ -4,14 +4,16 @@
 
 1. `small` — `--preset v3` with a 4 × 64 decoder (the k-runs of the fifth to eighth sessions: half the Stage-B step
    cost of 32 layers): Stage A (tower), probe projector init, Stage B (single-question steps, packed questions, the
-   type curriculum then `SMALL_TYPES`, the answer-position read-out after layer 2, the count attention target of
-   `count_attention.py` on layer 3), hand-over of its final state;
+   type curriculum then `SMALL_TYPES`, the answer-position read-out after layer 3, the attention targets: counting
+   on layer 3, each named object fetched at its name in layer 2 and relayed to the answer position in layer 3),
+   hand-over of its final state;
 2. `tower` — Stage B again from that model with the vision tower trained end to end (the ninth session's t3:
    decoder and tower lr 3e-4, Stage A's dense loss and the object-share regression on the tower, every scored type
    with leftof / count / number / relation weighted twice, `upper` three times);
 3. `grown` — the decoder grown to 32 layers computing the same function (`grow.grow_decoder`);
 4. `deep` — Stage C (the [CLS] embedding, `cls_saliency.py`), then a brief Stage B at 32 layers (lr 3e-4, the
-   read-out after layer 16, the tower frozen), in which the decoder adapts to the patch features Stage C shifted.
+   read-out after layer 24 and the attention targets on the grown images of their layers: 9 and 17, the tower
+   frozen), in which the decoder adapts to the patch features Stage C shifted.
 
 Every phase's learning rate anneals by its time limit as well as by its step count (`TrainConfig.anneal_by_time`).
 
@@ -44,9 +46,18 @@ TOWER_TYPES = ("20000:colour+shape+exist+leftof+leftof+count+count+number+number
 #: prior (eleventh session)
 SMALL_TYPES = ("600:colour+shape,1800:colour+shape+exist,20000:colour+shape+exist+exist+leftof+leftof+count+count"
                "+count+number+number+number+relation+relation+relation+side+side+upper")
-#: the decoder layer (1-based) whose head 0 learns the count attention target (`count_attention.py`) in the 4-layer
-#: phases; growth ("spread") moves trained layer s to s * 32 / 4, so the deep phase's is its image
+#: the decoder layers (1-based, of the 4-layer phases) of the training-only attention targets; growth ("spread")
+#: moves trained layer s to (s - 1) * 32 / 4 + 1, so the deep phase's are their images (`layer_image`):
+#: head 0 of COUNT_ATTENTION_LAYER learns the count target (`count_attention.py`); head 0 of FETCH_ATTENTION_LAYER
+#: fetches each named object at the last word of its name, and the last head of FETCH_RELAY_LAYER gathers those
+#: name ends at the answer position (`fetch_attention.py`, `fetch_attention_at="name"`; fifteenth session:
+#: relations 0.77 -> 0.93 in the small phase); the answer-position read-out (`answer_readout.py`) comes after
+#: READOUT_LAYER, where the named object has been relayed
 COUNT_ATTENTION_LAYER = 3
+FETCH_ATTENTION_LAYER, FETCH_RELAY_LAYER, READOUT_LAYER = 2, 3, 3
+#: the count target's weight on `<s>` relative to each counted centre (`count_attention.py`): 4 / (4 + k) steps
+#: 0.026 between k = 8 and 9 where 1 / (1 + k) steps 0.011 (fifteenth session's nm3, the best of its small phases)
+COUNT_SINK_WEIGHT = 4.0
 #: Stage-B seconds per phase on one CPU thread (Stage A, the feature cache and the evaluations come on top)
 PHASE_SECONDS = {"small": 3600.0, "tower": 2400.0, "deep": 1200.0}
 SMALL_LAYERS, DEEP_LAYERS = 4, 32
@@ -72,12 +83,19 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
         base = replace(base, size=TINY_V3, steps_a=2, batch_a=2, probe_scenes=8, steps_b=3, single_steps=1,
                        single_batch=2, batch_b=2, questions_per_image=2, feature_cache=4, eval_every=2,
                        eval_per_type=1, cls_steps=1, head_fit_steps=1, keep_schedule="1:16,2:96")  # fmt: skip
-        small_layers, deep_layers = 1, 2
+        small_layers, deep_layers = 2, 4  # two layers: the name targets' relay needs a layer after the fetch
 
-    def _count_layer(layers: int) -> int:
-        """COUNT_ATTENTION_LAYER of the small decoder, where growth to `layers` layers puts it (1-based)."""
-        source = min(COUNT_ATTENTION_LAYER, small_layers)
-        return (source - 1) * layers // small_layers + 1
+    def targets(layers: int) -> dict:
+        """The attention targets and the read-out of a `layers`-deep decoder grown from the small one."""
+        def source(layer: int) -> int:  # a layer of the 4-layer decoder, in the (tiny) small decoder
+            return -(-layer * small_layers // SMALL_LAYERS)
+
+        return dict(count_attention_weight=1.0, count_sink_weight=COUNT_SINK_WEIGHT,
+                    count_attention_layer=layer_image(source(COUNT_ATTENTION_LAYER), small_layers, layers),
+                    fetch_attention_weight=1.0, fetch_attention_at="name",
+                    fetch_attention_layer=layer_image(source(FETCH_ATTENTION_LAYER), small_layers, layers),
+                    fetch_relay_layer=layer_image(source(FETCH_RELAY_LAYER), small_layers, layers),
+                    fetch_layer=source(READOUT_LAYER) * layers // small_layers)  # after the grown block's last layer
 
     def limit(name: str) -> float:
         return 0.0 if tiny else PHASE_SECONDS[name] * time_scale
@@ -86,9 +104,8 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
         return base.steps_b if tiny else n
 
     def small(_: str) -> TrainConfig:
-        return replace(base, size=replace(base.size, text_layers=small_layers), fetch_layer=max(1, small_layers // 2),
+        return replace(base, size=replace(base.size, text_layers=small_layers), **targets(small_layers),
                        type_schedule=SMALL_TYPES, time_limit_b=limit("small"), export_final=True, cls_steps=0,
-                       count_attention_weight=1.0, count_attention_layer=_count_layer(small_layers),
                        vision_init=vision_init, steps_a=0 if vision_init else base.steps_a)  # fmt: skip
 
     def continuation(init: str, layers: int) -> TrainConfig:
@@ -96,8 +113,7 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
         return replace(base, size=replace(base.size, text_layers=layers), init=init, steps_a=0, single_steps=0,
                        keep_schedule="", column_code_scale=0.0, row_code_scale=0.0, lr_b=3e-4,
                        type_schedule=TOWER_TYPES, training_types=V3_TRAINING_TYPES, export_final=True,
-                       fetch_layer=max(1, layers // 2), feature_cache=0, count_attention_weight=1.0,
-                       count_attention_layer=_count_layer(layers))  # fmt: skip
+                       feature_cache=0, **targets(layers))  # fmt: skip
 
     def tower(init: str) -> TrainConfig:
         return replace(continuation(init, small_layers), steps_b=steps(3000), time_limit_b=limit("tower"),
@@ -108,6 +124,12 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
                        eval_every=steps(200), cls_before_b=True)  # fmt: skip
 
     return [Phase("small", small), Phase("tower", tower), Phase("grown", grow_to=deep_layers), Phase("deep", deep)]
+
+
+def layer_image(layer: int, source_layers: int, layers: int) -> int:
+    """Where growth ("spread", `grow.growth_plan`) from `source_layers` to `layers` puts trained layer `layer`
+    (1-based both)."""
+    return (layer - 1) * layers // source_layers + 1
 
 
 def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: bool = False, threads: int = 1,
