@@ -302,3 +302,21 @@ def test_learning_rate_follows_the_time_limit_when_it_binds_first(tmp_path, monk
 
     assert last_lr(tmp_path / "annealed", True) < 0.3
     assert last_lr(tmp_path / "steps", False) > 0.95
+
+
+def test_train_cli_passes_the_attention_target_flags(tmp_path, monkeypatch):
+    """The training-only attention targets' flags reach `TrainConfig` (a flag that parses but is dropped would
+    run a different experiment than the one logged)."""
+    import vtprune.testbed.train as train_module
+    from vtprune.cli import main
+
+    seen = []
+    monkeypatch.setattr(train_module, "train", lambda out, cfg, **kw: seen.append(cfg))
+    assert main(["testbed", "train", "--preset", "v3", "--out", str(tmp_path), "--fetch-attention-weight", "0.5",
+                 "--fetch-attention-layer", "2", "--fetch-attention-at", "name", "--fetch-relay-layer", "3",
+                 "--fetch-neighbour-layer", "4", "--count-attention-weight", "1", "--count-attention-layer", "3",
+                 "--count-sink-weight", "4"]) == 0
+    cfg = seen[0]
+    assert (cfg.fetch_attention_weight, cfg.fetch_attention_layer, cfg.fetch_attention_at) == (0.5, 2, "name")
+    assert (cfg.fetch_relay_layer, cfg.fetch_neighbour_layer) == (3, 4)
+    assert (cfg.count_attention_weight, cfg.count_attention_layer, cfg.count_sink_weight) == (1.0, 3, 4.0)
