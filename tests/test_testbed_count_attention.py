@@ -103,3 +103,48 @@ def test_trainer_logs_the_count_attention_target_and_checks_its_layer(tmp_path):
         train(tmp_path / "bad", replace(cfg, count_attention_layer=7), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="count_sink_weight must be > 0"):
         train(tmp_path / "bad1", replace(cfg, count_sink_weight=0.0), progress=False, log=lambda _: None)
+
+
+def test_count_offsets_point_at_the_counted_phrases_last_word():
+    v = data_v3.vocabulary()
+    words = {i: w for w, i in v.items()}
+    batch = data_v3.question_batch(train_split(5), 0, 6, Packing(6), with_pixels=False, with_counts=True,
+                                   types=("count", "colour", "relation"))
+    rows, pos, slot = answer_positions(batch["labels"], v["</s>"], 6)
+    offsets, channel = batch["count_offsets"][rows, slot], batch["count_channel"][rows, slot]
+    assert torch.equal(offsets != 0, channel >= 0)  # count questions, and only they
+    counted = 0
+    for r, p, off in zip(rows.tolist(), pos.tolist(), offsets.tolist(), strict=True):
+        if off == 0:
+            continue
+        # "how many green objects are there ?" / "how many circles are there ?": the word before "are there ?"
+        after = [words[int(t)] for t in batch["input_ids"][r, p + off + 1:p + off + 4]]
+        assert after == ["are", "there", "?"] and words[int(batch["input_ids"][r, p + off])] != "many", after
+        counted += 1
+    assert counted > 3
+    with pytest.raises(ValueError, match="not a count question"):
+        questions_v3.count_phrase_end(questions_v3.Question("count", "how many ?", "1"))
+
+
+def test_trainer_with_the_count_target_at_the_phrase_relayed_to_the_answer(tmp_path):
+    from vtprune.testbed.train import train
+    from vtprune.testbed.train_v3 import TINY_V3
+
+    cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:count",
+                               count_attention_weight=1.0, count_attention_layer=1, count_attention_at="name",
+                               fetch_attention_weight=1.0, fetch_attention_at="name", fetch_attention_layer=1,
+                               size=replace(TINY_V3, text_layers=2))
+    logs: list[str] = []
+    train_restoring_threads(tmp_path, cfg, logs.append)
+    lines = [x for x in logs if x.startswith("B ") and "count-attention" in x]
+    assert len(lines) == 1, logs
+    assert 0.0 < float(lines[0].split("on-target ")[1].split()[0]) <= 1.0
+    # only count questions: nothing named is fetched, and the relay reads the counted phrases' ends
+    assert lines[0].split("on-named ")[1].split()[0] == "nan"
+    assert 0.0 < float(lines[0].split("on-names ")[1].split()[0]) <= 1.0
+    with pytest.raises(ValueError, match="count_attention_layer 2 before the relay's layer 2"):
+        train(tmp_path / "bad", replace(cfg, count_attention_layer=2), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="count_attention_at 'name' needs"):
+        train(tmp_path / "bad1", replace(cfg, fetch_attention_at="answer"), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="unknown count_attention_at 'words'"):
+        train(tmp_path / "bad2", replace(cfg, count_attention_at="words"), progress=False, log=lambda _: None)

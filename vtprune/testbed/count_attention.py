@@ -17,6 +17,11 @@ type from the start, counting rose from 0.26 to 0.48 on the same 100 calibration
 session: that chain's model, trained 3,000 more steps with the target, reads 0.76 of counts right off the head
 (`benchmarks/v3_count_diagnostics.py`) and answers 0.65 of them.
 
+`TrainConfig.count_attention_at = "name"` moves the target from the answer position to the counted phrase's last
+word ("objects" of "how many green objects are there ?", `data_v3.count_offsets`), where the name variant of the
+fetch targets (`fetch_attention.py`) looks up a named object, and that variant's relay carries it to the answer
+position: every look-up then takes the same two hops (sixteenth session; not yet measured).
+
 Nothing here has parameters (`head_attention.py`), so the shipped model stays a stock `LlavaForConditionalGeneration`.
 """
 

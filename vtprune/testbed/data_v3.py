@@ -16,6 +16,7 @@ from .questions_v3 import (
     QUESTION_TYPES,
     answer_vocabulary,
     candidates,
+    count_phrase_end,
     exist_matches,
     fetched_objects,
     name_ends,
@@ -142,14 +143,14 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     a question naming an object) and fetch_sink [n, questions_per_image] bool (`fetch_sink`), the fetch attention's
     targets;
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
-    (`scenes_v3.object_centres`), count and count_channel [n, questions_per_image] (`count_targets`,
-    `count_channels`), the count read-outs' targets;
+    (`scenes_v3.object_centres`), count, count_channel and count_offsets [n, questions_per_image] (`count_targets`,
+    `count_channels`, `count_offsets`), the count read-outs' targets;
     `with_dense` adds Stage A's per-patch targets of the same scenes, dense_colour / dense_shape / dense_digit /
     dense_place [n, 576] int64 and dense_xy [n, 576, 2] (`dense_batch`'s layout), for a Stage B that trains the tower
     (`TrainConfig.tower_lr_b`)."""
     split = _as_split(split)
     ids, labs, images, informative, priority, fetch, second_named, offsets = [], [], [], [], [], [], [], []
-    share, centre, count, channel, dense, cover, sink = [], [], [], [], [], [], []
+    share, centre, count, channel, count_at, dense, cover, sink = [], [], [], [], [], [], [], []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -171,6 +172,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
         if with_counts:
             count.append(count_targets(asked, packing.questions_per_image))
             channel.append(count_channels(asked, packing.questions_per_image))
+            count_at.append(count_offsets(asked, packing.questions_per_image))
             share.append(object_share(scene))
             centre.append(object_centres(scene))
         ids.append(a)
@@ -186,7 +188,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     out = {"pixel_values": pixels(images)} if with_pixels else {}
     if with_counts:
         out |= {"share": torch.from_numpy(np.stack(share)), "centre": torch.from_numpy(np.stack(centre)),
-                "count": torch.from_numpy(np.stack(count)), "count_channel": torch.from_numpy(np.stack(channel))}
+                "count": torch.from_numpy(np.stack(count)), "count_channel": torch.from_numpy(np.stack(channel)),
+                "count_offsets": torch.from_numpy(np.stack(count_at))}
     if with_fetch_cover:
         out["fetch_cover"] = torch.from_numpy(np.stack(cover))
         out["fetch_sink"] = torch.from_numpy(np.stack(sink))
@@ -213,6 +216,18 @@ def name_offsets(questions: list[Question], slots: int) -> np.ndarray:
         for m, end in enumerate(name_ends(q)):
             if end >= 0:
                 out[k, m] = end - (words + 1)
+    return out
+
+
+def count_offsets(questions: list[Question], slots: int) -> np.ndarray:
+    """[slots] int64: per asked question (in order), the position of a count question's counted phrase's last word
+    (`questions_v3.count_phrase_end`) relative to its answer position, as `name_offsets`; 0 for other types and
+    unused slots."""
+    out = np.zeros(slots, np.int64)
+    for k, q in enumerate(questions[:slots]):
+        end = count_phrase_end(q)
+        if end >= 0:
+            out[k] = end - (len(q.text.split()) + 1)
     return out
 
 

@@ -209,6 +209,21 @@ def name_ends(question: Question) -> tuple[int, int]:
     return last_word(1), last_word(2) if names_second(question) else -1
 
 
+_COUNT = re.compile(r"how many (.+) are there \?")
+
+
+def count_phrase_end(question: Question) -> int:
+    """Word index (in `question.text.split()`) of the last word of a count question's counted phrase ("objects" of
+    "how many green objects are there ?"), -1 for other types: where the name-position count target sits
+    (`TrainConfig.count_attention_at = "name"`)."""
+    if question.type != "count":
+        return -1
+    match = _COUNT.fullmatch(question.text)
+    if match is None:
+        raise ValueError(f"not a count question of this benchmark: {question.text!r}")
+    return len(question.text[: match.end(1)].split()) - 1
+
+
 def fetched_objects(scene: Scene3, question: Question) -> tuple[int | None, int | None]:
     """Indices of the objects whose place the answer depends on: (the named object, the second one: a relation's
     other named object or leftof's left neighbour); None where a type has none (exist, count, number)."""

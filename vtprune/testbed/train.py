@@ -147,6 +147,11 @@ class TrainConfig:
     count_attention_weight: float = 0.0
     count_attention_layer: int = 0
     count_sink_weight: float = 1.0  # that target's weight on <s> relative to each centre token (count_attention.py)
+    # where that target sits: "answer" (above) or "name": at the counted phrase's last word ("objects" of "how many
+    # green objects are there ?"), where the fetch targets' "name" variant fetches a named object; its relay then
+    # also carries that word to the answer position (needs fetch_attention_at "name", the count layer before the
+    # relay's)
+    count_attention_at: str = "answer"
     # Stage B: weight of the training-only attention targets for fetching (fetch_attention.py; 0 = off; shapes-v3): in
     # decoder layer `fetch_attention_layer` (1-based; 0: half the depth), at each answer position, head 0 attends to
     # the named object's image tokens and the last head to a relation's second object's (a number's tens / units
@@ -682,6 +687,14 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         raise ValueError(f"fetch_neighbour_layer {cfg.fetch_neighbour_layer} needs fetch_attention_weight > 0 and a "
                          f"layer after the one that brings the named object to the answer position (accepted: "
                          f"{arrived + 1}..{cfg.size.text_layers}, or 0 for none)")
+    if cfg.count_attention_at not in ("answer", "name"):
+        raise ValueError(f"unknown count_attention_at {cfg.count_attention_at!r} (accepted: answer, name)")
+    counting_at_name = cfg.count_attention_weight > 0 and cfg.count_attention_at == "name"
+    if counting_at_name and not (cfg.fetch_attention_weight > 0 and cfg.fetch_attention_at == "name"
+                                 and count_attention_layer < relay_layer):
+        raise ValueError(f"count_attention_at 'name' needs the fetch targets' relay to bring the count to the answer: "
+                         f"fetch_attention_weight > 0, fetch_attention_at 'name' and count_attention_layer "
+                         f"{count_attention_layer} before the relay's layer {relay_layer}")
     # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
@@ -970,9 +983,10 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 if attending:
                     rows, pos, slot = answer_positions(text["labels"], model.config.text_config.eos_token_id,
                                                        batch["count_channel"].shape[1])
+                    at = pos + batch["count_offsets"][rows, slot] if counting_at_name else pos  # [K]
                     attention_loss, attention_mass, attention_n = count_attention_loss(
                         model, count_attention_layer, 0, hidden[count_attention_layer - 1], text["input_ids"],
-                        text.get("position_ids"), rows, pos, batch["count_channel"][rows, slot], batch["centre"],
+                        text.get("position_ids"), rows, at, batch["count_channel"][rows, slot], batch["centre"],
                         patch_index, cfg.count_sink_weight)
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         attention_loss = attention_loss * (attention_n * world / max(parallel.total(attention_n), 1.0))
@@ -984,6 +998,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     seek_loss, seek_n, seek_mass = 0.0, 0, {}
                     by_name = cfg.fetch_attention_at == "name"
                     offsets = batch["name_offsets"][rows, slot]  # [K, 2]: the name ends, 0: none
+                    if counting_at_name:  # a count question's phrase end: relayed like a name's
+                        offsets = offsets.clone()
+                        offsets[:, 0] += batch["count_offsets"][rows, slot]  # count questions name no object
                     sources = (pos[:, None] + offsets).masked_fill(offsets == 0, 0)  # [K, 2]
                     for which in (0, 1):
                         # "name": head 0 at the name's end (a number's two digits: heads 0 and last at the answer)
