@@ -127,6 +127,17 @@ def train_restoring_threads(out, cfg, log=lambda _: None):
         torch.set_num_threads(threads)
 
 
+def logged_step_values(out, cfg, marker: str) -> dict[str, str]:
+    """Train `cfg` (a 25-step tiny run) into `out` and return its one logged Stage-B step line holding `marker`
+    as {name: value} for each "name value" pair after the step and the wall time."""
+    logs: list[str] = []
+    train_restoring_threads(out, cfg, logs.append)
+    lines = [x for x in logs if x.startswith("B ") and marker in x]
+    assert len(lines) == 1, logs  # logged every 25 steps
+    words = lines[0].split()[3:]
+    return dict(zip(words[::2], words[1::2], strict=False))
+
+
 def decoder_attentions(model, feats: torch.Tensor, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """A testbed model's decoder attentions per layer ([B, H, T, T] each; the model set to eager attention) with

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from factories import decoder_attentions, tiny_v3_train_config, train_restoring_threads
+from factories import decoder_attentions, logged_step_values, tiny_v3_train_config, train_restoring_threads
 
 from vtprune.testbed import data_v3, questions_v3
 from vtprune.testbed.answer_readout import answer_positions
@@ -134,14 +134,10 @@ def test_trainer_with_the_count_target_at_the_phrase_relayed_to_the_answer(tmp_p
                                count_attention_weight=1.0, count_attention_layer=1, count_attention_at="name",
                                fetch_attention_weight=1.0, fetch_attention_at="name", fetch_attention_layer=1,
                                size=replace(TINY_V3, text_layers=2))
-    logs: list[str] = []
-    train_restoring_threads(tmp_path, cfg, logs.append)
-    lines = [x for x in logs if x.startswith("B ") and "count-attention" in x]
-    assert len(lines) == 1, logs
-    assert 0.0 < float(lines[0].split("on-target ")[1].split()[0]) <= 1.0
+    logged = logged_step_values(tmp_path, cfg, "count-attention")
+    assert 0.0 < float(logged["on-target"]) <= 1.0
     # only count questions: nothing named is fetched, and the relay reads the counted phrases' ends
-    assert lines[0].split("on-named ")[1].split()[0] == "nan"
-    assert 0.0 < float(lines[0].split("on-names ")[1].split()[0]) <= 1.0
+    assert logged["on-named"] == "nan" and 0.0 < float(logged["on-names"]) <= 1.0
     with pytest.raises(ValueError, match="count_attention_layer 2 before the relay's layer 2"):
         train(tmp_path / "bad", replace(cfg, count_attention_layer=2), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="count_attention_at 'name' needs"):

@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from factories import decoder_attentions, tiny_v3_train_config, train_restoring_threads
+from factories import decoder_attentions, logged_step_values, tiny_v3_train_config, train_restoring_threads
 
 from vtprune.testbed import data_v3, questions_v3
 from vtprune.testbed.answer_readout import answer_positions
@@ -189,12 +189,9 @@ def test_trainer_with_the_targets_at_the_names(tmp_path):
     cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:relation+colour+number",
                                fetch_attention_weight=1.0, fetch_attention_at="name", fetch_attention_layer=1,
                                size=replace(TINY_V3, text_layers=2))
-    logs: list[str] = []
-    train_restoring_threads(tmp_path, cfg, logs.append)
-    lines = [x for x in logs if x.startswith("B ") and "fetch-attention" in x]
-    assert len(lines) == 1, logs
+    logged = logged_step_values(tmp_path, cfg, "fetch-attention")
     for what in ("on-named", "on-second", "on-names"):
-        assert 0.0 <= float(lines[0].split(what + " ")[1].split()[0]) <= 1.0
+        assert 0.0 <= float(logged[what]) <= 1.0
     with pytest.raises(ValueError, match="fetch_relay_layer 3 is not in 3..2"):
         train(tmp_path / "bad", replace(cfg, fetch_attention_layer=2), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="fetch_relay_layer 1 is not in 2..2"):
@@ -214,11 +211,7 @@ def test_trainer_with_the_left_neighbour_target_after_the_relay(tmp_path):
     cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:leftof+colour",
                                fetch_attention_weight=1.0, fetch_attention_at="name", fetch_attention_layer=1,
                                fetch_neighbour_layer=3, size=replace(TINY_V3, text_layers=3))
-    logs: list[str] = []
-    train_restoring_threads(tmp_path, cfg, logs.append)
-    lines = [x for x in logs if x.startswith("B ") and "fetch-attention" in x]
-    assert len(lines) == 1, logs
-    assert 0.0 < float(lines[0].split("on-neighbour ")[1].split()[0]) <= 1.0
+    assert 0.0 < float(logged_step_values(tmp_path, cfg, "fetch-attention")["on-neighbour"]) <= 1.0
 
 
 def test_a_number_questions_targets_are_its_tens_and_its_units_digits_ink():
