@@ -212,11 +212,15 @@ def name_offsets(questions: list[Question], slots: int) -> np.ndarray:
     'assistant :'), so negative; 0 where the question names no such object and for unused slots."""
     out = np.zeros((slots, 2), np.int64)
     for k, q in enumerate(questions[:slots]):
-        words = len(q.text.split())
         for m, end in enumerate(name_ends(q)):
-            if end >= 0:
-                out[k, m] = end - (words + 1)
+            out[k, m] = _from_answer(q, end)
     return out
+
+
+def _from_answer(question: Question, word: int) -> int:
+    """Position of the question's word `word` relative to its answer position (the question's words end just before
+    'assistant :'); 0 for word -1 (none)."""
+    return word - (len(question.text.split()) + 1) if word >= 0 else 0
 
 
 def count_offsets(questions: list[Question], slots: int) -> np.ndarray:
@@ -225,9 +229,7 @@ def count_offsets(questions: list[Question], slots: int) -> np.ndarray:
     unused slots."""
     out = np.zeros(slots, np.int64)
     for k, q in enumerate(questions[:slots]):
-        end = count_phrase_end(q)
-        if end >= 0:
-            out[k] = end - (len(q.text.split()) + 1)
+        out[k] = _from_answer(q, count_phrase_end(q))
     return out
 
 

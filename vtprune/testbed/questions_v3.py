@@ -199,14 +199,20 @@ def name_ends(question: Question) -> tuple[int, int]:
     pattern = _NAMED.get(question.type)
     if pattern is None:
         return -1, -1
+    match = _match(pattern, question)
+    return _last_word(match, 1), _last_word(match, 2) if names_second(question) else -1
+
+
+def _match(pattern: re.Pattern, question: Question) -> re.Match:
     match = pattern.fullmatch(question.text)
     if match is None:
         raise ValueError(f"not a {question.type} question of this benchmark: {question.text!r}")
+    return match
 
-    def last_word(group: int) -> int:
-        return len(question.text[: match.end(group)].split()) - 1
 
-    return last_word(1), last_word(2) if names_second(question) else -1
+def _last_word(match: re.Match, group: int) -> int:
+    """Word index (in the question's `text.split()`) of the last word of `group`."""
+    return len(match.string[: match.end(group)].split()) - 1
 
 
 _COUNT = re.compile(r"how many (.+) are there \?")
@@ -218,10 +224,7 @@ def count_phrase_end(question: Question) -> int:
     (`TrainConfig.count_attention_at = "name"`)."""
     if question.type != "count":
         return -1
-    match = _COUNT.fullmatch(question.text)
-    if match is None:
-        raise ValueError(f"not a count question of this benchmark: {question.text!r}")
-    return len(question.text[: match.end(1)].split()) - 1
+    return _last_word(_match(_COUNT, question), 1)
 
 
 def fetched_objects(scene: Scene3, question: Question) -> tuple[int | None, int | None]:
@@ -230,9 +233,7 @@ def fetched_objects(scene: Scene3, question: Question) -> tuple[int | None, int 
     pattern = _NAMED.get(question.type)
     if pattern is None:
         return None, None
-    match = pattern.fullmatch(question.text)
-    if match is None:
-        raise ValueError(f"not a {question.type} question of this benchmark: {question.text!r}")
+    match = _match(pattern, question)
     index = {name: i for i, name in references(scene)}
     first = index[match.group(1)]
     if question.type == "relation":
