@@ -10,7 +10,7 @@ import torch
 
 from vtprune import checkpointing as cpt
 from vtprune.testbed.builtin import resolve_model
-from vtprune.testbed.chain_v3 import PHASE_SECONDS, layer_image, phases, run_chain
+from vtprune.testbed.chain_v3 import DEEP_STEPS, PHASE_SECONDS, TOWER_STEPS, layer_image, phases, run_chain
 from vtprune.testbed.grow import growth_plan
 from vtprune.testbed.train import train
 
@@ -65,6 +65,9 @@ def test_vision_init_replaces_stage_a_and_time_scale_scales_the_limits(tmp_path)
     assert small.time_limit_b == PHASE_SECONDS["small"] * 0.5 and small.size.text_layers == 4
     tower = phases()[1].config("/prev/model")
     deep = phases()[3].config("/prev/grown")
+    # the tower phase, where the chain gains most, has the longest limit; its step cap is not what ends it
+    assert tower.time_limit_b == max(PHASE_SECONDS.values()) and tower.steps_b == TOWER_STEPS
+    assert deep.time_limit_b == PHASE_SECONDS["deep"] and deep.steps_b == DEEP_STEPS
     assert (tower.size.text_layers, tower.fetch_layer, deep.size.text_layers, deep.fetch_layer) == (4, 3, 32, 24)
     # every attention target sits on the grown image of its small-decoder layer (growth "spread": s -> 8 (s - 1) + 1)
     for cfg, (fetch, relay, count) in ((small, (2, 3, 3)), (tower, (2, 3, 3)), (deep, (9, 17, 17))):
@@ -98,3 +101,10 @@ def test_cli_refuses_a_non_positive_time_scale(tmp_path, bad, capsys):
     assert main(["testbed", "chain", "--out", str(tmp_path / "c"), "--tiny", "--time-scale", bad]) == 2
     assert "--time-scale must be > 0" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+
+
+def test_cli_chain_defaults_to_two_threads_the_limits_are_set_for():
+    from vtprune.cli import build_parser
+
+    args = build_parser().parse_args(["testbed", "chain", "--out", "x"])
+    assert args.threads == 2 and args.time_scale == 1.0

@@ -157,7 +157,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.set_defaults(testbed_func=_train)
 
     c = sub.add_parser("chain", help="the v3 training chain in one resumable command (small decoder, tower, grow, "
-                                     "32 layers): about 3 h on one CPU thread")
+                                     "32 layers): about 3 h on 2 CPU cores")
     c.add_argument("--out", required=True, help="chain directory (re-run the same command to resume)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--time-scale", type=float, default=1.0,
@@ -165,7 +165,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--vision-init", default="",
                    help="a model whose vision tower replaces Stage A (e.g. benchmarks/checkpoints/shapes-v3-wip)")
     c.add_argument("--device", default="cpu")
-    c.add_argument("--threads", type=positive_int, default=1)
+    c.add_argument("--threads", type=positive_int, default=2,
+                   help="torch CPU threads (the phases' time limits are set for 2 on a 2-core machine)")
     c.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="bf16 autocast or fp32; auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX)")
     c.add_argument("--tiny", action="store_true", help="tiny model, a few steps per phase (smoke tests)")

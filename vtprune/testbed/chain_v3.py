@@ -21,10 +21,10 @@ Every phase's learning rate anneals by its time limit as well as by its step cou
 checkpoint `benchmarks/checkpoints/shapes-v3-wip` holds 2,400 Stage-A steps: about 45 minutes saved). Each phase
 writes `DIR/<phase>/` (its own resumable trainer state) and `DIR/<phase>/PHASE_DONE` when finished; the
 last phase's model is `DIR/deep/model` (a stock `LlavaForConditionalGeneration`). Time limits (`PHASE_SECONDS`,
-scaled by `time_scale`) are set so that the chain takes about 3 h on one CPU thread (docs/testbed.md, "tenth
-session" to "twelfth session", state what it reached: 0.64, then 0.69 with `SMALL_TYPES` and the digits in the
-read-out, then 0.74 with the count attention target, at `--time-scale` 0.6 / 0.75 / 0.75); each phase's Stage B
-ends at its limit and hands over its final state.
+scaled by `time_scale`) are set so that the chain, Stage A included, takes about 3 h on the 2-core machine with
+`--threads 2` (the default since the seventeenth session; until then 3 h on one thread, with a third less Stage-B
+work); docs/testbed.md, "tenth session" onwards, states what each version reached. Each phase's Stage B ends at its
+limit and hands over its final state.
 """
 
 from __future__ import annotations
@@ -58,8 +58,13 @@ FETCH_ATTENTION_LAYER, FETCH_RELAY_LAYER, READOUT_LAYER = 2, 3, 3
 #: the count target's weight on `<s>` relative to each counted centre (`count_attention.py`): 4 / (4 + k) steps
 #: 0.026 between k = 8 and 9 where 1 / (1 + k) steps 0.011 (fifteenth session's nm3, the best of its small phases)
 COUNT_SINK_WEIGHT = 4.0
-#: Stage-B seconds per phase on one CPU thread (Stage A, the feature cache and the evaluations come on top)
-PHASE_SECONDS = {"small": 3600.0, "tower": 2400.0, "deep": 1200.0}
+#: Stage-B seconds per phase with two CPU threads (`--threads 2`, the chain's default; Stage A, the feature cache,
+#: the evaluations, growth and Stage C come on top, about 50 min there). Seventeenth session: the tower phase is where
+#: the chain gains (chain5's 2,400 s tower phase continued for 3,000 s more: 0.84 -> 0.88, p = 0.0008), so it gets
+#: the most time; two threads run a Stage-B step 1.4-1.7x faster than one on the 2-core Xeon
+PHASE_SECONDS = {"small": 2400.0, "tower": 4500.0, "deep": 900.0}
+#: Stage-B step caps of the tower and deep phases (their time limits end them first on 2 CPU cores)
+TOWER_STEPS, DEEP_STEPS = 6000, 800
 SMALL_LAYERS, DEEP_LAYERS = 4, 32
 
 
@@ -116,11 +121,11 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
                        feature_cache=0, **targets(layers))  # fmt: skip
 
     def tower(init: str) -> TrainConfig:
-        return replace(continuation(init, small_layers), steps_b=steps(3000), time_limit_b=limit("tower"),
+        return replace(continuation(init, small_layers), steps_b=steps(TOWER_STEPS), time_limit_b=limit("tower"),
                        tower_lr_b=3e-4, tower_share_weight=1.0, eval_every=steps(500), cls_steps=0)  # fmt: skip
 
     def deep(init: str) -> TrainConfig:
-        return replace(continuation(init, deep_layers), steps_b=steps(800), time_limit_b=limit("deep"),
+        return replace(continuation(init, deep_layers), steps_b=steps(DEEP_STEPS), time_limit_b=limit("deep"),
                        eval_every=steps(200), cls_before_b=True)  # fmt: skip
 
     return [Phase("small", small), Phase("tower", tower), Phase("grown", grow_to=deep_layers), Phase("deep", deep)]
@@ -132,7 +137,7 @@ def layer_image(layer: int, source_layers: int, layers: int) -> int:
     return (layer - 1) * layers // source_layers + 1
 
 
-def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: bool = False, threads: int = 1,
+def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: bool = False, threads: int = 2,
               bf16: bool = False, device: str = "cpu", progress: bool = True, vision_init: str = "",
               log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every phase into `out` (`phases` for the arguments); -> the final model directory
