@@ -11,9 +11,9 @@ from factories import decoder_attentions, logged_step_values, tiny_v3_train_conf
 
 from vtprune.testbed import data_v3, questions_v3
 from vtprune.testbed.answer_readout import answer_positions
-from vtprune.testbed.count_attention import count_attention_loss
+from vtprune.testbed.count_attention import count_attention_loss, grouped_cross_entropy
 from vtprune.testbed.data import Packing
-from vtprune.testbed.scenes_v3 import object_centres
+from vtprune.testbed.scenes_v3 import id_map, object_centres, object_groups, patch_coverage
 from vtprune.testbed.splits import train_split
 
 
@@ -73,6 +73,22 @@ def test_loss_is_the_cross_entropy_of_the_models_own_attention():
             ref = -(target * probs.clamp_min(1e-30).log()).sum(-1).mean()
             torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(mass, float((probs * (target > 0)).sum(-1).mean()), rtol=1e-4, atol=1e-5)
+        # the per-object target: each counted object's attention summed over its tokens is one unit
+        loss, mass, n = count_attention_loss(model, 2, 0, hidden[1], batch["input_ids"], None, rows, pos, channel,
+                                             batch["centre"], patch_index, sink_weight=4.0, groups=batch["groups"])
+        probs = attentions[1][rows[keep], 0, pos[keep]]  # [K, T]
+        losses, masses = [], []
+        for k, (r, c) in enumerate(zip(rows[keep].tolist(), channel[keep].tolist(), strict=True)):
+            img0 = int(image[r].nonzero()[0])
+            owners = batch["groups"][r, :, c].long()  # [576]
+            objects = sorted(set(owners.tolist()) - {0})
+            per_object = [float(probs[k, img0 + (owners == o).nonzero().squeeze(-1)].sum()) for o in objects]
+            want = torch.tensor([4.0] + [1.0] * len(objects)) / (4.0 + len(objects))
+            got = torch.tensor([float(probs[k, 0])] + per_object)
+            losses.append(-(want * got.log()).sum())
+            masses.append(float(got.sum()))
+        torch.testing.assert_close(loss, torch.stack(losses).mean(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mass, sum(masses) / len(masses), rtol=1e-4, atol=1e-5)
     # the target trains the head's own query / key projections and what feeds them, never a later layer
     model.zero_grad(set_to_none=True)
     layer_input = hidden[1].detach().requires_grad_(True)
@@ -89,6 +105,45 @@ def test_loss_is_the_cross_entropy_of_the_models_own_attention():
     assert empty[2] == 0 and float(empty[0]) == 0.0
 
 
+def test_every_object_owns_patches_in_its_colour_and_shape_columns():
+    """`object_groups`: per column, one owner id per object of that colour / shape (every object owns at least one
+    patch), an object's patches carry the same id in both of its columns, and a patch's owner has pixels there."""
+    for i in range(30):
+        scene = train_split(5).scene(i)
+        groups = object_groups(scene).astype(int)  # [576, C + S]
+        counts = object_centres(scene).sum(0)  # [C + S]: objects per colour / shape
+        for col in range(groups.shape[1]):
+            assert len(set(groups[:, col].tolist()) - {0}) == counts[col]
+        colour, shape = groups[:, :6].max(1), groups[:, 6:].max(1)  # [576]: at most one owner per patch
+        assert ((groups[:, :6] > 0).sum(1) <= 1).all() and (colour == shape).all()
+        pixels = patch_coverage(id_map(scene))  # [576, 256]: id 1 + j is object j
+        owned = colour.nonzero()[0]
+        assert (pixels[owned, colour[owned]] > 0).all()
+
+
+def test_grouped_cross_entropy_counts_each_object_once_wherever_its_attention_falls():
+    # tokens: <s>, text, object 1 (two tokens), object 2 (one token), another object (0), text
+    owner = torch.tensor([[0, 0, 1, 1, 2, 0, 0]])
+    w = 4.0
+
+    def attention(split: float, rest: float) -> torch.Tensor:
+        unit = (1.0 - rest) / (w + 2)
+        p = torch.tensor([[w * unit, rest / 2, split * unit, (1 - split) * unit, unit, rest / 2, 0.0]])
+        return p.log()  # the last key is past the query: -inf
+
+    want = torch.tensor([w, 1.0, 1.0]) / (w + 2)
+    floor = -(want * want.log()).sum()
+    for split in (0.5, 0.9, 1.0):  # object 1's unit split any way between its tokens: the same, minimal loss
+        loss, mass = grouped_cross_entropy(attention(split, 0.0), owner, w)
+        torch.testing.assert_close(loss, floor)
+        assert mass == pytest.approx(1.0)
+    leaky, mass = grouped_cross_entropy(attention(0.5, 0.2), owner, w)
+    assert leaky > floor + 0.1 and mass == pytest.approx(0.8)
+    # an object no token shows is not asked for; a count of 0 asks for <s> alone
+    loss, _ = grouped_cross_entropy(torch.tensor([[0.0, float("-inf")]]), torch.zeros(1, 2, dtype=torch.long), w)
+    assert float(loss) == pytest.approx(0.0)
+
+
 def test_trainer_logs_the_count_attention_target_and_checks_its_layer(tmp_path):
     from vtprune.testbed.train import train
 
@@ -103,6 +158,15 @@ def test_trainer_logs_the_count_attention_target_and_checks_its_layer(tmp_path):
         train(tmp_path / "bad", replace(cfg, count_attention_layer=7), progress=False, log=lambda _: None)
     with pytest.raises(ValueError, match="count_sink_weight must be > 0"):
         train(tmp_path / "bad1", replace(cfg, count_sink_weight=0.0), progress=False, log=lambda _: None)
+    with pytest.raises(ValueError, match="unknown count_attention_unit 'patch' \\(accepted: centre, object\\)"):
+        train(tmp_path / "bad2", replace(cfg, count_attention_unit="patch"), progress=False, log=lambda _: None)
+
+
+def test_trainer_with_the_per_object_count_target(tmp_path):
+    cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:count",
+                               count_attention_weight=1.0, count_attention_unit="object")
+    logged = logged_step_values(tmp_path, cfg, "count-attention")
+    assert 0.0 < float(logged["on-target"]) <= 1.0 and float(logged["count-attention"]) > 0.0
 
 
 def test_count_offsets_point_at_the_counted_phrases_last_word():

@@ -22,6 +22,13 @@ word ("objects" of "how many green objects are there ?", `data_v3.count_offsets`
 fetch targets (`fetch_attention.py`) looks up a named object, and that variant's relay carries it to the answer
 position: every look-up then takes the same two hops (sixteenth session; not yet measured).
 
+`TrainConfig.count_attention_unit = "object"` replaces the centre patches with whole objects
+(`grouped_cross_entropy`): the head's attention is summed over each counted object's patches
+(`scenes_v3.object_groups`) and each sum must be one unit, wherever within the object it falls. Seventeenth session:
+the centre target's error is per-object noise (each object adds 0.75 of a unit through its centre and 0.2 through its
+other patches, varying), and half of the objects' centres lie within 2 px of a patch border, where "the centre
+patch" is a coin toss; not yet measured.
+
 Nothing here has parameters (`head_attention.py`), so the shipped model stays a stock `LlavaForConditionalGeneration`.
 """
 
@@ -35,7 +42,8 @@ from .head_attention import head_log_attention, image_token_values, target_cross
 def count_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor, input_ids: torch.Tensor,
                          position_ids: torch.Tensor | None, answer_rows: torch.Tensor, answer_pos: torch.Tensor,
                          channel: torch.Tensor, centre: torch.Tensor, patch_index: torch.Tensor,
-                         sink_weight: float = 1.0) -> tuple[torch.Tensor, float, int]:
+                         sink_weight: float = 1.0, groups: torch.Tensor | None = None,
+                         ) -> tuple[torch.Tensor, float, int]:
     """(loss, mean attention mass on the target tokens, number of count answers) for one head.
 
     sink_weight w: the target's weight on `<s>` relative to each centre token, so that `<s>` gets w / (w + k). w = 1
@@ -47,12 +55,17 @@ def count_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor
     position_ids [B, T] (None: 0..T-1); answer_rows / answer_pos / channel [K]: each answer position's row, position
     and counted `object_centres` column (-1: no count question, skipped); centre [B, 576, C + S]
     (`scenes_v3.object_centres`); patch_index [B, N]: which of the 576 patches each of the row's N image tokens is.
+    groups [B, 576, C + S] (`scenes_v3.object_groups`; None: the centre target): the per-object target instead, whose
+    unit is each counted object's summed attention over its shown tokens (`grouped_cross_entropy`).
     """
     keep = channel >= 0
     rows, pos, chan = answer_rows[keep], answer_pos[keep], channel[keep]  # [K]
     if rows.numel() == 0:
         return layer_input.sum() * 0.0, float("nan"), 0
     logp = head_log_attention(model, layer, head, layer_input, position_ids, rows, pos)  # [K, T]
+    if groups is not None:
+        owner = image_token_values(groups, input_ids, model.config.image_token_id, patch_index)  # [B, T, C + S]
+        return (*grouped_cross_entropy(logp, owner[rows, :, chan].long(), sink_weight), int(rows.numel()))
     # target: <s> (position 0) and the image tokens at the asked column's centre patches
     goal = image_token_values(centre > 0, input_ids, model.config.image_token_id, patch_index)  # [B, T, C + S]
     target = goal[rows, :, chan]  # [K, T]
@@ -60,3 +73,25 @@ def count_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor
     target = target / target.sum(-1, keepdim=True)
     loss, mass = target_cross_entropy(logp, target)
     return loss, mass, int(rows.numel())
+
+
+def grouped_cross_entropy(logp: torch.Tensor, owner: torch.Tensor, sink_weight: float) -> tuple[torch.Tensor, float]:
+    """(loss, mean attention mass on `<s>` and the counted objects) of the per-object count target. logp [K, T]: a
+    head's log attention at K count answers; owner [K, T] int64: the counted object each key token shows (1..n; 0: a
+    token of anything else, text included). The head's attention is summed per object and over the rest into masses
+    m [K, n + 2] (`<s>` = key 0 has its own group); the target gives `<s>` w and each counted object shown by at
+    least one token 1 (normalised), the rest 0; loss = -sum t log m. It is indifferent to where within an object the
+    attention goes: only each object's total must be one unit."""
+    k, t = logp.shape
+    groups = int(owner.max()) + 2 if owner.numel() else 2  # 0: the rest, 1..n: objects, n + 1: <s>
+    key = owner.clone()
+    key[:, 0] = groups - 1
+    probs = logp.exp()  # [K, T]: 0 past the query
+    mass = torch.zeros(k, groups, dtype=probs.dtype, device=probs.device).scatter_add(1, key, probs)  # [K, G]
+    shown = torch.zeros(k, groups, device=probs.device).scatter_add(1, key, torch.ones_like(probs)) > 0  # [K, G]
+    target = shown.float()
+    target[:, 0] = 0.0  # nothing of the rest
+    target[:, -1] = sink_weight
+    target = target / target.sum(-1, keepdim=True)
+    loss = -(target * mass.clamp_min(1e-30).log()).sum(-1).mean()
+    return loss, float((mass.detach() * (target > 0)).sum(-1).mean())

@@ -33,6 +33,7 @@ from .scenes_v3 import (
     informative_patches,
     key_patches,
     object_centres,
+    object_groups,
     object_share,
     patch_coverage,
     patch_labels,
@@ -143,14 +144,16 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     a question naming an object) and fetch_sink [n, questions_per_image] bool (`fetch_sink`), the fetch attention's
     targets;
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
-    (`scenes_v3.object_centres`), count, count_channel and count_offsets [n, questions_per_image] (`count_targets`,
-    `count_channels`, `count_offsets`), the count read-outs' targets;
+    (`scenes_v3.object_centres`), groups [n, 576, C + S] uint8 (`scenes_v3.object_groups`), count, count_channel
+    and count_offsets [n, questions_per_image] (`count_targets`, `count_channels`, `count_offsets`), the count
+    read-outs' targets;
     `with_dense` adds Stage A's per-patch targets of the same scenes, dense_colour / dense_shape / dense_digit /
     dense_place [n, 576] int64 and dense_xy [n, 576, 2] (`dense_batch`'s layout), for a Stage B that trains the tower
     (`TrainConfig.tower_lr_b`)."""
     split = _as_split(split)
     ids, labs, images, informative, priority, fetch, second_named, offsets = [], [], [], [], [], [], [], []
     share, centre, count, channel, count_at, dense, cover, sink = [], [], [], [], [], [], [], []
+    groups = []
     indices = list(range(start, start + n)) if indices is None else list(indices)
     for index in indices:
         scene = split.scene(index)
@@ -173,8 +176,10 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
             count.append(count_targets(asked, packing.questions_per_image))
             channel.append(count_channels(asked, packing.questions_per_image))
             count_at.append(count_offsets(asked, packing.questions_per_image))
-            share.append(object_share(scene))
+            drawn = id_map(scene)
+            share.append(object_share(scene, drawn))
             centre.append(object_centres(scene))
+            groups.append(object_groups(scene, drawn))
         ids.append(a)
         labs.append(b)
         image, lab, inf = render_with_targets(scene, with_pixels)
@@ -188,6 +193,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     out = {"pixel_values": pixels(images)} if with_pixels else {}
     if with_counts:
         out |= {"share": torch.from_numpy(np.stack(share)), "centre": torch.from_numpy(np.stack(centre)),
+                "groups": torch.from_numpy(np.stack(groups)),
                 "count": torch.from_numpy(np.stack(count)), "count_channel": torch.from_numpy(np.stack(channel)),
                 "count_offsets": torch.from_numpy(np.stack(count_at))}
     if with_fetch_cover:

@@ -401,6 +401,28 @@ def object_centres(scene: Scene3) -> np.ndarray:
     return out
 
 
+def object_groups(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
+    """[576, C + S] uint8: which object each patch belongs to (1 + its index in `scene.objects`; 0 = none), in the
+    column of that object's colour (first C) and of its shape (last S), 0 in the other columns. A patch belongs to
+    the object with the largest share of its own pixels there (so an object smaller than a patch owns its patch next
+    to a large one; every object owns at least one patch in the train scenes measured). The per-object count target
+    (`count_attention.py`, unit "object") adds up a head's attention over each counted object's patches: one unit per
+    object wherever within it the head looks, so that no patch border decides whether an object counts."""
+    ids = id_map(scene) if ids is None else ids
+    out = np.zeros((GRID * GRID, len(COLOURS) + len(SHAPES)), np.uint8)
+    n = len(scene.objects)
+    if not n:
+        return out
+    obj, own = _object_pixels(patch_coverage(ids), n)  # [576, n] each
+    owner = np.where(obj.sum(1) > 0, own.argmax(1) + 1, 0)  # [576]
+    colour = np.asarray([0] + [list(COLOURS).index(o.colour) for o in scene.objects])
+    shape = len(COLOURS) + np.asarray([0] + [SHAPES.index(o.shape) for o in scene.objects])
+    patches = owner.nonzero()[0]
+    out[patches, colour[owner[patches]]] = owner[patches]
+    out[patches, shape[owner[patches]]] = owner[patches]
+    return out
+
+
 def centre_patch(o: Object3) -> int:
     """Index (row-major, of 576) of the patch that holds an object's centre."""
     return min(GRID - 1, int(o.cy // CELL)) * GRID + min(GRID - 1, int(o.cx // CELL))

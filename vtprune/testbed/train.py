@@ -152,6 +152,10 @@ class TrainConfig:
     # also carries that word to the answer position (needs fetch_attention_at "name", the count layer before the
     # relay's)
     count_attention_at: str = "answer"
+    # what the count target counts one unit for: "centre" (the patch holding each counted object's centre) or
+    # "object" (each counted object's summed attention over all its patches, `scenes_v3.object_groups`: no patch
+    # border decides whether an object counts; seventeenth session)
+    count_attention_unit: str = "centre"
     # Stage B: weight of the training-only attention targets for fetching (fetch_attention.py; 0 = off; shapes-v3): in
     # decoder layer `fetch_attention_layer` (1-based; 0: half the depth), at each answer position, head 0 attends to
     # the named object's image tokens and the last head to a relation's second object's (a number's tens / units
@@ -689,6 +693,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                          f"{arrived + 1}..{cfg.size.text_layers}, or 0 for none)")
     if cfg.count_attention_at not in ("answer", "name"):
         raise ValueError(f"unknown count_attention_at {cfg.count_attention_at!r} (accepted: answer, name)")
+    if cfg.count_attention_unit not in ("centre", "object"):
+        raise ValueError(f"unknown count_attention_unit {cfg.count_attention_unit!r} (accepted: centre, object)")
     counting_at_name = cfg.count_attention_weight > 0 and cfg.count_attention_at == "name"
     if counting_at_name and not (cfg.fetch_attention_weight > 0 and cfg.fetch_attention_at == "name"
                                  and count_attention_layer < relay_layer):
@@ -987,7 +993,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     attention_loss, attention_mass, attention_n = count_attention_loss(
                         model, count_attention_layer, 0, hidden[count_attention_layer - 1], text["input_ids"],
                         text.get("position_ids"), rows, at, batch["count_channel"][rows, slot], batch["centre"],
-                        patch_index, cfg.count_sink_weight)
+                        patch_index, cfg.count_sink_weight,
+                        batch["groups"] if cfg.count_attention_unit == "object" else None)
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         attention_loss = attention_loss * (attention_n * world / max(parallel.total(attention_n), 1.0))
                     loss = loss + cfg.count_attention_weight * attention_loss
