@@ -154,7 +154,7 @@ class TrainConfig:
     count_attention_at: str = "answer"
     # what the count target counts one unit for: "centre" (the patch holding each counted object's centre) or
     # "object" (each counted object's summed attention over all its patches, `scenes_v3.object_groups`: no patch
-    # border decides whether an object counts; seventeenth session)
+    # border decides whether an object counts; seventeenth session: no better than "centre")
     count_attention_unit: str = "centre"
     # Stage B: weight of the training-only attention targets for fetching (fetch_attention.py; 0 = off; shapes-v3): in
     # decoder layer `fetch_attention_layer` (1-based; 0: half the depth), at each answer position, head 0 attends to
