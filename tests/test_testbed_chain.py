@@ -10,7 +10,15 @@ import torch
 
 from vtprune import checkpointing as cpt
 from vtprune.testbed.builtin import resolve_model
-from vtprune.testbed.chain_v3 import DEEP_STEPS, PHASE_SECONDS, TOWER_STEPS, layer_image, phases, run_chain
+from vtprune.testbed.chain_v3 import (
+    DEEP_STEPS,
+    PHASE_SECONDS,
+    TOWER_LR,
+    TOWER_STEPS,
+    layer_image,
+    phases,
+    run_chain,
+)
 from vtprune.testbed.grow import growth_plan
 from vtprune.testbed.train import train
 
@@ -67,6 +75,7 @@ def test_vision_init_replaces_stage_a_and_time_scale_scales_the_limits(tmp_path)
     deep = phases()[3].config("/prev/grown")
     # the tower phase, where the chain gains most, has the longest limit; its step cap is not what ends it
     assert tower.time_limit_b == max(PHASE_SECONDS.values()) and tower.steps_b == TOWER_STEPS
+    assert tower.lr_b == tower.tower_lr_b == TOWER_LR and deep.lr_b < TOWER_LR and deep.tower_lr_b == 0.0
     assert deep.time_limit_b == PHASE_SECONDS["deep"] and deep.steps_b == DEEP_STEPS
     assert (tower.size.text_layers, tower.fetch_layer, deep.size.text_layers, deep.fetch_layer) == (4, 3, 32, 24)
     # every attention target sits on the grown image of its small-decoder layer (growth "spread": s -> 8 (s - 1) + 1)

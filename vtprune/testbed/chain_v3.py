@@ -7,9 +7,9 @@
    type curriculum then `SMALL_TYPES`, the answer-position read-out after layer 3, the attention targets: counting
    on layer 3, each named object fetched at its name in layer 2 and relayed to the answer position in layer 3),
    hand-over of its final state;
-2. `tower` — Stage B again from that model with the vision tower trained end to end (the ninth session's t3:
-   decoder and tower lr 3e-4, Stage A's dense loss and the object-share regression on the tower, every scored type
-   with leftof / count / number / relation weighted twice, `upper` three times);
+2. `tower` — Stage B again from that model with the vision tower trained end to end (the ninth session's t3;
+   decoder and tower lr 6e-4 since the seventeenth session, Stage A's dense loss and the object-share regression on
+   the tower, every scored type with leftof / count / number / relation weighted twice, `upper` three times);
 3. `grown` — the decoder grown to 32 layers computing the same function (`grow.grow_decoder`);
 4. `deep` — Stage C (the [CLS] embedding, `cls_saliency.py`), then a brief Stage B at 32 layers (lr 3e-4, the
    read-out after layer 24 and the attention targets on the grown images of their layers: 9 and 17, the tower
@@ -65,6 +65,10 @@ COUNT_SINK_WEIGHT = 4.0
 PHASE_SECONDS = {"small": 2400.0, "tower": 4500.0, "deep": 900.0}
 #: Stage-B step caps of the tower and deep phases (their time limits end them first on 2 CPU cores)
 TOWER_STEPS, DEEP_STEPS = 6000, 800
+#: the tower phase's learning rate, decoder and tower alike (seventeenth session: 6e-4 against 3e-4 from the same
+#: start, 2,000 steps each: 0.90 against 0.88 on 700 calibration questions, p = 0.009; the tower's alone doubled:
+#: 0.89, p = 0.31)
+TOWER_LR = 6e-4
 SMALL_LAYERS, DEEP_LAYERS = 4, 32
 
 
@@ -122,7 +126,8 @@ def phases(seed: int = 0, time_scale: float = 1.0, tiny: bool = False, vision_in
 
     def tower(init: str) -> TrainConfig:
         return replace(continuation(init, small_layers), steps_b=steps(TOWER_STEPS), time_limit_b=limit("tower"),
-                       tower_lr_b=3e-4, tower_share_weight=1.0, eval_every=steps(500), cls_steps=0)  # fmt: skip
+                       lr_b=TOWER_LR, tower_lr_b=TOWER_LR, tower_share_weight=1.0, eval_every=steps(500),
+                       cls_steps=0)  # fmt: skip
 
     def deep(init: str) -> TrainConfig:
         return replace(continuation(init, deep_layers), steps_b=steps(DEEP_STEPS), time_limit_b=limit("deep"),
