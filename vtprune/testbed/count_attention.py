@@ -84,7 +84,7 @@ def grouped_cross_entropy(logp: torch.Tensor, owner: torch.Tensor, sink_weight: 
     m [K, n + 2] (`<s>` = key 0 has its own group); the target gives `<s>` w and each counted object shown by at
     least one token 1 (normalised), the rest 0; loss = -sum t log m. It is indifferent to where within an object the
     attention goes: only each object's total must be one unit."""
-    k, t = logp.shape
+    k = logp.shape[0]
     groups = int(owner.max()) + 2 if owner.numel() else 2  # 0: the rest, 1..n: objects, n + 1: <s>
     key = owner.clone()
     key[:, 0] = groups - 1
