@@ -18,13 +18,13 @@
 Every phase's learning rate anneals by its time limit as well as by its step count (`TrainConfig.anneal_by_time`).
 
 `--vision-init DIR` takes the tower of an earlier Stage A instead of running one (the committed work-in-progress
-checkpoint `benchmarks/checkpoints/shapes-v3-wip` holds 2,400 Stage-A steps: about 45 minutes saved on one thread,
-35 on two). Each phase writes `DIR/<phase>/` (its own resumable trainer state) and `DIR/<phase>/PHASE_DONE` when
-finished; the last phase's model is `DIR/deep/model` (a stock `LlavaForConditionalGeneration`). Time limits (`PHASE_SECONDS`,
-scaled by `time_scale`) are set so that the chain, Stage A included, takes about 3 h on the 2-core machine with
-`--threads 2` (the default since the seventeenth session; until then 3 h on one thread, with a third less Stage-B
-work); docs/testbed.md, "tenth session" onwards, states what each version reached. Each phase's Stage B ends at its
-limit and hands over its final state.
+checkpoint `benchmarks/checkpoints/shapes-v3-wip` holds 2,400 Stage-A steps: about 45 minutes saved on one thread, 35 on
+two). Each phase writes `DIR/<phase>/` (its own resumable trainer state) and `DIR/<phase>/PHASE_DONE` when finished; the
+last phase's model is `DIR/deep/model` (a stock `LlavaForConditionalGeneration`). Time limits (`PHASE_SECONDS`, scaled
+by `time_scale`) are set so that the chain, Stage A included, takes about 3 h on the 2-core machine with `--threads 2`
+(the default since the seventeenth session; until then 3 h on one thread, with a third less Stage-B work);
+docs/testbed.md, "tenth session" onwards, states what each version reached. Each phase's Stage B ends at its limit and
+hands over its final state.
 """
 
 from __future__ import annotations
