@@ -26,9 +26,12 @@ from vtprune.budget import largest_remainder_split
 from vtprune.errors import UnsupportedInputError, VtpruneError
 from vtprune.methods import Stage, build_method
 from vtprune.methods.cdpruner import (
+    EPS_D2,
+    RANK_TOL,
     alpha,
     cdpruner_select,
     conditional_kernel,
+    exhaustion_threshold,
     greedy_map,
     llm_relevance,
     load_clip_relevance,
@@ -168,6 +171,30 @@ def test_fill_rule_on_rank_exhaustion():
     assert picks[3:].tolist() == rest[:5] == [14, 15, 2, 6, 13]  # ties in r go to the lower index
     assert len(set(picks.tolist())) == 8
     assert cdpruner_select(feats, r, 8).tolist() == sorted(picks.tolist())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_rule_on_inexact_rank_exhaustion(seed):
+    """Rank 3 in random fp32 numbers: the unpicked tokens keep conditional variances of rounding size (about 1e-7
+    of the diagonal, not the spec's exact 1e-10), on which greedy picks would follow the machine's rounding. They
+    count as exhausted (`exhaustion_threshold`): three greedy picks, then the fill by relevance."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(40, 3, generator=g) @ torch.randn(3, 16, generator=g)
+    r = torch.rand(40, generator=g) + 0.05
+    kernel = conditional_kernel(feats, r)
+    picks, d2, t_fill = greedy_map(kernel, 10, r)
+    assert t_fill == 3 and bool((d2[:3] > 1e-3).all())
+    assert picks[:3].tolist() == _naive_greedy_logdet(kernel, 3)
+    rest = [i for i in torch.sort(r, descending=True, stable=True).indices.tolist() if i not in picks[:3].tolist()]
+    assert picks[3:].tolist() == rest[:7]
+    # scaling the relevance scales the kernel: the threshold is relative, so the picks do not change
+    assert greedy_map(conditional_kernel(feats, 1e-3 * r), 10, 1e-3 * r)[0].tolist() == picks.tolist()
+
+
+def test_exhaustion_threshold_is_relative_with_the_spec_floor():
+    assert float(exhaustion_threshold(torch.tensor(1.0))) == pytest.approx(RANK_TOL)
+    assert float(exhaustion_threshold(torch.tensor(1e-8))) == pytest.approx(EPS_D2)
+    assert exhaustion_threshold(torch.ones(3, 1)).shape == (3, 1)
 
 
 def test_llm_relevance_positive_cosine_and_minmax():

