@@ -1,6 +1,6 @@
 """Per-type accuracy with 95 % Wilson intervals, and each model against the first, from score records.
 
-    python benchmarks/v3_score_compare.py runs/scores/u13.jsonl runs/scores/chain6-tower.jsonl
+    python benchmarks/v3_score_compare.py runs/scores/u7.jsonl runs/scores/chain6-tower.jsonl
 
 Input: records files of `vtprune testbed score --records` (one JSON line per question: id, type, answer,
 prediction, correct), all on the same questions. Output: one row per file (overall and per-type accuracy,
