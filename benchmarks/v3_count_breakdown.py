@@ -12,19 +12,19 @@ four. No model is run.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
-from pathlib import Path
 
+from vtprune.files import read_jsonl
 from vtprune.stats import wilson
 from vtprune.testbed.data_v3 import balanced_samples
 from vtprune.testbed.questions import PLURAL
 from vtprune.testbed.questions_v3 import COUNT_CHANNELS
+from vtprune.testbed.scenes import COLOURS
 from vtprune.testbed.scenes_v3 import Scene3
 from vtprune.testbed.splits import parse_split
 
 PATCH = 14.0
-COLOURS_FIRST = 6  # COUNT_CHANNELS: the six colours, then the four shapes
+COLOURS_FIRST = len(COLOURS)  # COUNT_CHANNELS: the colours, then the shapes
 
 
 def counted(scene: Scene3, question: str) -> list:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--split", default="calibration:20001", help="the scoring run's --split")
     ap.add_argument("--per-type", type=int, default=100, help="the scoring run's --per-type")
     args = ap.parse_args(argv)
-    records = [json.loads(line) for line in Path(args.records).read_text().splitlines() if line.strip()]
+    records = read_jsonl(args.records, {"id": (str,), "type": (str,), "correct": (bool,)})
     samples = balanced_samples(parse_split(args.split), args.per_type)
     print("\n".join(format_breakdown(breakdown(records, samples))))
 

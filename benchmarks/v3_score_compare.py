@@ -11,17 +11,19 @@ only it answers right / only the first answers right, and the two-sided exact Mc
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from vtprune.eval.significance import bits_of, mcnemar_exact
+from vtprune.files import read_jsonl
 from vtprune.stats import wilson
+
+#: The fields of a `vtprune testbed score --records` line these scripts read.
+RECORD_FIELDS = {"id": (str,), "type": (str,), "correct": (bool,)}
 
 
 def read_records(path: str | Path) -> dict[str, dict]:
     """{question id: record} of one records file."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return {str(r["id"]): r for r in rows}
+    return {r["id"]: r for r in read_jsonl(path, RECORD_FIELDS)}
 
 
 def per_type(records: dict[str, dict]) -> dict[str, tuple[int, int]]:
