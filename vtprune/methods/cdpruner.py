@@ -13,8 +13,9 @@ Per image (per crop, README §8), in fp32:
      t̄ = mean of the user-question LLM input embeddings (signal `question_embeddings`), positive sign;
 3. optional θ weighting (`theta`, disabled by default): `r ← exp(α·r)`, `α = θ/(2(1−θ))`;
 4. kernel `L = diag(r)·S·diag(r)`, fast greedy MAP (incremental Cholesky) for the crop's quota; when the
-   largest conditional variance left is ≤ 1e-10 the remaining slots are filled by descending r (ties to
-   the lower index). Selection only.
+   largest conditional variance left is ≤ max(1e-10, 1e-5 · max diag L) (`exhaustion_threshold`: the
+   spec's 1e-10, made relative to the kernel's scale because fp32 rounding leaves ~1e-7 of it) the remaining
+   slots are filled by descending r (ties to the lower index). Selection only.
 
 Stage: the stage follows the relevance source: "clip" acts at `vision` (it needs the vision tower's
 features), "llm" at `pre_llm`. The default `relevance="auto"` picks the spec's source per model by
