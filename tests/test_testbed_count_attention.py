@@ -162,6 +162,43 @@ def test_trainer_logs_the_count_attention_target_and_checks_its_layer(tmp_path):
         train(tmp_path / "bad2", replace(cfg, count_attention_unit="patch"), progress=False, log=lambda _: None)
 
 
+def test_count_attention_heads_parse_and_reject_what_the_decoder_lacks():
+    from vtprune.testbed.train import count_attention_heads
+
+    assert count_attention_heads("", 4, 2) == []
+    assert count_attention_heads("4:0, 4:1,2:1", 4, 2) == [(4, 0), (4, 1), (2, 1)]
+    for bad in ("5:0", "0:0", "4:2", "4", "a:1", "4:-1"):
+        with pytest.raises(ValueError, match=f"count_attention_heads entry '{bad}' is not LAYER:HEAD \\(accepted: "
+                                             "layers 1..4, heads 0..1"):
+            count_attention_heads(bad, 4, 2)
+
+
+def test_trainer_with_more_count_heads_trains_each_of_them(tmp_path, monkeypatch):
+    """Every listed head gets the count target at every step with count questions, head 0 of the target's layer
+    first; the logged loss is their sum; a repeated head or heads without the target are errors."""
+    import vtprune.testbed.train as train_module
+
+    calls: list[tuple[int, int]] = []
+    real = train_module.count_attention_loss
+
+    def spy(model, layer, head, *args, **kwargs):
+        calls.append((layer, head))
+        return real(model, layer, head, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "count_attention_loss", spy)
+    cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:count",
+                               count_attention_weight=1.0, count_attention_layer=1, count_attention_heads="1:1")
+    logged = logged_step_values(tmp_path, cfg, "count-attention")
+    assert float(logged["count-attention"]) > 0.0
+    assert len(calls) == 50 and calls[:2] == [(1, 0), (1, 1)] and set(calls[::2]) == {(1, 0)}, calls[:6]
+    with pytest.raises(ValueError, match="repeats a head"):
+        train_module.train(tmp_path / "bad", replace(cfg, count_attention_heads="1:0"), progress=False,
+                           log=lambda _: None)
+    with pytest.raises(ValueError, match="needs count_attention_weight > 0"):
+        train_module.train(tmp_path / "bad1", replace(cfg, count_attention_weight=0.0), progress=False,
+                           log=lambda _: None)
+
+
 def test_trainer_with_the_per_object_count_target(tmp_path):
     cfg = tiny_v3_train_config(steps_b=25, eval_every=25, save_every=25, type_schedule="25:count",
                                count_attention_weight=1.0, count_attention_unit="object")

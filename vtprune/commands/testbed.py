@@ -120,6 +120,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--count-attention-unit", choices=("centre", "object"), default=None,
                    help="what one counted object is to that target: the patch holding its centre (default) or all "
                         "its patches together ('object': their summed attention is one unit)")
+    t.add_argument("--count-attention-heads", default=None, metavar="LAYER:HEAD,...",
+                   help="more heads that learn the same count target (layers 1-based, heads 0-based), e.g. 4:0,4:1")
     t.add_argument("--tower-lr", type=float, default=None,
                    help="Stage B (shapes-v3): learning rate of the vision tower, trained end to end on the answers "
                         "with Stage A's dense loss (default 0: frozen; > 0 needs --feature-cache 0)")
@@ -276,6 +278,7 @@ def _train(args: argparse.Namespace) -> int:
                       "count_sink_weight": args.count_sink_weight,
                       "count_attention_at": args.count_attention_at,
                       "count_attention_unit": args.count_attention_unit,
+                      "count_attention_heads": args.count_attention_heads,
                       "tower_dense_weight": args.tower_dense_weight, "head_fit_steps": args.head_fit_steps,
                       "tower_share_weight": args.tower_share_weight,
                       "tower_count_target": args.tower_count_target,

@@ -156,6 +156,10 @@ class TrainConfig:
     # "object" (each counted object's summed attention over all its patches, `scenes_v3.object_groups`: no patch
     # border decides whether an object counts; seventeenth session: no better than "centre")
     count_attention_unit: str = "centre"
+    # more heads that learn the same count target, "LAYER:HEAD,..." (1-based layers, 0-based heads; "" = none):
+    # nineteenth session: the head's count error is one factor per question (its <s> score against the centres'),
+    # not per object, so independent heads could average it out; each adds its loss at `count_attention_weight`
+    count_attention_heads: str = ""
     # Stage B: weight of the training-only attention targets for fetching (fetch_attention.py; 0 = off; shapes-v3): in
     # decoder layer `fetch_attention_layer` (1-based; 0: half the depth), at each answer position, head 0 attends to
     # the named object's image tokens and the last head to a relation's second object's (a number's tens / units
@@ -599,6 +603,19 @@ def _progress():
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
 
 
+def count_attention_heads(spec: str, layers: int, heads: int) -> list[tuple[int, int]]:
+    """[(layer, head)] of `TrainConfig.count_attention_heads` ("LAYER:HEAD,...", layers 1-based, heads 0-based), checked
+    against a decoder of `layers` layers with `heads` heads."""
+    out = []
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        layer, sep, head = item.partition(":")
+        if not (sep and layer.isdigit() and head.isdigit() and 0 < int(layer) <= layers and int(head) < heads):
+            raise ValueError(f"count_attention_heads entry {item!r} is not LAYER:HEAD (accepted: layers 1..{layers}, "
+                             f"heads 0..{heads - 1}, comma-separated)")
+        out.append((int(layer), int(head)))
+    return out
+
+
 def _target_layer(cfg: TrainConfig, name: str, default: int, default_text: str, carries: str) -> int:
     """The decoder layer (1-based) of the attention target `name` ("count_attention": `count_attention_weight` /
     `count_attention_layer`, 0 meaning `default`); checked when its weight is on: a decoder layer, shapes-v3 data."""
@@ -669,6 +686,13 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         raise ValueError(f"count_weight > 0 needs shapes-v3 data (its batches carry the count targets), got {cfg.data}")
     count_attention_layer = _target_layer(cfg, "count_attention", max(1, cfg.size.text_layers - 1),
                                           "the last but one", "the centre targets")
+    count_heads = [(count_attention_layer, 0)] + count_attention_heads(cfg.count_attention_heads, cfg.size.text_layers,
+                                                                       cfg.size.text_heads)  # fmt: skip
+    if cfg.count_attention_heads and cfg.count_attention_weight <= 0:
+        raise ValueError("count_attention_heads adds heads to the count target: it needs count_attention_weight > 0")
+    if len(set(count_heads)) < len(count_heads):
+        raise ValueError(f"count_attention_heads {cfg.count_attention_heads!r} repeats a head (head 0 of layer "
+                         f"{count_attention_layer} is the count target's own)")
     fetch_attention_layer = _target_layer(cfg, "fetch_attention", max(1, cfg.size.text_layers // 2),
                                           "half the depth", "the objects' patches")
     if cfg.fetch_attention_at not in ("answer", "name"):
@@ -990,11 +1014,14 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     rows, pos, slot = answer_positions(text["labels"], model.config.text_config.eos_token_id,
                                                        batch["count_channel"].shape[1])
                     at = pos + batch["count_offsets"][rows, slot] if counting_at_name else pos  # [K]
-                    attention_loss, attention_mass, attention_n = count_attention_loss(
-                        model, count_attention_layer, 0, hidden[count_attention_layer - 1], text["input_ids"],
-                        text.get("position_ids"), rows, at, batch["count_channel"][rows, slot], batch["centre"],
-                        patch_index, cfg.count_sink_weight,
-                        batch["groups"] if cfg.count_attention_unit == "object" else None)
+                    attention_loss, masses = 0.0, []
+                    for layer, head in count_heads:  # each head learns the same target (the mass reported: mean)
+                        head_loss, head_mass, attention_n = count_attention_loss(
+                            model, layer, head, hidden[layer - 1], text["input_ids"], text.get("position_ids"), rows,
+                            at, batch["count_channel"][rows, slot], batch["centre"], patch_index,
+                            cfg.count_sink_weight, batch["groups"] if cfg.count_attention_unit == "object" else None)
+                        attention_loss, masses = attention_loss + head_loss, masses + [head_mass]
+                    attention_mass = sum(masses) / len(masses)
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         attention_loss = attention_loss * (attention_n * world / max(parallel.total(attention_n), 1.0))
                     loss = loss + cfg.count_attention_weight * attention_loss
