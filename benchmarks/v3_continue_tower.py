@@ -1,0 +1,53 @@
+"""Continue a 4-layer v3 model with the chain's tower-phase configuration, changed as the options say.
+
+    python benchmarks/v3_continue_tower.py OUT --init benchmarks/checkpoints/shapes-v3-chain6-tower \
+        --centre --count-times 4 [--lr 3e-4] [--seconds 4800] [--threads 1] [--heads L:H,...] [--steps N]
+
+The nineteenth session's u15 (`shapes-v3-u15`, 0.92 on 700 calibration questions) is the command above; u16 added
+`--heads 4:0,4:1 --steps 3950`. The configuration is `chain_v3.phases()`'s tower phase with: decoder and tower
+learning rate `--lr` (the chain: 6e-4), the tower's count target `centre` with `--centre` (the chain: `share`),
+count asked `--count-times` times in the chain's type list (the chain: 2), Stage-B time limit `--seconds` (the
+learning rate anneals by it), extra count heads (`TrainConfig.count_attention_heads`). Resumable: the same command
+continues `OUT`. fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+from vtprune.testbed.chain_v3 import phases
+from vtprune.testbed.train import train
+
+
+def tower_types(count_times: int) -> str:
+    """The chain's tower-phase type list (`chain_v3.TOWER_TYPES`) with count asked `count_times` times."""
+    return ("20000:colour+shape+exist+leftof+leftof+" + "+".join(["count"] * count_times)
+            + "+number+number+relation+relation+side+upper+upper+upper")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("--init", required=True, help="a 4-layer v3 model directory")
+    ap.add_argument("--count-times", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--centre", action="store_true", help="the tower's centre count target (default: share)")
+    ap.add_argument("--seconds", type=float, default=4800.0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--heads", default="", help="TrainConfig.count_attention_heads")
+    ap.add_argument("--steps", type=int, default=0, help="Stage-B step cap (0: the chain's)")
+    a = ap.parse_args(argv)
+    if a.count_times < 1:
+        raise SystemExit("--count-times must be >= 1")
+    tower = {p.name: p for p in phases()}["tower"]
+    cfg = tower.config(a.init)
+    cfg = replace(cfg, lr_b=a.lr, tower_lr_b=a.lr, type_schedule=tower_types(a.count_times), time_limit_b=a.seconds,
+                  threads=a.threads, bf16=False, count_attention_heads=a.heads, steps_b=a.steps or cfg.steps_b,
+                  tower_count_target="centre" if a.centre else cfg.tower_count_target)  # fmt: skip
+    print(cfg)
+    train(a.out, cfg, progress=False)
+
+
+if __name__ == "__main__":
+    main()
