@@ -157,8 +157,8 @@ class TrainConfig:
     # border decides whether an object counts; seventeenth session: no better than "centre")
     count_attention_unit: str = "centre"
     # more heads that learn the same count target, "LAYER:HEAD,..." (1-based layers, 0-based heads; "" = none):
-    # nineteenth session: the head's count error is one factor per question (its <s> score against the centres'),
-    # not per object, so independent heads could average it out; each adds its loss at `count_attention_weight`
+    # each adds its loss at `count_attention_weight`; nineteenth session: if the heads' errors were independent they
+    # would average out, but two more heads (u16: heads 0 and 1 of layer 4) left counting unchanged (0.66 both)
     count_attention_heads: str = ""
     # Stage B: weight of the training-only attention targets for fetching (fetch_attention.py; 0 = off; shapes-v3): in
     # decoder layer `fetch_attention_layer` (1-based; 0: half the depth), at each answer position, head 0 attends to
