@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from vtprune.testbed.chain_v3 import phases
+from vtprune.testbed import chain_v3
 from vtprune.testbed.train import train
 
 
 def tower_types(count_times: int) -> str:
     """The chain's tower-phase type list (`chain_v3.TOWER_TYPES`) with count asked `count_times` times."""
-    return ("20000:colour+shape+exist+leftof+leftof+" + "+".join(["count"] * count_times)
-            + "+number+number+relation+relation+side+upper+upper+upper")
+    return chain_v3.TOWER_TYPES.replace("+count+count+", "+" + "+".join(["count"] * count_times) + "+", 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.count_times < 1:
         raise SystemExit("--count-times must be >= 1")
-    tower = {p.name: p for p in phases()}["tower"]
+    tower = {p.name: p for p in chain_v3.phases()}["tower"]
     cfg = tower.config(a.init)
     cfg = replace(cfg, lr_b=a.lr, tower_lr_b=a.lr, type_schedule=tower_types(a.count_times), time_limit_b=a.seconds,
                   threads=a.threads, bf16=False, count_attention_heads=a.heads, steps_b=a.steps or cfg.steps_b,

@@ -1014,14 +1014,14 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                     rows, pos, slot = answer_positions(text["labels"], model.config.text_config.eos_token_id,
                                                        batch["count_channel"].shape[1])
                     at = pos + batch["count_offsets"][rows, slot] if counting_at_name else pos  # [K]
-                    attention_loss, masses = 0.0, []
-                    for layer, head in count_heads:  # each head learns the same target (the mass reported: mean)
-                        head_loss, head_mass, attention_n = count_attention_loss(
-                            model, layer, head, hidden[layer - 1], text["input_ids"], text.get("position_ids"), rows,
-                            at, batch["count_channel"][rows, slot], batch["centre"], patch_index,
-                            cfg.count_sink_weight, batch["groups"] if cfg.count_attention_unit == "object" else None)
-                        attention_loss, masses = attention_loss + head_loss, masses + [head_mass]
-                    attention_mass = sum(masses) / len(masses)
+                    per_head = [count_attention_loss(  # each head learns the same target: (loss, mass, answers)
+                        model, layer, head, hidden[layer - 1], text["input_ids"], text.get("position_ids"), rows, at,
+                        batch["count_channel"][rows, slot], batch["centre"], patch_index, cfg.count_sink_weight,
+                        batch["groups"] if cfg.count_attention_unit == "object" else None)
+                        for layer, head in count_heads]  # fmt: skip
+                    attention_loss = sum(loss for loss, _, _ in per_head)
+                    attention_mass = sum(mass for _, mass, _ in per_head) / len(per_head)  # the mean over the heads
+                    attention_n = per_head[0][2]  # the same count answers for every head
                     if world > 1:  # as the answer loss: the mean gradient over processes is the whole batch's
                         attention_loss = attention_loss * (attention_n * world / max(parallel.total(attention_n), 1.0))
                     loss = loss + cfg.count_attention_weight * attention_loss
