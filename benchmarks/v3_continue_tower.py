@@ -1,13 +1,17 @@
 """Continue a 4-layer v3 model with the chain's tower-phase configuration, changed as the options say.
 
     python benchmarks/v3_continue_tower.py OUT --init benchmarks/checkpoints/shapes-v3-chain6-tower \
-        --centre --count-times 4 [--lr 3e-4] [--seconds 4800] [--threads 1] [--heads L:H,...] [--steps N]
+        --centre --count-times 4 [--lr 3e-4] [--seconds 4800] [--threads 1] [--heads L:H,...] [--steps N] \
+        [--count-weight 1] [--seed 0] [--spread PIXELS]
 
 The nineteenth session's u15 (`shapes-v3-u15`, 0.92 on 700 calibration questions) is the command above; u16 added
 `--heads 4:0,4:1 --steps 3950`. The configuration is `chain_v3.phases()`'s tower phase with: decoder and tower
 learning rate `--lr` (the chain: 6e-4), the tower's count target `centre` with `--centre` (the chain: `share`),
 count asked `--count-times` times in the chain's type list (the chain: 2), Stage-B time limit `--seconds` (the
-learning rate anneals by it), extra count heads (`TrainConfig.count_attention_heads`). Resumable: the same command
+learning rate anneals by it), extra count heads (`TrainConfig.count_attention_heads`), the count attention target's
+weight `--count-weight` (the chain: 1), the training seed `--seed` (Stage B reads train-split scenes of seed + 1: a
+continuation of a continuation sees fresh scenes with another seed), the centre targets' spread `--spread`
+(`TrainConfig.centre_spread`, the chain: 0). Resumable: the same command
 continues `OUT`. fp32.
 """
 
@@ -36,14 +40,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--heads", default="", help="TrainConfig.count_attention_heads")
     ap.add_argument("--steps", type=int, default=0, help="Stage-B step cap (0: the chain's)")
+    ap.add_argument("--count-weight", type=float, default=1.0, help="TrainConfig.count_attention_weight")
+    ap.add_argument("--seed", type=int, default=0, help="TrainConfig.seed")
+    ap.add_argument("--spread", type=float, default=0.0, help="TrainConfig.centre_spread (pixels)")
     a = ap.parse_args(argv)
     if a.count_times < 1:
         raise SystemExit("--count-times must be >= 1")
-    tower = {p.name: p for p in chain_v3.phases()}["tower"]
+    if a.count_weight <= 0:
+        raise SystemExit("--count-weight must be > 0 (the chain's count target is always on)")
+    tower = {p.name: p for p in chain_v3.phases(seed=a.seed)}["tower"]
     cfg = tower.config(a.init)
     cfg = replace(cfg, lr_b=a.lr, tower_lr_b=a.lr, type_schedule=tower_types(a.count_times), time_limit_b=a.seconds,
                   threads=a.threads, bf16=False, count_attention_heads=a.heads, steps_b=a.steps or cfg.steps_b,
-                  tower_count_target="centre" if a.centre else cfg.tower_count_target)  # fmt: skip
+                  tower_count_target="centre" if a.centre else cfg.tower_count_target,
+                  count_attention_weight=a.count_weight, centre_spread=a.spread)  # fmt: skip
     print(cfg)
     train(a.out, cfg, progress=False)
 

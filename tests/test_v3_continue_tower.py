@@ -36,3 +36,14 @@ def test_the_config_differs_from_the_chains_tower_phase_only_where_asked(monkeyp
     assert seen == [want]
     with pytest.raises(SystemExit):
         module.main(["OUT", "--init", "M", "--count-times", "0"])
+    with pytest.raises(SystemExit):
+        module.main(["OUT", "--init", "M", "--count-weight", "0"])
+
+
+def test_count_weight_and_seed_reach_the_config(monkeypatch):
+    module = _load()
+    seen = []
+    monkeypatch.setattr(module, "train", lambda out, cfg, **kw: seen.append(cfg))
+    module.main(["OUT", "--init", "M", "--count-weight", "4", "--seed", "2"])
+    assert seen[0].count_attention_weight == 4.0 and seen[0].seed == 2
+    assert seen[0].count_sink_weight == chain_v3.COUNT_SINK_WEIGHT

@@ -68,8 +68,9 @@ def count_attention_loss(model, layer: int, head: int, layer_input: torch.Tensor
     if groups is not None:
         owner = image_token_values(groups, input_ids, model.config.image_token_id, patch_index)  # [B, T, C + S]
         return (*grouped_cross_entropy(logp, owner[rows, :, chan].long(), sink_weight), int(rows.numel()))
-    # target: <s> (position 0) and the image tokens at the asked column's centre patches
-    goal = image_token_values(centre > 0, input_ids, model.config.image_token_id, patch_index)  # [B, T, C + S]
+    # target: <s> (position 0) and the image tokens at the asked column's centre patches, each with its units (two
+    # centres in one patch: 2; `TrainConfig.centre_spread`: an object's unit split over the patches it overlaps)
+    goal = image_token_values(centre.float(), input_ids, model.config.image_token_id, patch_index)  # [B, T, C + S]
     target = goal[rows, :, chan]  # [K, T]
     target[:, 0] = sink_weight
     target = target / target.sum(-1, keepdim=True)

@@ -133,7 +133,8 @@ def encode_conversation(questions: list[Question], packing: Packing) -> tuple[li
 def question_batch(split: Split | int, start: int, n: int, packing: Packing, indices: list[int] | None = None,
                    salt: int = 0, with_pixels: bool = True,
                    types: tuple[str, ...] = QUESTION_TYPES, with_counts: bool = False,
-                   with_dense: bool = False, with_fetch_cover: bool = False) -> dict[str, torch.Tensor]:
+                   with_dense: bool = False, with_fetch_cover: bool = False,
+                   centre_spread: float = 0.0) -> dict[str, torch.Tensor]:
     """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
@@ -144,9 +145,9 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     a question naming an object) and fetch_sink [n, questions_per_image] bool (`fetch_sink`), the fetch attention's
     targets;
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
-    (`scenes_v3.object_centres`), groups [n, 576, C + S] uint8 (`scenes_v3.object_groups`), count, count_channel
-    and count_offsets [n, questions_per_image] (`count_targets`, `count_channels`, `count_offsets`), the count
-    read-outs' targets;
+    (`scenes_v3.object_centres` with `centre_spread`), groups [n, 576, C + S] uint8 (`scenes_v3.object_groups`),
+    count, count_channel and count_offsets [n, questions_per_image] (`count_targets`, `count_channels`,
+    `count_offsets`), the count read-outs' targets;
     `with_dense` adds Stage A's per-patch targets of the same scenes, dense_colour / dense_shape / dense_digit /
     dense_place [n, 576] int64 and dense_xy [n, 576, 2] (`dense_batch`'s layout), for a Stage B that trains the tower
     (`TrainConfig.tower_lr_b`)."""
@@ -178,7 +179,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
             count_at.append(count_offsets(asked, packing.questions_per_image))
             drawn = id_map(scene)
             share.append(object_share(scene, drawn))
-            centre.append(object_centres(scene))
+            centre.append(object_centres(scene, centre_spread))
             groups.append(object_groups(scene, drawn))
         ids.append(a)
         labs.append(b)

@@ -390,15 +390,43 @@ def object_share(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def object_centres(scene: Scene3) -> np.ndarray:
-    """[576, C + S] float32: 1 at the patch that holds an object's centre, in the column of its colour (first C) and of
-    its shape (last S); summed over the patches, a column is the number of objects of that colour or shape. Unlike
-    `object_share` the decomposition is binary: one patch per object, wherever its area falls."""
+def object_centres(scene: Scene3, spread: float = 0.0) -> np.ndarray:
+    """[576, C + S] float32: one unit per object at the patch that holds its centre, in the column of its colour (first
+    C) and of its shape (last S); summed over the patches, a column is the number of objects of that colour or shape.
+    Unlike `object_share` the decomposition does not follow the object's area: one patch per object.
+
+    spread > 0 (pixels): the unit is a square of that side centred on the object's centre, split over the patches it
+    overlaps in proportion to the overlap (clipped to the image, still one unit per object): a centre within
+    spread / 2 of a patch border is shared with the neighbour instead of going all to one side of it. Twentieth
+    session: with one patch per object, the tower's centre marks had per-object errors of 0.32 units (standard
+    deviation) where the centre lies within 1 px of a border against 0.09 where it lies 4 px or more inside its
+    patch: which patch holds a centre on a border is a coin toss the target asks for exactly."""
     out = np.zeros((GRID * GRID, len(COLOURS) + len(SHAPES)), np.float32)
-    for o in scene.objects:
-        out[centre_patch(o), list(COLOURS).index(o.colour)] += 1
-        out[centre_patch(o), len(COLOURS) + SHAPES.index(o.shape)] += 1
+    if not scene.objects:
+        return out
+    colour = np.asarray([list(COLOURS).index(o.colour) for o in scene.objects])
+    shape = len(COLOURS) + np.asarray([SHAPES.index(o.shape) for o in scene.objects])
+    if spread <= 0:
+        cells = np.asarray([centre_patch(o) for o in scene.objects])
+        np.add.at(out, (cells, colour), 1.0)
+        np.add.at(out, (cells, shape), 1.0)
+        return out
+    cx = np.asarray([o.cx for o in scene.objects])
+    cy = np.asarray([o.cy for o in scene.objects])
+    mass = (_interval_cover(cy, spread)[:, :, None] * _interval_cover(cx, spread)[:, None, :]).reshape(len(cx), -1)
+    np.add.at(out.T, colour, mass.astype(np.float32))  # mass [n, 576]
+    np.add.at(out.T, shape, mass.astype(np.float32))
     return out
+
+
+def _interval_cover(centre: np.ndarray, side: float) -> np.ndarray:
+    """[n, GRID]: the share of the interval [c - side / 2, c + side / 2] (clipped to the image) in each patch column
+    (or row), for the n centres `centre` [n]; each row sums to 1."""
+    lo = np.clip(centre - side / 2, 0.0, IMAGE_SIZE)[:, None]  # [n, 1]
+    hi = np.clip(centre + side / 2, 0.0, IMAGE_SIZE)[:, None]
+    edges = np.arange(GRID + 1, dtype=np.float64) * CELL  # [GRID + 1]
+    cover = np.clip(np.minimum(hi, edges[None, 1:]) - np.maximum(lo, edges[None, :-1]), 0.0, None)  # [n, GRID]
+    return cover / cover.sum(1, keepdims=True)
 
 
 def object_groups(scene: Scene3, ids: np.ndarray | None = None) -> np.ndarray:

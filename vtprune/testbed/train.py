@@ -188,6 +188,10 @@ class TrainConfig:
     # the decomposition that regression learns: "share" (each object's pixel share per patch, `object_share`) or
     # "centre" (one patch per object, the one holding its centre, `object_centres`, binary cross-entropy)
     tower_count_target: str = "share"
+    # the centre targets' spread in pixels (`scenes_v3.object_centres`; the tower's "centre" target and the count
+    # attention target): 0 puts each object's unit on the one patch holding its centre, > 0 splits it over the patches
+    # a square of that side around the centre overlaps (twentieth session: centres on a patch border)
+    centre_spread: float = 0.0
     # with tower_lr_b > 0: weight of a training-only per-patch classification of each digit with its place in the
     # number (tens or units; `patch_labels`' "place") on the tower's features
     tower_place_weight: float = 0.0
@@ -728,6 +732,11 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     # the count targets (share / centre / count) only when a read-out uses them; v2's question_batch has no such option
     count_kwargs = ({"with_counts": True} if cfg.count_weight > 0 or cfg.tower_share_weight > 0
                     or cfg.count_attention_weight > 0 else {})
+    if cfg.centre_spread < 0:
+        raise ValueError(f"centre_spread {cfg.centre_spread} is negative (accepted: 0, the centre patch, or a side in "
+                         f"pixels)")
+    if count_kwargs and cfg.centre_spread > 0:
+        count_kwargs["centre_spread"] = cfg.centre_spread
     if cfg.fetch_attention_weight > 0:
         count_kwargs["with_fetch_cover"] = True
     counter = CountReadout(cfg.size.text_width, len(COLOURS) + len(SHAPES), count_layer).to(device)
@@ -881,6 +890,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             share_head = tower_share if cfg.tower_share_weight > 0 else None
             place_head = tower_place if cfg.tower_place_weight > 0 else None
             with_share = {"with_counts": True} if share_head is not None else {}
+            if with_share and cfg.centre_spread > 0:
+                with_share["centre_spread"] = cfg.centre_spread
 
             def fit_batches(start: int, n: int) -> dict:
                 return ds.question_batch(cfg.seed, start, n, Packing(1), with_dense=True, **with_share)
