@@ -44,6 +44,10 @@ def test_count_weight_and_seed_reach_the_config(monkeypatch):
     module = _load()
     seen = []
     monkeypatch.setattr(module, "train", lambda out, cfg, **kw: seen.append(cfg))
-    module.main(["OUT", "--init", "M", "--count-weight", "4", "--seed", "2"])
-    assert seen[0].count_attention_weight == 4.0 and seen[0].seed == 2
+    module.main(["OUT", "--init", "M", "--count-weight", "4", "--seed", "2", "--spread", "7"])
+    assert seen[0].count_attention_weight == 4.0 and seen[0].seed == 2 and seen[0].centre_spread == 7.0
     assert seen[0].count_sink_weight == chain_v3.COUNT_SINK_WEIGHT
+    assert (seen[0].count_attention_at, seen[0].count_attention_layer) == ("answer", chain_v3.COUNT_ATTENTION_LAYER)
+    module.main(["OUT", "--init", "M", "--count-at", "name"])
+    assert seen[1].count_attention_at == "name" and seen[1].fetch_attention_at == "name"
+    assert seen[1].count_attention_layer == chain_v3.FETCH_ATTENTION_LAYER < seen[1].fetch_relay_layer
