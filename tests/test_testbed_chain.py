@@ -117,3 +117,39 @@ def test_cli_chain_defaults_to_two_threads_the_limits_are_set_for():
 
     args = build_parser().parse_args(["testbed", "chain", "--out", "x"])
     assert args.threads == 2 and args.time_scale == 1.0
+
+
+def test_chain_can_start_after_a_phase_from_a_given_model(tmp_path):
+    """`after="tower", from_model=M`: M is grown and the deep phase runs on it, as if the tower phase had made it
+    (how `shapes-v3-u15-deep` was made from a continuation of the chain's tower phase)."""
+    run_chain(tmp_path / "full", tiny=True, progress=False, log=lambda m: None)
+    model = tmp_path / "full" / "tower" / "model"
+    logs: list[str] = []
+    final = run_chain(tmp_path / "late", tiny=True, progress=False, after="tower", from_model=str(model),
+                      log=logs.append)
+    assert final == tmp_path / "late" / "deep" / "model"
+    assert sorted(p.name for p in (tmp_path / "late").iterdir()) == ["deep", "grown"]
+    assert logs[0] == f"chain: starting after tower from {model}"
+    assert _config(tmp_path / "late" / "deep")["init"] == str(tmp_path / "late" / "grown")
+    full, _ = resolve_model(str(tmp_path / "full" / "grown"))
+    late, _ = resolve_model(str(tmp_path / "late" / "grown"))
+    for name, value in full.state_dict().items():  # the same model grown the same way
+        assert torch.equal(value, late.state_dict()[name]), name
+    with pytest.raises(ValueError, match="after 'deep' is not a phase the chain can start after"):
+        run_chain(tmp_path / "x", tiny=True, after="deep", from_model=str(model))
+    with pytest.raises(ValueError, match="after and from_model go together"):
+        run_chain(tmp_path / "x", tiny=True, after="tower")
+    with pytest.raises(ValueError, match="is not a model directory"):
+        run_chain(tmp_path / "x", tiny=True, after="tower", from_model=str(tmp_path / "nothing"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_refuses_after_without_a_model_directory(tmp_path, capsys):
+    from vtprune.cli import main
+
+    assert main(["testbed", "chain", "--out", str(tmp_path / "c"), "--tiny", "--after", "tower"]) == 2
+    assert "--after and --from-model go together" in capsys.readouterr().err
+    assert main(["testbed", "chain", "--out", str(tmp_path / "c"), "--tiny", "--after", "tower", "--from-model",
+                 str(tmp_path / "missing")]) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -173,6 +174,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="multiplies every phase's Stage-B time limit (e.g. 0.5 on a machine twice as fast)")
     c.add_argument("--vision-init", default="",
                    help="a model whose vision tower replaces Stage A (e.g. benchmarks/checkpoints/shapes-v3-wip)")
+    c.add_argument("--after", default="", choices=("", "small", "tower", "grown"), metavar="PHASE",
+                   help="skip the phases up to and including PHASE (small, tower or grown) and continue from "
+                        "--from-model, e.g. --after tower --from-model benchmarks/checkpoints/shapes-v3-u19 grows a "
+                        "4-layer model and runs the deep phase")
+    c.add_argument("--from-model", default="", help="with --after: the model that phase would have produced")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=positive_int, default=2,
                    help="torch CPU threads (the phases' time limits are set for 2 on a 2-core machine)")
@@ -323,9 +329,15 @@ def _chain(args: argparse.Namespace) -> int:
         check_model(args.vision_init)
     if not args.time_scale > 0:
         raise UsageError(f"--time-scale must be > 0, got {args.time_scale}")
+    if bool(args.after) != bool(args.from_model):
+        raise UsageError("--after and --from-model go together (the phase to start after and the model it hands "
+                         "over)")
+    if args.from_model and not Path(args.from_model).is_dir():
+        raise UsageError(f"--from-model {args.from_model} is not a model directory (expected a directory saved with "
+                         f"save_pretrained, e.g. benchmarks/checkpoints/shapes-v3-u19)")
     final = run_chain(args.out, seed=args.seed, time_scale=args.time_scale, tiny=args.tiny, threads=args.threads,
                       bf16=_bf16(args.precision, args.device), device=args.device, vision_init=args.vision_init,
-                      progress=not args.no_progress)  # fmt: skip
+                      progress=not args.no_progress, after=args.after, from_model=args.from_model)  # fmt: skip
     print(f"chain done: {final}")
     return 0
 
@@ -365,8 +377,6 @@ def _export_state(args: argparse.Namespace) -> int:
 
 
 def _grow(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from vtprune.commands.common import UsageError, check_model
     from vtprune.testbed.builtin import resolve_model
     from vtprune.testbed.grow import grow_decoder

@@ -144,13 +144,27 @@ def layer_image(layer: int, source_layers: int, layers: int) -> int:
 
 def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: bool = False, threads: int = 2,
               bf16: bool = False, device: str = "cpu", progress: bool = True, vision_init: str = "",
-              log: Callable[[str], None] = print) -> Path:
+              after: str = "", from_model: str = "", log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every phase into `out` (`phases` for the arguments); -> the final model directory
-    (`out/deep/model`)."""
+    (`out/deep/model`). after / from_model: skip the phases up to and including `after` and hand `from_model` (what
+    that phase would have produced, e.g. a 4-layer model continued outside the chain for after="tower") to the next."""
+    chain = phases(seed, time_scale, tiny, vision_init)
+    names = [phase.name for phase in chain]
+    if bool(after) != bool(from_model):
+        raise ValueError("after and from_model go together: the phase to start after and the model it hands over")
+    if after and after not in names[:-1]:
+        raise ValueError(f"after {after!r} is not a phase the chain can start after (accepted: "
+                         f"{', '.join(names[:-1])})")
+    if from_model and not Path(from_model).is_dir():
+        raise ValueError(f"from_model {from_model} is not a model directory")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     previous = ""
-    for phase in phases(seed, time_scale, tiny, vision_init):
+    if after:
+        chain = chain[names.index(after) + 1:]
+        previous = str(from_model)
+        log(f"chain: starting after {after} from {from_model}")
+    for phase in chain:
         folder = out / phase.name
         done = folder / "PHASE_DONE"
         if done.exists():
