@@ -176,7 +176,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="a model whose vision tower replaces Stage A (e.g. benchmarks/checkpoints/shapes-v3-wip)")
     c.add_argument("--after", default="", choices=("", "small", "tower", "grown"), metavar="PHASE",
                    help="skip the phases up to and including PHASE (small, tower or grown) and continue from "
-                        "--from-model, e.g. --after tower --from-model benchmarks/checkpoints/shapes-v3-u19 grows a "
+                        "--from-model, e.g. --after tower --from-model benchmarks/checkpoints/shapes-v3-u21 grows a "
                         "4-layer model and runs the deep phase")
     c.add_argument("--from-model", default="", help="with --after: the model that phase would have produced")
     c.add_argument("--device", default="cpu")
@@ -334,7 +334,7 @@ def _chain(args: argparse.Namespace) -> int:
                          "over)")
     if args.from_model and not Path(args.from_model).is_dir():
         raise UsageError(f"--from-model {args.from_model} is not a model directory (expected a directory saved with "
-                         f"save_pretrained, e.g. benchmarks/checkpoints/shapes-v3-u19)")
+                         f"save_pretrained, e.g. benchmarks/checkpoints/shapes-v3-u21)")
     final = run_chain(args.out, seed=args.seed, time_scale=args.time_scale, tiny=args.tiny, threads=args.threads,
                       bf16=_bf16(args.precision, args.device), device=args.device, vision_init=args.vision_init,
                       progress=not args.no_progress, after=args.after, from_model=args.from_model)  # fmt: skip

@@ -190,7 +190,8 @@ class TrainConfig:
     tower_count_target: str = "share"
     # the centre targets' spread in pixels (`scenes_v3.object_centres`; the tower's "centre" target and the count
     # attention target): 0 puts each object's unit on the one patch holding its centre, > 0 splits it over the patches
-    # a square of that side around the centre overlaps (twentieth session: centres on a patch border)
+    # a square of that side around the centre overlaps (twentieth session: 7 px moved the marks' error from centres
+    # on a patch border to the split band and left counting as it was; 0 in the chain)
     centre_spread: float = 0.0
     # with tower_lr_b > 0: weight of a training-only per-patch classification of each digit with its place in the
     # number (tens or units; `patch_labels`' "place") on the tower's features
