@@ -51,3 +51,6 @@ def test_count_weight_and_seed_reach_the_config(monkeypatch):
     module.main(["OUT", "--init", "M", "--count-at", "name"])
     assert seen[1].count_attention_at == "name" and seen[1].fetch_attention_at == "name"
     assert seen[1].count_attention_layer == chain_v3.FETCH_ATTENTION_LAYER < seen[1].fetch_relay_layer
+    assert seen[0].count_mark == seen[1].count_mark == "centre"
+    module.main(["OUT", "--init", "M", "--mark", "centre+top+left", "--heads", "4:0,4:1"])
+    assert seen[2].count_mark == "centre+top+left" and seen[2].count_attention_heads == "4:0,4:1"

@@ -138,6 +138,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="the centre targets (--tower-count-target centre, the count attention target): 0 puts each "
                         "object on the patch holding its centre (default), > 0 splits it over the patches a square of "
                         "that side around the centre overlaps")
+    t.add_argument("--count-mark", default=None, metavar="MARK[+MARK...]",
+                   help="which patch carries each object in the centre targets: the one holding its centre (centre, "
+                        "the default) or an extreme pixel (top, bottom, left, right); several marks joined by '+', "
+                        "one per count head (--count-attention-heads)")
     t.add_argument("--tower-place-weight", type=float, default=None,
                    help="with --tower-lr: weight of a training-only per-patch classification of each digit with its "
                         "place in the number (tens or units) on the tower's features (default 0 = off)")
@@ -292,6 +296,7 @@ def _train(args: argparse.Namespace) -> int:
                       "tower_dense_weight": args.tower_dense_weight, "head_fit_steps": args.head_fit_steps,
                       "tower_share_weight": args.tower_share_weight,
                       "tower_count_target": args.tower_count_target, "centre_spread": args.centre_spread,
+                      "count_mark": args.count_mark,
                       "tower_place_weight": args.tower_place_weight, "cls_before_b": args.cls_before_b,
                       "fetch_second": args.fetch_second,
                       "fetch_attention_weight": args.fetch_attention_weight,

@@ -34,6 +34,7 @@ from .scenes_v3 import (
     key_patches,
     object_centres,
     object_groups,
+    object_marks,
     object_share,
     patch_coverage,
     patch_labels,
@@ -134,7 +135,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
                    salt: int = 0, with_pixels: bool = True,
                    types: tuple[str, ...] = QUESTION_TYPES, with_counts: bool = False,
                    with_dense: bool = False, with_fetch_cover: bool = False,
-                   centre_spread: float = 0.0) -> dict[str, torch.Tensor]:
+                   centre_spread: float = 0.0, count_marks: tuple[str, ...] = ("centre",)
+                   ) -> dict[str, torch.Tensor]:
     """Scenes start..start+n-1 (or `indices`) of `split` with packed balanced questions: pixel_values,
     input_ids, labels, attention_mask, informative [n, 576] (same keys as `data.question_batch`), and priority
     [n, 576] float (2: an object's centre patch or digit ink, 1: other informative patches, 0: background), the
@@ -145,7 +147,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     a question naming an object) and fetch_sink [n, questions_per_image] bool (`fetch_sink`), the fetch attention's
     targets;
     `with_counts` adds share [n, 576, C + S] (`scenes_v3.object_share`, about 3 ms per scene), centre [n, 576, C + S]
-    (`scenes_v3.object_centres` with `centre_spread`), groups [n, 576, C + S] uint8 (`scenes_v3.object_groups`),
+    (`scenes_v3.object_centres` with `centre_spread`; other `count_marks`: [n, 576, M (C + S)],
+    `scenes_v3.object_marks`), groups [n, 576, C + S] uint8 (`scenes_v3.object_groups`),
     count, count_channel and count_offsets [n, questions_per_image] (`count_targets`, `count_channels`,
     `count_offsets`), the count read-outs' targets;
     `with_dense` adds Stage A's per-patch targets of the same scenes, dense_colour / dense_shape / dense_digit /
@@ -179,7 +182,8 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
             count_at.append(count_offsets(asked, packing.questions_per_image))
             drawn = id_map(scene)
             share.append(object_share(scene, drawn))
-            centre.append(object_centres(scene, centre_spread))
+            centre.append(object_centres(scene, centre_spread) if tuple(count_marks) == ("centre",)
+                          else object_marks(scene, tuple(count_marks), drawn))
             groups.append(object_groups(scene, drawn))
         ids.append(a)
         labs.append(b)
