@@ -11,6 +11,7 @@ import torch
 from vtprune import checkpointing as cpt
 from vtprune.testbed.builtin import resolve_model
 from vtprune.testbed.chain_v3 import (
+    CLS_DRIFT_WEIGHT,
     DEEP_STEPS,
     PHASE_SECONDS,
     TOWER_LR,
@@ -47,6 +48,7 @@ def test_chain_runs_every_phase_hands_over_and_resumes(tmp_path):
     assert small["anneal_by_time"] and tower["anneal_by_time"] and deep["anneal_by_time"]
     # Stage C runs on the grown model before the deep Stage B, whose decoder then adapts to it
     assert deep["cls_before_b"] and deep["cls_steps"] > 0 and tower["cls_steps"] == small["cls_steps"] == 0
+    assert deep["cls_drift_weight"] == CLS_DRIFT_WEIGHT > 0  # Stage C keeps the features close
     stages = [h["stage"] for h in json.loads((tmp_path / "deep" / "train_summary.json").read_text())["history"]]
     assert stages.count("C") == 1 and stages.index("C") < stages.index("B-eval")
 

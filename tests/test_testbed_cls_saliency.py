@@ -57,3 +57,23 @@ def test_saliency_stats_on_a_known_attention(monkeypatch):
     assert s["mass"] == 0.6
     assert s["recall_at_3"] == 0.5  # 3 and 9 among the top 3, of 4 informative patches
     assert s["precision"] == 0.5  # top 4 (ties by index): 3, 7, 9, 0
+
+
+def test_the_drift_penalty_keeps_the_features_closer_and_the_features_are_the_decoders():
+    from vtprune.testbed.cls_saliency import cls_attention_and_features
+    from vtprune.testbed.features import vision_features
+
+    pv, _ = dense_batch(10001, 0, 2)
+    model = build_model(TINY, seed=2).eval()
+    with torch.no_grad():
+        probs, feats = cls_attention_and_features(model, pv)
+        torch.testing.assert_close(feats, vision_features(model, pv))  # what the decoder reads
+        torch.testing.assert_close(probs, cls_attention(model, pv))
+    drift = {}
+    for weight in (0.0, 50.0):
+        model = build_model(TINY, seed=2).eval()
+        stats = tune_cls_embedding(model, steps=30, lr=0.1, seed=5, batch=4, eval_n=8, log=lambda _: None,
+                                   drift_weight=weight)
+        drift[weight] = stats["after"]["feature_drift"]
+        assert stats["after"]["mass"] > stats["before"]["mass"]
+    assert 0.0 < drift[50.0] < drift[0.0]

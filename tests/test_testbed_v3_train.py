@@ -316,10 +316,11 @@ def test_train_cli_passes_the_attention_target_flags(tmp_path, monkeypatch):
                  "--fetch-attention-layer", "2", "--fetch-attention-at", "name", "--fetch-relay-layer", "3",
                  "--fetch-neighbour-layer", "4", "--count-attention-weight", "1", "--count-attention-layer", "3",
                  "--count-sink-weight", "4", "--count-attention-at", "name", "--count-attention-unit", "object",
-                 "--count-attention-heads", "4:0,4:1", "--count-mark", "centre+top"]) == 0
+                 "--count-attention-heads", "4:0,4:1", "--count-mark", "centre+top", "--cls-drift-weight", "20"]) == 0
     cfg = seen[0]
     assert (cfg.fetch_attention_weight, cfg.fetch_attention_layer, cfg.fetch_attention_at) == (0.5, 2, "name")
     assert (cfg.fetch_relay_layer, cfg.fetch_neighbour_layer) == (3, 4)
     assert (cfg.count_attention_weight, cfg.count_attention_layer, cfg.count_sink_weight) == (1.0, 3, 4.0)
     assert (cfg.count_attention_at, cfg.count_attention_unit) == ("name", "object")
     assert cfg.count_attention_heads == "4:0,4:1" and cfg.count_mark == "centre+top"
+    assert cfg.cls_drift_weight == 20.0

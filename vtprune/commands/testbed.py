@@ -152,6 +152,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="Stage C: steps training the [CLS] embedding's attention on the exported model "
                         "(default 100; 0 = skip)")
     t.add_argument("--cls-lr", type=float, default=None, help="Stage C learning rate (default 0.05)")
+    t.add_argument("--cls-drift-weight", type=float, default=None,
+                   help="Stage C: weight of a penalty on the patch features' drift (default 0 = none; the chain: 20)")
     t.add_argument("--anneal-by-time", action="store_true", default=None,
                    help="with --time-limit-b: Stage B's cosine learning-rate schedule follows whichever of its steps "
                         "and its time limit is further along, so a run the time limit ends still anneals")
@@ -284,7 +286,8 @@ def _train(args: argparse.Namespace) -> int:
                       "column_code_scale": args.column_code_scale, "init": args.init,
                       "row_code_scale": args.row_code_scale,
                       "training_types": args.training_types, "cls_steps": args.cls_steps,
-                      "cls_lr": args.cls_lr, "fetch_weight": args.fetch_weight,
+                      "cls_lr": args.cls_lr, "cls_drift_weight": args.cls_drift_weight,
+                      "fetch_weight": args.fetch_weight,
                       "fetch_layer": args.fetch_layer, "count_weight": args.count_weight,
                       "count_layer": args.count_layer, "tower_lr_b": args.tower_lr,
                       "count_attention_weight": args.count_attention_weight,

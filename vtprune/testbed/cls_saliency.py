@@ -37,11 +37,18 @@ def _tower(model):
 def cls_attention(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """Head-mean [CLS]→patch attention of the feature layer, computed by the LLaVA adapter's own
     `vision_signals` (differentiable): [B, 3, 336, 336] -> [B, 576] fp32."""
+    return cls_attention_and_features(model, pixel_values)[0]
+
+
+def cls_attention_and_features(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`cls_attention` [B, 576], the feature layer's patch features [B, 576, Dv], i.e. `vision_features`) from one
+    pass of the tower (differentiable)."""
     adapter = LlavaAdapter(model)
     layer = adapter.feature_layer()
     index = list(_tower(model).encoder.layers).index(layer)  # hidden_states[index] is the layer's input
     hidden = model.model.vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
-    return adapter.vision_signals(layer.self_attn, layer.layer_norm1(hidden[index]))["cls_attention"]
+    probs = adapter.vision_signals(layer.self_attn, layer.layer_norm1(hidden[index]))["cls_attention"]
+    return probs, hidden[index + 1][:, 1:]
 
 
 def informative_patches(labels: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,9 +79,12 @@ def saliency_stats(model, pixel_values: torch.Tensor, informative: torch.Tensor,
 
 def tune_cls_embedding(model, steps: int, lr: float = 0.05, seed: int = 3, batch: int = 8,
                        eval_seed: int = 10001, eval_n: int = 32, device: str = "cpu",
-                       log: Callable[[str], None] = print, dense: Callable = dense_batch) -> dict:
+                       log: Callable[[str], None] = print, dense: Callable = dense_batch,
+                       drift_weight: float = 0.0) -> dict:
     """Train `model`'s class embedding in place (fp32 math; every other weight untouched) for `steps` Adam
-    steps on scenes of `seed`: loss = -log(attention mass on the informative patches). Returns
+    steps on scenes of `seed`: loss = -log(attention mass on the informative patches), plus `drift_weight` times the
+    batch's feature drift (mean relative L2 change of the patch features from those of the embedding it started
+    with: the decoder reads those features, so a drift costs it accuracy). Returns
     {"before": stats, "after": stats, "steps", "lr", "wall_s"} with `saliency_stats` on `eval_n` scenes
     of `eval_seed` (`dense`: the benchmark's `dense_batch`, v2's by default)."""
     emb = _tower(model).embeddings.class_embedding
@@ -90,15 +100,23 @@ def tune_cls_embedding(model, steps: int, lr: float = 0.05, seed: int = 3, batch
     with torch.no_grad():
         reference = vision_features(model, pv_eval).float()
     before = saliency_stats(model, pv_eval, inf_eval, reference)
+    start = emb.detach().clone()
     emb.requires_grad_(True)
     opt = torch.optim.Adam([emb], lr=lr)
     t0 = time.time()
     try:
         for step in range(steps):
             pv, labels = dense(seed, step * batch, batch)
-            probs = cls_attention(model, pv.to(device))
+            probs, feats = cls_attention_and_features(model, pv.to(device))
             mass = (probs * informative_patches(labels).to(device)).sum(1)
             loss = -torch.log(mass + 1e-6).mean()
+            if drift_weight > 0:
+                with torch.no_grad():  # the batch's features under the starting embedding
+                    current = emb.data.clone()
+                    emb.data.copy_(start)
+                    ref = vision_features(model, pv.to(device)).float()
+                    emb.data.copy_(current)
+                loss = loss + drift_weight * ((feats.float() - ref).norm(dim=-1) / ref.norm(dim=-1)).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -216,6 +216,8 @@ class TrainConfig:
     export_final: bool = False
     cls_steps: int = 100  # Stage C: Adam steps on the [CLS] embedding's attention (0 = skip; cls_saliency.py)
     cls_lr: float = 0.05
+    # Stage C: weight of a penalty on the patch features' drift (cls_saliency.tune_cls_embedding; 0 = none)
+    cls_drift_weight: float = 0.0
     # Stage C before Stage B instead of after it, on the model Stage B starts from (needs tower_lr_b == 0: the
     # frozen tower keeps the tuned [CLS] attention, and Stage B's decoder adapts to the patch features Stage C
     # shifted; tuned after Stage B, those shifts cost a trained v3 model 0.05 of its accuracy, testbed docs,
@@ -873,7 +875,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         from .cls_saliency import tune_cls_embedding
 
         stats = tune_cls_embedding(target, cfg.cls_steps, cfg.cls_lr, seed=cfg.seed + 3, eval_seed=cfg.eval_seed,
-                                   device=device, log=log, dense=ds.dense_batch)
+                                   device=device, log=log, dense=ds.dense_batch, drift_weight=cfg.cls_drift_weight)
         st["history"].append({"stage": "C", "step": cfg.cls_steps, **stats})
         st["cls_done"] = True
         log(f"Stage C ([CLS] attention){when}: {stats}")
