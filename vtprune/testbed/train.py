@@ -200,7 +200,8 @@ class TrainConfig:
     # (head 0 of count_attention_layer, then count_attention_heads) learn one mark each, so a later layer can average
     # M nearly independent counts; centre_spread needs "centre" alone. Twenty-first session: the marks' errors are
     # nearly independent (probes: centre + top + left count 0.88 right against 0.73 for the centre alone), but one
-    # hour from a centre-trained model (u23) answered counts worse than the control (0.71 against 0.79)
+    # hour from a centre-trained model (u23) answered counts worse than the control (0.71 against 0.79) and 35
+    # minutes more left it level on one set and behind on another (counting 0.83 / 0.77 against 0.81 / 0.85)
     count_mark: str = "centre"
     # with tower_lr_b > 0: weight of a training-only per-patch classification of each digit with its place in the
     # number (tens or units; `patch_labels`' "place") on the tower's features
