@@ -28,7 +28,7 @@ from vtprune.testbed.builtin import resolve_model
 from vtprune.testbed.data_v3 import scene_pixels
 from vtprune.testbed.features import vision_features
 from vtprune.testbed.scenes import CELL, COLOURS, GRID, SHAPES
-from vtprune.testbed.scenes_v3 import mark_points
+from vtprune.testbed.scenes_v3 import id_map, mark_points
 from vtprune.testbed.splits import calibration_split
 
 FAR = 2.5 * CELL  # pixels: a patch farther than this from every object of its column holds stray mass
@@ -72,7 +72,8 @@ def object_masses(model, head: nn.Linear, scenes: int,
             if not objs:
                 continue
             # per mark [576, n]: each patch's distance to each object's point (an extreme pixel's centre)
-            points = [mark_points(scene, m) + (0.5 if m != "centre" else 0.0) for m in marks]  # [n, 2] each
+            ids = id_map(scene) if any(m != "centre" for m in marks) else None  # drawn once for every mark
+            points = [mark_points(scene, m, ids) + (0.5 if m != "centre" else 0.0) for m in marks]  # [n, 2] each
             dists = [np.hypot(cx[:, None] - at[:, 0], cy[:, None] - at[:, 1]) for at in points]
             columns = {"colour": np.array([list(COLOURS).index(o.colour) for o in objs]),
                        "shape": len(COLOURS) + np.array([SHAPES.index(o.shape) for o in objs])}

@@ -10,7 +10,7 @@ import torch
 
 from vtprune.testbed import data_v3
 from vtprune.testbed.data import Packing
-from vtprune.testbed.scenes import CELL, COLOURS, GRID, IMAGE_SIZE, SHAPES
+from vtprune.testbed.scenes import CELL, COLOURS, GRID, SHAPES
 from vtprune.testbed.scenes_v3 import COUNT_MARKS, id_map, mark_points, object_centres, object_marks
 from vtprune.testbed.splits import train_split
 
@@ -58,7 +58,6 @@ def test_each_mark_is_the_objects_extreme_pixel_and_counts_every_object_once(ind
     assert (mark_points(scene, "right", ids)[:, 0] >= [o.cx - 1 for o in scene.objects]).all()
     with pytest.raises(ValueError, match="unknown count mark 'corner'"):
         mark_points(scene, "corner", ids)
-    assert 0 < IMAGE_SIZE
 
 
 def test_packed_batches_carry_the_marks():
@@ -73,6 +72,9 @@ def test_packed_batches_carry_the_marks():
         assert torch.equal(marks["centre"][i], torch.from_numpy(want))
     for key in ("input_ids", "share", "count", "count_channel"):  # nothing else changes
         torch.testing.assert_close(marks[key], centre[key], equal_nan=True, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="centre_spread spreads the centre mark only"):
+        data_v3.question_batch(split, 0, 1, Packing(2), with_pixels=False, with_counts=True, centre_spread=7.0,
+                               count_marks=("top",))
 
 
 def test_training_gives_each_count_head_its_own_mark(tmp_path, monkeypatch):

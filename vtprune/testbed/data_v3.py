@@ -154,6 +154,9 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
     `with_dense` adds Stage A's per-patch targets of the same scenes, dense_colour / dense_shape / dense_digit /
     dense_place [n, 576] int64 and dense_xy [n, 576, 2] (`dense_batch`'s layout), for a Stage B that trains the tower
     (`TrainConfig.tower_lr_b`)."""
+    if centre_spread > 0 and tuple(count_marks) != ("centre",):
+        raise ValueError(f"centre_spread spreads the centre mark only: count_marks must be ('centre',), got "
+                         f"{tuple(count_marks)}")
     split = _as_split(split)
     ids, labs, images, informative, priority, fetch, second_named, offsets = [], [], [], [], [], [], [], []
     share, centre, count, channel, count_at, dense, cover, sink = [], [], [], [], [], [], [], []
@@ -182,7 +185,7 @@ def question_batch(split: Split | int, start: int, n: int, packing: Packing, ind
             count_at.append(count_offsets(asked, packing.questions_per_image))
             drawn = id_map(scene)
             share.append(object_share(scene, drawn))
-            centre.append(object_centres(scene, centre_spread) if tuple(count_marks) == ("centre",)
+            centre.append(object_centres(scene, centre_spread) if centre_spread > 0
                           else object_marks(scene, tuple(count_marks), drawn))
             groups.append(object_groups(scene, drawn))
         ids.append(a)

@@ -646,8 +646,9 @@ def count_marks(cfg: TrainConfig) -> tuple[str, ...]:
 def centre_target_kwargs(cfg: TrainConfig) -> dict:
     """`data_v3.question_batch`'s options for the centre targets that differ from its defaults (v2's batches have
     none of them)."""
+    marks = count_marks(cfg)
     out = {"centre_spread": cfg.centre_spread} if cfg.centre_spread > 0 else {}
-    return out | ({"count_marks": count_marks(cfg)} if count_marks(cfg) != ("centre",) else {})
+    return out | ({"count_marks": marks} if marks != ("centre",) else {})
 
 
 def _target_layer(cfg: TrainConfig, name: str, default: int, default_text: str, carries: str) -> int:
