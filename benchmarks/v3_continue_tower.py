@@ -2,7 +2,7 @@
 
     python benchmarks/v3_continue_tower.py OUT --init benchmarks/checkpoints/shapes-v3-chain6-tower \
         --centre --count-times 4 [--lr 3e-4] [--seconds 4800] [--threads 1] [--heads L:H,...] [--steps N] \
-        [--count-weight 1] [--seed 0] [--spread PIXELS] [--count-at name] [--mark centre+top+left]
+        [--count-weight 1] [--seed 0] [--spread PIXELS] [--count-at name] [--mark centre+top+left] [--sum-weight 1]
 
 The nineteenth session's u15 (`shapes-v3-u15`, 0.92 on 700 calibration questions) is the command above; u16 added
 `--heads 4:0,4:1 --steps 3950`. The configuration is `chain_v3.phases()`'s tower phase with: decoder and tower
@@ -13,7 +13,8 @@ weight `--count-weight` (the chain: 1), the training seed `--seed` (Stage B read
 continuation of a continuation sees fresh scenes with another seed), the centre targets' spread `--spread`
 (`TrainConfig.centre_spread`, the chain: 0), the patch each object's unit sits on `--mark`
 (`TrainConfig.count_mark`: its centre, the chain's, or an extreme pixel; several marks, one per count head: `--mark
-centre+top+left --heads 4:0,4:1`), and with `--count-at name`
+centre+top+left --heads 4:0,4:1`), the weight of the summed-count term on the tower's centre classifier `--sum-weight`
+(`TrainConfig.centre_sum_weight`, the chain: 0), and with `--count-at name`
 the count target at the counted phrase's last word in head 0 of the fetch layer (`chain_v3.FETCH_ATTENTION_LAYER`,
 the head that fetches named objects; the relay carries it to the answer; the chain: at the answer position in head 0
 of `chain_v3.COUNT_ATTENTION_LAYER`). Resumable: the same command continues `OUT`. fp32.
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spread", type=float, default=0.0, help="TrainConfig.centre_spread (pixels)")
     ap.add_argument("--mark", default="centre", help="TrainConfig.count_mark: marks of scenes_v3.COUNT_MARKS joined "
                                                      "by '+', one per count head (--heads)")
+    ap.add_argument("--sum-weight", type=float, default=0.0, help="TrainConfig.centre_sum_weight (needs --centre)")
     ap.add_argument("--count-at", choices=("answer", "name"), default="answer", help="TrainConfig.count_attention_at")
     a = ap.parse_args(argv)
     if a.count_times < 1:
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = replace(cfg, lr_b=a.lr, tower_lr_b=a.lr, type_schedule=tower_types(a.count_times), time_limit_b=a.seconds,
                   threads=a.threads, bf16=False, count_attention_heads=a.heads, steps_b=a.steps or cfg.steps_b,
                   tower_count_target="centre" if a.centre else cfg.tower_count_target,
-                  count_attention_weight=a.count_weight, centre_spread=a.spread, count_mark=a.mark)  # fmt: skip
+                  count_attention_weight=a.count_weight, centre_spread=a.spread, count_mark=a.mark,
+                  centre_sum_weight=a.sum_weight)  # fmt: skip
     if a.count_at == "name":
         cfg = replace(cfg, count_attention_at="name", count_attention_layer=chain_v3.FETCH_ATTENTION_LAYER)
     print(cfg)

@@ -114,3 +114,34 @@ def test_shipped_card_is_rendered_from_its_json():
     text = render_card(bare)
     assert "Stage A" in text and "not run in this run" in text
     assert "Stage C ([CLS] attention) was not run" in text
+
+
+def test_card_lists_a_lineage_and_the_intervals_of_a_v3_card():
+    """A model continued over several runs lists every run and their total time; a v3 card shows Wilson intervals
+    and per-seed accuracy; a malformed lineage is one ValueError naming the problem."""
+    from vtprune.testbed.card import check_lineage, render_card
+
+    card = json.loads((builtin_path("shapes-llava") / "model_card.json").read_text())
+    links = [{"run": "a", "what": "Stage A", "command": "cmd a", "steps": 2400, "seconds": 3099, "threads": 1,
+              "machine": "EPYC"},
+             {"run": "b", "what": "Stage B", "command": "cmd b", "steps": 1000, "seconds": 1801.4, "threads": 2,
+              "machine": "Xeon"}]
+    types = list(card["heldout"]["per_type"])
+    held = {**card["heldout"], "seed": [30000, 30001], "wilson95": [0.9, 0.97],
+            "per_seed_accuracy": {"30000": 0.95, "30001": 0.93},
+            "wilson95_per_type": {t: [0.5, 0.75] for t in types}}
+    text = render_card({**card, "heldout": held, "training": {**card["training"], "lineage": check_lineage(links),
+                                                              "lineage_seconds": 4900, "curve": [],
+                                                              "best_eval": None}})
+    assert "## Held-out accuracy (test seeds 30000 / 30001," in text
+    assert "- Stage B: no steps in this run" in text
+    assert "2 runs, 3,400 steps, 4,900 s (1.4 h) of training in all" in text
+    assert "| b | Stage B | 1,000 | 1,801 | 2 | Xeon | `cmd b` |" in text
+    assert "(Wilson 95 % interval 0.900–0.970); per test seed 30000: 0.950, 30001: 0.930" in text
+    assert f"| {types[0]} | {held['per_type'][types[0]]:.3f} (0.500–0.750) |" in text
+    for bad, needle in [([], "non-empty"), ([{**links[0], "extra": 1}], "exactly the keys"),
+                        ([{**links[0], "steps": "many"}], "steps must be int"),
+                        ([{**links[0], "threads": True}], "threads must be int"),
+                        ([{**links[0], "seconds": -1}], ">= 0")]:
+        with pytest.raises(ValueError, match=needle):
+            check_lineage(bad)

@@ -108,6 +108,8 @@ def test_training_gives_each_count_head_its_own_mark(tmp_path, monkeypatch):
     ({"count_mark": "top", "centre_spread": 7.0}, "count_mark must be 'centre'"),
     ({"count_mark": "centre+top", "count_attention_weight": 1.0}, "give 1 heads in count_attention_heads"),
     ({"count_mark": "centre+top", "tower_lr_b": 1e-3, "tower_share_weight": 1.0}, "must be 'centre'"),
+    ({"centre_sum_weight": 1.0, "tower_count_target": "share"}, "centre_sum_weight 1.0 needs tower_count_target"),
+    ({"centre_sum_weight": -1.0, "tower_count_target": "centre"}, "must be >= 0"),
 ])
 def test_bad_mark_configurations_are_refused(tmp_path, change, message):
     from test_testbed_tower_tune import _cfg, _run

@@ -135,10 +135,35 @@ def test_centre_loss_is_low_only_for_the_right_patches():
         tower_count_loss("area", right, {"centre": goal})
 
 
+def test_centre_sum_term_charges_the_count_neighbours_imply():
+    """The summed-count term adds nothing when the patches' probabilities sum to the counts, and charges two patches
+    that each claim one object's centre (per-patch loss alone: no more than one claim costs); its gradient lowers
+    both claims."""
+    from vtprune.testbed.count_readout import tower_count_loss
+
+    goal = torch.zeros(1, 576, 10)
+    goal[0, 17, 2] = 1.0  # one object of colour 2, centre in patch 17
+    split = torch.full((1, 576, 10), -30.0)
+    split[0, 17, 2] = split[0, 18, 2] = 0.0  # 0.5 + 0.5: the count is right
+    double = split.clone()
+    double[0, 17, 2] = double[0, 18, 2] = 2.0  # 0.88 + 0.88: the count says 1.76
+    base_split, _ = tower_count_loss("centre", split, {"centre": goal})
+    with_split, _ = tower_count_loss("centre", split, {"centre": goal}, sum_weight=1.0)
+    assert abs(with_split.item() - base_split.item()) < 1e-6
+    double.requires_grad_(True)
+    base, _ = tower_count_loss("centre", double, {"centre": goal})
+    summed, err = tower_count_loss("centre", double, {"centre": goal}, sum_weight=1.0)
+    assert abs(err - 0.076) < 0.005  # |1.76 - 1| in one of the ten channels, averaged over the ten
+    assert summed.item() - base.item() > 0.05  # 0.76 ** 2 / 10 channels
+    (summed - base).backward()
+    assert double.grad[0, 17, 2] > 0 and double.grad[0, 18, 2] > 0  # descent lowers both claims
+
+
 def test_tower_centre_target_trains_the_head(tmp_path):
     from vtprune import checkpointing as cpt
 
-    _run(tmp_path, _cfg(tower_lr_b=1e-3, head_fit_steps=1, tower_share_weight=1.0, tower_count_target="centre"))
+    _run(tmp_path, _cfg(tower_lr_b=1e-3, head_fit_steps=1, tower_share_weight=1.0, tower_count_target="centre",
+                        centre_sum_weight=1.0))  # with the summed-count term
     state = cpt.load_state(cpt.latest(tmp_path / "state", ""), "state", "cpu")
     assert int(state["opt_tower_share"]["state"][0]["step"]) == 2
     with pytest.raises(ValueError, match="tower_count_target 'area' is unknown"):

@@ -22,8 +22,8 @@ BUILTIN_PREFIX = "builtin:"
 DEFAULT_BUILTIN = "shapes-llava"
 #: How a built-in model that is not shipped is made (one line for errors), by name.
 BUILTIN_RECIPES = {
-    "shapes-v3-llava": "vtprune testbed train --preset v3 --out runs/v3, then python -m vtprune.testbed.card "
-    "runs/v3 --name shapes-v3-llava",
+    "shapes-v3-llava": "vtprune testbed chain --out runs/v3, then python -m vtprune.testbed.card runs/v3/deep "
+    "--name shapes-v3-llava",
 }
 #: RCP plug-ins shipped for built-in models: `assets/rcp/<NAME>/` for `builtin:NAME`
 RCP_ASSETS = ASSETS / "rcp"

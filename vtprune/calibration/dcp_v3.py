@@ -40,10 +40,8 @@ SWEEP_BUDGETS = (64, 32, 16)
 REPORT_BUDGETS = (192, 128, 64, 32, 16)
 OUT = "vtprune-out/dcp_v3"
 #: What creates the v3 asset the commands default to (docs/testbed.md, "v3").
-CREATE_V3 = (
-    "vtprune testbed train --preset v3 --out runs/v3, then python -m vtprune.testbed.card runs/v3 "
-    "--name shapes-v3-llava"
-)
+CREATE_V3 = ("vtprune testbed chain --out runs/v3, then python -m vtprune.testbed.card runs/v3/deep "
+             "--name shapes-v3-llava")
 
 
 def load_model(spec: str):

@@ -142,6 +142,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="which patch carries each object in the centre targets: the one holding its centre (centre, "
                         "the default) or an extreme pixel (top, bottom, left, right); several marks joined by '+', "
                         "one per count head (--count-attention-heads)")
+    t.add_argument("--centre-sum-weight", type=float, default=None,
+                   help="with --tower-count-target centre: weight of the squared error of the centre probabilities "
+                        "summed over the patches (the count they imply) against the true counts (default 0 = off)")
     t.add_argument("--tower-place-weight", type=float, default=None,
                    help="with --tower-lr: weight of a training-only per-patch classification of each digit with its "
                         "place in the number (tens or units) on the tower's features (default 0 = off)")
@@ -299,7 +302,7 @@ def _train(args: argparse.Namespace) -> int:
                       "tower_dense_weight": args.tower_dense_weight, "head_fit_steps": args.head_fit_steps,
                       "tower_share_weight": args.tower_share_weight,
                       "tower_count_target": args.tower_count_target, "centre_spread": args.centre_spread,
-                      "count_mark": args.count_mark,
+                      "count_mark": args.count_mark, "centre_sum_weight": args.centre_sum_weight,
                       "tower_place_weight": args.tower_place_weight, "cls_before_b": args.cls_before_b,
                       "fetch_second": args.fetch_second,
                       "fetch_attention_weight": args.fetch_attention_weight,

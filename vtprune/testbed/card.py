@@ -17,9 +17,14 @@ _FILES = ("config.json", "generation_config.json", "model.safetensors", "process
 
 
 def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100, seed: int = HELDOUT_SEED,
-            command: str = "", notes: str = "") -> dict:
-    """Copy `run_dir/model` into `vtprune/assets/NAME`, score it on a fresh held-out set, write the card."""
+            command: str = "", notes: str = "", lineage: list[dict] | None = None) -> dict:
+    """Copy `run_dir/model` into `vtprune/assets/NAME`, score it on a fresh held-out set, write the card.
+
+    lineage: when `run_dir` is the last of several runs (a model continued from other runs' models), one dict per
+    run, first to last, with the keys of `LINEAGE_KEYS` (`check_lineage`); the card lists them and their total time.
+    """
     run_dir = Path(run_dir)
+    links = check_lineage(lineage) if lineage else None
     if name == "shapes-llava" and "shapes-v3" in (run_dir / "train_summary.json").read_text():
         from vtprune.errors import VtpruneError
 
@@ -62,6 +67,9 @@ def install(run_dir: str | Path, name: str = "shapes-llava", per_type: int = 100
                     "scoring": "argmax of the first generated token's logits over the answer vocabulary",
                     "scoring_time_s": round(time.time() - t0, 1), **heldout_extra},
     }
+    if links:
+        card["training"]["lineage"] = links
+        card["training"]["lineage_seconds"] = round(sum(x["seconds"] for x in links))
     (dest / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
     (dest / "README.md").write_text(render_card(card))
     return card
@@ -91,6 +99,70 @@ def _score_v3(model, processor, per_type: int) -> tuple[list[dict], dict, dict]:
     extra = {"seeds": [s.seed for s in splits], "per_seed_accuracy": per_seed, "wilson95": ci(recs),
              "wilson95_per_type": {t: ci([r for r in recs if r["type"] == t]) for t in res["per_type"]}}
     return samples, res, extra
+
+
+#: one run of a lineage: its name, what it did, its command, its steps and seconds of training, threads, machine
+LINEAGE_KEYS = {"run": str, "what": str, "command": str, "steps": int, "seconds": (int, float), "threads": int,
+                "machine": str}
+
+
+def check_lineage(links: object) -> list[dict]:
+    """`links` if it is a non-empty list of dicts with exactly `LINEAGE_KEYS` of the right types, else a one-line
+    ValueError naming the first problem."""
+    if not isinstance(links, list) or not links:
+        raise ValueError("lineage must be a non-empty JSON list of runs, first to last")
+    for i, link in enumerate(links):
+        if not isinstance(link, dict) or set(link) != set(LINEAGE_KEYS):
+            raise ValueError(f"lineage run {i} must have exactly the keys {', '.join(LINEAGE_KEYS)}")
+        for key, kind in LINEAGE_KEYS.items():
+            if isinstance(link[key], bool) or not isinstance(link[key], kind):
+                raise ValueError(f"lineage run {i}: {key} must be {getattr(kind, '__name__', 'a number')}")
+        if link["seconds"] < 0 or link["steps"] < 0 or link["threads"] < 1:
+            raise ValueError(f"lineage run {i}: steps and seconds must be >= 0 and threads >= 1")
+    return links
+
+
+def render_lineage(tr: dict) -> str:
+    """The lineage table of a model continued over several runs, or '' for a single run."""
+    links = tr.get("lineage")
+    if not links:
+        return ""
+    rows = "\n".join(f"| {x['run']} | {x['what']} | {x['steps']:,} | {x['seconds']:,.0f} | {x['threads']} | "
+                     f"{x['machine']} | `{x['command']}` |" for x in links)
+    total = tr["lineage_seconds"]
+    return f"""
+## Lineage: every run this model's weights went through
+
+{len(links)} runs, {sum(x['steps'] for x in links):,} steps, {total:,} s ({total / 3600:.1f} h) of training in all
+(seconds of steps, evaluations and set-up excluded). The "Training" section below is the last run's alone.
+
+| run | what | steps | seconds | threads | machine | command |
+|---|---|---|---|---|---|---|
+{rows}
+"""
+
+
+def render_heldout(h: dict) -> str:
+    """The held-out table: with Wilson 95 % intervals and per-seed accuracy when the card has them (v3)."""
+    base = h["majority_baseline"]
+    if "wilson95_per_type" not in h:
+        rows = "\n".join(f"| {t} | {h['per_type'][t]:.3f} | {base[t]:.3f} |" for t in h["per_type"])
+        return f"""Overall: **{h['accuracy']:.3f}**. Scoring: {h['scoring']}.
+
+| type | accuracy | majority-class baseline |
+|---|---|---|
+{rows}"""
+    ci = h["wilson95_per_type"]
+    rows = "\n".join(f"| {t} | {h['per_type'][t]:.3f} ({ci[t][0]:.3f}–{ci[t][1]:.3f}) | {base[t]:.3f} |"
+                     for t in h["per_type"])
+    seeds = ", ".join(f"{s}: {a:.3f}" for s, a in h["per_seed_accuracy"].items())
+    lo, hi = h["wilson95"]
+    return f"""Overall: **{h['accuracy']:.3f}** (Wilson 95 % interval {lo:.3f}–{hi:.3f}); per test seed {seeds}.
+Scoring: {h['scoring']}.
+
+| type | accuracy (Wilson 95 %) | majority-class baseline |
+|---|---|---|
+{rows}"""
 
 
 def cpu_model() -> str:
@@ -128,14 +200,35 @@ def render_stage_c(c: dict | None) -> str:
             f"{a['feature_drift'] * 100:.2f} % (mean relative L2). The held-out table above is after Stage C.")
 
 
-def render_card(card: dict) -> str:
-    """Markdown model card."""
-    h, tr = card["heldout"], card["training"]
-    base = h["majority_baseline"]
-    rows = "\n".join(f"| {t} | {h['per_type'][t]:.3f} | {base[t]:.3f} |" for t in h["per_type"])
+def render_stage_b(tr: dict) -> str:
+    """Stage B's eval-set curve and the shipped checkpoint, or a line saying this run had no Stage-B steps."""
+    cfg = tr["config"]
+    if not tr["curve"] or tr["best_eval"] is None:
+        return ("- Stage B: no steps in this run (its model is the previous run's, e.g. grown or with Stage C only; "
+                "a lineage above lists the runs that trained it).")
     curve = "\n".join(f"| {c['step']} | {c['wall']:.0f} | {c['accuracy']:.3f} | "
                       + " ".join(f"{k} {v:.2f}" for k, v in c["per_type"].items()) + " |"
                       for c in tr["curve"])
+    what = ("projector, decoder and vision tower" if cfg.get("tower_lr_b", 0) > 0
+            else "frozen tower, projector + decoder")
+    return f"""- Stage B ({what} on packed multi-question conversations); eval-set curve
+  (eval set seed {cfg['eval_seed']}, {cfg['eval_per_type']} per type):
+
+| step | train s | overall | per type |
+|---|---|---|---|
+{curve}
+
+Best Stage-B checkpoint (by worst type, then overall) is the one shipped: step {tr['best_eval']['step']}."""
+
+
+def _seeds(seed: int | list[int]) -> str:
+    """'seed S' (v2: one held-out seed) or 'test seeds A / B / C' (v3: the test split's seeds)."""
+    return " / ".join(str(x) for x in seed).join(("test seeds ", "")) if isinstance(seed, list) else f"seed {seed}"
+
+
+def render_card(card: dict) -> str:
+    """Markdown model card."""
+    h, tr = card["heldout"], card["training"]
     cfg = json.dumps(tr["config"], indent=2)
     stage_a = (f"last log {tr['stage_a_final']}" if tr["stage_a_final"] is not None
                else "not run in this run (the tower comes from `init` / `vision_init`)")
@@ -153,14 +246,10 @@ methods can be run and compared without downloading anything. It is **not** a ge
 
 {card.get('notes') or ''}
 
-## Held-out accuracy (seed {h['seed']}, {h['n_per_type']} questions per type, balanced answers)
+## Held-out accuracy ({_seeds(h['seed'])}, {h['n_per_type']} questions per type, balanced answers)
 
-Overall: **{h['accuracy']:.3f}**. Scoring: {h['scoring']}.
-
-| type | accuracy | majority-class baseline |
-|---|---|---|
-{rows}
-
+{render_heldout(h)}
+{render_lineage(tr)}
 ## Training
 
 - Command: `{tr['command']}`
@@ -169,14 +258,7 @@ Overall: **{h['accuracy']:.3f}**. Scoring: {h['scoring']}.
 - Seconds per step: {tr['seconds_per_step']}
 - Stage A (vision tower alone, dense per-patch colour/shape/digit/xy targets through a training-only
   linear head on the penultimate layer; the head is not shipped): {stage_a}
-- Stage B (frozen tower, projector + decoder on packed multi-question conversations); eval-set curve
-  (eval set seed {tr['config']['eval_seed']}, {tr['config']['eval_per_type']} per type):
-
-| step | train s | overall | per type |
-|---|---|---|---|
-{curve}
-
-Best Stage-B checkpoint (by worst type, then overall) is the one shipped: step {tr['best_eval']['step']}.
+{render_stage_b(tr)}
 
 {render_stage_c(tr.get('stage_c'))}
 
@@ -198,6 +280,12 @@ if __name__ == "__main__":
     ap.add_argument("--per-type", type=int, default=100)
     ap.add_argument("--command", default="")
     ap.add_argument("--notes", default="", help="free text (markdown) for the card")
+    ap.add_argument("--lineage", default="", help="JSON file: the runs this model was continued through, first to "
+                                                  f"last, each with the keys {', '.join(LINEAGE_KEYS)}")
     a = ap.parse_args()
-    c = install(a.run_dir, a.name, a.per_type, command=a.command, notes=a.notes)
+    try:
+        links = check_lineage(json.loads(Path(a.lineage).read_text())) if a.lineage else None
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise SystemExit(f"--lineage {a.lineage}: {e}") from None
+    c = install(a.run_dir, a.name, a.per_type, command=a.command, notes=a.notes, lineage=links)
     print(json.dumps(c["heldout"], indent=2))

@@ -44,26 +44,36 @@ def share_regression(pred: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tens
     return loss, (pred.sum(1) - goal.sum(1)).abs().mean().item()
 
 
-def centre_classification(logits: torch.Tensor, goal: torch.Tensor) -> tuple[torch.Tensor, float]:
+def centre_classification(logits: torch.Tensor, goal: torch.Tensor,
+                          sum_weight: float = 0.0) -> tuple[torch.Tensor, float]:
     """(loss, mean absolute error of the counts the summed probabilities imply, per scene and channel, in objects) of
     per-patch logits [B, N, C + S] against goal [B, N, C + S] (`scenes_v3.object_centres`: 1 where a patch holds the
     centre of an object of that colour / shape): binary cross-entropy summed over every entry and divided by the
     number of positive ones (a scene has about 16 among 5,760), so that each object weighs about one while the
     probabilities stay calibrated (a balanced mean over positives and negatives inflates the background's
-    probabilities: its summed counts were off by 11-15 objects)."""
+    probabilities: its summed counts were off by 11-15 objects). sum_weight > 0 adds that weight times the squared
+    error of the summed probabilities against the counts, averaged over scenes and channels: the per-patch loss
+    treats neighbouring patches' guesses as independent, this one charges the count their sum implies (two
+    patches each 0.8 sure of one object's centre cost 0.36)."""
+    counts = goal.sum(1)  # [B, C + S] objects per channel (before the clamp: two centres in one patch count twice)
     goal = goal.clamp(max=1.0)  # two objects' centres in one patch: still one positive entry
     err = F.binary_cross_entropy_with_logits(logits, goal, reduction="sum")
     loss = err / goal.sum().clamp_min(1.0)
-    return loss, (torch.sigmoid(logits).sum(1) - goal.sum(1)).abs().mean().item()
+    implied = torch.sigmoid(logits).sum(1)  # [B, C + S]
+    if sum_weight > 0:
+        loss = loss + sum_weight * (implied - counts).square().mean()
+    return loss, (implied - goal.sum(1)).abs().mean().item()
 
 
-def tower_count_loss(kind: str, pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+def tower_count_loss(kind: str, pred: torch.Tensor, batch: dict[str, torch.Tensor],
+                     sum_weight: float = 0.0) -> tuple[torch.Tensor, float]:
     """The tower's training-only count decomposition (`TrainConfig.tower_count_target`): "share" regresses
-    `object_share`, "centre" classifies `object_centres`; pred [B, 576, C + S] from the tower's features."""
+    `object_share`, "centre" classifies `object_centres` (plus `sum_weight` times the summed counts' squared error,
+    `TrainConfig.centre_sum_weight`); pred [B, 576, C + S] from the tower's features."""
     if kind == "share":
         return share_regression(pred, batch["share"].to(pred.device).float())
     if kind == "centre":
-        return centre_classification(pred, batch["centre"].to(pred.device).float())
+        return centre_classification(pred, batch["centre"].to(pred.device).float(), sum_weight)
     raise ValueError(f"tower count target {kind!r} is unknown; accepted: share, centre")
 
 

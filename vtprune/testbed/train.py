@@ -203,6 +203,10 @@ class TrainConfig:
     # hour from a centre-trained model (u23) answered counts worse than the control (0.71 against 0.79) and 35
     # minutes more left it level on one set and behind on another (counting 0.83 / 0.77 against 0.81 / 0.85)
     count_mark: str = "centre"
+    # with tower_count_target "centre": weight of a second term on the tower's centre classifier, the squared error of
+    # its probabilities summed over the 576 patches (the count they imply) against each channel's count, averaged
+    # over scenes and channels (`count_readout.centre_classification`); 0: the per-patch loss alone
+    centre_sum_weight: float = 0.0
     # with tower_lr_b > 0: weight of a training-only per-patch classification of each digit with its place in the
     # number (tens or units; `patch_labels`' "place") on the tower's features
     tower_place_weight: float = 0.0
@@ -589,7 +593,7 @@ def fit_dense_heads(model, heads: DenseHeads, share_head: nn.Module | None, batc
         loss, stats = heads.loss(feats.float(), target, cfg.xy_object_weight)
         if share_head is not None:
             share_loss, stats["tower-count-err"] = tower_count_loss(cfg.tower_count_target, share_head(feats.float()),
-                                                                    batch)
+                                                                    batch, cfg.centre_sum_weight)
             loss = loss + share_loss
         if place_head is not None:
             place_loss, stats["digit-place"] = patch_classification(place_head(feats.float()),
@@ -791,6 +795,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         raise ValueError(f"tower_lr_b > 0 needs shapes-v3 data (its batches carry the dense targets), got {cfg.data}")
     if cfg.tower_count_target not in ("share", "centre"):
         raise ValueError(f"tower_count_target {cfg.tower_count_target!r} is unknown; accepted: share, centre")
+    if cfg.centre_sum_weight < 0 or (cfg.centre_sum_weight > 0 and cfg.tower_count_target != "centre"):
+        raise ValueError(f"centre_sum_weight {cfg.centre_sum_weight} needs tower_count_target 'centre' and must be "
+                         f">= 0 (got tower_count_target {cfg.tower_count_target!r})")
     if cfg.tower_place_weight > 0 and not tuning:
         raise ValueError("tower_place_weight > 0 reads the tower's features while Stage B trains it: "
                          "it needs tower_lr_b > 0")
@@ -1013,7 +1020,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                         cfg.xy_object_weight)
                     if cfg.tower_share_weight > 0:
                         tower_share_loss, dense_stats["tower-count-err"] = tower_count_loss(
-                            cfg.tower_count_target, tower_share(feats.float()), batch)
+                            cfg.tower_count_target, tower_share(feats.float()), batch, cfg.centre_sum_weight)
                         dense_loss = dense_loss + cfg.tower_share_weight * tower_share_loss
                     if cfg.tower_place_weight > 0:
                         place_loss, dense_stats["digit-place"] = patch_classification(tower_place(feats.float()),

@@ -1,0 +1,42 @@
+"""Grow a 4-layer v3 model to the 32-layer organism: the chain's `grown` phase, then its `deep` phase's Stage C with
+the feature-drift penalty and no Stage-B steps (twenty-first session: the deep Stage B never gained after Stage C,
+and with the penalty the grown model keeps the 4-layer model's accuracy).
+
+    python benchmarks/v3_deep_from.py MODEL OUT [--threads 1]
+
+Writes OUT/grown (the grown model) and OUT/deep (a training run: OUT/deep/model, its train_summary.json with Stage
+C's log, which `python -m vtprune.testbed.card OUT/deep` reads). Resumable: a finished step is skipped.
+`shapes-v3-u22-c20` was made this way (then with a `python -c` line doing the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+
+from vtprune.testbed import chain_v3
+from vtprune.testbed.train import train
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", help="a 4-layer v3 model directory")
+    ap.add_argument("out")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    grown = out / "grown"
+    if not (grown / "config.json").exists():
+        chain_v3._grow(Path(a.model), grown, chain_v3.DEEP_LAYERS)
+    if (out / "deep" / "model" / "config.json").exists():
+        print(f"{out / 'deep' / 'model'} exists")
+        return
+    deep = {p.name: p for p in chain_v3.phases()}["deep"]
+    cfg = replace(deep.config(str(grown)), steps_b=0, threads=a.threads, bf16=False)
+    print(cfg)
+    train(out / "deep", cfg, progress=False)
+
+
+if __name__ == "__main__":
+    main()
