@@ -6,7 +6,8 @@ and with the penalty the grown model keeps the 4-layer model's accuracy).
 
 Writes OUT/grown (the grown model) and OUT/deep (a training run: OUT/deep/model, its train_summary.json with Stage
 C's log, which `python -m vtprune.testbed.card OUT/deep` reads). Resumable: a finished step is skipped.
-`shapes-v3-u22-c20` was made this way (then with a `python -c` line doing the same).
+`shapes-v3-u25-c20` (the preview `builtin:shapes-v3-llava`) was made by this command; `shapes-v3-u22-c20` (in git
+history) by a `python -c` line doing the same.
 """
 
 from __future__ import annotations
