@@ -2,12 +2,15 @@
 the feature-drift penalty and no Stage-B steps (twenty-first session: the deep Stage B never gained after Stage C,
 and with the penalty the grown model keeps the 4-layer model's accuracy).
 
-    python benchmarks/v3_deep_from.py MODEL OUT [--threads 1]
+    python benchmarks/v3_deep_from.py MODEL OUT [--threads 1] [--placement spread_next]
 
-Writes OUT/grown (the grown model) and OUT/deep (a training run: OUT/deep/model, its train_summary.json with Stage
+`--placement` is `grow.grow_decoder`'s (the chain's: "spread"; the preview `builtin:shapes-v3-llava` uses
+"spread_next", whose zero-output copies attend as the next trained layer does). Writes OUT/grown (the grown model)
+and OUT/deep (a training run: OUT/deep/model, its train_summary.json with Stage
 C's log, which `python -m vtprune.testbed.card OUT/deep` reads). Resumable: a finished step is skipped.
-`shapes-v3-u25-c20` (the preview `builtin:shapes-v3-llava`) was made by this command; `shapes-v3-u22-c20` (in git
-history) by a `python -c` line doing the same.
+The preview `builtin:shapes-v3-llava` is `python benchmarks/v3_deep_from.py runs/u25/model runs/u25c20n --placement
+spread_next` (`runs/u25/model` = `benchmarks/checkpoints/shapes-v3-u25`); `shapes-v3-u22-c20` (in git history) was
+made by a `python -c` line doing what this does with "spread".
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vtprune.testbed import chain_v3
+from vtprune.testbed.grow import PLACEMENTS
 from vtprune.testbed.train import train
 
 
@@ -25,11 +29,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("model", help="a 4-layer v3 model directory")
     ap.add_argument("out")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--placement", choices=PLACEMENTS, default="spread", help="grow.grow_decoder's placement")
     a = ap.parse_args(argv)
     out = Path(a.out)
     grown = out / "grown"
     if not (grown / "config.json").exists():
-        chain_v3._grow(Path(a.model), grown, chain_v3.DEEP_LAYERS)
+        chain_v3._grow(Path(a.model), grown, chain_v3.DEEP_LAYERS, a.placement)
     if (out / "deep" / "model" / "config.json").exists():
         print(f"{out / 'deep' / 'model'} exists")
         return

@@ -145,3 +145,22 @@ def test_card_lists_a_lineage_and_the_intervals_of_a_v3_card():
                         ([{**links[0], "seconds": -1}], ">= 0")]:
         with pytest.raises(ValueError, match=needle):
             check_lineage(bad)
+
+
+def test_shipped_v3_card_and_the_bar_for_the_default():
+    """The v3 model's README is its card rendered, its lineage total is the sum of its runs, and a v3 model below
+    issue 21's bar (>= 0.95 overall, >= 0.90 per type on the held-out test) is never the default built-in model."""
+    from vtprune.shipped import DEFAULT_BUILTIN
+    from vtprune.testbed.card import check_lineage, render_card
+
+    path = builtin_path("shapes-v3-llava")
+    card = json.loads((path / "model_card.json").read_text())
+    assert render_card(card) == (path / "README.md").read_text()
+    held = card["heldout"]
+    assert held["seeds"] == [30000, 30001, 30002] and held["n_per_type"] >= 100 and len(held["per_type"]) == 7
+    links = check_lineage(card["training"]["lineage"])
+    assert card["training"]["lineage_seconds"] == round(sum(x["seconds"] for x in links))
+    meets = held["accuracy"] >= 0.95 and min(held["per_type"].values()) >= 0.90
+    if not meets:
+        assert DEFAULT_BUILTIN != "shapes-v3-llava", "a v3 model below the bar may not be the default"
+        assert "does not meet" in card["notes"]

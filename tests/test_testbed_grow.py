@@ -44,11 +44,15 @@ def test_growth_plan_places_trained_layers_and_rejects_bad_requests():
     assert growth_plan(3, 3) == [(0, True), (1, True), (2, True)]
     with pytest.raises(ValueError, match="need layers >= 4"):
         growth_plan(4, 3)
-    with pytest.raises(ValueError, match="accepted: spread, front"):
+    # spread_next: the same positions, each copy from the trained layer after it (the last block: the last layer)
+    assert growth_plan(4, 32, "spread_next") == [(min(3, i // 8 + (i % 8 > 0)) if i < 24 else 3, i % 8 == 0)
+                                                 for i in range(32)]
+    assert growth_plan(2, 5, "spread_next") == [(0, True), (1, False), (1, True), (1, False), (1, False)]
+    with pytest.raises(ValueError, match="accepted: spread, spread_next, front"):
         growth_plan(2, 4, "middle")
 
 
-@pytest.mark.parametrize("placement", ["spread", "front"])
+@pytest.mark.parametrize("placement", ["spread", "spread_next", "front"])
 def test_grown_model_computes_exactly_the_shallow_models_function(placement):
     model = _model(2)
     inputs = _inputs(model)
@@ -103,3 +107,21 @@ def test_grow_cli_writes_a_loadable_deeper_checkpoint_atomically(tmp_path):
     assert main(["testbed", "grow", str(tmp_path / "src"), "--layers", "4", "--out", str(tmp_path / "deep")]) == 2
     assert main(["testbed", "grow", "tiny:llava", "--layers", "4", "--out", str(tmp_path / "y")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "src"]
+
+
+def test_spread_next_copies_attend_as_the_next_trained_layer():
+    """Between two trained layers every copy sees the next trained layer's input, so with "spread_next" its
+    attention is that layer's exactly; with "spread" (copies of the previous layer) it is not."""
+    model = _model(2)
+    inputs = _inputs(model)
+
+    def attentions(placement: str) -> tuple[torch.Tensor, ...]:
+        grown = grow_decoder(model, 6, placement)  # trained layers at 0 and 3
+        grown.set_attn_implementation("eager")
+        with torch.no_grad():
+            return grown(**inputs, output_attentions=True).attentions
+
+    nxt, prev = attentions("spread_next"), attentions("spread")
+    assert torch.allclose(nxt[1], nxt[3]) and torch.allclose(nxt[2], nxt[3])
+    assert torch.allclose(nxt[3], prev[3]) and torch.allclose(nxt[0], prev[0])  # the trained layers agree
+    assert not torch.allclose(prev[1], prev[3], atol=1e-3)

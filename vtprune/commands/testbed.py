@@ -207,8 +207,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     g = sub.add_parser("grow", help="deepen a trained model's decoder, computing exactly the same function")
     g.add_argument("source", help="builtin:NAME or a model directory")
     g.add_argument("--layers", type=positive_int, required=True, help="decoder layers of the grown model")
-    g.add_argument("--placement", choices=("spread", "front"), default="spread",
-                   help="where the trained layers go (spread: evenly; front: first); the rest are zero-output copies")
+    g.add_argument("--placement", choices=("spread", "spread_next", "front"), default="spread",
+                   help="where the trained layers go (spread: evenly, each copy of the trained layer before it; "
+                        "spread_next: evenly, each copy of the trained layer after it; front: first); the rest are "
+                        "zero-output copies")
     g.add_argument("--out", required=True, help="new model directory (must not exist)")
     g.set_defaults(testbed_func=_grow)
 

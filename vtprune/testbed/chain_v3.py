@@ -189,13 +189,15 @@ def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: 
     return Path(previous)
 
 
-def _grow(source: Path, folder: Path, layers: int) -> None:
-    """`folder` = the model at `source` with its decoder grown to `layers` layers (written atomically)."""
+def _grow(source: Path, folder: Path, layers: int, placement: str = "spread") -> None:
+    """`folder` = the model at `source` with its decoder grown to `layers` layers (`grow.grow_decoder`'s
+    `placement`; written atomically)."""
     from .builtin import resolve_model
     from .grow import grow_decoder
 
     model, processor = resolve_model(str(source))
-    export_atomic(grow_decoder(model, layers, "spread"), processor, folder, replace=True)  # replaces an interrupted try
+    grown = grow_decoder(model, layers, placement)
+    export_atomic(grown, processor, folder, replace=True)  # replaces an interrupted try
 
 
 def _mark_done(done: Path) -> None:
