@@ -137,8 +137,8 @@ def test_centre_loss_is_low_only_for_the_right_patches():
 
 def test_centre_sum_term_charges_the_count_neighbours_imply():
     """The summed-count term adds nothing when the patches' probabilities sum to the counts, and charges two patches
-    that each claim one object's centre (per-patch loss alone: no more than one claim costs); its gradient lowers
-    both claims."""
+    that each claim one object's centre (the per-patch loss charges each claim only by its own miss); its gradient
+    lowers both claims."""
     from vtprune.testbed.count_readout import tower_count_loss
 
     goal = torch.zeros(1, 576, 10)
