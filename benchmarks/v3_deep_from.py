@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     grown = out / "grown"
     if not (grown / "config.json").exists():
-        chain_v3._grow(Path(a.model), grown, chain_v3.DEEP_LAYERS, a.placement)
+        chain_v3.grow_saved(Path(a.model), grown, chain_v3.DEEP_LAYERS, a.placement)
     if (out / "deep" / "model" / "config.json").exists():
         print(f"{out / 'deep' / 'model'} exists")
         return

@@ -176,7 +176,7 @@ def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: 
         if done.exists():
             log(f"chain: {phase.name} done")
         elif phase.grow_to:
-            _grow(Path(previous), folder, phase.grow_to)
+            grow_saved(Path(previous), folder, phase.grow_to)
         else:
             cfg = replace(phase.config(previous), threads=threads, bf16=bf16)
             log(f"chain: {phase.name} ({cfg.size.text_layers} decoder layers, Stage A {cfg.steps_a} steps, Stage B "
@@ -189,7 +189,7 @@ def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: 
     return Path(previous)
 
 
-def _grow(source: Path, folder: Path, layers: int, placement: str = "spread") -> None:
+def grow_saved(source: Path, folder: Path, layers: int, placement: str = "spread") -> None:
     """`folder` = the model at `source` with its decoder grown to `layers` layers (`grow.grow_decoder`'s
     `placement`; written atomically)."""
     from .builtin import resolve_model
