@@ -452,3 +452,17 @@ def test_plugin_accepts_the_2026_families(dirs_2026, family):
     assert [f["retained_tokens"] for f in fields] == [
         r.token_counts.to_dict()["vtprune"]["retained_tokens"] for r in alone
     ]
+
+
+def test_the_plugin_closes_the_process_group_it_leaves_open(tmp_path):
+    """The exit hook registered for multi-process runs destroys torch.distributed's default group, and is a no-op
+    when there is none (a second call, or a one-process run)."""
+    import torch.distributed as dist
+
+    from vtprune.eval.lmms.model import _destroy_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    _destroy_process_group()
+    assert not dist.is_initialized()
+    _destroy_process_group()  # nothing open: no error

@@ -33,6 +33,7 @@ adapter's default (`USER: <image>\\n{text} ASSISTANT:` for LLaVA); inputs are bu
 
 from __future__ import annotations
 
+import atexit
 import json
 import time
 
@@ -119,6 +120,7 @@ class VtpruneLMM(lmms):
         accelerator = Accelerator()
         if accelerator.num_processes > 1:
             self._device = accelerator.device
+            atexit.register(_destroy_process_group)  # the group Accelerator opened; lmms-eval never closes it
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.accelerator = accelerator
@@ -440,3 +442,13 @@ class VtpruneLMM(lmms):
             vtprune.remove(self._model)
         self.loaded.model = None  # let lmms-eval's clean free the weights (e.g. before an LLM judge)
         super().clean()
+
+
+def _destroy_process_group() -> None:
+    """Close torch.distributed's default group at exit, while the interpreter is alive: a gloo group left open can
+    abort a rank at shutdown ("terminate called without an active exception", exit -6; seen once in the two-process
+    lmms-eval test, and a known PyTorch behaviour when destroy_process_group is not called). Local, no collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
