@@ -199,7 +199,7 @@ def test_tau_sources_user_and_calibrated_without_warning(fresh_warnings):
             rec = _run(model, inputs, DCPPrune(DCPPruneConfig(calibration_key="builtin:shapes-llava")))
             assert rec.method_info["tau_source"] == "calibrated"
             assert rec.method_info["tau_kappa"] == cal.read_tau("builtin:shapes-llava")
-            assert (rec.method_info["recovery"], rec.method_info["context_cap"]) == ("mass", 0.35)
+            assert (rec.method_info["recovery"], rec.method_info["context_cap"]) == ("mass", 0.05)
     finally:
         _named(model, "")
 
@@ -311,10 +311,15 @@ def test_sweep_driver_smoke(tmp_path, capsys):
     assert main(["calibrate", *common, "--table", str(table), "--key", "tiny-v3"]) == 0
     assert cal.read_tau("tiny-v3", table) == json.loads((tmp_path / "calibrate.json").read_text())["tau_kappa"]
     assert json.loads(table.read_text())["values"]["tiny-v3"]["recovery"] == "mass"
-    assert main(["sweep", *common, "--per-type", "1", "--budgets", "16", "--caps", "0.15,0.5"]) == 0
+    sweep_args = ["--per-type", "1", "--budgets", "16", "--caps", "0.15,0.5", "--recoveries", "mass,none,uniform"]
+    assert main(["sweep", *common, *sweep_args, "--split", "calibration:20000"]) == 0
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [r["config"] for r in sweep["rows"]] == ["mass(λ=0.15)", "mass(λ=0.5)", "none", "uniform"]
     assert {r["split"] for r in sweep["rows"]} == {"calibration:20000"}
+    assert main(["sweep", *common, "--per-type", "1", "--budgets", "16", "--caps", "0.05"]) == 0  # the defaults
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["config"] for r in sweep["rows"]] == ["mass(λ=0.05)", "none"]
+    assert {r["split"] for r in sweep["rows"]} == {"calibration:20001"}
     assert all(r["n"] == 7 and 0 <= r["ci95"][0] <= r["accuracy"] <= r["ci95"][1] for r in sweep["rows"])
     assert main(["report", *common, "--per-type", "1", "--budgets", "32,16", "--seeds", "30000,30001"]) == 0
     rep = json.loads((tmp_path / "report.json").read_text())

@@ -19,6 +19,7 @@ from vtprune.errors import VtpruneError
 from vtprune.methods import ImageTokens, build_method, method_class
 from vtprune.methods.base import Stage
 from vtprune.methods.dcp_prune import (
+    DEFAULT_CONTEXT_CAP,
     FALLBACK_TAU,
     DCPPrune,
     DCPPruneConfig,
@@ -60,7 +61,7 @@ def _dcp(tau=None, **kw):
 # ------------------------------------------------------------------------------------- naive references
 
 
-def _naive_acgr(z, s, keys, pos, ka, temperature=0.1, edges=4, recovery="uniform", cap=0.35):
+def _naive_acgr(z, s, keys, pos, ka, temperature=0.1, edges=4, recovery="uniform", cap=DEFAULT_CONTEXT_CAP):
     """dcp_prune.md Step 1 with Python loops (float64): anchors, recovered, w, and the (K_a, N) coefficient
     matrix C with recovered = C @ z (row i: the weights of z_i and of its context tokens). recovery "uniform":
     the original rule; "mass": the amended rule written literally (anchor self-mass μ_i, capped weights W')."""
@@ -175,7 +176,7 @@ def test_registered_name_alias_stage_signals_options():
         "eps",
     ]
     c = DCPPruneConfig()
-    assert (c.recovery, c.context_cap) == ("mass", 0.35)
+    assert (c.recovery, c.context_cap) == ("mass", DEFAULT_CONTEXT_CAP) == ("mass", 0.05)
     assert (
         c.tau_kappa,
         c.calibration_key,

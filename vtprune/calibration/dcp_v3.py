@@ -34,9 +34,11 @@ from ..testbed.splits import Split, calibration_routine, calibration_split, held
 from .dcp import BUILTIN_PROMPT, BUILTIN_V3, BUILTIN_V3_KEY, calibrate_builtin, model_key, write_shipped_tau, write_tau
 
 DEFAULT_MODEL = "builtin:" + BUILTIN_V3
-SWEEP_CAPS = (0.15, 0.25, 0.35, 0.5)
+SWEEP_CAPS = (0.05, 0.1, 0.15, 0.25, 0.35)
 SWEEP_RECOVERIES = ("mass", "none", "uniform")
-SWEEP_BUDGETS = (64, 32, 16)
+SWEEP_BUDGETS = (192, 128, 64, 32, 16)
+#: the sweep's default questions: calibration seed 20001, not the τ_κ calibration's scenes of seed 20000
+SWEEP_SPLIT, SWEEP_PER_TYPE, SWEEP_DEFAULT_RECOVERIES = "calibration:20001", 100, ("mass", "none")
 REPORT_BUDGETS = (192, 128, 64, 32, 16)
 OUT = "vtprune-out/dcp_v3"
 #: What creates the v3 asset the commands default to (docs/testbed.md, "v3").
@@ -277,11 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--write", action="store_true", help="write the entry into the shipped vtprune/assets table")
     c.add_argument("--table", default=None, help="write the entry into this JSON table instead")
     s = sub.add_parser("sweep", parents=[common], help="λ_ctx × recovery on the calibration split")
-    s.add_argument("--per-type", type=int, default=30)
+    s.add_argument("--per-type", type=int, default=SWEEP_PER_TYPE)
     s.add_argument("--budgets", type=_ints, default=SWEEP_BUDGETS)
     s.add_argument("--caps", type=_floats, default=SWEEP_CAPS)
-    s.add_argument("--recoveries", type=_names, default=SWEEP_RECOVERIES)
-    s.add_argument("--split", default="calibration", help="calibration[:SEED] (the test split is refused)")
+    s.add_argument("--recoveries", type=_names, default=SWEEP_DEFAULT_RECOVERIES)
+    s.add_argument("--split", default=SWEEP_SPLIT, help="calibration[:SEED] (the test split is refused)")
     r = sub.add_parser("report", parents=[common], help="recovery vs anchors-only on the held-out test split")
     r.add_argument("--per-type", type=int, default=50)
     r.add_argument("--budgets", type=_ints, default=REPORT_BUDGETS)
