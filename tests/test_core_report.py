@@ -240,6 +240,20 @@ def test_regenerate_the_repository_docs(tmp_path, capsys):
     assert "| RCP, untrained pruner (own δ) | 92.0 [" in section and "| training seed 1 | training seed 2 |" in section
     assert "training seed 2: **not converged**" in section
     assert "trained RCP − untrained pruner: +15.0 points (intervals disjoint" in section
+    # cards with per-question outcomes against RCP (`vs_rcp`): the exact McNemar test, whichever way it goes
+    paired = _card(3, 0.93, 0.92)
+    paired["rows"]["rcp_untrained"]["vs_rcp"] = {"right_only_here": 2, "right_only_rcp": 5, "p": 0.45}
+    paired["rows"]["resprune"]["vs_rcp"] = {"right_only_here": 30, "right_only_rcp": 24, "p": 0.5}
+    paired["rows"]["divprune"]["vs_rcp"] = {"right_only_here": 13, "right_only_rcp": 10, "p": 0.01}  # p as given
+    (out / "rcp-card.json").write_text(json.dumps({"seeds": [3], "cards": [paired]}))
+    assert main(args + ["--dcp-report", str(dcp)]) == 0
+    section = docs.read_text().split(DOC_MARKERS[0])[1].split(DOC_MARKERS[1])[0]
+    assert "trained RCP − untrained pruner: +1.0 points (paired 5 / 2 right only with RCP / only with it, not " \
+           "significant, p = 0.45" in section  # fmt: skip
+    assert "trained RCP − ResPrune: -2.0 points (paired 24 / 30 right only with RCP / only with it, not " \
+           "significant" in section  # fmt: skip
+    assert "trained RCP − DivPrune: -1.0 points (paired 10 / 13 right only with RCP / only with it, RCP worse, " \
+           "p = 0.010" in section  # fmt: skip
     assert "| 16 | mass | 60.0 [" in section and "| +2 / −27 | worse (p < 0.001) |" in section
     assert main([str(tmp_path / "nothing")]) == 2 and "no compare.json" in capsys.readouterr().err
     assert main([str(out), "--kind", "rcp=sideways"]) == 2

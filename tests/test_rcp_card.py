@@ -56,7 +56,13 @@ def _check_card(out: Path, seed: int, n_layers: int) -> dict:
         assert sum(r["n"] for r in row["per_seed"].values()) == n and len(row["per_type"]) == 7
     rows = card["rows"]
     assert rows["full"]["n_bar"] == 576 and rows["resprune"]["n_bar"] == rows["divprune"]["n_bar"] == 64
-    assert rows["rcp"]["differs_from_rcp"] == 0
+    assert rows["rcp"]["differs_from_rcp"] == 0 and rows["rcp"]["vs_rcp"] == {
+        "right_only_here": 0, "right_only_rcp": 0, "p": 1.0
+    }  # fmt: skip
+    for name, row in rows.items():  # the paired counts agree with the accuracies on the same questions
+        v = row["vs_rcp"]
+        assert v["right_only_here"] - v["right_only_rcp"] == round((row["accuracy"] - rows["rcp"]["accuracy"]) * n)
+        assert v["right_only_here"] + v["right_only_rcp"] <= row["differs_from_rcp"] and 0 < v["p"] <= 1, name
     # the ablation checkpoints: adapter off = same pruners with a = 0; untrained = the run's initial plug-ins
     trained, cfg = load_plugins(out / f"seed-{seed}" / "rcp")
     off, off_cfg = load_plugins(out / f"seed-{seed}" / "adapter_off")

@@ -439,7 +439,8 @@ def _overlap(a: dict, b: dict) -> bool:
 
 def rcp_card_markdown(data: dict) -> str:
     """Every row of every training seed (never only the best), and per seed trained vs untrained / adapter off
-    (Wilson intervals compared: the card keeps no per-question outcomes) and RCP vs the pre-LLM rows."""
+    and RCP vs the pre-LLM rows: the exact McNemar test from the card's paired counts (`vs_rcp`), or, for cards
+    without them, the Wilson intervals compared."""
     cards = rcp_cards(data)
     names = list(dict.fromkeys(n for c in cards for n in c["rows"]))
     c0 = cards[0]
@@ -462,7 +463,15 @@ def rcp_card_markdown(data: dict) -> str:
                             ("resprune", "ResPrune"), ("divprune", "DivPrune")):
             if "rcp" in rows and other in rows and rows[other].get("wilson95") and rows["rcp"].get("wilson95"):
                 d = 100 * (rows["rcp"]["accuracy"] - rows[other]["accuracy"])
-                same = "intervals overlap" if _overlap(rows["rcp"], rows[other]) else "intervals disjoint"
+                paired = rows[other].get("vs_rcp")
+                if paired:  # cards since the twenty-third session: per-question outcomes against RCP
+                    pv = paired["p"]
+                    better = paired["right_only_rcp"] > paired["right_only_here"]
+                    verdict = "not significant" if pv >= ALPHA else ("RCP better" if better else "RCP worse")
+                    same = (f"paired {paired['right_only_rcp']} / {paired['right_only_here']} right only with RCP / "
+                            f"only with it, {verdict}, {fmt_p(pv)}")
+                else:
+                    same = "intervals overlap" if _overlap(rows["rcp"], rows[other]) else "intervals disjoint"
                 changed = rows[other].get("differs_from_rcp") if other.startswith("rcp_") else None
                 notes.append(f"trained RCP − {what}: {d:+.1f} points ({same}" +
                              (f"; {changed} predictions differ" if changed is not None else "") + ")")
