@@ -93,6 +93,8 @@ class RCP(PruningMethod):
                 "processed it (the spec's default, equal to the training route); use trim_earlier_caches=False"
             )
         self.checkpoint = c.checkpoint
+        #: how messages name the checkpoint: its directory, or "shipped for builtin:NAME" (no machine path)
+        self.checkpoint_label = c.checkpoint
         if c.checkpoint is not None:
             self._load(Path(c.checkpoint))
 
@@ -121,6 +123,7 @@ class RCP(PruningMethod):
                     "made by `vtprune train-rcp --out DIR` (rcp_plugins.safetensors + rcp_config.json)"
                 )
             self.checkpoint = str(shipped)
+            self.checkpoint_label = f"shipped for builtin:{shipped.name} (vtprune/assets/rcp/{shipped.name})"
             self._load(shipped)
         cfg = self.checkpoint_config
         want = {k: cfg.get(k) for k in ("model_class", "hidden_size", "num_layers")}
@@ -132,8 +135,8 @@ class RCP(PruningMethod):
                 f"checkpoint {names[k]} {want[k]}, this model {names[k]} {have[k]}" for k in want if have[k] != want[k]
             )
             raise UnsupportedModelError(
-                f"RCP checkpoint {self.checkpoint} was trained for {want['model_class']}, which differs from this "
-                f"model in {diff}; train RCP for this model with `vtprune train-rcp`"
+                f"RCP checkpoint {self.checkpoint_label} was trained for {want['model_class']}, which differs from "
+                f"this model in {diff}; train RCP for this model with `vtprune train-rcp`"
             )
 
     def stages(self) -> tuple[Stage, ...]:
@@ -161,7 +164,7 @@ class RCP(PruningMethod):
         trained = _round_half_up(self.budget_tokens)
         if mode != "layer_avg" or budget not in (mine, trained):
             raise BudgetError(
-                f"the RCP checkpoint {self.checkpoint} was trained for a layer-averaged budget of "
+                f"the RCP checkpoint {self.checkpoint_label} was trained for a layer-averaged budget of "
                 f"{self.budget_tokens:g} tokens (ρ = {self.rho:.4g}: {mine} of this image's {n} tokens), but the "
                 f"requested budget gives {budget} tokens ({mode}); pass the checkpoint's budget (e.g. {self.rho:.6g} "
                 "or its token count) or train a checkpoint for this budget"
@@ -182,7 +185,7 @@ class RCP(PruningMethod):
                 raise UnsupportedInputError("rcp: the first pruning layer must see all of the image's tokens")
             if feats.shape[1] != plugins.hidden_size:
                 raise UnsupportedModelError(
-                    f"RCP checkpoint {self.checkpoint} has hidden size {plugins.hidden_size}, the model's "
+                    f"RCP checkpoint {self.checkpoint_label} has hidden size {plugins.hidden_size}, the model's "
                     f"hidden states have {feats.shape[1]}"
                 )
             memo["rcp_c"] = torch.ones(image.n, device=device)
