@@ -413,8 +413,15 @@ def install(model_id: str, ckpt: Path, card: dict) -> Path:
         raise SystemExit(f"--install needs a builtin:NAME model, got {model_id}")
     dest = RCP_ASSETS / model_id[len(BUILTIN_PREFIX) :]
     dest.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        shutil.copyfile(ckpt / name, dest / name)
+    shutil.copyfile(ckpt / WEIGHTS_NAME, dest / WEIGHTS_NAME)
+    cfg = json.loads((ckpt / CONFIG_NAME).read_text())
+    if isinstance(cfg.get("training"), dict) and "data" in cfg["training"]:  # a path on the training machine
+        n = cfg["training"].get("n_train", 0) + cfg["training"].get("n_calibration", 0)
+        cfg["training"]["data"] = (
+            f"the v3 calibration split, {n} questions (vtprune.rcp.testbed_data.calibration_jsonl, "
+            "benchmarks/rcp_card_v3.py)"
+        )
+    (dest / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     text = (
         (ckpt / CARD_NAME).read_text()
         + f'\nShipped: training seed {card["seed"]}, one of the seeds of the RCP card in docs/methods.md ("RCP on '
