@@ -78,6 +78,36 @@ def test_copies_without_zeroed_outputs_would_change_the_function():
     assert not torch.allclose(_logits(grown, inputs), _logits(model, inputs))
 
 
+def test_copy_output_scale_gives_copies_a_fraction_of_their_sources_outputs(tmp_path):
+    """`copy_output_scale`: copies' o_proj / down_proj = scale × their source's (trained layers and every other
+    weight unchanged), so the function changes; 0 is the default, exact growth; out of [0, 1] is refused."""
+    from vtprune.cli import main
+    from vtprune.testbed.builtin import resolve_model
+    from vtprune.testbed.train import export
+
+    model = _model(2)
+    inputs = _inputs(model)
+    exact, scaled = grow_decoder(model, 6, "spread_next"), grow_decoder(model, 6, "spread_next", 0.1)
+    src = model.model.language_model.layers
+    for i, (s, trained) in enumerate(growth_plan(2, 6, "spread_next")):
+        for name, w in scaled.model.language_model.layers[i].state_dict().items():
+            source = src[s].state_dict()[name]
+            outputs = name.startswith(("self_attn.o_proj.", "mlp.down_proj."))
+            assert torch.equal(w, source * 0.1 if outputs and not trained else source), (i, name)
+    assert not torch.allclose(_logits(scaled, inputs), _logits(exact, inputs))
+    zero, want = grow_decoder(model, 6, "spread_next", 0.0).state_dict(), exact.state_dict()
+    assert zero.keys() == want.keys() and all(torch.equal(zero[k], v) for k, v in want.items())
+    with pytest.raises(ValueError, match=r"copy_output_scale must be in \[0, 1\], got 1.5"):
+        grow_decoder(model, 6, "spread", 1.5)
+    export(model, data_v3.build_processor(), tmp_path / "src", dtype=torch.float32)
+    args = ["testbed", "grow", str(tmp_path / "src"), "--layers", "4", "--placement", "spread_next"]
+    assert main([*args, "--copy-output-scale", "0.1", "--out", str(tmp_path / "g")]) == 0
+    grown, _ = resolve_model(tmp_path / "g")
+    assert torch.equal(_logits(grown, inputs), _logits(grow_decoder(model, 4, "spread_next", 0.1), inputs))
+    assert main([*args, "--copy-output-scale", "-1", "--out", str(tmp_path / "h")]) == 2
+    assert not (tmp_path / "h").exists()
+
+
 def test_new_layers_receive_gradients_and_move():
     model = _model(1)
     grown = grow_decoder(model, 3, "spread").train()

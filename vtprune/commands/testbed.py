@@ -211,6 +211,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help="where the trained layers go (spread: evenly, each copy of the trained layer before it; "
                         "spread_next: evenly, each copy of the trained layer after it; front: first); the rest are "
                         "zero-output copies")
+    g.add_argument("--copy-output-scale", type=float, default=0.0,
+                   help="the copies' output projections as this fraction of their source's, in [0, 1] (default 0: "
+                        "zero outputs, the same function; > 0 changes it, a start for training the copies)")
     g.add_argument("--out", required=True, help="new model directory (must not exist)")
     g.set_defaults(testbed_func=_grow)
 
@@ -403,12 +406,13 @@ def _grow(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} already exists (give a new directory)")
     model, processor = resolve_model(args.source)
     try:
-        grown = grow_decoder(model, args.layers, args.placement)
+        grown = grow_decoder(model, args.layers, args.placement, args.copy_output_scale)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
     export_atomic(grown, processor, out, dtype=next(model.parameters()).dtype)
     src_layers = model.config.text_config.num_hidden_layers
-    print(f"wrote {out}: decoder {src_layers} -> {args.layers} layers ({args.placement}), same outputs")
+    same = "same outputs" if args.copy_output_scale == 0 else f"copies' outputs × {args.copy_output_scale:g}"
+    print(f"wrote {out}: decoder {src_layers} -> {args.layers} layers ({args.placement}), {same}")
     return 0
 
 

@@ -10,6 +10,7 @@ Their inputs are those of a trained layer, so the first gradients on them are in
     grown = grow_decoder(model, layers=32)                  # trained layers at 0, 8, 16, 24 ("spread")
     grown = grow_decoder(model, layers=32, placement="spread_next")  # the same, copies of the next trained layer
     grown = grow_decoder(model, layers=32, placement="front")  # trained layers at 0..L-1
+    grown = grow_decoder(model, layers=32, copy_output_scale=0.05)  # copies add 5 % of their source's output
 
 Which trained layer a zero-output copy takes its weights from does not change the function, but it decides what the
 copy's attention looks like, which methods that rank tokens by a layer's attention read. Between two trained layers
@@ -58,12 +59,16 @@ def growth_plan(source_layers: int, layers: int, placement: str = "spread") -> l
 
 
 @torch.no_grad()
-def grow_decoder(model: LlavaForConditionalGeneration, layers: int,
-                 placement: str = "spread") -> LlavaForConditionalGeneration:
+def grow_decoder(model: LlavaForConditionalGeneration, layers: int, placement: str = "spread",
+                 copy_output_scale: float = 0.0) -> LlavaForConditionalGeneration:
     """A new `LlavaForConditionalGeneration` with a `layers`-deep decoder computing exactly what `model`
-    computes (same dtype; `model` is not modified). See `growth_plan` for where the trained layers go."""
+    computes (same dtype; `model` is not modified). See `growth_plan` for where the trained layers go.
+    `copy_output_scale` > 0: the copies' residual outputs are that fraction of their source's instead of zero, so
+    each copy adds a little from the start (the function changes; a start for training the copies at depth)."""
     if not isinstance(model, LlavaForConditionalGeneration):
         raise TypeError(f"grow_decoder needs a LlavaForConditionalGeneration, got {type(model).__name__}")
+    if not 0.0 <= copy_output_scale <= 1.0:
+        raise ValueError(f"copy_output_scale must be in [0, 1], got {copy_output_scale}")
     source_layers = model.config.text_config.num_hidden_layers
     plan = growth_plan(source_layers, layers, placement)
     config = copy.deepcopy(model.config)
@@ -82,8 +87,8 @@ def grow_decoder(model: LlavaForConditionalGeneration, layers: int,
             state[key] = value.clone()
     for i, (s, trained) in enumerate(plan):
         for name, value in by_layer[s].items():
-            zero = not trained and name.startswith(_RESIDUAL_OUTPUTS)
-            state[f"model.language_model.layers.{i}.{name}"] = torch.zeros_like(value) if zero else value.clone()
+            scaled = not trained and name.startswith(_RESIDUAL_OUTPUTS)  # zero (default) or a fraction
+            state[f"model.language_model.layers.{i}.{name}"] = value * copy_output_scale if scaled else value.clone()
     grown.load_state_dict(state, strict=True)
     grown.generation_config = copy.deepcopy(model.generation_config)
     return grown.eval()
