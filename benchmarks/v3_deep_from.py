@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vtprune.testbed import chain_v3
-from vtprune.testbed.grow import PLACEMENTS
+from vtprune.testbed.grow import PLACEMENTS, grow_saved
 from vtprune.testbed.train import train
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(a.out)
     grown = out / "grown"
     if not (grown / "config.json").exists():
-        chain_v3.grow_saved(Path(a.model), grown, chain_v3.DEEP_LAYERS, a.placement)
+        grow_saved(a.model, grown, chain_v3.DEEP_LAYERS, a.placement, replace=True)
     if (out / "deep" / "model" / "config.json").exists():
         print(f"{out / 'deep' / 'model'} exists")
         return

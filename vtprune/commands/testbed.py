@@ -394,9 +394,7 @@ def _export_state(args: argparse.Namespace) -> int:
 
 def _grow(args: argparse.Namespace) -> int:
     from vtprune.commands.common import UsageError, check_model
-    from vtprune.testbed.builtin import resolve_model
-    from vtprune.testbed.grow import grow_decoder
-    from vtprune.testbed.train import export_atomic
+    from vtprune.testbed.grow import grow_saved
 
     if args.source.startswith(("arch:", "tiny:")):
         raise UsageError(f"grow takes builtin:NAME or a model directory, got {args.source!r}")
@@ -404,13 +402,10 @@ def _grow(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists():
         raise UsageError(f"--out {out} already exists (give a new directory)")
-    model, processor = resolve_model(args.source)
     try:
-        grown = grow_decoder(model, args.layers, args.placement, args.copy_output_scale)
+        src_layers = grow_saved(args.source, out, args.layers, args.placement, args.copy_output_scale)
     except (TypeError, ValueError) as e:
         raise UsageError(str(e)) from None
-    export_atomic(grown, processor, out, dtype=next(model.parameters()).dtype)
-    src_layers = model.config.text_config.num_hidden_layers
     same = "same outputs" if args.copy_output_scale == 0 else f"copies' outputs × {args.copy_output_scale:g}"
     print(f"wrote {out}: decoder {src_layers} -> {args.layers} layers ({args.placement}), {same}")
     return 0

@@ -34,7 +34,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .train import TrainConfig, export_atomic, train
+from .grow import grow_saved
+from .train import TrainConfig, train
 from .train_v3 import V3_TRAINING_TYPES, v3_config
 
 #: every scored type, the hard ones twice, `upper` three times (ninth session's t3, from k12's list)
@@ -176,7 +177,7 @@ def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: 
         if done.exists():
             log(f"chain: {phase.name} done")
         elif phase.grow_to:
-            grow_saved(Path(previous), folder, phase.grow_to)
+            grow_saved(previous, folder, phase.grow_to, replace=True)  # replaces an interrupted try
         else:
             cfg = replace(phase.config(previous), threads=threads, bf16=bf16)
             log(f"chain: {phase.name} ({cfg.size.text_layers} decoder layers, Stage A {cfg.steps_a} steps, Stage B "
@@ -187,17 +188,6 @@ def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: 
         _mark_done(done)
         previous = str(folder if phase.grow_to else folder / "model")
     return Path(previous)
-
-
-def grow_saved(source: Path, folder: Path, layers: int, placement: str = "spread") -> None:
-    """`folder` = the model at `source` with its decoder grown to `layers` layers (`grow.grow_decoder`'s
-    `placement`; written atomically)."""
-    from .builtin import resolve_model
-    from .grow import grow_decoder
-
-    model, processor = resolve_model(str(source))
-    grown = grow_decoder(model, layers, placement)
-    export_atomic(grown, processor, folder, replace=True)  # replaces an interrupted try
 
 
 def _mark_done(done: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import re
+from pathlib import Path
 
 import torch
 from transformers import LlavaForConditionalGeneration
@@ -92,3 +93,17 @@ def grow_decoder(model: LlavaForConditionalGeneration, layers: int, placement: s
     grown.load_state_dict(state, strict=True)
     grown.generation_config = copy.deepcopy(model.generation_config)
     return grown.eval()
+
+
+def grow_saved(source: str | Path, folder: str | Path, layers: int, placement: str = "spread",
+               copy_output_scale: float = 0.0, replace: bool = False) -> int:
+    """`folder` = the model at `source` (builtin:NAME or a directory) with its decoder grown (`grow_decoder`), saved
+    in the loaded model's dtype and atomically (`replace`: an existing `folder` is replaced, e.g. an interrupted
+    try; else refused). -> the source's decoder depth."""
+    from .builtin import resolve_model
+    from .train import export_atomic
+
+    model, processor = resolve_model(str(source))
+    grown = grow_decoder(model, layers, placement, copy_output_scale)
+    export_atomic(grown, processor, folder, dtype=next(model.parameters()).dtype, replace=replace)
+    return model.config.text_config.num_hidden_layers
