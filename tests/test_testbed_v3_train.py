@@ -75,6 +75,17 @@ def test_v3_score_cli_reads_a_split(tmp_path, capsys):
     assert out["n"] == 7 and set(out["per_type"]) == set(json.loads(
         (tmp_path / "train_summary.json").read_text())["question_types"])
     assert main(["testbed", "score", "--model", str(tmp_path / "model"), "--split", "heldout"]) == 2
+    # --types: only those question types of the split; unknown types and --types without --split are refused
+    assert main(["testbed", "score", "--model", str(tmp_path / "model"), "--split", "calibration",
+                 "--per-type", "3", "--types", "count,leftof", "--records", str(tmp_path / "r.jsonl")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n"] == 6 and set(out["per_type"]) == {"count", "leftof"}
+    ids = [json.loads(line)["id"] for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert len(ids) == 6 and all(i.endswith(("-count", "-leftof")) for i in ids)
+    assert main(["testbed", "score", "--model", str(tmp_path / "model"), "--split", "calibration",
+                 "--types", "count,colours"]) == 2
+    assert "unknown question type colours (accepted: colour, shape" in capsys.readouterr().err
+    assert main(["testbed", "score", "--model", str(tmp_path / "model"), "--types", "count"]) == 2
 
 
 def test_v3_preset_model_is_a_deep_llava():

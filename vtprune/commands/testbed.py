@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `testbed` command (sub-commands export, train, chain, measure, grow, score) to a subparsers object
+    """Add the `testbed` command (sub-commands export, train, chain, measure, grow, soup, score) to a subparsers object
     whose parser class is `vtprune.cli.Parser`: its arguments are added when it is first used (their defaults
     import the testbed)."""
     from vtprune.commands.common import add_lazy_parser
@@ -217,6 +217,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, help="new model directory (must not exist)")
     g.set_defaults(testbed_func=_grow)
 
+    u = sub.add_parser("soup", help="average the weights of models fine-tuned from one parent (a model soup)")
+    u.add_argument("sources", nargs="+", help="two or more model directories (or builtin:NAME) of one architecture")
+    u.add_argument("--weights", default="", help="comma-separated non-negative weights, one per source (default: "
+                                                 "the uniform mean)")
+    u.add_argument("--out", required=True, help="new model directory (must not exist)")
+    u.set_defaults(testbed_func=_soup)
+
     x = sub.add_parser("export-state", help="write a training run's newest state (not its best watched model) as a "
                                             "model directory, e.g. to score or continue it")
     x.add_argument("run", help="the run's OUT directory (holds train_config.json and state/)")
@@ -232,6 +239,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                    help='a v3 split instead of the v2 held-out set: "test[:SEED]" (30000-30002), '
                         '"calibration[:SEED]" or "train[:SEED]" (questions of shapes-v3)')
     s.add_argument("--per-type", type=positive_int, default=50)
+    s.add_argument("--types", default="", help="with --split: only these question types, comma-separated (e.g. "
+                                               "count; default: all seven)")
     s.add_argument("--batch-size", type=positive_int, default=16)
     s.add_argument("--records", default=None, help="write per-sample records to this JSONL")
     s.set_defaults(testbed_func=_score)
@@ -411,6 +420,35 @@ def _grow(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soup(args: argparse.Namespace) -> int:
+    from vtprune.commands.common import UsageError, check_model
+    from vtprune.testbed.soup import soup_saved
+
+    if len(args.sources) < 2:
+        raise UsageError(f"soup needs at least two models, got {len(args.sources)}")
+    for source in args.sources:
+        if source.startswith(("arch:", "tiny:")):
+            raise UsageError(f"soup takes builtin:NAME or model directories, got {source!r}")
+        check_model(source)
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(x) for x in args.weights.split(",")]
+        except ValueError:
+            raise UsageError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
+        if len(weights) != len(args.sources):
+            raise UsageError(f"--weights needs one number per model ({len(args.sources)}), got {len(weights)}")
+    out = Path(args.out)
+    if out.exists():
+        raise UsageError(f"--out {out} already exists (give a new directory)")
+    try:
+        soup_saved(args.sources, out, weights)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {out}: the {'weighted' if weights else 'uniform'} mean of {len(args.sources)} models")
+    return 0
+
+
 def _score(args: argparse.Namespace) -> int:
     from vtprune.commands.common import UsageError, check_model, check_path
     from vtprune.eval.shapes import load_model
@@ -423,14 +461,21 @@ def _score(args: argparse.Namespace) -> int:
     answers = None
     if args.data and args.split:
         raise UsageError("give either --data or --split, not both")
+    if args.types and not args.split:
+        raise UsageError("--types chooses question types of a v3 split: give --split too")
     if args.data:
         samples, root = read_jsonl(args.data)
     elif args.split:
         from vtprune.testbed.data_v3 import balanced_samples
-        from vtprune.testbed.questions_v3 import answer_vocabulary
+        from vtprune.testbed.questions_v3 import QUESTION_TYPES, answer_vocabulary
         from vtprune.testbed.splits import parse_split
 
-        samples, root = balanced_samples(parse_split(args.split), args.per_type), None
+        types = tuple(t for t in args.types.split(",") if t) or None
+        unknown = sorted(set(types or ()) - set(QUESTION_TYPES))
+        if unknown:
+            raise UsageError(f"--types: unknown question type {', '.join(unknown)} (accepted: "
+                             f"{', '.join(QUESTION_TYPES)})")
+        samples, root = balanced_samples(parse_split(args.split), args.per_type, types), None
         answers = answer_vocabulary()
     else:
         samples, root = balanced_samples(args.seed, args.per_type, id_prefix="score"), None

@@ -28,6 +28,6 @@ def resolve_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32, 
 
 
 def load_builtin(name: str = DEFAULT_BUILTIN, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, processor) of a shipped checkpoint: the default one (`vtprune.shipped.DEFAULT_BUILTIN`, the v3
-    model) or a named one, e.g. `load_builtin("shapes-llava")` (the v2 model)."""
+    """(model, processor) of a shipped checkpoint: the default one (`vtprune.shipped.DEFAULT_BUILTIN`, the v2 model
+    until a v3 model meets issue 21's bar) or a named one, e.g. `load_builtin("shapes-v3-llava")` (the v3 preview)."""
     return resolve_model(BUILTIN_PREFIX + name, dtype=dtype, device=device)
