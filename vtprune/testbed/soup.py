@@ -34,9 +34,10 @@ def _architecture(model: LlavaForConditionalGeneration) -> dict:
 @torch.no_grad()
 def average_models(models: Sequence[LlavaForConditionalGeneration],
                    weights: Sequence[float] | None = None) -> LlavaForConditionalGeneration:
-    """A new model whose every parameter and buffer is the (weighted) mean of `models`' (float32 arithmetic, cast to
-    the first model's dtype); the inputs are not modified. `weights`: one non-negative number per model, normalised
-    to sum 1 (default: uniform). Raises ValueError unless there are at least two models of one architecture."""
+    """A new model (on the CPU) whose every parameter and buffer is the (weighted) mean of `models`' (float32
+    arithmetic, cast to the first model's dtype); the inputs are not modified. `weights`: one non-negative number per
+    model, normalised to sum 1 (default: uniform). Raises ValueError unless there are at least two models of one
+    architecture."""
     models = list(models)
     if len(models) < 2:
         raise ValueError(f"a soup needs at least two models, got {len(models)}")
