@@ -294,12 +294,12 @@ def run_seed(args: argparse.Namespace, log=print) -> dict:
 def add_paired(rows: dict[str, dict], answers: dict[str, str]) -> None:
     """Each row against the trained RCP row on the same questions: `differs_from_rcp` (predictions that differ),
     `vs_rcp` = {"right_only_here", "right_only_rcp", "p"} (two-sided exact McNemar test), in place."""
-    from vtprune.eval.significance import mcnemar_exact
+    from vtprune.eval.significance import bits_of, mcnemar_exact
 
     ids = sorted(answers)
 
     def bits(row: dict) -> str:
-        return "".join("1" if row["predictions"].get(i) == answers[i] else "0" for i in ids)
+        return bits_of(row["predictions"].get(i) == answers[i] for i in ids)
 
     ref = rows["rcp"]["predictions"]
     ref_bits = bits(rows["rcp"])

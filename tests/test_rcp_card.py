@@ -173,3 +173,15 @@ def test_trained_v3_rcp_beats_untrained_and_its_repair_acts(tmp_path):
 
     on, off_logits = answer_logits(V3_ASSET), answer_logits(off)
     assert float((on - off_logits).abs().mean()) > 1e-3, "the repair adapters do not change the answer logits"
+
+
+def test_add_paired_counts_discordant_questions_against_the_rcp_row():
+    """`vs_rcp`: questions only this row / only RCP answers right, and the exact McNemar p of those counts."""
+    answers = {f"q{i}": "yes" for i in range(12)}
+    rcp = {k: "yes" for k in answers}
+    other = dict(rcp, q0="no", q1="no", q2="no", q3="no", q4="no", q5="no", q6="no")  # 7 right only with RCP
+    rows = {"rcp": {"predictions": rcp}, "other": {"predictions": other}}
+    _driver().add_paired(rows, answers)
+    assert rows["other"]["vs_rcp"] == {"right_only_here": 0, "right_only_rcp": 7, "p": 2 / 2**7}
+    assert rows["other"]["differs_from_rcp"] == 7
+    assert rows["rcp"]["vs_rcp"] == {"right_only_here": 0, "right_only_rcp": 0, "p": 1.0}

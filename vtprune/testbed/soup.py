@@ -51,8 +51,9 @@ def average_models(models: Sequence[LlavaForConditionalGeneration],
     first = _architecture(models[0])
     states = [m.state_dict() for m in models]
     for i, (m, sd) in enumerate(zip(models[1:], states[1:], strict=True), start=1):
-        if _architecture(m) != first:
-            diff = sorted(k for k in set(first) | set(_architecture(m)) if first.get(k) != _architecture(m).get(k))
+        arch = _architecture(m)
+        if arch != first:
+            diff = sorted(k for k in set(first) | set(arch) if first.get(k) != arch.get(k))
             raise ValueError(f"model {i} has another architecture than model 0 (config differs in: {', '.join(diff)})")
         if sd.keys() != states[0].keys() or any(sd[k].shape != v.shape for k, v in states[0].items()):
             raise ValueError(f"model {i}'s weights do not match model 0's names and shapes")
