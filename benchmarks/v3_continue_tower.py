@@ -26,12 +26,8 @@ import argparse
 from dataclasses import replace
 
 from vtprune.testbed import chain_v3
+from vtprune.testbed.soup_rounds import tower_types
 from vtprune.testbed.train import train
-
-
-def tower_types(count_times: int) -> str:
-    """The chain's tower-phase type list (`chain_v3.TOWER_TYPES`) with count asked `count_times` times."""
-    return chain_v3.TOWER_TYPES.replace("+count+count+", "+" + "+".join(["count"] * count_times) + "+", 1)
 
 
 def main(argv: list[str] | None = None) -> None:

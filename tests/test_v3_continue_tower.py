@@ -54,3 +54,15 @@ def test_count_weight_and_seed_reach_the_config(monkeypatch):
     assert seen[0].count_mark == seen[1].count_mark == "centre"
     module.main(["OUT", "--init", "M", "--mark", "centre+top+left", "--heads", "4:0,4:1"])
     assert seen[2].count_mark == "centre+top+left" and seen[2].count_attention_heads == "4:0,4:1"
+
+
+def test_soup_rounds_branches_are_the_manual_continuations(monkeypatch):
+    """`vtprune testbed soup-rounds` trains each branch as the twenty-fourth session's u28-u33 were trained."""
+    from vtprune.testbed.soup_rounds import branch_config
+
+    module = _load()
+    seen = []
+    monkeypatch.setattr(module, "train", lambda out, cfg, **kw: seen.append(cfg))
+    module.main(["OUT", "--init", "M", "--centre", "--count-times", "4", "--spread", "7", "--seconds", "2400",
+                 "--seed", "14"])
+    assert seen == [branch_config("M", seed=14, seconds=2400)]

@@ -9,9 +9,9 @@ from pathlib import Path
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `testbed` command (sub-commands export, train, chain, measure, grow, soup, score) to a subparsers object
-    whose parser class is `vtprune.cli.Parser`: its arguments are added when it is first used (their defaults
-    import the testbed)."""
+    """Add the `testbed` command (sub-commands export, train, chain, measure, grow, soup, soup-rounds, score) to a
+    subparsers object whose parser class is `vtprune.cli.Parser`: its arguments are added when it is first used (their
+    defaults import the testbed)."""
     from vtprune.commands.common import add_lazy_parser
 
     return add_lazy_parser(subparsers, "testbed", _arguments, help="built-in offline benchmark (shapes-llava)")
@@ -224,6 +224,18 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--out", required=True, help="new model directory (must not exist)")
     u.set_defaults(testbed_func=_soup)
 
+    r = sub.add_parser("soup-rounds", help="rounds of a model soup in one resumable command: branches of a 4-layer "
+                                           "v3 model trained side by side (one thread each), then their mean")
+    r.add_argument("--init", required=True, help="the parent: a 4-layer v3 model directory (or builtin:NAME)")
+    r.add_argument("--out", required=True, help="rounds directory (re-run the same command to resume)")
+    r.add_argument("--rounds", type=positive_int, default=1)
+    r.add_argument("--branches", type=positive_int, default=2, help="branches per round (one process and CPU each)")
+    r.add_argument("--seconds", type=float, default=None, help="Stage-B seconds per branch (default 2400)")
+    r.add_argument("--seed", type=int, default=0,
+                   help="branch b of round r trains with seed SEED + (r - 1) * BRANCHES + b (fresh scenes each)")
+    r.add_argument("--tiny", action="store_true", help="a few steps per branch (smoke tests; a tiny chain's model)")
+    r.set_defaults(testbed_func=_soup_rounds)
+
     x = sub.add_parser("export-state", help="write a training run's newest state (not its best watched model) as a "
                                             "model directory, e.g. to score or continue it")
     x.add_argument("run", help="the run's OUT directory (holds train_config.json and state/)")
@@ -364,6 +376,27 @@ def _chain(args: argparse.Namespace) -> int:
                       bf16=_bf16(args.precision, args.device), device=args.device, vision_init=args.vision_init,
                       progress=not args.no_progress, after=args.after, from_model=args.from_model)  # fmt: skip
     print(f"chain done: {final}")
+    return 0
+
+
+def _soup_rounds(args: argparse.Namespace) -> int:
+    from vtprune.commands.common import UsageError, check_model
+    from vtprune.testbed.soup_rounds import BRANCH_SECONDS, run_soup_rounds
+
+    if args.init.startswith(("arch:", "tiny:")):
+        raise UsageError(f"--init takes builtin:NAME or a model directory, got {args.init!r}")
+    check_model(args.init)
+    init = args.init
+    if init.startswith("builtin:"):
+        from vtprune.testbed.builtin import builtin_path
+
+        init = str(builtin_path(init.removeprefix("builtin:")))
+    seconds = BRANCH_SECONDS if args.seconds is None else args.seconds
+    if not seconds > 0:
+        raise UsageError(f"--seconds must be > 0, got {seconds}")
+    final = run_soup_rounds(args.out, init, rounds=args.rounds, branches=args.branches, seconds=seconds,
+                            seed=args.seed, tiny=args.tiny)
+    print(f"soup-rounds done: {final}")
     return 0
 
 

@@ -1,0 +1,83 @@
+"""`vtprune testbed soup-rounds`: branches trained side by side in their own processes, the soup of the parent and
+its branches, the next round from that soup, the lineage written, and a re-run that only resumes (tiny sizes)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vtprune.testbed import data_v3
+from vtprune.testbed.builtin import resolve_model
+from vtprune.testbed.soup_rounds import BRANCH_LR, branch_config, run_soup_rounds, tower_types
+from vtprune.testbed.train import export
+from vtprune.testbed.train_v3 import TINY_V3
+
+
+def _save(folder, layers: int = 2, seed: int = 1):
+    model = data_v3.build_model(replace(TINY_V3, text_layers=layers), seed=seed).eval()
+    export(model, data_v3.build_processor(), folder, dtype=torch.float32)
+    return folder
+
+
+def test_soup_rounds_train_branches_average_them_and_resume(tmp_path):
+    init = _save(tmp_path / "init")
+    out = tmp_path / "rounds"
+    logs: list[str] = []
+    final = run_soup_rounds(out, str(init), rounds=2, branches=2, seed=5, tiny=True, log=logs.append)
+    assert final == out / "round2" / "soup"
+    configs = [json.loads((out / f"round{r}" / f"branch{b}" / "train_config.json").read_text())
+               for r in (1, 2) for b in (0, 1)]
+    assert [c["seed"] for c in configs] == [5, 6, 7, 8]  # fresh scenes for every branch
+    assert [c["init"] for c in configs] == [str(init)] * 2 + [str(out / "round1" / "soup")] * 2
+    assert all(c["threads"] == 1 and c["lr_b"] == c["tower_lr_b"] == BRANCH_LR for c in configs)
+    assert all(c["tower_count_target"] == "centre" and c["export_final"] for c in configs)
+
+    # round 1's soup is the mean of the parent and its two branches, weight by weight
+    parent = resolve_model(init)[0].state_dict()
+    branches = [resolve_model(out / "round1" / f"branch{b}" / "model")[0].state_dict() for b in (0, 1)]
+    soup = resolve_model(out / "round1" / "soup")[0].state_dict()
+    assert any(not torch.equal(branches[0][k], parent[k]) for k in parent)  # the branches trained
+    for k, v in soup.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (parent[k] + branches[0][k] + branches[1][k]) / 3, atol=1e-6), k
+
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert [e["run"] for e in lineage] == [str(out / f"round{r}" / n) for r in (1, 2)
+                                           for n in ("branch0", "branch1", "soup")]
+    assert all(e["steps"] > 0 for e in lineage if e["run"].rsplit("/", 1)[-1].startswith("branch"))
+    assert all("--seed 5" in e["command"] for e in lineage)
+    assert (out / "round1" / "branch0.log").read_text().strip()  # each branch logs to its own file
+
+    again: list[str] = []
+    assert run_soup_rounds(out, str(init), rounds=2, branches=2, seed=5, tiny=True, log=again.append) == final
+    assert again == [f"soup-rounds: round {r} {w}" for r in (1, 2)
+                     for w in ("branch 0 done", "branch 1 done", "soup done")]
+
+
+def test_branch_config_is_the_tower_phase_with_the_branch_changes():
+    cfg = branch_config("some/model", seed=3, seconds=600)
+    assert (cfg.init, cfg.seed, cfg.time_limit_b, cfg.threads, cfg.bf16) == ("some/model", 3, 600.0, 1, False)
+    assert cfg.centre_spread > 0 and cfg.size.text_layers == 4
+    assert cfg.type_schedule.count("count") == 4 == tower_types(4).count("count")
+    with pytest.raises(ValueError, match="count_times must be >= 1"):
+        tower_types(0)
+
+
+def test_soup_rounds_refuse_bad_requests_before_training(tmp_path):
+    from vtprune.cli import main
+
+    init = _save(tmp_path / "init")
+    deep = _save(tmp_path / "deep", layers=3)
+    with pytest.raises(ValueError, match="has 3 decoder layers; soup rounds continue a 2-layer"):
+        run_soup_rounds(tmp_path / "x", str(deep), tiny=True)
+    with pytest.raises(ValueError, match="rounds and branches must be >= 1"):
+        run_soup_rounds(tmp_path / "x", str(init), rounds=0, tiny=True)
+    with pytest.raises(ValueError, match="is not a model directory"):
+        run_soup_rounds(tmp_path / "x", str(tmp_path / "missing"), tiny=True)
+    for bad in (["--init", str(tmp_path / "missing")], ["--init", "tiny:llava"],
+                ["--init", str(init), "--seconds", "0"], ["--init", str(init), "--rounds", "0"]):
+        assert main(["testbed", "soup-rounds", "--out", str(tmp_path / "x"), *bad]) == 2, bad
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,166 @@
+"""Rounds of model soups as one resumable command: branches of one parent trained side by side, then their mean.
+
+    vtprune testbed soup-rounds --init benchmarks/checkpoints/shapes-v3-soup2 --out DIR [--rounds 2] \
+        [--branches 2] [--seconds 2400] [--seed 16]        # re-run the same command after any interruption
+
+Round r (1-based) starts from its parent: the `--init` model for round 1, round r - 1's soup after that.
+`branches` continuations of the parent (`branch_config`: the chain's tower phase with the changes of the
+twenty-first to twenty-fourth sessions' runs u25-u33) are trained at the same time, one process with one CPU thread
+each, in `DIR/round{r}/branch{b}` (training seed `seed + (r - 1) * branches + b`, so every branch reads other
+train-split scenes); then `DIR/round{r}/soup` is the uniform mean of the weights of the parent and its branches
+(`soup.soup_saved`, in the parent's dtype). On two cores two one-thread branches do 1.4x the work of one two-thread
+run, and their soup counted better than any member (docs/testbed.md, "v3 training: twenty-fourth session": the
+manual rounds this command repeats). `DIR/lineage.json` lists every branch and soup with its command, steps and
+seconds, in the form of `benchmarks/lineage/*.json`.
+
+Resumable: a finished branch has `BRANCH_DONE`, an interrupted one resumes from its own trainer state, a written
+soup is kept. The last round's soup is the result (`run_soup_rounds` returns its directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from . import chain_v3
+from .train import TrainConfig, train
+
+#: the branches' learning rate, decoder and tower alike (the chain's tower phase: 6e-4; nineteenth session's u15:
+#: 3e-4 from a trained model kept what it had and added to it)
+BRANCH_LR = 3e-4
+#: how often count is asked in the branches' type list (the chain: twice; u15 onwards: four times)
+BRANCH_COUNT_TIMES = 4
+#: the tower's centre targets spread over this many pixels (`TrainConfig.centre_spread`, twenty-first session)
+BRANCH_CENTRE_SPREAD = 7.0
+#: Stage-B seconds per branch (the learning rate anneals by it): u28-u33 ran 2,400 s each, two at a time
+BRANCH_SECONDS = 2400.0
+
+
+def tower_types(count_times: int) -> str:
+    """The chain's tower-phase type list (`chain_v3.TOWER_TYPES`) with count asked `count_times` times."""
+    if count_times < 1:
+        raise ValueError(f"count_times must be >= 1, got {count_times}")
+    return chain_v3.TOWER_TYPES.replace("+count+count+", "+" + "+".join(["count"] * count_times) + "+", 1)
+
+
+def branch_config(init: str, seed: int, seconds: float = BRANCH_SECONDS, tiny: bool = False) -> TrainConfig:
+    """One branch: `init` (a 4-layer v3 model; the tiny chain's 2-layer one with `tiny`) continued by the chain's
+    tower phase on one thread, fp32, with decoder and tower lr `BRANCH_LR`, the tower's centre count target spread
+    over `BRANCH_CENTRE_SPREAD` pixels, count asked `BRANCH_COUNT_TIMES` times, Stage B ended (and annealed) at
+    `seconds` (tiny: by its few steps), the final state exported."""
+    tower = {p.name: p for p in chain_v3.phases(seed=seed, tiny=tiny)}["tower"]
+    cfg = tower.config(init)
+    return replace(cfg, lr_b=BRANCH_LR, tower_lr_b=BRANCH_LR, type_schedule=tower_types(BRANCH_COUNT_TIMES),
+                   time_limit_b=0.0 if tiny else float(seconds), threads=1, procs=1, bf16=False,
+                   tower_count_target="centre", centre_spread=BRANCH_CENTRE_SPREAD, count_mark="centre",
+                   count_attention_heads="", count_attention_weight=1.0, centre_sum_weight=0.0,
+                   export_final=True)  # fmt: skip
+
+
+def _branch_worker(index: int, jobs: list[tuple[str, TrainConfig]]) -> None:
+    """Spawned process `index`: train its branch, its log lines appended to `<branch>.log`."""
+    folder, cfg = jobs[index]
+    with open(f"{folder}.log", "a", encoding="utf-8") as log_file:
+        def log(line: str) -> None:
+            log_file.write(line + "\n")
+            log_file.flush()
+
+        train(folder, cfg, log=log, progress=False)
+    _mark(Path(folder) / "BRANCH_DONE")
+
+
+def _mark(path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("done\n")
+    os.replace(tmp, path)
+
+
+def _steps(folder: Path) -> int:
+    summary = folder / "train_summary.json"
+    if not summary.exists():
+        return 0
+    history = json.loads(summary.read_text()).get("history", [])
+    return max((int(h.get("step", 0)) for h in history if str(h.get("stage", "")).startswith("B")), default=0)
+
+
+def _decoder_layers(model_dir: Path) -> int | None:
+    """The decoder depth in `model_dir/config.json` (None when it is not a Llava config)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+        return int(config["text_config"]["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: int = 2,
+                    seconds: float = BRANCH_SECONDS, seed: int = 0, tiny: bool = False,
+                    log: Callable[[str], None] = print) -> Path:
+    """Run (or resume) `rounds` soup rounds from `init` into `out` (module docstring); -> the last soup's
+    directory. Raises ValueError for rounds or branches < 1, seconds <= 0, or an init that is not a directory."""
+    if rounds < 1 or branches < 1:
+        raise ValueError(f"rounds and branches must be >= 1, got rounds={rounds}, branches={branches}")
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    if not Path(init).is_dir():
+        raise ValueError(f"init {init} is not a model directory (a 4-layer v3 model saved with save_pretrained)")
+    want = 2 if tiny else chain_v3.SMALL_LAYERS
+    layers = _decoder_layers(Path(init))
+    if layers != want:
+        raise ValueError(f"init {init} has {layers} decoder layers; soup rounds continue a {want}-layer v3 model (the "
+                         f"chain's tower phase, e.g. benchmarks/checkpoints/shapes-v3-soup2), grown afterwards")
+    import torch.multiprocessing as mp
+
+    from .soup import soup_saved
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()} {os.cpu_count()} CPU(s)"
+    lineage: list[dict] = []
+    parent = str(init)
+    for r in range(1, rounds + 1):
+        folder = out / f"round{r}"
+        folder.mkdir(exist_ok=True)
+        jobs = []
+        for b in range(branches):
+            branch = folder / f"branch{b}"
+            cfg = branch_config(parent, seed + (r - 1) * branches + b, seconds, tiny)
+            lineage.append({"run": str(branch), "what": f"round {r}: continuation of {parent} (seed {cfg.seed}), "
+                                                        f"one of {branches} branches trained side by side",
+                            "command": f"vtprune testbed soup-rounds --init {init} --out {out} --rounds {rounds} "
+                                       f"--branches {branches} --seconds {seconds:g} --seed {seed}",
+                            "seconds": cfg.time_limit_b, "threads": 1, "machine": machine})  # fmt: skip
+            if (branch / "BRANCH_DONE").exists():
+                log(f"soup-rounds: round {r} branch {b} done")
+            else:
+                jobs.append((str(branch), cfg))
+        if jobs:
+            log(f"soup-rounds: round {r}: training {len(jobs)} branch(es) from {parent}, one thread each")
+            mp.spawn(_branch_worker, args=(jobs,), nprocs=len(jobs), join=True)
+        for b in range(branches):
+            if not (folder / f"branch{b}" / "model").is_dir():
+                raise RuntimeError(f"soup-rounds: round {r} branch {b} ended without a model")
+        for entry in lineage[-branches:]:
+            entry["steps"] = _steps(Path(entry["run"]))
+        soup = folder / "soup"
+        if soup.is_dir():
+            log(f"soup-rounds: round {r} soup done")
+        else:
+            soup_saved([parent] + [str(folder / f"branch{b}" / "model") for b in range(branches)], soup)
+            log(f"soup-rounds: round {r}: soup of {parent} and {branches} branch(es) in {soup}")
+        lineage.append({"run": str(soup), "what": f"round {r}: the uniform mean of the weights of {parent} and its "
+                                                  f"{branches} branches, in the parent's dtype",
+                        "command": lineage[-1]["command"], "steps": 0, "seconds": 0, "threads": 1,
+                        "machine": machine})  # fmt: skip
+        _write_json(out / "lineage.json", lineage)
+        parent = str(soup)
+    return Path(parent)
