@@ -11,6 +11,7 @@ import torch
 
 from vtprune.testbed import data_v3
 from vtprune.testbed.builtin import resolve_model
+from vtprune.testbed.card import check_lineage
 from vtprune.testbed.soup_rounds import BRANCH_LR, branch_config, run_soup_rounds, tower_types
 from vtprune.testbed.train import export
 from vtprune.testbed.train_v3 import TINY_V3
@@ -48,7 +49,9 @@ def test_soup_rounds_train_branches_average_them_and_resume(tmp_path):
     assert [e["run"] for e in lineage] == [str(out / f"round{r}" / n) for r in (1, 2)
                                            for n in ("branch0", "branch1", "soup")]
     assert all(e["steps"] > 0 for e in lineage if e["run"].rsplit("/", 1)[-1].startswith("branch"))
+    assert all(e["seconds"] > 0 for e in lineage if e["run"].rsplit("/", 1)[-1].startswith("branch"))
     assert all("--seed 5" in e["command"] for e in lineage)
+    check_lineage(lineage)  # the form a model card's --lineage takes
     assert (out / "round1" / "branch0.log").read_text().strip()  # each branch logs to its own file
 
     again: list[str] = []

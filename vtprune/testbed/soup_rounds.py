@@ -79,12 +79,13 @@ def _mark(path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _steps(folder: Path) -> int:
-    summary = folder / "train_summary.json"
-    if not summary.exists():
-        return 0
-    history = json.loads(summary.read_text()).get("history", [])
-    return max((int(h.get("step", 0)) for h in history if str(h.get("stage", "")).startswith("B")), default=0)
+def _measured(folder: Path) -> dict:
+    """A finished branch's Stage-B steps, training seconds and machine, from its `train_summary.json`."""
+    summary = json.loads((folder / "train_summary.json").read_text())
+    history = summary.get("history", [])
+    steps = max((int(h.get("step", 0)) for h in history if str(h.get("stage", "")).startswith("B")), default=0)
+    return {"steps": steps, "seconds": round(float(summary.get("train_wall_s", 0.0)), 1),
+            "machine": str(summary.get("machine", ""))}
 
 
 def _decoder_layers(model_dir: Path) -> int | None:
@@ -138,7 +139,7 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
                                                         f"one of {branches} branches trained side by side",
                             "command": f"vtprune testbed soup-rounds --init {init} --out {out} --rounds {rounds} "
                                        f"--branches {branches} --seconds {seconds:g} --seed {seed}",
-                            "seconds": cfg.time_limit_b, "threads": 1, "machine": machine})  # fmt: skip
+                            "threads": 1})  # fmt: skip
             if (branch / "BRANCH_DONE").exists():
                 log(f"soup-rounds: round {r} branch {b} done")
             else:
@@ -150,7 +151,7 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
             if not (folder / f"branch{b}" / "model").is_dir():
                 raise RuntimeError(f"soup-rounds: round {r} branch {b} ended without a model")
         for entry in lineage[-branches:]:
-            entry["steps"] = _steps(Path(entry["run"]))
+            entry.update(_measured(Path(entry["run"])))
         soup = folder / "soup"
         if soup.is_dir():
             log(f"soup-rounds: round {r} soup done")
