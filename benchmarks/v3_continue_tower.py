@@ -17,7 +17,8 @@ centre+top+left --heads 4:0,4:1`), the weight of the summed-count term on the to
 (`TrainConfig.centre_sum_weight`, the chain: 0), and with `--count-at name`
 the count target at the counted phrase's last word in head 0 of the fetch layer (`chain_v3.FETCH_ATTENTION_LAYER`,
 the head that fetches named objects; the relay carries it to the answer; the chain: at the answer position in head 0
-of `chain_v3.COUNT_ATTENTION_LAYER`). Resumable: the same command continues `OUT`. fp32.
+of `chain_v3.COUNT_ATTENTION_LAYER`). `--ema DECAY` also exports the moving average of the
+weights (`TrainConfig.ema_decay`) as `OUT/model_ema`. Resumable: the same command continues `OUT`. fp32.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
                                                      "by '+', one per count head (--heads)")
     ap.add_argument("--sum-weight", type=float, default=0.0, help="TrainConfig.centre_sum_weight (needs --centre)")
     ap.add_argument("--count-at", choices=("answer", "name"), default="answer", help="TrainConfig.count_attention_at")
+    ap.add_argument("--ema", type=float, default=0.0, help="TrainConfig.ema_decay: also export the moving average of "
+                                                           "the weights as OUT/model_ema (0: off)")
     a = ap.parse_args(argv)
     if a.count_times < 1:
         raise SystemExit("--count-times must be >= 1")
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
                   threads=a.threads, bf16=False, count_attention_heads=a.heads, steps_b=a.steps or cfg.steps_b,
                   tower_count_target="centre" if a.centre else cfg.tower_count_target,
                   count_attention_weight=a.count_weight, centre_spread=a.spread, count_mark=a.mark,
-                  centre_sum_weight=a.sum_weight)  # fmt: skip
+                  centre_sum_weight=a.sum_weight, ema_decay=a.ema)  # fmt: skip
     if a.count_at == "name":
         cfg = replace(cfg, count_attention_at="name", count_attention_layer=chain_v3.FETCH_ATTENTION_LAYER)
     print(cfg)

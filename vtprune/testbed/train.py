@@ -81,6 +81,7 @@ from .questions import QUESTION_TYPES, TRAINING_TYPES
 from .scenes import COLOURS, SHAPES
 from .scenes_v3 import COUNT_MARKS
 from .tokenizer import vocabulary
+from .weight_ema import WeightEMA
 
 IMAGE_TOKEN_ID = vocabulary()["<image>"]
 NUM_PATCHES = 576
@@ -223,6 +224,9 @@ class TrainConfig:
     cls_lr: float = 0.05
     # Stage C: weight of a penalty on the patch features' drift (cls_saliency.tune_cls_embedding; 0 = none)
     cls_drift_weight: float = 0.0
+    # Stage B: decay of an exponential moving average of the model's weights (`weight_ema.py`), updated after every
+    # step from Stage B's start and exported beside the final model as `out/model_ema` (0 = off; needs export_final)
+    ema_decay: float = 0.0
     # Stage C before Stage B instead of after it, on the model Stage B starts from (needs tower_lr_b == 0: the
     # frozen tower keeps the tuned [CLS] attention, and Stage B's decoder adapts to the patch features Stage C
     # shifted; tuned after Stage B, those shifts cost a trained v3 model 0.05 of its accuracy, testbed docs,
@@ -825,6 +829,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
             f"{legacy_state} is a pickle checkpoint of an older vtprune, which is no longer loaded (unpickling can run "
             f"code); to start fresh, {fresh_hint}"
         )
+    if cfg.ema_decay and not (0.0 < cfg.ema_decay < 1.0 and cfg.export_final):
+        raise ValueError(f"ema_decay {cfg.ema_decay} needs export_final and a decay in (0, 1) (0: off)")
+    ema: WeightEMA | None = None  # Stage B's weight average, started when Stage B starts
     folder = cpt.latest(state_root, fresh_hint)
     if folder is not None:
         saved = cpt.load_state(folder, "state", device)
@@ -850,6 +857,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 opt_tower_share.load_state_dict(saved["opt_tower_share"])
             if saved.get("tower_place") is not None:  # absent in states written before tower_place_weight
                 tower_place.load_state_dict(saved["tower_place"])
+            if saved.get("ema") is not None and cfg.ema_decay > 0:  # absent before ema_decay and when it is off
+                ema = WeightEMA(model, cfg.ema_decay)
+                ema.load_state_dict(saved["ema"])
             st = saved["st"]
             st["stage"], st["step"] = str(st["stage"]), int(st["step"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
@@ -859,6 +869,7 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
         ended = st.get("target_reached") or (cfg.export_final and st.get("time_up"))
         if st["stage"] == "done" and st["step"] < cfg.steps_b and not ended:
             st["stage"] = "B"  # resumed with a longer Stage B
+            st["final_exported"] = False  # its end exports the final model again
             # a new best export needs Stage C again; run before Stage B (cls_before_b), it stays done
             st["cls_done"] = cfg.cls_before_b and st.get("cls_done", False)
         log(f"resumed: stage {st['stage']} step {st['step']}")
@@ -876,7 +887,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                  "readout": readout.state_dict(), "opt_readout": opt_readout.state_dict(),
                  "counter": counter.state_dict(), "opt_counter": opt_counter.state_dict(),
                  "opt_tower": opt_tower.state_dict(), "tower_share": tower_share.state_dict(),
-                 "opt_tower_share": opt_tower_share.state_dict(), "tower_place": tower_place.state_dict(), "st": st}
+                 "opt_tower_share": opt_tower_share.state_dict(), "tower_place": tower_place.state_dict(), "st": st,
+                 "ema": ema.state_dict() if ema is not None else None}
         cpt.write(state_root, serial, cpt.state_files("state", state))
 
     def stage_c(target, when: str) -> None:
@@ -985,6 +997,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
 
         task = bar.add_task("stage B", total=cfg.steps_b, completed=st["step"], info="") if bar else None
         b_start_wall = st.get("b_wall0", st["wall"])
+        if cfg.ema_decay > 0 and ema is None:
+            ema = WeightEMA(model, cfg.ema_decay)  # from the weights Stage B starts with
         st["b_wall0"] = b_start_wall
         while st["step"] < cfg.steps_b and st["stage"] == "B":
             t0 = time.time()
@@ -1152,6 +1166,8 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
                 opt_readout.step()
             if counting:
                 opt_counter.step()
+            if ema is not None:
+                ema.update()
             st["step"] += 1
             st["wall"] += time.time() - t0
             info = f"loss {loss.item():.3f} answer-acc {acc:.2f}" + (f" keep {keep}" if short else "")
@@ -1210,6 +1226,9 @@ def train(out: str | Path, config: TrainConfig | None = None, device: str = "cpu
     st["stage"] = "done" if st["step"] >= cfg.steps_b or (cfg.export_final and st.get("time_up")) else st["stage"]
     if cfg.export_final and st["stage"] == "done" and rank == 0 and not st.get("final_exported"):
         export(model, processor, out / "model")
+        if ema is not None:
+            export(ema.averaged_model(), processor, out / "model_ema")
+            log(f"exported the weight average (decay {cfg.ema_decay}) to {out / 'model_ema'}")
         st["final_exported"] = True
         log(f"exported the final model at step {st['step']}")
     save()
