@@ -60,6 +60,26 @@ def test_soup_rounds_train_branches_average_them_and_resume(tmp_path):
                      for w in ("branch 0 done", "branch 1 done", "soup done")]
 
 
+def test_soup_rounds_with_a_weight_average_soup_the_averages(tmp_path):
+    init = _save(tmp_path / "init")
+    out = tmp_path / "rounds"
+    final = run_soup_rounds(out, str(init), rounds=1, branches=2, seed=3, ema_decay=0.5, tiny=True,
+                            log=lambda m: None)
+    assert all(json.loads((out / "round1" / f"branch{b}" / "train_config.json").read_text())["ema_decay"] == 0.5
+               for b in (0, 1))
+    parent = resolve_model(init)[0].state_dict()
+    averages = [resolve_model(out / "round1" / f"branch{b}" / "model_ema")[0].state_dict() for b in (0, 1)]
+    finals = [resolve_model(out / "round1" / f"branch{b}" / "model")[0].state_dict() for b in (0, 1)]
+    assert any(not torch.equal(averages[0][k], finals[0][k]) for k in parent)  # the oracle can fail
+    soup = resolve_model(final)[0].state_dict()
+    for k, v in soup.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (parent[k] + averages[0][k] + averages[1][k]) / 3, atol=1e-6), k
+    assert all("--ema 0.5" in e["command"] for e in json.loads((out / "lineage.json").read_text()))
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        run_soup_rounds(tmp_path / "x", str(init), ema_decay=1.0, tiny=True)
+
+
 def test_branch_config_is_the_tower_phase_with_the_branch_changes():
     cfg = branch_config("some/model", seed=3, seconds=600)
     assert (cfg.init, cfg.seed, cfg.time_limit_b, cfg.threads, cfg.bf16) == ("some/model", 3, 600.0, 1, False)
@@ -81,6 +101,7 @@ def test_soup_rounds_refuse_bad_requests_before_training(tmp_path):
     with pytest.raises(ValueError, match="is not a model directory"):
         run_soup_rounds(tmp_path / "x", str(tmp_path / "missing"), tiny=True)
     for bad in (["--init", str(tmp_path / "missing")], ["--init", "tiny:llava"],
-                ["--init", str(init), "--seconds", "0"], ["--init", str(init), "--rounds", "0"]):
+                ["--init", str(init), "--seconds", "0"], ["--init", str(init), "--rounds", "0"],
+                ["--init", str(init), "--ema", "1"]):
         assert main(["testbed", "soup-rounds", "--out", str(tmp_path / "x"), *bad]) == 2, bad
     assert not (tmp_path / "x").exists()

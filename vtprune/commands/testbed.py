@@ -233,6 +233,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--seconds", type=float, default=None, help="Stage-B seconds per branch (default 2400)")
     r.add_argument("--seed", type=int, default=0,
                    help="branch b of round r trains with seed SEED + (r - 1) * BRANCHES + b (fresh scenes each)")
+    r.add_argument("--ema", type=float, default=0.0,
+                   help="keep the moving average of each branch's weights with this decay (e.g. 0.999) and soup those "
+                        "averages instead of the final weights (0: off)")
     r.add_argument("--tiny", action="store_true", help="a few steps per branch (smoke tests; a tiny chain's model)")
     r.set_defaults(testbed_func=_soup_rounds)
 
@@ -394,8 +397,10 @@ def _soup_rounds(args: argparse.Namespace) -> int:
     seconds = BRANCH_SECONDS if args.seconds is None else args.seconds
     if not seconds > 0:
         raise UsageError(f"--seconds must be > 0, got {seconds}")
+    if not 0.0 <= args.ema < 1.0:
+        raise UsageError(f"--ema must be in [0, 1) (0: off), got {args.ema}")
     final = run_soup_rounds(args.out, init, rounds=args.rounds, branches=args.branches, seconds=seconds,
-                            seed=args.seed, tiny=args.tiny)
+                            seed=args.seed, ema_decay=args.ema, tiny=args.tiny)
     print(f"soup-rounds done: {final}")
     return 0
 

@@ -47,18 +47,20 @@ def tower_types(count_times: int) -> str:
     return chain_v3.TOWER_TYPES.replace("+count+count+", "+" + "+".join(["count"] * count_times) + "+", 1)
 
 
-def branch_config(init: str, seed: int, seconds: float = BRANCH_SECONDS, tiny: bool = False) -> TrainConfig:
+def branch_config(init: str, seed: int, seconds: float = BRANCH_SECONDS, tiny: bool = False,
+                  ema_decay: float = 0.0) -> TrainConfig:
     """One branch: `init` (a 4-layer v3 model; the tiny chain's 2-layer one with `tiny`) continued by the chain's
     tower phase on one thread, fp32, with decoder and tower lr `BRANCH_LR`, the tower's centre count target spread
     over `BRANCH_CENTRE_SPREAD` pixels, count asked `BRANCH_COUNT_TIMES` times, Stage B ended (and annealed) at
-    `seconds` (tiny: by its few steps), the final state exported."""
+    `seconds` (tiny: by its few steps), the final state exported (and with `ema_decay` > 0 the moving average of its
+    weights, `TrainConfig.ema_decay`, as `model_ema`)."""
     tower = {p.name: p for p in chain_v3.phases(seed=seed, tiny=tiny)}["tower"]
     cfg = tower.config(init)
     return replace(cfg, lr_b=BRANCH_LR, tower_lr_b=BRANCH_LR, type_schedule=tower_types(BRANCH_COUNT_TIMES),
                    time_limit_b=0.0 if tiny else float(seconds), threads=1, procs=1, bf16=False,
                    tower_count_target="centre", centre_spread=BRANCH_CENTRE_SPREAD, count_mark="centre",
                    count_attention_heads="", count_attention_weight=1.0, centre_sum_weight=0.0,
-                   export_final=True)  # fmt: skip
+                   export_final=True, ema_decay=ema_decay)  # fmt: skip
 
 
 def _branch_worker(index: int, jobs: list[tuple[str, TrainConfig]]) -> None:
@@ -104,14 +106,18 @@ def _write_json(path: Path, value) -> None:
 
 
 def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: int = 2,
-                    seconds: float = BRANCH_SECONDS, seed: int = 0, tiny: bool = False,
+                    seconds: float = BRANCH_SECONDS, seed: int = 0, ema_decay: float = 0.0, tiny: bool = False,
                     log: Callable[[str], None] = print) -> Path:
     """Run (or resume) `rounds` soup rounds from `init` into `out` (module docstring); -> the last soup's
-    directory. Raises ValueError for rounds or branches < 1, seconds <= 0, or an init that is not a directory."""
+    directory. ema_decay > 0: each branch also keeps the moving average of its weights, and the soup takes those
+    averages (`branch/model_ema`) instead of the branches' final weights. Raises ValueError for rounds or branches
+    < 1, seconds <= 0, a decay outside [0, 1), or an init that is not a directory."""
     if rounds < 1 or branches < 1:
         raise ValueError(f"rounds and branches must be >= 1, got rounds={rounds}, branches={branches}")
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {ema_decay}")
     if not Path(init).is_dir():
         raise ValueError(f"init {init} is not a model directory (a 4-layer v3 model saved with save_pretrained)")
     want = 2 if tiny else chain_v3.SMALL_LAYERS
@@ -134,11 +140,12 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
         jobs = []
         for b in range(branches):
             branch = folder / f"branch{b}"
-            cfg = branch_config(parent, seed + (r - 1) * branches + b, seconds, tiny)
+            cfg = branch_config(parent, seed + (r - 1) * branches + b, seconds, tiny, ema_decay)
             lineage.append({"run": str(branch), "what": f"round {r}: continuation of {parent} (seed {cfg.seed}), "
                                                         f"one of {branches} branches trained side by side",
                             "command": f"vtprune testbed soup-rounds --init {init} --out {out} --rounds {rounds} "
-                                       f"--branches {branches} --seconds {seconds:g} --seed {seed}",
+                                       f"--branches {branches} --seconds {seconds:g} --seed {seed}"
+                                       + (f" --ema {ema_decay:g}" if ema_decay else ""),
                             "threads": 1})  # fmt: skip
             if (branch / "BRANCH_DONE").exists():
                 log(f"soup-rounds: round {r} branch {b} done")
@@ -147,19 +154,20 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
         if jobs:
             log(f"soup-rounds: round {r}: training {len(jobs)} branch(es) from {parent}, one thread each")
             mp.spawn(_branch_worker, args=(jobs,), nprocs=len(jobs), join=True)
+        member = "model_ema" if ema_decay else "model"
         for b in range(branches):
-            if not (folder / f"branch{b}" / "model").is_dir():
-                raise RuntimeError(f"soup-rounds: round {r} branch {b} ended without a model")
+            if not (folder / f"branch{b}" / member).is_dir():
+                raise RuntimeError(f"soup-rounds: round {r} branch {b} ended without {member}")
         for entry in lineage[-branches:]:
             entry.update(_measured(Path(entry["run"])))
         soup = folder / "soup"
         if soup.is_dir():
             log(f"soup-rounds: round {r} soup done")
         else:
-            soup_saved([parent] + [str(folder / f"branch{b}" / "model") for b in range(branches)], soup)
+            soup_saved([parent] + [str(folder / f"branch{b}" / member) for b in range(branches)], soup)
             log(f"soup-rounds: round {r}: soup of {parent} and {branches} branch(es) in {soup}")
         lineage.append({"run": str(soup), "what": f"round {r}: the uniform mean of the weights of {parent} and its "
-                                                  f"{branches} branches, in the parent's dtype",
+                                                  f"{branches} branches' {member}, in the parent's dtype",
                         "command": lineage[-1]["command"], "steps": 0, "seconds": 0, "threads": 1,
                         "machine": machine})  # fmt: skip
         _write_json(out / "lineage.json", lineage)
