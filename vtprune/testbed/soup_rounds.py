@@ -1,7 +1,7 @@
 """Rounds of model soups as one resumable command: branches of one parent trained side by side, then their mean.
 
     vtprune testbed soup-rounds --init benchmarks/checkpoints/shapes-v3-soup2 --out DIR [--rounds 2] \
-        [--branches 2] [--seconds 2400] [--seed 16]        # re-run the same command after any interruption
+        [--branches 2] [--seconds 2400] [--seed 16] [--ema 0.999]   # re-run the same command to resume
 
 Round r (1-based) starts from its parent: the `--init` model for round 1, round r - 1's soup after that.
 `branches` continuations of the parent (`branch_config`: the chain's tower phase with the changes of the
@@ -14,14 +14,16 @@ manual rounds this command repeats). `DIR/lineage.json` lists every branch and s
 seconds, in the form of `benchmarks/lineage/*.json`.
 
 Resumable: a finished branch has `BRANCH_DONE`, an interrupted one resumes from its own trainer state, a written
-soup is kept. The last round's soup is the result (`run_soup_rounds` returns its directory).
+soup is kept. The last round's soup is the result (`run_soup_rounds` returns its directory). With `--ema DECAY`
+each branch also keeps the moving average of its weights (`TrainConfig.ema_decay`) and the soup takes those
+averages (twenty-fifth session: the soup of two runs' averages counted 0.895 against 0.881 for the soup of their
+final weights, p = 0.035).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -131,7 +133,6 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.machine()} {os.cpu_count()} CPU(s)"
     lineage: list[dict] = []
     parent = str(init)
     for r in range(1, rounds + 1):
@@ -169,7 +170,7 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
         lineage.append({"run": str(soup), "what": f"round {r}: the uniform mean of the weights of {parent} and its "
                                                   f"{branches} branches' {member}, in the parent's dtype",
                         "command": lineage[-1]["command"], "steps": 0, "seconds": 0, "threads": 1,
-                        "machine": machine})  # fmt: skip
+                        "machine": lineage[-1]["machine"]})  # fmt: skip
         _write_json(out / "lineage.json", lineage)
         parent = str(soup)
     return Path(parent)
