@@ -318,3 +318,13 @@ def test_tau_writes_go_to_the_user_table_and_never_into_the_package(tmp_path, mo
     with pytest.raises(VtpruneError, match=r"tau_kappa must be a finite number >= 0, got -1"):
         cal.write_tau("my/model", -1, user)
     assert TAU_TABLE.read_bytes() == before
+
+
+def test_write_text_atomic_replaces_the_whole_file_and_leaves_no_temporary(tmp_path):
+    from vtprune.checkpointing import write_text_atomic
+
+    path = tmp_path / "marker"
+    write_text_atomic(path, "first\n")
+    write_text_atomic(path, "second\n")
+    assert path.read_text() == "second\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["marker"]

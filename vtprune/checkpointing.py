@@ -310,6 +310,14 @@ def state_files(name: str, obj: object) -> dict[str, Callable[[Path], None]]:
     }
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`path` holds `text` or its previous content, never a part: written to a temporary name, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def json_file(obj: object) -> Callable[[Path], None]:
     """Writer for `write`: strict JSON."""
     return lambda p: p.write_text(dumps_strict(obj, indent=2) + "\n")

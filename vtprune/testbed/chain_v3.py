@@ -29,11 +29,11 @@ hands over its final state.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..checkpointing import write_text_atomic
 from .grow import grow_saved
 from .train import TrainConfig, train
 from .train_v3 import V3_TRAINING_TYPES, v3_config
@@ -185,12 +185,6 @@ def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: 
             train(folder, cfg, device=device, log=log, progress=progress)
             if not (folder / "model").exists():
                 raise RuntimeError(f"chain: phase {phase.name} ended without a model in {folder / 'model'}")
-        _mark_done(done)
+        write_text_atomic(done, "done\n")
         previous = str(folder if phase.grow_to else folder / "model")
     return Path(previous)
-
-
-def _mark_done(done: Path) -> None:
-    tmp = done.with_name(done.name + ".tmp")
-    tmp.write_text("done\n")
-    os.replace(tmp, done)

@@ -23,11 +23,11 @@ final weights, p = 0.035).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from ..checkpointing import dumps_strict, write_text_atomic
 from . import chain_v3
 from .train import TrainConfig, train
 
@@ -74,13 +74,7 @@ def _branch_worker(index: int, jobs: list[tuple[str, TrainConfig]]) -> None:
             log_file.flush()
 
         train(folder, cfg, log=log, progress=False)
-    _mark(Path(folder) / "BRANCH_DONE")
-
-
-def _mark(path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("done\n")
-    os.replace(tmp, path)
+    write_text_atomic(Path(folder) / "BRANCH_DONE", "done\n")
 
 
 def _measured(folder: Path) -> dict:
@@ -99,12 +93,6 @@ def _decoder_layers(model_dir: Path) -> int | None:
         return int(config["text_config"]["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: int = 2,
@@ -171,6 +159,6 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
                                                   f"{branches} branches' {member}, in the parent's dtype",
                         "command": lineage[-1]["command"], "steps": 0, "seconds": 0, "threads": 1,
                         "machine": lineage[-1]["machine"]})  # fmt: skip
-        _write_json(out / "lineage.json", lineage)
+        write_text_atomic(out / "lineage.json", dumps_strict(lineage, indent=1) + "\n")
         parent = str(soup)
     return Path(parent)
