@@ -1,7 +1,7 @@
 """The default built-in model is named once (`vtprune.shipped.DEFAULT_BUILTIN`), ships with the package, and is
-used by `load_builtin`, the `eval` / `compare` defaults and `vtprune demo`; a missing built-in model is reported in
-one line naming the built-in models that exist and, when it has a recipe (the v3 model), the commands that create
-it."""
+used by `load_builtin`, the `eval` / `compare` / `run` / `show` / `calibrate-dcp` defaults and `vtprune demo`; a
+missing built-in model is reported in one line naming the built-in models that exist and, when it has a recipe (the
+v3 model), the commands that create it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ def test_the_default_is_shipped_and_used_everywhere():
     assert shipped.DEFAULT_BUILTIN in shipped.builtin_names()  # never a default the package cannot load
     assert inspect.signature(builtin.load_builtin).parameters["name"].default == shipped.DEFAULT_BUILTIN
     parser = build_parser()
-    for command in (["eval"], ["compare"]):
+    one_image = ["--image", "x.png", "--prompt", "what colour?"]
+    for command in (["eval"], ["compare"], ["run", *one_image], ["show", *one_image],
+                    ["calibrate-dcp", "--images", "d"]):
         assert parser.parse_args(command).model == "builtin:" + shipped.DEFAULT_BUILTIN, command
     assert parser.parse_args(["demo"]).model is None  # run_demo picks DEFAULT_BUILTIN (test_eval_cli, demo)
 

@@ -87,3 +87,20 @@ def test_soup_cli_writes_a_loadable_model_atomically(tmp_path):
                 [str(tmp_path / "a"), str(tmp_path / "missing"), "--out", str(tmp_path / "x")]):
         assert main(["testbed", "soup", *bad]) == 2, bad
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "deep", "s", "w"]
+
+
+def test_a_soup_is_stored_in_the_first_models_stored_dtype(tmp_path):
+    """The models are averaged in float32 and the soup is saved as the first model is stored (float16 here), not in
+    the float32 they were loaded in."""
+    from safetensors import safe_open
+
+    from vtprune.testbed.soup import soup_saved, stored_dtype
+    from vtprune.testbed.train import export
+
+    export(_model(1), data_v3.build_processor(), tmp_path / "a", dtype=torch.float16)
+    export(_model(2), data_v3.build_processor(), tmp_path / "b", dtype=torch.float32)
+    soup_saved([tmp_path / "a", tmp_path / "b"], tmp_path / "s")
+    soup_saved([tmp_path / "b", tmp_path / "a"], tmp_path / "t")
+    assert stored_dtype(tmp_path / "s") == torch.float16 and stored_dtype(tmp_path / "t") == torch.float32
+    with safe_open(str(tmp_path / "s" / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}

@@ -17,9 +17,9 @@ from vtprune.testbed.train import export
 from vtprune.testbed.train_v3 import TINY_V3
 
 
-def _save(folder, layers: int = 2, seed: int = 1):
+def _save(folder, layers: int = 2, seed: int = 1, dtype: torch.dtype = torch.float32):
     model = data_v3.build_model(replace(TINY_V3, text_layers=layers), seed=seed).eval()
-    export(model, data_v3.build_processor(), folder, dtype=torch.float32)
+    export(model, data_v3.build_processor(), folder, dtype=dtype)
     return folder
 
 
@@ -80,6 +80,41 @@ def test_soup_rounds_with_a_weight_average_soup_the_averages(tmp_path):
         run_soup_rounds(tmp_path / "x", str(init), ema_decay=1.0, tiny=True)
 
 
+def test_soup_rounds_after_stage_c_train_the_decoder_alone(tmp_path):
+    """--cls-drift: Stage C first (only the [CLS] embedding moves), then branches with a frozen tower, so the soup
+    keeps the tuned [CLS] embedding and the tower; the lineage starts with Stage C; a re-run only resumes. (float16,
+    as the shipped models and the branches' exports: float32 weights would differ by the branches' rounding.)"""
+    init = _save(tmp_path / "init", dtype=torch.float16)
+    out = tmp_path / "rounds"
+    final = run_soup_rounds(out, str(init), rounds=1, branches=2, seed=3, ema_decay=0.5, cls_drift=20.0, tiny=True,
+                            log=lambda m: None)
+    key = "model.vision_tower.embeddings.class_embedding"
+    parent = resolve_model(init)[0].state_dict()
+    tuned = resolve_model(out / "cls")[0].state_dict()
+    assert not torch.equal(tuned[key], parent[key])  # Stage C trained the [CLS] embedding ...
+    assert all(torch.equal(tuned[k], parent[k]) for k in parent if k != key)  # ... and nothing else
+    configs = [json.loads((out / "round1" / f"branch{b}" / "train_config.json").read_text()) for b in (0, 1)]
+    assert all(c["init"] == str(out / "cls") and c["tower_lr_b"] == 0.0 and c["lr_b"] == BRANCH_LR for c in configs)
+    soup = resolve_model(final)[0].state_dict()
+    tower = [k for k in parent if k.startswith("model.vision_tower.")]
+    assert all(torch.allclose(soup[k], tuned[k], atol=1e-6) for k in tower)  # the tower, [CLS] included, kept
+    assert any(not torch.allclose(soup[k], tuned[k]) for k in parent if k.startswith("model.language_model."))
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage[0]["run"] == str(out / "cls") and lineage[0]["steps"] == 1 and "feature-drift penalty 20" in \
+        lineage[0]["what"]
+    assert all("--cls-drift 20" in e["command"] for e in lineage)
+    assert lineage[0]["machine"].endswith("threads 1")  # Stage C ran on one thread, as the lineage says
+    check_lineage(lineage)
+    again: list[str] = []
+    assert run_soup_rounds(out, str(init), rounds=1, branches=2, seed=3, ema_decay=0.5, cls_drift=20.0, tiny=True,
+                           log=again.append) == final
+    assert again[0] == "soup-rounds: Stage C done"
+    with pytest.raises(ValueError, match="made with feature-drift penalty 20, not 50"):
+        run_soup_rounds(out, str(init), rounds=1, branches=2, seed=3, ema_decay=0.5, cls_drift=50.0, tiny=True)
+    with pytest.raises(ValueError, match="cls_drift must be >= 0"):
+        run_soup_rounds(tmp_path / "x", str(init), cls_drift=-1.0, tiny=True)
+
+
 def test_branch_config_is_the_tower_phase_with_the_branch_changes():
     cfg = branch_config("some/model", seed=3, seconds=600)
     assert (cfg.init, cfg.seed, cfg.time_limit_b, cfg.threads, cfg.bf16) == ("some/model", 3, 600.0, 1, False)
@@ -102,6 +137,6 @@ def test_soup_rounds_refuse_bad_requests_before_training(tmp_path):
         run_soup_rounds(tmp_path / "x", str(tmp_path / "missing"), tiny=True)
     for bad in (["--init", str(tmp_path / "missing")], ["--init", "tiny:llava"],
                 ["--init", str(init), "--seconds", "0"], ["--init", str(init), "--rounds", "0"],
-                ["--init", str(init), "--ema", "1"]):
+                ["--init", str(init), "--ema", "1"], ["--init", str(init), "--cls-drift", "-1"]):
         assert main(["testbed", "soup-rounds", "--out", str(tmp_path / "x"), *bad]) == 2, bad
     assert not (tmp_path / "x").exists()

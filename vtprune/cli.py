@@ -421,7 +421,7 @@ def _hard_subset(args: argparse.Namespace) -> int:
 
 
 def _add_one_image_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME, a model directory or arch:NAME")
+    p.add_argument("--model", default=default_model(), help="builtin:NAME, a model directory or arch:NAME")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument("--prompt", required=True, help="the question (wrapped in the model's chat template)")
     p.add_argument("--budget", type=budget_arg, default=64, help="tokens (an int) or a ratio (0.25, 1/9)")
@@ -507,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=f"{OUT_ROOT}/show.png", help="PNG path")
     s.set_defaults(func=_show, max_new_tokens=8)
     k = sub.add_parser("calibrate-dcp", help="DCP-Prune's trigger threshold τ_κ from a folder of images")
-    k.add_argument("--model", default="builtin:shapes-llava", help="builtin:NAME or a model directory")
+    k.add_argument("--model", default=default_model(), help="builtin:NAME or a model directory")
     k.add_argument("--images", required=True, help="folder of images (spec: COCO val2017, lowest ids first)")
     k.add_argument("--n", type=positive_int, default=256, help="images to use (first N by file name)")
     k.add_argument("--ratio", type=float, default=1 / 9, help="reference budget ratio ρ_ref (K = ρ·N)")

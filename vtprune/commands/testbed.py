@@ -236,6 +236,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ema", type=float, default=0.0,
                    help="keep the moving average of each branch's weights with this decay (e.g. 0.999) and soup those "
                         "averages instead of the final weights (0: off)")
+    r.add_argument("--cls-drift", type=float, default=0.0,
+                   help="first Stage C on --init with this feature-drift penalty (e.g. 50), then branches that train "
+                        "the decoder alone, adapting it to the tuned [CLS] embedding (0: off)")
     r.add_argument("--tiny", action="store_true", help="a few steps per branch (smoke tests; a tiny chain's model)")
     r.set_defaults(testbed_func=_soup_rounds)
 
@@ -399,8 +402,10 @@ def _soup_rounds(args: argparse.Namespace) -> int:
         raise UsageError(f"--seconds must be > 0, got {seconds}")
     if not 0.0 <= args.ema < 1.0:
         raise UsageError(f"--ema must be in [0, 1) (0: off), got {args.ema}")
+    if not args.cls_drift >= 0.0:
+        raise UsageError(f"--cls-drift must be >= 0 (0: no Stage C), got {args.cls_drift}")
     final = run_soup_rounds(args.out, init, rounds=args.rounds, branches=args.branches, seconds=seconds,
-                            seed=args.seed, ema_decay=args.ema, tiny=args.tiny)
+                            seed=args.seed, ema_decay=args.ema, cls_drift=args.cls_drift, tiny=args.tiny)
     print(f"soup-rounds done: {final}")
     return 0
 

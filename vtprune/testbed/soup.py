@@ -77,9 +77,9 @@ def average_models(models: Sequence[LlavaForConditionalGeneration],
 
 def soup_saved(sources: Sequence[str | Path], folder: str | Path, weights: Sequence[float] | None = None,
                replace: bool = False) -> None:
-    """`folder` = `average_models` of the models at `sources` (builtin:NAME or directories), saved in the first
-    model's dtype with its processor, atomically (`replace`: an existing `folder` is replaced, else refused). The
-    models must share one vocabulary (ValueError otherwise)."""
+    """`folder` = `average_models` of the models at `sources` (builtin:NAME or directories), saved in the dtype the
+    first model is stored in (`stored_dtype`) with its processor, atomically (`replace`: an existing `folder` is
+    replaced, else refused). The models must share one vocabulary (ValueError otherwise)."""
     from .builtin import resolve_model
     from .train import export_atomic
 
@@ -88,5 +88,20 @@ def soup_saved(sources: Sequence[str | Path], folder: str | Path, weights: Seque
     for s, (_, processor) in zip(sources[1:], loaded[1:], strict=True):
         if processor.tokenizer.get_vocab() != vocab:
             raise ValueError(f"{s} has another vocabulary than {sources[0]}; models of one soup share one tokenizer")
-    souped = average_models([m for m, _ in loaded], weights)
-    export_atomic(souped, loaded[0][1], folder, dtype=next(loaded[0][0].parameters()).dtype, replace=replace)
+    souped = average_models([m for m, _ in loaded], weights)  # loaded in float32: the mean in float32
+    export_atomic(souped, loaded[0][1], folder, dtype=stored_dtype(sources[0]), replace=replace)
+
+
+def stored_dtype(source: str | Path) -> torch.dtype:
+    """The dtype the weights of a saved model (builtin:NAME or a directory) are stored in (its first tensor's)."""
+    from safetensors import safe_open
+
+    from .builtin import BUILTIN_PREFIX, builtin_path
+
+    s = str(source)
+    folder = builtin_path(s[len(BUILTIN_PREFIX):]) if s.startswith(BUILTIN_PREFIX) else Path(s)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{source} holds no safetensors weights")
+    with safe_open(str(files[0]), "pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype

@@ -1,7 +1,7 @@
 """Rounds of model soups as one resumable command: branches of one parent trained side by side, then their mean.
 
     vtprune testbed soup-rounds --init benchmarks/checkpoints/shapes-v3-soup2 --out DIR [--rounds 2] \
-        [--branches 2] [--seconds 2400] [--seed 16] [--ema 0.999]   # re-run the same command to resume
+        [--branches 2] [--seconds 2400] [--seed 16] [--ema 0.999] [--cls-drift 50]   # re-run to resume
 
 Round r (1-based) starts from its parent: the `--init` model for round 1, round r - 1's soup after that.
 `branches` continuations of the parent (`branch_config`: the chain's tower phase with the changes of the
@@ -18,6 +18,13 @@ soup is kept. The last round's soup is the result (`run_soup_rounds` returns its
 each branch also keeps the moving average of its weights (`TrainConfig.ema_decay`) and the soup takes those
 averages (twenty-fifth session: the soup of two runs' averages counted 0.895 against 0.881 for the soup of their
 final weights, p = 0.035).
+
+With `--cls-drift W` the rounds adapt the decoder to Stage C instead: first `DIR/cls` is the `--init` model with
+its [CLS] embedding trained by Stage C (`stage_c_saved`: the chain's deep-phase settings, feature-drift penalty W),
+the parent of round 1, and every branch trains the decoder alone (`branch_config(frozen_tower=True)`), so the tuned
+[CLS] attention is kept and the decoder learns the patch features Stage C moved (twenty-sixth session: Stage C
+after training cost a 4-layer model about a point of counting; one decoder-only run after it recovered part).
+The result then needs no Stage C of its own when it is grown (`benchmarks/v3_deep_from.py --cls-steps 0`).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from pathlib import Path
 
 from ..checkpointing import dumps_strict, write_text_atomic
 from . import chain_v3
-from .train import TrainConfig, train
+from .train import TrainConfig, machine, train
 
 #: the branches' learning rate, decoder and tower alike (the chain's tower phase: 6e-4; nineteenth session's u15:
 #: 3e-4 from a trained model kept what it had and added to it)
@@ -50,19 +57,52 @@ def tower_types(count_times: int) -> str:
 
 
 def branch_config(init: str, seed: int, seconds: float = BRANCH_SECONDS, tiny: bool = False,
-                  ema_decay: float = 0.0) -> TrainConfig:
+                  ema_decay: float = 0.0, frozen_tower: bool = False) -> TrainConfig:
     """One branch: `init` (a 4-layer v3 model; the tiny chain's 2-layer one with `tiny`) continued by the chain's
     tower phase on one thread, fp32, with decoder and tower lr `BRANCH_LR`, the tower's centre count target spread
     over `BRANCH_CENTRE_SPREAD` pixels, count asked `BRANCH_COUNT_TIMES` times, Stage B ended (and annealed) at
     `seconds` (tiny: by its few steps), the final state exported (and with `ema_decay` > 0 the moving average of its
-    weights, `TrainConfig.ema_decay`, as `model_ema`)."""
+    weights, `TrainConfig.ema_decay`, as `model_ema`). frozen_tower: the vision tower (and its [CLS] embedding) is
+    not trained, nor are the training-only losses that read its features while it trains; the decoder is."""
     tower = {p.name: p for p in chain_v3.phases(seed=seed, tiny=tiny)}["tower"]
     cfg = tower.config(init)
-    return replace(cfg, lr_b=BRANCH_LR, tower_lr_b=BRANCH_LR, type_schedule=tower_types(BRANCH_COUNT_TIMES),
-                   time_limit_b=0.0 if tiny else float(seconds), threads=1, procs=1, bf16=False,
-                   tower_count_target="centre", centre_spread=BRANCH_CENTRE_SPREAD, count_mark="centre",
-                   count_attention_heads="", count_attention_weight=1.0, centre_sum_weight=0.0,
-                   export_final=True, ema_decay=ema_decay)  # fmt: skip
+    cfg = replace(cfg, lr_b=BRANCH_LR, tower_lr_b=BRANCH_LR, type_schedule=tower_types(BRANCH_COUNT_TIMES),
+                  time_limit_b=0.0 if tiny else float(seconds), threads=1, procs=1, bf16=False,
+                  tower_count_target="centre", centre_spread=BRANCH_CENTRE_SPREAD, count_mark="centre",
+                  count_attention_heads="", count_attention_weight=1.0, centre_sum_weight=0.0,
+                  export_final=True, ema_decay=ema_decay)  # fmt: skip
+    if frozen_tower:
+        cfg = replace(cfg, tower_lr_b=0.0, tower_share_weight=0.0, tower_place_weight=0.0)
+    return cfg
+
+
+def stage_c_saved(source: str | Path, dest: str | Path, drift: float, tiny: bool = False,
+                  log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
+    """`dest` = the model at `source` with its [CLS] embedding trained by Stage C
+    (`cls_saliency.tune_cls_embedding` with the chain's deep-phase steps, learning rate, scene and statistics seeds;
+    feature-drift penalty `drift`), every other weight untouched, saved atomically in `source`'s dtype (an existing
+    `dest` is replaced with `overwrite`, else refused). -> Stage C's statistics ("before", "after", "steps", "lr",
+    "wall_s") and "machine" (`train.machine()`, one thread)."""
+    import torch
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from .cls_saliency import tune_cls_embedding
+    from .data_v3 import dense_batch
+    from .train import export_atomic
+
+    deep = {p.name: p for p in chain_v3.phases(tiny=tiny)}["deep"].config(str(source))
+    model = LlavaForConditionalGeneration.from_pretrained(source, dtype="auto", local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+    dtype, threads = next(model.parameters()).dtype, torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread, as the branches (and the lineage says)
+    try:
+        stats = tune_cls_embedding(model, deep.cls_steps, deep.cls_lr, seed=deep.seed + 3, eval_seed=deep.eval_seed,
+                                   log=log, dense=dense_batch, drift_weight=drift)
+        stats["machine"] = machine()
+    finally:
+        torch.set_num_threads(threads)
+    export_atomic(model, processor, dest, dtype=dtype, replace=overwrite)
+    return stats
 
 
 def _branch_worker(index: int, jobs: list[tuple[str, TrainConfig]]) -> None:
@@ -96,18 +136,21 @@ def _decoder_layers(model_dir: Path) -> int | None:
 
 
 def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: int = 2,
-                    seconds: float = BRANCH_SECONDS, seed: int = 0, ema_decay: float = 0.0, tiny: bool = False,
-                    log: Callable[[str], None] = print) -> Path:
+                    seconds: float = BRANCH_SECONDS, seed: int = 0, ema_decay: float = 0.0, cls_drift: float = 0.0,
+                    tiny: bool = False, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) `rounds` soup rounds from `init` into `out` (module docstring); -> the last soup's
     directory. ema_decay > 0: each branch also keeps the moving average of its weights, and the soup takes those
-    averages (`branch/model_ema`) instead of the branches' final weights. Raises ValueError for rounds or branches
-    < 1, seconds <= 0, a decay outside [0, 1), or an init that is not a directory."""
+    averages (`branch/model_ema`) instead of the branches' final weights. cls_drift > 0: Stage C with that
+    feature-drift penalty first (`out/cls`), then branches with a frozen tower. Raises ValueError for rounds or
+    branches < 1, seconds <= 0, a decay outside [0, 1), a negative cls_drift, or an init that is not a directory."""
     if rounds < 1 or branches < 1:
         raise ValueError(f"rounds and branches must be >= 1, got rounds={rounds}, branches={branches}")
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {ema_decay}")
+    if not cls_drift >= 0.0:
+        raise ValueError(f"cls_drift must be >= 0 (0: no Stage C), got {cls_drift}")
     if not Path(init).is_dir():
         raise ValueError(f"init {init} is not a model directory (a 4-layer v3 model saved with save_pretrained)")
     want = 2 if tiny else chain_v3.SMALL_LAYERS
@@ -123,19 +166,39 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
     out.mkdir(parents=True, exist_ok=True)
     lineage: list[dict] = []
     parent = str(init)
+    command = (f"vtprune testbed soup-rounds --init {init} --out {out} --rounds {rounds} --branches {branches} "
+               f"--seconds {seconds:g} --seed {seed}" + (f" --ema {ema_decay:g}" if ema_decay else "")
+               + (f" --cls-drift {cls_drift:g}" if cls_drift else ""))
+    if cls_drift:
+        tuned, record = out / "cls", out / "cls_stage_c.json"
+        if tuned.is_dir() and record.is_file():
+            log("soup-rounds: Stage C done")
+            stats = json.loads(record.read_text())
+            if stats.get("drift", cls_drift) != cls_drift:
+                raise ValueError(f"{tuned} was made with feature-drift penalty {stats['drift']:g}, not {cls_drift:g}: "
+                                 f"resume with the same command or give a new --out")
+        else:
+            log(f"soup-rounds: Stage C on {init} (feature-drift penalty {cls_drift:g})")
+            stats = {**stage_c_saved(init, tuned, cls_drift, tiny, log=log, overwrite=True), "drift": cls_drift}
+            write_text_atomic(record, dumps_strict(stats, indent=1) + "\n")
+        lineage.append({"run": str(tuned), "what": f"Stage C on {init}: the [CLS] embedding alone, feature-drift "
+                                                   f"penalty {cls_drift:g} ([CLS] mass on informative patches "
+                                                   f"{stats['before']['mass']} -> {stats['after']['mass']})",
+                        "command": command, "steps": int(stats["steps"]), "seconds": float(stats["wall_s"]),
+                        "threads": 1, "machine": stats["machine"]})  # fmt: skip
+        parent = str(tuned)
     for r in range(1, rounds + 1):
         folder = out / f"round{r}"
         folder.mkdir(exist_ok=True)
         jobs = []
         for b in range(branches):
             branch = folder / f"branch{b}"
-            cfg = branch_config(parent, seed + (r - 1) * branches + b, seconds, tiny, ema_decay)
-            lineage.append({"run": str(branch), "what": f"round {r}: continuation of {parent} (seed {cfg.seed}), "
+            cfg = branch_config(parent, seed + (r - 1) * branches + b, seconds, tiny, ema_decay,
+                                frozen_tower=cls_drift > 0)
+            what = "continuation of the decoder alone" if cls_drift else "continuation"
+            lineage.append({"run": str(branch), "what": f"round {r}: {what} of {parent} (seed {cfg.seed}), "
                                                         f"one of {branches} branches trained side by side",
-                            "command": f"vtprune testbed soup-rounds --init {init} --out {out} --rounds {rounds} "
-                                       f"--branches {branches} --seconds {seconds:g} --seed {seed}"
-                                       + (f" --ema {ema_decay:g}" if ema_decay else ""),
-                            "threads": 1})  # fmt: skip
+                            "command": command, "threads": 1})  # fmt: skip
             if (branch / "BRANCH_DONE").exists():
                 log(f"soup-rounds: round {r} branch {b} done")
             else:
