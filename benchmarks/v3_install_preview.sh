@@ -7,14 +7,15 @@
 # it went through (the form of benchmarks/lineage/*.json, `card.check_lineage`); RUN: a work directory under runs/;
 # DRIFT: Stage C's feature-drift penalty (default 50, the twenty-sixth session's choice on the calibration split), or
 # "none": no Stage C (a MODEL whose [CLS] embedding was tuned before its decoder adapted: soup-rounds --cls-drift).
-# Steps (docs/testbed.md, twenty-second and twenty-third sessions; about 1 h 40 min on the 2-core machine, RCP's
-# three seeds most of it): growth to 32 layers ("spread_next") and Stage C; the model card (held-out test, 2,100
+# Steps (docs/testbed.md, twenty-second, twenty-third and twenty-sixth sessions; 70 min on the 2-core machine in the
+# twenty-sixth, RCP's three seeds most of it): growth to 32 layers ("spread_next") and Stage C; the model card (held-out test, 2,100
 # questions) with the lineage extended by the growth; DCP-Prune's tau_kappa (calibration split), its report and
 # sweep; RCP's three training seeds, their combined card and seed 42's checkpoint installed; the compare table at
 # 192 / 128 / 64 / 32 / 16 tokens; the generated sections of docs/testbed.md, docs/methods.md and the README.
 # Re-run the same command after an interruption: a finished step (RUN/done-STEP) is skipped, the RCP runs resume.
 # The hand-written numbers (README's v3 paragraph, benchmarks/checkpoints/README.md, the prose of docs/methods.md)
-# are not generated: check them against the new card afterwards. The default built-in model is not changed.
+# are not generated: check them against the new card afterwards, and update the card's notes
+# (benchmarks/lineage/shapes-v3-llava-notes.md) before the card step. The default built-in model is not changed.
 set -euo pipefail
 if [ $# -lt 3 ] || [ $# -gt 4 ]; then
     echo "usage: bash benchmarks/v3_install_preview.sh MODEL LINEAGE RUN [DRIFT]" >&2
@@ -49,7 +50,7 @@ then = ("no Stage C (the [CLS] embedding tuned before)" if drift == "none"
         else f"then Stage C: the [CLS] embedding alone, feature-drift penalty {drift} (no Stage-B steps)")
 summary = json.loads((run / "deep" / "train_summary.json").read_text())
 steps = max((h["step"] for h in summary["history"] if h["stage"] == "C"), default=0)
-lineage.append({"run": f"{run.name} grown + Stage C",
+lineage.append({"run": f"{run.name} grown" + ("" if drift == "none" else " + Stage C"),
                 "what": "decoder grown from 4 to 32 layers computing the same function (placement spread_next), "
                         + then,
                 "command": f"python benchmarks/v3_deep_from.py {model} {run} --placement spread_next {stage_c}",
