@@ -84,16 +84,17 @@ def stage_c_saved(source: str | Path, dest: str | Path, drift: float, tiny: bool
     `dest` is replaced with `overwrite`, else refused). -> Stage C's statistics ("before", "after", "steps", "lr",
     "wall_s") and "machine" (`train.machine()`, one thread)."""
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from .builtin import resolve_model
     from .cls_saliency import tune_cls_embedding
     from .data_v3 import dense_batch
+    from .soup import stored_dtype
     from .train import export_atomic
 
     deep = {p.name: p for p in chain_v3.phases(tiny=tiny)}["deep"].config(str(source))
-    model = LlavaForConditionalGeneration.from_pretrained(source, dtype="auto", local_files_only=True).eval()
-    processor = AutoProcessor.from_pretrained(source, local_files_only=True)
-    dtype, threads = next(model.parameters()).dtype, torch.get_num_threads()
+    dtype = stored_dtype(source)  # tuned and scored as it will be saved
+    model, processor = resolve_model(source, dtype=dtype)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread, as the branches (and the lineage says)
     try:
         stats = tune_cls_embedding(model, deep.cls_steps, deep.cls_lr, seed=deep.seed + 3, eval_seed=deep.eval_seed,
