@@ -113,7 +113,11 @@ def test_shipped_card_is_rendered_from_its_json():
     bare = {**card, "training": {**card["training"], "stage_a_final": None, "stage_c": None}}
     text = render_card(bare)
     assert "Stage A" in text and "not run in this run" in text
-    assert "Stage C ([CLS] attention) was not run" in text
+    assert "Stage C ([CLS] attention) was not run: the [CLS] embedding is untrained." in text
+    tuned_before = {"run": "r/cls", "what": "Stage C on M: the [CLS] embedding alone, feature-drift penalty 50",
+                    "steps": 100, "seconds": 42.0, "threads": 1, "machine": "m", "command": "c"}
+    text = render_card({**bare, "training": {**bare["training"], "lineage": [tuned_before], "lineage_seconds": 0}})
+    assert "an earlier run in the lineage above tuned the [CLS] embedding" in text and "is untrained" not in text
 
 
 def test_card_lists_a_lineage_and_the_intervals_of_a_v3_card():

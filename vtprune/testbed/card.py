@@ -187,9 +187,13 @@ def seconds_per_step(history: list[dict]) -> dict[str, float]:
     return out
 
 
-def render_stage_c(c: dict | None) -> str:
-    """One paragraph on Stage C ([CLS] attention), or a note that the run skipped it."""
+def render_stage_c(c: dict | None, lineage: list[dict] | None = None) -> str:
+    """One paragraph on Stage C ([CLS] attention), or a note that the run skipped it, saying whether an earlier run
+    of the lineage tuned the [CLS] embedding (its entry names "the [CLS] embedding alone")."""
     if c is None:
+        if any("[CLS] embedding alone" in x["what"] for x in lineage or []):
+            return ("Stage C ([CLS] attention) was not run in this run: an earlier run in the lineage above tuned the "
+                    "[CLS] embedding, and this run kept it.")
         return "Stage C ([CLS] attention) was not run: the [CLS] embedding is untrained."
     b, a = c["before"], c["after"]
     return (f"Stage C (the [CLS] embedding alone, {c['steps']} steps, lr {c['lr']}, {c['wall_s']:.0f} s; "
@@ -260,7 +264,7 @@ methods can be run and compared without downloading anything. It is **not** a ge
   linear head on the penultimate layer; the head is not shipped): {stage_a}
 {render_stage_b(tr)}
 
-{render_stage_c(tr.get('stage_c'))}
+{render_stage_c(tr.get('stage_c'), tr.get('lineage'))}
 
 <details><summary>Training config</summary>
 
