@@ -120,6 +120,9 @@ def test_branch_config_is_the_tower_phase_with_the_branch_changes():
     assert (cfg.init, cfg.seed, cfg.time_limit_b, cfg.threads, cfg.bf16) == ("some/model", 3, 600.0, 1, False)
     assert cfg.centre_spread > 0 and cfg.size.text_layers == 4
     assert cfg.type_schedule.count("count") == 4 == tower_types(4).count("count")
+    assert cfg.lr_b == cfg.tower_lr_b == BRANCH_LR
+    slow = branch_config("some/model", seed=3, lr=1e-4, frozen_tower=True)
+    assert (slow.lr_b, slow.tower_lr_b) == (1e-4, 0.0)
     with pytest.raises(ValueError, match="count_times must be >= 1"):
         tower_types(0)
 
@@ -135,8 +138,11 @@ def test_soup_rounds_refuse_bad_requests_before_training(tmp_path):
         run_soup_rounds(tmp_path / "x", str(init), rounds=0, tiny=True)
     with pytest.raises(ValueError, match="is not a model directory"):
         run_soup_rounds(tmp_path / "x", str(tmp_path / "missing"), tiny=True)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        run_soup_rounds(tmp_path / "x", str(init), lr=0.0, tiny=True)
     for bad in (["--init", str(tmp_path / "missing")], ["--init", "tiny:llava"],
                 ["--init", str(init), "--seconds", "0"], ["--init", str(init), "--rounds", "0"],
-                ["--init", str(init), "--ema", "1"], ["--init", str(init), "--cls-drift", "-1"]):
+                ["--init", str(init), "--ema", "1"], ["--init", str(init), "--cls-drift", "-1"],
+                ["--init", str(init), "--lr", "-1e-4"]):
         assert main(["testbed", "soup-rounds", "--out", str(tmp_path / "x"), *bad]) == 2, bad
     assert not (tmp_path / "x").exists()

@@ -239,6 +239,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--cls-drift", type=float, default=0.0,
                    help="first Stage C on --init with this feature-drift penalty (e.g. 50), then branches that train "
                         "the decoder alone, adapting it to the tuned [CLS] embedding (0: off)")
+    r.add_argument("--lr", type=float, default=None, help="the branches' peak learning rate (default 3e-4)")
     r.add_argument("--tiny", action="store_true", help="a few steps per branch (smoke tests; a tiny chain's model)")
     r.set_defaults(testbed_func=_soup_rounds)
 
@@ -387,7 +388,7 @@ def _chain(args: argparse.Namespace) -> int:
 
 def _soup_rounds(args: argparse.Namespace) -> int:
     from vtprune.commands.common import UsageError, check_model
-    from vtprune.testbed.soup_rounds import BRANCH_SECONDS, run_soup_rounds
+    from vtprune.testbed.soup_rounds import BRANCH_LR, BRANCH_SECONDS, run_soup_rounds
 
     if args.init.startswith(("arch:", "tiny:")):
         raise UsageError(f"--init takes builtin:NAME or a model directory, got {args.init!r}")
@@ -404,8 +405,11 @@ def _soup_rounds(args: argparse.Namespace) -> int:
         raise UsageError(f"--ema must be in [0, 1) (0: off), got {args.ema}")
     if not args.cls_drift >= 0.0:
         raise UsageError(f"--cls-drift must be >= 0 (0: no Stage C), got {args.cls_drift}")
+    lr = BRANCH_LR if args.lr is None else args.lr
+    if not lr > 0:
+        raise UsageError(f"--lr must be > 0 (the branches' peak learning rate; default {BRANCH_LR:g}), got {lr}")
     final = run_soup_rounds(args.out, init, rounds=args.rounds, branches=args.branches, seconds=seconds,
-                            seed=args.seed, ema_decay=args.ema, cls_drift=args.cls_drift, tiny=args.tiny)
+                            seed=args.seed, ema_decay=args.ema, cls_drift=args.cls_drift, lr=lr, tiny=args.tiny)
     print(f"soup-rounds done: {final}")
     return 0
 

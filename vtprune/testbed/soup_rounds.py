@@ -57,16 +57,17 @@ def tower_types(count_times: int) -> str:
 
 
 def branch_config(init: str, seed: int, seconds: float = BRANCH_SECONDS, tiny: bool = False,
-                  ema_decay: float = 0.0, frozen_tower: bool = False) -> TrainConfig:
+                  ema_decay: float = 0.0, frozen_tower: bool = False, lr: float = BRANCH_LR) -> TrainConfig:
     """One branch: `init` (a 4-layer v3 model; the tiny chain's 2-layer one with `tiny`) continued by the chain's
-    tower phase on one thread, fp32, with decoder and tower lr `BRANCH_LR`, the tower's centre count target spread
-    over `BRANCH_CENTRE_SPREAD` pixels, count asked `BRANCH_COUNT_TIMES` times, Stage B ended (and annealed) at
-    `seconds` (tiny: by its few steps), the final state exported (and with `ema_decay` > 0 the moving average of its
-    weights, `TrainConfig.ema_decay`, as `model_ema`). frozen_tower: the vision tower (and its [CLS] embedding) is
-    not trained, nor are the training-only losses that read its features while it trains; the decoder is."""
+    tower phase on one thread, fp32, with decoder and tower peak learning rate `lr` (default `BRANCH_LR`), the
+    tower's centre count target spread over `BRANCH_CENTRE_SPREAD` pixels, count asked `BRANCH_COUNT_TIMES` times,
+    Stage B ended (and annealed) at `seconds` (tiny: by its few steps), the final state exported (and with
+    `ema_decay` > 0 the moving average of its weights, `TrainConfig.ema_decay`, as `model_ema`). frozen_tower: the
+    vision tower (and its [CLS] embedding) is not trained, nor are the training-only losses that read its features
+    while it trains; the decoder is."""
     tower = {p.name: p for p in chain_v3.phases(seed=seed, tiny=tiny)}["tower"]
     cfg = tower.config(init)
-    cfg = replace(cfg, lr_b=BRANCH_LR, tower_lr_b=BRANCH_LR, type_schedule=tower_types(BRANCH_COUNT_TIMES),
+    cfg = replace(cfg, lr_b=lr, tower_lr_b=lr, type_schedule=tower_types(BRANCH_COUNT_TIMES),
                   time_limit_b=0.0 if tiny else float(seconds), threads=1, procs=1, bf16=False,
                   tower_count_target="centre", centre_spread=BRANCH_CENTRE_SPREAD, count_mark="centre",
                   count_attention_heads="", count_attention_weight=1.0, centre_sum_weight=0.0,
@@ -138,16 +139,19 @@ def _decoder_layers(model_dir: Path) -> int | None:
 
 def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: int = 2,
                     seconds: float = BRANCH_SECONDS, seed: int = 0, ema_decay: float = 0.0, cls_drift: float = 0.0,
-                    tiny: bool = False, log: Callable[[str], None] = print) -> Path:
+                    lr: float = BRANCH_LR, tiny: bool = False, log: Callable[[str], None] = print) -> Path:
     """Run (or resume) `rounds` soup rounds from `init` into `out` (module docstring); -> the last soup's
     directory. ema_decay > 0: each branch also keeps the moving average of its weights, and the soup takes those
     averages (`branch/model_ema`) instead of the branches' final weights. cls_drift > 0: Stage C with that
-    feature-drift penalty first (`out/cls`), then branches with a frozen tower. Raises ValueError for rounds or
-    branches < 1, seconds <= 0, a decay outside [0, 1), a negative cls_drift, or an init that is not a directory."""
+    feature-drift penalty first (`out/cls`), then branches with a frozen tower. lr: the branches' peak learning
+    rate. Raises ValueError for rounds or branches < 1, seconds <= 0 or lr <= 0, a decay outside [0, 1), a
+    negative cls_drift, or an init that is not a directory."""
     if rounds < 1 or branches < 1:
         raise ValueError(f"rounds and branches must be >= 1, got rounds={rounds}, branches={branches}")
     if not seconds > 0:
         raise ValueError(f"seconds must be > 0, got {seconds}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0 (the branches' peak learning rate; default {BRANCH_LR:g}), got {lr}")
     if not 0.0 <= ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1) (0: off), got {ema_decay}")
     if not cls_drift >= 0.0:
@@ -169,7 +173,7 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
     parent = str(init)
     command = (f"vtprune testbed soup-rounds --init {init} --out {out} --rounds {rounds} --branches {branches} "
                f"--seconds {seconds:g} --seed {seed}" + (f" --ema {ema_decay:g}" if ema_decay else "")
-               + (f" --cls-drift {cls_drift:g}" if cls_drift else ""))
+               + (f" --cls-drift {cls_drift:g}" if cls_drift else "") + (f" --lr {lr:g}" if lr != BRANCH_LR else ""))
     if cls_drift:
         tuned, record = out / "cls", out / "cls_stage_c.json"
         if tuned.is_dir() and record.is_file():
@@ -195,9 +199,10 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
         for b in range(branches):
             branch = folder / f"branch{b}"
             cfg = branch_config(parent, seed + (r - 1) * branches + b, seconds, tiny, ema_decay,
-                                frozen_tower=cls_drift > 0)
+                                frozen_tower=cls_drift > 0, lr=lr)
             what = "continuation of the decoder alone" if cls_drift else "continuation"
-            lineage.append({"run": str(branch), "what": f"round {r}: {what} of {parent} (seed {cfg.seed}), "
+            lineage.append({"run": str(branch), "what": f"round {r}: {what} of {parent} (seed {cfg.seed}, peak "
+                                                        f"learning rate {lr:g}), "
                                                         f"one of {branches} branches trained side by side",
                             "command": command, "threads": 1})  # fmt: skip
             if (branch / "BRANCH_DONE").exists():
