@@ -56,6 +56,8 @@ def test_soup_rounds_train_branches_average_them_and_resume(tmp_path):
 
     again: list[str] = []
     assert run_soup_rounds(out, str(init), rounds=2, branches=2, seed=5, tiny=True, log=again.append) == final
+    with pytest.raises(ValueError, match="peak learning rate 0.0003, not 0.001: resume with the same command"):
+        run_soup_rounds(out, str(init), rounds=2, branches=2, seed=5, lr=1e-3, tiny=True, log=lambda *_: None)
     assert again == [f"soup-rounds: round {r} {w}" for r in (1, 2)
                      for w in ("branch 0 done", "branch 1 done", "soup done")]
 

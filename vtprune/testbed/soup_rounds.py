@@ -14,10 +14,10 @@ manual rounds this command repeats). `DIR/lineage.json` lists every branch and s
 seconds, in the form of `benchmarks/lineage/*.json`.
 
 Resumable: a finished branch has `BRANCH_DONE`, an interrupted one resumes from its own trainer state, a written
-soup is kept. The last round's soup is the result (`run_soup_rounds` returns its directory). With `--ema DECAY`
-each branch also keeps the moving average of its weights (`TrainConfig.ema_decay`) and the soup takes those
-averages (twenty-fifth session: the soup of two runs' averages counted 0.895 against 0.881 for the soup of their
-final weights, p = 0.035).
+soup is kept; a resume with another `--lr` (or another `--cls-drift`) than the run's is refused. The last round's
+soup is the result (`run_soup_rounds` returns its directory). With `--ema DECAY` each branch also keeps the moving
+average of its weights (`TrainConfig.ema_decay`) and the soup takes those averages (twenty-fifth session: the soup
+of two runs' averages counted 0.895 against 0.881 for the soup of their final weights, p = 0.035).
 
 With `--cls-drift W` the rounds adapt the decoder to Stage C instead: first `DIR/cls` is the `--init` model with
 its [CLS] embedding trained by Stage C (`stage_c_saved`: the chain's deep-phase settings, feature-drift penalty W),
@@ -205,6 +205,11 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
                                                         f"learning rate {lr:g}), "
                                                         f"one of {branches} branches trained side by side",
                             "command": command, "threads": 1})  # fmt: skip
+            saved = branch / "train_config.json"
+            if saved.is_file() and json.loads(saved.read_text()).get("lr_b", cfg.lr_b) != cfg.lr_b:
+                raise ValueError(f"{branch} was trained with peak learning rate "
+                                 f"{json.loads(saved.read_text())['lr_b']:g}, not {cfg.lr_b:g}: resume with the same "
+                                 f"command or give a new --out")
             if (branch / "BRANCH_DONE").exists():
                 log(f"soup-rounds: round {r} branch {b} done")
             else:
