@@ -206,10 +206,10 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
                                                         f"one of {branches} branches trained side by side",
                             "command": command, "threads": 1})  # fmt: skip
             saved = branch / "train_config.json"
-            if saved.is_file() and json.loads(saved.read_text()).get("lr_b", cfg.lr_b) != cfg.lr_b:
-                raise ValueError(f"{branch} was trained with peak learning rate "
-                                 f"{json.loads(saved.read_text())['lr_b']:g}, not {cfg.lr_b:g}: resume with the same "
-                                 f"command or give a new --out")
+            trained_lr = json.loads(saved.read_text()).get("lr_b", cfg.lr_b) if saved.is_file() else cfg.lr_b
+            if trained_lr != cfg.lr_b:
+                raise ValueError(f"{branch} was trained with peak learning rate {trained_lr:g}, not {cfg.lr_b:g}: "
+                                 f"resume with the same command or give a new --out")
             if (branch / "BRANCH_DONE").exists():
                 log(f"soup-rounds: round {r} branch {b} done")
             else:
