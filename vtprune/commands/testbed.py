@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the `testbed` command (sub-commands export, train, chain, measure, grow, soup, soup-rounds, score) to a
+    """Add the `testbed` command (sub-commands export, train, chain, recipe, measure, grow, soup, soup-rounds,
+    score) to a
     subparsers object whose parser class is `vtprune.cli.Parser`: its arguments are added when it is first used (their
     defaults import the testbed)."""
     from vtprune.commands.common import add_lazy_parser
@@ -197,6 +198,22 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(testbed_func=_chain)
 
+    q = sub.add_parser("recipe", help="the path that reached the v3 accuracy bar in one resumable command: the "
+                                      "chain's small and tower phases, soup rounds, decoder-only rounds after Stage C, "
+                                      "growth to 32 layers (about 13 h on 2 CPU cores)")
+    q.add_argument("--out", required=True, help="recipe directory (re-run the same command to resume)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--rounds", type=positive_int, default=None, help="soup rounds with the tower trained (default 12)")
+    q.add_argument("--cls-rounds", type=int, default=None,
+                   help="decoder-only rounds after Stage C (default 2; 0: no Stage C)")
+    q.add_argument("--branches", type=positive_int, default=2, help="branches per round (one process and CPU each)")
+    q.add_argument("--seconds", type=float, default=None, help="Stage-B seconds per branch (default 2400)")
+    q.add_argument("--vision-init", default="",
+                   help="a model whose vision tower replaces Stage A (e.g. benchmarks/checkpoints/shapes-v3-wip)")
+    q.add_argument("--tiny", action="store_true", help="tiny model, a few steps per phase and branch (smoke tests)")
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(testbed_func=_recipe)
+
     m = sub.add_parser("measure", help="seconds per training step of each stage on this machine")
     m.add_argument("--preset", choices=("v2", "v3"), default="v3")
     m.add_argument("--steps", type=positive_int, default=3, help="timed steps per stage (after one warm-up)")
@@ -383,6 +400,26 @@ def _chain(args: argparse.Namespace) -> int:
                       bf16=_bf16(args.precision, args.device), device=args.device, vision_init=args.vision_init,
                       progress=not args.no_progress, after=args.after, from_model=args.from_model)  # fmt: skip
     print(f"chain done: {final}")
+    return 0
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    from vtprune.commands.common import UsageError, check_model
+    from vtprune.testbed.recipe_v3 import CLS_ROUNDS, ROUNDS, check_request, run_recipe
+    from vtprune.testbed.soup_rounds import BRANCH_SECONDS
+
+    if args.vision_init:
+        check_model(args.vision_init)
+    rounds = ROUNDS if args.rounds is None else args.rounds
+    cls_rounds = CLS_ROUNDS if args.cls_rounds is None else args.cls_rounds
+    seconds = BRANCH_SECONDS if args.seconds is None else args.seconds
+    try:
+        check_request(rounds, cls_rounds, args.branches, seconds)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    final = run_recipe(args.out, seed=args.seed, rounds=rounds, cls_rounds=cls_rounds, branches=args.branches,
+                       seconds=seconds, vision_init=args.vision_init, tiny=args.tiny, progress=not args.no_progress)
+    print(f"recipe done: {final / 'model'} (lineage: {Path(args.out) / 'lineage.json'})")
     return 0
 
 

@@ -151,10 +151,11 @@ def layer_image(layer: int, source_layers: int, layers: int) -> int:
 
 def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: bool = False, threads: int = 2,
               bf16: bool = False, device: str = "cpu", progress: bool = True, vision_init: str = "",
-              after: str = "", from_model: str = "", log: Callable[[str], None] = print) -> Path:
+              after: str = "", from_model: str = "", until: str = "", log: Callable[[str], None] = print) -> Path:
     """Run (or resume) every phase into `out` (`phases` for the arguments); -> the final model directory
     (`out/deep/model`). after / from_model: skip the phases up to and including `after` and hand `from_model` (what
-    that phase would have produced, e.g. a 4-layer model continued outside the chain for after="tower") to the next."""
+    that phase would have produced, e.g. a 4-layer model continued outside the chain for after="tower") to the next.
+    until: stop after that phase and return its model (e.g. "tower": the 4-layer model `recipe_v3` continues)."""
     chain = phases(seed, time_scale, tiny, vision_init)
     names = [phase.name for phase in chain]
     if bool(after) != bool(from_model):
@@ -164,6 +165,12 @@ def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: 
                          f"{', '.join(names[:-1])})")
     if from_model and not Path(from_model).is_dir():
         raise ValueError(f"from_model {from_model} is not a model directory")
+    if until and until not in names:
+        raise ValueError(f"until {until!r} is not a phase of the chain (accepted: {', '.join(names)})")
+    if until and after and names.index(until) <= names.index(after):
+        raise ValueError(f"until {until!r} must come after {after!r}")
+    if until:
+        chain = chain[:names.index(until) + 1]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     previous = ""
