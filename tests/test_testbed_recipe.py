@@ -57,6 +57,8 @@ def test_recipe_runs_every_stage_hands_over_and_resumes(tmp_path):
     assert run_recipe(out, seed=3, rounds=1, cls_rounds=1, tiny=True, progress=False, log=again.append) == final
     assert again[:2] == ["chain: small done", "chain: tower done"] and again[-1] == "recipe: final done"
     assert json.loads((out / "lineage.json").read_text()) == lineage
+    with pytest.raises(ValueError, match=r"was started with other arguments: rounds 1 \(now 2\); resume with the same"):
+        run_recipe(out, seed=3, rounds=2, cls_rounds=1, tiny=True, progress=False, log=lambda *_: None)
 
 
 def test_chain_until_stops_after_the_phase(tmp_path):

@@ -15,7 +15,7 @@
    `DIR/final` the run directory the model card reads (`python -m vtprune.testbed.card DIR/final --lineage
    DIR/lineage.json ...`).
 
-`DIR/lineage.json` lists every run with its command, steps, seconds, threads and machine (`card.check_lineage`).
+`DIR/recipe.json` records the arguments (a resume with others is refused); `DIR/lineage.json` lists every run with its command, steps, seconds, threads and machine (`card.check_lineage`).
 About 13 h on the 2-core machine with the defaults (twenty-ninth session's estimate from the lineage's wall times;
 not yet run end to end): far from issue 21's 3 hours, which no recipe found so far meets on two CPU cores. Every
 phase's length is a wall-clock limit (as in the lineage), so a loaded machine trains less: run it alone.
@@ -87,6 +87,19 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
     model in `out/final/model`). tiny: the smoke-test sizes (the tiny chain, a few steps per branch)."""
     check_request(rounds, cls_rounds, branches, seconds)
     out = Path(out)
+    request = {"seed": seed, "rounds": rounds, "cls_rounds": cls_rounds, "branches": branches, "seconds": seconds,
+               "vision_init": vision_init, "tiny": tiny}
+    recorded = out / "recipe.json"
+    if recorded.is_file():
+        started = json.loads(recorded.read_text())
+        if started != request:
+            changed = ", ".join(f"{k} {started.get(k)!r} (now {v!r})" for k, v in request.items()
+                                if started.get(k) != v)
+            raise ValueError(f"{out} was started with other arguments: {changed}; resume with the same command or "
+                             f"give a new --out")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(recorded, dumps_strict(request, indent=1) + "\n")
     command = (f"vtprune testbed recipe --out {out} --seed {seed} --rounds {rounds} --cls-rounds {cls_rounds} "
                f"--branches {branches} --seconds {seconds:g}"
                + (f" --vision-init {vision_init}" if vision_init else "") + (" --tiny" if tiny else ""))
