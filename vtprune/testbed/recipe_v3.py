@@ -8,17 +8,18 @@
 2. `DIR/rounds`: `rounds` soup rounds from it (`soup_rounds.run_soup_rounds`, the branches' configuration of
    u15-u33, moving averages of the weights): the lineage's six sequential continuations and eight rounds after the
    chain, run as two branches side by side (about 45 min a round with `seconds` = 2,400);
-3. `DIR/cls-rounds`: Stage C with feature-drift penalty `cls_drift`, then `cls_rounds` rounds training the decoder
-   alone at peak learning rate `cls_lr` (the twenty-sixth to twenty-eighth sessions' rounds 6-9);
-4. `DIR/final`: the result grown to {layers} layers computing the same function (placement "spread_next", no second
+3. `DIR/cls-rounds`: Stage C with feature-drift penalty `CLS_DRIFT`, then `cls_rounds` rounds training the decoder
+   alone at peak learning rate `CLS_LR` (the lineage's rounds 7 and 9, twenty-sixth and twenty-eighth sessions);
+4. `DIR/final`: the result grown to 32 layers computing the same function (placement "spread_next", no second
    Stage C: the preview's `benchmarks/v3_deep_from.py ... --cls-steps 0`); `DIR/final/model` is the model and
    `DIR/final` the run directory the model card reads (`python -m vtprune.testbed.card DIR/final --lineage
    DIR/lineage.json ...`).
 
-`DIR/recipe.json` records the arguments (a resume with others is refused); `DIR/lineage.json` lists every run with its command, steps, seconds, threads and machine (`card.check_lineage`).
-About 13 h on the 2-core machine with the defaults (twenty-ninth session's estimate from the lineage's wall times;
-not yet run end to end): far from issue 21's 3 hours, which no recipe found so far meets on two CPU cores. Every
-phase's length is a wall-clock limit (as in the lineage), so a loaded machine trains less: run it alone.
+`DIR/recipe.json` records the arguments (a resume with others is refused); `DIR/lineage.json` lists every run
+with its command, steps, seconds, threads and machine (`card.check_lineage`). About 13 h on the 2-core machine with
+the defaults (twenty-ninth session's estimate from the lineage's wall times; not yet run end to end): far from issue
+21's 3 hours, which no recipe found so far meets on two CPU cores. Every phase's length is a wall-clock limit (as in
+the lineage), so a loaded machine trains less: run it alone.
 """
 
 from __future__ import annotations
