@@ -10,9 +10,8 @@ from pathlib import Path
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the `testbed` command (sub-commands export, train, chain, recipe, measure, grow, soup, soup-rounds,
-    score) to a
-    subparsers object whose parser class is `vtprune.cli.Parser`: its arguments are added when it is first used (their
-    defaults import the testbed)."""
+    score) to a subparsers object whose parser class is `vtprune.cli.Parser`: its arguments are added when it is
+    first used (their defaults import the testbed)."""
     from vtprune.commands.common import add_lazy_parser
 
     return add_lazy_parser(subparsers, "testbed", _arguments, help="built-in offline benchmark (shapes-llava)")

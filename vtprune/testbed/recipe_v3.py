@@ -6,8 +6,8 @@
 1. `DIR/chain`: `vtprune testbed chain`'s first two phases (`small`, `tower`; `chain_v3.run_chain(until="tower")`),
    two threads: a 4-layer v3 model, about 0.88 (about 2.5 h with Stage A, 2 h with `--vision-init`);
 2. `DIR/rounds`: `rounds` soup rounds from it (`soup_rounds.run_soup_rounds`, the branches' configuration of
-   u15-u33, moving averages of the weights): the lineage's six sequential continuations and eight rounds after the
-   chain, run as two branches side by side (about 45 min a round with `seconds` = 2,400);
+   u15-u33, moving averages of the weights): the lineage's six sequential continuations and six rounds after the
+   chain's tower, run as two branches side by side (about 45 min a round with `seconds` = 2,400);
 3. `DIR/cls-rounds`: Stage C with feature-drift penalty `CLS_DRIFT`, then `cls_rounds` rounds training the decoder
    alone at peak learning rate `CLS_LR` (the lineage's rounds 7 and 9, twenty-sixth and twenty-eighth sessions);
 4. `DIR/final`: the result grown to 32 layers computing the same function (placement "spread_next", no second
