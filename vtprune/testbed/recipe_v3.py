@@ -33,7 +33,7 @@ from pathlib import Path
 from ..checkpointing import dumps_strict, write_text_atomic
 from . import chain_v3
 from .grow import grow_saved
-from .soup_rounds import BRANCH_SECONDS, run_soup_rounds
+from .soup_rounds import BRANCH_SECONDS, measured, run_soup_rounds
 from .train import train
 
 #: soup rounds with the tower trained (the lineage after the chain's tower: six sequential continuations, then six
@@ -69,16 +69,8 @@ def check_request(rounds: int, cls_rounds: int, branches: int, seconds: float) -
 
 
 def phase_entry(folder: Path, what: str, command: str, threads: int) -> dict:
-    """A lineage entry for a finished training run in `folder` from its `train_summary.json`: the steps of every
-    stage (the last step each stage logged, summed), the training seconds and the machine."""
-    summary = json.loads((folder / "train_summary.json").read_text())
-    last: dict[str, int] = {}
-    for h in summary.get("history", []):
-        stage = str(h.get("stage", "")).removesuffix("-eval")
-        last[stage] = max(last.get(stage, 0), int(h.get("step", 0)))
-    return {"run": str(folder), "what": what, "command": command, "steps": sum(last.values()),
-            "seconds": round(float(summary.get("train_wall_s", 0.0)), 1), "threads": threads,
-            "machine": str(summary.get("machine", ""))}
+    """A lineage entry for the finished training run in `folder` (`soup_rounds.measured`: steps, seconds, machine)."""
+    return {"run": str(folder), "what": what, "command": command, "threads": threads, **measured(folder)}
 
 
 def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_rounds: int = CLS_ROUNDS,

@@ -119,12 +119,15 @@ def _branch_worker(index: int, jobs: list[tuple[str, TrainConfig]]) -> None:
     write_text_atomic(Path(folder) / "BRANCH_DONE", "done\n")
 
 
-def _measured(folder: Path) -> dict:
-    """A finished branch's Stage-B steps, training seconds and machine, from its `train_summary.json`."""
+def measured(folder: Path) -> dict:
+    """A finished training run's steps (the last step each stage logged, its evaluations counted with it, summed
+    over the stages: a branch has only Stage B), training seconds and machine, from its `train_summary.json`."""
     summary = json.loads((folder / "train_summary.json").read_text())
-    history = summary.get("history", [])
-    steps = max((int(h.get("step", 0)) for h in history if str(h.get("stage", "")).startswith("B")), default=0)
-    return {"steps": steps, "seconds": round(float(summary.get("train_wall_s", 0.0)), 1),
+    last: dict[str, int] = {}
+    for h in summary.get("history", []):
+        stage = str(h.get("stage", "")).removesuffix("-eval")
+        last[stage] = max(last.get(stage, 0), int(h.get("step", 0)))
+    return {"steps": sum(last.values()), "seconds": round(float(summary.get("train_wall_s", 0.0)), 1),
             "machine": str(summary.get("machine", ""))}
 
 
@@ -222,7 +225,7 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
             if not (folder / f"branch{b}" / member).is_dir():
                 raise RuntimeError(f"soup-rounds: round {r} branch {b} ended without {member}")
         for entry in lineage[-branches:]:
-            entry.update(_measured(Path(entry["run"])))
+            entry.update(measured(Path(entry["run"])))
         soup = folder / "soup"
         if soup.is_dir():
             log(f"soup-rounds: round {r} soup done")
