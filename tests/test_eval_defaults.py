@@ -33,7 +33,7 @@ def test_a_missing_model_with_a_recipe_is_one_line_with_the_recipe(monkeypatch, 
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1
     assert "model not found: builtin:shapes-v3-llava (built-in models: shapes-llava;" in err[0]
-    assert "create it with: vtprune testbed chain --out" in err[0] and "vtprune.testbed.card" in err[0]
+    assert "create it with: vtprune testbed recipe --out" in err[0] and "vtprune.testbed.card" in err[0]
 
 
 def test_another_missing_builtin_lists_what_exists(monkeypatch, capsys):

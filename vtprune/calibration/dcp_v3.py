@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..methods.dcp_prune import DCPPrune, DCPPruneConfig, shipped_tau_kappa
+from ..shipped import BUILTIN_RECIPES
 from ..stats import wilson
 from ..testbed.data_v3 import balanced_samples
 from ..testbed.splits import Split, calibration_routine, calibration_split, heldout_splits, parse_split
@@ -42,8 +43,7 @@ SWEEP_SPLIT, SWEEP_PER_TYPE, SWEEP_DEFAULT_RECOVERIES = "calibration:20001", 100
 REPORT_BUDGETS = (192, 128, 64, 32, 16)
 OUT = "vtprune-out/dcp_v3"
 #: What creates the v3 asset the commands default to (docs/testbed.md, "v3").
-CREATE_V3 = ("vtprune testbed chain --out runs/v3, then python -m vtprune.testbed.card runs/v3/deep "
-             "--name shapes-v3-llava")
+CREATE_V3 = BUILTIN_RECIPES[BUILTIN_V3]
 
 
 def load_model(spec: str):
