@@ -405,13 +405,17 @@ def combine(out: Path) -> str:
 
 
 def install(model_id: str, ckpt: Path, card: dict) -> Path:
-    """Copy the checkpoint into vtprune/assets/rcp/NAME (for `builtin:NAME`) with its card and this seed's table."""
-    from vtprune.rcp.checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME
-    from vtprune.shipped import BUILTIN_PREFIX, RCP_ASSETS
+    """Copy the checkpoint into vtprune/assets/rcp/NAME (for `builtin:NAME`) with its card and this seed's table:
+    into NAME/ itself when that is empty or holds a checkpoint for the same budget, else into NAME/budgets/K/
+    (K: the budget in tokens; `vtprune.shipped.shipped_rcp_dirs`)."""
+    from vtprune.rcp.checkpoint import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, read_config
+    from vtprune.shipped import BUILTIN_PREFIX, RCP_ASSETS, RCP_BUDGETS
 
     if not model_id.startswith(BUILTIN_PREFIX):
         raise SystemExit(f"--install needs a builtin:NAME model, got {model_id}")
     dest = RCP_ASSETS / model_id[len(BUILTIN_PREFIX) :]
+    if (dest / WEIGHTS_NAME).exists() and round(read_config(dest)["budget"]) != round(card["budget"]):
+        dest = dest / RCP_BUDGETS / str(round(card["budget"]))
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ckpt / WEIGHTS_NAME, dest / WEIGHTS_NAME)
     cfg = json.loads((ckpt / CONFIG_NAME).read_text())

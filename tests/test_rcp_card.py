@@ -78,7 +78,7 @@ def _check_card(out: Path, seed: int, n_layers: int) -> dict:
     return card
 
 
-def test_driver_end_to_end_on_a_tiny_v3_model(tiny_v3, tmp_path):
+def test_driver_end_to_end_on_a_tiny_v3_model(tiny_v3, tmp_path, monkeypatch):
     drv = _driver()
     out = tmp_path / "card"
     lines: list[str] = []
@@ -99,6 +99,17 @@ def test_driver_end_to_end_on_a_tiny_v3_model(tiny_v3, tmp_path):
     assert (out / "card.md").exists() and json.loads((out / "card.json").read_text())["seeds"] == [3]
     with pytest.raises(SystemExit, match="unknown rows"):
         drv.parse(["--rows", "rcp,fastv"])
+
+    # --install: into rcp/NAME/ (again for the same budget), a second budget into rcp/NAME/budgets/K/
+    import vtprune.shipped as shipped
+
+    monkeypatch.setattr(shipped, "RCP_ASSETS", tmp_path / "assets")
+    ckpt = out / "seed-3" / "rcp"
+    first = drv.install("builtin:fake", ckpt, card)
+    assert first == tmp_path / "assets" / "fake" and load_plugins(first)[1]["budget"] == 64
+    assert drv.install("builtin:fake", ckpt, card) == first
+    assert drv.install("builtin:fake", ckpt, {**card, "budget": 128}) == first / shipped.RCP_BUDGETS / "128"
+    assert shipped.shipped_rcp_dirs("builtin:fake", "rcp_plugins.safetensors") == [first, first / "budgets" / "128"]
 
 
 @pytest.mark.slow

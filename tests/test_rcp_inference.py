@@ -230,3 +230,44 @@ def test_builtin_model_uses_its_shipped_checkpoint():
     # the message names the shipped checkpoint by the model, not by this machine's path (it lands in reports)
     assert "checkpoint shipped for builtin:shapes-llava (vtprune/assets/rcp/shapes-llava)" in str(err.value)
     assert str(SHIPPED) not in str(err.value)
+
+
+def test_a_builtin_model_gets_the_checkpoint_shipped_for_its_budget(ckpts, tmp_path, monkeypatch):
+    """A built-in model may ship one checkpoint per budget (`rcp/<NAME>/` and `rcp/<NAME>/budgets/<K>/`): `apply`
+    without `checkpoint` binds the one trained for the requested budget (its pruning layers differ), and a budget
+    none was trained for names every shipped one."""
+    import shutil
+
+    import vtprune.methods.rcp as rcp_method
+    import vtprune.shipped as shipped
+    from vtprune.models import adapter_for
+
+    f = family("llava")
+    model, inputs = f.models["sdpa"], f.batches[2]
+    n = adapter_for(model).nominal_visual_tokens()
+    root = tmp_path / "rcp"
+    shutil.copytree(ckpts("llava", 1 / 3)[1], root / "fake")  # the first one: ρ = 1/3
+    k9 = max(1, int(n / 9 + 0.5))
+    shutil.copytree(ckpts("llava", 1 / 9)[1], root / "fake" / shipped.RCP_BUDGETS / "64")
+    (root / "fake" / shipped.RCP_BUDGETS / "7").mkdir()  # no weights: not a checkpoint, ignored
+    monkeypatch.setattr(shipped, "RCP_ASSETS", root)
+    monkeypatch.setattr(rcp_method, "SHIPPED", root)
+    monkeypatch.setattr(model, "name_or_path", "builtin:fake")
+    assert shipped.shipped_rcp_dirs("builtin:fake", "rcp_plugins.safetensors") == [
+        root / "fake", root / "fake" / "budgets" / "64"]
+    assert shipped.shipped_rcp_dirs("some/model", "rcp_plugins.safetensors") == []
+    for budget, layers, where in ((1 / 3, (1, 3, 5), root / "fake"), (1 / 9, (0, 2, 5), root / "fake/budgets/64"),
+                                  (k9, (0, 2, 5), root / "fake/budgets/64")):
+        with vtprune.pruned(model, "rcp", budget) as m:
+            method = vtprune.session_of(m).method
+            assert method.checkpoint == str(where)
+            assert method.placement.pruning_layers == layers
+            assert method.shipped_budgets == [64, 192]
+            with torch.no_grad():
+                m(**inputs)
+            assert all(s.layer_avg_tokens < n for s in vtprune.last_run(m).samples)
+    assert "budgets/64" in method.checkpoint_label and str(root) not in method.checkpoint_label
+    with pytest.raises(BudgetError, match=r"trained for a layer-averaged budget of 192 .*shipped checkpoints for "
+                                          r"64, 192 tokens"):
+        vtprune.apply(model, "rcp", 2)
+    assert "_vtprune" not in model.__dict__

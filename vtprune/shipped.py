@@ -5,7 +5,8 @@ the testbed. This module imports nothing of vtprune, so any layer may use it.
 
 Layout of `vtprune/assets/`:
     <NAME>/config.json ...        a built-in model, loaded as `builtin:NAME`
-    rcp/<NAME>/                   RCP plug-ins trained for `builtin:NAME`
+    rcp/<NAME>/                   RCP plug-ins trained for `builtin:NAME` (the first budget trained)
+    rcp/<NAME>/budgets/<K>/       further RCP plug-ins for it, trained for a layer-averaged budget of K tokens
     dcp_tau.json                  DCP-Prune τ_κ per model key
     published/, arch/             reference tables (validity instrument, FLOPs geometry)
 """
@@ -30,6 +31,8 @@ BUILTIN_RECIPES = {
 }
 #: RCP plug-ins shipped for built-in models: `assets/rcp/<NAME>/` for `builtin:NAME`
 RCP_ASSETS = ASSETS / "rcp"
+#: under `assets/rcp/<NAME>/`: one folder per further budget, `budgets/<K>/` for K layer-averaged tokens
+RCP_BUDGETS = "budgets"
 
 
 def builtin_names() -> list[str]:
@@ -68,3 +71,14 @@ def shipped_rcp_dir(model_name: str | None, weights_name: str) -> Path | None:
         return None
     path = RCP_ASSETS / key[len(BUILTIN_PREFIX):]
     return path if (path / weights_name).exists() else None
+
+
+def shipped_rcp_dirs(model_name: str | None, weights_name: str) -> list[Path]:
+    """Every RCP checkpoint directory shipped for a built-in model: `rcp/<NAME>/` first (when it holds weights),
+    then `rcp/<NAME>/budgets/<K>/` by increasing K; [] for a model that is not built in."""
+    first = shipped_rcp_dir(model_name, weights_name)
+    if model_name is None or not builtin_key(model_name).startswith(BUILTIN_PREFIX):
+        return []
+    root = RCP_ASSETS / builtin_key(model_name)[len(BUILTIN_PREFIX):] / RCP_BUDGETS
+    more = [p for p in root.iterdir() if p.name.isdigit() and (p / weights_name).exists()] if root.is_dir() else []
+    return ([first] if first else []) + sorted(more, key=lambda p: int(p.name))

@@ -20,8 +20,8 @@ from .errors import (
 
 # `vtprune.errors` (imported by `import vtprune`) lives here, so the torch-dependent parts load on first access
 _SUBMODULE = {name: "method" for name in (
-    "ImageTokens", "KeepPlan", "MethodConfig", "PruningMethod", "Stage", "StageKind", "one_cut_keep", "option",
-    "stable_topk",
+    "BudgetRequest", "ImageTokens", "KeepPlan", "MethodConfig", "PruningMethod", "Stage", "StageKind", "one_cut_keep",
+    "option", "stable_topk",
 )} | {name: "signals" for name in ("LLM_SIGNALS", "TEXT_SIGNALS", "VIEW_SIGNALS", "VISION_SIGNALS")}
 
 
@@ -37,6 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BudgetError",
+    "BudgetRequest",
     "CheckpointError",
     "ImageTokens",
     "KeepPlan",

@@ -248,6 +248,16 @@ def _out_of_range(value: float, meta: dict) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class BudgetRequest:
+    """The budget `vtprune.apply` was given, resolved for a model whose images have a fixed visual-token count
+    (set on the method by the engine before `bind`), e.g. to pick trained weights made for that budget."""
+
+    tokens: int  # the budget in tokens for `visual` tokens (64 for a ratio 1/9 of 576)
+    visual: int  # visual tokens per image of the attached model (576 for LLaVA-1.5)
+    mode: str  # "layer_avg" | "retained"
+
+
 @dataclass
 class MethodConfig:
     """Base class of the typed per-method option dataclasses.
@@ -324,6 +334,9 @@ class PruningMethod(ABC):
         #: {"model_class", "hidden_size", "num_layers"} of the attached model (set by the engine before `bind`;
         #: None before), e.g. to check that trained weights fit the model without importing any model code.
         self.model_signature: dict | None = None
+        #: the requested budget for the attached model's fixed visual-token count (set by the engine before
+        #: `bind`; None before, and for models whose count varies per image), e.g. to pick a shipped checkpoint.
+        self.budget_request: BudgetRequest | None = None
 
     def bind(self, num_layers: int) -> None:
         """Called once by the engine before `stages()`: methods whose layers depend on the model depth

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import hf_compat as hf
 from ..budget import Budget
-from ..contract.method import PruningMethod, Stage
+from ..contract.method import BudgetRequest, PruningMethod, Stage
 from ..errors import UnsupportedInputError
 from ..measurement.flops import LLMDims
 from ..models.base import ModelAdapter
@@ -82,7 +82,7 @@ class PruningSession:
         self.model, self.adapter, self.method = model, adapter, method
         self.budget, self.positions = budget, positions
         _refuse_input_transform(model, adapter, method)
-        _describe_model(method, model, adapter)
+        _describe_model(method, model, adapter, budget)
         method.bind(adapter.num_layers)  # called here: a method's warnings name the caller of `vtprune.apply`
         self.plan = HookPlan.build(model=model, adapter=adapter, method=method, positions=positions)
         self.stages: tuple[Stage, ...] = self.plan.stages
@@ -312,8 +312,9 @@ def _refuse_input_transform(model: nn.Module, adapter: ModelAdapter, method: Pru
         )
 
 
-def _describe_model(method: PruningMethod, model: nn.Module, adapter: ModelAdapter) -> None:
-    """Tell the method what the model offers: signals, name, signature."""
+def _describe_model(method: PruningMethod, model: nn.Module, adapter: ModelAdapter, budget: Budget) -> None:
+    """Tell the method what the model offers: signals, name, signature, and the budget for its visual-token count
+    where that count is fixed."""
     method.available_signals = sig.LLM_SIGNALS | sig.TEXT_SIGNALS | adapter.vision_signal_names
     method.model_name = str(getattr(model, "name_or_path", "") or "") or None
     method.model_signature = {
@@ -321,6 +322,8 @@ def _describe_model(method: PruningMethod, model: nn.Module, adapter: ModelAdapt
         "hidden_size": int(adapter.text_config.hidden_size),
         "num_layers": int(adapter.num_layers),
     }
+    n = adapter.nominal_visual_tokens()
+    method.budget_request = BudgetRequest(budget.tokens_for(n), n, budget.mode) if n else None
 
 
 def _check_nominal_budget(adapter: ModelAdapter, method: PruningMethod, budget: Budget, stages: tuple) -> None:

@@ -1,8 +1,8 @@
 """RCP (Representation Consistency Pruner) inference: a trained checkpoint's pruners and Delayed Repair Adapters
 on the engine's physical route (spec rcp.md §D; training and checkpoints: `vtprune.rcp`, docs/rcp.md).
 
-`vtprune.apply(model, "rcp", budget, checkpoint=DIR)` (`builtin:shapes-llava` has a shipped checkpoint, used when
-`checkpoint` is not given):
+`vtprune.apply(model, "rcp", budget, checkpoint=DIR)` (built-in models have shipped checkpoints, used when
+`checkpoint` is not given: the one trained for the requested budget, `vtprune.shipped.shipped_rcp_dirs`):
 
 - stages `llm:ℓ` at the checkpoint's pruning layers (`ℓ = 0` allowed: the decision reads layer ℓ's own input);
   at each, per image (one image per sample), `RCPPlugins.prune_step` runs on N-slot tensors built from the
@@ -40,11 +40,12 @@ from pathlib import Path
 
 import torch
 
+from ..contract.method import BudgetRequest
 from ..errors import BudgetError, UnsupportedInputError, UnsupportedModelError, VtpruneError
-from ..rcp.checkpoint import WEIGHTS_NAME, load_plugins
+from ..rcp.checkpoint import WEIGHTS_NAME, load_plugins, read_config
 from ..rcp.modules import RCPPlugins, table_coords
-from ..shipped import RCP_ASSETS as SHIPPED  # noqa: F401  (re-exported: the shipped-checkpoint root)
-from ..shipped import shipped_rcp_dir
+from ..shipped import RCP_ASSETS as SHIPPED
+from ..shipped import shipped_rcp_dir, shipped_rcp_dirs
 from . import register
 from .base import ImageTokens, KeepPlan, MethodConfig, PruningMethod, Stage, option
 
@@ -67,12 +68,34 @@ class RCPConfig(MethodConfig):
 
 
 def shipped_checkpoint(model_name: str | None) -> Path | None:
-    """The checkpoint shipped for a built-in model (`builtin:NAME` or its directory), else None."""
+    """The first checkpoint shipped for a built-in model (`builtin:NAME` or its directory), else None."""
     return shipped_rcp_dir(model_name, WEIGHTS_NAME)
+
+
+def shipped_checkpoints(model_name: str | None) -> list[Path]:
+    """Every checkpoint shipped for a built-in model, the first one first (one per trained budget); [] if none."""
+    return shipped_rcp_dirs(model_name, WEIGHTS_NAME)
 
 
 def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
+
+
+def serves(cfg: dict, tokens: int, n: int, mode: str) -> bool:
+    """True when a checkpoint trained with config `cfg` serves a budget of `tokens` for `n` visual tokens (the
+    budget rule of the module docstring)."""
+    mine = max(1, math.floor(float(cfg["rho"]) * n + 0.5))  # `Budget.tokens_for` of a ratio budget ρ
+    return mode == "layer_avg" and tokens in (mine, _round_half_up(float(cfg["budget"])))
+
+
+def _pick_shipped(dirs: list[Path], request: BudgetRequest | None) -> Path:
+    """The shipped checkpoint trained for the requested budget, else the first one (its budget check then names
+    what is shipped)."""
+    if request is not None and request.tokens < request.visual:
+        for d in dirs:
+            if serves(read_config(d), request.tokens, request.visual, request.mode):
+                return d
+    return dirs[0]
 
 
 @register
@@ -95,6 +118,8 @@ class RCP(PruningMethod):
         self.checkpoint = c.checkpoint
         #: how messages name the checkpoint: its directory, or "shipped for builtin:NAME" (no machine path)
         self.checkpoint_label = c.checkpoint
+        #: layer-averaged token budgets of the checkpoints shipped for the attached built-in model (set by `bind`)
+        self.shipped_budgets: list[int] = []
         if c.checkpoint is not None:
             self._load(Path(c.checkpoint))
 
@@ -115,15 +140,18 @@ class RCP(PruningMethod):
     # --- attachment -------------------------------------------------------------------------------
     def bind(self, num_layers: int) -> None:
         super().bind(num_layers)
-        if self.checkpoint is None:  # a model shipped with vtprune may come with a trained checkpoint
-            shipped = shipped_checkpoint(self.model_name)
-            if shipped is None:
+        if self.checkpoint is None:  # a model shipped with vtprune may come with trained checkpoints
+            dirs = shipped_checkpoints(self.model_name)
+            if not dirs:
                 raise VtpruneError(
                     "rcp needs a trained checkpoint: vtprune.apply(model, 'rcp', budget, checkpoint=DIR) with DIR "
                     "made by `vtprune train-rcp --out DIR` (rcp_plugins.safetensors + rcp_config.json)"
                 )
+            shipped = _pick_shipped(dirs, self.budget_request)
+            rel = shipped.relative_to(SHIPPED).as_posix()
             self.checkpoint = str(shipped)
-            self.checkpoint_label = f"shipped for builtin:{shipped.name} (vtprune/assets/rcp/{shipped.name})"
+            self.checkpoint_label = f"shipped for builtin:{rel.split('/')[0]} (vtprune/assets/rcp/{rel})"
+            self.shipped_budgets = sorted({_round_half_up(float(read_config(d)["budget"])) for d in dirs})
             self._load(shipped)
         cfg = self.checkpoint_config
         want = {k: cfg.get(k) for k in ("model_class", "hidden_size", "num_layers")}
@@ -160,14 +188,15 @@ class RCP(PruningMethod):
         """Nominal counts (the pruners decide the real ones); checks the budget against the checkpoint's."""
         if budget >= n:
             return [n] * len(self.placement.pruning_layers)
-        mine = max(1, math.floor(self.rho * n + 0.5))  # `Budget.tokens_for` of a ratio budget ρ
-        trained = _round_half_up(self.budget_tokens)
-        if mode != "layer_avg" or budget not in (mine, trained):
+        if not serves(self.checkpoint_config, budget, n, mode):
+            mine = max(1, math.floor(self.rho * n + 0.5))
+            shipped = ", ".join(map(str, self.shipped_budgets))
+            also = f"; this model has shipped checkpoints for {shipped} tokens" if len(self.shipped_budgets) > 1 else ""
             raise BudgetError(
                 f"the RCP checkpoint {self.checkpoint_label} was trained for a layer-averaged budget of "
                 f"{self.budget_tokens:g} tokens (ρ = {self.rho:.4g}: {mine} of this image's {n} tokens), but the "
                 f"requested budget gives {budget} tokens ({mode}); pass the checkpoint's budget (e.g. {self.rho:.6g} "
-                "or its token count) or train a checkpoint for this budget"
+                f"or its token count) or train a checkpoint for this budget{also}"
             )
         return [budget] * len(self.placement.pruning_layers)
 
