@@ -20,9 +20,11 @@ The issue lists six rows; row 3 is the seventh (our choice): it shows whether th
 from the post-hoc offset.
 
 Training data: `vtprune.rcp.testbed_data.calibration_jsonl` (the calibration split only; the test split raises
-SplitError). The trainer holds out `--calib-n` of those questions for δ. Test questions: `data_v3.balanced_samples`
-of the three test seeds (`splits.heldout_splits`), `--test-per-type` per question type and seed, scored as the
-model card scores them (argmax of the first answer token over the v3 answer words).
+SplitError). The trainer holds out `--calib-n` of those questions for δ. Default recipe (thirtieth session,
+docs/methods.md "RCP on the built-in benchmark"): 900 steps of 4 samples on 3,603 questions, about one pass over
+fresh questions as in the source recipe (it was 300 steps on 1,230 until then). Test questions:
+`data_v3.balanced_samples` of the three test seeds (`splits.heldout_splits`), `--test-per-type` per question type
+and seed, scored as the model card scores them (argmax of the first answer token over the v3 answer words).
 """
 
 from __future__ import annotations
@@ -446,12 +448,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=42, help="training seed (report every seed you run)")
     ap.add_argument("--out", default="runs/rcp-v3", help="output folder (shared by the seeds)")
     ap.add_argument("--budget", type=int, default=64, help="layer-averaged visual tokens (64)")
-    ap.add_argument("--steps", type=int, default=300, help="optimiser steps (300)")
+    ap.add_argument("--steps", type=int, default=900, help="optimiser steps (900)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3, help="plug-in learning rate (1e-3: a CPU-sized run)")
     ap.add_argument("--beta-lr", type=float, default=beta_lr, help=f"learning rate of the pruners' β ({beta_lr})")
-    ap.add_argument("--train-per-type", type=int, default=190, help="calibration-split questions per type (190)")
+    ap.add_argument("--train-per-type", type=int, default=529,
+                    help="calibration-split questions per type (529: less --calib-n, one pass in 900 steps of 4)")
     ap.add_argument("--calib-n", type=int, default=100, help="of those, held out for δ (100)")
     ap.add_argument("--calib-inner", type=float, default=0.01, help="δ search tolerance, relative (0.01)")
     ap.add_argument("--test-per-type", type=int, default=50, help="test questions per type and test seed (50)")

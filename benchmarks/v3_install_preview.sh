@@ -8,7 +8,8 @@
 # DRIFT: Stage C's feature-drift penalty (default 50, the twenty-sixth session's choice on the calibration split), or
 # "none": no Stage C (a MODEL whose [CLS] embedding was tuned before its decoder adapted: soup-rounds --cls-drift).
 # Steps (docs/testbed.md, twenty-second, twenty-third and twenty-sixth sessions; 70 min on the 2-core machine in the
-# twenty-sixth, RCP's three seeds most of it): growth to 32 layers ("spread_next") and Stage C; the model card (held-out test, 2,100
+# twenty-sixth, RCP's three seeds most of it; RCP's default recipe is 900 steps since the thirtieth session, about
+# three times as long: seed 42 alone, then 43 and 44 side by side, about 2 h): growth to 32 layers ("spread_next") and Stage C; the model card (held-out test, 2,100
 # questions) with the lineage extended by the growth; DCP-Prune's tau_kappa (calibration split), its report and
 # sweep; RCP's three training seeds, their combined card and seed 42's checkpoint installed; the compare table at
 # 192 / 128 / 64 / 32 / 16 tokens; the generated sections of docs/testbed.md, docs/methods.md and the README.
