@@ -77,8 +77,9 @@ def shipped_rcp_dirs(model_name: str | None, weights_name: str) -> list[Path]:
     """Every RCP checkpoint directory shipped for a built-in model: `rcp/<NAME>/` first (when it holds weights),
     then `rcp/<NAME>/budgets/<K>/` by increasing K; [] for a model that is not built in."""
     first = shipped_rcp_dir(model_name, weights_name)
-    if model_name is None or not builtin_key(model_name).startswith(BUILTIN_PREFIX):
+    key = builtin_key(model_name) if model_name else ""
+    if not key.startswith(BUILTIN_PREFIX):
         return []
-    root = RCP_ASSETS / builtin_key(model_name)[len(BUILTIN_PREFIX):] / RCP_BUDGETS
+    root = RCP_ASSETS / key[len(BUILTIN_PREFIX):] / RCP_BUDGETS
     more = [p for p in root.iterdir() if p.name.isdigit() and (p / weights_name).exists()] if root.is_dir() else []
     return ([first] if first else []) + sorted(more, key=lambda p: int(p.name))

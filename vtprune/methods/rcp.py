@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from ..budget import Budget
 from ..contract.method import BudgetRequest
 from ..errors import BudgetError, UnsupportedInputError, UnsupportedModelError, VtpruneError
 from ..rcp.checkpoint import WEIGHTS_NAME, load_plugins, read_config
@@ -81,21 +82,25 @@ def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
 
 
+def _ratio_tokens(rho: float, n: int) -> int:
+    """The token count a ratio budget ρ gives on an image of n visual tokens (`Budget.tokens_for`)."""
+    return Budget(value=float(rho)).tokens_for(n)
+
+
 def serves(cfg: dict, tokens: int, n: int, mode: str) -> bool:
     """True when a checkpoint trained with config `cfg` serves a budget of `tokens` for `n` visual tokens (the
     budget rule of the module docstring)."""
-    mine = max(1, math.floor(float(cfg["rho"]) * n + 0.5))  # `Budget.tokens_for` of a ratio budget ρ
-    return mode == "layer_avg" and tokens in (mine, _round_half_up(float(cfg["budget"])))
+    return mode == "layer_avg" and tokens in (_ratio_tokens(cfg["rho"], n), _round_half_up(float(cfg["budget"])))
 
 
-def _pick_shipped(dirs: list[Path], request: BudgetRequest | None) -> Path:
-    """The shipped checkpoint trained for the requested budget, else the first one (its budget check then names
-    what is shipped)."""
+def _pick_shipped(configs: list[tuple[Path, dict]], request: BudgetRequest | None) -> Path:
+    """Of the shipped checkpoints (directory, config), the one trained for the requested budget, else the first
+    one (its budget check then names what is shipped)."""
     if request is not None and request.tokens < request.visual:
-        for d in dirs:
-            if serves(read_config(d), request.tokens, request.visual, request.mode):
+        for d, cfg in configs:
+            if serves(cfg, request.tokens, request.visual, request.mode):
                 return d
-    return dirs[0]
+    return configs[0][0]
 
 
 @register
@@ -147,11 +152,12 @@ class RCP(PruningMethod):
                     "rcp needs a trained checkpoint: vtprune.apply(model, 'rcp', budget, checkpoint=DIR) with DIR "
                     "made by `vtprune train-rcp --out DIR` (rcp_plugins.safetensors + rcp_config.json)"
                 )
-            shipped = _pick_shipped(dirs, self.budget_request)
+            configs = [(d, read_config(d)) for d in dirs]
+            shipped = _pick_shipped(configs, self.budget_request)
             rel = shipped.relative_to(SHIPPED).as_posix()
             self.checkpoint = str(shipped)
             self.checkpoint_label = f"shipped for builtin:{rel.split('/')[0]} (vtprune/assets/rcp/{rel})"
-            self.shipped_budgets = sorted({_round_half_up(float(read_config(d)["budget"])) for d in dirs})
+            self.shipped_budgets = sorted({_round_half_up(float(cfg["budget"])) for _, cfg in configs})
             self._load(shipped)
         cfg = self.checkpoint_config
         want = {k: cfg.get(k) for k in ("model_class", "hidden_size", "num_layers")}
@@ -189,7 +195,7 @@ class RCP(PruningMethod):
         if budget >= n:
             return [n] * len(self.placement.pruning_layers)
         if not serves(self.checkpoint_config, budget, n, mode):
-            mine = max(1, math.floor(self.rho * n + 0.5))
+            mine = _ratio_tokens(self.rho, n)
             shipped = ", ".join(map(str, self.shipped_budgets))
             also = f"; this model has shipped checkpoints for {shipped} tokens" if len(self.shipped_budgets) > 1 else ""
             raise BudgetError(
