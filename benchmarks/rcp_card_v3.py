@@ -113,12 +113,15 @@ def train_config(args: argparse.Namespace):
     )
 
 
+def train_seconds(walls: list[float]) -> float:
+    """Training seconds from the step log's wall clock, which is cumulative within one invocation and restarts
+    at every resume: a value below the one before starts a new segment, counted from 0."""
+    return round(sum(b - a if b >= a else b for a, b in zip([0.0, *walls], walls, strict=False)), 1)
+
+
 def seconds_per_step(walls: list[float]) -> float | None:
-    """Mean seconds per step from the step log's cumulative wall clock (it restarts at every resume: the positive
-    increments are summed)."""
-    if not walls:
-        return None
-    return round(sum(max(0.0, b - a) for a, b in zip([0.0, *walls], walls, strict=False)) / len(walls), 3)
+    """Mean seconds per logged step, over every resume (`train_seconds`)."""
+    return round(train_seconds(walls) / len(walls), 3) if walls else None
 
 
 def _trained(ckpt: Path, cfg) -> bool:
@@ -172,7 +175,6 @@ def run_seed(args: argparse.Namespace, log=print) -> dict:
     model, processor = loaded.model, loaded.processor
     n_model = sum(p.numel() for p in model.parameters())
 
-    t = time.time()
     ckpt = seed_dir / "rcp"
     done = _trained(ckpt, train_config(args))
     if done:
@@ -189,7 +191,6 @@ def run_seed(args: argparse.Namespace, log=print) -> dict:
             log=log,
             loaded=loaded,
         )
-    times["train_s"] = round(time.time() - t, 1)
     if summary["steps_done"] < summary["total_steps"]:
         log(f"training stopped at step {summary['steps_done']}/{summary['total_steps']}: re-run to continue")
         return {"incomplete": True, "summary": summary}
@@ -249,6 +250,7 @@ def run_seed(args: argparse.Namespace, log=print) -> dict:
 
     log_path = ckpt / "train_log.jsonl"
     walls = [json.loads(x)["wall"] for x in log_path.read_text().splitlines() if x.strip()]
+    times["train_s"] = train_seconds(walls)  # every invocation's training, not only this one's
     card = {
         "model": args.model,
         "model_parameters": n_model,

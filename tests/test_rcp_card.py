@@ -196,3 +196,13 @@ def test_add_paired_counts_discordant_questions_against_the_rcp_row():
     assert rows["other"]["vs_rcp"] == {"right_only_here": 0, "right_only_rcp": 7, "p": 2 / 2**7}
     assert rows["other"]["differs_from_rcp"] == 7
     assert rows["rcp"]["vs_rcp"] == {"right_only_here": 0, "right_only_rcp": 0, "p": 1.0}
+
+
+def test_train_seconds_add_up_every_resume():
+    """The step log's wall clock restarts at each resume (a new segment counts from 0); the card's training time and
+    seconds per step cover every segment, so a card made after a resumed or finished run does not read 0."""
+    driver = _driver()
+    walls = [1.0, 2.0, 3.5, 0.5, 1.5, 10.0]  # 3.5 s, then a resume that ran 10 s
+    assert driver.train_seconds(walls) == 13.5
+    assert driver.seconds_per_step(walls) == round(13.5 / 6, 3)
+    assert driver.train_seconds([]) == 0 and driver.seconds_per_step([]) is None

@@ -271,3 +271,25 @@ def test_a_builtin_model_gets_the_checkpoint_shipped_for_its_budget(ckpts, tmp_p
                                           r"64, 192 tokens"):
         vtprune.apply(model, "rcp", 2)
     assert "_vtprune" not in model.__dict__
+
+
+def test_a_budget_below_what_rcp_reaches_says_so():
+    """On the 32-layer v3 model the placement for 16 of 576 tokens prunes first at layer 1, which alone averages
+    576/32 = 18 tokens: no checkpoint could serve 16, and the error says that instead of asking for a checkpoint
+    trained for it (what `vtprune train-rcp` would refuse with the same count)."""
+    from vtprune.rcp.train import check_feasible
+    from vtprune.testbed import load_builtin
+    from vtprune.testbed.data_v3 import balanced_samples
+    from vtprune.testbed.evaluate import evaluate
+    from vtprune.testbed.splits import calibration_split
+
+    model, processor = load_builtin("shapes-v3-llava")
+    samples = balanced_samples(calibration_split(20037), 1)[:1]
+    with pytest.raises(BudgetError, match=r"budget of 16 of 576 visual tokens is below the smallest RCP can reach "
+                                          r"on this 32-layer decoder: 19 tokens") as err:
+        with vtprune.pruned(model, "rcp", 16) as m:
+            evaluate(m, processor, samples, batch_size=1)
+    assert "\n" not in str(err.value)
+    with pytest.raises(BudgetError, match="19 tokens"):  # the trainer's own rule gives the same count
+        check_feasible(placement_for(32, 16 / 576), 16 / 576, 576)
+    assert "_vtprune" not in model.__dict__

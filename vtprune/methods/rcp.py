@@ -45,6 +45,7 @@ from ..contract.method import BudgetRequest
 from ..errors import BudgetError, UnsupportedInputError, UnsupportedModelError, VtpruneError
 from ..rcp.checkpoint import WEIGHTS_NAME, load_plugins, read_config
 from ..rcp.modules import RCPPlugins, table_coords
+from ..rcp.placement import placement_for
 from ..shipped import RCP_ASSETS as SHIPPED
 from ..shipped import shipped_rcp_dir, shipped_rcp_dirs
 from . import register
@@ -101,6 +102,22 @@ def _pick_shipped(configs: list[tuple[Path, dict]], request: BudgetRequest | Non
             if serves(cfg, request.tokens, request.visual, request.mode):
                 return d
     return configs[0][0]
+
+
+def _check_reachable(budget: int, n: int, mode: str, num_layers: int) -> None:
+    """`BudgetError` when no RCP checkpoint could serve a layer-averaged `budget` of `n` tokens on a
+    `num_layers`-layer decoder: below the smallest count its placement for that ratio reaches (every pruner keeps
+    at least one token), the same rule as `vtprune train-rcp`'s."""
+    if mode != "layer_avg":
+        return
+    placement = placement_for(num_layers, budget / n)
+    low = math.ceil(placement.min_layer_average_tokens(n) - 1e-9)
+    if budget < low:
+        raise BudgetError(
+            f"a layer-averaged budget of {budget} of {n} visual tokens is below the smallest RCP can reach on this "
+            f"{num_layers}-layer decoder: {low} tokens (the first pruning layer {placement.pruning_layers[0]} sees "
+            f"all {n}, each later layer at least one); no checkpoint can be trained for it"
+        )
 
 
 @register
@@ -195,6 +212,7 @@ class RCP(PruningMethod):
         if budget >= n:
             return [n] * len(self.placement.pruning_layers)
         if not serves(self.checkpoint_config, budget, n, mode):
+            _check_reachable(budget, n, mode, num_layers)
             mine = _ratio_tokens(self.rho, n)
             shipped = ", ".join(map(str, self.shipped_budgets))
             also = f"; this model has shipped checkpoints for {shipped} tokens" if len(self.shipped_budgets) > 1 else ""
