@@ -9,9 +9,11 @@
 # "none": no Stage C (a MODEL whose [CLS] embedding was tuned before its decoder adapted: soup-rounds --cls-drift).
 # Steps (docs/testbed.md, twenty-second, twenty-third and twenty-sixth sessions; 70 min on the 2-core machine in the
 # twenty-sixth, RCP's three seeds most of it; RCP's default recipe is 900 steps since the thirtieth session, about
-# three times as long: seed 42 alone, then 43 and 44 side by side, about 2 h): growth to 32 layers ("spread_next") and Stage C; the model card (held-out test, 2,100
+# three times as long: seed 42 alone, then 43 and 44 side by side, about 2 h; then one seed at each of 192, 128 and
+# 32 tokens side by side, about 1.5 h more since the thirty-first session): growth to 32 layers ("spread_next") and Stage C; the model card (held-out test, 2,100
 # questions) with the lineage extended by the growth; DCP-Prune's tau_kappa (calibration split), its report and
-# sweep; RCP's three training seeds, their combined card and seed 42's checkpoint installed; the compare table at
+# sweep; RCP's three training seeds at 64 tokens, their combined card and seed 42's checkpoint installed, and one
+# checkpoint for each of 192 / 128 / 32 tokens; the compare table at
 # 192 / 128 / 64 / 32 / 16 tokens; the generated sections of docs/testbed.md, docs/methods.md and the README.
 # Re-run the same command after an interruption: a finished step (RUN/done-STEP) is skipped, the RCP runs resume.
 # The hand-written numbers (README's v3 paragraph, benchmarks/checkpoints/README.md, the prose of docs/methods.md)
@@ -68,7 +70,13 @@ if step dcp-calibrate; then python benchmarks/dcp_sweep_v3.py calibrate --write;
 if step dcp-report; then python benchmarks/dcp_sweep_v3.py report; finish dcp-report; fi
 if step dcp-sweep; then python benchmarks/dcp_sweep_v3.py sweep; finish dcp-sweep; fi
 if step rcp; then
-    if [ -d runs/rcp-v3 ] && [ ! -e "$run/rcp-started" ]; then mv runs/rcp-v3 "runs/rcp-v3-before-$(date +%s)"; fi
+    if [ ! -e "$run/rcp-started" ]; then
+        for d in runs/rcp-v3 runs/rcp-v3-192 runs/rcp-v3-128 runs/rcp-v3-32; do
+            if [ -d "$d" ]; then mv "$d" "$d-before-$(date +%s)"; fi
+        done
+        # the checkpoints of the other budgets were trained on the model being replaced: drop them
+        rm -rf vtprune/assets/rcp/shapes-v3-llava/budgets
+    fi
     touch "$run/rcp-started"
     # seed 42 first: it also scores the rows every seed shares (runs/rcp-v3/rows/); then 43 and 44 side by side
     python benchmarks/rcp_card_v3.py --model builtin:shapes-v3-llava --seed 42 --out runs/rcp-v3
@@ -78,6 +86,17 @@ if step rcp; then
     wait $p44
     python benchmarks/rcp_card_v3.py --combine runs/rcp-v3
     python benchmarks/rcp_card_v3.py --model builtin:shapes-v3-llava --seed 42 --out runs/rcp-v3 --install
+    # one checkpoint per other budget RCP can reach (16 of 576 it cannot: its first pruning layer alone averages
+    # 18), seed 42 each, side by side; installed under vtprune/assets/rcp/shapes-v3-llava/budgets/K/
+    pids=()
+    for k in 192 128 32; do
+        python benchmarks/rcp_card_v3.py --model builtin:shapes-v3-llava --seed 42 --budget $k --out runs/rcp-v3-$k \
+            > "$run/rcp-$k.log" 2>&1 & pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p"; done
+    for k in 192 128 32; do
+        python benchmarks/rcp_card_v3.py --model builtin:shapes-v3-llava --seed 42 --budget $k --out runs/rcp-v3-$k --install
+    done
     finish rcp
 fi
 if step compare; then
