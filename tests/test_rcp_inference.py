@@ -293,3 +293,28 @@ def test_a_budget_below_what_rcp_reaches_says_so():
     with pytest.raises(BudgetError, match="19 tokens"):  # the trainer's own rule gives the same count
         check_feasible(placement_for(32, 16 / 576), 16 / 576, 576)
     assert "_vtprune" not in model.__dict__
+
+
+def test_the_v3_model_ships_a_checkpoint_for_every_budget_rcp_reaches():
+    """`builtin:shapes-v3-llava` ships RCP checkpoints for 64 (the first) and 192 / 128 / 32 tokens
+    (`budgets/K/`, docs/methods.md); `apply` without a checkpoint binds the one for the requested budget, whose
+    pruners then average about that many tokens over the decoder's layers on test questions."""
+    from vtprune.methods.rcp import SHIPPED, shipped_checkpoints
+    from vtprune.rcp.checkpoint import read_config
+    from vtprune.testbed import load_builtin
+    from vtprune.testbed.data_v3 import balanced_samples
+    from vtprune.testbed.evaluate import evaluate
+    from vtprune.testbed.splits import calibration_split
+
+    model, processor = load_builtin("shapes-v3-llava")
+    dirs = shipped_checkpoints(model.name_or_path)
+    budgets = {round(read_config(d)["budget"]): d for d in dirs}
+    assert sorted(budgets) == [32, 64, 128, 192] and dirs[0] == SHIPPED / "shapes-v3-llava"
+    samples = balanced_samples(calibration_split(20037), 1)
+    for k, d in budgets.items():
+        with vtprune.pruned(model, "rcp", k) as m:
+            assert vtprune.session_of(m).method.checkpoint == str(d)
+            evaluate(m, processor, samples, batch_size=len(samples))
+            counts = [s.layer_avg_tokens for s in vtprune.last_run(m).samples]
+        assert 0.5 * k < sum(counts) / len(counts) < 1.5 * k, (k, counts)
+    assert "_vtprune" not in model.__dict__
