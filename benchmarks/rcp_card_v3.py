@@ -432,9 +432,9 @@ def install(model_id: str, ckpt: Path, card: dict) -> Path:
     (dest / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     text = (
         (ckpt / CARD_NAME).read_text()
-        + f'\nShipped: training seed {card["seed"]}, one of the seeds of the RCP card in docs/methods.md ("RCP on '
-        'the built-in benchmark"), which reports every seed trained; the seed to ship is fixed before the others '
-        "are scored (the first one run).\n\n" + render_seed(card)
+        + f'\nShipped: training seed {card["seed"]}; docs/methods.md ("RCP on the built-in benchmark") reports every '
+        "seed trained for this model and budget; the seed to ship is fixed before any seed is scored (the first one "
+        "run).\n\n" + render_seed(card)
     )
     (dest / CARD_NAME).write_text(text)
     return dest
