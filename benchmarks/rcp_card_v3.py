@@ -1,5 +1,5 @@
-"""RCP card on the built-in benchmark v3 (issue 22): train RCP at K = 64 on the calibration split, then score seven
-rows on the held-out test split (three test seeds, Wilson 95 % intervals), JSON + markdown.
+"""RCP card on the built-in benchmark v3 (issue 22): train RCP at K = `--budget` (64) on the calibration split, then
+score seven rows on the held-out test split (three test seeds, Wilson 95 % intervals), JSON + markdown.
 
     python benchmarks/rcp_card_v3.py --model builtin:shapes-v3-llava --seed 42 --out runs/rcp-v3   # one training seed
     python benchmarks/rcp_card_v3.py --combine runs/rcp-v3                 # the seeds' cards -> one table
@@ -8,7 +8,7 @@ rows on the held-out test split (three test seeds, Wilson 95 % intervals), JSON 
 Re-running the same command continues: training resumes from OUT/seed-S/rcp/state, rows already scored are read
 back from OUT/seed-S/rows/ (rows that do not depend on the training seed from OUT/rows/).
 
-Rows, all at the same layer-averaged budget (n̄ = 64 of 576 visual tokens):
+Rows, all at the same layer-averaged budget (n̄ = K of 576 visual tokens; 64, 32, 128 and 192 are shipped):
 1. `full`: the model without pruning;
 2. `rcp`: the trained checkpoint with its calibrated δ;
 3. `rcp_delta0`: the trained checkpoint at δ = 0, i.e. the budget training itself reached (n̄ shows it);
