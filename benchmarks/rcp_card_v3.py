@@ -46,10 +46,18 @@ SMOKE = dict(steps=2, batch=1, grad_accum=1, train_per_type=2, test_per_type=1, 
 
 # --- scoring --------------------------------------------------------------------------------------------------
 def score(
-    model, processor, samples: list[dict], method: str, budget: int, options: dict | None = None, batch_size: int = 16
+    model,
+    processor,
+    samples: list[dict],
+    method: str,
+    budget: int,
+    options: dict | None = None,
+    batch_size: int = 16,
+    layers: list[int] | None = None,
 ) -> dict:
     """Accuracy of `method` at a layer-averaged `budget` on v3 `samples` (answers restricted to the v3 answer words),
-    with per-sample token counts from `vtprune.last_run`.  -> {accuracy, per_type, n, records, n_bar, retained}."""
+    with per-sample token counts from `vtprune.last_run` (and, for `layers`, each record's visual tokens entering
+    those decoder layers as `kept_at`).  -> {accuracy, per_type, n, records, n_bar, retained}."""
     import vtprune
     from vtprune.testbed.evaluate import evaluate
     from vtprune.testbed.questions_v3 import answer_vocabulary
@@ -58,6 +66,8 @@ def score(
         rec = vtprune.last_run(model)
         for r, s in zip(records, rec.samples, strict=True):
             r.update(retained=s.retained_tokens, n_bar=s.layer_avg_tokens)
+            if layers:
+                r["kept_at"] = [s.visual_per_layer[i] for i in layers]
 
     vtprune.apply(model, method, budget, budget_mode="layer_avg", **(options or {}))
     try:

@@ -5,6 +5,11 @@
 - `untrained`: the plug-ins the run started from (`train.initial_plugins`: same sizes, placement and seed), with
   its own δ calibrated (`train.calibrate_delta`, mask route) to the same layer-averaged budget on the same
   calibration samples as the trained checkpoint.
+- `pruners_opened`: the trained checkpoint with the pruners at some layers opened (β = `OPEN_BETA`: each keeps
+  every token that reaches it, spec property 2); everything else, δ included, unchanged. Which pruner costs what.
+- `score_term_off`: the trained checkpoint with one learned term of every pruner's logit (spec §B.4-6) switched
+  off, `"token_mlp"` (S_t = 0) or `"attention_queries"` (S_a = 0), δ recalibrated as for `untrained`. Which part
+  of the trained score costs what.
 - `calibration_routes`: those samples, i.e. the trainer's δ hold-out of the training JSONL (`train.split_calibration`
   with the run's seed and `calib_n`), as mask-route batches; `routes_from_jsonl`: any JSONL's questions.
 
@@ -27,6 +32,10 @@ from .train import RCPTrainConfig, batch_to_route, calibrate_delta, initial_plug
 
 #: config keys that `RCPPlugins.config()` re-creates when saving (not copied from the source config)
 _REBUILT = ("format", "weights_sha256", "convergence")
+#: β of an opened pruner: its keep logits lie far above any threshold (spec property 2, β = +∞)
+OPEN_BETA = 1.0e4
+#: the learned terms of a pruner's keep logit z = b + S_a + S_t + β (spec §B.4-6) that `score_term_off` removes
+SCORE_TERMS = ("token_mlp", "attention_queries")
 
 
 def _kept_config(cfg: dict, plugins: RCPPlugins) -> dict:
@@ -96,13 +105,9 @@ def calibration_routes(loaded, cfg: dict, batch: int = 8) -> list:
     return _routes(loaded, held, tcfg.get("suffix"), int(tcfg.get("max_length", 1024)), batch)
 
 
-def untrained(
-    checkpoint: str | Path, out: str | Path, model, routes: list, calib_inner: float = 0.01, log=print
-) -> tuple[Path, dict]:
-    """The run's initial plug-ins with their own δ for the checkpoint's budget on `routes` (mask-route batches,
-    e.g. `calibration_routes`).  -> (the new folder, the calibration record {delta, kept, target, evaluations})."""
-    _, cfg = load_plugins(checkpoint)
-    plugins = initial_plugins(cfg).to(next(model.parameters()).device)
+def _recalibrated(cfg: dict, plugins: RCPPlugins, model, routes: list, calib_inner: float, log) -> tuple[dict, dict]:
+    """`plugins` (on the model's device) with their own δ for the checkpoint's budget on `routes`.
+    -> (the config to save, minus `ablation`; the calibration record {delta, kept, target, evaluations})."""
     calib_cfg = RCPTrainConfig(
         tau_eval=float(cfg.get("tau_eval", 0.2)),
         theta=float(cfg.get("theta", 0.5)),
@@ -113,6 +118,17 @@ def untrained(
     extra = _kept_config(cfg, plugins)
     extra["delta"] = float(record["delta"])
     extra["calibration"] = {k: v for k, v in record.items() if k != "evaluations"}
+    return extra, record
+
+
+def untrained(
+    checkpoint: str | Path, out: str | Path, model, routes: list, calib_inner: float = 0.01, log=print
+) -> tuple[Path, dict]:
+    """The run's initial plug-ins with their own δ for the checkpoint's budget on `routes` (mask-route batches,
+    e.g. `calibration_routes`).  -> (the new folder, the calibration record {delta, kept, target, evaluations})."""
+    _, cfg = load_plugins(checkpoint)
+    plugins = initial_plugins(cfg).to(next(model.parameters()).device)
+    extra, record = _recalibrated(cfg, plugins, model, routes, calib_inner, log)
     extra["ablation"] = {
         "kind": "untrained",
         "source": str(checkpoint),
@@ -121,3 +137,50 @@ def untrained(
     }
     extra = copy.deepcopy(extra)
     return save_checkpoint(out, plugins.cpu(), extra), record
+
+
+def opened_kind(layers: list[int]) -> str:
+    """The `ablation.kind` that `pruners_opened` writes for these layers, e.g. "opened_14_24"."""
+    return "opened_" + "_".join(str(x) for x in sorted(layers))
+
+
+def pruners_opened(checkpoint: str | Path, out: str | Path, layers: list[int]) -> Path:
+    """The checkpoint with the pruners at `layers` opened (β = `OPEN_BETA`: each keeps every token that reaches it),
+    every other weight and δ unchanged.  -> the new folder."""
+    plugins, cfg = load_plugins(checkpoint)
+    have = sorted(int(x) for x in plugins.pruner)
+    unknown = sorted(set(int(x) for x in layers) - set(have))
+    if not layers or unknown:
+        raise ValueError(f"no pruner at layer(s) {unknown or layers} to open (this checkpoint prunes at {have})")
+    with torch.no_grad():
+        for layer in layers:
+            plugins.pruner[str(int(layer))].beta.fill_(OPEN_BETA)
+    extra = _kept_config(cfg, plugins)
+    extra["ablation"] = {
+        "kind": opened_kind(layers),
+        "source": str(checkpoint),
+        "source_sha256": cfg.get("weights_sha256"),
+        "layers": sorted(int(x) for x in layers),
+    }
+    return save_checkpoint(out, plugins, copy.deepcopy(extra))
+
+
+def score_term_off(
+    checkpoint: str | Path, out: str | Path, term: str, model, routes: list, calib_inner: float = 0.01, log=print
+) -> tuple[Path, dict]:
+    """The checkpoint with one learned term of every pruner's keep logit switched off, δ recalibrated for its budget
+    on `routes` (as `untrained`): term "token_mlp" zeroes the token MLP's last layer (S_t = 0, the term that scores a
+    token by its content alone, whatever the question); "attention_queries" zeroes `agg` (S_a = 0, the learned
+    queries' cross-attention).  -> (the new folder, the calibration record)."""
+    if term not in SCORE_TERMS:
+        raise ValueError(f"unknown score term {term!r} (accepted: {', '.join(SCORE_TERMS)})")
+    plugins, cfg = load_plugins(checkpoint)
+    with torch.no_grad():
+        for pruner in plugins.pruner.values():
+            last = pruner.mlp[-1] if term == "token_mlp" else pruner.agg
+            last.weight.zero_()
+            last.bias.zero_()
+    plugins = plugins.to(next(model.parameters()).device)
+    extra, record = _recalibrated(cfg, plugins, model, routes, calib_inner, log)
+    extra["ablation"] = {"kind": f"{term}_off", "source": str(checkpoint), "source_sha256": cfg.get("weights_sha256")}
+    return save_checkpoint(out, plugins.cpu(), copy.deepcopy(extra)), record
