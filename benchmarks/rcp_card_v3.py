@@ -305,26 +305,27 @@ def run_seed(args: argparse.Namespace, log=print) -> dict:
     return card
 
 
-def add_paired(rows: dict[str, dict], answers: dict[str, str]) -> None:
-    """Each row against the trained RCP row on the same questions: `differs_from_rcp` (predictions that differ),
-    `vs_rcp` = {"right_only_here", "right_only_rcp", "p"} (two-sided exact McNemar test), in place."""
+def discordant(row: dict, ref: dict, answers: dict[str, str]) -> tuple[int, int, float]:
+    """Questions of `answers` that `row` answers right and `ref` wrong, the reverse, and the two-sided exact McNemar
+    p of the two rows' per-question outcomes (both rows carry `predictions` by question id)."""
     from vtprune.eval.significance import bits_of, mcnemar_exact
 
     ids = sorted(answers)
+    mine = bits_of(row["predictions"].get(i) == answers[i] for i in ids)
+    theirs = bits_of(ref["predictions"].get(i) == answers[i] for i in ids)
+    here = sum(a == "1" and b == "0" for a, b in zip(mine, theirs, strict=True))
+    there = sum(a == "0" and b == "1" for a, b in zip(mine, theirs, strict=True))
+    return here, there, mcnemar_exact(mine, theirs)
 
-    def bits(row: dict) -> str:
-        return bits_of(row["predictions"].get(i) == answers[i] for i in ids)
 
-    ref = rows["rcp"]["predictions"]
-    ref_bits = bits(rows["rcp"])
+def add_paired(rows: dict[str, dict], answers: dict[str, str]) -> None:
+    """Each row against the trained RCP row on the same questions: `differs_from_rcp` (predictions that differ),
+    `vs_rcp` = {"right_only_here", "right_only_rcp", "p"} (`discordant`), in place."""
+    ref = rows["rcp"]
     for r in rows.values():
-        r["differs_from_rcp"] = sum(r["predictions"].get(k) != v for k, v in ref.items())
-        mine = bits(r)
-        r["vs_rcp"] = {
-            "right_only_here": sum(a == "1" and b == "0" for a, b in zip(mine, ref_bits, strict=True)),
-            "right_only_rcp": sum(a == "0" and b == "1" for a, b in zip(mine, ref_bits, strict=True)),
-            "p": mcnemar_exact(mine, ref_bits),
-        }
+        r["differs_from_rcp"] = sum(r["predictions"].get(k) != v for k, v in ref["predictions"].items())
+        here, there, p = discordant(r, ref, answers)
+        r["vs_rcp"] = {"right_only_here": here, "right_only_rcp": there, "p": p}
 
 
 # --- rendering ------------------------------------------------------------------------------------------------

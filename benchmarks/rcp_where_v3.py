@@ -44,7 +44,7 @@ ROWS = (
 
 
 def card_driver():
-    """benchmarks/rcp_card_v3.py as a module (its `score` and `summarize`)."""
+    """benchmarks/rcp_card_v3.py as a module (its `score`, `summarize`, `_cached` and `discordant`)."""
     path = Path(__file__).resolve().with_name("rcp_card_v3.py")
     spec = importlib.util.spec_from_file_location("rcp_card_v3", path)
     module = importlib.util.module_from_spec(spec)
@@ -91,27 +91,15 @@ def kept_by_type(records: list[dict]) -> dict[str, list[float]]:
     return out
 
 
-def paired(rows: dict[str, dict], answers: dict[str, str]) -> None:
-    """Each row against `trained` and `untrained` on the same questions: right only here / only there, exact
-    McNemar p, as `vs_trained` / `vs_untrained`, in place."""
-    from vtprune.eval.significance import bits_of, mcnemar_exact
-
-    ids = sorted(answers)
-
-    def bits(row: dict) -> str:
-        return bits_of(row["predictions"].get(i) == answers[i] for i in ids)
-
+def paired(rows: dict[str, dict], answers: dict[str, str], drv) -> None:
+    """Each row against `trained` and `untrained` on the same questions (`rcp_card_v3.discordant`): right only here /
+    only there, exact McNemar p, as `vs_trained` / `vs_untrained`, in place."""
     for ref in ("trained", "untrained"):
         if ref not in rows:
             continue
-        ref_bits = bits(rows[ref])
         for row in rows.values():
-            mine = bits(row)
-            row[f"vs_{ref}"] = {
-                "right_only_here": sum(a == "1" and b == "0" for a, b in zip(mine, ref_bits, strict=True)),
-                "right_only_there": sum(a == "0" and b == "1" for a, b in zip(mine, ref_bits, strict=True)),
-                "p": mcnemar_exact(mine, ref_bits),
-            }
+            here, there, p = drv.discordant(row, rows[ref], answers)
+            row[f"vs_{ref}"] = {"right_only_here": here, "right_only_there": there, "p": p}
 
 
 def render(result: dict) -> str:
@@ -185,7 +173,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         rows[name] = drv._cached(out / "rows" / f"{name}.json", key, make)
         r = rows[name]
         log(f"{name}: {r['accuracy']:.4f} {r['wilson95']} n̄ {r['n_bar']} ({time.time() - t:.0f} s)")
-    paired(rows, {x["id"]: x["answer"] for x in samples})
+    paired(rows, {x["id"]: x["answer"] for x in samples}, drv)
     result = {
         "seed_dir": str(seed_dir),
         "model": args.model,
