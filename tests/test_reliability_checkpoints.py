@@ -97,7 +97,7 @@ def test_planted_pickles_in_an_rcp_output_folder_are_refused_not_run(setup, tmp_
                 _plant(target, marker, kind)
                 if fix_manifest and name != "manifest.json":
                     m = json.loads((folder / "manifest.json").read_text())
-                    m["files"][name] = {"size": target.stat().st_size, "sha256": cpt._sha256(target)}
+                    m["files"][name] = {"size": target.stat().st_size, "sha256": cpt.sha256_file(target)}
                     (folder / "manifest.json").write_text(json.dumps(m))
                 with pytest.raises(VtpruneError) as err:
                     _train(setup, out, 2)

@@ -150,7 +150,8 @@ def unpack(skeleton: object, tensors: dict[str, torch.Tensor], where: str) -> ob
 
 
 # --- writing -------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """The sha256 hex digest of the file at `path`, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -199,7 +200,7 @@ def write(root: str | Path, step: int, files: dict[str, Callable[[Path], None]],
         writer(path)
         with open(path, "rb+") as f:
             os.fsync(f.fileno())
-        entries[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        entries[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
         _test_delay()
     manifest = {"format": FORMAT, "step": int(step), "files": entries}
     with open(tmp / MANIFEST, "w") as f:
@@ -279,7 +280,7 @@ def verify(folder: str | Path, fresh_hint: str) -> dict:
             raise refuse(f"{MANIFEST} entry of {name} is malformed")
         if path.stat().st_size != entry["size"]:
             raise refuse(f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}")
-        if _sha256(path) != entry["sha256"]:
+        if sha256_file(path) != entry["sha256"]:
             raise refuse(f"{name} does not match its sha256 in the manifest")
     return manifest
 

@@ -26,7 +26,7 @@ DEFAULT_BUILTIN = "shapes-llava"
 BUILTIN_RECIPES = {
     # the shipped preview's lineage condensed into one resumable command (`vtprune.testbed.recipe_v3`); the 3-hour
     # `vtprune testbed chain` makes a weaker model (docs/testbed.md, "What a later session runs")
-    "shapes-v3-llava": "vtprune testbed recipe --out runs/recipe (resumable, about 13 h on 2 CPU cores), then python "
+    "shapes-v3-llava": "vtprune testbed recipe --out runs/recipe (resumable, about 14 h on 2 CPU cores), then python "
     "-m vtprune.testbed.card runs/recipe/final --name shapes-v3-llava --lineage runs/recipe/lineage.json",
 }
 #: RCP plug-ins shipped for built-in models: `assets/rcp/<NAME>/` for `builtin:NAME`

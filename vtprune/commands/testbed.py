@@ -199,7 +199,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
     q = sub.add_parser("recipe", help="the path that reached the v3 accuracy bar in one resumable command: the "
                                       "chain's small and tower phases, soup rounds, decoder-only rounds after Stage C, "
-                                      "growth to 32 layers (about 13 h on 2 CPU cores)")
+                                      "growth to 32 layers (about 14 h on 2 CPU cores)")
     q.add_argument("--out", required=True, help="recipe directory (re-run the same command to resume)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--rounds", type=positive_int, default=None, help="soup rounds with the tower trained (default 12)")
@@ -209,6 +209,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     q.add_argument("--seconds", type=float, default=None, help="Stage-B seconds per branch (default 2400)")
     q.add_argument("--vision-init", default="",
                    help="a model whose vision tower replaces Stage A (e.g. benchmarks/checkpoints/shapes-v3-wip)")
+    q.add_argument("--pack", default="",
+                   help="a folder kept up to date with the finished phases' records and models (small: no trainer "
+                        "states or caches), e.g. to commit; an --out without a recipe starts from it (another "
+                        "machine's progress)")
     q.add_argument("--tiny", action="store_true", help="tiny model, a few steps per phase and branch (smoke tests)")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(testbed_func=_recipe)
@@ -417,7 +421,8 @@ def _recipe(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     final = run_recipe(args.out, seed=args.seed, rounds=rounds, cls_rounds=cls_rounds, branches=args.branches,
-                       seconds=seconds, vision_init=args.vision_init, tiny=args.tiny, progress=not args.no_progress)
+                       seconds=seconds, vision_init=args.vision_init, tiny=args.tiny, progress=not args.no_progress,
+                       pack=args.pack)
     print(f"recipe done: {final / 'model'} (lineage: {Path(args.out) / 'lineage.json'})")
     return 0
 

@@ -151,11 +151,13 @@ def layer_image(layer: int, source_layers: int, layers: int) -> int:
 
 def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: bool = False, threads: int = 2,
               bf16: bool = False, device: str = "cpu", progress: bool = True, vision_init: str = "",
-              after: str = "", from_model: str = "", until: str = "", log: Callable[[str], None] = print) -> Path:
+              after: str = "", from_model: str = "", until: str = "", log: Callable[[str], None] = print,
+              finished: Callable[[str], None] | None = None) -> Path:
     """Run (or resume) every phase into `out` (`phases` for the arguments); -> the final model directory
     (`out/deep/model`). after / from_model: skip the phases up to and including `after` and hand `from_model` (what
     that phase would have produced, e.g. a 4-layer model continued outside the chain for after="tower") to the next.
-    until: stop after that phase and return its model (e.g. "tower": the 4-layer model `recipe_v3` continues)."""
+    until: stop after that phase and return its model (e.g. "tower": the 4-layer model `recipe_v3` continues).
+    finished: called with a phase's name each time this call finishes one (not for phases found done)."""
     chain = phases(seed, time_scale, tiny, vision_init)
     names = [phase.name for phase in chain]
     if bool(after) != bool(from_model):
@@ -192,6 +194,9 @@ def run_chain(out: str | Path, *, seed: int = 0, time_scale: float = 1.0, tiny: 
             train(folder, cfg, device=device, log=log, progress=progress)
             if not (folder / "model").exists():
                 raise RuntimeError(f"chain: phase {phase.name} ended without a model in {folder / 'model'}")
-        write_text_atomic(done, "done\n")
+        if not done.exists():
+            write_text_atomic(done, "done\n")
+            if finished:
+                finished(phase.name)
         previous = str(folder if phase.grow_to else folder / "model")
     return Path(previous)

@@ -1,7 +1,7 @@
 """The path that reached issue 21's accuracy bar, as one resumable command (the lineage of `shapes-v3-soup6`,
 36 runs of six scripts, condensed).
 
-    vtprune testbed recipe --out DIR [--vision-init benchmarks/checkpoints/shapes-v3-wip]   # re-run to resume
+    vtprune testbed recipe --out DIR [--pack PACK] [--vision-init benchmarks/checkpoints/shapes-v3-wip] # re-run: resume
 
 1. `DIR/chain`: `vtprune testbed chain`'s first two phases (`small`, `tower`; `chain_v3.run_chain(until="tower")`),
    two threads: a 4-layer v3 model, about 0.88 (about 2.5 h with Stage A, 2 h with `--vision-init`);
@@ -16,10 +16,14 @@
    DIR/lineage.json ...`).
 
 `DIR/recipe.json` records the arguments (a resume with others is refused); `DIR/lineage.json` lists every run
-with its command, steps, seconds, threads and machine (`card.check_lineage`). About 13 h on the 2-core machine with
-the defaults (twenty-ninth session's estimate from the lineage's wall times; not yet run end to end): far from issue
-21's 3 hours, which no recipe found so far meets on two CPU cores. Every phase's length is a wall-clock limit (as in
-the lineage), so a loaded machine trains less: run it alone.
+with its command, steps, seconds, threads and machine (`card.check_lineage`). About 14 h on the 2-core machine with
+the defaults (the thirty-first to thirty-fourth sessions' phases on a 2-vCPU AMD EPYC: about 3.5 h of chain, 42 min
+a round; not yet run end to end): far from issue 21's 3 hours, which no recipe found so far meets on two CPU cores.
+Every phase's length is a wall-clock limit (as in the lineage), so a loaded machine trains less: run it alone.
+
+A resume needs `DIR`; with `--pack PACK` the finished phases' records and the models later phases read are also
+kept in the small folder PACK after each phase (`recipe_pack`), and a run whose `DIR` is missing (another machine)
+starts from PACK's phases: commit PACK to carry the run across machines that do not keep their disks.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 from ..checkpointing import dumps_strict, write_text_atomic
 from . import chain_v3
 from .grow import grow_saved
+from .recipe_pack import MANIFEST, restore_pack, write_pack
 from .soup_rounds import BRANCH_SECONDS, measured, run_soup_rounds
 from .train import train
 
@@ -75,11 +80,17 @@ def phase_entry(folder: Path, what: str, command: str, threads: int) -> dict:
 
 def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_rounds: int = CLS_ROUNDS,
                branches: int = 2, seconds: float = BRANCH_SECONDS, vision_init: str = "", threads: int = 2,
-               tiny: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> Path:
+               tiny: bool = False, progress: bool = True, pack: str | Path = "",
+               log: Callable[[str], None] = print) -> Path:
     """Run (or resume) the recipe into `out` (module docstring); -> the final run directory (`out/final`, the
-    model in `out/final/model`). tiny: the smoke-test sizes (the tiny chain, a few steps per branch)."""
+    model in `out/final/model`). tiny: the smoke-test sizes (the tiny chain, a few steps per branch). pack: a folder
+    kept up to date with the finished phases (`recipe_pack`) after each one; when `out` holds no recipe yet and the
+    pack exists, the run starts from the pack's phases (another machine's progress)."""
     check_request(rounds, cls_rounds, branches, seconds)
     out = Path(out)
+    if pack and not (out / "recipe.json").is_file() and (Path(pack) / MANIFEST).is_file():
+        n = restore_pack(pack, out)
+        log(f"recipe: {n} files of finished phases restored from the pack {pack}")
     request = {"seed": seed, "rounds": rounds, "cls_rounds": cls_rounds, "branches": branches, "seconds": seconds,
                "vision_init": vision_init, "tiny": tiny}
     recorded = out / "recipe.json"
@@ -96,19 +107,24 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
     command = (f"vtprune testbed recipe --out {out} --seed {seed} --rounds {rounds} --cls-rounds {cls_rounds} "
                f"--branches {branches} --seconds {seconds:g}"
                + (f" --vision-init {vision_init}" if vision_init else "") + (" --tiny" if tiny else ""))
+    def refresh(_finished: str = "") -> None:
+        if pack:
+            log(f"recipe: pack {pack} refreshed ({write_pack(out, pack)} files)")
+
+    refresh()  # before any training: a pack ahead of `out`, or of another run, is refused here
     chain_dir = out / "chain"
     tower = chain_v3.run_chain(chain_dir, seed=seed, tiny=tiny, threads=threads, vision_init=vision_init,
-                               progress=progress, until="tower", log=log)  # fp32
+                               progress=progress, until="tower", log=log, finished=refresh)  # fp32
     lineage = [phase_entry(chain_dir / name, f"the chain's {name} phase (chain_v3.phases)", command, threads)
                for name in ("small", "tower")]
 
     parent = run_soup_rounds(out / "rounds", str(tower), rounds=rounds, branches=branches, seconds=seconds,
-                             seed=seed + ROUNDS_SEED, ema_decay=EMA_DECAY, tiny=tiny, log=log)
+                             seed=seed + ROUNDS_SEED, ema_decay=EMA_DECAY, tiny=tiny, log=log, finished=refresh)
     lineage += _stage_lineage(out / "rounds", command)
     if cls_rounds:
         parent = run_soup_rounds(out / "cls-rounds", str(parent), rounds=cls_rounds, branches=branches,
                                  seconds=seconds, seed=seed + CLS_ROUNDS_SEED, ema_decay=EMA_DECAY,
-                                 cls_drift=CLS_DRIFT, lr=CLS_LR, tiny=tiny, log=log)
+                                 cls_drift=CLS_DRIFT, lr=CLS_LR, tiny=tiny, log=log, finished=refresh)
         lineage += _stage_lineage(out / "cls-rounds", command)
 
     final = out / "final"
@@ -130,6 +146,7 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
                                f"no second Stage C)", command, 1)
     lineage.append({**entry, "steps": 0, "seconds": round(grow_s, 1)})
     write_text_atomic(out / "lineage.json", dumps_strict(lineage, indent=1) + "\n")
+    refresh()
     return final
 
 

@@ -142,13 +142,15 @@ def _decoder_layers(model_dir: Path) -> int | None:
 
 def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: int = 2,
                     seconds: float = BRANCH_SECONDS, seed: int = 0, ema_decay: float = 0.0, cls_drift: float = 0.0,
-                    lr: float = BRANCH_LR, tiny: bool = False, log: Callable[[str], None] = print) -> Path:
+                    lr: float = BRANCH_LR, tiny: bool = False, log: Callable[[str], None] = print,
+                    finished: Callable[[str], None] | None = None) -> Path:
     """Run (or resume) `rounds` soup rounds from `init` into `out` (module docstring); -> the last soup's
     directory. ema_decay > 0: each branch also keeps the moving average of its weights, and the soup takes those
     averages (`branch/model_ema`) instead of the branches' final weights. cls_drift > 0: Stage C with that
     feature-drift penalty first (`out/cls`), then branches with a frozen tower. lr: the branches' peak learning
-    rate. Raises ValueError for rounds or branches < 1, seconds <= 0 or lr <= 0, a decay outside [0, 1), a
-    negative cls_drift, or an init that is not a directory."""
+    rate. finished: called with each soup (and Stage C's model) this call writes. Raises ValueError for rounds or
+    branches < 1, seconds <= 0 or lr <= 0, a decay outside [0, 1), a negative cls_drift, or an init that is not a
+    directory."""
     if rounds < 1 or branches < 1:
         raise ValueError(f"rounds and branches must be >= 1, got rounds={rounds}, branches={branches}")
     if not seconds > 0:
@@ -189,6 +191,8 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
             log(f"soup-rounds: Stage C on {init} (feature-drift penalty {cls_drift:g})")
             stats = {**stage_c_saved(init, tuned, cls_drift, tiny, log=log, overwrite=True), "drift": cls_drift}
             write_text_atomic(record, dumps_strict(stats, indent=1) + "\n")
+            if finished:
+                finished(str(tuned))
         lineage.append({"run": str(tuned), "what": f"Stage C on {init}: the [CLS] embedding alone, feature-drift "
                                                    f"penalty {cls_drift:g} ([CLS] mass on informative patches "
                                                    f"{stats['before']['mass']} -> {stats['after']['mass']})",
@@ -221,17 +225,19 @@ def run_soup_rounds(out: str | Path, init: str, *, rounds: int = 1, branches: in
             log(f"soup-rounds: round {r}: training {len(jobs)} branch(es) from {parent}, one thread each")
             mp.spawn(_branch_worker, args=(jobs,), nprocs=len(jobs), join=True)
         member = "model_ema" if ema_decay else "model"
-        for b in range(branches):
-            if not (folder / f"branch{b}" / member).is_dir():
-                raise RuntimeError(f"soup-rounds: round {r} branch {b} ended without {member}")
         for entry in lineage[-branches:]:
             entry.update(measured(Path(entry["run"])))
         soup = folder / "soup"
-        if soup.is_dir():
+        if soup.is_dir():  # its branches' weights may be gone (a recipe pack keeps only the soup)
             log(f"soup-rounds: round {r} soup done")
         else:
+            for b in range(branches):
+                if not (folder / f"branch{b}" / member).is_dir():
+                    raise RuntimeError(f"soup-rounds: round {r} branch {b} ended without {member}")
             soup_saved([parent] + [str(folder / f"branch{b}" / member) for b in range(branches)], soup)
             log(f"soup-rounds: round {r}: soup of {parent} and {branches} branch(es) in {soup}")
+            if finished:
+                finished(str(soup))
         lineage.append({"run": str(soup), "what": f"round {r}: the uniform mean of the weights of {parent} and its "
                                                   f"{branches} branches' {member}, in the parent's dtype",
                         "command": lineage[-1]["command"], "steps": 0, "seconds": 0, "threads": 1,
