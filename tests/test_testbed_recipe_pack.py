@@ -130,6 +130,12 @@ def test_a_damaged_pack_is_refused_before_anything_is_copied(first, tmp_path):
                  "--rounds", "1", "--cls-rounds", "1", "--no-progress"]) == 2
     assert not (tmp_path / "out").exists()
 
+    other = tmp_path / "other"
+    shutil.copytree(pack, other)
+    with pytest.raises(ValueError, match=r"the pack .* is of a recipe run with other arguments: rounds 1 \(now 2\)"):
+        run_recipe(tmp_path / "out", pack=other, **{**ARGS, "rounds": 2})
+    assert not (tmp_path / "out").exists()
+
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "x").write_text("x")
     with pytest.raises(CheckpointError, match="is not empty: a pack is restored only into a new or empty --out"):

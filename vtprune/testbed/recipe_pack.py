@@ -1,6 +1,6 @@
 """A recipe's finished phases as a small folder that survives a change of machine (a *pack*).
 
-`vtprune testbed recipe` runs for about 20 hours; a machine that is lent for a few hours at a time keeps its
+`vtprune testbed recipe` runs for about 14 hours; a machine that is lent for a few hours at a time keeps its
 processes for one session and sometimes not even its disk. A pack holds what a resume on another machine needs
 from `recipe_v3.run_recipe`'s output folder: the records of every finished run (`train_config.json`,
 `train_summary.json`, the done markers, the lineage files) and only the models a later phase reads (the chain's

@@ -88,17 +88,20 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
     pack exists, the run starts from the pack's phases (another machine's progress)."""
     check_request(rounds, cls_rounds, branches, seconds)
     out = Path(out)
-    if pack and not (out / "recipe.json").is_file() and (Path(pack) / MANIFEST).is_file():
-        n = restore_pack(pack, out)
-        log(f"recipe: {n} files of finished phases restored from the pack {pack}")
     request = {"seed": seed, "rounds": rounds, "cls_rounds": cls_rounds, "branches": branches, "seconds": seconds,
                "vision_init": vision_init, "tiny": tiny}
     recorded = out / "recipe.json"
+    if pack and not recorded.is_file() and (Path(pack) / MANIFEST).is_file():
+        theirs = Path(pack) / "recipe.json"
+        changed = _changed(json.loads(theirs.read_text()), request) if theirs.is_file() else ""
+        if changed:
+            raise ValueError(f"the pack {pack} is of a recipe run with other arguments: {changed}; give its arguments "
+                             f"or another --pack")
+        n = restore_pack(pack, out)
+        log(f"recipe: {n} files of finished phases restored from the pack {pack}")
     if recorded.is_file():
-        started = json.loads(recorded.read_text())
-        if started != request:
-            changed = ", ".join(f"{k} {started.get(k)!r} (now {v!r})" for k, v in request.items()
-                                if started.get(k) != v)
+        changed = _changed(json.loads(recorded.read_text()), request)
+        if changed:
             raise ValueError(f"{out} was started with other arguments: {changed}; resume with the same command or "
                              f"give a new --out")
     else:
@@ -107,6 +110,7 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
     command = (f"vtprune testbed recipe --out {out} --seed {seed} --rounds {rounds} --cls-rounds {cls_rounds} "
                f"--branches {branches} --seconds {seconds:g}"
                + (f" --vision-init {vision_init}" if vision_init else "") + (" --tiny" if tiny else ""))
+
     def refresh(_finished: str = "") -> None:
         if pack:
             log(f"recipe: pack {pack} refreshed ({write_pack(out, pack)} files)")
@@ -148,6 +152,12 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
     write_text_atomic(out / "lineage.json", dumps_strict(lineage, indent=1) + "\n")
     refresh()
     return final
+
+
+def _changed(started: dict, request: dict) -> str:
+    """The arguments of `request` that differ from a run's recorded ones, as "name old (now new), ..." ("" if
+    none)."""
+    return ", ".join(f"{k} {started.get(k)!r} (now {v!r})" for k, v in request.items() if started.get(k) != v)
 
 
 def _stage_lineage(folder: Path, command: str) -> list[dict]:
