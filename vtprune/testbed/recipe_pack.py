@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from ..checkpointing import dumps_strict, read_json, sha256_file, write_text_atomic
@@ -69,7 +70,7 @@ def _needed(out: Path, rel: PurePosixPath) -> bool:
     return True  # recipe.json, lineage files, Stage C's record, grow_seconds.txt
 
 
-def _done_markers(files) -> set[str]:
+def _done_markers(files: Iterable[str]) -> set[str]:
     """The files among `files` (relative posix strings) that say a unit of work finished."""
     ends = ("PHASE_DONE", "BRANCH_DONE", "soup/config.json", "cls_stage_c.json", "final/model/config.json")
     return {f for f in files if f.endswith(ends)}
@@ -124,12 +125,13 @@ def write_pack(out: str | Path, pack: str | Path) -> int:
     entries = {}
     for rel in files:
         src, dest = out / rel, pack / rel
-        if not (dest.is_file() and dest.stat().st_size == src.stat().st_size and sha256_file(dest) == sha256_file(src)):
+        digest = sha256_file(src)
+        if not (dest.is_file() and sha256_file(dest) == digest):
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
             shutil.copyfile(src, tmp)
             os.replace(tmp, dest)
-        entries[rel.as_posix()] = {"size": dest.stat().st_size, "sha256": sha256_file(dest)}
+        entries[rel.as_posix()] = {"size": src.stat().st_size, "sha256": digest}
     write_text_atomic(pack / MANIFEST, dumps_strict({"format": FORMAT, "files": entries}, indent=1, sort_keys=True)
                       + "\n")
     for path in sorted(pack.rglob("*"), reverse=True):  # deepest first, so emptied folders go too
