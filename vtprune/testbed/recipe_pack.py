@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 from ..checkpointing import dumps_strict, read_json, sha256_file, write_text_atomic
@@ -143,10 +143,11 @@ def write_pack(out: str | Path, pack: str | Path) -> int:
     return len(entries)
 
 
-def restore_pack(pack: str | Path, out: str | Path) -> int:
+def restore_pack(pack: str | Path, out: str | Path, check_recipe: Callable[[object], None] | None = None) -> int:
     """Copy the pack into `out`, which must not exist or be empty, after checking every file against `PACK.json`
-    (CheckpointError naming the first file that is missing or differs; nothing is copied then). The copy is made under
-    a temporary name beside `out` and renamed. -> the number of files restored."""
+    (CheckpointError naming the first file that is missing or differs; nothing is copied then) and then passing the
+    pack's checked `recipe.json` to `check_recipe` (which raises to refuse it). The copy is made under a temporary
+    name beside `out` and renamed. -> the number of files restored."""
     pack, out = Path(pack), Path(out)
     files = read_manifest(pack)["files"]
     if out.exists() and any(out.iterdir()):
@@ -158,6 +159,8 @@ def restore_pack(pack: str | Path, out: str | Path) -> int:
                                   f"{MANIFEST} (write it again from the run that made it)")
     if "recipe.json" not in files:
         raise CheckpointError(f"the pack {pack} has no recipe.json")
+    if check_recipe is not None:
+        check_recipe(read_json(pack / "recipe.json"))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.restore")
     if tmp.exists():
         shutil.rmtree(tmp)

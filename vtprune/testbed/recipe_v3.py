@@ -92,12 +92,12 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
                "vision_init": vision_init, "tiny": tiny}
     recorded = out / "recipe.json"
     if pack and not recorded.is_file() and (Path(pack) / MANIFEST).is_file():
-        theirs = Path(pack) / "recipe.json"
-        changed = _changed(json.loads(theirs.read_text()), request) if theirs.is_file() else ""
-        if changed:
-            raise ValueError(f"the pack {pack} is of a recipe run with other arguments: {changed}; give its arguments "
-                             f"or another --pack")
-        n = restore_pack(pack, out)
+        def same_arguments(theirs: object) -> None:
+            changed = _changed(theirs if isinstance(theirs, dict) else {}, request)
+            if changed:
+                raise ValueError(f"the pack {pack} is of a recipe run with other arguments: {changed}; give its "
+                                 f"arguments or another --pack")
+        n = restore_pack(pack, out, check_recipe=same_arguments)
         log(f"recipe: {n} files of finished phases restored from the pack {pack}")
     if recorded.is_file():
         changed = _changed(json.loads(recorded.read_text()), request)
