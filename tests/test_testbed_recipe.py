@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from vtprune.errors import VtpruneError
 from vtprune.testbed.builtin import resolve_model
 from vtprune.testbed.card import check_lineage
 from vtprune.testbed.chain_v3 import run_chain
@@ -80,3 +81,16 @@ def test_recipe_refuses_bad_requests_before_training(tmp_path):
                 ["--vision-init", str(tmp_path / "missing")]):
         assert main(["testbed", "recipe", "--out", str(tmp_path / "x"), "--tiny", *bad]) == 2, bad
     assert not (tmp_path / "x").exists()
+
+
+def test_a_damaged_recipe_json_is_refused_in_one_line_before_training(tmp_path):
+    out = tmp_path / "recipe"
+    out.mkdir()
+    (out / "recipe.json").write_text('{"seed": 0, "rounds": NaN}')
+    with pytest.raises(VtpruneError, match=r"recipe\.json") as err:
+        run_recipe(out, tiny=True, progress=False, log=lambda *_: None)
+    assert "\n" not in str(err.value)
+    (out / "recipe.json").write_text("[1, 2]")  # valid JSON, not an object: differs in every argument
+    with pytest.raises(ValueError, match=r"was started with other arguments: seed None \(now 0\)"):
+        run_recipe(out, tiny=True, progress=False, log=lambda *_: None)
+    assert sorted(p.name for p in out.iterdir()) == ["recipe.json"]

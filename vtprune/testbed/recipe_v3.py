@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from ..checkpointing import dumps_strict, write_text_atomic
+from ..checkpointing import dumps_strict, read_json, write_text_atomic
 from . import chain_v3
 from .grow import grow_saved
 from .recipe_pack import MANIFEST, restore_pack, write_pack
@@ -93,14 +93,14 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
     recorded = out / "recipe.json"
     if pack and not recorded.is_file() and (Path(pack) / MANIFEST).is_file():
         def same_arguments(theirs: object) -> None:
-            changed = _changed(theirs if isinstance(theirs, dict) else {}, request)
+            changed = _changed(theirs, request)
             if changed:
                 raise ValueError(f"the pack {pack} is of a recipe run with other arguments: {changed}; give its "
                                  f"arguments or another --pack")
         n = restore_pack(pack, out, check_recipe=same_arguments)
         log(f"recipe: {n} files of finished phases restored from the pack {pack}")
     if recorded.is_file():
-        changed = _changed(json.loads(recorded.read_text()), request)
+        changed = _changed(read_json(recorded), request)
         if changed:
             raise ValueError(f"{out} was started with other arguments: {changed}; resume with the same command or "
                              f"give a new --out")
@@ -154,9 +154,10 @@ def run_recipe(out: str | Path, *, seed: int = 0, rounds: int = ROUNDS, cls_roun
     return final
 
 
-def _changed(started: dict, request: dict) -> str:
-    """The arguments of `request` that differ from a run's recorded ones, as "name old (now new), ..." ("" if
-    none)."""
+def _changed(started: object, request: dict) -> str:
+    """The arguments of `request` that differ from a run's recorded ones (its `recipe.json`, read strictly), as
+    "name old (now new), ..." ("" if none); a file that is not an object differs in every argument."""
+    started = started if isinstance(started, dict) else {}
     return ", ".join(f"{k} {started.get(k)!r} (now {v!r})" for k, v in request.items() if started.get(k) != v)
 
 
